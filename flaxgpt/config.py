@@ -1,0 +1,415 @@
+"""One typed configuration tree for every flaxgpt run.
+
+An experiment file builds a `Config`; the command line overrides leaves with
+`--set section.key=value`. Values are parsed by the field's declared type, so a
+typo or a wrong type fails before any work starts, naming the key and the
+closest valid spelling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix: names the key and what was expected."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass(unsafe_hash=True)  # hashable: the model (and so jit's static args) holds it
+class ModelConfig:
+    """The Transformer. Fields left at None take the value of `recipe`.
+
+    gpt2: learned positions, LayerNorm, GELU MLP, biases, tied embeddings.
+    llama: rotary positions, RMSNorm, SwiGLU MLP, no biases, untied output head.
+    """
+
+    recipe: Literal["gpt2", "llama"] = "gpt2"
+    vocab_size: int = 0  # 0: taken from the tokenizer
+    block_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_heads: Optional[int] = None  # None: n_head (plain MHA); 1: multi-query
+    d_model: int = 128
+    head_dim: Optional[int] = None  # None: d_model // n_head
+    d_ff: Optional[int] = None  # None: 4*d_model (gpt2) or 8/3*d_model rounded to 64 (llama)
+    position: Optional[Literal["learned", "rope"]] = None
+    norm: Optional[Literal["layernorm", "rmsnorm"]] = None
+    mlp: Optional[Literal["gelu", "swiglu"]] = None
+    use_bias: Optional[bool] = None
+    tie_embeddings: Optional[bool] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+    init_std: float = 0.02
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    scan_layers: bool = False
+    remat: Literal["none", "full", "dots", "dots_no_batch", "save_attention_out"] = "none"
+
+    def resolved(self) -> "ModelConfig":
+        """A copy with every recipe-dependent field filled in and checked."""
+        gpt2 = self.recipe == "gpt2"
+        head_dim = self.head_dim or (self.d_model // max(self.n_head, 1))
+        if self.d_ff is not None:
+            d_ff = self.d_ff
+        elif gpt2:
+            d_ff = 4 * self.d_model
+        else:
+            d_ff = 64 * ((int(8 * self.d_model / 3) + 63) // 64)
+        out = dataclasses.replace(
+            self,
+            n_kv_heads=self.n_kv_heads or self.n_head,
+            head_dim=head_dim,
+            d_ff=d_ff,
+            position=self.position or ("learned" if gpt2 else "rope"),
+            norm=self.norm or ("layernorm" if gpt2 else "rmsnorm"),
+            mlp=self.mlp or ("gelu" if gpt2 else "swiglu"),
+            use_bias=gpt2 if self.use_bias is None else self.use_bias,
+            tie_embeddings=gpt2 if self.tie_embeddings is None else self.tie_embeddings,
+        )
+        if out.n_head % out.n_kv_heads:
+            raise ConfigError(
+                f"model.n_head={out.n_head} must be a multiple of model.n_kv_heads={out.n_kv_heads}"
+            )
+        if self.head_dim is None and self.d_model % self.n_head:
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}; "
+                "set model.head_dim explicitly"
+            )
+        if out.position == "rope" and out.head_dim % 2:
+            raise ConfigError(f"rotary positions need an even model.head_dim, got {out.head_dim}")
+        return out
+
+
+DEFAULT_LOGICAL_AXIS_RULES: tuple = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("position", None),
+    # activations
+    ("activation_batch", ["data", "fsdp"]),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+)
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh. One axis may be -1: all remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    # (logical axis name, mesh axis | list of mesh axes | None), MaxText style
+    rules: tuple = DEFAULT_LOGICAL_AXIS_RULES
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    decay_steps: Optional[int] = None  # None: train.max_steps
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # parameter leaf names that get no weight decay (biases, norm scales, embeddings)
+    no_decay: tuple = ("bias", "scale", "embedding")
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+
+
+@dataclass
+class DataConfig:
+    source: Literal["text", "world"] = "world"
+    path: str = ""  # text file for source=text
+    train_fraction: float = 0.9  # first part trains, the rest validates (nanoGPT split)
+    tokenizer: Literal["char", "sentencepiece"] = "char"
+    spm_model: str = ""  # existing .model file; empty: train one into the workdir
+    spm_vocab_size: int = 512
+    spm_model_type: Literal["bpe", "unigram"] = "bpe"
+    world_seed: int = 0  # embedded world: which world
+    world_documents: int = 6000  # embedded world: corpus size in documents
+
+
+@dataclass
+class TrainConfig:
+    trainer: Literal["pretrain"] = "pretrain"
+    batch_size: int = 32  # global batch per optimizer step
+    grad_accum_steps: int = 1  # micro-batches per step (batch_size must divide)
+    max_steps: int = 1000
+    seed: int = 0
+    log_interval: int = 10
+    z_loss: float = 0.0
+    # A step whose loss or gradient is not finite is skipped (parameters untouched);
+    # more than this many skipped steps stops the run with an error.
+    max_skipped_steps: int = 10
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 250
+    iters: int = 20
+    batch_size: int = 0  # 0: train.batch_size
+    sample_prompt: str = "\n"
+    sample_tokens: int = 200
+    temperature: float = 0.8  # 0: greedy
+    top_k: int = 0  # 0: no top-k filter
+    sample_seed: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    every_steps: int = 500
+    max_to_keep: int = 3
+    async_save: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "flaxgpt"
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    progress: Literal["auto", "bar", "plain", "none"] = "auto"
+
+
+@dataclass
+class Config:
+    name: str = "unnamed"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> "Config":
+        """Cross-field checks; raises ConfigError naming the keys involved."""
+        _check_types(self, "")
+        self.model.resolved()
+        t = self.train
+        if t.batch_size <= 0 or t.grad_accum_steps <= 0 or t.batch_size % t.grad_accum_steps:
+            raise ConfigError(
+                f"train.batch_size={t.batch_size} must be a positive multiple of "
+                f"train.grad_accum_steps={t.grad_accum_steps}"
+            )
+        for key, value in (("train.max_steps", t.max_steps), ("train.log_interval", t.log_interval),
+                           ("eval.interval", self.eval.interval),
+                           ("checkpoint.every_steps", self.checkpoint.every_steps)):
+            if value <= 0:
+                raise ConfigError(f"{key} must be positive, got {value}")
+        if not 0.0 < self.data.train_fraction < 1.0:
+            raise ConfigError(f"data.train_fraction must lie in (0, 1), got {self.data.train_fraction}")
+        if self.data.source == "text" and not self.data.path:
+            raise ConfigError("data.source='text' needs data.path (a text file)")
+        if self.optimizer.min_lr > self.optimizer.lr:
+            raise ConfigError(
+                f"optimizer.min_lr={self.optimizer.min_lr} exceeds optimizer.lr={self.optimizer.lr}"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------- (de)serialisation
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain JSON-able dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def to_json(cfg: Any) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=False)
+
+
+def from_dict(data: dict, cls: type = Config, prefix: str = "") -> Any:
+    """Inverse of `to_dict`, strict: unknown keys are errors with suggestions."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(_unknown_key_message(path, [f"{prefix}{k}" for k in hints]))
+        ftype = hints[key]
+        if dataclasses.is_dataclass(ftype):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path} must be a section (a dict), got {value!r}")
+            kwargs[key] = from_dict(value, ftype, f"{path}.")
+        else:
+            kwargs[key] = _coerce(value, ftype, path)
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def all_keys(cfg: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += all_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def apply_overrides(cfg: Config, assignments: list[str]) -> Config:
+    """Apply `section.key=value` strings in place and return cfg.
+
+    Values are parsed by the field's type: numbers, true/false, none (for
+    Optional fields), strings as typed, and JSON for tuples or lists.
+    """
+    for assignment in assignments:
+        if "=" not in assignment:
+            raise ConfigError(f"override {assignment!r} is not of the form key=value")
+        path, raw = assignment.split("=", 1)
+        path = path.strip()
+        parts = path.split(".")
+        node = cfg
+        for depth, part in enumerate(parts):
+            hints = typing.get_type_hints(type(node))
+            if part not in hints:
+                here = ".".join(parts[:depth])
+                candidates = all_keys(cfg) if depth == 0 else [
+                    f"{here}.{k}" if here else k for k in all_keys(node)
+                ]
+                candidates += [f.name for f in dataclasses.fields(cfg)]
+                raise ConfigError(_unknown_key_message(path, candidates))
+            if depth == len(parts) - 1:
+                ftype = hints[part]
+                if dataclasses.is_dataclass(ftype):
+                    raise ConfigError(
+                        f"{path} is a section, not a value; set one of its keys, e.g. "
+                        f"{path}.{dataclasses.fields(ftype)[0].name}=..."
+                    )
+                setattr(node, part, _parse(raw, ftype, path))
+            else:
+                node = getattr(node, part)
+                if not dataclasses.is_dataclass(node):
+                    raise ConfigError(f"{'.'.join(parts[:depth + 1])} is a value, not a section")
+    return cfg
+
+
+# Spellings that users of nanoGPT, MaxText and Hugging Face reach for first.
+_ALIASES = {
+    "learning_rate": "lr", "max_lr": "lr", "n_embd": "d_model", "emb_dim": "d_model", "hidden_size": "d_model",
+    "num_layers": "n_layer", "num_decoder_layers": "n_layer", "num_heads": "n_head", "n_heads": "n_head",
+    "num_kv_heads": "n_kv_heads", "num_key_value_heads": "n_kv_heads", "max_iters": "max_steps",
+    "warmup_iters": "warmup_steps", "lr_decay_iters": "decay_steps", "beta1": "b1", "beta2": "b2",
+    "max_seq_len": "block_size", "max_target_length": "block_size", "seq_len": "block_size",
+    "gradient_accumulation_steps": "grad_accum_steps", "eval_interval": "interval", "eval_iters": "iters",
+}
+
+
+def _unknown_key_message(path: str, candidates: list[str]) -> str:
+    section, _, leaf = path.rpartition(".")
+    alias = _ALIASES.get(leaf)
+    aliased = [c for c in candidates if alias and c.rpartition(".")[2] == alias
+               and (not section or c.startswith(section + "."))]
+    close = aliased[:1] or difflib.get_close_matches(path, candidates, n=1, cutoff=0.5)
+    if not close:  # compare the last component only, e.g. "optimizer.learning_rate" vs "lr"
+        leaf = path.rsplit(".", 1)[-1]
+        by_leaf = {c.rsplit(".", 1)[-1]: c for c in candidates}
+        close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.5)]
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown config key '{path}'{hint}"
+
+
+def _parse(raw: str, ftype: Any, path: str) -> Any:
+    """Parse a command-line string into `ftype`."""
+    text = raw.strip()
+    origin = typing.get_origin(ftype)
+    args = typing.get_args(ftype)
+    if origin in (Union, types.UnionType):
+        if text.lower() in ("none", "null"):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse(raw, inner[0], path)
+    if ftype is str:
+        return raw
+    if origin is Literal:
+        return _coerce(raw, ftype, path)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        if ftype is tuple and "," in text:
+            value = [v.strip() for v in text.split(",")]
+        else:
+            value = text
+    return _coerce(value, ftype, path)
+
+
+def _coerce(value: Any, ftype: Any, path: str) -> Any:
+    """Check (and gently convert) a value against a field type."""
+    origin = typing.get_origin(ftype)
+    args = typing.get_args(ftype)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{path} must be one of {list(args)}, got {value!r}{hint}")
+        return value
+    if ftype is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{path} must be a bool (true/false), got {value!r}")
+    if ftype is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        return int(value)
+    if ftype is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if ftype is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string, got {value!r}")
+        return value
+    if ftype is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(tuple(v) if isinstance(v, list) and path.endswith("rules") else v
+                         for v in value)
+        raise ConfigError(f"{path} must be a list (JSON, e.g. [\"a\", \"b\"]), got {value!r}")
+    return value
+
+
+def _check_types(node: Any, prefix: str) -> None:
+    """Catch wrongly typed values written directly in an experiment file."""
+    for name, ftype in typing.get_type_hints(type(node)).items():
+        value = getattr(node, name)
+        if dataclasses.is_dataclass(ftype):
+            _check_types(value, f"{prefix}{name}.")
+        else:
+            _coerce(value, ftype, f"{prefix}{name}")

@@ -1,0 +1,160 @@
+"""The embedded default: a small generated world whose questions can be checked by code.
+
+A `World` is a seeded set of invented countries (with capitals) and people
+(with an age, a home country, a pet and a favourite colour), plus arithmetic.
+`corpus()` writes it out as pretraining text: fact paragraphs and question /
+answer sessions in a fixed, instruction-like format. `answer()` is the oracle
+that answers any question the world asks, so later stages (SFT demonstrations,
+the reward labeler, PPO rewards) can grade a model's reply programmatically.
+
+It needs no file and no network, and a few minutes of CPU training are enough
+for a small model to learn its format and a good share of its facts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from typing import Optional
+
+_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "tr", "st", "th"]
+_VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
+_CODAS = ["", "", "n", "r", "l", "s", "th"]
+PETS = ("cat", "dog", "owl", "fox", "goat", "horse", "parrot", "turtle")
+COLORS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")
+QUESTION, ANSWER = "Question: ", "Answer: "
+
+
+@dataclasses.dataclass(frozen=True)
+class Person:
+    name: str
+    age: int
+    home: str
+    pet: str
+    color: str
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    capitals: dict  # country -> capital
+    people: tuple  # of Person
+    max_operand: int
+
+    def person(self, name: str) -> Optional[Person]:
+        return next((p for p in self.people if p.name == name), None)
+
+
+def _word(rng: random.Random, syllables: int) -> str:
+    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables)) + rng.choice(_CODAS)
+
+
+def make_world(seed: int = 0, n_countries: int = 12, n_people: int = 24, max_operand: int = 20) -> World:
+    """A deterministic world: the same seed always gives the same facts."""
+    rng = random.Random(seed)
+    names: set[str] = set()
+
+    def fresh(syllables: int) -> str:
+        while True:
+            word = _word(rng, syllables).capitalize()
+            if word not in names:
+                names.add(word)
+                return word
+
+    capitals = {fresh(3): fresh(2) for _ in range(n_countries)}
+    countries = list(capitals)
+    people = tuple(
+        Person(fresh(2), rng.randint(8, 90), rng.choice(countries), rng.choice(PETS), rng.choice(COLORS))
+        for _ in range(n_people)
+    )
+    return World(capitals, people, max_operand)
+
+
+# Each question template is paired with a regular expression that parses it back, so the
+# oracle can answer a question it is handed as text (e.g. one typed into the chat later).
+_TEMPLATES = {
+    "capital": ("What is the capital of {x}?", r"What is the capital of (\w+)\?"),
+    "home": ("Where does {x} live?", r"Where does (\w+) live\?"),
+    "age": ("How old is {x}?", r"How old is (\w+)\?"),
+    "pet": ("What pet does {x} have?", r"What pet does (\w+) have\?"),
+    "color": ("What is the favorite color of {x}?", r"What is the favorite color of (\w+)\?"),
+    "add": ("What is {a} plus {b}?", r"What is (\d+) plus (\d+)\?"),
+    "sub": ("What is {a} minus {b}?", r"What is (\d+) minus (\d+)\?"),
+}
+
+
+def answer(world: World, question: str) -> Optional[str]:
+    """The correct answer to a world question, or None if it is not one the world knows."""
+    question = question.strip()
+    for kind, (_, pattern) in _TEMPLATES.items():
+        match = re.fullmatch(pattern, question)
+        if not match:
+            continue
+        if kind == "capital":
+            return world.capitals.get(match.group(1))
+        if kind in ("add", "sub"):
+            a, b = int(match.group(1)), int(match.group(2))
+            return str(a + b if kind == "add" else a - b)
+        person = world.person(match.group(1))
+        return None if person is None else str(getattr(person, kind))
+    return None
+
+
+def check_answer(world: World, question: str, response: str) -> bool:
+    """True when the response's first line is exactly the oracle's answer."""
+    truth = answer(world, question)
+    first_line = response.strip().split("\n", 1)[0].strip().rstrip(".")
+    return truth is not None and first_line == truth
+
+
+def random_question(world: World, rng: random.Random) -> tuple[str, str]:
+    kind = rng.choice(list(_TEMPLATES))
+    template = _TEMPLATES[kind][0]
+    if kind == "capital":
+        question = template.format(x=rng.choice(list(world.capitals)))
+    elif kind in ("add", "sub"):
+        a, b = rng.randint(0, world.max_operand), rng.randint(0, world.max_operand)
+        if kind == "sub" and b > a:
+            a, b = b, a
+        question = template.format(a=a, b=b)
+    else:
+        question = template.format(x=rng.choice(world.people).name)
+    return question, answer(world, question)
+
+
+def _fact_paragraph(world: World, rng: random.Random) -> str:
+    if rng.random() < 0.3:
+        country = rng.choice(list(world.capitals))
+        capital = world.capitals[country]
+        return rng.choice([
+            f"{country} is a country. Its capital is {capital}.",
+            f"The capital of {country} is {capital}.",
+            f"{capital} is the capital of {country}.",
+        ])
+    p = rng.choice(world.people)
+    sentences = [
+        f"{p.name} is {p.age} years old.",
+        f"{p.name} lives in {p.home}.",
+        f"{p.name} has a {p.pet}.",
+        f"The favorite color of {p.name} is {p.color}.",
+    ]
+    rng.shuffle(sentences)
+    return " ".join(sentences[: rng.randint(2, 4)])
+
+
+def _qa_session(world: World, rng: random.Random) -> str:
+    pairs = [random_question(world, rng) for _ in range(rng.randint(1, 3))]
+    return "\n".join(f"{QUESTION}{q}\n{ANSWER}{a}" for q, a in pairs)
+
+
+def corpus(world: World, n_documents: int, seed: int = 0) -> str:
+    """Pretraining text: fact paragraphs and Q/A sessions, documents separated by blank lines."""
+    rng = random.Random(seed)
+    docs = [_fact_paragraph(world, rng) if rng.random() < 0.5 else _qa_session(world, rng)
+            for _ in range(n_documents)]
+    return "\n\n".join(docs) + "\n"
+
+
+def prompt_for(question: str) -> str:
+    """The prompt a pretrained world model completes with its answer."""
+    return f"{QUESTION}{question}\n{ANSWER}"

@@ -1,0 +1,132 @@
+"""The one logging path: WORKDIR/metrics.jsonl, TensorBoard, optional Weights & Biases,
+and a progress line on the terminal.
+
+Only the main process (index 0) writes. On resume the metrics file is cut back
+to the restored step, so it reads as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Optional
+
+import jax
+
+from flaxgpt.config import LoggingConfig
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """Every complete line of WORKDIR/metrics.jsonl (a torn last line is ignored)."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut short by a kill; everything after it is stale too
+    return rows
+
+
+class MetricsLogger:
+    def __init__(self, workdir: str, cfg: LoggingConfig, total_steps: int, start_step: int,
+                 run_config: dict):
+        self.enabled = jax.process_index() == 0
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.start_time = time.time()
+        self._tb = self._wandb = self._bar = None
+        if not self.enabled:
+            return
+        rows = [r for r in read_metrics(workdir) if r.get("step", 0) <= start_step]
+        self.path = os.path.join(workdir, METRICS_FILE)
+        with open(self.path, "w") as f:  # rewrite: drops what a killed run logged past its checkpoint
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        self._file = open(self.path, "a", buffering=1)
+        if cfg.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start_step + 1)
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ImportError("logging.wandb=true needs wandb: pip install 'flaxgpt[wandb]'") from e
+            self._wandb = wandb.init(project=cfg.wandb_project, mode=cfg.wandb_mode, dir=workdir,
+                                     config=run_config, name=os.path.basename(os.path.abspath(workdir)),
+                                     resume="allow")
+        mode = cfg.progress
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "plain"
+        self.mode = mode
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Write one row; `metrics` values must already be host numbers."""
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                if self._tb is not None:
+                    self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        self._progress(step, row)
+
+    def message(self, text: str) -> None:
+        """A human-readable line that does not break the progress bar."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def _progress(self, step: int, row: dict) -> None:
+        shown = {k: row[k] for k in ("loss", "val_loss", "lr", "tokens_per_sec") if k in row}
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        elif self.mode == "plain":
+            done = step - self.start_step
+            elapsed = time.time() - self.start_time
+            eta = elapsed / max(done, 1) * (self.total_steps - step)
+            parts = [f"step {step}/{self.total_steps}"] + [f"{k} {v:.4g}" for k, v in shown.items()]
+            print(" | ".join(parts) + f" | eta {_duration(eta)}", flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        self._file.close()
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN; keep the row parseable
+    return value
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

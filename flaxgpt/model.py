@@ -1,0 +1,277 @@
+"""The flaxgpt Transformer: a decoder-only language model in Flax linen.
+
+One module covers two recipes, chosen by `ModelConfig.recipe` (and overridable
+field by field):
+
+  gpt2   learned positions, LayerNorm, GELU MLP, biases, tied embeddings
+  llama  rotary positions, RMSNorm, SwiGLU MLP, no biases, untied head,
+         grouped-query attention (n_kv_heads <= n_head; 1 = multi-query)
+
+Every parameter carries *logical* axis names ("embed", "mlp", "heads", ...)
+and activations are constrained by logical names too; `flaxgpt.sharding` maps
+them onto mesh axes. Nothing here knows about devices.
+
+Batches may pack several documents per row: `segment_ids` keep them from
+attending to each other (0 marks padding) and `positions` restart per document.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from flaxgpt.config import ModelConfig
+
+Array = jax.Array
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+
+def _init(std: float, names: tuple) -> nn.initializers.Initializer:
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def _zeros(names: tuple) -> nn.initializers.Initializer:
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _constrain(x: Array, names: tuple) -> Array:
+    return nn.with_logical_constraint(x, names)
+
+
+class Norm(nn.Module):
+    """LayerNorm (gpt2) or RMSNorm (llama); statistics in float32."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.cfg
+        pdtype = _DTYPES[cfg.param_dtype]
+        x32 = x.astype(jnp.float32)
+        if cfg.norm == "rmsnorm":
+            y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + cfg.norm_eps)
+        else:
+            centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+            y = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + cfg.norm_eps)
+        ones = nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",))
+        y = y * self.param("scale", ones, (x.shape[-1],), pdtype)
+        if cfg.norm == "layernorm" and cfg.use_bias:
+            y = y + self.param("bias", _zeros(("norm",)), (x.shape[-1],), pdtype)
+        return y.astype(_DTYPES[cfg.dtype])
+
+
+def rotary(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary position embedding, rotate-half convention (as Hugging Face Llama).
+
+    x: [batch, length, heads, head_dim]; positions: [batch, length].
+    """
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, half]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def attention_mask(segment_ids: Array) -> Array:
+    """[batch, q, k] boolean: causal by index, and only within one segment."""
+    length = segment_ids.shape[-1]
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return causal[None] & same_segment
+
+
+class Linear(nn.Module):
+    """y = x . kernel (+ bias), contracting the last `len(in_axes)` dims of x.
+
+    The kernel keeps its real multi-dimensional shape (e.g. [embed, heads, head_dim])
+    so every dimension carries its own logical axis name.
+    """
+
+    features: tuple[int, ...]
+    in_axes: tuple[str, ...]
+    out_axes: tuple[str, ...]
+    cfg: ModelConfig
+    std: float
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dtype, pdtype = _DTYPES[self.cfg.dtype], _DTYPES[self.cfg.param_dtype]
+        n_in = len(self.in_axes)
+        shape = x.shape[-n_in:] + tuple(self.features)
+        kernel = self.param("kernel", _init(self.std, self.in_axes + self.out_axes), shape, pdtype)
+        # As one 2-D matmul: XLA:CPU runs the weight gradient of a matmul with several
+        # contracting dims (batch and length) far slower than the flattened form.
+        lead = x.shape[:-n_in]
+        flat_in = x.reshape(-1, math.prod(x.shape[-n_in:])).astype(dtype)
+        y = (flat_in @ kernel.reshape(flat_in.shape[1], -1).astype(dtype)).reshape(*lead, *self.features)
+        if self.use_bias:
+            y = y + self.param("bias", _zeros(self.out_axes), tuple(self.features), pdtype).astype(dtype)
+        return y
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped key/value heads (GQA; MQA when n_kv_heads=1)."""
+
+    cfg: ModelConfig
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, mask: Array) -> Array:
+        cfg = self.cfg
+        dtype = _DTYPES[cfg.dtype]
+        h, kv, d = cfg.n_head, cfg.n_kv_heads, cfg.head_dim
+
+        def project(name: str, heads: int, axis_name: str) -> Array:
+            return Linear((heads, d), ("embed",), (axis_name, "head_dim"), cfg, cfg.init_std,
+                          cfg.use_bias, name=name)(x)
+
+        q = project("query", h, "heads")
+        k = project("key", kv, "kv_heads")
+        v = project("value", kv, "kv_heads")
+        if cfg.position == "rope":
+            q = rotary(q, positions, cfg.rope_theta)
+            k = rotary(k, positions, cfg.rope_theta)
+        q = _constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
+        k = _constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
+        v = _constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
+
+        # Group the query heads that share one key/value head: [b, t, kv, group, d].
+        q = q.reshape(*q.shape[:2], kv, h // kv, d) / jnp.sqrt(d).astype(dtype)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        probs = nn.Dropout(cfg.dropout, deterministic=not self.train)(probs)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(*x.shape[:2], h, d)
+        out = checkpoint_name(out, "attention_out")
+
+        residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
+        return Linear((cfg.d_model,), ("heads", "head_dim"), ("embed",), cfg, residual_std,
+                      cfg.use_bias, name="out")(out)
+
+
+class Mlp(nn.Module):
+    """GELU MLP (gpt2) or SwiGLU (llama)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.cfg
+        up = lambda name: Linear((cfg.d_ff,), ("embed",), ("mlp",), cfg, cfg.init_std, cfg.use_bias, name=name)(x)
+        if cfg.mlp == "swiglu":
+            hidden = nn.silu(up("gate")) * up("up")
+        else:
+            hidden = nn.gelu(up("up"), approximate=True)
+        hidden = _constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
+        residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
+        return Linear((cfg.d_model,), ("mlp",), ("embed",), cfg, residual_std, cfg.use_bias, name="down")(hidden)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block. Signature (carry, *broadcast) -> (carry, None) so it can be scanned."""
+
+    cfg: ModelConfig
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, mask: Array) -> tuple[Array, None]:
+        cfg = self.cfg
+        drop = nn.Dropout(cfg.dropout, deterministic=not self.train)
+        x = x + drop(Attention(cfg, self.train, name="attn")(Norm(cfg, name="attn_norm")(x), positions, mask))
+        x = x + drop(Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x)))
+        x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        return x, None
+
+
+class Transformer(nn.Module):
+    """tokens [batch, length] -> logits [batch, length, vocab] (float32)."""
+
+    cfg: ModelConfig  # must be `ModelConfig.resolved()`
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: Array,
+        positions: Optional[Array] = None,
+        segment_ids: Optional[Array] = None,
+        *,
+        train: bool = False,
+    ) -> Array:
+        cfg = self.cfg
+        dtype, pdtype = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=pdtype,
+                         embedding_init=_init(cfg.init_std, ("vocab", "embed")), name="token_embed")
+        x = embed(tokens)
+        if cfg.position == "learned":
+            x = x + nn.Embed(cfg.block_size, cfg.d_model, dtype=dtype, param_dtype=pdtype,
+                             embedding_init=_init(cfg.init_std, ("position", "embed")),
+                             name="position_embed")(positions)
+        x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
+        x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        mask = attention_mask(segment_ids)
+
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            layers = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=cfg.n_layer,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, train, name="layers")
+            x, _ = layers(x, positions, mask)
+        else:
+            for i in range(cfg.n_layer):
+                x, _ = block(cfg, train, name=f"layers_{i}")(x, positions, mask)
+
+        x = Norm(cfg, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = Linear((cfg.vocab_size,), ("embed",), ("vocab",), cfg, cfg.init_std, name="lm_head")(x)
+        logits = _constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        return logits.astype(jnp.float32)
+
+
+def stack_layers(params: dict, n_layer: int) -> dict:
+    """Unrolled params (layers_0..layers_{n-1}) -> scanned layout (one 'layers' with a leading axis)."""
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in range(n_layer)])
+    return out
+
+
+def unstack_layers(params: dict) -> dict:
+    """Scanned layout -> unrolled layout; inverse of `stack_layers`."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    n_layer = jax.tree.leaves(params["layers"])[0].shape[0]
+    for i in range(n_layer):
+        out[f"layers_{i}"] = jax.tree.map(lambda x: x[i], params["layers"])
+    return out
+
+
+def count_params(params: dict) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))

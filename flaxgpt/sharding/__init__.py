@@ -1,0 +1,19 @@
+"""Everything that knows about devices: the mesh and the logical-axis rules.
+
+The model names logical axes only; this package turns them into
+`NamedSharding`s over a `jax.sharding.Mesh`.
+"""
+
+from flaxgpt.sharding.mesh import MESH_AXES, make_mesh, mesh_shape
+from flaxgpt.sharding.rules import (
+    batch_sharding,
+    logical_rules,
+    logical_shardings,
+    place_batch,
+    replicated,
+)
+
+__all__ = [
+    "MESH_AXES", "make_mesh", "mesh_shape", "batch_sharding", "logical_rules",
+    "logical_shardings", "place_batch", "replicated",
+]

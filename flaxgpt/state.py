@@ -1,0 +1,74 @@
+"""The train state: one pytree holding everything a resumed run needs, created sharded."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from flaxgpt.sharding import logical_shardings
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # optimizer updates taken (int32, replicated)
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # base key; step k uses fold_in(rng, k), so no key is ever reused
+    skipped: jax.Array  # steps skipped for a non-finite loss or gradient
+
+
+def create_train_state(
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    example_tokens: jax.Array,
+    mesh: Mesh,
+    rules: tuple,
+    seed: int,
+) -> tuple[TrainState, Any]:
+    """Initialise parameters and optimizer state directly into their shardings.
+
+    The init runs under `jax.jit` with output shardings derived from the
+    parameters' logical axis names, so no full copy ever sits on one device.
+    Returns (state, state_shardings).
+    """
+    init_fn = _boxed_init(model, optimizer, example_tokens, seed)
+    abstract = jax.eval_shape(init_fn)
+    shardings = nn.meta.unbox(logical_shardings(abstract, mesh, rules))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state = jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=shardings)()
+    return state, shardings
+
+
+def abstract_train_state(
+    model: nn.Module, optimizer: optax.GradientTransformation, example_tokens: jax.Array,
+    mesh: Mesh, rules: tuple,
+) -> tuple[Any, Any]:
+    """(ShapeDtypeStructs with shardings, shardings): the target for a checkpoint restore."""
+    abstract = jax.eval_shape(_boxed_init(model, optimizer, example_tokens, 0))
+    shardings = nn.meta.unbox(logical_shardings(abstract, mesh, rules))
+    structs = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(abstract), shardings
+    )
+    return structs, shardings
+
+
+def _boxed_init(model, optimizer, example_tokens, seed) -> Callable[[], TrainState]:
+    def init() -> TrainState:
+        key = jax.random.PRNGKey(seed)
+        params_key, state_key = jax.random.split(key)
+        params = model.init({"params": params_key}, example_tokens)["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=optimizer.init(params),
+            rng=state_key,
+            skipped=jnp.zeros((), jnp.int32),
+        )
+
+    return init

@@ -1,0 +1,106 @@
+"""`python -m flaxgpt.train --experiment NAME [--workdir DIR] [--set key=value ...]`
+
+NAME is a file in experiments/ (without .py) or a path to a Python file that
+defines `config() -> flaxgpt.config.Config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib.util
+import os
+import sys
+from typing import Optional, Sequence
+
+from flaxgpt.config import Config, ConfigError, apply_overrides, to_json
+
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def experiment_dirs() -> list[str]:
+    """Where experiments are looked up: ./experiments, then the checkout's experiments/."""
+    dirs = [os.path.join(os.getcwd(), "experiments"), os.path.join(_PACKAGE_ROOT, "experiments")]
+    return list(dict.fromkeys(d for d in dirs if os.path.isdir(d)))
+
+
+def list_experiments() -> list[str]:
+    names = set()
+    for d in experiment_dirs():
+        names.update(f[:-3] for f in os.listdir(d) if f.endswith(".py") and not f.startswith("_"))
+    return sorted(names)
+
+
+def find_experiment(name: str) -> str:
+    if name.endswith(".py") or os.sep in name:
+        if os.path.isfile(name):
+            return os.path.abspath(name)
+        raise ConfigError(f"experiment file not found: {name}")
+    for d in experiment_dirs():
+        path = os.path.join(d, name + ".py")
+        if os.path.isfile(path):
+            return path
+    close = difflib.get_close_matches(name, list_experiments(), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(list_experiments())}"
+    raise ConfigError(f"unknown experiment '{name}'{hint}")
+
+
+def load_experiment(name: str, overrides: Sequence[str] = ()) -> Config:
+    """The experiment's config with `overrides` applied and validated."""
+    path = find_experiment(name)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"flaxgpt_experiment_{stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "config"):
+        raise ConfigError(f"experiment {path} defines no config() function")
+    cfg = module.config()
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"experiment {path}: config() returned {type(cfg).__name__}, not flaxgpt.config.Config")
+    if cfg.name == "unnamed":
+        cfg.name = stem
+    apply_overrides(cfg, list(overrides))
+    return cfg.validate()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flaxgpt.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", "-e", help="experiment name (see --list) or path to a .py file")
+    parser.add_argument("--workdir", "-w", help="where checkpoints and logs go (default: runs/NAME)")
+    parser.add_argument("--set", dest="overrides", action="append", nargs="+", default=[],
+                        metavar="KEY=VALUE", help="override config values, e.g. --set optimizer.lr=3e-4")
+    parser.add_argument("--list", action="store_true", help="list the experiments and exit")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    args = parser.parse_args(argv)
+
+    if args.list:
+        for name in list_experiments():
+            print(name)
+        return 0
+    if not args.experiment:
+        parser.error("--experiment is required (see --list)")
+    overrides = [kv for group in args.overrides for kv in group]
+    try:
+        cfg = load_experiment(args.experiment, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(to_json(cfg))
+        return 0
+
+    from flaxgpt.checkpoint import CheckpointMismatch  # imported late: --list and --print-config stay fast
+    from flaxgpt.trainers import pretrain
+
+    workdir = args.workdir or os.path.join("runs", cfg.name)
+    try:
+        pretrain.run(cfg, workdir)
+    except (ConfigError, FileNotFoundError, CheckpointMismatch) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Config tree, --set overrides, error messages, and the CLI's --list / --print-config."""
+
+import json
+
+import pytest
+
+from flaxgpt import config as C
+from flaxgpt.train import find_experiment, list_experiments, load_experiment, main
+from tests.conftest import REPO, run_cli
+
+
+def test_overrides_are_parsed_by_field_type():
+    cfg = C.Config()
+    C.apply_overrides(cfg, ["optimizer.lr=3e-4", "train.max_steps=7", "model.scan_layers=true",
+                            "model.n_kv_heads=2", "data.path=some file.txt", "model.recipe=llama",
+                            "optimizer.no_decay=[\"bias\"]", "optimizer.decay_steps=none"])
+    assert cfg.optimizer.lr == 3e-4 and isinstance(cfg.optimizer.lr, float)
+    assert cfg.train.max_steps == 7 and cfg.model.scan_layers is True
+    assert cfg.model.n_kv_heads == 2 and cfg.data.path == "some file.txt"
+    assert cfg.model.recipe == "llama" and cfg.optimizer.no_decay == ("bias",)
+    assert cfg.optimizer.decay_steps is None
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optimizer.lrr=1", "'optimizer.lr'"),
+    ("optimiser.lr=1", "'optimizer.lr'"),
+    ("train.max_step=5", "'train.max_steps'"),
+    ("model.nlayer=2", "'model.n_layer'"),
+])
+def test_unknown_key_names_key_and_suggests_closest(override, expected):
+    with pytest.raises(C.ConfigError) as err:
+        C.apply_overrides(C.Config(), [override])
+    assert override.split("=")[0] in str(err.value)
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.max_steps=ten", "train.max_steps must be an integer"),
+    ("train.max_steps=1.5", "train.max_steps must be an integer"),
+    ("optimizer.lr=fast", "optimizer.lr must be a number"),
+    ("model.scan_layers=maybe", "model.scan_layers must be a bool"),
+    ("model.recipe=lama", "did you mean 'llama'"),
+    ("model=3", "model is a section"),
+    ("optimizer.lr", "not of the form key=value"),
+])
+def test_wrong_values_are_errors_that_name_the_key(override, fragment):
+    with pytest.raises(C.ConfigError, match=fragment):
+        C.apply_overrides(C.Config(), [override])
+
+
+def test_validate_catches_cross_field_errors():
+    cfg = C.Config()
+    cfg.train.batch_size, cfg.train.grad_accum_steps = 10, 4
+    with pytest.raises(C.ConfigError, match="train.batch_size=10"):
+        cfg.validate()
+    cfg = C.Config()
+    cfg.model.n_head, cfg.model.n_kv_heads = 4, 3
+    with pytest.raises(C.ConfigError, match="n_kv_heads=3"):
+        cfg.validate()
+    cfg = C.Config()
+    cfg.train.max_steps = "100"  # a wrongly typed value written in an experiment file
+    with pytest.raises(C.ConfigError, match="train.max_steps must be an integer"):
+        cfg.validate()
+
+
+def test_json_round_trip_and_strict_from_dict():
+    cfg = C.Config()
+    C.apply_overrides(cfg, ["model.recipe=llama", "mesh.fsdp=2"])
+    again = C.from_dict(json.loads(C.to_json(cfg)))
+    assert C.to_dict(again) == C.to_dict(cfg)
+    with pytest.raises(C.ConfigError, match="did you mean 'model.n_head'"):
+        C.from_dict({"model": {"n_heads": 4}})
+
+
+def test_recipe_resolution():
+    gpt2 = C.ModelConfig(recipe="gpt2", d_model=128, n_head=4).resolved()
+    assert (gpt2.position, gpt2.norm, gpt2.mlp, gpt2.use_bias, gpt2.tie_embeddings) == (
+        "learned", "layernorm", "gelu", True, True)
+    assert gpt2.d_ff == 512 and gpt2.n_kv_heads == 4 and gpt2.head_dim == 32
+    llama = C.ModelConfig(recipe="llama", d_model=128, n_head=4, use_bias=True).resolved()
+    assert (llama.position, llama.norm, llama.mlp, llama.use_bias, llama.tie_embeddings) == (
+        "rope", "rmsnorm", "swiglu", True, False)
+    assert llama.d_ff == 384  # 8/3 * 128 = 341, rounded up to a multiple of 64
+
+
+def test_experiments_are_found_by_name_and_path():
+    assert {"shakespeare_char", "world"} <= set(list_experiments())
+    cfg = load_experiment("world", ["train.max_steps=3"])
+    assert cfg.name == "world" and cfg.train.max_steps == 3
+    path = find_experiment("shakespeare_char")
+    assert load_experiment(path).name == "shakespeare_char"
+    with pytest.raises(C.ConfigError, match="did you mean 'world'"):
+        find_experiment("wrld")
+
+
+def test_cli_print_config_and_list(capsys):
+    assert main(["--experiment", "shakespeare_char", "--print-config", "--set", "optimizer.lr=5e-4",
+                 "train.batch_size=24", "--set", "model.n_layer=6"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["optimizer"]["lr"] == 5e-4 and printed["train"]["batch_size"] == 24
+    assert printed["model"]["n_layer"] == 6 and printed["name"] == "shakespeare_char"
+    assert main(["--list"]) == 0
+    assert "world" in capsys.readouterr().out.split()
+
+
+def test_cli_config_typo_exits_with_clear_message():
+    result = run_cli("--experiment", "world", "--set", "optimizer.learning_rate=1e-3", "--print-config")
+    assert result.returncode == 2
+    assert "unknown config key 'optimizer.learning_rate'" in result.stderr
+    assert "did you mean 'optimizer.lr'" in result.stderr

@@ -1,0 +1,103 @@
+"""Tokenizers, the windowed text source, and the embedded world's oracle."""
+
+import random
+
+import numpy as np
+import pytest
+
+from flaxgpt import config as C
+from flaxgpt.data import world as W
+from flaxgpt.data.text import TokenWindows, build_text_data
+from flaxgpt.data.tokenizers import (
+    ASSISTANT, EOS, USER, CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece)
+
+
+def test_char_tokenizer_round_trip_and_special_tokens(tmp_path):
+    tok = CharTokenizer.from_text("hello world\n")
+    text = f"{USER}hello{ASSISTANT}world{EOS}"
+    ids = tok.encode(text)
+    assert ids.count(tok.eos_id) == 1 and len(ids) == 3 + len("helloworld")
+    assert tok.decode(ids) == text
+    assert tok.encode("hé") == [tok.stoi["h"], tok.unk_id]
+    tok.save(str(tmp_path))
+    again = load_tokenizer(str(tmp_path))
+    assert again.encode(text) == ids and again.vocab_size == tok.vocab_size
+
+
+def test_sentencepiece_trains_round_trips_and_reserves_specials(tmp_path):
+    world = W.make_world(0)
+    text = W.corpus(world, 300)
+    model_file = train_sentencepiece(text.splitlines(keepends=True), str(tmp_path / "sp"), 400, "bpe")
+    tok = SentencePieceTokenizer(model_file)
+    sample = text[:500]
+    assert tok.decode(tok.encode(sample)) == sample  # exact, whitespace and newlines included
+    assert len(tok.encode(sample)) < len(sample)  # it does compress
+    with pytest.raises(ValueError, match="raise data.spm_vocab_size"):
+        train_sentencepiece(text.splitlines(keepends=True), str(tmp_path / "small"), 100, "bpe")
+    ids = tok.encode(f"{USER}hi{EOS}")
+    assert ids[0] == tok.sp.piece_to_id(USER) and ids[-1] == tok.eos_id
+    assert tok.decode(ids) == f"{USER}hi{EOS}"
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    tok.save(str(workdir))
+    assert isinstance(load_tokenizer(str(workdir)), SentencePieceTokenizer)
+
+
+def test_windows_are_deterministic_and_shifted():
+    tokens = np.arange(1000, dtype=np.int32)
+    data = TokenWindows(tokens[:900], tokens[900:], seed=3)
+    a = data.batch("train", 5, 4, 16)
+    b = data.batch("train", 5, 4, 16)
+    c = data.batch("train", 6, 4, 16)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert not np.array_equal(a["inputs"], c["inputs"])
+    np.testing.assert_array_equal(a["targets"][:, :-1], a["inputs"][:, 1:])
+    assert np.all(a["inputs"] < 900) and np.all(data.batch("val", 0, 4, 16)["inputs"] >= 900)
+    assert a["positions"].shape == (4, 16) and np.all(a["positions"][:, 3] == 3)
+    with pytest.raises(ValueError, match="fewer than"):
+        TokenWindows(tokens[:10], tokens[:10], 0).batch("train", 0, 2, 16)
+
+
+def test_text_source_split_is_first_90_percent(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("abcdefghij" * 100)
+    cfg = C.Config(data=C.DataConfig(source="text", path=str(path)))
+    tok, data = build_text_data(cfg, str(tmp_path))
+    assert len(data.train) == 900 and len(data.val) == 100
+    assert tok.decode(data.val[:10]) == "abcdefghij"
+    assert (tmp_path / "tokenizer.json").exists()
+
+
+def test_missing_text_file_is_a_clear_error(tmp_path):
+    cfg = C.Config(data=C.DataConfig(source="text", path=str(tmp_path / "nope.txt")))
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        build_text_data(cfg, str(tmp_path))
+
+
+def test_world_is_deterministic_and_its_oracle_answers_every_question():
+    assert W.make_world(3) == W.make_world(3)
+    assert W.make_world(3) != W.make_world(4)
+    world = W.make_world(0)
+    rng = random.Random(0)
+    for _ in range(200):
+        question, answer = W.random_question(world, rng)
+        assert answer is not None and W.check_answer(world, question, answer)
+        assert not W.check_answer(world, question, answer + "x")
+    person = world.people[0]
+    assert W.answer(world, f"How old is {person.name}?") == str(person.age)
+    assert W.answer(world, "What is 12 plus 30?") == "42"
+    assert W.answer(world, "What is 12 minus 30?") == "-18"
+    assert W.answer(world, "Who is the king?") is None
+
+
+def test_world_corpus_states_only_true_facts():
+    world = W.make_world(0)
+    text = W.corpus(world, 500, seed=1)
+    lines = text.split("\n")
+    checked = 0
+    for q, a in zip(lines, lines[1:]):
+        if q.startswith(W.QUESTION) and a.startswith(W.ANSWER):
+            assert W.check_answer(world, q[len(W.QUESTION):], a[len(W.ANSWER):])
+            checked += 1
+    assert checked > 200

@@ -1,0 +1,64 @@
+"""Whole runs: the embedded world (fast), wandb offline, and nanoGPT's shakespeare_char figure."""
+
+import json
+import os
+
+import pytest
+
+from flaxgpt import config as C
+from flaxgpt.logging import read_metrics
+from flaxgpt.trainers import pretrain
+from tests.conftest import run_cli, tiny_run_config
+
+
+def test_short_world_run_learns_and_writes_its_outputs(tmp_path):
+    workdir = str(tmp_path / "run")
+    cfg = tiny_run_config(train={"max_steps": 60}, eval={"interval": 20})
+    result = pretrain.run(cfg, workdir)
+    rows = read_metrics(workdir)
+    assert [r["step"] for r in rows] == list(range(1, 61))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_sec"):
+        assert all(key in r for r in rows)
+    evaluated = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evaluated] == [20, 40, 60]
+    assert evaluated[-1]["val_loss"] < 0.85 * evaluated[0]["val_loss"]
+    assert rows[-1]["loss"] < 0.65 * rows[0]["loss"]  # from ln(vocab) ~ 4.2
+    assert abs(evaluated[-1]["val_ppl"] - 2.718281828 ** evaluated[-1]["val_loss"]) < 1e-3 * evaluated[-1]["val_ppl"]
+    saved = json.load(open(os.path.join(workdir, "config.json")))
+    assert saved["model"]["vocab_size"] > 0 and saved["model"]["norm"] == "layernorm"  # resolved
+    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == [20, 30, 40, 50, 60]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tb")))
+    assert isinstance(result["sample"], str) and result["step"] == 60
+
+
+def test_sentencepiece_tokenizer_is_trained_into_the_workdir(tmp_path):
+    workdir = str(tmp_path / "spm")
+    cfg = tiny_run_config(data={"tokenizer": "sentencepiece", "spm_vocab_size": 400},
+                          train={"max_steps": 4}, eval={"interval": 4, "sample_tokens": 0})
+    pretrain.run(cfg, workdir)
+    assert os.path.exists(os.path.join(workdir, "tokenizer.model"))
+    assert json.load(open(os.path.join(workdir, "config.json")))["model"]["vocab_size"] == 400
+
+
+def test_wandb_offline_logging(tmp_path):
+    pytest.importorskip("wandb", reason="wandb is an optional extra: pip install 'flaxgpt[wandb]'")
+    workdir = str(tmp_path / "wb")
+    cfg = tiny_run_config(train={"max_steps": 3}, eval={"interval": 3, "sample_tokens": 0},
+                          logging={"wandb": True, "wandb_mode": "offline", "progress": "none"})
+    os.environ.setdefault("WANDB_SILENT", "true")
+    pretrain.run(cfg, workdir)
+    runs = [d for d in os.listdir(os.path.join(workdir, "wandb")) if d.startswith("offline-run-")]
+    assert runs, os.listdir(os.path.join(workdir, "wandb"))
+
+
+@pytest.mark.slow
+def test_shakespeare_char_reaches_nanogpt_val_loss(tmp_path, shakespeare_path):
+    """nanoGPT reports 1.88 for this configuration; the issue asks for <= 1.90 at 2000 steps."""
+    workdir = str(tmp_path / "shakespeare")
+    result = run_cli("--experiment", "shakespeare_char", "--workdir", workdir,
+                     "--set", f"data.path={shakespeare_path}", "logging.progress=plain")
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = read_metrics(workdir)[-1]
+    assert final["step"] == 2000
+    assert final["val_loss"] <= 1.90, final
+    assert "--- sample ---" in result.stdout

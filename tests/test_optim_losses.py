@@ -1,0 +1,102 @@
+"""Loss weighting, z-loss, learning-rate schedules and the weight-decay mask."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from flaxgpt.config import OptimizerConfig
+from flaxgpt.losses import token_cross_entropy
+from flaxgpt.optim import build_optimizer, learning_rate_schedule, weight_decay_mask
+from tests.conftest import init_params, tiny_model_config
+
+
+def test_cross_entropy_matches_manual_and_respects_weights():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+    targets = rng.integers(0, 7, size=(2, 5))
+    weights = np.array([[1, 1, 0, 0, 1], [0, 1, 1, 0, 0]], np.float32)
+    out = token_cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights))
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(float(out["loss_sum"]), (nll * weights).sum(), rtol=1e-5)
+    assert float(out["weight_sum"]) == 5.0
+    # Masked tokens do not influence the loss at all, whatever their logits.
+    noisy = logits.copy()
+    noisy[weights == 0] += 100.0 * rng.normal(size=noisy[weights == 0].shape)
+    again = token_cross_entropy(jnp.asarray(noisy), jnp.asarray(targets), jnp.asarray(weights))
+    np.testing.assert_allclose(float(again["loss_sum"]), float(out["loss_sum"]), rtol=1e-6)
+
+
+def test_z_loss_is_weighted_square_log_partition():
+    logits = jnp.array([[[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]])
+    out = token_cross_entropy(logits, jnp.array([[0, 1]]), jnp.array([[1.0, 0.0]]), z_loss=1e-2)
+    log_z = np.log(np.exp([1.0, 2.0, 3.0]).sum())
+    np.testing.assert_allclose(float(out["z_loss_sum"]), 1e-2 * log_z ** 2, rtol=1e-6)
+
+
+def test_cosine_schedule_values():
+    cfg = OptimizerConfig(lr=1e-3, min_lr=1e-4, warmup_steps=100, decay="cosine")
+    s = learning_rate_schedule(cfg, max_steps=2000)
+    np.testing.assert_allclose(float(s(0)), 1e-3 / 101, rtol=1e-5)
+    np.testing.assert_allclose(float(s(99)), 1e-3 * 100 / 101, rtol=1e-5)
+    np.testing.assert_allclose(float(s(100)), 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(float(s(1050)), 5.5e-4, rtol=1e-5)  # halfway: midpoint of lr and min_lr
+    np.testing.assert_allclose(float(s(2000)), 1e-4, rtol=1e-5)
+    np.testing.assert_allclose(float(s(5000)), 1e-4, rtol=1e-5)  # flat after decay_steps
+
+
+def test_linear_and_constant_schedules():
+    lin = learning_rate_schedule(OptimizerConfig(lr=1.0, min_lr=0.0, warmup_steps=10, decay="linear",
+                                                 decay_steps=110), max_steps=999)
+    np.testing.assert_allclose([float(lin(10)), float(lin(60)), float(lin(110))], [1.0, 0.5, 0.0], atol=1e-6)
+    const = learning_rate_schedule(OptimizerConfig(lr=0.5, min_lr=0.0, warmup_steps=0, decay="constant"), 100)
+    np.testing.assert_allclose([float(const(0)), float(const(99))], [0.5, 0.5])
+
+
+def test_weight_decay_mask_excludes_biases_norms_embeddings():
+    _, params = init_params(tiny_model_config("gpt2"))
+    mask = weight_decay_mask(params, ("bias", "scale", "embedding"))
+    assert mask["token_embed"]["embedding"] is False and mask["position_embed"]["embedding"] is False
+    assert mask["layers_0"]["attn"]["query"]["kernel"] is True
+    assert mask["layers_0"]["attn"]["query"]["bias"] is False
+    assert mask["layers_0"]["attn_norm"]["scale"] is False and mask["final_norm"]["bias"] is False
+    assert mask["layers_0"]["mlp"]["down"]["kernel"] is True
+    everything = weight_decay_mask(params, ())
+    assert all(jax.tree.leaves(everything))
+
+
+def test_decay_applies_to_masked_in_params_only():
+    _, params = init_params(tiny_model_config("gpt2"))
+    params = jax.tree.map(lambda x: jnp.ones_like(x), params)
+    opt = build_optimizer(OptimizerConfig(lr=0.1, min_lr=0.1, warmup_steps=0, decay="constant",
+                                          weight_decay=0.5, grad_clip=0.0), max_steps=10)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = opt.update(zeros, opt.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(np.asarray(new["layers_0"]["mlp"]["up"]["kernel"]), 1 - 0.1 * 0.5, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(new["layers_0"]["mlp"]["up"]["bias"]), 1.0)
+    np.testing.assert_array_equal(np.asarray(new["token_embed"]["embedding"]), 1.0)
+
+
+def test_gradient_clipping_is_part_of_the_optimizer():
+    """With grad_clip=1 the optimizer equals clip-then-AdamW, and differs from no clipping
+    (Adam is not scale invariant across steps whose gradient norms differ)."""
+    params = {"w": jnp.ones((4,))}
+    grads = [{"w": jnp.full((4,), 10.0)}, {"w": jnp.full((4,), 0.1)}]
+
+    def run(opt):
+        state, out = opt.init(params), []
+        for g in grads:
+            updates, state = opt.update(g, state, params)
+            out.append(np.asarray(updates["w"]))
+        return out
+
+    make = lambda clip: build_optimizer(OptimizerConfig(lr=1.0, min_lr=1.0, warmup_steps=0, decay="constant",
+                                                        weight_decay=0.0, grad_clip=clip), 10)
+    reference = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1.0, b1=0.9, b2=0.95, eps=1e-8,
+                                                                        weight_decay=0.0))
+    clipped, unclipped, expected = run(make(1.0)), run(make(0.0)), run(reference)
+    np.testing.assert_allclose(clipped[1], expected[1], rtol=1e-6)
+    assert not np.allclose(clipped[1], unclipped[1])
