@@ -33,6 +33,7 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=cfg.max_to_keep, create=True, enable_async_checkpointing=cfg.async_save,
+                cleanup_tmp_directories=True,  # what a killed save left behind
             ),
         )
 

@@ -26,12 +26,11 @@ def learning_rate_schedule(cfg: OptimizerConfig, max_steps: int) -> optax.Schedu
         warm = cfg.lr * (step + 1.0) / (warmup + 1.0)
         progress = jnp.clip((step - warmup) / max(decay_steps - warmup, 1), 0.0, 1.0)
         if cfg.decay == "cosine":
-            shape = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+            decayed = cfg.min_lr + 0.5 * (1.0 + jnp.cos(jnp.pi * progress)) * (cfg.lr - cfg.min_lr)
         elif cfg.decay == "linear":
-            shape = 1.0 - progress
+            decayed = cfg.min_lr + (1.0 - progress) * (cfg.lr - cfg.min_lr)
         else:
-            shape = jnp.ones_like(progress)
-        decayed = cfg.min_lr + shape * (cfg.lr - cfg.min_lr) if cfg.decay != "constant" else cfg.lr * shape
+            decayed = jnp.full_like(progress, cfg.lr)
         return jnp.where(step < warmup, warm, decayed)
 
     return schedule
