@@ -33,7 +33,8 @@ class ModelConfig:
     """
 
     recipe: Literal["gpt2", "llama"] = "gpt2"
-    vocab_size: int = 0  # 0: taken from the tokenizer
+    vocab_size: int = 0  # 0: taken from the tokenizer, rounded up to vocab_multiple
+    vocab_multiple: int = 1  # e.g. 128: shardable, matmul-friendly; padded ids are never targets
     block_size: int = 256
     n_layer: int = 4
     n_head: int = 4
@@ -114,11 +115,19 @@ DEFAULT_LOGICAL_AXIS_RULES: tuple = (
 
 @dataclass
 class MeshConfig:
-    """Device mesh. One axis may be -1: all remaining devices."""
+    """Device mesh. One of data/fsdp/tensor may be -1: all remaining devices.
+
+    data, fsdp and tensor lay out the devices *within* a slice (fast ICI links); the dcn_*
+    sizes repeat that layout across slices (or, on CPU/GPU, processes) joined by the slower
+    data-centre network, so a mesh axis has size ici * dcn. Keep tensor parallelism on ICI.
+    """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
     # (logical axis name, mesh axis | list of mesh axes | None), MaxText style
     rules: tuple = DEFAULT_LOGICAL_AXIS_RULES
 

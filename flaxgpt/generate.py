@@ -15,6 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+
+from flaxgpt.sharding import host_value, replicated
 
 
 def choose_token(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int) -> jax.Array:
@@ -66,9 +69,13 @@ def sample(
     total = len(prompt) + max_new_tokens
     buffer = np.zeros((1, max(total, block)), np.int32)
     buffer[0, : len(prompt)] = prompt
+    # Replicate the inputs over the parameters' mesh, so this also runs when they span processes.
+    mesh_sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
+    if isinstance(mesh_sharding, NamedSharding):
+        buffer, rng = (jax.device_put(x, replicated(mesh_sharding.mesh)) for x in (buffer, rng))
     out = _sample_loop(model, params, jnp.asarray(buffer), rng, prompt_len=len(prompt),
                        max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k))
-    new = [int(t) for t in np.asarray(out)[0, len(prompt): total]]
+    new = [int(t) for t in host_value(out)[0, len(prompt): total]]
     if stop_token is not None and stop_token in new:
         new = new[: new.index(stop_token)]
     return new

@@ -72,6 +72,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         metavar="KEY=VALUE", help="override config values, e.g. --set optimizer.lr=3e-4")
     parser.add_argument("--list", action="store_true", help="list the experiments and exit")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    dist = parser.add_argument_group("multi-process runs (automatic on multi-host Cloud TPU VMs)")
+    dist.add_argument("--coordinator-address", help="HOST:PORT of process 0 (or FLAXGPT_COORDINATOR_ADDRESS)")
+    dist.add_argument("--num-processes", type=int, help="processes in the run (or FLAXGPT_NUM_PROCESSES)")
+    dist.add_argument("--process-id", type=int, help="this process's index (or FLAXGPT_PROCESS_ID)")
     args = parser.parse_args(argv)
 
     if args.list:
@@ -91,7 +95,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     from flaxgpt.checkpoint import CheckpointMismatch  # imported late: --list and --print-config stay fast
+    from flaxgpt.sharding import initialize_distributed
     from flaxgpt.trainers import pretrain
+
+    try:
+        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     workdir = args.workdir or os.path.join("runs", cfg.name)
     try:

@@ -1,8 +1,5 @@
-"""The jitted train step: accumulation equals one big batch, non-finite steps are skipped,
-and the data-parallel mesh gives the single-device result."""
-
-import dataclasses
-import json
+"""The jitted train step: accumulation equals one big batch, non-finite steps are skipped.
+(Sharded equivalence lives in test_sharding.py.)"""
 
 import flax.linen as nn
 import jax
@@ -14,10 +11,10 @@ import pytest
 from flaxgpt import config as C
 from flaxgpt.model import Transformer
 from flaxgpt.optim import build_optimizer, learning_rate_schedule
-from flaxgpt.sharding import batch_sharding, logical_rules, make_mesh, place_batch
+from flaxgpt.sharding import logical_rules, make_mesh
 from flaxgpt.state import create_train_state
 from flaxgpt.trainers.lm import make_train_step
-from tests.conftest import REPO, tiny_model_config
+from tests.conftest import tiny_model_config
 
 
 def _setup(accum: int = 1, recipe: str = "gpt2", optimizer=None):
@@ -84,48 +81,3 @@ def test_non_finite_step_is_skipped_and_counted():
     state, metrics = step(state, _batch(cfg))  # training carries on with finite parameters
     assert np.isfinite(float(metrics["loss"])) and int(state.skipped) == 1
     assert float(metrics["lr"]) == pytest.approx(1e-2 / 3)  # schedule counts applied updates only
-
-
-_DATA_PARALLEL_SCRIPT = r"""
-import json, jax, jax.numpy as jnp, numpy as np
-from flaxgpt import config as C
-from flaxgpt.model import Transformer
-from flaxgpt.optim import build_optimizer, learning_rate_schedule
-from flaxgpt.sharding import batch_sharding, logical_rules, make_mesh, place_batch
-from flaxgpt.state import create_train_state
-from flaxgpt.trainers.lm import make_train_step
-import flax.linen as nn
-out = {}
-for n in (1, 8):
-    mcfg = C.ModelConfig(recipe="llama", vocab_size=40, block_size=16, n_layer=2, n_head=4, n_kv_heads=2,
-                         d_model=32).resolved()
-    model, opt_cfg = Transformer(mcfg), C.OptimizerConfig(lr=1e-2, warmup_steps=2)
-    opt = build_optimizer(opt_cfg, 10)
-    mesh = make_mesh(C.MeshConfig(data=-1), jax.devices()[:n])
-    rules = logical_rules(C.DEFAULT_LOGICAL_AXIS_RULES)
-    state, sh = create_train_state(model, opt, jnp.zeros((1, 16), jnp.int32), mesh, rules, 0)
-    bs = batch_sharding(mesh, rules)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        step = jax.jit(make_train_step(model, opt, learning_rate_schedule(opt_cfg, 10), C.TrainConfig(batch_size=16)),
-                       in_shardings=(sh, bs), out_shardings=(sh, None), donate_argnums=0)
-        losses = []
-        for i in range(5):
-            t = np.random.default_rng(i).integers(0, 40, size=(16, 17)).astype(np.int32)
-            batch = {"inputs": t[:, :-1], "targets": t[:, 1:], "loss_weights": np.ones((16, 16), np.float32),
-                     "segment_ids": np.ones((16, 16), np.int32), "positions": np.tile(np.arange(16, dtype=np.int32), (16, 1))}
-            state, m = step(state, place_batch(batch, bs))
-            losses.append(float(m["loss"]))
-    out[n] = {"losses": losses, "batch_spec": str(bs.spec), "devices": len(state.params["token_embed"]["embedding"].sharding.device_set)}
-print(json.dumps(out))
-"""
-
-
-def test_data_parallel_over_8_simulated_devices_matches_one_device(tmp_path):
-    import subprocess, sys, os
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    result = subprocess.run([sys.executable, "-c", _DATA_PARALLEL_SCRIPT], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["8"]["devices"] == 8 and "data" in out["8"]["batch_spec"]
-    np.testing.assert_allclose(out["8"]["losses"], out["1"]["losses"], rtol=1e-5)

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from flaxgpt.config import Config, ConfigError
+from flaxgpt.config import Config
 from flaxgpt.data import world as world_lib
 from flaxgpt.data.tokenizers import (
     CharTokenizer,
@@ -34,10 +35,11 @@ class TokenWindows:
     val: np.ndarray
     seed: int
 
-    def batch(self, split: str, step: int, batch_size: int, block_size: int) -> dict[str, np.ndarray]:
-        """This process's rows of global batch number `step` of `split`.
+    def batch(self, split: str, step: int, batch_size: int, block_size: int,
+              rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Rows `rows` (default: all) of global batch number `step` of `split`.
 
-        Keys (all [rows, block_size]): inputs, targets, loss_weights, segment_ids, positions.
+        Keys (all [len(rows), block_size]): inputs, targets, loss_weights, segment_ids, positions.
         """
         tokens = self.train if split == "train" else self.val
         if len(tokens) <= block_size + 1:
@@ -45,8 +47,9 @@ class TokenWindows:
                              f"block_size + 2 = {block_size + 2}; use more text or a smaller block")
         rng = np.random.default_rng([self.seed, _SPLIT_IDS[split], step])
         starts = rng.integers(0, len(tokens) - block_size - 1, size=batch_size)
-        rows = _process_rows(batch_size)
-        window = tokens[starts[rows, None] + np.arange(block_size + 1)]
+        if rows is not None:
+            starts = starts[rows]
+        window = tokens[starts[:, None] + np.arange(block_size + 1)]
         n = len(window)
         return {
             "inputs": window[:, :-1].astype(np.int32),
@@ -55,14 +58,6 @@ class TokenWindows:
             "segment_ids": np.ones((n, block_size), np.int32),
             "positions": np.broadcast_to(np.arange(block_size, dtype=np.int32), (n, block_size)).copy(),
         }
-
-
-def _process_rows(global_batch: int) -> slice:
-    count, index = jax.process_count(), jax.process_index()
-    if global_batch % count:
-        raise ConfigError(f"batch size {global_batch} is not divisible by {count} processes")
-    per = global_batch // count
-    return slice(index * per, (index + 1) * per)
 
 
 def source_text(cfg: Config) -> str:
@@ -82,6 +77,15 @@ def build_tokenizer(cfg: Config, text: str, train_text: str, workdir: str) -> To
     existing = load_tokenizer(workdir)
     if existing is not None:
         return existing
+    if jax.process_count() > 1:  # process 0 builds and saves it; the others read what it wrote
+        if jax.process_index() == 0:
+            _new_tokenizer(cfg, text, train_text, workdir)
+        multihost_utils.sync_global_devices("flaxgpt tokenizer saved")
+        return load_tokenizer(workdir)
+    return _new_tokenizer(cfg, text, train_text, workdir)
+
+
+def _new_tokenizer(cfg: Config, text: str, train_text: str, workdir: str) -> Tokenizer:
     data = cfg.data
     if data.tokenizer == "char":
         tokenizer: Tokenizer = CharTokenizer.from_text(text)

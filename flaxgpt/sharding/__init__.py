@@ -4,9 +4,11 @@ The model names logical axes only; this package turns them into
 `NamedSharding`s over a `jax.sharding.Mesh`.
 """
 
-from flaxgpt.sharding.mesh import MESH_AXES, make_mesh, mesh_shape
+from flaxgpt.sharding.mesh import MESH_AXES, initialize_distributed, make_mesh, mesh_shape
 from flaxgpt.sharding.rules import (
     batch_sharding,
+    host_value,
+    local_batch_rows,
     logical_rules,
     logical_shardings,
     place_batch,
@@ -14,6 +16,6 @@ from flaxgpt.sharding.rules import (
 )
 
 __all__ = [
-    "MESH_AXES", "make_mesh", "mesh_shape", "batch_sharding", "logical_rules",
-    "logical_shardings", "place_batch", "replicated",
+    "MESH_AXES", "initialize_distributed", "make_mesh", "mesh_shape", "batch_sharding", "host_value",
+    "local_batch_rows", "logical_rules", "logical_shardings", "place_batch", "replicated",
 ]

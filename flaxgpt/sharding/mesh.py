@@ -1,8 +1,9 @@
-"""Build the device mesh from `MeshConfig`."""
+"""Build the device mesh from `MeshConfig`, and join a multi-process run."""
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence
 
 import jax
@@ -16,7 +17,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
-    """Resolve a -1 entry and check that the product equals the device count."""
+    """The (data, fsdp, tensor) sizes within one slice of `n_devices` devices; resolves -1."""
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
     given = dict(zip(MESH_AXES, sizes))
     if sizes.count(-1) > 1:
@@ -39,13 +40,54 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
 def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
     """A mesh with axes (data, fsdp, tensor) and automatic (not explicit) sharding.
 
-    Device order comes from `mesh_utils.create_device_mesh`, which places the
-    innermost axes (tensor, then fsdp) on the fastest interconnect.
+    Device order comes from `mesh_utils`, which puts the innermost axes (tensor, then fsdp)
+    on the fastest links; with dcn_* > 1 it builds a hybrid mesh whose outer factor spans
+    slices (TPU multi-slice) or, where devices have no slice, processes.
     """
     devices = list(devices) if devices is not None else jax.devices()
-    shape = mesh_shape(cfg, len(devices))
-    try:
-        grid = mesh_utils.create_device_mesh(shape, devices=devices)
-    except (ValueError, NotImplementedError, AssertionError):
-        grid = np.asarray(devices).reshape(shape)
+    dcn = (cfg.dcn_data, cfg.dcn_fsdp, cfg.dcn_tensor)
+    granules = math.prod(dcn)
+    if min(dcn) < 1:
+        raise ConfigError(f"mesh.dcn_* sizes must be >= 1, got {dict(zip(MESH_AXES, dcn))}")
+    if len(devices) % granules:
+        raise ConfigError(f"mesh dcn sizes {dict(zip(MESH_AXES, dcn))} need a multiple of {granules} "
+                          f"devices, but {len(devices)} exist")
+    ici = mesh_shape(cfg, len(devices) // granules)
+    if granules > 1:
+        by_slice = hasattr(devices[0], "slice_index")
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not by_slice)
+    else:
+        try:
+            grid = mesh_utils.create_device_mesh(ici, devices=devices)
+        except (ValueError, NotImplementedError, AssertionError):
+            grid = np.asarray(devices).reshape(ici)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def initialize_distributed(
+    coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+) -> bool:
+    """Join a multi-process run if one is asked for; returns whether it did.
+
+    Explicit arguments win, then FLAXGPT_COORDINATOR_ADDRESS / FLAXGPT_NUM_PROCESSES /
+    FLAXGPT_PROCESS_ID. On a multi-host Cloud TPU VM (TPU_WORKER_HOSTNAMES lists several
+    hosts) or a multi-slice job, JAX discovers everything itself. A single host does nothing.
+    """
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("FLAXGPT_COORDINATOR_ADDRESS")
+    if num_processes is None and env.get("FLAXGPT_NUM_PROCESSES"):
+        num_processes = int(env["FLAXGPT_NUM_PROCESSES"])
+    if process_id is None and env.get("FLAXGPT_PROCESS_ID"):
+        process_id = int(env["FLAXGPT_PROCESS_ID"])
+    if coordinator_address:
+        if num_processes is None or process_id is None:
+            raise ConfigError("a coordinator address needs the number of processes and this process's id "
+                              "(--num-processes, --process-id)")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        return True
+    multi_host_tpu = "," in env.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_COORDINATOR_ADDRESS" in env
+    if multi_host_tpu:
+        jax.distributed.initialize()
+        return True
+    return False

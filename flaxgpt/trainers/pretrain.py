@@ -25,7 +25,7 @@ from flaxgpt.data.text import TokenWindows, build_text_data
 from flaxgpt.logging import MetricsLogger
 from flaxgpt.model import Transformer, count_params
 from flaxgpt.optim import build_optimizer, learning_rate_schedule
-from flaxgpt.sharding import batch_sharding, logical_rules, make_mesh, place_batch
+from flaxgpt.sharding import batch_sharding, host_value, local_batch_rows, logical_rules, make_mesh, place_batch
 from flaxgpt.state import abstract_train_state, create_train_state
 from flaxgpt.trainers.lm import make_eval_step, make_train_step
 
@@ -39,7 +39,8 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
     cfg.validate()
     os.makedirs(workdir, exist_ok=True)
     tokenizer, data = build_text_data(cfg, workdir)
-    vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    multiple = max(cfg.model.vocab_multiple, 1)
+    vocab = cfg.model.vocab_size or -(-tokenizer.vocab_size // multiple) * multiple
     if vocab < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} ids")
     model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab).resolved()
@@ -63,7 +64,7 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
         state, _ = checkpointer.restore(latest, abstract, model_cfg)
     else:
         state, shardings = create_train_state(model, optimizer, example, mesh, rules, tc.seed)
-    start = int(jax.device_get(state.step))
+    start = int(host_value(state.step))
 
     rows_sharding = batch_sharding(mesh, rules)
     logger = MetricsLogger(workdir, cfg.logging, tc.max_steps, start, to_dict(cfg))
@@ -74,6 +75,7 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
     record = lambda step: {"step": step, "data": {"train_batches": step}, "model": to_dict(model_cfg)}
 
     block, batch = model_cfg.block_size, tc.batch_size
+    rows = local_batch_rows(rows_sharding, batch, block)  # this process loads only these rows
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         train_step = jax.jit(make_train_step(model, optimizer, schedule, tc),
                              in_shardings=(shardings, rows_sharding), out_shardings=(shardings, None),
@@ -82,16 +84,16 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
         evaluate = lambda params: _evaluate(eval_step, params, data, cfg, rows_sharding)
 
         last_row: dict[str, Any] = {}
-        skipped_seen = int(jax.device_get(state.skipped))
+        skipped_seen = int(host_value(state.skipped))
         clock, tokens_since = time.time(), 0
         for step in range(start, tc.max_steps):
-            state, metrics = train_step(state, place_batch(data.batch("train", step, batch, block),
-                                                           rows_sharding))
+            local = data.batch("train", step, batch, block, rows)
+            state, metrics = train_step(state, place_batch(local, rows, rows_sharding, batch))
             done = step + 1
             tokens_since += batch * block
             eval_due = done % cfg.eval.interval == 0 or done == tc.max_steps
             if done % tc.log_interval == 0 or eval_due:
-                m = jax.device_get(metrics)
+                m = host_value(metrics)
                 now = time.time()
                 row = {k: float(m[k]) for k in ("loss", "lr", "grad_norm")}
                 if tc.z_loss:
@@ -115,11 +117,12 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
 
 def _evaluate(eval_step, params, data: TokenWindows, cfg: Config, sharding) -> dict[str, float]:
     """Mean validation loss over `eval.iters` fixed batches (the same ones at every evaluation)."""
-    batch = cfg.eval.batch_size or cfg.train.batch_size
+    batch, block = cfg.eval.batch_size or cfg.train.batch_size, cfg.model.block_size
+    rows = local_batch_rows(sharding, batch, block)
     loss_sum = weight_sum = 0.0
     for i in range(cfg.eval.iters):
-        out = eval_step(params, place_batch(data.batch("val", i, batch, cfg.model.block_size), sharding))
-        out = jax.device_get(out)
+        local = data.batch("val", i, batch, block, rows)
+        out = host_value(eval_step(params, place_batch(local, rows, sharding, batch)))
         loss_sum += float(out["loss_sum"])
         weight_sum += float(out["weight_sum"])
     val_loss = loss_sum / max(weight_sum, 1.0)
