@@ -16,8 +16,11 @@ TINY = [
     "model.recipe=llama", "model.n_layer=2", "model.n_head=4", "model.n_kv_heads=2", "model.d_model=32",
     "model.block_size=32", "model.vocab_multiple=8", "data.world_documents=400", "train.batch_size=16", "train.log_interval=1",
     "optimizer.decay_steps=12", "eval.interval=6", "eval.iters=2", "eval.sample_tokens=5",
-    "checkpoint.every_steps=3", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "logging.progress=plain",
+    "checkpoint.every_steps=3", "mesh.fsdp=2", "mesh.tensor=2", "logging.progress=plain",
 ]
+# One process, 8 devices: data=2 inside the one "slice". Two processes: the same logical mesh as a
+# hybrid ICI/DCN mesh, whose data axis spans the processes (each process is a granule on CPU).
+SINGLE_MESH, HYBRID_MESH = ["mesh.data=2"], ["mesh.data=1", "mesh.dcn_data=2"]
 
 
 def _free_port() -> int:
@@ -32,7 +35,7 @@ def _two_processes(workdir: str, max_steps: int) -> list[subprocess.CompletedPro
     procs = [subprocess.Popen(
         [sys.executable, "-m", "flaxgpt.train", "--experiment", "world", "--workdir", workdir,
          "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-         "--set", *TINY, f"train.max_steps={max_steps}"],
+         "--set", *TINY, *HYBRID_MESH, f"train.max_steps={max_steps}"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     results = []
     for p in procs:
@@ -44,7 +47,7 @@ def _two_processes(workdir: str, max_steps: int) -> list[subprocess.CompletedPro
 @pytest.mark.slow
 def test_two_processes_match_one_process_and_resume_together(tmp_path):
     single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
-    one = run_cli("--experiment", "world", "--workdir", single, "--set", *TINY, "train.max_steps=12",
+    one = run_cli("--experiment", "world", "--workdir", single, "--set", *TINY, *SINGLE_MESH, "train.max_steps=12",
                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert one.returncode == 0, one.stderr[-3000:]
 

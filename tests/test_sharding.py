@@ -84,3 +84,10 @@ def test_indivisible_dimension_names_parameter_dimension_and_axis(sharded_runs):
     message = sharded_runs["divisibility_error"]
     assert "['layers_0']['attn']['key']['kernel']" in message
     assert "dimension 1 ('kv_heads', size 2)" in message and "('tensor',) of size 8" in message
+
+
+def test_dcn_mesh_needs_matching_slices_or_processes():
+    from flaxgpt.sharding import make_mesh
+
+    with pytest.raises(C.ConfigError, match="need a multiple of 2 devices, but 1 exist"):
+        make_mesh(C.MeshConfig(data=1, dcn_data=2))

@@ -54,7 +54,13 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -
                           f"devices, but {len(devices)} exist")
     ici = mesh_shape(cfg, len(devices) // granules)
     if granules > 1:
-        by_slice = hasattr(devices[0], "slice_index")
+        slices = {getattr(d, "slice_index", 0) for d in devices}
+        processes = {d.process_index for d in devices}
+        by_slice = len(slices) > 1
+        if len(slices if by_slice else processes) != granules:
+            raise ConfigError(
+                f"mesh dcn sizes {dict(zip(MESH_AXES, dcn))} span {granules} slices, but the devices come from "
+                f"{len(slices)} slice(s) and {len(processes)} process(es)")
         grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not by_slice)
     else:
         try:
