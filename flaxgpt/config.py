@@ -150,9 +150,14 @@ class OptimizerConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["text", "world"] = "world"
-    path: str = ""  # text file for source=text
+    # world: the embedded generated corpus; text: one text file sampled in random windows
+    # (nanoGPT); jsonl: {"text": ...} documents, packed or padded into rows, shuffled per epoch
+    source: Literal["text", "world", "jsonl"] = "world"
+    path: str = ""  # the text or JSONL file
+    val_path: str = ""  # jsonl: a separate validation file; empty: hold out the last documents
     train_fraction: float = 0.9  # first part trains, the rest validates (nanoGPT split)
+    packing: Literal["pack", "pad"] = "pack"  # jsonl: several documents per row, or one per row
+    on_error: Literal["raise", "skip"] = "raise"  # a malformed JSONL line stops the run, or is skipped
     tokenizer: Literal["char", "sentencepiece"] = "char"
     spm_model: str = ""  # existing .model file; empty: train one into the workdir
     spm_vocab_size: int = 512
@@ -233,8 +238,8 @@ class Config:
                 raise ConfigError(f"{key} must be positive, got {value}")
         if not 0.0 < self.data.train_fraction < 1.0:
             raise ConfigError(f"data.train_fraction must lie in (0, 1), got {self.data.train_fraction}")
-        if self.data.source == "text" and not self.data.path:
-            raise ConfigError("data.source='text' needs data.path (a text file)")
+        if self.data.source in ("text", "jsonl") and not self.data.path:
+            raise ConfigError(f"data.source='{self.data.source}' needs data.path (a {self.data.source} file)")
         if self.optimizer.min_lr > self.optimizer.lr:
             raise ConfigError(
                 f"optimizer.min_lr={self.optimizer.min_lr} exceeds optimizer.lr={self.optimizer.lr}"

@@ -95,6 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     from flaxgpt.checkpoint import CheckpointMismatch  # imported late: --list and --print-config stay fast
+    from flaxgpt.data.jsonl import DataError
     from flaxgpt.sharding import initialize_distributed
     from flaxgpt.trainers import pretrain
 
@@ -107,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     workdir = args.workdir or os.path.join("runs", cfg.name)
     try:
         pretrain.run(cfg, workdir)
-    except (ConfigError, FileNotFoundError, CheckpointMismatch) as e:
+    except (ConfigError, FileNotFoundError, CheckpointMismatch, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

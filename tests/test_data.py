@@ -101,3 +101,18 @@ def test_world_corpus_states_only_true_facts():
             assert W.check_answer(world, q[len(W.QUESTION):], a[len(W.ANSWER):])
             checked += 1
     assert checked > 200
+
+
+def test_tokenizer_cli_trains_from_text_and_jsonl(tmp_path, capsys):
+    from flaxgpt.tokenizer import main
+
+    text = tmp_path / "a.txt"
+    text.write_text(W.corpus(W.make_world(0), 200))
+    docs = tmp_path / "b.jsonl"
+    docs.write_text('{"text": "What is 2 plus 2?"}\n{"text": "Answer: 4"}\n')
+    assert main(["train", "--input", str(text), str(docs), "--vocab-size", "400", "--out",
+                 str(tmp_path / "sp")]) == 0
+    assert "400 pieces (bpe)" in capsys.readouterr().out
+    assert main(["encode", "--model", str(tmp_path / "sp.model"), f"{USER}What is 2 plus 2?"]) == 0
+    assert capsys.readouterr().out.startswith(USER)
+    assert main(["train", "--input", str(tmp_path / "nope.txt"), "--vocab-size", "400", "--out", "x"]) == 2

@@ -1,8 +1,10 @@
-"""A token stream split into train / validation, sampled as random windows (nanoGPT style).
+"""Pretraining data: a token stream sampled as random windows (nanoGPT style), or JSONL
+documents packed into rows and shuffled per epoch.
 
-Batches are a pure function of (seed, split, step): resuming at step k yields
-exactly the batches an uninterrupted run sees, with no iterator state beyond
-the step, and every process can cut its own rows from the same global batch.
+Either way batches are a pure function of (seed, split, step): resuming at step k yields
+exactly the batches an uninterrupted run sees, with no iterator state beyond the step
+(checkpoints record the position for people to read), and every process builds only
+its own rows of each global batch.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from jax.experimental import multihost_utils
 
 from flaxgpt.config import Config
 from flaxgpt.data import world as world_lib
+from flaxgpt.data.jsonl import DataError, read_jsonl
+from flaxgpt.data.packing import PackedRows, build_rows, document_example
 from flaxgpt.data.tokenizers import (
     CharTokenizer,
     SentencePieceTokenizer,
@@ -34,6 +38,9 @@ class TokenWindows:
     train: np.ndarray
     val: np.ndarray
     seed: int
+
+    def position(self, step: int, batch_size: int) -> dict[str, int]:
+        return {"train_batches": step}
 
     def batch(self, split: str, step: int, batch_size: int, block_size: int,
               rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -60,8 +67,23 @@ class TokenWindows:
         }
 
 
+@dataclass
+class DocumentRows:
+    """JSONL documents tokenized, packed (or padded) into rows, and shuffled per epoch."""
+
+    train: PackedRows
+    val: PackedRows
+
+    def position(self, step: int, batch_size: int) -> dict[str, int]:
+        return self.train.position(step, batch_size)
+
+    def batch(self, split: str, step: int, batch_size: int, block_size: int,
+              rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        return (self.train if split == "train" else self.val).batch(step, batch_size, rows)
+
+
 def source_text(cfg: Config) -> str:
-    """The raw text of the configured source."""
+    """The raw text of the configured text or world source."""
     data = cfg.data
     if data.source == "world":
         world = world_lib.make_world(data.world_seed)
@@ -70,6 +92,28 @@ def source_text(cfg: Config) -> str:
         raise FileNotFoundError(f"data.path: no such text file: {data.path}")
     with open(data.path, encoding="utf-8") as f:
         return f.read()
+
+
+def _jsonl_documents(cfg: Config) -> tuple[list[str], list[str]]:
+    """(train, val) document texts: val from data.val_path, or the last documents of data.path."""
+    data = cfg.data
+    docs, report = read_jsonl(data.path, "text", data.on_error)
+    _log(report.summary())
+    texts = [d["text"] for d in docs]
+    if data.val_path:
+        val_docs, val_report = read_jsonl(data.val_path, "text", data.on_error)
+        _log(val_report.summary())
+        return texts, [d["text"] for d in val_docs]
+    cut = min(max(int(len(texts) * data.train_fraction), 1), len(texts) - 1)
+    if cut < 1:
+        raise DataError(f"{data.path}: {len(texts)} document(s) cannot be split into train and validation; "
+                        "add documents or set data.val_path")
+    return texts[:cut], texts[cut:]
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
 
 
 def build_tokenizer(cfg: Config, text: str, train_text: str, workdir: str) -> Tokenizer:
@@ -101,8 +145,18 @@ def _new_tokenizer(cfg: Config, text: str, train_text: str, workdir: str) -> Tok
     return tokenizer
 
 
-def build_text_data(cfg: Config, workdir: str) -> tuple[Tokenizer, TokenWindows]:
-    """Read the source, split it (first train_fraction trains), tokenize, and wrap it."""
+def build_text_data(cfg: Config, workdir: str) -> tuple[Tokenizer, TokenWindows | DocumentRows]:
+    """The tokenizer and the train / validation data of the configured source."""
+    if cfg.data.source == "jsonl":
+        train_docs, val_docs = _jsonl_documents(cfg)
+        tokenizer = build_tokenizer(cfg, "".join(train_docs + val_docs), "\n".join(train_docs), workdir)
+        block = cfg.model.block_size
+
+        def rows(docs: list[str], seed: int) -> PackedRows:
+            examples = (document_example(tokenizer.encode(d), tokenizer.eos_id) for d in docs)
+            return PackedRows(build_rows(examples, block, cfg.data.packing, tokenizer.pad_id), seed)
+
+        return tokenizer, DocumentRows(rows(train_docs, cfg.train.seed), rows(val_docs, cfg.train.seed + 1))
     text = source_text(cfg)
     cut = int(len(text) * cfg.data.train_fraction)
     tokenizer = build_tokenizer(cfg, text, text[:cut], workdir)

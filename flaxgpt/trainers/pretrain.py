@@ -21,7 +21,7 @@ import numpy as np
 from flaxgpt import generate
 from flaxgpt.checkpoint import Checkpointer
 from flaxgpt.config import Config, ConfigError, to_dict, to_json
-from flaxgpt.data.text import TokenWindows, build_text_data
+from flaxgpt.data.text import DocumentRows, TokenWindows, build_text_data
 from flaxgpt.logging import MetricsLogger
 from flaxgpt.model import Transformer, count_params
 from flaxgpt.optim import build_optimizer, learning_rate_schedule
@@ -72,7 +72,7 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
         f"flaxgpt {cfg.name}: {count_params(state.params) / 1e6:.2f}M parameters, vocab {vocab}, "
         f"mesh {dict(mesh.shape)}, " + (f"resumed from step {start}" if latest is not None else "from scratch")
     )
-    record = lambda step: {"step": step, "data": {"train_batches": step}, "model": to_dict(model_cfg)}
+    record = lambda step: {"step": step, "data": data.position(step, tc.batch_size), "model": to_dict(model_cfg)}
 
     block, batch = model_cfg.block_size, tc.batch_size
     rows = local_batch_rows(rows_sharding, batch, block)  # this process loads only these rows
@@ -115,7 +115,7 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
     return {"step": tc.max_steps, **last_row, "sample": sample_text}
 
 
-def _evaluate(eval_step, params, data: TokenWindows, cfg: Config, sharding) -> dict[str, float]:
+def _evaluate(eval_step, params, data: TokenWindows | DocumentRows, cfg: Config, sharding) -> dict[str, float]:
     """Mean validation loss over `eval.iters` fixed batches (the same ones at every evaluation)."""
     batch, block = cfg.eval.batch_size or cfg.train.batch_size, cfg.model.block_size
     rows = local_batch_rows(sharding, batch, block)

@@ -1,0 +1,58 @@
+"""`python -m flaxgpt.tokenizer train --input FILES --vocab-size N --model-type bpe|unigram --out PREFIX`
+
+Trains a SentencePiece model with flaxgpt's special tokens (<|pad|>, <|eos|>, the chat
+role markers) reserved, exact round-trips and byte fallback. Inputs are text files, or
+JSONL files in the "text" schema (one document per line). `encode` shows how a text splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Iterator, Optional, Sequence
+
+from flaxgpt.data.jsonl import DataError, read_jsonl
+from flaxgpt.data.tokenizers import SentencePieceTokenizer, train_sentencepiece
+
+
+def _lines(paths: Sequence[str]) -> Iterator[str]:
+    for path in paths:
+        if path.endswith(".jsonl"):
+            for record in read_jsonl(path, "text")[0]:
+                yield from record["text"].splitlines(keepends=True)
+        else:
+            with open(path, encoding="utf-8") as f:
+                yield from f
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flaxgpt.tokenizer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a SentencePiece model")
+    train.add_argument("--input", nargs="+", required=True, help="text or .jsonl files")
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    train.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
+    encode = commands.add_parser("encode", help="show the pieces of a text")
+    encode.add_argument("--model", required=True, help="a .model file")
+    encode.add_argument("text")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            model_file = train_sentencepiece(_lines(args.input), args.out, args.vocab_size, args.model_type)
+            tok = SentencePieceTokenizer(model_file)
+            print(f"wrote {model_file}: {tok.vocab_size} pieces ({args.model_type})")
+        else:
+            tok = SentencePieceTokenizer(args.model)
+            ids = tok.encode(args.text)
+            print(" ".join(tok.sp.id_to_piece(i) for i in ids))
+            print(f"{len(ids)} tokens for {len(args.text)} characters")
+    except (FileNotFoundError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
