@@ -162,6 +162,18 @@ class DataConfig:
     spm_model: str = ""  # existing .model file; empty: train one into the workdir
     spm_vocab_size: int = 512
     spm_model_type: Literal["bpe", "unigram"] = "bpe"
+    # Curation of JSONL documents (off by default; counts go to WORKDIR/data_report.json)
+    min_chars: int = 0
+    max_chars: int = 0  # 0: no limit
+    blocklist: str = ""  # file of terms, one per line; a document containing any is dropped
+    dedup: bool = False  # drop exact duplicates (case and whitespace normalised)
+    near_dedup: bool = False  # drop near duplicates (MinHash over word 3-grams, LSH)
+    near_dedup_threshold: float = 0.8  # estimated Jaccard similarity
+    # Augmentation of JSONL training documents (EDA; off by default, seeded by train.seed)
+    augment_copies: int = 0  # augmented variants added per training document
+    augment_ops: tuple = ("synonym", "insert", "delete", "swap")
+    augment_rate: float = 0.1  # fraction of words each op touches
+    synonyms: str = ""  # JSON {"word": ["synonym", ...]} or lines "word<TAB>syn1,syn2"
     world_seed: int = 0  # embedded world: which world
     world_documents: int = 6000  # embedded world: corpus size in documents
 

@@ -9,7 +9,9 @@ its own rows of each global batch.
 
 from __future__ import annotations
 
+import json
 import os
+import random
 from dataclasses import dataclass
 
 import jax
@@ -18,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from flaxgpt.config import Config
 from flaxgpt.data import world as world_lib
+from flaxgpt.data.curation import Curator, augment, load_blocklist, load_synonyms
 from flaxgpt.data.jsonl import DataError, read_jsonl
 from flaxgpt.data.packing import PackedRows, build_rows, document_example
 from flaxgpt.data.tokenizers import (
@@ -94,21 +97,43 @@ def source_text(cfg: Config) -> str:
         return f.read()
 
 
-def _jsonl_documents(cfg: Config) -> tuple[list[str], list[str]]:
-    """(train, val) document texts: val from data.val_path, or the last documents of data.path."""
+def _jsonl_documents(cfg: Config, workdir: str) -> tuple[list[str], list[str]]:
+    """(train, val) document texts, curated (and training ones augmented) as configured:
+    val from data.val_path, or the last documents of data.path."""
     data = cfg.data
-    docs, report = read_jsonl(data.path, "text", data.on_error)
-    _log(report.summary())
-    texts = [d["text"] for d in docs]
+    curator = Curator(min_chars=data.min_chars, max_chars=data.max_chars,
+                      blocklist=load_blocklist(data.blocklist) if data.blocklist else (),
+                      exact_dedup=data.dedup, near_dedup=data.near_dedup, near_threshold=data.near_dedup_threshold)
+
+    def read(path: str) -> list[str]:
+        docs, report = read_jsonl(path, "text", data.on_error)
+        _log(report.summary())
+        return [d["text"] for d in docs]
+
+    texts = curator(read(data.path))  # validation documents are curated against the same seen-set
     if data.val_path:
-        val_docs, val_report = read_jsonl(data.val_path, "text", data.on_error)
-        _log(val_report.summary())
-        return texts, [d["text"] for d in val_docs]
-    cut = min(max(int(len(texts) * data.train_fraction), 1), len(texts) - 1)
-    if cut < 1:
-        raise DataError(f"{data.path}: {len(texts)} document(s) cannot be split into train and validation; "
-                        "add documents or set data.val_path")
-    return texts[:cut], texts[cut:]
+        train, val = texts, curator(read(data.val_path))
+    else:
+        cut = min(max(int(len(texts) * data.train_fraction), 1), len(texts) - 1)
+        if cut < 1:
+            raise DataError(f"{data.path}: {len(texts)} document(s) left after curation cannot be split into "
+                            "train and validation; add documents or set data.val_path")
+        train, val = texts[:cut], texts[cut:]
+    if data.augment_copies:
+        synonyms = load_synonyms(data.synonyms) if data.synonyms else None
+        rng = random.Random(cfg.train.seed)
+        extra = [augment(doc, rng, data.augment_rate, data.augment_ops, synonyms)
+                 for doc in train for _ in range(data.augment_copies)]
+        curator.report.augmented_added = len(extra)
+        train = train + extra
+    if not val:
+        raise DataError(f"{data.val_path or data.path}: no validation documents left after curation")
+    report = curator.report.as_dict()
+    _log("data: " + ", ".join(f"{k} {v}" for k, v in report.items()))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "data_report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+    return train, val
 
 
 def _log(message: str) -> None:
@@ -148,7 +173,7 @@ def _new_tokenizer(cfg: Config, text: str, train_text: str, workdir: str) -> Tok
 def build_text_data(cfg: Config, workdir: str) -> tuple[Tokenizer, TokenWindows | DocumentRows]:
     """The tokenizer and the train / validation data of the configured source."""
     if cfg.data.source == "jsonl":
-        train_docs, val_docs = _jsonl_documents(cfg)
+        train_docs, val_docs = _jsonl_documents(cfg, workdir)
         tokenizer = build_tokenizer(cfg, "".join(train_docs + val_docs), "\n".join(train_docs), workdir)
         block = cfg.model.block_size
 
