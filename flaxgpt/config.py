@@ -152,12 +152,18 @@ class OptimizerConfig:
 class DataConfig:
     # world: the embedded generated corpus; text: one text file sampled in random windows
     # (nanoGPT); jsonl: {"text": ...} documents, packed or padded into rows, shuffled per epoch
-    source: Literal["text", "world", "jsonl"] = "world"
+    # tfds: a TFDS dataset by name and split (catalog or built by flaxgpt.data.tfds_source)
+    source: Literal["text", "world", "jsonl", "tfds"] = "world"
     path: str = ""  # the text or JSONL file
     val_path: str = ""  # jsonl: a separate validation file; empty: hold out the last documents
     train_fraction: float = 0.9  # first part trains, the rest validates (nanoGPT split)
     packing: Literal["pack", "pad"] = "pack"  # jsonl: several documents per row, or one per row
     on_error: Literal["raise", "skip"] = "raise"  # a malformed JSONL line stops the run, or is skipped
+    tfds_name: str = ""  # e.g. tiny_shakespeare, lm1b, c4/en, flaxgpt_text
+    tfds_data_dir: str = ""  # local or gs:// directory holding prepared datasets
+    tfds_train_split: str = "train"
+    tfds_val_split: str = "validation"  # empty: hold out the last train_fraction of the train split
+    tfds_text_key: str = "text"
     tokenizer: Literal["char", "sentencepiece"] = "char"
     spm_model: str = ""  # existing .model file; empty: train one into the workdir
     spm_vocab_size: int = 512
@@ -250,6 +256,8 @@ class Config:
                 raise ConfigError(f"{key} must be positive, got {value}")
         if not 0.0 < self.data.train_fraction < 1.0:
             raise ConfigError(f"data.train_fraction must lie in (0, 1), got {self.data.train_fraction}")
+        if self.data.source == "tfds" and not self.data.tfds_name:
+            raise ConfigError("data.source='tfds' needs data.tfds_name")
         if self.data.source in ("text", "jsonl") and not self.data.path:
             raise ConfigError(f"data.source='{self.data.source}' needs data.path (a {self.data.source} file)")
         if self.optimizer.min_lr > self.optimizer.lr:

@@ -72,7 +72,7 @@ class TokenWindows:
 
 @dataclass
 class DocumentRows:
-    """JSONL documents tokenized, packed (or padded) into rows, and shuffled per epoch."""
+    """JSONL or TFDS documents tokenized, packed (or padded) into rows, and shuffled per epoch."""
 
     train: PackedRows
     val: PackedRows
@@ -97,22 +97,30 @@ def source_text(cfg: Config) -> str:
         return f.read()
 
 
-def _jsonl_documents(cfg: Config, workdir: str) -> tuple[list[str], list[str]]:
-    """(train, val) document texts, curated (and training ones augmented) as configured:
-    val from data.val_path, or the last documents of data.path."""
+def _documents(cfg: Config, workdir: str) -> tuple[list[str], list[str]]:
+    """(train, val) documents of a JSONL or TFDS source, curated (and training ones augmented)
+    as configured: val from its own file / split, or the last documents of the training one."""
     data = cfg.data
     curator = Curator(min_chars=data.min_chars, max_chars=data.max_chars,
                       blocklist=load_blocklist(data.blocklist) if data.blocklist else (),
                       exact_dedup=data.dedup, near_dedup=data.near_dedup, near_threshold=data.near_dedup_threshold)
 
-    def read(path: str) -> list[str]:
-        docs, report = read_jsonl(path, "text", data.on_error)
+    def read(where: str) -> list[str]:
+        if data.source == "tfds":
+            from flaxgpt.data.tfds_source import read_documents
+
+            docs = read_documents(data.tfds_name, where, data.tfds_data_dir, data.tfds_text_key)
+            _log(f"tfds {data.tfds_name}[{where}]: {len(docs)} documents")
+            return docs
+        docs, report = read_jsonl(where, "text", data.on_error)
         _log(report.summary())
         return [d["text"] for d in docs]
 
-    texts = curator(read(data.path))  # validation documents are curated against the same seen-set
-    if data.val_path:
-        train, val = texts, curator(read(data.val_path))
+    first, second = ((data.tfds_train_split, data.tfds_val_split) if data.source == "tfds"
+                     else (data.path, data.val_path))
+    texts = curator(read(first))  # validation documents are curated against the same seen-set
+    if second:
+        train, val = texts, curator(read(second))
     else:
         cut = min(max(int(len(texts) * data.train_fraction), 1), len(texts) - 1)
         if cut < 1:
@@ -172,8 +180,8 @@ def _new_tokenizer(cfg: Config, text: str, train_text: str, workdir: str) -> Tok
 
 def build_text_data(cfg: Config, workdir: str) -> tuple[Tokenizer, TokenWindows | DocumentRows]:
     """The tokenizer and the train / validation data of the configured source."""
-    if cfg.data.source == "jsonl":
-        train_docs, val_docs = _jsonl_documents(cfg, workdir)
+    if cfg.data.source in ("jsonl", "tfds"):
+        train_docs, val_docs = _documents(cfg, workdir)
         tokenizer = build_tokenizer(cfg, "".join(train_docs + val_docs), "\n".join(train_docs), workdir)
         block = cfg.model.block_size
 
