@@ -164,6 +164,7 @@ class DataConfig:
     tfds_train_split: str = "train"
     tfds_val_split: str = "validation"  # empty: hold out the last train_fraction of the train split
     tfds_text_key: str = "text"
+    prefetch: int = 2  # host batches built ahead in a background thread (0: none)
     tokenizer: Literal["char", "sentencepiece"] = "char"
     spm_model: str = ""  # existing .model file; empty: train one into the workdir
     spm_vocab_size: int = 512

@@ -77,6 +77,6 @@ def test_curation_and_augmentation_in_a_run_write_a_report(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.load(open(tmp_path / "run" / "data_report.json"))
     # Filters run in order: "number 3" hits 13 originals and 3 of the 30 repeats, so 27 repeats remain.
-    assert report == {"input": 150, "too_short": 0, "too_long": 0, "blocklisted": 16, "exact_duplicates": 27,
+    assert report == {"malformed_lines_skipped": 0, "input": 150, "too_short": 0, "too_long": 0, "blocklisted": 16, "exact_duplicates": 27,
                       "near_duplicates": 0, "kept": 107, "augmented_added": 96}  # one copy of 90 % of 107
     assert read_metrics(str(tmp_path / "run"))[-1]["step"] == 4

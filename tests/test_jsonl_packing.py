@@ -105,3 +105,54 @@ def test_jsonl_pretraining_run_and_its_errors(tmp_path):
     bad.write_text('{"text": "fine"}\n{"text": "fine"}\n{"txt": "oops"}\n')
     failed = run_cli(*args, f"data.path={bad}", "--workdir", str(tmp_path / "bad"))  # the later --set wins
     assert failed.returncode == 2 and "bad.jsonl:3: missing key(s) ['text']" in failed.stderr
+
+
+def test_prefetch_yields_every_step_in_order_and_surfaces_errors():
+    from flaxgpt.data.prefetch import prefetch
+
+    assert list(prefetch(lambda s: s * s, 3, 9, depth=2)) == [(s, s * s) for s in range(3, 9)]
+    assert list(prefetch(lambda s: s, 0, 4, depth=0)) == [(s, s) for s in range(4)]
+
+    def fails_at_5(step):
+        if step == 5:
+            raise ValueError("bad batch 5")
+        return step
+
+    seen = []
+    with pytest.raises(ValueError, match="bad batch 5"):
+        for step, _ in prefetch(fails_at_5, 0, 10, depth=3):
+            seen.append(step)
+    assert seen == [0, 1, 2, 3, 4]
+    early = prefetch(lambda s: s, 0, 1000, depth=2)
+    assert next(early) == (0, 0)
+    early.close()  # stopping early ends the worker instead of blocking it forever
+
+
+def test_jsonl_run_resumed_across_epochs_sees_the_same_batches(tmp_path):
+    """18 steps of 8 rows over ~40 packed rows cross several epochs; stopping at step 9 and
+    resuming reproduces the uninterrupted run exactly."""
+    from flaxgpt import config as C
+    from flaxgpt.trainers import pretrain
+    from tests.conftest import tiny_run_config
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": f"Note {i}: bring {i % 4} apples."}) + "\n" for i in range(60)))
+
+    def cfg(max_steps):
+        return tiny_run_config(data={"source": "jsonl", "path": str(path), "on_error": "raise"},
+                               optimizer={"decay_steps": 18}, train={"max_steps": max_steps},
+                               eval={"interval": 9, "sample_tokens": 0}, checkpoint={"every_steps": 9})
+
+    pretrain.run(cfg(18), str(tmp_path / "straight"))
+    pretrain.run(cfg(9), str(tmp_path / "resumed"))
+    pretrain.run(cfg(18), str(tmp_path / "resumed"))
+    a, b = read_metrics(str(tmp_path / "straight")), read_metrics(str(tmp_path / "resumed"))
+    assert [r["step"] for r in b] == list(range(1, 19))
+    assert [(r["loss"], r.get("val_loss")) for r in a] == [(r["loss"], r.get("val_loss")) for r in b]
+
+
+def test_tokenizer_larger_than_model_vocab_is_an_error(tmp_path):
+    result = run_cli("--experiment", "world", "--workdir", str(tmp_path / "run"), "--set", "model.vocab_size=10",
+                     "train.max_steps=1")
+    assert result.returncode == 2
+    assert "model.vocab_size=10 is smaller than the tokenizer's 65 ids" in result.stderr

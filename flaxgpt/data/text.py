@@ -105,7 +105,10 @@ def _documents(cfg: Config, workdir: str) -> tuple[list[str], list[str]]:
                       blocklist=load_blocklist(data.blocklist) if data.blocklist else (),
                       exact_dedup=data.dedup, near_dedup=data.near_dedup, near_threshold=data.near_dedup_threshold)
 
+    skipped = 0
+
     def read(where: str) -> list[str]:
+        nonlocal skipped
         if data.source == "tfds":
             from flaxgpt.data.tfds_source import read_documents
 
@@ -114,6 +117,7 @@ def _documents(cfg: Config, workdir: str) -> tuple[list[str], list[str]]:
             return docs
         docs, report = read_jsonl(where, "text", data.on_error)
         _log(report.summary())
+        skipped += report.skipped
         return [d["text"] for d in docs]
 
     first, second = ((data.tfds_train_split, data.tfds_val_split) if data.source == "tfds"
@@ -136,7 +140,7 @@ def _documents(cfg: Config, workdir: str) -> tuple[list[str], list[str]]:
         train = train + extra
     if not val:
         raise DataError(f"{data.val_path or data.path}: no validation documents left after curation")
-    report = curator.report.as_dict()
+    report = {"malformed_lines_skipped": skipped, **curator.report.as_dict()}
     _log("data: " + ", ".join(f"{k} {v}" for k, v in report.items()))
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "data_report.json"), "w") as f:
@@ -166,13 +170,13 @@ def _new_tokenizer(cfg: Config, text: str, train_text: str, workdir: str) -> Tok
     data = cfg.data
     if data.tokenizer == "char":
         tokenizer: Tokenizer = CharTokenizer.from_text(text)
-    elif data.spm_model:
+    elif data.spm_model and os.path.exists(data.spm_model):
         tokenizer = SentencePieceTokenizer(data.spm_model)
-    else:
-        model_file = train_sentencepiece(
-            train_text.splitlines(keepends=True), os.path.join(workdir, "tokenizer"),
-            data.spm_vocab_size, data.spm_model_type,
-        )
+    else:  # train one: at data.spm_model if named (so later runs share it), else in the workdir
+        prefix = data.spm_model[: -len(".model")] if data.spm_model.endswith(".model") else (
+            data.spm_model or os.path.join(workdir, "tokenizer"))
+        model_file = train_sentencepiece(train_text.splitlines(keepends=True), prefix,
+                                         data.spm_vocab_size, data.spm_model_type)
         tokenizer = SentencePieceTokenizer(model_file)
     tokenizer.save(workdir)
     return tokenizer

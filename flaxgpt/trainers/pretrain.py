@@ -21,6 +21,7 @@ import numpy as np
 from flaxgpt import generate
 from flaxgpt.checkpoint import Checkpointer
 from flaxgpt.config import Config, ConfigError, to_dict, to_json
+from flaxgpt.data.prefetch import prefetch
 from flaxgpt.data.text import DocumentRows, TokenWindows, build_text_data
 from flaxgpt.logging import MetricsLogger
 from flaxgpt.model import Transformer, count_params
@@ -86,8 +87,9 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
         last_row: dict[str, Any] = {}
         skipped_seen = int(host_value(state.skipped))
         clock, tokens_since = time.time(), 0
-        for step in range(start, tc.max_steps):
-            local = data.batch("train", step, batch, block, rows)
+        batches = prefetch(lambda step: data.batch("train", step, batch, block, rows), start, tc.max_steps,
+                           cfg.data.prefetch)
+        for step, local in batches:
             state, metrics = train_step(state, place_batch(local, rows, rows_sharding, batch))
             done = step + 1
             tokens_since += batch * block
