@@ -1,16 +1,28 @@
-"""Text generation by full recomputation over a sliding window (nanoGPT's `generate`).
+"""The one generation engine: KV-cache decoding in a single jit, used by sampling, evaluation,
+chat and PPO rollouts alike.
 
-The whole loop is one jitted `fori_loop`. Each new token re-runs the model on
-the last `block_size` tokens, which is simple and exact but O(length^2): the
-KV-cache engine (prefill + one token per step) replaces it for speed, with
-this function kept as its reference.
+Prompts of different lengths are left-padded; each row's positions count only its real
+tokens, so RoPE and learned positions see what a lone prompt would. One prefill pass fills
+the cache, then a `lax.while_loop` emits one token per step for every row until each row
+has produced a stop token or `max_new_tokens` (or the loop ends early when all have).
+
+Strategies: greedy (temperature 0), temperature sampling with top-k and top-p (nucleus)
+filtering, and beam search with a length penalty. Every generated token comes with its
+log-probability under the sampling distribution (temperature-scaled, filtered: what PPO's
+ratio needs) and under the raw model.
+
+`sliding_window_sample` continues text past the context window by recomputing the last
+`block_size` tokens each step (nanoGPT's way); it is also the reference the cache is
+tested against.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,63 +31,253 @@ from jax.sharding import NamedSharding
 
 from flaxgpt.sharding import host_value, replicated
 
-
-def choose_token(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int) -> jax.Array:
-    """Greedy when temperature == 0, else sample from softmax(logits / T) restricted to the top k."""
-    if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1)
-    logits = logits / temperature
-    if top_k > 0:
-        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(rng, logits, axis=-1)
+Array = jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("model", "prompt_len", "max_new_tokens", "temperature", "top_k"))
-def _sample_loop(model, params, buffer, rng, *, prompt_len, max_new_tokens, temperature, top_k):
+class _Stream:
+    """Where tokens go while a streaming generation runs (host side; one at a time)."""
+
+    callback = None
+
+    @classmethod
+    def emit(cls, tokens: np.ndarray) -> None:
+        if cls.callback is not None:
+            cls.callback(np.asarray(tokens))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    num_beams: int = 1  # > 1: beam search (deterministic; temperature / top-k / top-p unused)
+    length_penalty: float = 1.0  # beam score = sum log p / length ** length_penalty
+
+
+@flax.struct.dataclass
+class Generation:
+    tokens: Array  # [batch, max_new_tokens], pad after the stop token
+    logprobs: Array  # [batch, max_new_tokens], under the sampling distribution (0 after the end)
+    raw_logprobs: Array  # [batch, max_new_tokens], under the raw model (temperature 1, unfiltered)
+    lengths: Array  # [batch], generated tokens including the stop token
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [batch, longest], mask [batch, longest]) with prompts aligned to the right."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    mask = np.zeros((len(prompts), width), bool)
+    for row, prompt in enumerate(prompts):
+        tokens[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = True
+    return tokens, mask
+
+
+def process_logits(logits: Array, cfg: DecodeConfig) -> Array:
+    """The sampling distribution's logits: temperature, then top-k, then top-p filtering."""
+    logits = logits.astype(jnp.float32)
+    if cfg.temperature == 0.0:
+        return logits
+    logits = logits / cfg.temperature
+    neg = jnp.finfo(jnp.float32).min
+    if cfg.top_k > 0:
+        kth = jax.lax.top_k(logits, min(cfg.top_k, logits.shape[-1]))[0][..., -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if cfg.top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
+        keep_sorted = before < cfg.top_p  # always keeps the most likely token
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, neg)
+    return logits
+
+
+def choose_token(logits: Array, rng: Array, cfg: DecodeConfig) -> tuple[Array, Array, Array]:
+    """(token, log p under the sampling distribution, log p under the raw model)."""
+    processed = process_logits(logits, cfg)
+    token = jnp.argmax(processed, -1) if cfg.temperature == 0.0 else jax.random.categorical(rng, processed, -1)
+    pick = lambda lp: jnp.take_along_axis(lp, token[:, None], -1)[:, 0]
+    return token, pick(jax.nn.log_softmax(processed)), pick(jax.nn.log_softmax(logits.astype(jnp.float32)))
+
+
+def _empty_cache(model: nn.Module, batch: int, length: int) -> Any:
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((batch, length), jnp.int32),
+                                               decode=True))["cache"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _prefill(model, params, tokens, mask, total):
+    cache = _empty_cache(model, tokens.shape[0], total)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    logits, variables = model.apply({"params": params, "cache": cache}, tokens, positions, mask.astype(jnp.int32),
+                                    decode=True, mutable=["cache"])
+    return logits[:, -1], variables["cache"], positions[:, -1] + 1
+
+
+def _step(model, params, cache, token, position):
+    ones = jnp.ones_like(token)[:, None]
+    logits, variables = model.apply({"params": params, "cache": cache}, token[:, None], position[:, None], ones,
+                                    decode=True, mutable=["cache"])
+    return logits[:, 0], variables["cache"]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cfg", "stop_tokens", "pad_id", "stream"))
+def _sample(model, params, tokens, mask, rng, *, cfg: DecodeConfig, stop_tokens: tuple, pad_id: int,
+            stream: bool = False):
+    batch, n = tokens.shape[0], cfg.max_new_tokens
+    last, cache, position = _prefill(model, params, tokens, mask, tokens.shape[1] + n)
+    stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
+    out = Generation(tokens=jnp.full((batch, n), pad_id, jnp.int32), logprobs=jnp.zeros((batch, n)),
+                     raw_logprobs=jnp.zeros((batch, n)), lengths=jnp.zeros((batch,), jnp.int32))
+
+    def cond(carry):
+        t, _, _, _, done, _, _ = carry
+        return (t < n) & ~jnp.all(done)
+
+    def body(carry):
+        t, cache, last, position, done, out, rng = carry
+        rng, key = jax.random.split(rng)
+        token, logp, raw = choose_token(last, key, cfg)
+        token = jnp.where(done, pad_id, token).astype(jnp.int32)
+        out = out.replace(tokens=out.tokens.at[:, t].set(token),
+                          logprobs=out.logprobs.at[:, t].set(jnp.where(done, 0.0, logp)),
+                          raw_logprobs=out.raw_logprobs.at[:, t].set(jnp.where(done, 0.0, raw)),
+                          lengths=out.lengths + (~done).astype(jnp.int32))
+        if stream:  # hand each step's tokens to the host as they are chosen
+            jax.debug.callback(_Stream.emit, token, ordered=True)
+        done = done | jnp.isin(token, stops)
+        last, cache = _step(model, params, cache, token, position)
+        return t + 1, cache, last, position + 1, done, out, rng
+
+    carry = (jnp.zeros((), jnp.int32), cache, last, position, jnp.zeros((batch,), bool), out, rng)
+    return jax.lax.while_loop(cond, body, carry)[5]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "cfg", "stop_tokens", "pad_id"))
+def _beam_search(model, params, tokens, mask, *, cfg: DecodeConfig, stop_tokens: tuple, pad_id: int):
+    batch, beams, n = tokens.shape[0], cfg.num_beams, cfg.max_new_tokens
+    repeat = lambda x: jnp.repeat(x, beams, axis=0)
+    last, cache, position = _prefill(model, params, repeat(tokens), repeat(mask), tokens.shape[1] + n)
+    stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
+    neg = jnp.finfo(jnp.float32).min
+    scores = jnp.tile(jnp.array([0.0] + [neg] * (beams - 1)), (batch, 1))  # only beam 0 is live at first
+    history = jnp.full((batch, beams, n), pad_id, jnp.int32)
+    raw_history = jnp.zeros((batch, beams, n))
+    lengths = jnp.zeros((batch, beams), jnp.int32)
+    done = jnp.zeros((batch, beams), bool)
+
+    def body(t, carry):
+        cache, last, position, scores, history, raw_history, lengths, done = carry
+        logp = jax.nn.log_softmax(last.astype(jnp.float32)).reshape(batch, beams, -1)
+        vocab = logp.shape[-1]
+        # A finished beam may only continue with pad, at no cost, so it keeps its score.
+        finished_row = jnp.full((vocab,), neg).at[pad_id].set(0.0)
+        step_logp = jnp.where(done[..., None], finished_row, logp)
+        total = (scores[..., None] + step_logp).reshape(batch, beams * vocab)
+        scores, flat = jax.lax.top_k(total, beams)
+        parent, token = flat // vocab, (flat % vocab).astype(jnp.int32)
+        gather = lambda x: jnp.take_along_axis(x, parent.reshape(batch, beams, *([1] * (x.ndim - 2))), axis=1)
+        was_done = gather(done)
+        history = gather(history).at[:, :, t].set(token)
+        raw = jnp.take_along_axis(gather(logp), token[..., None], -1)[..., 0]
+        raw_history = gather(raw_history).at[:, :, t].set(jnp.where(was_done, 0.0, raw))
+        lengths = gather(lengths) + (~was_done).astype(jnp.int32)
+        done = was_done | jnp.isin(token, stops)
+        rows = (jnp.arange(batch)[:, None] * beams + parent).reshape(-1)
+        cache = _reorder_cache(cache, rows, axis=1 if model.cfg.scan_layers else 0)
+        last, cache = _step(model, params, cache, token.reshape(-1), position[rows])
+        return cache, last, position[rows] + 1, scores, history, raw_history, lengths, done
+
+    carry = (cache, last, position, scores, history, raw_history, lengths, done)
+    _, _, _, scores, history, raw_history, lengths, done = jax.lax.fori_loop(0, n, body, carry)
+    normalised = scores / jnp.maximum(lengths, 1).astype(jnp.float32) ** cfg.length_penalty
+    best = jnp.argmax(normalised, axis=1)
+    pick = lambda x: jnp.take_along_axis(x, best.reshape(batch, 1, *([1] * (x.ndim - 2))), axis=1)[:, 0]
+    raw = pick(raw_history)
+    return Generation(tokens=pick(history), logprobs=raw, raw_logprobs=raw, lengths=pick(lengths))
+
+
+def _reorder_cache(cache: Any, rows: Array, axis: int) -> Any:
+    """Pick cache rows (beam search follows each surviving beam's parent); indices stay."""
+    def pick(path, leaf):
+        return leaf if getattr(path[-1], "key", None) == "cache_index" else jnp.take(leaf, rows, axis=axis)
+
+    return jax.tree_util.tree_map_with_path(pick, cache)
+
+
+def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], cfg: DecodeConfig,
+             rng: Array, *, pad_id: int, stop_tokens: Sequence[int] = (),
+             on_tokens: Callable[[np.ndarray], None] | None = None) -> Generation:
+    """Continue each prompt (token ids) under `cfg`; rows stop at any of `stop_tokens`.
+
+    `on_tokens`, if given, receives each step's [batch] tokens as the loop produces them
+    (streaming; sampling only), from inside the same compiled loop."""
+    tokens, mask = left_pad(prompts, pad_id)
+    if tokens.shape[1] + cfg.max_new_tokens > model.cfg.block_size:
+        raise ValueError(f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the "
+                         f"model's block_size {model.cfg.block_size}; shorten the prompt or use sliding_window_sample")
+    tokens, mask, rng = _on_params_mesh(params, tokens, mask, rng)
+    kwargs = dict(cfg=cfg, stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=int(pad_id))
+    if cfg.num_beams > 1:
+        return _beam_search(model, params, tokens, mask, **kwargs)
+    if on_tokens is None:
+        return _sample(model, params, tokens, mask, rng, **kwargs)
+    _Stream.callback = on_tokens
+    try:
+        return jax.block_until_ready(_sample(model, params, tokens, mask, rng, stream=True, **kwargs))
+    finally:
+        jax.effects_barrier()
+        _Stream.callback = None
+
+
+def _on_params_mesh(params: Any, *arrays: Any) -> tuple:
+    """Replicate host inputs over the parameters' mesh, so generation runs when they span processes."""
+    sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        return tuple(jax.device_put(np.asarray(a), replicated(sharding.mesh)) for a in arrays)
+    return tuple(jnp.asarray(a) for a in arrays)
+
+
+def completions(gen: Generation, stop_tokens: Sequence[int] = ()) -> list[list[int]]:
+    """Host lists of each row's generated ids, without a final stop token."""
+    tokens, lengths = host_value(gen.tokens), host_value(gen.lengths)
+    rows = [list(map(int, row[:n])) for row, n in zip(tokens, lengths)]
+    return [row[:-1] if row and row[-1] in stop_tokens else row for row in rows]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "prompt_len", "max_new_tokens", "cfg"))
+def _sliding_loop(model, params, buffer, rng, *, prompt_len, max_new_tokens, cfg):
     block = model.cfg.block_size
 
     def body(i, carry):
         buffer, rng = carry
-        rng, step_rng = jax.random.split(rng)
+        rng, key = jax.random.split(rng)
         cur = prompt_len + i
         start = jnp.maximum(0, cur - block)
         window = jax.lax.dynamic_slice(buffer, (0, start), (buffer.shape[0], block))
         logits = model.apply({"params": params}, window)
         last = jax.lax.dynamic_index_in_dim(logits, cur - start - 1, axis=1, keepdims=False)
-        token = choose_token(last, step_rng, temperature, top_k).astype(buffer.dtype)
+        token = choose_token(last, key, cfg)[0].astype(buffer.dtype)
         return buffer.at[:, cur].set(token), rng
 
-    buffer, _ = jax.lax.fori_loop(0, max_new_tokens, body, (buffer, rng))
-    return buffer
+    return jax.lax.fori_loop(0, max_new_tokens, body, (buffer, rng))[0]
 
 
-def sample(
-    model: nn.Module,
-    params: Any,
-    prompt: Sequence[int],
-    max_new_tokens: int,
-    rng: jax.Array,
-    temperature: float = 0.8,
-    top_k: int = 0,
-    stop_token: int | None = None,
-) -> list[int]:
-    """Continue `prompt` (token ids) by up to `max_new_tokens`; returns the new ids only,
-    cut at `stop_token` if it is produced."""
+def sliding_window_sample(model: nn.Module, params: Any, prompt: Sequence[int], cfg: DecodeConfig, rng: Array,
+                          stop_token: int | None = None) -> list[int]:
+    """Continue one prompt by any number of tokens, recomputing the last block_size each step."""
     if len(prompt) == 0:
         raise ValueError("sampling needs a prompt of at least one token")
-    block = model.cfg.block_size
-    prompt = list(prompt)[-block:] if max_new_tokens else list(prompt)
-    total = len(prompt) + max_new_tokens
-    buffer = np.zeros((1, max(total, block)), np.int32)
+    block, n = model.cfg.block_size, cfg.max_new_tokens
+    prompt = list(prompt)[-block:]
+    buffer = np.zeros((1, max(len(prompt) + n, block)), np.int32)
     buffer[0, : len(prompt)] = prompt
-    # Replicate the inputs over the parameters' mesh, so this also runs when they span processes.
-    mesh_sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
-    if isinstance(mesh_sharding, NamedSharding):
-        buffer, rng = (jax.device_put(x, replicated(mesh_sharding.mesh)) for x in (buffer, rng))
-    out = _sample_loop(model, params, jnp.asarray(buffer), rng, prompt_len=len(prompt),
-                       max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k))
-    new = [int(t) for t in host_value(out)[0, len(prompt): total]]
-    if stop_token is not None and stop_token in new:
-        new = new[: new.index(stop_token)]
-    return new
+    buffer, rng = _on_params_mesh(params, buffer, rng)
+    out = _sliding_loop(model, params, buffer, rng, prompt_len=len(prompt), max_new_tokens=n, cfg=cfg)
+    new = [int(t) for t in host_value(out)[0, len(prompt): len(prompt) + n]]
+    return new[: new.index(stop_token)] if stop_token is not None and stop_token in new else new

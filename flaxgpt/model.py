@@ -126,10 +126,16 @@ class Linear(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped key/value heads (GQA; MQA when n_kv_heads=1)."""
+    """Multi-head attention with grouped key/value heads (GQA; MQA when n_kv_heads=1).
+
+    With decode=True, keys and values are also written into a pre-allocated cache
+    ("cache" collection: cached_key, cached_value, cached_valid, cache_index) and the queries attend to every cached
+    slot up to their own; rows are left-padded, so all rows share one write index.
+    """
 
     cfg: ModelConfig
     train: bool = False
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, mask: Array) -> Array:
@@ -151,6 +157,9 @@ class Attention(nn.Module):
         k = _constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
         v = _constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
 
+        if self.decode:
+            k, v, mask = self._update_cache(k, v, mask)
+
         # Group the query heads that share one key/value head: [b, t, kv, group, d].
         q = q.reshape(*q.shape[:2], kv, h // kv, d) / jnp.sqrt(d).astype(dtype)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32)
@@ -163,6 +172,31 @@ class Attention(nn.Module):
         residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
         return Linear((cfg.d_model,), ("heads", "head_dim"), ("embed",), cfg, residual_std,
                       cfg.use_bias, name="out")(out)
+
+
+    def _update_cache(self, k: Array, v: Array, valid: Array) -> tuple[Array, Array, Array]:
+        """Write this chunk at the cache index; return all cached keys/values and the mask.
+
+        Here `valid` is [batch, chunk]: which new tokens are real (left padding is not).
+        The cache's length is fixed by the first call (made with a full-length input).
+        """
+        batch, chunk = k.shape[:2]
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        cached_valid = self.variable("cache", "cached_valid", jnp.zeros, valid.shape, bool)
+        index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        if self.is_initializing():
+            return k, v, attention_mask(valid.astype(jnp.int32)) & valid[:, None, :]
+        i = index.value
+        names = ("activation_batch", "activation_length", "activation_kv_heads", None)  # sharded like activations
+        cached_k.value = _constrain(jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0)), names)
+        cached_v.value = _constrain(jax.lax.dynamic_update_slice(cached_v.value, v, (0, i, 0, 0)), names)
+        cached_valid.value = jax.lax.dynamic_update_slice(cached_valid.value, valid, (0, i))
+        index.value = i + chunk
+        slots = jnp.arange(cached_k.value.shape[1])
+        query_slots = i + jnp.arange(chunk)
+        mask = (slots[None, :] <= query_slots[:, None])[None] & cached_valid.value[:, None, :]
+        return cached_k.value, cached_v.value, mask
 
 
 class Mlp(nn.Module):
@@ -188,12 +222,14 @@ class Block(nn.Module):
 
     cfg: ModelConfig
     train: bool = False
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, mask: Array) -> tuple[Array, None]:
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout, deterministic=not self.train)
-        x = x + drop(Attention(cfg, self.train, name="attn")(Norm(cfg, name="attn_norm")(x), positions, mask))
+        attn = Attention(cfg, self.train, self.decode, name="attn")
+        x = x + drop(attn(Norm(cfg, name="attn_norm")(x), positions, mask))
         x = x + drop(Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x)))
         x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         return x, None
@@ -212,7 +248,10 @@ class Transformer(nn.Module):
         segment_ids: Optional[Array] = None,
         *,
         train: bool = False,
+        decode: bool = False,
     ) -> Array:
+        """decode=True reads and extends the KV cache (see `Attention`); `segment_ids` then
+        marks real (1) versus left-padding (0) tokens of the new chunk."""
         cfg = self.cfg
         dtype, pdtype = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
         if positions is None:
@@ -229,7 +268,7 @@ class Transformer(nn.Module):
                              name="position_embed")(positions)
         x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
         x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
-        mask = attention_mask(segment_ids)
+        mask = (segment_ids != 0) if decode else attention_mask(segment_ids)
 
         block = Block
         if cfg.remat != "none":
@@ -237,16 +276,16 @@ class Transformer(nn.Module):
         if cfg.scan_layers:
             layers = nn.scan(
                 block,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "cache": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast),
                 length=cfg.n_layer,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, train, name="layers")
+            )(cfg, train, decode, name="layers")
             x, _ = layers(x, positions, mask)
         else:
             for i in range(cfg.n_layer):
-                x, _ = block(cfg, train, name=f"layers_{i}")(x, positions, mask)
+                x, _ = block(cfg, train, decode, name=f"layers_{i}")(x, positions, mask)
 
         x = Norm(cfg, name="final_norm")(x)
         if cfg.tie_embeddings:

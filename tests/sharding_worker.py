@@ -72,9 +72,33 @@ def divisibility_error() -> str:
     return ""
 
 
+def sharded_generation() -> dict:
+    """Greedy and beam generation with parameters and KV cache sharded on (2, 2, 2) vs one device."""
+    from flaxgpt.generate import DecodeConfig, completions, generate
+
+    cfg = model_config("llama")
+    model, rules = Transformer(cfg), logical_rules(C.DEFAULT_LOGICAL_AXIS_RULES)
+    prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10], [11]]
+    out = {}
+    for name, mesh_cfg, devices in (("1dev", C.MeshConfig(), jax.devices()[:1]),
+                                    ("d2f2t2", C.MeshConfig(data=2, fsdp=2, tensor=2), jax.devices())):
+        mesh = make_mesh(mesh_cfg, devices)
+        state, _ = create_train_state(model, build_optimizer(C.OptimizerConfig(), 10),
+                                      jnp.zeros((1, LENGTH), jnp.int32), mesh, rules, 0)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            for label, decode in (("greedy", DecodeConfig(max_new_tokens=8, temperature=0.0)),
+                                  ("beam", DecodeConfig(max_new_tokens=6, num_beams=2))):
+                for batch in (4, 3):  # 3 rows do not divide the 4-way batch sharding
+                    gen = generate(model, state.params, prompts[:batch], decode, jax.random.PRNGKey(0), pad_id=0)
+                    out[f"{name}/{label}/{batch}"] = completions(gen)
+        out[f"{name}/embedding_devices"] = len(state.params["token_embed"]["embedding"].sharding.device_set)
+    return out
+
+
 if __name__ == "__main__":
     assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
     recipes = sys.argv[1:] or ["gpt2", "llama"]
     out = {recipe: {name: run(recipe, kw) for name, kw in MESHES.items()} for recipe in recipes}
     out["divisibility_error"] = divisibility_error()
+    out["generation"] = sharded_generation()
     print(json.dumps(out))

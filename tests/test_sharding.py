@@ -91,3 +91,10 @@ def test_dcn_mesh_needs_matching_slices_or_processes():
 
     with pytest.raises(C.ConfigError, match="need a multiple of 2 devices, but 1 exist"):
         make_mesh(C.MeshConfig(data=1, dcn_data=2))
+
+
+def test_generation_on_the_sharded_mesh_matches_one_device(sharded_runs):
+    gen = sharded_runs["generation"]
+    assert gen["d2f2t2/embedding_devices"] == 8
+    for label in ("greedy/4", "greedy/3", "beam/4", "beam/3"):
+        assert gen[f"d2f2t2/{label}"] == gen[f"1dev/{label}"], label

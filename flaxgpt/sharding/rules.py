@@ -94,8 +94,19 @@ def place_batch(local: dict[str, np.ndarray], rows: np.ndarray, sharding: NamedS
 
 
 def host_value(tree: Any) -> Any:
-    """Fetch replicated results to the host; works when arrays span several processes."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
+    """Fetch whole arrays to the host, also when they span several processes."""
+    from jax.experimental import multihost_utils
+
+    def fetch(x: Any) -> Any:
+        if not isinstance(x, jax.Array):
+            return x
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        if x.is_fully_addressable:
+            return np.asarray(x)
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(fetch, tree)
 
 
 def _axes(entry: Any) -> tuple:

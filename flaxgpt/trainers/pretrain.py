@@ -142,10 +142,15 @@ def _check_skipped(total: int, seen: int, step: int, limit: int, logger: Metrics
 
 
 def _sample(model, params, tokenizer, cfg: Config) -> str:
+    """The end-of-run sample: the KV-cache engine, or the sliding window past the context."""
     ev = cfg.eval
     if ev.sample_tokens <= 0:
         return ""
     prompt = tokenizer.encode(ev.sample_prompt) or [tokenizer.eos_id]
-    ids = generate.sample(model, params, prompt, ev.sample_tokens, jax.random.PRNGKey(ev.sample_seed),
-                          temperature=ev.temperature, top_k=ev.top_k, stop_token=tokenizer.eos_id)
-    return tokenizer.decode(ids)
+    decode = generate.DecodeConfig(max_new_tokens=ev.sample_tokens, temperature=ev.temperature, top_k=ev.top_k)
+    rng = jax.random.PRNGKey(ev.sample_seed)
+    if len(prompt) + ev.sample_tokens <= model.cfg.block_size:
+        out = generate.generate(model, params, [prompt], decode, rng, pad_id=tokenizer.pad_id,
+                                stop_tokens=[tokenizer.eos_id])
+        return tokenizer.decode(generate.completions(out, [tokenizer.eos_id])[0])
+    return tokenizer.decode(generate.sliding_window_sample(model, params, prompt, decode, rng, tokenizer.eos_id))
