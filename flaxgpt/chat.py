@@ -9,6 +9,7 @@ message), /quit. With --prompt it answers once and exits, for scripts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -51,7 +52,7 @@ class ChatSession:
             shown = text_so_far
 
         self.rng, key = jax.random.split(self.rng)
-        decode = generate.DecodeConfig(**{**self.decode.__dict__, "max_new_tokens": new_tokens})
+        decode = dataclasses.replace(self.decode, max_new_tokens=new_tokens)
         with inference.logical_context(self.loaded):
             out = generate.generate(self.loaded.model, self.loaded.params, [rendered.ids], decode, key,
                                     pad_id=tok.pad_id, stop_tokens=stops,

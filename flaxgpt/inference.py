@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from flaxgpt.checkpoint import Checkpointer
 from flaxgpt.config import Config, ConfigError, from_dict
 from flaxgpt.data.tokenizers import Tokenizer, load_tokenizer
+from flaxgpt.generate import DecodeConfig
 from flaxgpt.model import Transformer
 from flaxgpt.optim import build_optimizer
 from flaxgpt.sharding import logical_rules, make_mesh
@@ -58,12 +61,8 @@ def load(workdir: str, step: Optional[int] = None) -> LoadedModel:
     return LoadedModel(cfg, model, state.params, tokenizer, step, rules, mesh)
 
 
-def logical_context(loaded: LoadedModel):
+def logical_context(loaded: LoadedModel) -> contextlib.ExitStack:
     """The mesh and axis rules under which the model's sharding constraints resolve."""
-    import contextlib
-
-    import jax
-
     stack = contextlib.ExitStack()
     stack.enter_context(jax.set_mesh(loaded.mesh))
     stack.enter_context(nn.logical_axis_rules(loaded.rules))
@@ -82,9 +81,7 @@ def add_decode_flags(parser, *, temperature: float, top_p: float, max_new_tokens
     group.add_argument("--seed", type=int, default=0)
 
 
-def decode_config(args, max_new_tokens: Optional[int] = None):
-    from flaxgpt.generate import DecodeConfig
-
+def decode_config(args, max_new_tokens: Optional[int] = None) -> DecodeConfig:
     return DecodeConfig(max_new_tokens=max_new_tokens or args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
                         length_penalty=args.length_penalty)

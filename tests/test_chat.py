@@ -7,6 +7,7 @@ import jax
 import pytest
 
 from flaxgpt import chat_template, generate, inference
+from flaxgpt.chat import ChatSession
 from flaxgpt.data.tokenizers import ASSISTANT, END_OF_TURN, SYSTEM, USER, CharTokenizer
 from flaxgpt.trainers import pretrain
 from tests.conftest import REPO, tiny_run_config
@@ -72,8 +73,7 @@ def test_sample_cli_prints_the_engine_s_greedy_completions(workdir):
 
 def test_chat_streams_remembers_and_obeys_commands(workdir):
     loaded = inference.load(workdir)
-    session = __import__("flaxgpt.chat", fromlist=["ChatSession"]).ChatSession(
-        loaded, generate.DecodeConfig(max_new_tokens=10, temperature=0.0), system="Be brief.")
+    session = ChatSession(loaded, generate.DecodeConfig(max_new_tokens=10, temperature=0.0), system="Be brief.")
     pieces = []
     answer = session.reply("What is 2 plus 3?", on_text=pieces.append)
     assert "".join(pieces) == answer and len(session.messages) == 2
