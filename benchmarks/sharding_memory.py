@@ -63,7 +63,7 @@ def main() -> None:
     n = jax.device_count()
     lines = [f"## sharding_memory — {datetime.date.today()} — {platform.processor() or platform.machine()}, "
              f"{n} {jax.devices()[0].platform} devices, jax {jax.__version__}",
-             f"command: `python benchmarks/sharding_memory.py`", ""]
+             "command: `python benchmarks/sharding_memory.py`", ""]
     lines += ["| model | mesh (data, fsdp, tensor) | params | state/device (params + Adam) | "
               "temporaries/device | total/device | compile s |", "|---|---|---|---|---|---|---|"]
     for mesh_cfg in (C.MeshConfig(data=1, fsdp=n), C.MeshConfig(data=1, fsdp=n // 2, tensor=2)):

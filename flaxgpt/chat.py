@@ -43,8 +43,7 @@ class ChatSession:
         def stream(tokens) -> None:  # decode all that has come so far; print only the new text
             nonlocal shown
             token = int(tokens[0])
-            if token in stops or (produced and produced[-1] in stops):
-                produced.append(token)
+            if token in stops:  # the loop ends with this step: one row, and it has stopped
                 return
             produced.append(token)
             text_so_far = tok.decode(produced)

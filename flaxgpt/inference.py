@@ -81,7 +81,7 @@ def add_decode_flags(parser, *, temperature: float, top_p: float, max_new_tokens
     group.add_argument("--seed", type=int, default=0)
 
 
-def decode_config(args, max_new_tokens: Optional[int] = None) -> DecodeConfig:
-    return DecodeConfig(max_new_tokens=max_new_tokens or args.max_new_tokens, temperature=args.temperature,
+def decode_config(args) -> DecodeConfig:
+    return DecodeConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
                         length_penalty=args.length_penalty)

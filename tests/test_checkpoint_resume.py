@@ -1,6 +1,5 @@
 """A run killed with SIGKILL and started again logs exactly what an uninterrupted run logs."""
 
-import json
 import os
 import subprocess
 import sys

@@ -6,7 +6,7 @@ import pytest
 
 from flaxgpt import config as C
 from flaxgpt.train import find_experiment, list_experiments, load_experiment, main
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli
 
 
 def test_overrides_are_parsed_by_field_type():

@@ -5,7 +5,6 @@ import os
 
 import pytest
 
-from flaxgpt import config as C
 from flaxgpt.logging import read_metrics
 from flaxgpt.trainers import pretrain
 from tests.conftest import run_cli, tiny_run_config

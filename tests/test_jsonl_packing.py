@@ -131,7 +131,6 @@ def test_prefetch_yields_every_step_in_order_and_surfaces_errors():
 def test_jsonl_run_resumed_across_epochs_sees_the_same_batches(tmp_path):
     """18 steps of 8 rows over ~40 packed rows cross several epochs; stopping at step 9 and
     resuming reproduces the uninterrupted run exactly."""
-    from flaxgpt import config as C
     from flaxgpt.trainers import pretrain
     from tests.conftest import tiny_run_config
 

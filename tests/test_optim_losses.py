@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from flaxgpt.config import OptimizerConfig
 from flaxgpt.losses import token_cross_entropy

@@ -1,7 +1,6 @@
 """The jitted train step: accumulation equals one big batch, non-finite steps are skipped.
 (Sharded equivalence lives in test_sharding.py.)"""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

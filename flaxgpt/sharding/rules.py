@@ -4,11 +4,12 @@ and the helpers that move data between the host and the mesh."""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxgpt.config import ConfigError
@@ -95,7 +96,6 @@ def place_batch(local: dict[str, np.ndarray], rows: np.ndarray, sharding: NamedS
 
 def host_value(tree: Any) -> Any:
     """Fetch whole arrays to the host, also when they span several processes."""
-    from jax.experimental import multihost_utils
 
     def fetch(x: Any) -> Any:
         if not isinstance(x, jax.Array):

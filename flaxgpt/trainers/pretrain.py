@@ -8,7 +8,6 @@ restore the latest checkpoint if the workdir has one, then call the jitted
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any
