@@ -13,12 +13,13 @@ from typing import Any, Optional
 
 import orbax.checkpoint as ocp
 
+from flaxgpt import fileio
 from flaxgpt.config import CheckpointConfig, ModelConfig, to_dict
 
 # Model fields that change parameter shapes or meaning; a restore must agree on all of them.
-_STRUCTURAL = ("recipe", "vocab_size", "block_size", "n_layer", "n_head", "n_kv_heads", "d_model",
+STRUCTURAL_FIELDS = ("recipe", "vocab_size", "block_size", "n_layer", "n_head", "n_kv_heads", "d_model",
                "head_dim", "d_ff", "position", "norm", "mlp", "use_bias", "tie_embeddings",
-               "scan_layers", "param_dtype")
+               "scan_layers", "param_dtype", "output", "lora_rank", "lora_targets")
 
 
 class CheckpointMismatch(ValueError):
@@ -27,7 +28,7 @@ class CheckpointMismatch(ValueError):
 
 class Checkpointer:
     def __init__(self, workdir: str, cfg: CheckpointConfig):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = fileio.absolute(os.path.join(workdir, "checkpoints"))
         self.cfg = cfg
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -68,6 +69,20 @@ class Checkpointer:
         )
         return restored["state"], restored["record"]
 
+    def restore_params(self, step: int, abstract_params: Any, model_cfg: ModelConfig, path: tuple = ()) -> Any:
+        """Only the parameters of a saved train state (no optimizer state is read), or the
+        subtree of them at `path` (e.g. ("policy",) of a PPO state)."""
+        check_model_compatible(self.read_record(step).get("model", {}), model_cfg, f"{self.directory} step {step}")
+        target = abstract_params
+        for key in reversed(("params",) + tuple(path)):
+            target = {key: target}
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+        params = restored["state"]
+        for key in ("params",) + tuple(path):
+            params = params[key]
+        return params
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
@@ -79,6 +94,6 @@ class Checkpointer:
 def check_model_compatible(saved: dict, model_cfg: ModelConfig, where: str) -> None:
     current = to_dict(model_cfg)
     diffs = [f"model.{k}: checkpoint has {saved[k]!r}, config has {current[k]!r}"
-             for k in _STRUCTURAL if k in saved and saved[k] != current[k]]
+             for k in STRUCTURAL_FIELDS if k in saved and saved[k] != current[k]]
     if diffs:
         raise CheckpointMismatch(f"checkpoint {where} does not fit this model:\n  " + "\n  ".join(diffs))

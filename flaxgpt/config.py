@@ -16,13 +16,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-
 class ConfigError(ValueError):
     """A configuration problem the user can fix: names the key and what was expected."""
 
-
 # ----------------------------------------------------------------------------- sections
 
+LORA_TARGETS = ("query", "key", "value", "out", "gate", "up", "down")
 
 @dataclass(unsafe_hash=True)  # hashable: the model (and so jit's static args) holds it
 class ModelConfig:
@@ -35,6 +34,8 @@ class ModelConfig:
     recipe: Literal["gpt2", "llama"] = "gpt2"
     vocab_size: int = 0  # 0: taken from the tokenizer, rounded up to vocab_multiple
     vocab_multiple: int = 1  # e.g. 128: shardable, matmul-friendly; padded ids are never targets
+    # ids >= valid_vocab (the padding) get logit -1e9: never sampled, no probability mass (0: all valid)
+    valid_vocab: int = 0
     block_size: int = 256
     n_layer: int = 4
     n_head: int = 4
@@ -55,6 +56,15 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     scan_layers: bool = False
     remat: Literal["none", "full", "dots", "dots_no_batch", "save_attention_out"] = "none"
+    # logits: a language model; scalar: one number per position from a `score` head on the
+    # final hidden state (reward and value models), no vocabulary head
+    output: Literal["logits", "scalar"] = "logits"
+    # LoRA: low-rank adapters (rank > 0) on the projections named in lora_targets (query, key,
+    # value, out, gate, up, down); with adapters on, only they (and a new score head) train.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # the update is (alpha / rank) * x A B
+    lora_dropout: float = 0.0
+    lora_targets: tuple = ("query", "key", "value", "out", "gate", "up", "down")
 
     def resolved(self) -> "ModelConfig":
         """A copy with every recipe-dependent field filled in and checked."""
@@ -86,10 +96,13 @@ class ModelConfig:
                 f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}; "
                 "set model.head_dim explicitly"
             )
+        unknown = sorted(set(out.lora_targets) - set(LORA_TARGETS))
+        if out.lora_rank < 0 or unknown:
+            raise ConfigError(f"model.lora_rank={out.lora_rank} must be >= 0 and model.lora_targets "
+                              f"{list(out.lora_targets)} taken from {list(LORA_TARGETS)}")
         if out.position == "rope" and out.head_dim % 2:
             raise ConfigError(f"rotary positions need an even model.head_dim, got {out.head_dim}")
         return out
-
 
 DEFAULT_LOGICAL_AXIS_RULES: tuple = (
     # parameters
@@ -102,6 +115,7 @@ DEFAULT_LOGICAL_AXIS_RULES: tuple = (
     ("layers", None),
     ("norm", None),
     ("position", None),
+    ("lora", None),  # the rank of LoRA adapters: small, replicated
     # activations
     ("activation_batch", ["data", "fsdp"]),
     ("activation_length", None),
@@ -111,7 +125,6 @@ DEFAULT_LOGICAL_AXIS_RULES: tuple = (
     ("activation_mlp", "tensor"),
     ("activation_vocab", "tensor"),
 )
-
 
 @dataclass
 class MeshConfig:
@@ -131,7 +144,6 @@ class MeshConfig:
     # (logical axis name, mesh axis | list of mesh axes | None), MaxText style
     rules: tuple = DEFAULT_LOGICAL_AXIS_RULES
 
-
 @dataclass
 class OptimizerConfig:
     lr: float = 1e-3
@@ -146,7 +158,6 @@ class OptimizerConfig:
     # parameter leaf names that get no weight decay (biases, norm scales, embeddings)
     no_decay: tuple = ("bias", "scale", "embedding")
     grad_clip: float = 1.0  # global-norm clip; 0 disables
-
 
 @dataclass
 class DataConfig:
@@ -182,12 +193,27 @@ class DataConfig:
     augment_rate: float = 0.1  # fraction of words each op touches
     synonyms: str = ""  # JSON {"word": ["synonym", ...]} or lines "word<TAB>syn1,syn2"
     world_seed: int = 0  # embedded world: which world
-    world_documents: int = 6000  # embedded world: corpus size in documents
-
+    world_documents: int = 6000  # embedded world: corpus size in documents (pretraining)
+    world_conversations: int = 3000  # embedded world: SFT demonstrations
+    # share of demonstrations that are wrong or sloppy, as human demonstrations are: what
+    # the reward model and RLHF can later improve on
+    world_noise: float = 0.3
+    world_system: str = "Answer briefly."  # system message of world conversations ("" for none)
+    world_rankings: int = 800  # embedded world: prompts whose K sampled answers the labeler ranks
+    world_ranking_k: int = 4
+    world_ranking_temperature: float = 1.0
 
 @dataclass
 class TrainConfig:
-    trainer: Literal["pretrain"] = "pretrain"
+    trainer: Literal["pretrain", "sft", "reward", "ppo"] = "pretrain"
+    # Start from another run's parameters (its workdir, latest or `init_step` checkpoint).
+    # The model's structure and tokenizer come from there; a conflicting model field is an error.
+    init_from: str = ""
+    init_step: Optional[int] = None
+    # Start from a Hugging Face model directory (config.json + *.safetensors, GPT-2 or Llama
+    # family): its structure and tokenizer, its weights placed shard by shard. Rotary models keep
+    # this experiment's model.block_size as their context.
+    init_from_hf: str = ""
     batch_size: int = 32  # global batch per optimizer step
     grad_accum_steps: int = 1  # micro-batches per step (batch_size must divide)
     max_steps: int = 1000
@@ -198,6 +224,59 @@ class TrainConfig:
     # more than this many skipped steps stops the run with an error.
     max_skipped_steps: int = 10
 
+@dataclass
+class SftConfig:
+    loss_on: Literal["all", "last"] = "all"  # every assistant turn, or only the final one
+    eval_examples: int = 64  # validation conversations answered by generation (0: none)
+    max_new_tokens: int = 32  # for those answers (greedy)
+
+@dataclass
+class RewardConfig:
+    margin: float = 0.0  # loss -log sigmoid(r_better - r_worse - margin)
+    # After training, shift the score head's bias so the reference responses score mean 0
+    # (InstructGPT: labeler demonstrations). Reference: reference_path (conversations JSONL,
+    # the final assistant turn answering the user turn before it), else the world's
+    # demonstrations, else the top-ranked response of every training prompt.
+    normalize: bool = True
+    reference_path: str = ""
+
+@dataclass
+class PPOConfig:
+    """RLHF with PPO (InstructGPT step 3). One PPO step = one rollout of train.batch_size prompts,
+    then `epochs` passes over it in `minibatches`; train.max_steps counts PPO steps."""
+
+    reward_from: str = ""  # a reward-model run; empty: reward_function
+    # "world": the embedded world's labeler; "module:function": a Python (prompt, response) -> float
+    reward_function: str = ""
+    value_model: Literal["separate", "head"] = "separate"  # own model (from the RM), or a head on the policy
+    prompts_path: str = ""  # JSONL {"prompt": ..., "system": optional}; empty on the world: world questions
+    world_prompts: int = 2000  # world: size of the training prompt pool
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # rollouts sample here; log-probs use the same scaled logits
+    epochs: int = 4
+    minibatches: int = 4
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2  # policy ratio clip
+    value_clip: float = 0.2
+    value_coef: float = 0.1
+    entropy_coef: float = 0.0
+    whiten_rewards: bool = False  # whiten per-token rewards before GAE (advantages are always whitened)
+    kl_coef: float = 0.15  # beta; the initial value when adaptive
+    adaptive_kl: bool = True  # Ziegler et al.: steer KL(policy || reference) towards kl_target
+    kl_target: float = 6.0
+    kl_horizon: float = 10000.0
+    missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never ends
+    # PPO-ptx: + ptx_coef * pretraining loss on the data section's corpus (InstructGPT: 27.8)
+    ptx_coef: float = 0.0
+    ptx_batch_size: int = 8
+    # Iterated RLHF: split train.max_steps into `rounds`; each new round samples comparisons from
+    # the current policy, ranks them with the labeler, retrains the RM, then continues PPO
+    rounds: int = 1
+    round_rm_steps: int = 60
+    eval_prompts: int = 128  # held-out prompts answered at each evaluation (0: none)
+
+INSTRUCTGPT_PTX_COEF = 27.8  # InstructGPT's PPO-ptx coefficient (their "gamma")
 
 @dataclass
 class EvalConfig:
@@ -210,14 +289,12 @@ class EvalConfig:
     top_k: int = 0  # 0: no top-k filter
     sample_seed: int = 0
 
-
 @dataclass
 class CheckpointConfig:
     enabled: bool = True
     every_steps: int = 500
     max_to_keep: int = 3
     async_save: bool = True
-
 
 @dataclass
 class LoggingConfig:
@@ -227,7 +304,6 @@ class LoggingConfig:
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     progress: Literal["auto", "bar", "plain", "none"] = "auto"
 
-
 @dataclass
 class Config:
     name: str = "unnamed"
@@ -236,6 +312,9 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -261,24 +340,56 @@ class Config:
             raise ConfigError("data.source='tfds' needs data.tfds_name")
         if self.data.source in ("text", "jsonl") and not self.data.path:
             raise ConfigError(f"data.source='{self.data.source}' needs data.path (a {self.data.source} file)")
+        if t.trainer in ("sft", "reward") and self.data.source not in ("world", "jsonl"):
+            raise ConfigError(f"train.trainer='{t.trainer}' reads data.source 'world' or 'jsonl', "
+                              f"got '{self.data.source}'")
+        if t.trainer == "reward" and self.data.source == "world" and not t.init_from:
+            raise ConfigError("train.trainer='reward' on the world samples its comparisons from a policy: set "
+                              "train.init_from to the SFT run's workdir")
+        if t.init_from and t.init_from_hf:
+            raise ConfigError("set one of train.init_from (a flaxgpt run) and train.init_from_hf (a Hugging Face "
+                              "model directory), not both")
+        if t.init_from_hf and t.trainer not in ("pretrain", "sft"):
+            raise ConfigError(f"train.init_from_hf starts pretraining or SFT; train.trainer='{t.trainer}' starts "
+                              "from a flaxgpt run (python -m flaxgpt.convert import makes one)")
+        if t.trainer == "ppo":
+            p = self.ppo
+            if not t.init_from:
+                raise ConfigError("train.trainer='ppo' starts from a policy: set train.init_from to the SFT run")
+            if bool(p.reward_from) == bool(p.reward_function):
+                raise ConfigError("train.trainer='ppo' needs exactly one of ppo.reward_from (a reward-model run) "
+                                  "and ppo.reward_function ('world' or 'module:function')")
+            if t.batch_size % p.minibatches:
+                raise ConfigError(f"train.batch_size={t.batch_size} (prompts per rollout) must be a multiple of "
+                                  f"ppo.minibatches={p.minibatches}")
+            if p.rounds < 1 or t.max_steps % p.rounds:
+                raise ConfigError(f"train.max_steps={t.max_steps} must be a positive multiple of ppo.rounds={p.rounds}")
+            if p.rounds > 1 and (self.data.source != "world" or not p.reward_from):
+                raise ConfigError("ppo.rounds > 1 retrains the reward model on new comparisons ranked by the world's "
+                                  "labeler: it needs data.source='world' and ppo.reward_from")
+            if not p.prompts_path and self.data.source != "world":
+                raise ConfigError("train.trainer='ppo' needs ppo.prompts_path (JSONL prompts) unless "
+                                  "data.source='world'")
+            if p.temperature <= 0:
+                raise ConfigError(f"ppo.temperature must be positive (rollouts sample), got {p.temperature}")
+        if not 0.0 <= self.data.world_noise <= 1.0:
+            raise ConfigError(f"data.world_noise must lie in [0, 1], got {self.data.world_noise}")
+        if self.data.world_ranking_k < 2:
+            raise ConfigError(f"data.world_ranking_k must be at least 2, got {self.data.world_ranking_k}")
         if self.optimizer.min_lr > self.optimizer.lr:
             raise ConfigError(
                 f"optimizer.min_lr={self.optimizer.min_lr} exceeds optimizer.lr={self.optimizer.lr}"
             )
         return self
 
-
 # ----------------------------------------------------------------------------- (de)serialisation
-
 
 def to_dict(cfg: Any) -> dict:
     """Plain JSON-able dict (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
-
 def to_json(cfg: Any) -> str:
     return json.dumps(to_dict(cfg), indent=2, sort_keys=False)
-
 
 def from_dict(data: dict, cls: type = Config, prefix: str = "") -> Any:
     """Inverse of `to_dict`, strict: unknown keys are errors with suggestions."""
@@ -297,9 +408,7 @@ def from_dict(data: dict, cls: type = Config, prefix: str = "") -> Any:
             kwargs[key] = _coerce(value, ftype, path)
     return cls(**kwargs)
 
-
 # ----------------------------------------------------------------------------- overrides
-
 
 def all_keys(cfg: Any, prefix: str = "") -> list[str]:
     keys = []
@@ -310,7 +419,6 @@ def all_keys(cfg: Any, prefix: str = "") -> list[str]:
         else:
             keys.append(f"{prefix}{f.name}")
     return keys
-
 
 def apply_overrides(cfg: Config, assignments: list[str]) -> Config:
     """Apply `section.key=value` strings in place and return cfg.
@@ -348,7 +456,6 @@ def apply_overrides(cfg: Config, assignments: list[str]) -> Config:
                     raise ConfigError(f"{'.'.join(parts[:depth + 1])} is a value, not a section")
     return cfg
 
-
 # Spellings that users of nanoGPT, MaxText and Hugging Face reach for first.
 _ALIASES = {
     "learning_rate": "lr", "max_lr": "lr", "n_embd": "d_model", "emb_dim": "d_model", "hidden_size": "d_model",
@@ -358,7 +465,6 @@ _ALIASES = {
     "max_seq_len": "block_size", "max_target_length": "block_size", "seq_len": "block_size",
     "gradient_accumulation_steps": "grad_accum_steps", "eval_interval": "interval", "eval_iters": "iters",
 }
-
 
 def _unknown_key_message(path: str, candidates: list[str]) -> str:
     section, _, leaf = path.rpartition(".")
@@ -372,7 +478,6 @@ def _unknown_key_message(path: str, candidates: list[str]) -> str:
         close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.5)]
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"unknown config key '{path}'{hint}"
-
 
 def _parse(raw: str, ftype: Any, path: str) -> Any:
     """Parse a command-line string into `ftype`."""
@@ -397,7 +502,6 @@ def _parse(raw: str, ftype: Any, path: str) -> Any:
         else:
             value = text
     return _coerce(value, ftype, path)
-
 
 def _coerce(value: Any, ftype: Any, path: str) -> Any:
     """Check (and gently convert) a value against a field type."""
@@ -438,7 +542,6 @@ def _coerce(value: Any, ftype: Any, path: str) -> Any:
                          for v in value)
         raise ConfigError(f"{path} must be a list (JSON, e.g. [\"a\", \"b\"]), got {value!r}")
     return value
-
 
 def _check_types(node: Any, prefix: str) -> None:
     """Catch wrongly typed values written directly in an experiment file."""

@@ -63,11 +63,16 @@ class Generation:
     lengths: Array  # [batch], generated tokens including the stop token
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens [batch, longest], mask [batch, longest]) with prompts aligned to the right."""
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
+             width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [batch, width], mask [batch, width]) with prompts aligned to the right;
+    width defaults to the longest prompt (a fixed width keeps one compiled shape)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    width = max(len(p) for p in prompts)
+    longest = max(len(p) for p in prompts)
+    if width is not None and width < longest:
+        raise ValueError(f"a prompt has {longest} tokens, more than the padded width {width}")
+    width = width or longest
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), bool)
     for row, prompt in enumerate(prompts):
@@ -212,16 +217,17 @@ def _reorder_cache(cache: Any, rows: Array, axis: int) -> Any:
 
 def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], cfg: DecodeConfig,
              rng: Array, *, pad_id: int, stop_tokens: Sequence[int] = (),
-             on_tokens: Callable[[np.ndarray], None] | None = None) -> Generation:
+             on_tokens: Callable[[np.ndarray], None] | None = None, prompt_width: int | None = None) -> Generation:
     """Continue each prompt (token ids) under `cfg`; rows stop at any of `stop_tokens`.
 
     `on_tokens`, if given, receives each step's [batch] tokens as the loop produces them
-    (streaming; sampling only), from inside the same compiled loop."""
-    tokens, mask = left_pad(prompts, pad_id)
+    (streaming; sampling only), from inside the same compiled loop. `prompt_width` pads
+    prompts to a fixed width, so calls with different prompts share one compilation."""
+    tokens, mask = left_pad(prompts, pad_id, prompt_width)
     if tokens.shape[1] + cfg.max_new_tokens > model.cfg.block_size:
         raise ValueError(f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the "
                          f"model's block_size {model.cfg.block_size}; shorten the prompt or use sliding_window_sample")
-    tokens, mask, rng = _on_params_mesh(params, tokens, mask, rng)
+    tokens, mask, rng = on_params_mesh(params, tokens, mask, rng)
     kwargs = dict(cfg=cfg, stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=int(pad_id))
     if cfg.num_beams > 1:
         return _beam_search(model, params, tokens, mask, **kwargs)
@@ -235,12 +241,28 @@ def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], cf
         _Stream.callback = None
 
 
-def _on_params_mesh(params: Any, *arrays: Any) -> tuple:
+def on_params_mesh(params: Any, *arrays: Any) -> tuple:
     """Replicate host inputs over the parameters' mesh, so generation runs when they span processes."""
     sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
     if isinstance(sharding, NamedSharding):
         return tuple(jax.device_put(np.asarray(a), replicated(sharding.mesh)) for a in arrays)
     return tuple(jnp.asarray(a) for a in arrays)
+
+
+def generate_batched(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], cfg: DecodeConfig,
+                     rng: Array, *, batch_size: int, pad_id: int, stop_tokens: Sequence[int] = ()) -> list[list[int]]:
+    """Completions (without the stop token) of any number of prompts, in chunks of one fixed shape
+    (`batch_size` rows, prompts padded to block_size - max_new_tokens), so it compiles once."""
+    width = model.cfg.block_size - cfg.max_new_tokens
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        real = len(chunk)
+        chunk += [chunk[0]] * (batch_size - real)  # a full chunk keeps the compiled shape
+        gen = generate(model, params, chunk, cfg, jax.random.fold_in(rng, start), pad_id=pad_id,
+                       stop_tokens=stop_tokens, prompt_width=width)
+        out += completions(gen, stop_tokens)[:real]
+    return out
 
 
 def completions(gen: Generation, stop_tokens: Sequence[int] = ()) -> list[list[int]]:
@@ -277,7 +299,7 @@ def sliding_window_sample(model: nn.Module, params: Any, prompt: Sequence[int], 
     prompt = list(prompt)[-block:]
     buffer = np.zeros((1, max(len(prompt) + n, block)), np.int32)
     buffer[0, : len(prompt)] = prompt
-    buffer, rng = _on_params_mesh(params, buffer, rng)
+    buffer, rng = on_params_mesh(params, buffer, rng)
     out = _sliding_loop(model, params, buffer, rng, prompt_len=len(prompt), max_new_tokens=n, cfg=cfg)
     new = [int(t) for t in host_value(out)[0, len(prompt): len(prompt) + n]]
     return new[: new.index(stop_token)] if stop_token is not None and stop_token in new else new

@@ -1,25 +1,27 @@
-"""Load a trained workdir for inference: its config, tokenizer and checkpointed parameters."""
+"""Reading a trained workdir: its config, tokenizer and checkpointed parameters, for
+inference (sample, chat, score) and as the start of a fine-tuning run (`train.init_from`)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxgpt.checkpoint import Checkpointer
-from flaxgpt.config import Config, ConfigError, from_dict
+from flaxgpt import fileio, hf, lora
+from flaxgpt.checkpoint import STRUCTURAL_FIELDS, Checkpointer, CheckpointMismatch, check_model_compatible
+from flaxgpt.config import Config, ConfigError, ModelConfig, from_dict, to_dict
 from flaxgpt.data.tokenizers import Tokenizer, load_tokenizer
 from flaxgpt.generate import DecodeConfig
+from flaxgpt.lora import LORA_FIELDS
 from flaxgpt.model import Transformer
-from flaxgpt.optim import build_optimizer
-from flaxgpt.sharding import logical_rules, make_mesh
-from flaxgpt.state import abstract_train_state
+from flaxgpt.sharding import logical_rules, logical_shardings, make_mesh, unbox_shapes
 
 
 @dataclass
@@ -33,16 +35,23 @@ class LoadedModel:
     mesh: Any
 
 
-def load(workdir: str, step: Optional[int] = None) -> LoadedModel:
-    """The latest (or the given) checkpoint of a workdir, placed on this host's devices."""
+def read_run(workdir: str) -> tuple[Config, Tokenizer]:
+    """A run's config (model fields resolved) and tokenizer."""
     config_file = os.path.join(workdir, "config.json")
-    if not os.path.exists(config_file):
+    if not fileio.exists(config_file):
         raise FileNotFoundError(f"{workdir} has no config.json: is it a flaxgpt workdir?")
-    with open(config_file) as f:
+    with fileio.open_file(config_file) as f:
         cfg = from_dict(json.load(f))
     tokenizer = load_tokenizer(workdir)
     if tokenizer is None:
         raise FileNotFoundError(f"{workdir} has no tokenizer.json or tokenizer.model")
+    return dataclasses.replace(cfg, model=cfg.model.resolved()), tokenizer
+
+
+def restore_params(workdir: str, cfg: Config, step: Optional[int], model_cfg: ModelConfig, mesh: Any,
+                   rules: tuple) -> tuple[Any, int]:
+    """(params of `model_cfg`'s shape sharded over `mesh`, step) from a run's checkpoint (default:
+    the latest). Only the parameters are read, never the optimizer state."""
     checkpointer = Checkpointer(workdir, cfg.checkpoint)
     steps = checkpointer.manager.all_steps()
     if not steps:
@@ -50,15 +59,97 @@ def load(workdir: str, step: Optional[int] = None) -> LoadedModel:
     step = max(steps) if step is None else step
     if step not in steps:
         raise ConfigError(f"{workdir} has no checkpoint at step {step}; it has {sorted(steps)}")
-    model_cfg = cfg.model.resolved()
-    model = Transformer(model_cfg)
-    mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh.rules)
-    optimizer = build_optimizer(cfg.optimizer, cfg.train.max_steps)
-    abstract, _ = abstract_train_state(model, optimizer, jnp.zeros((1, model_cfg.block_size), jnp.int32),
-                                       mesh, rules)
-    state, _ = checkpointer.restore(step, abstract, model_cfg)
+    boxed = _boxed_params(model_cfg)
+    shardings = unbox_shapes(logical_shardings(boxed, mesh, rules))
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            unbox_shapes(boxed), shardings)
+    # a PPO run's checkpoint holds {"policy", "value"}: its model is the policy
+    path = ("policy",) if cfg.train.trainer == "ppo" else ()
+    params = checkpointer.restore_params(step, abstract, model_cfg, path)
     checkpointer.close()
-    return LoadedModel(cfg, model, state.params, tokenizer, step, rules, mesh)
+    return params, step
+
+
+def load(workdir: str, step: Optional[int] = None) -> LoadedModel:
+    """The latest (or the given) checkpoint of a workdir, placed on this host's devices."""
+    cfg, tokenizer = read_run(workdir)
+    mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh.rules)
+    params, step = restore_params(workdir, cfg, step, cfg.model, mesh, rules)
+    return LoadedModel(cfg, Transformer(cfg.model), params, tokenizer, step, rules, mesh)
+
+
+# Fields a fine-tuning run takes from the run it starts from (they fix parameter shapes or
+# their meaning); dropout, dtypes, remat, init_std and `output` stay the experiment's own.
+_INHERITED = tuple(f for f in STRUCTURAL_FIELDS if f not in ("output",) + LORA_FIELDS) + ("rope_theta", "norm_eps", "vocab_multiple",
+                                                                     "valid_vocab")
+
+
+def inherit_model(own: ModelConfig, source: ModelConfig, source_dir: str) -> ModelConfig:
+    """`own` with the structure of `source`. A structural field that `own` sets away from its
+    default and that disagrees with the source is a mismatch, reported by name."""
+    defaults, theirs, mine = to_dict(ModelConfig()), to_dict(source), to_dict(own)
+    conflicts = [f"model.{k}: {source_dir} has {theirs[k]!r}, this experiment sets {mine[k]!r}"
+                 for k in _INHERITED if mine[k] != defaults[k] and mine[k] != theirs[k]]
+    if conflicts:
+        raise CheckpointMismatch("train.init_from: the model does not fit the run it starts from:\n  "
+                                 + "\n  ".join(conflicts)
+                                 + "\n(leave those fields unset: they are taken from the run)")
+    return dataclasses.replace(own, **{k: getattr(source, k) for k in _INHERITED}).resolved()
+
+
+def params_from_run(source_dir: str, step: Optional[int], model_cfg: ModelConfig, mesh: Any, rules: tuple,
+                    seed: int) -> Callable[[Any], Any]:
+    """For `fit(init_params=...)`: the source run's parameters in `model_cfg`'s tree. A source's
+    LoRA adapters are folded into its weights first (a run's model is its merged model).
+    Parameters the source lacks (a new `score` head, new adapters) are initialised; ones it has
+    and the target lacks (the vocabulary head of an LM turned reward model) are dropped."""
+    source_cfg, _ = read_run(source_dir)
+    source_model = dataclasses.replace(model_cfg, output=source_cfg.model.output, dropout=source_cfg.model.dropout,
+                                       **{k: getattr(source_cfg.model, k) for k in LORA_FIELDS + ("lora_alpha",)})
+    check_model_compatible(to_dict(source_cfg.model), source_model, source_dir)
+
+    def init_params(shardings: Any) -> Any:
+        source, _ = restore_params(source_dir, source_cfg, step, source_model, mesh, rules)
+        source, _ = lora.merge(source, source_model)
+        known = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(source)}
+        return complete_params(known, model_cfg, shardings, mesh, rules, seed)
+
+    return init_params
+
+
+def params_from_hf(directory: str, model_cfg: ModelConfig, hf_vocab: int, mesh: Any, rules: tuple,
+                   seed: int) -> Callable[[Any], Any]:
+    """For `fit(init_params=...)`: a Hugging Face checkpoint's weights, each placed straight onto
+    its shards; what it lacks (adapters, a score head) is initialised."""
+
+    def init_params(shardings: Any) -> Any:
+        abstract = unbox_shapes(_boxed_params(model_cfg))
+        known = hf.place_from_host(hf.hf_leaf_sources(directory, model_cfg, hf_vocab), shardings, abstract)
+        return complete_params(known, model_cfg, shardings, mesh, rules, seed)
+
+    return init_params
+
+
+def complete_params(known: dict[str, Any], model_cfg: ModelConfig, shardings: Any, mesh: Any, rules: tuple,
+                    seed: int) -> Any:
+    """`model_cfg`'s parameter tree (on `shardings`): the `known` leaves (by keystr), the rest
+    freshly initialised."""
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(shardings)]
+    fresh = None
+    if any(p not in known for p in paths):
+        model = Transformer(model_cfg)
+        tokens = jnp.zeros((1, model_cfg.block_size), jnp.int32)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            fresh = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(seed), tokens)["params"]),
+                            out_shardings=shardings)()
+    pick = lambda path, leaf: known.get(jax.tree_util.keystr(path), leaf)
+    return jax.tree_util.tree_map_with_path(pick, fresh if fresh is not None else shardings)
+
+
+def _boxed_params(model_cfg: ModelConfig) -> Any:
+    model = Transformer(model_cfg)
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                             jnp.zeros((1, model_cfg.block_size), jnp.int32))["params"])
 
 
 def logical_context(loaded: LoadedModel) -> contextlib.ExitStack:

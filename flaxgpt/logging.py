@@ -16,18 +16,20 @@ from typing import Any
 
 import jax
 
+from flaxgpt import fileio
 from flaxgpt.config import LoggingConfig
 
 METRICS_FILE = "metrics.jsonl"
+REMOTE_FLUSH_SECONDS = 30.0
 
 
 def read_metrics(workdir: str) -> list[dict]:
     """Every complete line of WORKDIR/metrics.jsonl (a torn last line is ignored)."""
     path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         return []
     rows = []
-    with open(path) as f:
+    with fileio.open_file(path) as f:
         for line in f:
             try:
                 rows.append(json.loads(line))
@@ -48,13 +50,23 @@ class MetricsLogger:
             return
         rows = [r for r in read_metrics(workdir) if r.get("step", 0) <= start_step]
         self.path = os.path.join(workdir, METRICS_FILE)
-        with open(self.path, "w") as f:  # rewrite: drops what a killed run logged past its checkpoint
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        self._file = open(self.path, "a", buffering=1)
+        # rewrite: drops what a killed run logged past its checkpoint. A bucket cannot append:
+        # there the rows are kept and the file rewritten at most every REMOTE_FLUSH_SECONDS.
+        self._remote_rows = [json.dumps(r) + "\n" for r in rows] if fileio.is_remote(workdir) else None
+        self._flushed = time.time()
+        if self._remote_rows is None:
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            self._file = open(self.path, "a", buffering=1)
+        else:
+            self._flush_remote()
         if cfg.tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start_step + 1)
+            # TensorBoard's event files are appended to: on a bucket workdir they stay on this host
+            tb_dir = (os.path.join(workdir, "tb") if not fileio.is_remote(workdir) else
+                      os.path.join("/tmp", "flaxgpt-tb", workdir.replace("://", "/")))
+            self._tb = SummaryWriter(tb_dir, purge_step=start_step + 1)
         if cfg.wandb:
             try:
                 import wandb
@@ -77,7 +89,12 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(row) + "\n")
+        if self._remote_rows is None:
+            self._file.write(json.dumps(row) + "\n")
+        else:
+            self._remote_rows.append(json.dumps(row) + "\n")
+            if time.time() - self._flushed > REMOTE_FLUSH_SECONDS:
+                self._flush_remote()
         for key, value in row.items():
             if key != "step" and isinstance(value, (int, float)):
                 if self._tb is not None:
@@ -116,7 +133,14 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
-        self._file.close()
+        if self._remote_rows is None:
+            self._file.close()
+        else:
+            self._flush_remote()
+
+    def _flush_remote(self) -> None:
+        fileio.write_atomic(self.path, "".join(self._remote_rows))
+        self._flushed = time.time()
 
 
 def _plain(value: Any) -> Any:

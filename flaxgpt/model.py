@@ -11,6 +11,9 @@ Every parameter carries *logical* axis names ("embed", "mlp", "heads", ...)
 and activations are constrained by logical names too; `flaxgpt.sharding` maps
 them onto mesh axes. Nothing here knows about devices.
 
+With `lora_rank > 0` the projections named in `lora_targets` carry low-rank adapters
+(`lora_a`, `lora_b`); `flaxgpt.lora` freezes the rest and folds adapters back in.
+
 Batches may pack several documents per row: `segment_ids` keep them from
 attending to each other (0 marks padding) and `positions` restart per document.
 """
@@ -108,10 +111,12 @@ class Linear(nn.Module):
     cfg: ModelConfig
     std: float
     use_bias: bool = False
+    train: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        dtype, pdtype = _DTYPES[self.cfg.dtype], _DTYPES[self.cfg.param_dtype]
+        cfg = self.cfg
+        dtype, pdtype = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
         n_in = len(self.in_axes)
         shape = x.shape[-n_in:] + tuple(self.features)
         kernel = self.param("kernel", _init(self.std, self.in_axes + self.out_axes), shape, pdtype)
@@ -119,7 +124,16 @@ class Linear(nn.Module):
         # contracting dims (batch and length) far slower than the flattened form.
         lead = x.shape[:-n_in]
         flat_in = x.reshape(-1, math.prod(x.shape[-n_in:])).astype(dtype)
-        y = (flat_in @ kernel.reshape(flat_in.shape[1], -1).astype(dtype)).reshape(*lead, *self.features)
+        flat_out = flat_in @ kernel.reshape(flat_in.shape[1], -1).astype(dtype)
+        if cfg.lora_rank and self.name in cfg.lora_targets:
+            # LoRA: W + (alpha/r) A B with B = 0 at the start, so the adapted model begins as the base.
+            a = self.param("lora_a", _init(1.0 / math.sqrt(flat_in.shape[1]), self.in_axes + ("lora",)),
+                           x.shape[-n_in:] + (cfg.lora_rank,), pdtype)
+            b = self.param("lora_b", _zeros(("lora",) + self.out_axes), (cfg.lora_rank,) + tuple(self.features), pdtype)
+            dropped = nn.Dropout(cfg.lora_dropout, deterministic=not self.train)(flat_in)
+            low = dropped @ a.reshape(flat_in.shape[1], cfg.lora_rank).astype(dtype)
+            flat_out = flat_out + (low @ b.reshape(cfg.lora_rank, -1).astype(dtype)) * (cfg.lora_alpha / cfg.lora_rank)
+        y = flat_out.reshape(*lead, *self.features)
         if self.use_bias:
             y = y + self.param("bias", _zeros(self.out_axes), tuple(self.features), pdtype).astype(dtype)
         return y
@@ -145,7 +159,7 @@ class Attention(nn.Module):
 
         def project(name: str, heads: int, axis_name: str) -> Array:
             return Linear((heads, d), ("embed",), (axis_name, "head_dim"), cfg, cfg.init_std,
-                          cfg.use_bias, name=name)(x)
+                          cfg.use_bias, self.train, name=name)(x)
 
         q = project("query", h, "heads")
         k = project("key", kv, "kv_heads")
@@ -171,7 +185,7 @@ class Attention(nn.Module):
 
         residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
         return Linear((cfg.d_model,), ("heads", "head_dim"), ("embed",), cfg, residual_std,
-                      cfg.use_bias, name="out")(out)
+                      cfg.use_bias, self.train, name="out")(out)
 
 
     def _update_cache(self, k: Array, v: Array, valid: Array) -> tuple[Array, Array, Array]:
@@ -203,18 +217,21 @@ class Mlp(nn.Module):
     """GELU MLP (gpt2) or SwiGLU (llama)."""
 
     cfg: ModelConfig
+    train: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
-        up = lambda name: Linear((cfg.d_ff,), ("embed",), ("mlp",), cfg, cfg.init_std, cfg.use_bias, name=name)(x)
+        up = lambda name: Linear((cfg.d_ff,), ("embed",), ("mlp",), cfg, cfg.init_std, cfg.use_bias, self.train,
+                                 name=name)(x)
         if cfg.mlp == "swiglu":
             hidden = nn.silu(up("gate")) * up("up")
         else:
             hidden = nn.gelu(up("up"), approximate=True)
         hidden = _constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
         residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
-        return Linear((cfg.d_model,), ("mlp",), ("embed",), cfg, residual_std, cfg.use_bias, name="down")(hidden)
+        return Linear((cfg.d_model,), ("mlp",), ("embed",), cfg, residual_std, cfg.use_bias, self.train,
+                      name="down")(hidden)
 
 
 class Block(nn.Module):
@@ -230,13 +247,14 @@ class Block(nn.Module):
         drop = nn.Dropout(cfg.dropout, deterministic=not self.train)
         attn = Attention(cfg, self.train, self.decode, name="attn")
         x = x + drop(attn(Norm(cfg, name="attn_norm")(x), positions, mask))
-        x = x + drop(Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x)))
+        x = x + drop(Mlp(cfg, self.train, name="mlp")(Norm(cfg, name="mlp_norm")(x)))
         x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         return x, None
 
 
 class Transformer(nn.Module):
-    """tokens [batch, length] -> logits [batch, length, vocab] (float32)."""
+    """tokens [batch, length] -> logits [batch, length, vocab] (float32), or with
+    `output="scalar"` one score per position [batch, length] (reward and value models)."""
 
     cfg: ModelConfig  # must be `ModelConfig.resolved()`
 
@@ -288,12 +306,18 @@ class Transformer(nn.Module):
                 x, _ = block(cfg, train, decode, name=f"layers_{i}")(x, positions, mask)
 
         x = Norm(cfg, name="final_norm")(x)
+        if cfg.output == "scalar":  # reward / value model: one number per position
+            score = Linear((1,), ("embed",), ("norm",), cfg, cfg.init_std, use_bias=True, name="score")(x)
+            return score[..., 0].astype(jnp.float32)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
             logits = Linear((cfg.vocab_size,), ("embed",), ("vocab",), cfg, cfg.init_std, name="lm_head")(x)
         logits = _constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        if 0 < cfg.valid_vocab < cfg.vocab_size:  # padding ids (vocab_multiple) are never produced
+            logits = jnp.where(jnp.arange(cfg.vocab_size) < cfg.valid_vocab, logits, -1e9)
+        return logits
 
 
 def stack_layers(params: dict, n_layer: int) -> dict:

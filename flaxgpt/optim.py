@@ -4,6 +4,8 @@ over micro-batches), where it is exact for token-weighted losses."""
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -46,7 +48,19 @@ def weight_decay_mask(params: dict, no_decay: tuple) -> dict:
     return jax.tree_util.tree_map_with_path(decide, params)
 
 
-def build_optimizer(cfg: OptimizerConfig, max_steps: int) -> optax.GradientTransformation:
+def build_optimizer(cfg: OptimizerConfig, max_steps: int,
+                    trainable: Callable[[Any], Any] | None = None) -> optax.GradientTransformation:
+    """AdamW (+ clipping) over every parameter, or, with `trainable` (params -> bool tree, e.g.
+    `lora.trainable_mask`), over those alone: the frozen rest gets no update and no moments,
+    and clipping sees only the trained gradients."""
+    chain = _adamw_chain(cfg, max_steps)
+    if trainable is None:
+        return chain
+    labels = lambda params: jax.tree.map(lambda train: "train" if train else "frozen", trainable(params))
+    return optax.multi_transform({"train": chain, "frozen": optax.set_to_zero()}, labels)
+
+
+def _adamw_chain(cfg: OptimizerConfig, max_steps: int) -> optax.GradientTransformation:
     schedule = learning_rate_schedule(cfg, max_steps)
     parts = []
     if cfg.grad_clip > 0:

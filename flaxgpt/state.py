@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from flaxgpt.sharding import logical_shardings
+from flaxgpt.sharding import logical_shardings, unbox_shapes
 
 
 @flax.struct.dataclass
@@ -30,18 +30,30 @@ def create_train_state(
     mesh: Mesh,
     rules: tuple,
     seed: int,
+    params: Callable[[Any], Any] | None = None,
 ) -> tuple[TrainState, Any]:
     """Initialise parameters and optimizer state directly into their shardings.
 
     The init runs under `jax.jit` with output shardings derived from the
     parameters' logical axis names, so no full copy ever sits on one device.
-    Returns (state, state_shardings).
+    `params`, if given, maps the parameter shardings to existing parameters (a
+    fine-tuning start, e.g. loaded from another run); only the optimizer state
+    and the key are then initialised. Returns (state, state_shardings).
     """
     init_fn = _boxed_init(model, optimizer, example_tokens, seed)
     abstract = jax.eval_shape(init_fn)
-    shardings = nn.meta.unbox(logical_shardings(abstract, mesh, rules))
+    shardings = unbox_shapes(logical_shardings(abstract, mesh, rules))
+    start = None if params is None else params(shardings.params)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state = jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=shardings)()
+        if params is None:
+            state = jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=shardings)()
+        else:
+            def from_params(p):
+                return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
+                                  rng=jax.random.split(jax.random.PRNGKey(seed))[1],
+                                  skipped=jnp.zeros((), jnp.int32))
+
+            state = jax.jit(from_params, out_shardings=shardings, donate_argnums=0)(start)
     return state, shardings
 
 
@@ -51,9 +63,9 @@ def abstract_train_state(
 ) -> tuple[Any, Any]:
     """(ShapeDtypeStructs with shardings, shardings): the target for a checkpoint restore."""
     abstract = jax.eval_shape(_boxed_init(model, optimizer, example_tokens, 0))
-    shardings = nn.meta.unbox(logical_shardings(abstract, mesh, rules))
+    shardings = unbox_shapes(logical_shardings(abstract, mesh, rules))
     structs = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(abstract), shardings
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unbox_shapes(abstract), shardings
     )
     return structs, shardings
 

@@ -1,7 +1,9 @@
 """`python -m flaxgpt.train --experiment NAME [--workdir DIR] [--set key=value ...]`
 
 NAME is a file in experiments/ (without .py) or a path to a Python file that
-defines `config() -> flaxgpt.config.Config`.
+defines `config() -> flaxgpt.config.Config` (one run), or `stages()` returning a list of
+`flaxgpt.pipeline.Stage` (a pipeline such as chat_demo: each stage a run in WORKDIR/<stage>,
+overridden with --set STAGE.section.key=value, or section.key=value for all stages).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import difflib
 import importlib.util
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from flaxgpt.config import Config, ConfigError, apply_overrides, to_json
 
@@ -45,15 +47,26 @@ def find_experiment(name: str) -> str:
     raise ConfigError(f"unknown experiment '{name}'{hint}")
 
 
-def load_experiment(name: str, overrides: Sequence[str] = ()) -> Config:
-    """The experiment's config with `overrides` applied and validated."""
+def load_experiment(name: str, overrides: Sequence[str] = ()) -> Union[Config, list]:
+    """The experiment's config with `overrides` applied and validated, or, for a pipeline
+    (a file defining `stages()`), its list of `flaxgpt.pipeline.Stage`."""
     path = find_experiment(name)
     stem = os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(f"flaxgpt_experiment_{stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if hasattr(module, "stages"):
+        from flaxgpt import pipeline
+
+        stages = module.stages()
+        for stage in stages:
+            if stage.config.name == "unnamed":
+                stage.config.name = f"{stem}.{stage.name}"
+        pipeline.apply_stage_overrides(stages, list(overrides))
+        pipeline.validate(stages)
+        return stages
     if not hasattr(module, "config"):
-        raise ConfigError(f"experiment {path} defines no config() function")
+        raise ConfigError(f"experiment {path} defines neither config() nor stages()")
     cfg = module.config()
     if not isinstance(cfg, Config):
         raise ConfigError(f"experiment {path}: config() returned {type(cfg).__name__}, not flaxgpt.config.Config")
@@ -61,6 +74,13 @@ def load_experiment(name: str, overrides: Sequence[str] = ()) -> Config:
         cfg.name = stem
     apply_overrides(cfg, list(overrides))
     return cfg.validate()
+
+
+def run_trainer(cfg: Config, workdir: str) -> dict:
+    """Run `cfg` with the trainer it names; returns the run's final figures."""
+    import importlib
+
+    return importlib.import_module(f"flaxgpt.trainers.{cfg.train.trainer}").run(cfg, workdir)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -91,13 +111,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(to_json(cfg))
+        if isinstance(cfg, Config):
+            print(to_json(cfg))
+        else:
+            from flaxgpt.pipeline import describe
+
+            print(describe(cfg))
         return 0
 
     from flaxgpt.checkpoint import CheckpointMismatch  # imported late: --list and --print-config stay fast
     from flaxgpt.data.jsonl import DataError
     from flaxgpt.sharding import initialize_distributed
-    from flaxgpt.trainers import pretrain
 
     try:
         initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
@@ -105,9 +129,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    workdir = args.workdir or os.path.join("runs", cfg.name)
+    stem = os.path.splitext(os.path.basename(args.experiment))[0]
+    workdir = args.workdir or os.path.join("runs", cfg.name if isinstance(cfg, Config) else stem)
     try:
-        pretrain.run(cfg, workdir)
+        if isinstance(cfg, Config):
+            run_trainer(cfg, workdir)
+        else:
+            from flaxgpt.pipeline import run_pipeline
+
+            run_pipeline(cfg, workdir, run_trainer)
     except (ConfigError, FileNotFoundError, CheckpointMismatch, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from flaxgpt import config as C
+from flaxgpt.pipeline import stage_config
 from flaxgpt.train import find_experiment, list_experiments, load_experiment, main
 from tests.conftest import run_cli
 
@@ -91,6 +92,27 @@ def test_experiments_are_found_by_name_and_path():
     assert load_experiment(path).name == "shakespeare_char"
     with pytest.raises(C.ConfigError, match="did you mean 'world'"):
         find_experiment("wrld")
+
+
+def test_every_experiment_loads_and_validates():
+    names = list_experiments()
+    assert {"world", "sft_world", "rm_world", "chat_demo", "sft_jsonl", "rm_jsonl"} <= set(names)
+    required = {"hf_chat": ["sft.train.init_from_hf=/path/to/a/hf/model"]}  # no sensible default
+    for name in names:
+        loaded = load_experiment(name, required.get(name, []))
+        configs = [loaded] if isinstance(loaded, C.Config) else [stage_config(s, "WORKDIR") for s in loaded]
+        assert all(cfg.validate() for cfg in configs), name
+    with pytest.raises(C.ConfigError, match="stage 'sft' needs --set sft.train.init_from_hf="):
+        load_experiment("hf_chat")
+
+
+def test_trainer_specific_checks():
+    cfg = C.Config(train=C.TrainConfig(trainer="reward"), data=C.DataConfig(source="world"))
+    with pytest.raises(C.ConfigError, match="train.init_from to the SFT run"):
+        cfg.validate()
+    cfg = C.Config(train=C.TrainConfig(trainer="sft"), data=C.DataConfig(source="text", path="x.txt"))
+    with pytest.raises(C.ConfigError, match="reads data.source 'world' or 'jsonl'"):
+        cfg.validate()
 
 
 def test_cli_print_config_and_list(capsys):

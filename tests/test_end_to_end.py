@@ -54,8 +54,10 @@ def test_wandb_offline_logging(tmp_path):
 def test_shakespeare_char_reaches_nanogpt_val_loss(tmp_path, shakespeare_path):
     """nanoGPT reports 1.88 for this configuration; the issue asks for <= 1.90 at 2000 steps."""
     workdir = str(tmp_path / "shakespeare")
+    # evaluated once, at the end: evaluation changes nothing in training, so the figure is the
+    # same as with the experiment's every-250-steps evaluation, and the suite saves half a minute
     result = run_cli("--experiment", "shakespeare_char", "--workdir", workdir,
-                     "--set", f"data.path={shakespeare_path}", "logging.progress=plain")
+                     "--set", f"data.path={shakespeare_path}", "logging.progress=plain", "eval.interval=2000")
     assert result.returncode == 0, result.stderr[-3000:]
     final = read_metrics(workdir)[-1]
     assert final["step"] == 2000

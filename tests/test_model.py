@@ -190,3 +190,16 @@ def test_parameters_carry_logical_axis_names():
     assert tuple(specs["layers"]["attn"]["key"]["kernel"]) == ("layers", "embed", "kv_heads", "head_dim")
     assert tuple(specs["layers"]["mlp"]["down"]["kernel"]) == ("layers", "mlp", "embed")
     assert tuple(specs["layers"]["attn_norm"]["scale"]) == ("layers", "norm")
+
+
+def test_padded_vocabulary_ids_are_never_produced():
+    """vocab_multiple pads the vocabulary; valid_vocab keeps the padding out of every distribution."""
+    from flaxgpt.generate import DecodeConfig, generate
+
+    cfg = tiny_model_config(vocab_size=64, valid_vocab=50)
+    model, params = init_params(cfg)
+    logits = jax.jit(model.apply)({"params": params}, jnp.ones((2, 8), jnp.int32))
+    assert bool(jnp.all(logits[..., 50:] == -1e9)) and bool(jnp.all(logits[..., :50] > -1e3))
+    out = generate(model, params, [[1, 2, 3]] * 8, DecodeConfig(max_new_tokens=12, temperature=5.0),
+                   jax.random.PRNGKey(0), pad_id=0)
+    assert int(jnp.max(out.tokens)) < 50

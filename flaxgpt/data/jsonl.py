@@ -5,6 +5,10 @@
   rankings       {"prompt": "...", "responses": [best, ..., worst], "scores": [optional, ties allowed]}  RM
   pairs          {"prompt": "...", "chosen": "...", "rejected": "..."}   RM / DPO
   feedback       {"prompt": "...", "response": "...", "label": true|false}  thumbs up / down
+  prompts        {"prompt": "..."}                                        PPO rollouts
+
+rankings, pairs, feedback and prompts records may add "system": "..." (the system message the
+prompt was asked under); the prompt is one user turn.
 
 A line that is not valid JSON or does not fit its schema stops the read with the file,
 the line number and what is wrong, or, with on_error="skip", is skipped and counted.
@@ -13,11 +17,12 @@ the line number and what is wrong, or, with on_error="skip", is skipped and coun
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-SCHEMAS = ("text", "conversations", "rankings", "pairs", "feedback")
+from flaxgpt import fileio
+
+SCHEMAS = ("text", "conversations", "rankings", "pairs", "feedback", "prompts")
 ROLES = ("system", "user", "assistant")
 
 
@@ -48,7 +53,8 @@ def schema_problem(record: Any, schema: str) -> Optional[str]:
     if not isinstance(record, dict):
         return f"expected a JSON object, got {type(record).__name__}"
     required = {"text": ("text",), "conversations": ("messages",), "rankings": ("prompt", "responses"),
-                "pairs": ("prompt", "chosen", "rejected"), "feedback": ("prompt", "response", "label")}[schema]
+                "pairs": ("prompt", "chosen", "rejected"), "feedback": ("prompt", "response", "label"),
+                "prompts": ("prompt",)}[schema]
     missing = [k for k in required if k not in record]
     if missing:
         return f"missing key(s) {missing} for schema '{schema}' (has {sorted(record)})"
@@ -66,6 +72,8 @@ def schema_problem(record: Any, schema: str) -> Optional[str]:
         if not any(m["role"] == "assistant" for m in messages):
             return "a conversation needs at least one assistant message"
         return None
+    if "system" in record and schema != "conversations" and not _is_text(record["system"]):
+        return "'system' (the optional system message) must be a string"
     if schema == "rankings":
         responses, scores = record["responses"], record.get("scores")
         if not isinstance(responses, list) or len(responses) < 2 or not all(map(_is_text, responses)):
@@ -76,6 +84,8 @@ def schema_problem(record: Any, schema: str) -> Optional[str]:
                 return "'scores' must be a list of numbers, one per response"
             if any(a < b for a, b in zip(scores, scores[1:])):
                 return "'scores' must not increase: responses are listed best first"
+        return None if _is_text(record["prompt"]) else "'prompt' must be a string"
+    if schema == "prompts":
         return None if _is_text(record["prompt"]) else "'prompt' must be a string"
     if schema == "pairs":
         bad = [k for k in required if not _is_text(record[k])]
@@ -90,10 +100,10 @@ def read_jsonl(path: str, schema: str,
     """Every record of `path` that fits `schema`; raises DataError naming file and line otherwise."""
     if schema not in SCHEMAS:
         raise DataError(f"unknown JSONL schema '{schema}'; schemas are {list(SCHEMAS)}")
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         raise FileNotFoundError(f"no such JSONL file: {path}")
     report, records = ReadReport(path), []
-    with open(path, encoding="utf-8") as f:
+    with fileio.open_file(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -34,8 +34,11 @@ _ROW_DTYPES = (np.int32, np.int32, np.float32, np.int32, np.int32)
 
 
 def build_rows(examples: Iterable[Example], length: int, mode: Literal["pack", "pad"],
-               pad_id: int) -> dict[str, np.ndarray]:
-    """Stack examples into [rows, length] arrays: inputs, targets, loss_weights, segment_ids, positions."""
+               pad_id: int, keep_whole: bool = False) -> dict[str, np.ndarray]:
+    """Stack examples into [rows, length] arrays: inputs, targets, loss_weights, segment_ids, positions.
+
+    keep_whole (pack mode): an example that fits in a row never straddles two; it starts a
+    new row instead (conversations for SFT keep their prompt with their answer)."""
     fill_values = {"inputs": pad_id, "targets": pad_id, "loss_weights": 0.0, "segment_ids": 0, "positions": 0}
     out: dict[str, list] = {k: [] for k in _ROW_KEYS}
     row: dict[str, list] = {k: [] for k in _ROW_KEYS}
@@ -49,6 +52,8 @@ def build_rows(examples: Iterable[Example], length: int, mode: Literal["pack", "
     for x, y, w in examples:
         if mode == "pad":
             x, y, w = x[:length], y[:length], w[:length]
+        elif keep_whole and row["inputs"] and len(row["inputs"]) + len(x) > length >= len(x):
+            flush()
         start = 0
         while start < len(x):
             take = min(len(x) - start, length - len(row["inputs"]))
@@ -74,7 +79,7 @@ class PackedRows:
     seed: int
 
     def __post_init__(self) -> None:
-        self.n = len(self.rows["inputs"])
+        self.n = len(next(iter(self.rows.values())))
         if self.n == 0:
             raise ValueError("no rows: the dataset is empty after tokenization")
 

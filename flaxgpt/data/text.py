@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from flaxgpt import fileio
 from flaxgpt.config import Config
 from flaxgpt.data import world as world_lib
 from flaxgpt.data.curation import Curator, augment, load_blocklist, load_synonyms
@@ -91,9 +92,9 @@ def source_text(cfg: Config) -> str:
     if data.source == "world":
         world = world_lib.make_world(data.world_seed)
         return world_lib.corpus(world, data.world_documents, seed=data.world_seed)
-    if not os.path.exists(data.path):
+    if not fileio.exists(data.path):
         raise FileNotFoundError(f"data.path: no such text file: {data.path}")
-    with open(data.path, encoding="utf-8") as f:
+    with fileio.open_file(data.path, encoding="utf-8") as f:
         return f.read()
 
 
@@ -143,7 +144,7 @@ def _documents(cfg: Config, workdir: str) -> tuple[list[str], list[str]]:
     report = {"malformed_lines_skipped": skipped, **curator.report.as_dict()}
     _log("data: " + ", ".join(f"{k} {v}" for k, v in report.items()))
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "data_report.json"), "w") as f:
+        with fileio.open_file(os.path.join(workdir, "data_report.json"), "w") as f:
             json.dump(report, f, indent=2)
     return train, val
 
@@ -155,15 +156,16 @@ def _log(message: str) -> None:
 
 def build_tokenizer(cfg: Config, text: str, train_text: str, workdir: str) -> Tokenizer:
     """The workdir's tokenizer if the run has one, else a new one (saved into the workdir)."""
-    existing = load_tokenizer(workdir)
-    if existing is not None:
-        return existing
-    if jax.process_count() > 1:  # process 0 builds and saves it; the others read what it wrote
-        if jax.process_index() == 0:
+    if jax.process_count() > 1:
+        # Process 0 alone decides and builds; every process then meets at the barrier. (Had each
+        # process looked for the file itself, a slow one could find what process 0 had just
+        # written, skip the barrier, and wait at the next one under another name.)
+        if jax.process_index() == 0 and load_tokenizer(workdir) is None:
             _new_tokenizer(cfg, text, train_text, workdir)
-        multihost_utils.sync_global_devices("flaxgpt tokenizer saved")
+        multihost_utils.sync_global_devices("flaxgpt tokenizer ready")
         return load_tokenizer(workdir)
-    return _new_tokenizer(cfg, text, train_text, workdir)
+    existing = load_tokenizer(workdir)
+    return existing if existing is not None else _new_tokenizer(cfg, text, train_text, workdir)
 
 
 def _new_tokenizer(cfg: Config, text: str, train_text: str, workdir: str) -> Tokenizer:

@@ -1,4 +1,5 @@
-"""Tokenizers behind one interface: characters (nanoGPT's shakespeare_char) and SentencePiece.
+"""Tokenizers behind one interface: characters (nanoGPT's shakespeare_char), SentencePiece,
+and an imported Hugging Face model's own tokenizer.
 
 Both reserve the same special tokens, so the chat format used by SFT and RLHF
 later is a sequence of ordinary ids whatever the tokenizer. A tokenizer is
@@ -12,6 +13,8 @@ import json
 import os
 import re
 from typing import Iterable, Protocol, Sequence
+
+from flaxgpt import fileio
 
 PAD, UNK, EOS = "<|pad|>", "<|unk|>", "<|eos|>"
 SYSTEM, USER, ASSISTANT, END_OF_TURN = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -61,7 +64,7 @@ class CharTokenizer:
         return "".join(self.itos[int(i)] for i in ids if int(i) != self.pad_id)
 
     def save(self, directory: str) -> None:
-        with open(os.path.join(directory, CHAR_FILE), "w") as f:
+        with fileio.open_file(os.path.join(directory, CHAR_FILE), "w") as f:
             json.dump({"type": "char", "chars": self.chars}, f, ensure_ascii=False)
 
 
@@ -105,10 +108,7 @@ class SentencePieceTokenizer:
         return "".join(pieces) + self.sp.decode(run)
 
     def save(self, directory: str) -> None:
-        target = os.path.join(directory, SPM_FILE)
-        if os.path.abspath(target) != os.path.abspath(self.model_file):
-            with open(self.model_file, "rb") as src, open(target, "wb") as dst:
-                dst.write(src.read())
+        _copy(self.model_file, os.path.join(directory, SPM_FILE))
 
 
 def train_sentencepiece(
@@ -148,13 +148,148 @@ def _train(spm, lines, model_prefix, vocab_size, model_type) -> None:
     )
 
 
+IMPORTED_META = "imported_tokenizer.meta.json"
+
+
+class ImportedTokenizer:
+    """An imported model's own tokenizer: a Hugging Face `tokenizer.json` (e.g. GPT-2's byte-level
+    BPE, through the `tokenizers` library) or a SentencePiece `.model` (Llama).
+
+    flaxgpt's special tokens map onto the model's own where it has them (<|eos|> is the model's
+    end-of-text token) and onto ids appended after its vocabulary where it has not (the chat
+    markers, usually <|pad|>), as TRL's chat setup does; the import gives those rows the mean
+    embedding. So the chat format of SFT and RLHF is the same sequence of ids for every model.
+    """
+
+    def __init__(self, kind: str, file: str, specials: dict[str, int], vocab_size: int):
+        self.kind, self.file, self.specials, self.vocab_size = kind, file, dict(specials), vocab_size
+        if kind == "tokenizers":
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self._base = HFTokenizer.from_file(file)
+        elif kind == "sentencepiece":
+            import sentencepiece as spm
+
+            self._base = spm.SentencePieceProcessor(model_file=file)
+        else:
+            raise ValueError(f"unknown imported tokenizer kind {kind!r}")
+        self.pad_id, self.eos_id = self.specials[PAD], self.specials[EOS]
+        self.special_ids = {i: t for t, i in self.specials.items()}
+
+    @classmethod
+    def from_hf(cls, directory: str, model_vocab: int, eos_id: int | None, pad_id: int | None) -> "ImportedTokenizer":
+        """The tokenizer of a Hugging Face model directory; appended ids start at `model_vocab`
+        (or past the tokenizer's own vocabulary, if that is larger)."""
+        json_file, spm_file = os.path.join(directory, "tokenizer.json"), os.path.join(directory, "tokenizer.model")
+        if os.path.exists(json_file):
+            kind, file = "tokenizers", json_file
+        elif os.path.exists(spm_file):
+            kind, file = "sentencepiece", spm_file
+        else:
+            raise FileNotFoundError(f"{directory} has neither tokenizer.json nor tokenizer.model")
+        probe = cls(kind, file, {PAD: 0, EOS: 0}, 0)
+        own = probe._own_ids()
+        next_id = max(model_vocab, probe._base_size())
+        specials: dict[str, int] = {}
+        for token in SPECIAL_TOKENS:
+            if token == EOS and eos_id is not None:
+                specials[token] = eos_id
+            elif token == PAD and pad_id is not None:
+                specials[token] = pad_id
+            elif token in own:
+                specials[token] = own[token]
+            else:
+                specials[token], next_id = next_id, next_id + 1
+        if EOS not in specials:
+            raise ValueError(f"{directory}: no end-of-text token (eos_token_id) in config.json")
+        return cls(kind, file, specials, next_id)
+
+    def own_token(self, i: int) -> str | None:
+        """The model tokenizer's own text for id `i`, or None for an id the import appended."""
+        if i >= self._base_size():
+            return None
+        return self._base.id_to_token(i) if self.kind == "tokenizers" else self._base.id_to_piece(i)
+
+    def _base_size(self) -> int:
+        if self.kind == "tokenizers":
+            return self._base.get_vocab_size(with_added_tokens=True)
+        return self._base.get_piece_size()
+
+    def _own_ids(self) -> dict[str, int]:
+        if self.kind == "tokenizers":
+            return {t: i for t in SPECIAL_TOKENS if (i := self._base.token_to_id(t)) is not None}
+        return {t: i for t in SPECIAL_TOKENS if (i := self._base.piece_to_id(t)) != self._base.unk_id()}
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for part in _SPECIAL_PATTERN.split(text):
+            if part in SPECIAL_TOKENS:
+                ids.append(self.specials[part])
+            elif part and self.kind == "tokenizers":
+                ids.extend(self._base.encode(part, add_special_tokens=False).ids)
+            elif part and not ids:
+                ids.extend(self._base.encode(part))
+            elif part:  # no word-start prefix after a special token, as transformers' Llama tokenizer
+                unk = self._base.id_to_piece(self._base.unk_id())
+                ids.extend(self._base.encode(unk + part)[len(self._base.encode(unk)):])
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        pieces: list[str] = []
+        run: list[int] = []
+        flush = lambda: pieces.append(self._base.decode(run) if run else "")
+        for i in (int(i) for i in ids):
+            if i in self.special_ids:
+                flush()
+                run = []
+                pieces.append("" if i == self.pad_id else self.special_ids[i])
+            else:
+                run.append(i)
+        flush()
+        return "".join(pieces)
+
+    def save(self, directory: str) -> None:
+        target = os.path.join(directory, "imported_" + os.path.basename(self.file))
+        _copy(self.file, target)
+        with fileio.open_file(os.path.join(directory, IMPORTED_META), "w") as f:
+            json.dump({"kind": self.kind, "file": os.path.basename(target), "specials": self.specials,
+                       "vocab_size": self.vocab_size}, f, indent=2)
+
+
 def load_tokenizer(directory: str) -> Tokenizer | None:
     """The tokenizer saved in a workdir, or None if there is none."""
+    meta_file = os.path.join(directory, IMPORTED_META)
+    if fileio.exists(meta_file):
+        with fileio.open_file(meta_file) as f:
+            meta = json.load(f)
+        return ImportedTokenizer(meta["kind"], _local(os.path.join(directory, meta["file"])), meta["specials"],
+                                 meta["vocab_size"])
     char_file = os.path.join(directory, CHAR_FILE)
-    if os.path.exists(char_file):
-        with open(char_file) as f:
+    if fileio.exists(char_file):
+        with fileio.open_file(char_file) as f:
             return CharTokenizer(json.load(f)["chars"])
     spm_file = os.path.join(directory, SPM_FILE)
-    if os.path.exists(spm_file):
-        return SentencePieceTokenizer(spm_file)
+    if fileio.exists(spm_file):
+        return SentencePieceTokenizer(_local(spm_file))
     return None
+
+
+def _copy(source: str, target: str) -> None:
+    if fileio.absolute(source) != fileio.absolute(target):
+        data = fileio.read_bytes(source)
+        with fileio.open_file(target, "wb") as f:
+            f.write(data)
+
+
+def _local(path: str) -> str:
+    """A local file with the content of `path` (SentencePiece and `tokenizers` read local files)."""
+    if not fileio.is_remote(path):
+        return path
+    import hashlib
+    import tempfile
+
+    local = os.path.join(tempfile.gettempdir(), "flaxgpt-" + hashlib.sha1(path.encode()).hexdigest()[:16]
+                         + "-" + os.path.basename(path))
+    with open(local, "wb") as f:
+        f.write(fileio.read_bytes(path))
+    return local

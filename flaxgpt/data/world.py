@@ -158,3 +158,64 @@ def corpus(world: World, n_documents: int, seed: int = 0) -> str:
 def prompt_for(question: str) -> str:
     """The prompt a pretrained world model completes with its answer."""
     return f"{QUESTION}{question}\n{ANSWER}"
+
+
+# ----------------------------------------------------------------------------- chat data
+
+# Sloppy but not wrong: what a hurried human demonstrator writes. The labeler ranks these
+# below a clean answer, so the reward model, and then RLHF, can learn to prefer the latter.
+_SLOPPY = ("The answer is {a}.", "I think it is {a}.", "{a} I think.", "Maybe {a}.", "It is {a} or so.")
+
+
+def wrong_answer(world: World, question: str, rng: random.Random) -> str:
+    """A plausible answer of the right kind that is not the correct one."""
+    truth = answer(world, question)
+    if truth is None:
+        raise ValueError(f"not a world question: {question!r}")
+    if truth.isdigit():
+        return str(rng.choice([int(truth) + d for d in (-3, -2, -1, 1, 2, 3) if int(truth) + d >= 0]))
+    pools = [list(world.capitals.values()), list(world.capitals), list(PETS), list(COLORS)]
+    pool = next(p for p in pools if truth in p)
+    return rng.choice([x for x in pool if x != truth])
+
+
+def demonstration(world: World, question: str, rng: random.Random, noise: float) -> str:
+    """An imperfect human-like demonstration: with probability noise/2 wrong, noise/2 sloppy."""
+    draw = rng.random()
+    if draw < noise / 2:
+        return wrong_answer(world, question, rng)
+    truth = answer(world, question)
+    return rng.choice(_SLOPPY).format(a=truth) if draw < noise else truth
+
+
+def conversation(world: World, rng: random.Random, noise: float, system: str = "",
+                 max_turns: int = 2) -> dict:
+    """{"messages": [...]} in the conversations JSONL schema: 1..max_turns question/answer exchanges."""
+    messages = [{"role": "system", "content": system}] if system else []
+    for _ in range(rng.randint(1, max_turns)):
+        question, _ = random_question(world, rng)
+        messages += [{"role": "user", "content": question},
+                     {"role": "assistant", "content": demonstration(world, question, rng, noise)}]
+    return {"messages": messages}
+
+
+def label(world: World, question: str, response: str) -> float:
+    """The programmatic labeler, standing in for human labelers, grades as a person would:
+    1 exactly the correct answer; 0.5 the correct answer among other words (sloppy);
+    0.2 a wrong answer of the right kind (a number, a capital, a pet...); 0 anything else."""
+    truth = answer(world, question)
+    if truth is None:
+        return 0.0
+    text = response.strip()
+    if text.rstrip(".").strip() == truth:
+        return 1.0
+    if re.search(rf"(?<![\w-]){re.escape(truth)}(?!\w)", text):
+        return 0.5
+    return 0.2 if _same_kind(world, truth, text.rstrip(".").strip()) else 0.0
+
+
+def _same_kind(world: World, truth: str, text: str) -> bool:
+    if truth.isdigit():
+        return text.isdigit()
+    pools = (set(world.capitals.values()), set(world.capitals), set(PETS), set(COLORS))
+    return any(truth in pool and text in pool for pool in pools)

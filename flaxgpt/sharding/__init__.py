@@ -13,9 +13,10 @@ from flaxgpt.sharding.rules import (
     logical_shardings,
     place_batch,
     replicated,
+    unbox_shapes,
 )
 
 __all__ = [
     "MESH_AXES", "initialize_distributed", "make_mesh", "mesh_shape", "batch_sharding", "host_value",
-    "local_batch_rows", "logical_rules", "logical_shardings", "place_batch", "replicated",
+    "local_batch_rows", "logical_rules", "logical_shardings", "place_batch", "replicated", "unbox_shapes",
 ]

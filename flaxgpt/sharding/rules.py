@@ -32,15 +32,26 @@ def logical_rules(rules: Any) -> tuple:
     return tuple(out)
 
 
+def unbox_shapes(tree: Any) -> Any:
+    """Strip the logical-axis boxes of an abstract tree without applying sharding constraints
+    (`nn.meta.unbox` applies them, which fails on shapes when a mesh context is active)."""
+    return nn.meta.map_axis_meta(lambda box: unbox_shapes(box.value), tree)
+
+
 def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: tuple) -> Any:
     """NamedShardings for a tree of boxed values annotated with logical axis names.
 
     Unannotated leaves are replicated. A dimension that its mesh axes do not divide is an
     error naming the parameter, the dimension and the axes.
     """
+    # A box around an empty subtree (optax's MaskedNode, where a masked optimizer keeps no
+    # state for a frozen parameter) is no array: drop the box, keep the empty node.
+    abstract_tree = jax.tree.map(
+        lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) and not jax.tree.leaves(x.value) else x,
+        abstract_tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
     logical = nn.get_partition_spec(abstract_tree)
     shardings = nn.logical_to_mesh_sharding(logical, mesh, rules)
-    flat_values = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(abstract_tree))
+    flat_values = jax.tree_util.tree_leaves_with_path(unbox_shapes(abstract_tree))
     flat_logical = jax.tree.leaves(logical, is_leaf=lambda x: isinstance(x, PartitionSpec))
     flat_shardings = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
     for (path, value), names, sharding in zip(flat_values, flat_logical, flat_shardings):

@@ -1,24 +1,32 @@
-"""Pure step functions for the language-modelling objective (pretraining, and SFT later).
+"""Pure step functions shared by every trainer (pretraining, SFT, the reward model).
 
-`train_step(state, batch) -> (state, metrics)` is compiled once with the
-state donated; gradient accumulation is a scan over micro-batches inside the
-step, summing token-weighted losses so the result equals one large batch.
+`train_step(state, batch) -> (state, metrics)` is compiled once with the state donated;
+gradient accumulation is a scan over micro-batches inside the step, summing the loss
+*sums* so the result equals one large batch exactly.
+
+A trainer's objective is a `LossSums` function `(params, batch, rng, train) -> sums`:
+  loss_sum     the summed loss (its gradient, divided by weight_sum, is the update)
+  weight_sum   what the loss is averaged over (tokens for LMs, prompts for the RM)
+  z_loss_sum   optional auxiliary term added to the objective
+  ratios       optional {name: (numerator, denominator)} reported as numerator / denominator
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from flaxgpt import lora
 from flaxgpt.config import TrainConfig
 from flaxgpt.losses import token_cross_entropy
 from flaxgpt.state import TrainState
 
 Batch = dict[str, jax.Array]
+LossSums = Callable[[Any, Batch, Optional[jax.Array], bool], dict[str, Any]]
 
 
 def lm_loss_sums(model: nn.Module, params: Any, batch: Batch, z_loss: float,
@@ -30,15 +38,32 @@ def lm_loss_sums(model: nn.Module, params: Any, batch: Batch, z_loss: float,
     return token_cross_entropy(logits, batch["targets"], batch["loss_weights"], z_loss)
 
 
+def lm_objective(model: nn.Module, z_loss: float = 0.0) -> LossSums:
+    """Next-token cross-entropy weighted by `loss_weights` (pretraining; SFT on assistant tokens)."""
+    return lambda params, batch, rng, train: lm_loss_sums(model, params, batch, z_loss if train else 0.0,
+                                                          train, rng)
+
+
+def ratio_metrics(sums: dict[str, Any]) -> dict[str, jax.Array]:
+    return {name: num / jnp.maximum(den, 1.0) for name, (num, den) in sums.get("ratios", {}).items()}
+
+
 def make_train_step(
-    model: nn.Module, optimizer: optax.GradientTransformation, schedule: optax.Schedule, cfg: TrainConfig
+    model: nn.Module, optimizer: optax.GradientTransformation, schedule: optax.Schedule, cfg: TrainConfig,
+    loss_sums: LossSums | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The jittable step; `loss_sums` defaults to the language-modelling objective."""
     accum = cfg.grad_accum_steps
+    loss_sums = loss_sums or lm_objective(model, cfg.z_loss)
+
+    adapters_only = bool(model.cfg.lora_rank)
 
     def micro_grads(params, micro_batch, rng):
         def objective(p):
-            sums = lm_loss_sums(model, p, micro_batch, cfg.z_loss, True, rng)
-            return sums["loss_sum"] + sums["z_loss_sum"], sums
+            if adapters_only:  # the frozen base gets no weight gradients computed at all
+                p = lora.freeze_base(p, lora.trainable_mask(p))
+            sums = loss_sums(p, micro_batch, rng, True)
+            return sums["loss_sum"] + sums.get("z_loss_sum", 0.0), sums
 
         return jax.grad(objective, has_aux=True)(params)
 
@@ -58,9 +83,9 @@ def make_train_step(
                                                                 jax.tree.map(lambda x: x[0], micro), rng))
             (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
 
-        tokens = jnp.maximum(sums["weight_sum"], 1.0)
-        grads = jax.tree.map(lambda g: g / tokens, grads)
-        loss = sums["loss_sum"] / tokens
+        weight = jnp.maximum(sums["weight_sum"], 1.0)
+        grads = jax.tree.map(lambda g: g / weight, grads)
+        loss = sums["loss_sum"] / weight
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -77,20 +102,25 @@ def make_train_step(
         )
         metrics = {
             "loss": loss,
-            "z_loss": sums["z_loss_sum"] / tokens,
             "grad_norm": grad_norm,
             "lr": schedule(applied_updates),
             "tokens": sums["weight_sum"],
             "skipped": new_state.skipped,
+            **ratio_metrics(sums),
         }
+        if "z_loss_sum" in sums:
+            metrics["z_loss"] = sums["z_loss_sum"] / weight
         return new_state, metrics
 
     return train_step
 
 
-def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], dict[str, jax.Array]]:
-    def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
-        sums = lm_loss_sums(model, params, batch, 0.0, False, None)
-        return {"loss_sum": sums["loss_sum"], "weight_sum": sums["weight_sum"]}
+def make_eval_step(model: nn.Module, loss_sums: LossSums | None = None) -> Callable[[Any, Batch], dict[str, Any]]:
+    """(params, batch) -> the objective's sums without dropout (summed over batches by the caller)."""
+    loss_sums = loss_sums or lm_objective(model)
+
+    def eval_step(params: Any, batch: Batch) -> dict[str, Any]:
+        sums = loss_sums(params, batch, None, False)
+        return {k: v for k, v in sums.items() if k != "z_loss_sum"}
 
     return eval_step

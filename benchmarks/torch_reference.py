@@ -1,0 +1,98 @@
+"""The same GPT and training step written plainly in PyTorch eager: the reference that
+`benchmarks/train_throughput.py` measures flaxgpt against, side by side.
+
+It is nanoGPT's model.py in miniature: pre-norm blocks, causal self-attention through
+`scaled_dot_product_attention`, tanh-GELU MLP, tied embeddings, AdamW with decay on 2-D
+tensors, global-norm clipping. torch comes from the CPU wheel on disk (`pip install torch==2.13.0`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, n_head: int, bias: bool):
+        super().__init__()
+        self.n_head = n_head
+        self.ln_1 = nn.LayerNorm(d_model, bias=bias)
+        self.c_attn = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.c_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.ln_2 = nn.LayerNorm(d_model, bias=bias)
+        self.c_fc = nn.Linear(d_model, 4 * d_model, bias=bias)
+        self.mlp_proj = nn.Linear(4 * d_model, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.c_proj(y.transpose(1, 2).contiguous().view(b, t, c))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab: int, block_size: int, n_layer: int, n_head: int, d_model: int, bias: bool = False):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d_model)
+        self.wpe = nn.Embedding(block_size, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_head, bias) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d_model, bias=bias)
+        self.lm_head = nn.Linear(d_model, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * n_layer) if name.endswith(("c_proj.weight", "mlp_proj.weight")) else 0.02
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def measure(vocab: int, block_size: int, n_layer: int, n_head: int, d_model: int, batch: int, steps: int,
+            warmup: int = 3, threads: int | None = None) -> dict:
+    """Tokens/s of forward + backward + clip + AdamW steps on random tokens (after `warmup` steps)."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = GPT(vocab, block_size, n_layer, n_head, d_model)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-3, betas=(0.9, 0.99), fused=False, foreach=True)
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randint(0, vocab, (steps + warmup, batch, block_size + 1), generator=gen)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    def step(i: int) -> float:
+        x, y = data[i, :, :-1], data[i, :, 1:]
+        loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss
+
+    for i in range(warmup):
+        step(i)
+    start = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        loss = step(i)
+    loss.item()
+    seconds = time.perf_counter() - start
+    return {"tokens_per_sec": steps * batch * block_size / seconds, "step_ms": 1000 * seconds / steps,
+            "params": n_params, "threads": torch.get_num_threads(), "version": torch.__version__}
+
+
+if __name__ == "__main__":
+    print(measure(vocab=65, block_size=64, n_layer=4, n_head=4, d_model=128, batch=12, steps=50))

@@ -1,0 +1,73 @@
+"""LoRA around the model: which parameters train, and folding adapters into the base weights.
+
+The adapters themselves live in `model.Linear`. With them on, a trainer differentiates only
+the adapters (and heads the base model lacks, such as a reward model's `score`): the frozen
+leaves go through `stop_gradient`, so XLA never computes their weight gradients, and the
+optimizer (`optim.build_optimizer(..., trainable=...)`) keeps moments only for what trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flaxgpt.config import ModelConfig
+
+LORA_FIELDS = ("lora_rank", "lora_targets")  # they change the parameter tree
+LORA_SETTINGS = LORA_FIELDS + ("lora_alpha", "lora_dropout")
+# parameters a LoRA run trains besides the adapters: new heads with no pretrained value
+NEW_HEADS = ("score",)
+
+
+def _names(path: tuple) -> list[str]:
+    return [str(getattr(k, "key", k)) for k in path]
+
+
+def trainable_mask(params: Any) -> Any:
+    """True for adapter leaves and new heads, False for the frozen base."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: any(n.startswith("lora_") or n in NEW_HEADS for n in _names(path)), params)
+
+
+def freeze_base(params: Any, mask: Any) -> Any:
+    """Parameters with the frozen leaves cut from the gradient."""
+    return jax.tree.map(lambda p, train: p if train else jax.lax.stop_gradient(p), params, mask)
+
+
+def merge(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
+    """(parameters with every adapter folded into its kernel, the config without adapters):
+    the same function as the adapted model, in the base model's shapes (for export and for
+    starting another run)."""
+    if not cfg.lora_rank:
+        return params, cfg
+    scale = cfg.lora_alpha / cfg.lora_rank
+
+    def fold(node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        if "lora_a" in node:
+            kernel, a, b = node["kernel"], node["lora_a"], node["lora_b"]
+            # kernel [L.., in.., out..], a [L.., in.., r], b [L.., r, out..]; L: scanned layers, if any
+            lead = a.ndim + b.ndim - 2 - kernel.ndim
+            a2 = a.reshape(a.shape[:lead] + (-1, cfg.lora_rank)).astype(jnp.float32)
+            b2 = b.reshape(b.shape[:lead] + (cfg.lora_rank, -1)).astype(jnp.float32)
+            delta = (a2 @ b2).reshape(kernel.shape) * scale
+            rest = {k: v for k, v in node.items() if k not in ("lora_a", "lora_b")}
+            rest["kernel"] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+            return rest
+        return {k: fold(v) for k, v in node.items()}
+
+    return fold(params), dataclasses.replace(cfg, lora_rank=0)
+
+
+def describe_size(params: Any, rank: int) -> str:
+    """"1.23M parameters", or with adapters how many of them train."""
+    total = sum(int(x.size) for x in jax.tree.leaves(params))
+    if not rank:
+        return f"{total / 1e6:.2f}M parameters"
+    mask = jax.tree.leaves(trainable_mask(params))
+    trained = sum(int(x.size) for x, train in zip(jax.tree.leaves(params), mask) if train)
+    return f"{total / 1e6:.2f}M parameters, {trained / 1e6:.3f}M trained (LoRA rank {rank})"

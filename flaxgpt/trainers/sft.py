@@ -1,0 +1,166 @@
+"""Supervised fine-tuning (InstructGPT step 1): learn to answer as the demonstrations do.
+
+Conversations (system message, history, ideal response) are rendered through the chat
+template; the loss covers only assistant tokens (every assistant turn, or only the last),
+so the model is never trained to write the user's part. Validation reports the loss and
+perplexity on assistant tokens and, on answers produced by the generation engine,
+exact match, BLEU and ROUGE against the references (plus the labeler's task accuracy on
+the embedded world).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import numpy as np
+
+from flaxgpt import generate
+from flaxgpt.chat_template import render, stop_tokens
+from flaxgpt.config import Config
+from flaxgpt.data import world as world_lib
+from flaxgpt.data.jsonl import DataError, read_jsonl
+from flaxgpt.data.packing import Example, PackedRows, build_rows
+from flaxgpt.data.tokenizers import Tokenizer
+from flaxgpt.metrics import text_metrics
+from flaxgpt.model import Transformer
+from flaxgpt.trainers.lm import make_eval_step
+from flaxgpt.trainers.loop import Objective, Runtime, fit, starting_point
+
+Conversation = list[dict]
+# (prompt text, response) -> labeler score in [0, 1]: the embedded world's oracle, or None
+Labeler = Optional[Callable[[str, str], float]]
+
+
+def conversation_example(messages: Sequence[dict], tokenizer: Tokenizer, block_size: int,
+                         loss_on: str = "all") -> Example:
+    """Next-token example of one conversation, weighted 1 on assistant tokens only.
+
+    Rendered to at most block_size + 1 tokens (older turns dropped first); inputs are all
+    but the last token and targets all but the first, so every assistant token (and its
+    closing <|end|>) is predicted from everything before it.
+    """
+    rendered = render(messages, tokenizer, block_size + 1, add_generation_prompt=False)
+    ids, mask = rendered.ids, list(rendered.assistant_mask)
+    if loss_on == "last":  # keep only the final run of assistant tokens
+        end = max(i for i, m in enumerate(mask) if m) + 1
+        start = end
+        while start > 0 and mask[start - 1]:
+            start -= 1
+        mask = [1 if start <= i < end else 0 for i in range(len(mask))]
+    return ids[:-1], ids[1:], [float(m) for m in mask[1:]]
+
+
+def prompt_and_reference(messages: Sequence[dict]) -> tuple[list[dict], str]:
+    """Everything before the last assistant turn, and that turn's content (the reference answer)."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return list(messages[:last]), messages[last]["content"]
+
+
+def world_conversations(cfg: Config) -> tuple[list[Conversation], list[Conversation], Labeler]:
+    """Demonstrations on the embedded world: imperfect for training (data.world_noise of them wrong
+    or sloppy), perfect for validation (the references), and the world's labeler."""
+    data = cfg.data
+    world = world_lib.make_world(data.world_seed)
+    train_rng, val_rng = random.Random(data.world_seed * 1000 + 1), random.Random(data.world_seed * 1000 + 2)
+    train = [world_lib.conversation(world, train_rng, data.world_noise, data.world_system)["messages"]
+             for _ in range(data.world_conversations)]
+    n_val = max(cfg.sft.eval_examples, cfg.eval.iters * (cfg.eval.batch_size or cfg.train.batch_size), 1)
+    val = [world_lib.conversation(world, val_rng, 0.0, data.world_system)["messages"] for _ in range(n_val)]
+    return train, val, lambda question, response: world_lib.label(world, question, response)
+
+
+def jsonl_conversations(cfg: Config) -> tuple[list[Conversation], list[Conversation]]:
+    data = cfg.data
+    records, report = read_jsonl(data.path, "conversations", data.on_error)
+    print(report.summary(), flush=True)
+    conversations = [r["messages"] for r in records]
+    if data.val_path:
+        return conversations, [r["messages"] for r in read_jsonl(data.val_path, "conversations", data.on_error)[0]]
+    cut = int(len(conversations) * data.train_fraction)
+    if cut < 1 or cut >= len(conversations):
+        raise DataError(f"{data.path}: {len(conversations)} conversation(s) cannot be split into train and "
+                        "validation; add conversations or set data.val_path")
+    return conversations[:cut], conversations[cut:]
+
+
+def conversation_rows(conversations: list[Conversation], tokenizer: Tokenizer, cfg: Config, where: str,
+                      seed: int) -> PackedRows:
+    """Rendered, masked, and packed (never splitting a conversation) or padded into rows."""
+    examples, skipped = [], []
+    for index, messages in enumerate(conversations):
+        try:
+            examples.append(conversation_example(messages, tokenizer, cfg.model.block_size, cfg.sft.loss_on))
+        except ValueError as e:
+            if cfg.data.on_error == "raise":
+                raise DataError(f"{where}: conversation {index}: {e} (data.on_error=skip skips it)") from e
+            skipped.append(index)
+    if skipped:
+        print(f"{where}: {len(skipped)} conversation(s) too long for the context skipped "
+              f"(first: {skipped[0]})", flush=True)
+    rows = build_rows(examples, cfg.model.block_size, cfg.data.packing, tokenizer.pad_id, keep_whole=True)
+    return PackedRows(rows, seed)
+
+
+def answer_metrics(model: Transformer, params: Any, tokenizer: Tokenizer, conversations: list[Conversation],
+                   cfg: Config, labeler: Labeler) -> dict[str, float]:
+    """Greedy answers to the final user turn of `conversations`, scored against their references."""
+    max_new = cfg.sft.max_new_tokens
+    prompts, references, questions = [], [], []
+    for messages in conversations:
+        history, reference = prompt_and_reference(messages)
+        prompts.append(render(history, tokenizer, cfg.model.block_size - max_new).ids)
+        references.append(reference)
+        questions.append(next(m["content"] for m in reversed(history) if m["role"] == "user"))
+    decode = generate.DecodeConfig(max_new_tokens=max_new, temperature=0.0)
+    outputs = generate.generate_batched(model, params, prompts, decode, jax.random.PRNGKey(0),
+                                        batch_size=cfg.eval.batch_size or cfg.train.batch_size,
+                                        pad_id=tokenizer.pad_id, stop_tokens=stop_tokens(tokenizer))
+    answers = [tokenizer.decode(ids) for ids in outputs]
+    figures = text_metrics(answers, references)
+    if labeler is not None:
+        scores = [labeler(q, a) for q, a in zip(questions, answers)]
+        figures["task_accuracy"] = float(np.mean([s == 1.0 for s in scores]))
+        figures["labeler_score"] = float(np.mean(scores))
+    return figures
+
+
+def run(cfg: Config, workdir: str) -> dict[str, Any]:
+    """Fine-tune to `train.max_steps` (resuming if possible); returns the final figures."""
+    rt = Runtime.create(cfg, workdir)
+    labeler: Labeler = None
+    if cfg.data.source == "world":
+        train_convs, val_convs, labeler = world_conversations(cfg)
+        where = "world demonstrations"
+    else:
+        train_convs, val_convs = jsonl_conversations(cfg)
+        where = cfg.data.path
+    all_text = lambda: "".join(m["content"] for c in train_convs + val_convs for m in c)
+    cfg, tokenizer, init_params = starting_point(cfg, rt, all_text)
+    model = Transformer(cfg.model)
+    batch, eval_batch = cfg.train.batch_size, cfg.eval.batch_size or cfg.train.batch_size
+    train_rows = conversation_rows(train_convs, tokenizer, cfg, where, cfg.train.seed)
+    val_rows = conversation_rows(val_convs, tokenizer, cfg, where + " (validation)", cfg.train.seed + 1)
+    eval_iters = min(cfg.eval.iters, -(-val_rows.n // eval_batch))
+    eval_step = jax.jit(make_eval_step(model))
+    generated = val_convs[: cfg.sft.eval_examples]
+
+    def evaluate(params: Any) -> dict[str, float]:
+        figures = rt.validation(eval_step, params, lambda i, rows: val_rows.batch(i, eval_batch, rows),
+                                eval_iters, eval_batch)
+        figures["val_ppl"] = float(np.exp(min(figures["val_loss"], 50.0)))
+        if generated:
+            figures.update({f"val_{k}": v for k, v in
+                            answer_metrics(model, params, tokenizer, generated, cfg, labeler).items()})
+        return figures
+
+    objective = Objective(
+        loss_sums=None,  # next-token cross-entropy, weighted by the assistant mask
+        train_batch=lambda step, rows: train_rows.batch(step, batch, rows),
+        evaluate=evaluate,
+        position=lambda step: train_rows.position(step, batch),
+    )
+    description = (f"{len(train_convs)} training conversations in {train_rows.n} rows, loss on "
+                   f"{cfg.sft.loss_on} assistant turns")
+    return fit(cfg, rt, model, objective, init_params=init_params, description=description)

@@ -1,0 +1,66 @@
+"""Pipelines (the chat demo): stage overrides, and a tiny pretrain -> SFT -> RM run end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import REPO, run_cli
+from flaxgpt.config import ConfigError
+from flaxgpt.train import load_experiment
+
+NOTEBOOK = os.path.join(REPO, "launch", "colab", "flaxgpt_demo.ipynb")
+
+
+def test_stage_overrides_and_their_errors():
+    stages = load_experiment("chat_demo", ["sft.train.max_steps=7", "train.seed=3"])
+    assert [s.name for s in stages] == ["pretrain", "sft", "rm", "ppo"]
+    assert stages[1].config.train.max_steps == 7 and stages[0].config.train.max_steps != 7
+    assert {s.config.train.seed for s in stages} == {3}
+    with pytest.raises(ConfigError, match="did you mean 'sft'"):
+        load_experiment("chat_demo", ["sfft.train.max_steps=1"])
+    with pytest.raises(ConfigError, match="did you mean 'train.max_steps'"):
+        load_experiment("chat_demo", ["sft.train.max_stepz=1"])
+
+
+def test_print_config_of_a_pipeline():
+    out = run_cli("-e", "chat_demo", "--print-config", "--set", "rm.reward.margin=0.5")
+    assert out.returncode == 0, out.stderr
+    described = json.loads(out.stdout)
+    assert described["rm"]["init_from"] == "sft" and described["rm"]["reward"]["margin"] == 0.5
+    assert described["sft"]["train"]["trainer"] == "sft" and described["ppo"]["reward_from"] == "rm"
+
+
+@pytest.mark.slow
+def test_colab_notebook_runs_the_tiny_chat_demo_top_to_bottom(tmp_path):
+    """The Colab notebook, executed on the CPU with its shortened settings: pretrain -> SFT -> RM ->
+    PPO with two rounds of iterated RLHF and PPO-ptx, in miniature; then sampling and chat."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    workdir = str(tmp_path / "demo")
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    parameters = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
+    parameters.source = f"FAST = True\nINSTALL = False\nREPO = ''\nWORKDIR = {workdir!r}\n"
+    nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
+                            resources={"metadata": {"path": REPO}}).execute()
+    out = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "cpu" in out.lower()  # the devices cell
+    assert "user: What is 2 plus 5?\nassistant: " in out  # the chat cell
+
+    with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+    assert set(summary) == {"pretrain", "sft", "rm", "ppo"}
+    assert 0.0 <= summary["sft"]["task_accuracy"] <= 1.0 and summary["sft"]["val_loss"] > 0
+    assert summary["rm"]["val_accuracy"] > 0.5  # held-out comparisons, better than chance
+    for key in ("reward_start", "reward_end", "kl_end", "task_accuracy", "sft_task_accuracy"):
+        assert key in summary["ppo"]
+    for stage in ("pretrain", "sft", "rm", "ppo"):
+        assert os.path.exists(os.path.join(workdir, stage, "result.json"))
+    assert os.path.exists(os.path.join(workdir, "rm", "comparisons.jsonl"))
+    assert "round 1:" in out and "reward model retrained" in out  # iterated RLHF happened
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "ppo", "metrics.jsonl"))]
+    assert rows[-1]["round"] == 1 and "ptx_loss" in rows[-1]  # PPO-ptx mixed in
+    again = run_cli("-e", "chat_demo", "--workdir", workdir)
+    assert again.returncode == 0 and again.stdout.count("finished earlier") == 4, again.stdout

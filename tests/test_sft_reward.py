@@ -1,0 +1,246 @@
+"""SFT and the reward model: loss masking, the ranking loss, reward placement, short real runs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, init_params, tiny_model_config, tiny_run_config
+from flaxgpt.chat_template import render
+from flaxgpt.checkpoint import CheckpointMismatch
+from flaxgpt.data import world as world_lib
+from flaxgpt.data.tokenizers import CharTokenizer
+from flaxgpt.logging import read_metrics
+from flaxgpt.losses import ranking_loss, token_cross_entropy
+from flaxgpt.trainers import pretrain, reward, sft
+
+SYSTEM = "Answer briefly."
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> str:
+    """A tiny world model (block 96) that SFT can start from."""
+    workdir = str(tmp_path_factory.mktemp("pretrained"))
+    pretrain.run(tiny_run_config(model={"block_size": 96}, train={"max_steps": 40},
+                                 eval={"interval": 40, "sample_tokens": 0}), workdir)
+    return workdir
+
+
+def sft_config(init_from: str, **sections):
+    cfg = tiny_run_config(train={"trainer": "sft", "init_from": init_from, "max_steps": 60, "log_interval": 1},
+                          data={"world_conversations": 400, "world_system": SYSTEM},
+                          sft={"eval_examples": 16, "max_new_tokens": 16},
+                          eval={"interval": 60, "iters": 2, "sample_tokens": 0},
+                          optimizer={"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5, "weight_decay": 0.0})
+    cfg.model.block_size = 96
+    for section, values in sections.items():
+        for key, value in values.items():
+            setattr(getattr(cfg, section), key, value)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- SFT
+
+
+def test_assistant_mask_and_last_turn_only():
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz ?.0123456789")
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi?"},
+                {"role": "assistant", "content": "yo."}, {"role": "user", "content": "and?"},
+                {"role": "assistant", "content": "ok"}]
+    inputs, targets, weights = sft.conversation_example(messages, tok, 64, "all")
+    assert len(inputs) == len(targets) == len(weights)
+    learned = "".join(tok.decode([t]) for t, w in zip(targets, weights) if w)
+    assert learned == "yo.<|end|>ok<|end|>"  # assistant content and its end marker, nothing else
+    _, targets, weights = sft.conversation_example(messages, tok, 64, "last")
+    assert "".join(tok.decode([t]) for t, w in zip(targets, weights) if w) == "ok<|end|>"
+
+
+def test_prompt_tokens_carry_no_gradient():
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz ?.")
+    messages = [{"role": "user", "content": "what is up?"}, {"role": "assistant", "content": "the sky."}]
+    inputs, targets, weights = (np.asarray(a)[None] for a in sft.conversation_example(messages, tok, 40))
+    cfg = tiny_model_config(vocab_size=tok.vocab_size, block_size=inputs.shape[1])
+    model, params = init_params(cfg)
+    weights = jnp.asarray(weights, jnp.float32)
+
+    def loss(logits, targets):
+        return token_cross_entropy(logits, targets, weights)["loss_sum"]
+
+    logits = jax.jit(model.apply)({"params": params}, jnp.asarray(inputs))
+    grad = jax.jit(jax.grad(loss))(logits, jnp.asarray(targets))
+    prompt = np.asarray(weights[0]) == 0
+    assert prompt.sum() > 5 and (~prompt).sum() > 5
+    assert np.all(np.asarray(grad)[0, prompt] == 0.0)
+    assert np.all(np.abs(np.asarray(grad)[0, ~prompt]).sum(-1) > 0)
+    # whatever the prompt positions' targets are, neither the loss nor the parameter gradient changes
+    scrambled = np.where(prompt[None], np.random.default_rng(0).integers(0, tok.vocab_size, targets.shape), targets)
+    param_loss = jax.jit(lambda p, t: loss(model.apply({"params": p}, jnp.asarray(inputs)), t))
+    g1, g2 = (jax.jit(jax.grad(param_loss))(params, jnp.asarray(t)) for t in (targets, scrambled))
+    assert float(param_loss(params, jnp.asarray(targets))) == float(param_loss(params, jnp.asarray(scrambled)))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), g1, g2)
+
+
+def test_world_demonstrations_are_imperfect_and_labeled():
+    world = world_lib.make_world(0)
+    rng = random.Random(0)
+    questions = [world_lib.random_question(world, rng)[0] for _ in range(2000)]
+    demos = [world_lib.demonstration(world, q, rng, 0.3) for q in questions]
+    labels = [world_lib.label(world, q, d) for q, d in zip(questions, demos)]
+    assert 0.65 < np.mean([s == 1.0 for s in labels]) < 0.75  # 70 % clean
+    assert 0.11 < np.mean([s == 0.5 for s in labels]) < 0.19  # 15 % sloppy
+    assert 0.11 < np.mean([s == 0.2 for s in labels]) < 0.19  # 15 % wrong (but of the right kind)
+    for q in questions[:300]:
+        truth = world_lib.answer(world, q)
+        assert world_lib.wrong_answer(world, q, rng) != truth
+        assert world_lib.label(world, q, truth) == 1.0 and world_lib.label(world, q, f"Maybe {truth}.") == 0.5
+    assert world_lib.label(world, "What is 10 plus 7?", "170") == 0.2
+    assert world_lib.label(world, "What is 10 plus 7?", "seventeen") == 0.0
+    # every character of the chat data is known to the pretraining tokenizer
+    tok = CharTokenizer.from_text(world_lib.corpus(world, 6000))
+    text = "".join(m["content"] for _ in range(300) for m in
+                   world_lib.conversation(world, rng, 0.5, SYSTEM)["messages"])
+    assert tok.unk_id not in tok.encode(text)
+
+
+def test_sft_from_pretrained_lowers_the_assistant_loss(pretrained, tmp_path):
+    result = sft.run(sft_config(pretrained), str(tmp_path))
+    rows = read_metrics(str(tmp_path))
+    first, last = np.mean([r["loss"] for r in rows[:3]]), np.mean([r["loss"] for r in rows[-3:]])
+    assert last < 0.8 * first, (first, last)
+    for key in ("val_loss", "val_ppl", "val_exact_match", "val_bleu", "val_rougeL", "val_task_accuracy"):
+        assert key in result and math.isfinite(result[key])
+    assert 0.0 <= result["val_task_accuracy"] <= 1.0
+    # the SFT run uses the pretrained run's tokenizer
+    with open(os.path.join(pretrained, "tokenizer.json")) as a, open(tmp_path / "tokenizer.json") as b:
+        assert json.load(a) == json.load(b)
+
+
+def test_init_from_a_different_shape_is_a_clear_error(pretrained, tmp_path):
+    cfg = sft_config(pretrained)
+    cfg.model.d_model = 64
+    with pytest.raises(CheckpointMismatch, match=r"model.d_model: .* has 32, this experiment sets 64"):
+        sft.run(cfg, str(tmp_path))
+
+
+def test_sft_on_jsonl_conversations_from_scratch(tmp_path):
+    rng = random.Random(0)
+    path = tmp_path / "chats.jsonl"
+    with open(path, "w") as f:
+        for _ in range(120):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"{a}+{b}"},
+                                             {"role": "assistant", "content": str(a + b)}]}) + "\n")
+    cfg = tiny_run_config(train={"trainer": "sft", "max_steps": 20},
+                          data={"source": "jsonl", "path": str(path), "packing": "pad"},
+                          sft={"eval_examples": 8, "max_new_tokens": 4, "loss_on": "last"},
+                          eval={"interval": 20, "iters": 1, "sample_tokens": 0})
+    result = sft.run(cfg, str(tmp_path / "run"))
+    assert "val_exact_match" in result and "val_task_accuracy" not in result  # no labeler for user data
+
+
+# ----------------------------------------------------------------------------- reward model
+
+
+def test_ranking_loss_matches_a_hand_computed_value_for_k4():
+    rewards = np.array([[1.5, 0.2, -0.3, 0.9], [0.1, -0.4, 2.0, 0.0]], np.float32)
+    ranks = np.array([[0, 1, 2, 3], [0, 1, 1, 2]], np.float32)  # second prompt: a tie, and K=3
+    valid = np.array([[1, 1, 1, 1], [1, 1, 1, 0]], np.float32)
+    margin = 0.25
+    per_prompt, correct, pairs = [], 0, 0
+    for b in range(2):
+        losses = []
+        for i, j in itertools.permutations(range(4), 2):
+            if valid[b, i] and valid[b, j] and ranks[b, i] < ranks[b, j]:
+                d = rewards[b, i] - rewards[b, j]
+                losses.append(math.log1p(math.exp(-(d - margin))))
+                correct, pairs = correct + (d > 0), pairs + 1
+        per_prompt.append(sum(losses) / len(losses))
+    assert pairs == 6 + 2  # all C(4,2) pairs of the first prompt; the tie gives none in the second
+    out = ranking_loss(jnp.asarray(rewards), jnp.asarray(ranks), jnp.asarray(valid), margin)
+    assert float(out["weight_sum"]) == 2.0
+    np.testing.assert_allclose(float(out["loss_sum"]) / 2, np.mean(per_prompt), rtol=1e-6)
+    num, den = out["ratios"]["accuracy"]
+    assert (float(num), float(den)) == (correct, pairs)
+
+
+def test_reward_is_read_at_the_last_real_token_under_padding():
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz ?.")
+    cfg = tiny_model_config(vocab_size=tok.vocab_size, block_size=48, output="scalar")
+    model, params = init_params(cfg)
+    prompt = [{"role": "user", "content": "who?"}]
+    responses = ["a", "a longer answer.", "mid size"]
+    got = reward.score(model, params, tok, [(prompt, r) for r in responses], batch_size=4)
+    apply = jax.jit(model.apply)
+    for response, value in zip(responses, got):
+        ids = render(prompt + [{"role": "assistant", "content": response}], tok, 48, add_generation_prompt=False).ids
+        alone = apply({"params": params}, jnp.asarray([ids]))[0, -1]  # no padding at all
+        np.testing.assert_allclose(value, float(alone), rtol=1e-5, atol=1e-6)
+    assert len(set(np.round(got, 6))) == 3
+
+
+def _preference_pairs(path, n, seed):
+    """Pairs whose chosen answer is made of vowels and rejected one of consonants."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            word = lambda letters: "".join(rng.choice(letters) for _ in range(rng.randint(3, 8)))
+            f.write(json.dumps({"prompt": "say " + word("xyz"), "chosen": word("aeiou"),
+                                "rejected": word("bcdfg")}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory) -> tuple[str, dict]:
+    base = tmp_path_factory.mktemp("rm")
+    _preference_pairs(base / "train.jsonl", 200, 0)
+    _preference_pairs(base / "val.jsonl", 48, 1)
+    cfg = tiny_run_config(train={"trainer": "reward", "max_steps": 40, "batch_size": 8},
+                          data={"source": "jsonl", "path": str(base / "train.jsonl"),
+                                "val_path": str(base / "val.jsonl")},
+                          eval={"interval": 40, "iters": 6, "sample_tokens": 0})
+    workdir = str(base / "run")
+    return workdir, reward.run(cfg, workdir)
+
+
+def test_reward_model_beats_chance_on_held_out_pairs_and_is_centred(reward_run):
+    workdir, result = reward_run
+    assert result["val_accuracy"] > 0.8, result
+    assert "reward_offset" in result
+    # after training, the reference responses (the chosen ones) score mean 0
+    from flaxgpt import inference
+
+    loaded = inference.load(workdir)
+    records = [json.loads(line) for line in open(os.path.join(os.path.dirname(workdir), "train.jsonl"))]
+    items = [([{"role": "user", "content": r["prompt"]}], r["chosen"]) for r in records]
+    with inference.logical_context(loaded):
+        rewards = reward.score(loaded.model, loaded.params, loaded.tokenizer, items, 16)
+    assert abs(float(np.mean(rewards))) < 1e-3
+
+
+def test_score_cli_prints_rewards(reward_run, tmp_path):
+    workdir, _ = reward_run
+    run = lambda *a: subprocess.run([sys.executable, "-m", "flaxgpt.score", "--workdir", workdir, *a],
+                                    cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = run("--prompt", "say xyz", "--response", "aeiou", "--response", "bcdfg")
+    assert out.returncode == 0, out.stderr
+    scores = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [s["response"] for s in scores] == ["aeiou", "bcdfg"] and scores[0]["reward"] > scores[1]["reward"]
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text(json.dumps({"prompt": "say x", "responses": ["ai", "bd"]}) + "\n"
+                     + json.dumps({"prompt": "say y", "chosen": "oo", "rejected": "gg"}) + "\n")
+    out = run("--jsonl", str(batch))
+    assert out.returncode == 0, out.stderr
+    first, second = (json.loads(line) for line in out.stdout.splitlines())
+    assert len(first["rewards"]) == 2 and {"reward_chosen", "reward_rejected"} <= set(second)
+    batch.write_text('{"prompt": "say x"}\n')
+    out = run("--jsonl", str(batch))
+    assert out.returncode == 2 and "record 1: no 'response'" in out.stderr
