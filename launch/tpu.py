@@ -4,7 +4,8 @@
     python launch/tpu.py up --name flaxgpt-1 --zone us-central2-b --accelerator-type v4-32 --spot \\
         --workdir gs://my-bucket/runs/chat_demo --experiment chat_demo [--set mesh.fsdp=-1 ...]
 
-`up` creates the VM (unless it exists), installs flaxgpt on every worker, runs
+`up` creates the VM (unless it exists), installs flaxgpt on every worker (this checkout's HEAD,
+copied over, or `--repo URL --ref REF`), runs
 `python -m flaxgpt.train` on all workers at once (`--worker=all`; each becomes one JAX process,
 `jax.distributed` initialises itself on a multi-host slice), and waits. If the job ends
 because the VM was preempted (a spot VM reclaimed), `up` deletes it, creates it again and
@@ -20,6 +21,7 @@ Needs the Google Cloud SDK (`gcloud`) where it runs; nothing here talks to Googl
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
@@ -28,7 +30,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 DEFAULT_RUNTIME = "tpu-ubuntu2204-base"
-DEFAULT_REPO = "https://github.com/flaxgpt/flaxgpt.git"
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCE_ARCHIVE = "/tmp/flaxgpt-src.tar.gz"
 LOG_FILE = "flaxgpt-run.log"
 
 
@@ -72,13 +75,26 @@ def ssh_command(t: Target, remote: str, worker: str = "all") -> list[str]:
     return gcloud_tpu("ssh", *t.scope(), f"--worker={worker}", f"--command={remote}")
 
 
-def setup_script(repo: str, ref: str, extras: str) -> str:
-    """What every worker runs once: a venv with jax[tpu] and flaxgpt at `ref`."""
+def source_commands(t: Target, repo: Optional[str]) -> list[list[str]]:
+    """Without --repo: this checkout's HEAD, archived and copied to every worker."""
+    if repo:
+        return []
+    return [["git", "-C", REPO_ROOT, "archive", "--format=tar.gz", "-o", SOURCE_ARCHIVE, "HEAD"],
+            gcloud_tpu("scp", SOURCE_ARCHIVE, f"{t.name}:~/flaxgpt-src.tar.gz", "--worker=all", *t.scope()[1:])]
+
+
+def setup_script(repo: Optional[str], ref: str, extras: str) -> str:
+    """What every worker runs: a venv with jax[tpu] and flaxgpt (from --repo at `ref`, or the
+    archive `source_commands` copied)."""
+    if repo:
+        fetch = [f"(test -d flaxgpt || git clone {shlex.quote(repo)} flaxgpt)",
+                 f"cd flaxgpt && git fetch -q origin && git checkout -q {shlex.quote(ref)}"]
+    else:
+        fetch = ["rm -rf flaxgpt && mkdir flaxgpt && tar -xzf ~/flaxgpt-src.tar.gz -C flaxgpt", "cd flaxgpt"]
     return " && ".join([
         "set -e",
         "sudo apt-get -qq update && sudo apt-get -qq install -y python3-venv git",
-        f"(test -d flaxgpt || git clone {shlex.quote(repo)} flaxgpt)",
-        f"cd flaxgpt && git fetch -q origin && git checkout -q {shlex.quote(ref)}",
+        *fetch,
         "python3 -m venv ~/flaxgpt-venv",
         "~/flaxgpt-venv/bin/pip install -q -U pip",
         "~/flaxgpt-venv/bin/pip install -q 'jax[tpu]>=0.10.2,<0.11'",
@@ -141,6 +157,8 @@ def up(run: Runner, t: Target, args: argparse.Namespace) -> int:
             state = ""
         if not state:
             run(create_command(t))
+        for cmd in source_commands(t, args.repo):
+            run(cmd)
         run(ssh_command(t, setup_script(args.repo, args.ref, args.extras)))
         result = run(ssh_command(t, train_script(args.experiment, args.workdir, args.set)), check=False)
         if result.returncode == 0:
@@ -172,8 +190,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     capacity = parser.add_mutually_exclusive_group()
     capacity.add_argument("--spot", action="store_true", help="spot capacity (cheaper, can be preempted)")
     capacity.add_argument("--preemptible", action="store_true")
-    parser.add_argument("--repo", default=DEFAULT_REPO, help="git URL the workers clone flaxgpt from")
-    parser.add_argument("--ref", default="main", help="branch, tag or commit to check out")
+    parser.add_argument("--repo", help="git URL the workers clone flaxgpt from (default: copy this checkout's HEAD)")
+    parser.add_argument("--ref", default="main", help="with --repo: branch, tag or commit to check out")
     parser.add_argument("--extras", default="tfds,gcs", help="pip extras to install with flaxgpt")
     parser.add_argument("--experiment", "-e", default="world")
     parser.add_argument("--workdir", help="run directory; gs://bucket/path so checkpoints outlive the VM")
@@ -198,6 +216,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "create":
         run(create_command(t))
     elif args.command == "setup":
+        for cmd in source_commands(t, args.repo):
+            run(cmd)
         run(ssh_command(t, setup_script(args.repo, args.ref, args.extras)))
     elif args.command == "run":
         return run(ssh_command(t, train_script(args.experiment, args.workdir, args.set)), check=False).returncode

@@ -22,6 +22,7 @@ def test_short_world_run_learns_and_writes_its_outputs(tmp_path):
     assert [r["step"] for r in evaluated] == [20, 40, 60]
     assert evaluated[-1]["val_loss"] < 0.85 * evaluated[0]["val_loss"]
     assert rows[-1]["loss"] < 0.65 * rows[0]["loss"]  # from ln(vocab) ~ 4.2
+    assert all(0.0 < r["mfu"] < 1.0 for r in rows)  # against the matmul peak measured on this CPU
     assert abs(evaluated[-1]["val_ppl"] - 2.718281828 ** evaluated[-1]["val_loss"]) < 1e-3 * evaluated[-1]["val_ppl"]
     saved = json.load(open(os.path.join(workdir, "config.json")))
     assert saved["model"]["vocab_size"] > 0 and saved["model"]["norm"] == "layernorm"  # resolved

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flaxgpt.config import OptimizerConfig
+from flaxgpt.config import ModelConfig, OptimizerConfig
 from flaxgpt.losses import token_cross_entropy
 from flaxgpt.optim import build_optimizer, learning_rate_schedule, weight_decay_mask
 from tests.conftest import init_params, tiny_model_config
@@ -99,3 +99,18 @@ def test_gradient_clipping_is_part_of_the_optimizer():
     clipped, unclipped, expected = run(make(1.0)), run(make(0.0)), run(reference)
     np.testing.assert_allclose(clipped[1], expected[1], rtol=1e-6)
     assert not np.allclose(clipped[1], unclipped[1])
+
+
+def test_model_flops_and_peak_table():
+    from types import SimpleNamespace
+
+    from flaxgpt import perf
+
+    cfg = ModelConfig(recipe="gpt2", vocab_size=65, block_size=64, n_layer=4, n_head=4, d_model=128).resolved()
+    # nanoGPT's estimate_mfu: 6N + 12 L H Q T per token
+    assert perf.flops_per_token(cfg, 800_000) == 6 * 800_000 + 12 * 4 * 4 * 32 * 64
+    assert perf.known_peak(SimpleNamespace(device_kind="TPU v5 lite"), "bfloat16") == 197e12
+    assert perf.known_peak(SimpleNamespace(device_kind="TPU v5p"), "bfloat16") == 459e12
+    assert perf.known_peak(SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3"), "bfloat16") == 989e12
+    assert perf.known_peak(SimpleNamespace(device_kind="cpu"), "float32") is None
+    assert 1e9 < perf.measured_peak("float32") < 1e14
