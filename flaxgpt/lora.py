@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxgpt.config import ModelConfig
+from flaxgpt.model import count_params
 
 LORA_FIELDS = ("lora_rank", "lora_targets")  # they change the parameter tree
 LORA_SETTINGS = LORA_FIELDS + ("lora_alpha", "lora_dropout")
@@ -65,7 +66,7 @@ def merge(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
 
 def describe_size(params: Any, rank: int) -> str:
     """"1.23M parameters", or with adapters how many of them train."""
-    total = sum(int(x.size) for x in jax.tree.leaves(params))
+    total = count_params(params)
     if not rank:
         return f"{total / 1e6:.2f}M parameters"
     mask = jax.tree.leaves(trainable_mask(params))

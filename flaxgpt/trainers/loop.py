@@ -30,7 +30,7 @@ from flaxgpt.data.text import build_tokenizer
 from flaxgpt.data.tokenizers import ImportedTokenizer, Tokenizer
 from flaxgpt.inference import inherit_model, params_from_hf, params_from_run, read_run
 from flaxgpt.logging import MetricsLogger
-from flaxgpt.model import Transformer
+from flaxgpt.model import Transformer, count_params
 from flaxgpt.optim import build_optimizer, learning_rate_schedule
 from flaxgpt.sharding import batch_sharding, host_value, local_batch_rows, logical_rules, make_mesh, place_batch
 from flaxgpt.state import TrainState, abstract_train_state, create_train_state
@@ -139,7 +139,7 @@ def fit(cfg: Config, rt: Runtime, model: Transformer, objective: Objective, *,
                                      **extra}
 
     # MFU of language-model steps (pretraining, SFT: every row is block_size tokens of compute)
-    flops_token = perf.flops_per_token(model_cfg, sum(int(x.size) for x in jax.tree.leaves(state.params)))
+    flops_token = perf.flops_per_token(model_cfg, count_params(state.params))
     mfu_denominator = (perf.peak_flops(model_cfg.dtype)[0] * jax.device_count()) if tc.trainer != "reward" else 0.0
     batch = tc.batch_size
     rows = rt.rows(batch)  # this process loads only these rows
