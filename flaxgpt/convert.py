@@ -37,10 +37,8 @@ CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>{{ messa
 
 def import_hf(hf_dir: str, workdir: str, overrides: Sequence[str] = ()) -> Config:
     """A Hugging Face model directory -> a flaxgpt run in `workdir` (parameters at step 0)."""
-    from flaxgpt.trainers.loop import import_hf_model
-
     cfg = apply_overrides(Config(name="imported"), list(overrides))
-    model_cfg, tokenizer, hf_vocab = import_hf_model(hf_dir, cfg.model)
+    model_cfg, tokenizer, hf_vocab = hf.import_model(hf_dir, cfg.model)
     cfg = dataclasses.replace(cfg, model=model_cfg).validate()
     os.makedirs(workdir, exist_ok=True)
     mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh.rules)

@@ -26,6 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from flaxgpt.config import ModelConfig
+from flaxgpt.data.tokenizers import ImportedTokenizer
 
 SUPPORTED = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -332,12 +333,18 @@ def place_from_host(sources: dict[str, Callable[[tuple], np.ndarray]], shardings
     return placed
 
 
-def imported_model_config(directory: str, own: ModelConfig, vocab_size: int,
-                          block_size: Optional[int] = None) -> ModelConfig:
-    """`own` (dropout, dtypes, remat, LoRA, output...) with the structure of the Hugging Face model
-    and the vocabulary extended to `vocab_size` (the tokenizer's appended specials)."""
-    base = model_config_from_hf(read_hf_config(directory), block_size)
+def import_model(directory: str, own: ModelConfig) -> tuple[ModelConfig, ImportedTokenizer, int]:
+    """(model config, tokenizer, the checkpoint's own vocabulary size) of a Hugging Face model
+    directory. The config is `own` (dropout, dtypes, remat, LoRA, output, block_size for rotary
+    models...) with the structure of the Hugging Face model and the vocabulary grown by the chat
+    tokens the tokenizer appends."""
+    hf_cfg = read_hf_config(directory)
+    base = model_config_from_hf(hf_cfg, own.block_size)
+    eos = hf_cfg.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) else eos
+    tokenizer = ImportedTokenizer.from_hf(directory, base.vocab_size, eos, hf_cfg.get("pad_token_id"))
     structural = ("recipe", "block_size", "n_layer", "n_head", "n_kv_heads", "d_model", "head_dim", "d_ff",
                   "position", "norm", "mlp", "use_bias", "tie_embeddings", "norm_eps", "rope_theta")
-    return dataclasses.replace(own, vocab_size=vocab_size, vocab_multiple=1, valid_vocab=0,
-                               **{k: getattr(base, k) for k in structural}).resolved()
+    model_cfg = dataclasses.replace(own, vocab_size=tokenizer.vocab_size, vocab_multiple=1, valid_vocab=0,
+                                    **{k: getattr(base, k) for k in structural}).resolved()
+    return model_cfg, tokenizer, base.vocab_size

@@ -19,7 +19,7 @@ from flaxgpt.checkpoint import STRUCTURAL_FIELDS, Checkpointer, CheckpointMismat
 from flaxgpt.config import Config, ConfigError, ModelConfig, from_dict, to_dict
 from flaxgpt.data.tokenizers import Tokenizer, load_tokenizer
 from flaxgpt.generate import DecodeConfig
-from flaxgpt.lora import LORA_FIELDS
+from flaxgpt.lora import LORA_FIELDS, LORA_SETTINGS
 from flaxgpt.model import Transformer
 from flaxgpt.sharding import logical_rules, logical_shardings, make_mesh, unbox_shapes
 
@@ -80,8 +80,8 @@ def load(workdir: str, step: Optional[int] = None) -> LoadedModel:
 
 # Fields a fine-tuning run takes from the run it starts from (they fix parameter shapes or
 # their meaning); dropout, dtypes, remat, init_std and `output` stay the experiment's own.
-_INHERITED = tuple(f for f in STRUCTURAL_FIELDS if f not in ("output",) + LORA_FIELDS) + ("rope_theta", "norm_eps", "vocab_multiple",
-                                                                     "valid_vocab")
+_INHERITED = tuple(f for f in STRUCTURAL_FIELDS if f not in ("output",) + LORA_FIELDS) + (
+    "rope_theta", "norm_eps", "vocab_multiple", "valid_vocab")
 
 
 def inherit_model(own: ModelConfig, source: ModelConfig, source_dir: str) -> ModelConfig:
@@ -105,7 +105,7 @@ def params_from_run(source_dir: str, step: Optional[int], model_cfg: ModelConfig
     and the target lacks (the vocabulary head of an LM turned reward model) are dropped."""
     source_cfg, _ = read_run(source_dir)
     source_model = dataclasses.replace(model_cfg, output=source_cfg.model.output, dropout=source_cfg.model.dropout,
-                                       **{k: getattr(source_cfg.model, k) for k in LORA_FIELDS + ("lora_alpha",)})
+                                       **{k: getattr(source_cfg.model, k) for k in LORA_SETTINGS})
     check_model_compatible(to_dict(source_cfg.model), source_model, source_dir)
 
     def init_params(shardings: Any) -> Any:

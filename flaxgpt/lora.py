@@ -33,9 +33,9 @@ def trainable_mask(params: Any) -> Any:
         lambda path, _: any(n.startswith("lora_") or n in NEW_HEADS for n in _names(path)), params)
 
 
-def freeze_base(params: Any, mask: Any) -> Any:
-    """Parameters with the frozen leaves cut from the gradient."""
-    return jax.tree.map(lambda p, train: p if train else jax.lax.stop_gradient(p), params, mask)
+def freeze_base(params: Any) -> Any:
+    """Parameters with the frozen leaves (all but `trainable_mask`'s) cut from the gradient."""
+    return jax.tree.map(lambda p, train: p if train else jax.lax.stop_gradient(p), params, trainable_mask(params))
 
 
 def merge(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 from flaxgpt import fileio
 
@@ -35,6 +35,25 @@ class Tokenizer(Protocol):
 
 
 _SPECIAL_PATTERN = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+
+
+def _decode_around_specials(ids: Sequence[int], special_ids: dict[int, str], pad_id: int,
+                            decode_run: Callable[[list[int]], str]) -> str:
+    """Ordinary ids decoded run by run by the base tokenizer, special ids as their text (pad as
+    nothing): subword tokenizers never render flaxgpt's special tokens themselves."""
+    pieces: list[str] = []
+    run: list[int] = []
+    for i in (int(i) for i in ids):
+        if i in special_ids:
+            if run:
+                pieces.append(decode_run(run))
+            run = []
+            pieces.append("" if i == pad_id else special_ids[i])
+        else:
+            run.append(i)
+    if run:
+        pieces.append(decode_run(run))
+    return "".join(pieces)
 
 
 class CharTokenizer:
@@ -97,15 +116,7 @@ class SentencePieceTokenizer:
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        pieces, run = [], []
-        for i in (int(i) for i in ids):
-            if i in self.special_ids:
-                pieces.append(self.sp.decode(run))
-                run = []
-                pieces.append("" if i == self.pad_id else self.special_ids[i])
-            else:
-                run.append(i)
-        return "".join(pieces) + self.sp.decode(run)
+        return _decode_around_specials(ids, self.special_ids, self.pad_id, self.sp.decode)
 
     def save(self, directory: str) -> None:
         _copy(self.model_file, os.path.join(directory, SPM_FILE))
@@ -235,18 +246,7 @@ class ImportedTokenizer:
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        pieces: list[str] = []
-        run: list[int] = []
-        flush = lambda: pieces.append(self._base.decode(run) if run else "")
-        for i in (int(i) for i in ids):
-            if i in self.special_ids:
-                flush()
-                run = []
-                pieces.append("" if i == self.pad_id else self.special_ids[i])
-            else:
-                run.append(i)
-        flush()
-        return "".join(pieces)
+        return _decode_around_specials(ids, self.special_ids, self.pad_id, self._base.decode)
 
     def save(self, directory: str) -> None:
         target = os.path.join(directory, "imported_" + os.path.basename(self.file))

@@ -61,7 +61,7 @@ def make_train_step(
     def micro_grads(params, micro_batch, rng):
         def objective(p):
             if adapters_only:  # the frozen base gets no weight gradients computed at all
-                p = lora.freeze_base(p, lora.trainable_mask(p))
+                p = lora.freeze_base(p)
             sums = loss_sums(p, micro_batch, rng, True)
             return sums["loss_sum"] + sums.get("z_loss_sum", 0.0), sums
 

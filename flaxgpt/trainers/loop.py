@@ -24,10 +24,10 @@ from jax.sharding import Mesh, NamedSharding
 
 from flaxgpt import fileio, hf, lora, perf
 from flaxgpt.checkpoint import Checkpointer
-from flaxgpt.config import Config, ConfigError, ModelConfig, to_dict, to_json
+from flaxgpt.config import Config, ConfigError, to_dict, to_json
 from flaxgpt.data.prefetch import prefetch
 from flaxgpt.data.text import build_tokenizer
-from flaxgpt.data.tokenizers import ImportedTokenizer, Tokenizer
+from flaxgpt.data.tokenizers import Tokenizer
 from flaxgpt.inference import inherit_model, params_from_hf, params_from_run, read_run
 from flaxgpt.logging import MetricsLogger
 from flaxgpt.model import Transformer, count_params
@@ -218,7 +218,7 @@ def starting_point(cfg: Config, rt: Runtime, tokenizer_text: Callable[[], str],
         init = params_from_run(tc.init_from, tc.init_step, model_cfg, rt.mesh, rt.rules, tc.seed)
         return dataclasses.replace(cfg, model=model_cfg), tokenizer, init
     if tc.init_from_hf:
-        model_cfg, tokenizer, hf_vocab = import_hf_model(tc.init_from_hf, dataclasses.replace(cfg.model, output=output))
+        model_cfg, tokenizer, hf_vocab = hf.import_model(tc.init_from_hf, dataclasses.replace(cfg.model, output=output))
         if jax.process_index() == 0:
             tokenizer.save(rt.workdir)
         init = params_from_hf(tc.init_from_hf, model_cfg, hf_vocab, rt.mesh, rt.rules, tc.seed)
@@ -227,17 +227,6 @@ def starting_point(cfg: Config, rt: Runtime, tokenizer_text: Callable[[], str],
     tokenizer = build_tokenizer(cfg, text, text, rt.workdir)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, output=output))
     return resolve_vocab(cfg, tokenizer), tokenizer, None
-
-
-def import_hf_model(directory: str, own: ModelConfig) -> tuple[ModelConfig, ImportedTokenizer, int]:
-    """(model config, tokenizer, the checkpoint's own vocabulary size) of a Hugging Face model
-    directory; the vocabulary grows by the chat tokens the tokenizer appends."""
-    hf_cfg = hf.read_hf_config(directory)
-    base = hf.model_config_from_hf(hf_cfg)
-    eos = hf_cfg.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) else eos
-    tokenizer = ImportedTokenizer.from_hf(directory, base.vocab_size, eos, hf_cfg.get("pad_token_id"))
-    return hf.imported_model_config(directory, own, tokenizer.vocab_size, own.block_size), tokenizer, base.vocab_size
 
 
 def resolve_vocab(cfg: Config, tokenizer: Tokenizer) -> Config:

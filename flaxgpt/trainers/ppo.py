@@ -336,8 +336,7 @@ class PPOTrainer:
                 index, ptx_index = inputs
                 mb = jax.tree.map(lambda x: x[index], batch)
                 ptx_mb = None if ptx is None else jax.tree.map(lambda x: x[ptx_index], ptx)
-                trained = (lambda q, *a: loss_fn(lora.freeze_base(q, lora.trainable_mask(q)), *a)
-                           ) if self.adapters_only else loss_fn
+                trained = (lambda q, *a: loss_fn(lora.freeze_base(q), *a)) if self.adapters_only else loss_fn
                 grads, stats = jax.grad(trained, has_aux=True)(params, mb, ptx_mb)
                 stats["grad_norm"] = optax.tree.norm(grads)
                 updates, opt_state = self.optimizer.update(grads, opt_state, params)
