@@ -163,7 +163,7 @@ def test_lora_starts_as_the_base_model_trains_only_adapters_and_merges_exactly(i
     assert moments == 2 * adapters  # Adam's two moments, of the adapters alone
 
     def loss(p):
-        logits = model.apply({"params": lora.freeze_base(p, lora.trainable_mask(p))}, ids)
+        logits = model.apply({"params": lora.freeze_base(p)}, ids)
         return -jax.nn.log_softmax(logits)[0, :-1][np.arange(ids.shape[1] - 1), ids[0, 1:]].mean()
 
     new = params
@@ -213,3 +213,24 @@ def test_imported_model_through_sft_and_ppo_then_exported(family, lora_rank, mod
     policy = inference.load(os.path.join(workdir, "ppo"))
     ids = policy.tokenizer.encode("<|user|>What is two plus three?<|end|><|assistant|>")
     np.testing.assert_allclose(hf_fixtures.hf_logits(out, ids), _logits(policy, ids), atol=1e-4)
+
+
+def test_convert_cli_imports_exports_and_names_bad_input(models, tmp_path):
+    def convert(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flaxgpt.convert", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+
+    run_dir, out = str(tmp_path / "run"), str(tmp_path / "out")
+    imported = convert("import", "--hf", models["gpt2"], "--workdir", run_dir)
+    assert imported.returncode == 0, imported.stderr[-2000:]
+    assert "(gpt2: 2 layers, d_model 32, vocab 306)" in imported.stdout
+    exported = convert("export", "--workdir", run_dir, "--hf", out, "--dtype", "bfloat16")
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert json.load(open(os.path.join(out, "config.json")))["torch_dtype"] == "bfloat16"
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    refused = convert("import", "--hf", str(broken), "--workdir", str(tmp_path / "never"))
+    assert refused.returncode == 2 and "error: unsupported architecture ['BertModel']" in refused.stderr
+    assert not os.path.exists(tmp_path / "never" / "checkpoints")
