@@ -59,40 +59,61 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
-def measure(vocab: int, block_size: int, n_layer: int, n_head: int, d_model: int, batch: int, steps: int,
-            warmup: int = 3, threads: int | None = None) -> dict:
-    """Tokens/s of forward + backward + clip + AdamW steps on random tokens (after `warmup` steps)."""
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = GPT(vocab, block_size, n_layer, n_head, d_model)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=1e-3, betas=(0.9, 0.99), fused=False, foreach=True)
-    gen = torch.Generator().manual_seed(0)
-    data = torch.randint(0, vocab, (steps + warmup, batch, block_size + 1), generator=gen)
-    n_params = sum(p.numel() for p in model.parameters())
+class Trainer:
+    """The reference training step on random token batches; `time(steps)` runs and times them."""
 
-    def step(i: int) -> float:
-        x, y = data[i, :, :-1], data[i, :, 1:]
-        loss = model(x, y)
-        opt.zero_grad(set_to_none=True)
+    def __init__(self, vocab: int, block_size: int, n_layer: int, n_head: int, d_model: int, batch: int,
+                 warmup: int = 3, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        self.model = GPT(vocab, block_size, n_layer, n_head, d_model)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                      {"params": no_decay, "weight_decay": 0.0}],
+                                     lr=1e-3, betas=(0.9, 0.99), fused=False, foreach=True)
+        gen = torch.Generator().manual_seed(0)
+        self.data = torch.randint(0, vocab, (20, batch, block_size + 1), generator=gen)
+        self.tokens_per_step = batch * block_size
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.calls = 0
+        self.time(warmup)
+
+    def step(self) -> torch.Tensor:
+        batch = self.data[self.calls % len(self.data)]
+        self.calls += 1
+        loss = self.model(batch[:, :-1], batch[:, 1:])
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
         return loss
 
-    for i in range(warmup):
-        step(i)
-    start = time.perf_counter()
-    for i in range(warmup, warmup + steps):
-        loss = step(i)
-    loss.item()
-    seconds = time.perf_counter() - start
-    return {"tokens_per_sec": steps * batch * block_size / seconds, "step_ms": 1000 * seconds / steps,
-            "params": n_params, "threads": torch.get_num_threads(), "version": torch.__version__}
+    def time(self, steps: int) -> float:
+        """Seconds for `steps` steps, up to the last step's loss on the host."""
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = self.step()
+        loss.item()
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    """Best-of-rounds tokens/s as JSON, in a process of its own: PyTorch as shipped (the
+    default glibc allocator), for `benchmarks/train_throughput.py`'s second PyTorch column."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser()
+    for name in ("vocab", "block_size", "n_layer", "n_head", "d_model", "batch", "steps", "rounds"):
+        parser.add_argument(f"--{name}", type=int, required=True)
+    args = parser.parse_args()
+    trainer = Trainer(args.vocab, args.block_size, args.n_layer, args.n_head, args.d_model, args.batch)
+    best = min(trainer.time(args.steps) for _ in range(args.rounds))
+    print(json.dumps({"tokens_per_sec": args.steps * trainer.tokens_per_step / best, "version": torch.__version__,
+                      "threads": torch.get_num_threads()}))
 
 
 if __name__ == "__main__":
-    print(measure(vocab=65, block_size=64, n_layer=4, n_head=4, d_model=128, batch=12, steps=50))
+    main()

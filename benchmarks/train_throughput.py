@@ -2,19 +2,26 @@
 PyTorch eager (benchmarks/torch_reference.py), side by side in one process.
 
     python benchmarks/train_throughput.py                    # shakespeare_char and GPT-2 124M
-    python benchmarks/train_throughput.py --only shakespeare_char --steps 200
+    python benchmarks/train_throughput.py --only shakespeare_char --rounds 10
 
-Each row: tokens/s (steps after compilation and warm-up, timed to the last step's result),
-MFU against a matmul peak measured here on the same device and dtype (the datasheet peak on
-known accelerators), and the ratio flaxgpt / PyTorch. Appends the table to benchmarks/RESULTS.md.
+Both steps are built first, then timed in alternating rounds of `steps` steps; each side's
+figure is its best round (a shared machine's noise only ever slows a round down). Each row:
+tokens/s, MFU against a matmul peak measured here on the same device and dtype (the datasheet
+peak on known accelerators), and the ratio flaxgpt / PyTorch. The process runs with flaxgpt's
+host-allocator tuning (`perf.tune_host_allocator`, as the CLIs do), which the in-process PyTorch
+reference then shares; a last column runs PyTorch as shipped, in a fresh process with the
+default allocator. Appends the table to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
+import resource
+import subprocess
 import sys
 import time
 
@@ -22,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
 
 from flaxgpt import config as C  # noqa: E402
 from flaxgpt import perf  # noqa: E402
@@ -32,95 +40,142 @@ from flaxgpt.sharding import logical_rules, make_mesh  # noqa: E402
 from flaxgpt.state import create_train_state  # noqa: E402
 from flaxgpt.trainers.lm import make_train_step  # noqa: E402
 
-# (vocab, block, layers, heads, d_model, batch, steps): shakespeare_char is nanoGPT's CPU
-# configuration; GPT-2 124M at sequence 1024 takes seconds per step on a CPU, so few steps.
+# (vocab, block, layers, heads, d_model, batch, steps per round, rounds): shakespeare_char is
+# nanoGPT's CPU configuration; GPT-2 124M at sequence 1024 takes seconds per step on a CPU.
 CONFIGS = {
-    "shakespeare_char": dict(vocab=65, block=64, n_layer=4, n_head=4, d_model=128, batch=12, steps=100),
-    "gpt2_124m": dict(vocab=50304, block=1024, n_layer=12, n_head=12, d_model=768, batch=1, steps=3),
+    "shakespeare_char": dict(vocab=65, block=64, n_layer=4, n_head=4, d_model=128, batch=12, steps=50, rounds=6),
+    "gpt2_124m": dict(vocab=50304, block=1024, n_layer=12, n_head=12, d_model=768, batch=1, steps=2, rounds=2),
 }
 
 
-def flaxgpt_throughput(shape: dict, steps: int, dtype: str) -> dict:
-    cfg = C.ModelConfig(recipe="gpt2", vocab_size=shape["vocab"], block_size=shape["block"],
-                        n_layer=shape["n_layer"], n_head=shape["n_head"], d_model=shape["d_model"], use_bias=False,
-                        dtype=dtype).resolved()
-    model = Transformer(cfg)
-    opt_cfg = C.OptimizerConfig(lr=1e-3, warmup_steps=10, b2=0.99, weight_decay=0.1, no_decay=("bias", "scale"))
-    optimizer = build_optimizer(opt_cfg, 1000)
-    mesh, rules = make_mesh(C.MeshConfig(), jax.devices()[:1]), logical_rules(C.DEFAULT_LOGICAL_AXIS_RULES)
-    state, _ = create_train_state(model, optimizer, jnp.zeros((1, cfg.block_size), jnp.int32), mesh, rules, 0)
-    step = jax.jit(make_train_step(model, optimizer, learning_rate_schedule(opt_cfg, 1000),
-                                   C.TrainConfig(batch_size=shape["batch"])), donate_argnums=0)
-    rng = np.random.default_rng(0)
-    b, t = shape["batch"], shape["block"]
+class FlaxgptTrainer:
+    """The trainers' own `make_train_step`, jitted with the state donated; `time(steps)` runs it."""
 
-    def batch():
-        tokens = rng.integers(0, shape["vocab"], size=(b, t + 1)).astype(np.int32)
-        return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_weights": np.ones((b, t), np.float32),
-                "segment_ids": np.ones((b, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
+    def __init__(self, shape: dict, dtype: str, warmup: int = 2):
+        cfg = C.ModelConfig(recipe="gpt2", vocab_size=shape["vocab"], block_size=shape["block"],
+                            n_layer=shape["n_layer"], n_head=shape["n_head"], d_model=shape["d_model"],
+                            use_bias=False, dtype=dtype).resolved()
+        opt_cfg = C.OptimizerConfig(lr=1e-3, warmup_steps=10, b2=0.99, weight_decay=0.1, no_decay=("bias", "scale"))
+        model, optimizer = Transformer(cfg), build_optimizer(opt_cfg, 1000)
+        mesh, rules = make_mesh(C.MeshConfig(), jax.devices()[:1]), logical_rules(C.DEFAULT_LOGICAL_AXIS_RULES)
+        self.state, _ = create_train_state(model, optimizer, jnp.zeros((1, cfg.block_size), jnp.int32), mesh, rules, 0)
+        self.step = jax.jit(make_train_step(model, optimizer, learning_rate_schedule(opt_cfg, 1000),
+                                            C.TrainConfig(batch_size=shape["batch"])), donate_argnums=0)
+        rng = np.random.default_rng(0)
+        b, t = shape["batch"], shape["block"]
 
-    batches = [batch() for _ in range(min(steps, 20))]
-    start = time.perf_counter()
-    state, metrics = step(state, batches[0])
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - start
-    for i in range(2):  # warm-up
-        state, metrics = step(state, batches[i % len(batches)])
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for i in range(steps):
-        state, metrics = step(state, batches[i % len(batches)])
-    jax.block_until_ready(metrics)
-    seconds = time.perf_counter() - start
-    n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
-    return {"tokens_per_sec": steps * b * t / seconds, "step_ms": 1000 * seconds / steps, "compile_s": compile_s,
-            "params": n_params, "flops_per_token": perf.flops_per_token(cfg, n_params)}
+        def batch() -> dict:
+            tokens = rng.integers(0, shape["vocab"], size=(b, t + 1)).astype(np.int32)
+            return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_weights": np.ones((b, t), np.float32),
+                    "segment_ids": np.ones((b, t), np.int32),
+                    "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
+
+        self.batches = [jax.device_put(batch()) for _ in range(min(shape["steps"], 20))]
+        self.calls = 0
+        self.timed_steps, self.page_faults = 0, 0
+        start = time.perf_counter()
+        self.time(1)
+        self.compile_s = time.perf_counter() - start
+        self.time(warmup)
+        self.tokens_per_step = b * t
+        self.n_params = sum(int(x.size) for x in jax.tree.leaves(self.state.params))
+        self.flops_per_token = perf.flops_per_token(cfg, self.n_params)
+
+    def time(self, steps: int) -> float:
+        """Seconds for `steps` steps, up to the last step's metrics being ready (page faults counted)."""
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.state, metrics = self.step(self.state, self.batches[self.calls % len(self.batches)])
+            self.calls += 1
+        jax.block_until_ready(metrics)
+        seconds = time.perf_counter() - start
+        self.timed_steps += steps
+        self.page_faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        return seconds
+
+
+def pytorch_as_shipped(shape: dict, steps: int, rounds: int) -> dict | None:
+    """The PyTorch reference in a fresh process, untouched by flaxgpt's allocator tuning."""
+    args = [f"--vocab={shape['vocab']}", f"--block_size={shape['block']}", f"--n_layer={shape['n_layer']}",
+            f"--n_head={shape['n_head']}", f"--d_model={shape['d_model']}", f"--batch={shape['batch']}",
+            f"--steps={steps}", f"--rounds={rounds}"]
+    env = {k: v for k, v in os.environ.items() if k != "FLAXGPT_HOST_ALLOCATOR"}
+    done = subprocess.run([sys.executable, os.path.join(_ROOT, "benchmarks", "torch_reference.py"), *args],
+                          capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        print(f"PyTorch as shipped failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=sorted(CONFIGS), action="append")
-    parser.add_argument("--steps", type=int, help="timed steps (default: per configuration)")
+    parser.add_argument("--steps", type=int, help="timed steps per round (default: per configuration)")
+    parser.add_argument("--rounds", type=int, help="alternating timed rounds (default: per configuration)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference (no torch installed)")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = parser.parse_args()
+    allocator = "tuned" if perf.tune_host_allocator() else "default"
     peak, peak_source = perf.peak_flops(args.dtype)
     device = jax.devices()[0]
+    with_torch = not args.no_torch and device.platform == "cpu"
     rows = []
     for name in args.only or list(CONFIGS):
         shape = CONFIGS[name]
-        steps = args.steps or shape["steps"]
-        ours = flaxgpt_throughput(shape, steps, args.dtype)
+        steps, rounds = args.steps or shape["steps"], args.rounds or shape["rounds"]
+        ours = FlaxgptTrainer(shape, args.dtype)
         theirs = None
-        if not args.no_torch and device.platform == "cpu":
-            from benchmarks.torch_reference import measure
+        if with_torch:
+            from benchmarks.torch_reference import Trainer
 
-            theirs = measure(shape["vocab"], shape["block"], shape["n_layer"], shape["n_head"], shape["d_model"],
-                             shape["batch"], steps)
-        mfu = ours["tokens_per_sec"] * ours["flops_per_token"] / peak
-        torch_mfu = theirs["tokens_per_sec"] * ours["flops_per_token"] / peak if theirs else None
-        rows.append((name, shape, steps, ours, theirs, mfu, torch_mfu))
-        print(f"{name}: flaxgpt {ours['tokens_per_sec']:,.0f} tok/s (MFU {mfu:.1%})"
-              + (f", PyTorch {theirs['tokens_per_sec']:,.0f} tok/s, ratio {ours['tokens_per_sec'] / theirs['tokens_per_sec']:.2f}x"
-                 if theirs else ""), flush=True)
+            theirs = Trainer(shape["vocab"], shape["block"], shape["n_layer"], shape["n_head"], shape["d_model"],
+                             shape["batch"])
+        ours_s, theirs_s = [], []
+        ours.timed_steps, ours.page_faults = 0, 0
+        for _ in range(rounds):  # alternate, so both sides see the same machine
+            ours_s.append(ours.time(steps))
+            if theirs:
+                theirs_s.append(theirs.time(steps))
+        shipped = pytorch_as_shipped(shape, steps, rounds) if with_torch else None
+        rate = lambda seconds: steps * ours.tokens_per_step / min(seconds)
+        row = {"name": name, "shape": shape, "steps": steps, "rounds": rounds, "params": ours.n_params,
+               "compile_s": ours.compile_s, "faults": ours.page_faults / ours.timed_steps,
+               "ours": rate(ours_s), "torch": rate(theirs_s) if theirs else None,
+               "shipped": shipped["tokens_per_sec"] if shipped else None,
+               "torch_version": shipped["version"] if shipped else None}
+        row["mfu"] = row["ours"] * ours.flops_per_token / peak
+        row["torch_mfu"] = row["torch"] * ours.flops_per_token / peak if theirs else None
+        rows.append(row)
+        print(f"{name}: flaxgpt {row['ours']:,.0f} tok/s (MFU {row['mfu']:.1%})"
+              + (f", PyTorch {row['torch']:,.0f} tok/s, ratio {row['ours'] / row['torch']:.2f}x" if theirs else "")
+              + (f", PyTorch as shipped {row['shipped']:,.0f} tok/s" if shipped else ""), flush=True)
 
-    torch_version = next((r[4]["version"] for r in rows if r[4]), "not run")
+    torch_version = next((r["torch_version"] for r in rows if r["torch_version"]), "not run")
+    command = " ".join(["python benchmarks/train_throughput.py", *sys.argv[1:]])
     header = (f"## train_throughput — {datetime.date.today()} — {platform.machine()}, {os.cpu_count()} cpus, "
               f"{device.platform} ({device.device_kind}), jax {jax.__version__}, torch {torch_version}, {args.dtype}\n"
-              f"command: `python benchmarks/train_throughput.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`; "
-              f"peak {peak / 1e9:,.0f} GFLOP/s ({peak_source})\n")
-    table = ["| model | batch x seq | params | timed steps | flaxgpt tok/s | MFU | compile s | PyTorch tok/s "
-             "| PyTorch MFU | flaxgpt / PyTorch |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, shape, steps, ours, theirs, mfu, torch_mfu in rows:
-        table.append(f"| {name} | {shape['batch']} x {shape['block']} | {ours['params'] / 1e6:.2f}M | {steps} | "
-                     f"{ours['tokens_per_sec']:,.0f} | {mfu:.1%} | {ours['compile_s']:.1f} | "
-                     + (f"{theirs['tokens_per_sec']:,.0f} | {torch_mfu:.1%} | "
-                        f"{ours['tokens_per_sec'] / theirs['tokens_per_sec']:.2f}x |" if theirs else "— | — | — |"))
+              f"command: `{command}`; peak {peak / 1e9:,.0f} GFLOP/s ({peak_source}); host allocator {allocator}; "
+              f"best of alternating rounds\n")
+    table = ["| model | batch x seq | params | steps x rounds | flaxgpt tok/s | MFU | compile s | page faults/step "
+             "| PyTorch tok/s "
+             "| PyTorch MFU | flaxgpt / PyTorch | PyTorch as shipped tok/s | flaxgpt / as shipped |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda x, spec: format(x, spec) if x is not None else "—"
+    ratio = lambda ours, theirs: f"{ours / theirs:.2f}x" if theirs else "—"
+    for r in rows:
+        table.append(
+            f"| {r['name']} | {r['shape']['batch']} x {r['shape']['block']} | {r['params'] / 1e6:.2f}M | "
+            f"{r['steps']} x {r['rounds']} | {r['ours']:,.0f} | {r['mfu']:.1%} | {r['compile_s']:.1f} | "
+            f"{r['faults']:,.0f} | "
+            f"{fmt(r['torch'], ',.0f')} | {fmt(r['torch_mfu'], '.1%')} | "
+            f"{ratio(r['ours'], r['torch'])} | {fmt(r['shipped'], ',.0f')} | {ratio(r['ours'], r['shipped'])} |")
     text = header + "\n" + "\n".join(table) + "\n"
     print("\n" + text)
     if not args.no_record:
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"), "a") as f:
+        with open(os.path.join(_ROOT, "benchmarks", "RESULTS.md"), "a") as f:
             f.write("\n" + text)
     return 0
 

@@ -11,7 +11,10 @@ matmul measured on the device itself.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import os
+import sys
 import time
 from typing import Any
 
@@ -19,6 +22,33 @@ import jax
 import jax.numpy as jnp
 
 from flaxgpt.config import ModelConfig
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+
+
+def tune_host_allocator() -> bool:
+    """Make glibc keep freed host memory for reuse instead of handing it back to the kernel.
+
+    Why: XLA:CPU allocates each step's temporary buffers anew (tens of MB for tiny models, GBs
+    for large ones). glibc serves large requests (above a threshold that tops out at 32 MB)
+    with fresh mmap'd pages and unmaps them on free, so every step faults its pages back in: for shakespeare_char
+    that was ~13,000 page faults and ~30 ms of kernel time in a 60-75 ms step. With mmap off
+    and trimming off, freed blocks are reused and the faults disappear (benchmarks/README.md).
+    The price: memory freed after a peak stays with the process (as with jemalloc/tcmalloc
+    caching). Process-wide, for the CLIs and benchmarks; FLAXGPT_HOST_ALLOCATOR=default turns
+    it off. Returns whether it was applied (glibc only).
+    """
+    if os.environ.get("FLAXGPT_HOST_ALLOCATOR", "tuned") == "default" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl or another libc: nothing to tune
+        return False
+    return all(mallopt(param, value) == 1 for param, value in
+               ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 64 << 20)))
+
 
 # Dense peak FLOP/s per device (one TPU chip / one GPU), bfloat16 (TPU v4+ and GPUs) and float32.
 PEAK_FLOPS: dict[str, dict[str, float]] = {
@@ -49,7 +79,7 @@ def known_peak(device: Any, dtype: str) -> float | None:
 
 
 @functools.lru_cache(maxsize=None)
-def measured_peak(dtype: str = "float32", size: int = 512, repeats: int = 5) -> float:
+def measured_peak(dtype: str = "float32", size: int = 1024, repeats: int = 5) -> float:
     """FLOP/s of a large square matmul on the default device: the attainable matmul peak."""
     jdtype = jnp.dtype(dtype)
     a = jnp.ones((size, size), jdtype)

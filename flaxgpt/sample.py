@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import jax
 
-from flaxgpt import generate, inference
+from flaxgpt import generate, inference, perf
 from flaxgpt.config import ConfigError
 
 
@@ -24,6 +24,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--prompt", "-p", action="append", required=True, help="may be repeated")
     inference.add_decode_flags(parser, temperature=0.8, top_p=1.0, max_new_tokens=100)
     args = parser.parse_args(argv)
+    perf.tune_host_allocator()
     try:
         loaded = inference.load(args.workdir, args.step)
         tok = loaded.tokenizer

@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from flaxgpt import inference
+from flaxgpt import inference, perf
 from flaxgpt.config import ConfigError
 from flaxgpt.data.jsonl import DataError
 
@@ -37,6 +37,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--jsonl", help="score every record of this file instead")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
+    perf.tune_host_allocator()
     if bool(args.jsonl) == bool(args.prompt):
         parser.error("give either --prompt with --response, or --jsonl")
     if args.prompt and not args.response:

@@ -121,8 +121,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from flaxgpt.checkpoint import CheckpointMismatch  # imported late: --list and --print-config stay fast
     from flaxgpt.data.jsonl import DataError
+    from flaxgpt.perf import tune_host_allocator
     from flaxgpt.sharding import initialize_distributed
 
+    tune_host_allocator()
     try:
         initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     except ConfigError as e:
