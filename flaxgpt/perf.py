@@ -32,9 +32,10 @@ def tune_host_allocator() -> bool:
 
     Why: XLA:CPU allocates each step's temporary buffers anew (tens of MB for tiny models, GBs
     for large ones). glibc serves large requests (above a threshold that tops out at 32 MB)
-    with fresh mmap'd pages and unmaps them on free, so every step faults its pages back in: for shakespeare_char
-    that was ~13,000 page faults and ~30 ms of kernel time in a 60-75 ms step. With mmap off
-    and trimming off, freed blocks are reused and the faults disappear (benchmarks/README.md).
+    with fresh mmap'd pages and unmaps them on free, so every step faults its pages back in:
+    for shakespeare_char that was ~13,000 page faults and ~30 ms of kernel time in a 60-75 ms
+    step. With mmap off and trimming off, freed blocks are reused and the faults disappear
+    (benchmarks/README.md).
     The price: memory freed after a peak stays with the process (as with jemalloc/tcmalloc
     caching). Process-wide, for the CLIs and benchmarks; FLAXGPT_HOST_ALLOCATOR=default turns
     it off. Returns whether it was applied (glibc only).

@@ -13,7 +13,7 @@ import pytest
 from flaxgpt.config import ModelConfig, OptimizerConfig
 from flaxgpt.losses import token_cross_entropy
 from flaxgpt.optim import build_optimizer, learning_rate_schedule, weight_decay_mask
-from tests.conftest import init_params, tiny_model_config
+from tests.conftest import REPO, init_params, tiny_model_config
 
 
 def test_cross_entropy_matches_manual_and_respects_weights():
@@ -126,7 +126,6 @@ from flaxgpt import perf
 applied = perf.tune_host_allocator()
 from benchmarks.train_throughput import CONFIGS, FlaxgptTrainer
 trainer = FlaxgptTrainer({**CONFIGS["shakespeare_char"], "steps": 4}, "float32", warmup=2)
-trainer.timed_steps, trainer.page_faults = 0, 0
 trainer.time(8)
 print(applied, trainer.page_faults / trainer.timed_steps)
 """
@@ -140,7 +139,7 @@ def test_tuned_host_allocator_stops_per_step_page_faults():
     def faults(setting: str) -> tuple[str, float]:
         env = {**os.environ, "FLAXGPT_HOST_ALLOCATOR": setting}
         out = subprocess.run([sys.executable, "-c", _FAULTS_PER_STEP], env=env, capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True)
+                             cwd=REPO, check=True)
         applied, per_step = out.stdout.split()[-2:]
         return applied, float(per_step)
 
