@@ -70,8 +70,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--prompt", "-p", help="answer this once and exit")
     inference.add_decode_flags(parser, temperature=0.7, top_p=0.9, max_new_tokens=128)
     args = parser.parse_args(argv)
-    perf.tune_host_allocator()
     try:
+        perf.tune_host_allocator()
         session = ChatSession(inference.load(args.workdir, args.step), inference.decode_config(args),
                               args.system, args.seed)
         if args.prompt is not None:

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from flaxgpt.config import ModelConfig
+from flaxgpt.config import ConfigError, ModelConfig
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
@@ -40,7 +40,10 @@ def tune_host_allocator() -> bool:
     caching). Process-wide, for the CLIs and benchmarks; FLAXGPT_HOST_ALLOCATOR=default turns
     it off. Returns whether it was applied (glibc only).
     """
-    if os.environ.get("FLAXGPT_HOST_ALLOCATOR", "tuned") == "default" or not sys.platform.startswith("linux"):
+    setting = os.environ.get("FLAXGPT_HOST_ALLOCATOR", "tuned")
+    if setting not in ("tuned", "default"):
+        raise ConfigError(f"FLAXGPT_HOST_ALLOCATOR={setting!r}: expected 'tuned' or 'default'")
+    if setting == "default" or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -24,8 +24,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--prompt", "-p", action="append", required=True, help="may be repeated")
     inference.add_decode_flags(parser, temperature=0.8, top_p=1.0, max_new_tokens=100)
     args = parser.parse_args(argv)
-    perf.tune_host_allocator()
     try:
+        perf.tune_host_allocator()
         loaded = inference.load(args.workdir, args.step)
         tok = loaded.tokenizer
         prompts = [tok.encode(p) or [tok.eos_id] for p in args.prompt]

@@ -37,7 +37,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--jsonl", help="score every record of this file instead")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
-    perf.tune_host_allocator()
     if bool(args.jsonl) == bool(args.prompt):
         parser.error("give either --prompt with --response, or --jsonl")
     if args.prompt and not args.response:
@@ -45,6 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from flaxgpt.trainers.reward import score
 
     try:
+        perf.tune_host_allocator()
         loaded = inference.load(args.workdir, args.step)
         if loaded.model.cfg.output != "scalar":
             raise ConfigError(f"{args.workdir} is a language model (model.output="

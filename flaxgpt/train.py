@@ -124,8 +124,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from flaxgpt.perf import tune_host_allocator
     from flaxgpt.sharding import initialize_distributed
 
-    tune_host_allocator()
     try:
+        tune_host_allocator()
         initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from flaxgpt.config import ModelConfig, OptimizerConfig
+from flaxgpt.config import ConfigError, ModelConfig, OptimizerConfig
 from flaxgpt.losses import token_cross_entropy
 from flaxgpt.optim import build_optimizer, learning_rate_schedule, weight_decay_mask
 from tests.conftest import REPO, init_params, tiny_model_config
@@ -148,3 +148,11 @@ def test_tuned_host_allocator_stops_per_step_page_faults():
     assert (default_applied, tuned_applied) == ("False", "True")
     assert default_faults > 5_000  # 4 KiB pages: the buffers come back from the kernel each step
     assert tuned_faults < default_faults / 4  # measured: 12,863 -> 1.75 alone, 12,792 -> 1,607 beside a busy worker
+
+
+def test_unknown_host_allocator_setting_is_named(monkeypatch):
+    from flaxgpt import perf
+
+    monkeypatch.setenv("FLAXGPT_HOST_ALLOCATOR", "off")
+    with pytest.raises(ConfigError, match="FLAXGPT_HOST_ALLOCATOR='off'"):
+        perf.tune_host_allocator()
