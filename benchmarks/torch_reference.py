@@ -4,6 +4,8 @@
 It is nanoGPT's model.py in miniature: pre-norm blocks, causal self-attention through
 `scaled_dot_product_attention`, tanh-GELU MLP, tied embeddings, AdamW with decay on 2-D
 tensors, global-norm clipping. torch comes from the CPU wheel on disk (`pip install torch==2.13.0`).
+On a GPU (device="cuda") it runs as a PyTorch user would write it there: bfloat16 autocast,
+flash attention through `scaled_dot_product_attention`, fused AdamW.
 """
 
 from __future__ import annotations
@@ -63,18 +65,20 @@ class Trainer:
     """The reference training step on random token batches; `time(steps)` runs and times them."""
 
     def __init__(self, vocab: int, block_size: int, n_layer: int, n_head: int, d_model: int, batch: int,
-                 warmup: int = 3, threads: int | None = None):
+                 warmup: int = 3, threads: int | None = None, device: str = "cpu", dtype: str = "float32"):
         if threads:
             torch.set_num_threads(threads)
         torch.manual_seed(0)
-        self.model = GPT(vocab, block_size, n_layer, n_head, d_model)
+        self.device, self.dtype = torch.device(device), getattr(torch, dtype)
+        self.model = GPT(vocab, block_size, n_layer, n_head, d_model).to(self.device)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                                       {"params": no_decay, "weight_decay": 0.0}],
-                                     lr=1e-3, betas=(0.9, 0.99), fused=False, foreach=True)
+                                     lr=1e-3, betas=(0.9, 0.99), fused=self.device.type == "cuda",
+                                     foreach=self.device.type != "cuda")
         gen = torch.Generator().manual_seed(0)
-        self.data = torch.randint(0, vocab, (20, batch, block_size + 1), generator=gen)
+        self.data = torch.randint(0, vocab, (20, batch, block_size + 1), generator=gen).to(self.device)
         self.tokens_per_step = batch * block_size
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.calls = 0
@@ -83,7 +87,8 @@ class Trainer:
     def step(self) -> torch.Tensor:
         batch = self.data[self.calls % len(self.data)]
         self.calls += 1
-        loss = self.model(batch[:, :-1], batch[:, 1:])
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            loss = self.model(batch[:, :-1], batch[:, 1:])
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -108,8 +113,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     for name in ("vocab", "block_size", "n_layer", "n_head", "d_model", "batch", "steps", "rounds"):
         parser.add_argument(f"--{name}", type=int, required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
-    trainer = Trainer(args.vocab, args.block_size, args.n_layer, args.n_head, args.d_model, args.batch)
+    trainer = Trainer(args.vocab, args.block_size, args.n_layer, args.n_head, args.d_model, args.batch,
+                      device=args.device, dtype=args.dtype)
     best = min(trainer.time(args.steps) for _ in range(args.rounds))
     print(json.dumps({"tokens_per_sec": args.steps * trainer.tokens_per_step / best, "version": torch.__version__,
                       "threads": torch.get_num_threads()}))

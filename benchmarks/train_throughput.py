@@ -3,6 +3,11 @@ PyTorch eager (benchmarks/torch_reference.py), side by side in one process.
 
     python benchmarks/train_throughput.py                    # shakespeare_char and GPT-2 124M
     python benchmarks/train_throughput.py --only shakespeare_char --rounds 10
+    python benchmarks/train_throughput.py --only gpt2_124m --dtype bfloat16 --batch 16   # a GPU
+
+On a GPU or TPU the MFU column uses the datasheet peak and the next column a bf16/f32 matmul
+measured in the same process; the PyTorch reference runs in a process of its own on the same
+GPU (bfloat16 autocast, flash attention, fused AdamW) and not at all on a TPU.
 
 Both steps are built first, then timed in alternating rounds of `steps` steps; each side's
 figure is its best round (a shared machine's noise only ever slows a round down). Each row:
@@ -25,9 +30,13 @@ import subprocess
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+# The PyTorch reference may run beside this process on the same GPU: let it have the memory
+# that JAX would otherwise reserve up front (no effect on a CPU).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
@@ -42,19 +51,22 @@ from flaxgpt.trainers.lm import make_train_step  # noqa: E402
 
 # (vocab, block, layers, heads, d_model, batch, steps per round, rounds): shakespeare_char is
 # nanoGPT's CPU configuration; GPT-2 124M at sequence 1024 takes seconds per step on a CPU.
+# On an accelerator: `accel` replaces batch, steps and rounds.
 CONFIGS = {
-    "shakespeare_char": dict(vocab=65, block=64, n_layer=4, n_head=4, d_model=128, batch=12, steps=50, rounds=6),
-    "gpt2_124m": dict(vocab=50304, block=1024, n_layer=12, n_head=12, d_model=768, batch=1, steps=2, rounds=2),
+    "shakespeare_char": dict(vocab=65, block=64, n_layer=4, n_head=4, d_model=128, batch=12, steps=50, rounds=6,
+                             accel=dict(batch=12, steps=100, rounds=5)),
+    "gpt2_124m": dict(vocab=50304, block=1024, n_layer=12, n_head=12, d_model=768, batch=1, steps=2, rounds=2,
+                      accel=dict(batch=16, steps=20, rounds=5)),
 }
 
 
 class FlaxgptTrainer:
     """The trainers' own `make_train_step`, jitted with the state donated; `time(steps)` runs it."""
 
-    def __init__(self, shape: dict, dtype: str, warmup: int = 2):
+    def __init__(self, shape: dict, dtype: str, warmup: int = 2, attention: str = "auto", remat: str = "none"):
         cfg = C.ModelConfig(recipe="gpt2", vocab_size=shape["vocab"], block_size=shape["block"],
                             n_layer=shape["n_layer"], n_head=shape["n_head"], d_model=shape["d_model"],
-                            use_bias=False, dtype=dtype).resolved()
+                            use_bias=False, dtype=dtype, attention=attention, remat=remat).resolved()
         opt_cfg = C.OptimizerConfig(lr=1e-3, warmup_steps=10, b2=0.99, weight_decay=0.1, no_decay=("bias", "scale"))
         model, optimizer = Transformer(cfg), build_optimizer(opt_cfg, 1000)
         mesh, rules = make_mesh(C.MeshConfig(), jax.devices()[:1]), logical_rules(C.DEFAULT_LOGICAL_AXIS_RULES)
@@ -97,11 +109,11 @@ class FlaxgptTrainer:
         return seconds
 
 
-def pytorch_as_shipped(shape: dict, steps: int, rounds: int) -> dict | None:
+def pytorch_as_shipped(shape: dict, steps: int, rounds: int, device: str, dtype: str) -> dict | None:
     """The PyTorch reference in a fresh process, untouched by flaxgpt's allocator tuning."""
     args = [f"--vocab={shape['vocab']}", f"--block_size={shape['block']}", f"--n_layer={shape['n_layer']}",
             f"--n_head={shape['n_head']}", f"--d_model={shape['d_model']}", f"--batch={shape['batch']}",
-            f"--steps={steps}", f"--rounds={rounds}"]
+            f"--steps={steps}", f"--rounds={rounds}", f"--device={device}", f"--dtype={dtype}"]
     env = {k: v for k, v in os.environ.items() if k != "FLAXGPT_HOST_ALLOCATOR"}
     done = subprocess.run([sys.executable, os.path.join(_ROOT, "benchmarks", "torch_reference.py"), *args],
                           capture_output=True, text=True, env=env)
@@ -116,21 +128,29 @@ def main() -> int:
     parser.add_argument("--only", choices=sorted(CONFIGS), action="append")
     parser.add_argument("--steps", type=int, help="timed steps per round (default: per configuration)")
     parser.add_argument("--rounds", type=int, help="alternating timed rounds (default: per configuration)")
+    parser.add_argument("--batch", type=int, help="sequences per step (default: per configuration)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"), help="model.attention")
+    parser.add_argument("--remat", default="none", choices=("none", "full", "dots", "dots_no_batch",
+                                                            "save_attention_out"), help="model.remat")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference (no torch installed)")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = parser.parse_args()
     allocator = "tuned" if perf.tune_host_allocator() else "default"
     peak, peak_source = perf.peak_flops(args.dtype)
     device = jax.devices()[0]
-    with_torch = not args.no_torch and device.platform == "cpu"
+    on_cpu = device.platform == "cpu"
+    measured = perf.measured_peak(args.dtype) if on_cpu else perf.measured_peak(args.dtype, 8192)
+    torch_device = "cpu" if on_cpu else "cuda" if "nvidia" in device.device_kind.lower() else None
+    with_torch = not args.no_torch and torch_device is not None
     rows = []
     for name in args.only or list(CONFIGS):
-        shape = CONFIGS[name]
+        shape = dict(CONFIGS[name]) if on_cpu else dict(CONFIGS[name], **CONFIGS[name]["accel"])
+        shape["batch"] = args.batch or shape["batch"]
         steps, rounds = args.steps or shape["steps"], args.rounds or shape["rounds"]
-        ours = FlaxgptTrainer(shape, args.dtype)
+        ours = FlaxgptTrainer(shape, args.dtype, attention=args.attention, remat=args.remat)
         theirs = None
-        if with_torch:
+        if with_torch and on_cpu:  # on a GPU, two frameworks' allocators in one process would contend
             from benchmarks.torch_reference import Trainer
 
             theirs = Trainer(shape["vocab"], shape["block"], shape["n_layer"], shape["n_head"], shape["d_model"],
@@ -140,7 +160,7 @@ def main() -> int:
             ours_s.append(ours.time(steps))
             if theirs:
                 theirs_s.append(theirs.time(steps))
-        shipped = pytorch_as_shipped(shape, steps, rounds) if with_torch else None
+        shipped = pytorch_as_shipped(shape, steps, rounds, torch_device, args.dtype) if with_torch else None
         rate = lambda seconds: steps * ours.tokens_per_step / min(seconds)
         row = {"name": name, "shape": shape, "steps": steps, "rounds": rounds, "params": ours.n_params,
                "compile_s": ours.compile_s, "faults": ours.page_faults / ours.timed_steps,
@@ -148,6 +168,7 @@ def main() -> int:
                "shipped": shipped["tokens_per_sec"] if shipped else None,
                "torch_version": shipped["version"] if shipped else None}
         row["mfu"] = row["ours"] * ours.flops_per_token / peak
+        row["mfu_measured"] = row["ours"] * ours.flops_per_token / measured
         row["torch_mfu"] = row["torch"] * ours.flops_per_token / peak if theirs else None
         rows.append(row)
         print(f"{name}: flaxgpt {row['ours']:,.0f} tok/s (MFU {row['mfu']:.1%})"
@@ -158,18 +179,20 @@ def main() -> int:
     command = " ".join(["python benchmarks/train_throughput.py", *sys.argv[1:]])
     header = (f"## train_throughput — {datetime.date.today()} — {platform.machine()}, {os.cpu_count()} cpus, "
               f"{device.platform} ({device.device_kind}), jax {jax.__version__}, torch {torch_version}, {args.dtype}\n"
-              f"command: `{command}`; peak {peak / 1e9:,.0f} GFLOP/s ({peak_source}); host allocator {allocator}; "
-              f"best of alternating rounds\n")
-    table = ["| model | batch x seq | params | steps x rounds | flaxgpt tok/s | MFU | compile s | page faults/step "
-             "| PyTorch tok/s "
+              f"command: `{command}`; peak {peak / 1e9:,.0f} GFLOP/s ({peak_source}), measured matmul peak "
+              f"{measured / 1e9:,.0f} GFLOP/s; attention {args.attention}, remat {args.remat}; host allocator "
+              f"{allocator}; best of alternating rounds\n")
+    table = ["| model | batch x seq | params | steps x rounds | flaxgpt tok/s | MFU | MFU of measured peak | compile s "
+             "| page faults/step | PyTorch tok/s "
              "| PyTorch MFU | flaxgpt / PyTorch | PyTorch as shipped tok/s | flaxgpt / as shipped |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda x, spec: format(x, spec) if x is not None else "—"
     ratio = lambda ours, theirs: f"{ours / theirs:.2f}x" if theirs else "—"
     for r in rows:
         table.append(
             f"| {r['name']} | {r['shape']['batch']} x {r['shape']['block']} | {r['params'] / 1e6:.2f}M | "
-            f"{r['steps']} x {r['rounds']} | {r['ours']:,.0f} | {r['mfu']:.1%} | {r['compile_s']:.1f} | "
+            f"{r['steps']} x {r['rounds']} | {r['ours']:,.0f} | {r['mfu']:.1%} | {r['mfu_measured']:.1%} | "
+            f"{r['compile_s']:.1f} | "
             f"{r['faults']:,.0f} | "
             f"{fmt(r['torch'], ',.0f')} | {fmt(r['torch_mfu'], '.1%')} | "
             f"{ratio(r['ours'], r['torch'])} | {fmt(r['shipped'], ',.0f')} | {ratio(r['ours'], r['shipped'])} |")

@@ -55,6 +55,11 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     scan_layers: bool = False
+    # attention kernel. auto: cuDNN's fused (flash) attention where it applies (NVIDIA GPU,
+    # bfloat16 compute, head_dim <= 128, no attention dropout while training), XLA's einsums
+    # elsewhere; cudnn: the fused kernel or an error saying why not; xla: always the einsums.
+    # KV-cache decoding always uses the einsums (one query row: nothing for a fused kernel to win).
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
     remat: Literal["none", "full", "dots", "dots_no_batch", "save_attention_out"] = "none"
     # logits: a language model; scalar: one number per position from a `score` head on the
     # final hidden state (reward and value models), no vocabulary head

@@ -9,6 +9,38 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
+@jax.custom_vjp
+def token_log_losses(logits: Array, targets: Array) -> tuple[Array, Array]:
+    """Per-token (negative log-likelihood of the target, log partition function), in float32.
+
+    Why a custom VJP: autodiff of take_along_axis scatters the target's gradient into a
+    float32 [b, t, vocab] buffer that is then cast back to the logits' dtype, three passes
+    over the largest tensor of the step (3.3 GB for GPT-2 at 16x1024). Here the backward is one
+    elementwise pass, softmax minus one-hot, written straight in the logits' dtype.
+    """
+    logits32 = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits32, axis=-1)
+    target_logit = jnp.take_along_axis(logits32, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return log_z - target_logit, log_z
+
+
+def _token_log_losses_fwd(logits: Array, targets: Array):
+    nll, log_z = token_log_losses(logits, targets)
+    return (nll, log_z), (logits, targets, log_z)
+
+
+def _token_log_losses_bwd(residuals, cotangents):
+    logits, targets, log_z = residuals
+    d_nll, d_log_z = cotangents
+    probs = jnp.exp(logits.astype(jnp.float32) - log_z[..., None])
+    is_target = jnp.arange(logits.shape[-1]) == targets[..., None]
+    d_logits = probs * (d_nll + d_log_z)[..., None] - jnp.where(is_target, d_nll[..., None], 0.0)
+    return d_logits.astype(logits.dtype), None
+
+
+token_log_losses.defvjp(_token_log_losses_fwd, _token_log_losses_bwd)
+
+
 def token_cross_entropy(
     logits: Array, targets: Array, weights: Array, z_loss: float = 0.0
 ) -> dict[str, Array]:
@@ -20,11 +52,8 @@ def token_cross_entropy(
 
     Returns loss_sum (sum of weighted NLL), z_loss_sum and weight_sum.
     """
-    logits = logits.astype(jnp.float32)
     weights = weights.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    nll = log_z - target_logit
+    nll, log_z = token_log_losses(logits, targets)
     return {
         "loss_sum": jnp.sum(nll * weights),
         "z_loss_sum": z_loss * jnp.sum(jnp.square(log_z) * weights),
