@@ -22,7 +22,7 @@ attending to each other (0 marks padding) and `positions` restart per document.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -140,6 +140,20 @@ class Linear(nn.Module):
         return y
 
 
+def einsum_attention(q: Array, k: Array, v: Array, mask: Array,
+                     dropout: Callable[[Array], Array] = lambda probs: probs) -> Array:
+    """Attention in XLA einsums over [b, t, heads, d] queries, [b, s, kv_heads, d] keys and
+    values and a [b, t, s] mask; softmax in float32, `dropout` applied to the probabilities."""
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    # Group the query heads that share one key/value head: [b, t, kv, group, d].
+    q = q.reshape(b, t, kv, h // kv, d) / jnp.sqrt(d).astype(q.dtype)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = dropout(jax.nn.softmax(scores, axis=-1).astype(q.dtype))
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+
+
 def fused_attention_obstacle(cfg: ModelConfig, train: bool) -> Optional[str]:
     """Why cuDNN's fused attention cannot run this model here, or None when it can."""
     if jax.default_backend() != "gpu" or "nvidia" not in jax.devices()[0].device_kind.lower():
@@ -191,7 +205,6 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: Array, positions: Array, mask: Array) -> Array:
         cfg = self.cfg
-        dtype = _DTYPES[cfg.dtype]
         h, kv, d = cfg.n_head, cfg.n_kv_heads, cfg.head_dim
 
         def project(name: str, heads: int, axis_name: str) -> Array:
@@ -214,13 +227,7 @@ class Attention(nn.Module):
         if use_fused_attention(cfg, self.train, self.decode):
             out = fused_attention(q, k, v, mask)
         else:
-            # Group the query heads that share one key/value head: [b, t, kv, group, d].
-            q = q.reshape(*q.shape[:2], kv, h // kv, d) / jnp.sqrt(d).astype(dtype)
-            scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32)
-            scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-            probs = nn.Dropout(cfg.dropout, deterministic=not self.train)(probs)
-            out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(*x.shape[:2], h, d)
+            out = einsum_attention(q, k, v, mask, nn.Dropout(cfg.dropout, deterministic=not self.train))
         out = checkpoint_name(out, "attention_out")
 
         residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)

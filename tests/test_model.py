@@ -221,11 +221,11 @@ def _numpy_attention(q, k, v, segment_ids):
 
 
 @pytest.mark.parametrize("n_kv_heads,packed", [(4, True), (2, True), (2, False)])
-def test_fused_attention_call_matches_an_independent_reference(n_kv_heads, packed):
-    """The layout, scale and mask handed to jax.nn.dot_product_attention (cuDNN's path on a GPU)
-    are checked here through its XLA implementation: packed documents and padding (the masked
-    kernel), plain rows (the causal-only kernel), GQA."""
-    from flaxgpt.model import attention_mask, fused_attention
+def test_both_attention_paths_match_an_independent_reference(n_kv_heads, packed):
+    """The einsum path, and the layout, scale and mask handed to jax.nn.dot_product_attention
+    (cuDNN's path on a GPU, checked here through its XLA implementation): packed documents and
+    padding (the masked kernel), plain rows (the causal-only kernel), GQA."""
+    from flaxgpt.model import attention_mask, einsum_attention, fused_attention
 
     keys = jax.random.split(jax.random.PRNGKey(3), 3)
     q = jax.random.normal(keys[0], (2, 12, 4, 8))
@@ -233,8 +233,10 @@ def test_fused_attention_call_matches_an_independent_reference(n_kv_heads, packe
     segment_ids = np.ones((2, 12), np.int32)
     if packed:  # two documents in one row; the other row padded
         segment_ids = np.array([[1] * 5 + [2] * 7, [1] * 9 + [0] * 3])
-    out = fused_attention(q, k, v, attention_mask(jnp.asarray(segment_ids)), implementation="xla")
-    np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v, segment_ids), atol=1e-5)
+    mask = attention_mask(jnp.asarray(segment_ids))
+    reference = _numpy_attention(q, k, v, segment_ids)
+    np.testing.assert_allclose(np.asarray(fused_attention(q, k, v, mask, implementation="xla")), reference, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(einsum_attention(q, k, v, mask)), reference, atol=1e-5)
 
 
 def test_attention_setting_resolves_per_backend():
