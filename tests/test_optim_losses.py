@@ -149,8 +149,10 @@ from flaxgpt import perf
 applied = perf.tune_host_allocator()
 from benchmarks.train_throughput import CONFIGS, FlaxgptTrainer
 trainer = FlaxgptTrainer({**CONFIGS["shakespeare_char"], "steps": 4}, "float32", warmup=2)
-trainer.time(8)
-print(applied, trainer.page_faults / trainer.timed_steps)
+trainer.time(8)  # a first window can still grow the heap (~1,600 faults once, more beside a busy worker)
+settled = trainer.page_faults
+trainer.time(16)
+print(applied, (trainer.page_faults - settled) / 16)
 """
 
 
@@ -170,7 +172,7 @@ def test_tuned_host_allocator_stops_per_step_page_faults():
     tuned_applied, tuned_faults = faults("tuned")
     assert (default_applied, tuned_applied) == ("False", "True")
     assert default_faults > 5_000  # 4 KiB pages: the buffers come back from the kernel each step
-    assert tuned_faults < default_faults / 4  # measured: 12,863 -> 1.75 alone, 12,792 -> 1,607 beside a busy worker
+    assert tuned_faults < default_faults / 4  # measured: 12,787 -> 0-3 alone, 12,787 -> 0-100 beside a busy worker
 
 
 def test_unknown_host_allocator_setting_is_named(monkeypatch):
