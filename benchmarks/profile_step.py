@@ -4,9 +4,11 @@
     python benchmarks/profile_step.py --only gpt2_124m --dtype bfloat16        # on a GPU
     python benchmarks/profile_step.py --only shakespeare_char --top 15         # on a CPU
 
-Prints, per device line of the trace, the ops with the largest share of the step's time
-(milliseconds per step, percent of the line's busy time, launches per step). The trace stays
-in --trace-dir for TensorBoard / XProf when given.
+Prints, per device (its CUDA streams, or XLA:CPU's worker threads, added together), the
+busy time by category (matmuls, fused attention, copies and transposes, reductions,
+elementwise fusions, the runtime's own scheduling and waiting), then the ops with the largest
+share (self time: what an event's nested events do not cover; milliseconds per step, share,
+launches per step). The trace stays in --trace-dir for TensorBoard / XProf when given.
 """
 
 from __future__ import annotations
@@ -25,25 +27,87 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_throughput import CONFIGS, FlaxgptTrainer  # noqa: E402
 
 
+# Lines of a device plane that restate the streams' events at a coarser grain (GPU traces).
+_SUMMARY_LINES = ("XLA Modules", "XLA Ops", "Steps", "Source", "Launch Stats", "XLA TraceMe")
+
+
+def category(op: str) -> str:
+    """A coarse class of an XLA op from its name, for the table of where the time goes."""
+    name = op.lower()
+    if name.startswith(("threadpool", "slinkythreadpool", "thunkexecutor", "end: ")) or "::" in name:
+        return "runtime: scheduling and waiting"
+    if any(k in name for k in ("ynn", "xnn", "onednn", "gemm", "cublas", "dot", "matmul", "cutlass", "sm90", "sm80")):
+        return "matmuls (library kernels)"
+    if any(k in name for k in ("cudnn", "flash", "attention", "knob_")):
+        return "fused attention"
+    if name.startswith(("copy", "transpose")) or "transpose" in name:
+        return "copies and transposes"
+    if "reduce" in name or "reduction" in name:
+        return "reductions (fused)"
+    if "fusion" in name:
+        return "elementwise fusions"
+    return "other"
+
+
+def self_times(line) -> dict[str, list[float]]:
+    """Per event name: [time not covered by events nested inside it (ns), occurrences].
+
+    Why self time: on a CPU the executor's event encloses every op it runs, so raw durations
+    count the step twice; what is left of it after its children is the runtime's own time."""
+    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    stack: list[list] = []  # [end_ns, name, self_ns]
+
+    def close(until: float) -> None:
+        while stack and stack[-1][0] <= until:
+            _, name, own = stack.pop()
+            totals[name][0] += own
+
+    for event in sorted(line.events, key=lambda e: (e.start_ns, -e.duration_ns)):
+        close(event.start_ns)
+        if stack:
+            stack[-1][2] -= event.duration_ns
+        stack.append([event.start_ns + event.duration_ns, event.name, float(event.duration_ns)])
+        totals[event.name][1] += 1
+    close(float("inf"))
+    return totals
+
+
 def summarize(trace_dir: str, steps: int, top: int) -> str:
+    """Per device (each GPU, or the CPU's XLA threads): time by category, then the top ops.
+
+    The lines of one device (CUDA streams, XLA:CPU worker threads) are added together, so a
+    figure is device time (busy time of all its streams or threads), not wall time."""
     (path,) = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     data = jax.profiler.ProfileData.from_file(path)
     out = []
     for plane in data.planes:
         if not (plane.name.startswith("/device:") or plane.name == "/host:CPU"):
             continue
+        totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+        lines = 0
         for line in plane.lines:
-            totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
-            for event in line.events:
-                totals[event.name][0] += event.duration_ns
-                totals[event.name][1] += 1
-            busy = sum(t for t, _ in totals.values())
-            if not busy or (plane.name == "/host:CPU" and "XLA" not in line.name and "Eigen" not in line.name):
+            if line.name in _SUMMARY_LINES:
                 continue
-            out += [f"\n{plane.name} / {line.name}: {busy / steps / 1e6:.2f} ms busy per step",
-                    "| op | ms/step | share | launches/step |", "|---|---|---|---|"]
-            for name, (ns, count) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
-                out.append(f"| {name[:90]} | {ns / steps / 1e6:.3f} | {ns / busy:.1%} | {count / steps:g} |")
+            if plane.name == "/host:CPU" and "Eigen" not in line.name:  # XLA:CPU's intra-op workers
+                continue
+            lines += 1
+            for name, (ns, count) in self_times(line).items():
+                totals[name][0] += ns
+                totals[name][1] += count
+        busy = sum(t for t, _ in totals.values())
+        if not busy:
+            continue
+        by_category: dict[str, float] = collections.defaultdict(float)
+        for name, (ns, _) in totals.items():
+            by_category[category(name)] += ns
+        out += [f"\n{plane.name}: {busy / steps / 1e6:.2f} ms of busy time per step over {lines} lines "
+                f"(streams or threads)", "| category | ms/step | share |", "|---|---|---|"]
+        out += [f"| {name} | {ns / steps / 1e6:.3f} | {ns / busy:.1%} |"
+                for name, ns in sorted(by_category.items(), key=lambda kv: -kv[1])]
+        out += ["", "| op | category | ms/step | share | launches/step |", "|---|---|---|---|---|"]
+        for name, (ns, count) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
+            out.append(f"| {name[:90]} | {category(name)} | {ns / steps / 1e6:.3f} | {ns / busy:.1%} | "
+                       f"{count / steps:g} |")
     return "\n".join(out)
 
 

@@ -87,17 +87,23 @@ def make_train_step(
         grads = jax.tree.map(lambda g: g / weight, grads)
         loss = sums["loss_sum"] / weight
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
 
-        # A non-finite loss or gradient leaves parameters and optimizer state untouched.
+        # A non-finite loss or gradient leaves parameters and optimizer state untouched. A
+        # conditional, not a select per leaf: choosing between the old and new values of donated
+        # buffers made XLA copy every parameter and moment before updating it in place.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        def apply_update(params, opt_state):
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        params, opt_state = jax.lax.cond(finite, apply_update, lambda params, opt_state: (params, opt_state),
+                                         state.params, state.opt_state)
         applied_updates = state.step - state.skipped
         new_state = state.replace(
             step=state.step + 1,
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
+            params=params,
+            opt_state=opt_state,
             skipped=state.skipped + (~finite).astype(jnp.int32),
         )
         metrics = {
