@@ -60,6 +60,10 @@ class ModelConfig:
     # elsewhere; cudnn: the fused kernel or an error saying why not; xla: always the einsums.
     # KV-cache decoding always uses the einsums (one query row: nothing for a fused kernel to win).
     attention: Literal["auto", "xla", "cudnn"] = "auto"
+    # the einsum path's query block while training and scoring (not KV-cache decoding): each block
+    # of queries attends to the keys up to its last row, skipping the masked triangle (half the
+    # work at long sequences). 0: auto, max(64, length // 8); >= block_size: one block.
+    attention_block: int = 0
     remat: Literal["none", "full", "dots", "dots_no_batch", "save_attention_out"] = "none"
     # logits: a language model; scalar: one number per position from a `score` head on the
     # final hidden state (reward and value models), no vocabulary head
@@ -105,6 +109,8 @@ class ModelConfig:
         if out.lora_rank < 0 or unknown:
             raise ConfigError(f"model.lora_rank={out.lora_rank} must be >= 0 and model.lora_targets "
                               f"{list(out.lora_targets)} taken from {list(LORA_TARGETS)}")
+        if out.attention_block < 0:
+            raise ConfigError(f"model.attention_block={out.attention_block} must be >= 0 (0: automatic)")
         if out.position == "rope" and out.head_dim % 2:
             raise ConfigError(f"rotary positions need an even model.head_dim, got {out.head_dim}")
         return out

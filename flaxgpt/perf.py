@@ -24,25 +24,35 @@ import jax.numpy as jnp
 from flaxgpt.config import ConfigError, ModelConfig
 
 # glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
+
+
+ALLOCATOR_SETTINGS = ("tuned", "one-arena", "default")
 
 
 def tune_host_allocator() -> bool:
     """Make glibc keep freed host memory for reuse instead of handing it back to the kernel.
 
     Why: XLA:CPU allocates each step's temporary buffers anew (tens of MB for tiny models, GBs
-    for large ones). glibc serves large requests (above a threshold that tops out at 32 MB)
-    with fresh mmap'd pages and unmaps them on free, so every step faults its pages back in:
-    for shakespeare_char that was ~13,000 page faults and ~30 ms of kernel time in a 60-75 ms
-    step. With mmap off and trimming off, freed blocks are reused and the faults disappear
-    (benchmarks/README.md).
-    The price: memory freed after a peak stays with the process (as with jemalloc/tcmalloc
-    caching). Process-wide, for the CLIs and benchmarks; FLAXGPT_HOST_ALLOCATOR=default turns
-    it off. Returns whether it was applied (glibc only).
+    for large ones). By default glibc serves large requests (above a threshold that tops out at
+    32 MB) with fresh mmap'd pages and unmaps them on free, so every step faults its pages back
+    in: for shakespeare_char that was ~13,000 page faults and ~30 ms of kernel time in a 60-75 ms
+    step. `tuned` (the default) turns mmap and trimming off (-1: a positive threshold is an int,
+    so a freed 3 GB buffer would still be trimmed), so freed blocks are reused.
+    `one-arena` also makes every thread allocate from the main heap. XLA runs on worker threads,
+    and a thread's own arena cannot hold a block over 64 MB, so glibc maps such blocks afresh
+    whatever the other settings say (GPT-2 124M's 3.4 GB buffer at sequence 1024: 0.89M faults
+    and ~5 s of kernel time per step; none with one arena). Not the default: with one arena the
+    threads share its lock, and XLA's compiles took ~25 % longer and shakespeare_char's CLI run
+    ~15 % longer (benchmarks/README.md); use it when a CPU step's buffers exceed 64 MB.
+    `default` leaves glibc alone. The price of tuning: memory freed after a peak stays with the
+    process (as with jemalloc/tcmalloc caching). Process-wide, set from FLAXGPT_HOST_ALLOCATOR
+    for the CLIs and benchmarks; call it before the first computation. Returns whether anything
+    was applied (glibc only).
     """
     setting = os.environ.get("FLAXGPT_HOST_ALLOCATOR", "tuned")
-    if setting not in ("tuned", "default"):
-        raise ConfigError(f"FLAXGPT_HOST_ALLOCATOR={setting!r}: expected 'tuned' or 'default'")
+    if setting not in ALLOCATOR_SETTINGS:
+        raise ConfigError(f"FLAXGPT_HOST_ALLOCATOR={setting!r}: expected one of {', '.join(ALLOCATOR_SETTINGS)}")
     if setting == "default" or not sys.platform.startswith("linux"):
         return False
     try:
@@ -50,8 +60,10 @@ def tune_host_allocator() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # musl or another libc: nothing to tune
         return False
-    return all(mallopt(param, value) == 1 for param, value in
-               ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 64 << 20)))
+    options = [(_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, 64 << 20)]
+    if setting == "one-arena":
+        options.append((_M_ARENA_MAX, 1))
+    return all(mallopt(param, value) == 1 for param, value in options)
 
 
 # Dense peak FLOP/s per device (one TPU chip / one GPU), bfloat16 (TPU v4+ and GPUs) and float32.

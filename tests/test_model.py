@@ -237,6 +237,30 @@ def test_both_attention_paths_match_an_independent_reference(n_kv_heads, packed)
     reference = _numpy_attention(q, k, v, segment_ids)
     np.testing.assert_allclose(np.asarray(fused_attention(q, k, v, mask, implementation="xla")), reference, atol=1e-5)
     np.testing.assert_allclose(np.asarray(einsum_attention(q, k, v, mask)), reference, atol=1e-5)
+    blocked = jax.jit(einsum_attention, static_argnames="query_block")
+    for block in (1, 5):  # query blocks against the keys up to their last row; 12 rows: a short last block
+        np.testing.assert_allclose(np.asarray(blocked(q, k, v, mask, query_block=block)), reference, atol=1e-5)
+
+
+def test_query_blocks_change_neither_logits_nor_gradients():
+    """model.attention_block only regroups the work: the loss and its gradients match one block,
+    with dropout off; a negative block is refused by name."""
+    cfg = tiny_model_config("llama", n_layer=1, n_kv_heads=2, block_size=8)
+    model, params = init_params(cfg)
+    tokens = _tokens(cfg)
+
+    def loss(params, block):
+        blocked = Transformer(dataclasses.replace(cfg, attention_block=block))
+        return jnp.mean(blocked.apply({"params": params}, tokens) ** 2)
+
+    loss_and_grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    one_block = loss_and_grads(params, cfg.block_size)
+    for block in (3,):  # 8 rows: blocks of 3, 3 and 2
+        blocked = loss_and_grads(params, block)
+        for ours, reference in zip(jax.tree.leaves(blocked), jax.tree.leaves(one_block)):
+            np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), rtol=2e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="model.attention_block=-1"):
+        dataclasses.replace(cfg, attention_block=-1).resolved()
 
 
 def test_attention_setting_resolves_per_backend():

@@ -145,10 +145,11 @@ def test_model_flops_and_peak_table():
 
 
 _FAULTS_PER_STEP = """
+import sys
 from flaxgpt import perf
 applied = perf.tune_host_allocator()
 from benchmarks.train_throughput import CONFIGS, FlaxgptTrainer
-trainer = FlaxgptTrainer({**CONFIGS["shakespeare_char"], "steps": 4}, "float32", warmup=2)
+trainer = FlaxgptTrainer({**CONFIGS["shakespeare_char"], "batch": int(sys.argv[1]), "steps": 4}, "float32", warmup=2)
 trainer.time(8)  # a first window can still grow the heap (~1,600 faults once, more beside a busy worker)
 settled = trainer.page_faults
 trainer.time(16)
@@ -158,21 +159,26 @@ print(applied, (trainer.page_faults - settled) / 16)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator tuning is Linux-only")
 def test_tuned_host_allocator_stops_per_step_page_faults():
-    """XLA:CPU's per-step buffers (~52 MB for shakespeare_char's train step) must be reused, not
-    faulted in anew each step (a third of the CPU step before the tuning);
-    FLAXGPT_HOST_ALLOCATOR=default opts out."""
-    def faults(setting: str) -> tuple[str, float]:
+    """XLA:CPU's per-step buffers must be reused, not faulted in anew each step (a third of
+    shakespeare_char's CPU step before the tuning); FLAXGPT_HOST_ALLOCATOR=default opts out.
+    At batch 12 the step's buffer is 45 MiB; at batch 24 it is 95 MiB, over the 64 MB a worker
+    thread's own arena can hold, which only `one-arena` keeps from being mapped afresh."""
+    def faults(setting: str, batch: int) -> tuple[str, float]:
         env = {**os.environ, "FLAXGPT_HOST_ALLOCATOR": setting}
-        out = subprocess.run([sys.executable, "-c", _FAULTS_PER_STEP], env=env, capture_output=True, text=True,
-                             cwd=REPO, check=True)
+        out = subprocess.run([sys.executable, "-c", _FAULTS_PER_STEP, str(batch)], env=env, capture_output=True,
+                             text=True, cwd=REPO, check=True)
         applied, per_step = out.stdout.split()[-2:]
         return applied, float(per_step)
 
-    default_applied, default_faults = faults("default")
-    tuned_applied, tuned_faults = faults("tuned")
+    default_applied, default_faults = faults("default", 12)
+    tuned_applied, tuned_faults = faults("tuned", 12)
     assert (default_applied, tuned_applied) == ("False", "True")
     assert default_faults > 5_000  # 4 KiB pages: the buffers come back from the kernel each step
-    assert tuned_faults < default_faults / 4  # measured: 12,787 -> 0-3 alone, 12,787 -> 0-100 beside a busy worker
+    assert tuned_faults < default_faults / 4  # measured: 12,787 -> 0-3 alone, 0-100 beside a busy worker
+    large_tuned = faults("tuned", 24)[1]
+    large_one_arena = faults("one-arena", 24)[1]
+    assert large_tuned > 5_000  # measured 24,500: glibc maps the thread's 95 MiB request afresh
+    assert large_one_arena < large_tuned / 4  # measured 0
 
 
 def test_unknown_host_allocator_setting_is_named(monkeypatch):
