@@ -136,7 +136,7 @@ def main() -> int:
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference (no torch installed)")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = parser.parse_args()
-    allocator = os.environ.get("FLAXGPT_HOST_ALLOCATOR", "tuned") if perf.tune_host_allocator() else "default"
+    allocator = perf.host_allocator_setting() if perf.tune_host_allocator() else "default"
     peak, peak_source = perf.peak_flops(args.dtype)
     device = jax.devices()[0]
     on_cpu = device.platform == "cpu"

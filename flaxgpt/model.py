@@ -150,12 +150,13 @@ def einsum_attention(q: Array, k: Array, v: Array, mask: Array,
     masked triangle above the diagonal (about half the work at long sequences) and keep the
     scores cache-sized: GPT-2's T=1024 attention on a CPU runs 2.1x faster in blocks of 128."""
     t = q.shape[1]
-    if 0 < query_block < t:
-        return jnp.concatenate([_einsum_attention(q[:, start:start + query_block], k[:, :start + query_block],
-                                                  v[:, :start + query_block],
-                                                  mask[:, start:start + query_block, :start + query_block], dropout)
-                                for start in range(0, t, query_block)], axis=1)
-    return _einsum_attention(q, k, v, mask, dropout)
+    if not 0 < query_block < t:
+        return _einsum_attention(q, k, v, mask, dropout)
+    blocks = []
+    for start in range(0, t, query_block):
+        end = start + query_block  # this block's last row + 1: no later key is visible to it
+        blocks.append(_einsum_attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end], dropout))
+    return jnp.concatenate(blocks, axis=1)
 
 
 def _einsum_attention(q: Array, k: Array, v: Array, mask: Array, dropout: Callable[[Array], Array]) -> Array:

@@ -30,6 +30,14 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
 ALLOCATOR_SETTINGS = ("tuned", "one-arena", "default")
 
 
+def host_allocator_setting() -> str:
+    """FLAXGPT_HOST_ALLOCATOR (default `tuned`), checked against ALLOCATOR_SETTINGS."""
+    setting = os.environ.get("FLAXGPT_HOST_ALLOCATOR", "tuned")
+    if setting not in ALLOCATOR_SETTINGS:
+        raise ConfigError(f"FLAXGPT_HOST_ALLOCATOR={setting!r}: expected one of {', '.join(ALLOCATOR_SETTINGS)}")
+    return setting
+
+
 def tune_host_allocator() -> bool:
     """Make glibc keep freed host memory for reuse instead of handing it back to the kernel.
 
@@ -50,9 +58,7 @@ def tune_host_allocator() -> bool:
     for the CLIs and benchmarks; call it before the first computation. Returns whether anything
     was applied (glibc only).
     """
-    setting = os.environ.get("FLAXGPT_HOST_ALLOCATOR", "tuned")
-    if setting not in ALLOCATOR_SETTINGS:
-        raise ConfigError(f"FLAXGPT_HOST_ALLOCATOR={setting!r}: expected one of {', '.join(ALLOCATOR_SETTINGS)}")
+    setting = host_allocator_setting()
     if setting == "default" or not sys.platform.startswith("linux"):
         return False
     try:
