@@ -52,7 +52,8 @@ def tune_host_allocator() -> bool:
     whatever the other settings say (GPT-2 124M's 3.4 GB buffer at sequence 1024: 0.89M faults
     and ~5 s of kernel time per step; none with one arena). Not the default: with one arena the
     threads share its lock, and XLA's compiles took ~25 % longer and shakespeare_char's CLI run
-    ~15 % longer (benchmarks/README.md); use it when a CPU step's buffers exceed 64 MB.
+    ~15 % longer (benchmarks/README.md); use it when a CPU step's buffers exceed 64 MB
+    (`host_allocator_advice`, which the training loop consults before its first step).
     `default` leaves glibc alone. The price of tuning: memory freed after a peak stays with the
     process (as with jemalloc/tcmalloc caching). Process-wide, set from FLAXGPT_HOST_ALLOCATOR
     for the CLIs and benchmarks; call it before the first computation. Returns whether anything
@@ -71,6 +72,31 @@ def tune_host_allocator() -> bool:
         options.append((_M_ARENA_MAX, 1))
     return all(mallopt(param, value) == 1 for param, value in options)
 
+
+
+# A glibc thread arena's heap cannot grow past this (HEAP_MAX_SIZE on 64-bit): bigger blocks
+# that an XLA:CPU worker thread allocates are mapped afresh, and faulted in, on every step.
+THREAD_ARENA_LIMIT_BYTES = 64 << 20
+
+
+def host_allocator_advice(jitted: Any, *args: Any) -> str | None:
+    """What to change when a CPU step's XLA buffers outgrow a thread arena, else None.
+
+    Compiles `jitted` for `args` ahead of its first call (the call then reuses the executable)
+    and reads the temporary buffer size XLA plans for each run. Above 64 MiB, the `tuned`
+    allocator cannot keep the buffer: `one-arena` can (GPT-2 124M at sequence 1024 on a CPU: 3.4 GB
+    of buffers, 13.0 -> 9.2 s per step). It stays advice, not automatic, because the allocator is
+    set before XLA's threads start, and one arena slows compiles (tune_host_allocator)."""
+    if jax.default_backend() != "cpu" or host_allocator_setting() != "tuned" or not sys.platform.startswith("linux"):
+        return None
+    analysis = jitted.lower(*args).compile().memory_analysis()
+    temp = getattr(analysis, "temp_size_in_bytes", 0) if analysis is not None else 0
+    if temp <= THREAD_ARENA_LIMIT_BYTES:
+        return None
+    return (f"this step's XLA buffers take {temp / 2**20:,.0f} MiB per run, more than a thread arena's "
+            f"{THREAD_ARENA_LIMIT_BYTES >> 20} MiB, so every step maps and faults them in afresh; run with "
+            "FLAXGPT_HOST_ALLOCATOR=one-arena to keep them (benchmarks/README.md: GPT-2 124M on a CPU "
+            "13.0 -> 9.2 s per step)")
 
 # Dense peak FLOP/s per device (one TPU chip / one GPU), bfloat16 (TPU v4+ and GPUs) and float32.
 PEAK_FLOPS: dict[str, dict[str, float]] = {

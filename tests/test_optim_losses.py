@@ -187,3 +187,22 @@ def test_unknown_host_allocator_setting_is_named(monkeypatch):
     monkeypatch.setenv("FLAXGPT_HOST_ALLOCATOR", "off")
     with pytest.raises(ConfigError, match="FLAXGPT_HOST_ALLOCATOR='off'"):
         perf.tune_host_allocator()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator tuning is Linux-only")
+def test_host_allocator_advice_names_one_arena_when_buffers_outgrow_a_thread_arena(monkeypatch):
+    """The training loop logs this before its first step: compiled ahead (nothing runs here), a
+    step with a [4608, 4608] float32 temporary (81 MiB) gets the advice, a small one does not,
+    nor does a process already on `one-arena` or opted out with `default`."""
+    from flaxgpt import perf
+
+    big = jax.jit(lambda x: jnp.tanh(x @ x.T) @ x)
+    small = jax.jit(lambda x: jnp.tanh(x.T @ x))
+    x = jax.ShapeDtypeStruct((4608, 64), jnp.float32)
+    monkeypatch.setenv("FLAXGPT_HOST_ALLOCATOR", "tuned")
+    advice = perf.host_allocator_advice(big, x)
+    assert advice is not None and "81 MiB" in advice and "FLAXGPT_HOST_ALLOCATOR=one-arena" in advice
+    assert perf.host_allocator_advice(small, x) is None
+    for setting in ("one-arena", "default"):
+        monkeypatch.setenv("FLAXGPT_HOST_ALLOCATOR", setting)
+        assert perf.host_allocator_advice(big, x) is None

@@ -152,7 +152,10 @@ def fit(cfg: Config, rt: Runtime, model: Transformer, objective: Objective, *,
         clock, items_since = time.time(), 0
         batches = prefetch(lambda step: objective.train_batch(step, rows), start, tc.max_steps, cfg.data.prefetch)
         for step, local in batches:
-            state, metrics = train_step(state, place_batch(local, rows, rt.rows_sharding, batch))
+            placed = place_batch(local, rows, rt.rows_sharding, batch)
+            if step == start and (advice := perf.host_allocator_advice(train_step, state, placed)):
+                logger.message(advice)
+            state, metrics = train_step(state, placed)
             done = step + 1
             items_since += batch
             eval_due = done % cfg.eval.interval == 0 or done == tc.max_steps
