@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flaxgpt import generate, lora
+from flaxgpt import generate, lora, perf
 from flaxgpt.chat_template import render, stop_tokens
 from flaxgpt.checkpoint import Checkpointer
 from flaxgpt.config import Config, ConfigError, to_dict
@@ -464,6 +464,9 @@ class PPOTrainer:
                 rollout_time = time.time() - clock
                 clock = time.time()
                 ptx = self._ptx_batch(step) if self.ptx is not None else None
+                if step == start and (advice := perf.host_allocator_advice(self.update, state, batch, ptx,
+                                                                           roll_stats["kl"])):
+                    logger.message(advice)
                 state, stats = self.update(state, batch, ptx, roll_stats["kl"])
                 stats = host_value(stats)
                 update_time = time.time() - clock
