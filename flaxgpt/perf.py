@@ -73,7 +73,6 @@ def tune_host_allocator() -> bool:
     return all(mallopt(param, value) == 1 for param, value in options)
 
 
-
 # A glibc thread arena's heap cannot grow past this (HEAP_MAX_SIZE on 64-bit): bigger blocks
 # that an XLA:CPU worker thread allocates are mapped afresh, and faulted in, on every step.
 THREAD_ARENA_LIMIT_BYTES = 64 << 20
@@ -97,6 +96,7 @@ def host_allocator_advice(jitted: Any, *args: Any) -> str | None:
             f"{THREAD_ARENA_LIMIT_BYTES >> 20} MiB, so every step maps and faults them in afresh; run with "
             "FLAXGPT_HOST_ALLOCATOR=one-arena to keep them (benchmarks/README.md: GPT-2 124M on a CPU "
             "13.0 -> 9.2 s per step)")
+
 
 # Dense peak FLOP/s per device (one TPU chip / one GPU), bfloat16 (TPU v4+ and GPUs) and float32.
 PEAK_FLOPS: dict[str, dict[str, float]] = {
