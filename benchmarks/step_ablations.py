@@ -33,6 +33,7 @@ from typing import Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import linen as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -68,8 +69,6 @@ class _ScaleOnly(nn.Module):
 
 
 def _sgd(opt_cfg, total_steps):
-    import optax
-
     return optax.sgd(opt_cfg.lr)
 
 
