@@ -38,8 +38,7 @@ def relative_error(out, ref) -> float:
 
 
 def numerics() -> list[str]:
-    base = C.ModelConfig(recipe="gpt2", vocab_size=50304, block_size=1024, n_layer=2, n_head=12,
-                         d_model=768).resolved()
+    base = C.ModelConfig(recipe="gpt2", vocab_size=50304, block_size=1024, n_layer=2, n_head=12, d_model=768).resolved()
     model = Transformer(base)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (4, base.block_size), 0, base.vocab_size)
     params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens[:1])["params"])
@@ -54,6 +53,7 @@ def numerics() -> list[str]:
             logits = Transformer(cfg).apply({"params": p}, tokens, positions, segments)
             sums = token_cross_entropy(logits[:, :-1], tokens[:, 1:], segments[:, 1:] > 0)
             return sums["loss_sum"] / sums["weight_sum"], logits
+
         (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
         return logits, grads
 
@@ -61,8 +61,10 @@ def numerics() -> list[str]:
     lines = ["| compute | attention | logits rel. error | gradients rel. error |", "|---|---|---|---|"]
     for attention in ("xla", "cudnn"):
         logits, grads = run(dataclasses.replace(base, dtype="bfloat16", attention=attention))
-        lines.append(f"| bfloat16 | {attention} | {relative_error(logits, ref_logits):.2e} | "
-                     f"{relative_error(grads, ref_grads):.2e} |")
+        lines.append(
+            f"| bfloat16 | {attention} | {relative_error(logits, ref_logits):.2e} | "
+            f"{relative_error(grads, ref_grads):.2e} |"
+        )
         print(lines[-1], flush=True)
     return lines
 
@@ -84,13 +86,16 @@ def speed(batch: int = 16, length: int = 1024, heads: int = 12, head_dim: int = 
     variants = {
         "xla (segment mask)": lambda q, k, v: fused_attention(q, k, v, mask, implementation="xla"),
         "cudnn (segment mask)": lambda q, k, v: fused_attention(q, k, v, mask),
-        "cudnn (causal only)": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                                            implementation="cudnn"),
+        "cudnn (causal only)": lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="cudnn"
+        ),
     }
     # causal attention's useful FLOPs: half of 4 b h t^2 d forward, 2.5x that with the backward
-    flops = 3.5 * 4 * batch * heads * length ** 2 * head_dim / 2
-    lines = [f"| attention op, fwd+bwd, {batch}x{length}, {heads} heads of {head_dim} | ms | TFLOP/s (causal) |",
-             "|---|---|---|"]
+    flops = 3.5 * 4 * batch * heads * length**2 * head_dim / 2
+    lines = [
+        f"| attention op, fwd+bwd, {batch}x{length}, {heads} heads of {head_dim} | ms | TFLOP/s (causal) |",
+        "|---|---|---|",
+    ]
     for name, attend in variants.items():
         step = jax.jit(lambda q, k, v, attend=attend: jax.vjp(attend, q, k, v)[1](cotangent))
         ms = timed_ms(step, q, k, v)
@@ -106,8 +111,19 @@ def main() -> int:
         print(f"cuDNN fused attention cannot run here: {obstacle}")
         return 1
     device = jax.devices()[0]
-    text = "\n".join([f"## attention — {datetime.date.today()} — {device.device_kind}, jax {jax.__version__}",
-                      "command: `python benchmarks/attention.py`", "", *numerics(), "", *speed()]) + "\n"
+    text = (
+        "\n".join(
+            [
+                f"## attention — {datetime.date.today()} — {device.device_kind}, jax {jax.__version__}",
+                "command: `python benchmarks/attention.py`",
+                "",
+                *numerics(),
+                "",
+                *speed(),
+            ]
+        )
+        + "\n"
+    )
     print("\n" + text)
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"), "a") as f:
         f.write("\n" + text)

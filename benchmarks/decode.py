@@ -38,16 +38,20 @@ def timed(fn, repeats: int = 2) -> float:
 
 
 def main() -> None:
-    cfg = C.ModelConfig(recipe="llama", vocab_size=256, block_size=PROMPT + NEW, n_layer=4, n_head=8,
-                        n_kv_heads=4, d_model=256).resolved()
+    cfg = C.ModelConfig(
+        recipe="llama", vocab_size=256, block_size=PROMPT + NEW, n_layer=4, n_head=8, n_kv_heads=4, d_model=256
+    ).resolved()
     model = Transformer(cfg)
     params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.block_size), jnp.int32))["params"])
     decode = DecodeConfig(max_new_tokens=NEW, temperature=0.0)
-    lines = [f"## decode — {datetime.date.today()} — {platform.machine()}, {jax.devices()[0].platform}, "
-             f"jax {jax.__version__}; {count_params(params) / 1e6:.1f}M params, prompt {PROMPT}, {NEW} new tokens",
-             "command: `python benchmarks/decode.py`", "",
-             "| batch | KV cache tokens/s | prefill ms | decode ms | full recompute tokens/s | speed-up |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"## decode — {datetime.date.today()} — {platform.machine()}, {jax.devices()[0].platform}, "
+        f"jax {jax.__version__}; {count_params(params) / 1e6:.1f}M params, prompt {PROMPT}, {NEW} new tokens",
+        "command: `python benchmarks/decode.py`",
+        "",
+        "| batch | KV cache tokens/s | prefill ms | decode ms | full recompute tokens/s | speed-up |",
+        "|---|---|---|---|---|---|",
+    ]
     for batch in (1, 32):
         prompts = np.random.default_rng(0).integers(1, 256, (batch, PROMPT)).tolist()
         tokens, mask = left_pad(prompts, 0)
@@ -55,11 +59,17 @@ def main() -> None:
         prefill = jax.jit(lambda p, t, m: _prefill(model, p, t, m, PROMPT + NEW)[0])
         prefill_s = timed(lambda: prefill(params, jnp.asarray(tokens), jnp.asarray(mask)), repeats=5)
         buffer = jnp.zeros((batch, PROMPT + NEW), jnp.int32).at[:, :PROMPT].set(jnp.asarray(tokens))
-        full = timed(lambda: _sliding_loop(model, params, buffer, jax.random.PRNGKey(0), prompt_len=PROMPT,
-                                           max_new_tokens=NEW, cfg=decode), repeats=1)
+        full = timed(
+            lambda: _sliding_loop(
+                model, params, buffer, jax.random.PRNGKey(0), prompt_len=PROMPT, max_new_tokens=NEW, cfg=decode
+            ),
+            repeats=1,
+        )
         n = batch * NEW
-        lines.append(f"| {batch} | {n / cached:,.0f} | {prefill_s * 1e3:.1f} | {(cached - prefill_s) * 1e3:.0f} | "
-                     f"{n / full:,.0f} | {full / cached:.1f}x |")
+        lines.append(
+            f"| {batch} | {n / cached:,.0f} | {prefill_s * 1e3:.1f} | {(cached - prefill_s) * 1e3:.0f} | "
+            f"{n / full:,.0f} | {full / cached:.1f}x |"
+        )
         print(lines[-1], flush=True)
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"), "a") as f:
         f.write("\n".join(lines) + "\n\n")

@@ -43,8 +43,9 @@ def measure(cfg: C.Config, workdir: str, steps: int = 50) -> dict:
     model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or tokenizer.vocab_size).resolved()
     mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh.rules)
     model, optimizer = Transformer(model_cfg), build_optimizer(cfg.optimizer, cfg.train.max_steps)
-    state, shardings = create_train_state(model, optimizer, jnp.zeros((1, model_cfg.block_size), jnp.int32),
-                                          mesh, rules, 0)
+    state, shardings = create_train_state(
+        model, optimizer, jnp.zeros((1, model_cfg.block_size), jnp.int32), mesh, rules, 0
+    )
     sharding, batch, block = batch_sharding(mesh, rules), cfg.train.batch_size, model_cfg.block_size
     rows = local_batch_rows(sharding, batch, block)
     make = lambda step: place_batch(data.batch("train", step, batch, block, rows), rows, sharding, batch)
@@ -55,8 +56,12 @@ def measure(cfg: C.Config, workdir: str, steps: int = 50) -> dict:
     pipeline_s = time.perf_counter() - start
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        step_fn = jax.jit(make_train_step(model, optimizer, learning_rate_schedule(cfg.optimizer, 1000), cfg.train),
-                          in_shardings=(shardings, sharding), out_shardings=(shardings, None), donate_argnums=0)
+        step_fn = jax.jit(
+            make_train_step(model, optimizer, learning_rate_schedule(cfg.optimizer, 1000), cfg.train),
+            in_shardings=(shardings, sharding),
+            out_shardings=(shardings, None),
+            donate_argnums=0,
+        )
         state, _ = step_fn(state, placed[0])  # compile
         jax.block_until_ready(state)
         start = time.perf_counter()
@@ -74,23 +79,34 @@ def main() -> None:
     args = parser.parse_args()
     cases = []
     if os.path.exists(args.shakespeare):
-        cases.append(("shakespeare_char (windows)", load_experiment("shakespeare_char", [f"data.path={args.shakespeare}"])))
+        cases.append(
+            ("shakespeare_char (windows)", load_experiment("shakespeare_char", [f"data.path={args.shakespeare}"]))
+        )
     with tempfile.TemporaryDirectory() as tmp:
         docs = world.corpus(world.make_world(0), 6000).split("\n\n")
         path = os.path.join(tmp, "world.jsonl")
         with open(path, "w") as f:
             f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
-        cases.append((f"packed JSONL ({len(docs)} world docs)",
-                      load_experiment("world", ["data.source=jsonl", f"data.path={path}", "data.packing=pack"])))
-        lines = [f"## input_pipeline — {datetime.date.today()} — {platform.machine()}, "
-                 f"{jax.device_count()} {jax.devices()[0].platform} device(s), jax {jax.__version__}",
-                 "command: `python benchmarks/input_pipeline.py`", "",
-                 "| data | batch x block | one-time build s | pipeline tokens/s | train step tokens/s | ratio |",
-                 "|---|---|---|---|---|---|"]
+        cases.append(
+            (
+                f"packed JSONL ({len(docs)} world docs)",
+                load_experiment("world", ["data.source=jsonl", f"data.path={path}", "data.packing=pack"]),
+            )
+        )
+        lines = [
+            f"## input_pipeline — {datetime.date.today()} — {platform.machine()}, "
+            f"{jax.device_count()} {jax.devices()[0].platform} device(s), jax {jax.__version__}",
+            "command: `python benchmarks/input_pipeline.py`",
+            "",
+            "| data | batch x block | one-time build s | pipeline tokens/s | train step tokens/s | ratio |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, cfg in cases:
             r = measure(cfg, tempfile.mkdtemp(dir=tmp))
-            lines.append(f"| {name} | {cfg.train.batch_size} x {cfg.model.block_size} | {r['build_s']:.2f} | "
-                         f"{r['pipeline_tps']:,.0f} | {r['step_tps']:,.0f} | {r['pipeline_tps'] / r['step_tps']:.0f}x |")
+            lines.append(
+                f"| {name} | {cfg.train.batch_size} x {cfg.model.block_size} | {r['build_s']:.2f} | "
+                f"{r['pipeline_tps']:,.0f} | {r['step_tps']:,.0f} | {r['pipeline_tps'] / r['step_tps']:.0f}x |"
+            )
             print(lines[-1], flush=True)
     with open(os.path.join(REPO, "benchmarks", "RESULTS.md"), "a") as f:
         f.write("\n".join(lines) + "\n\n")

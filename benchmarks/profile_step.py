@@ -28,7 +28,6 @@ from train_throughput import CONFIGS, FlaxgptTrainer  # noqa: E402
 
 from flaxgpt import perf  # noqa: E402
 
-
 # Lines of a device plane that restate the streams' events at a coarser grain (GPU traces).
 _SUMMARY_LINES = ("XLA Modules", "XLA Ops", "Steps", "Source", "Launch Stats", "XLA TraceMe")
 
@@ -102,14 +101,21 @@ def summarize(trace_dir: str, steps: int, top: int) -> str:
         by_category: dict[str, float] = collections.defaultdict(float)
         for name, (ns, _) in totals.items():
             by_category[category(name)] += ns
-        out += [f"\n{plane.name}: {busy / steps / 1e6:.2f} ms of busy time per step over {lines} lines "
-                f"(streams or threads)", "| category | ms/step | share |", "|---|---|---|"]
-        out += [f"| {name} | {ns / steps / 1e6:.3f} | {ns / busy:.1%} |"
-                for name, ns in sorted(by_category.items(), key=lambda kv: -kv[1])]
+        out += [
+            f"\n{plane.name}: {busy / steps / 1e6:.2f} ms of busy time per step over {lines} lines "
+            f"(streams or threads)",
+            "| category | ms/step | share |",
+            "|---|---|---|",
+        ]
+        out += [
+            f"| {name} | {ns / steps / 1e6:.3f} | {ns / busy:.1%} |"
+            for name, ns in sorted(by_category.items(), key=lambda kv: -kv[1])
+        ]
         out += ["", "| op | category | ms/step | share | launches/step |", "|---|---|---|---|---|"]
         for name, (ns, count) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
-            out.append(f"| {name[:90]} | {category(name)} | {ns / steps / 1e6:.3f} | {ns / busy:.1%} | "
-                       f"{count / steps:g} |")
+            out.append(
+                f"| {name[:90]} | {category(name)} | {ns / steps / 1e6:.3f} | {ns / busy:.1%} | {count / steps:g} |"
+            )
     return "\n".join(out)
 
 
@@ -136,8 +142,10 @@ def main() -> int:
     trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="flaxgpt-profile-")
     with jax.profiler.trace(trace_dir):
         seconds = trainer.time(args.steps)
-    print(f"{args.only} {shape['batch']}x{shape['block']} {args.dtype}, attention {args.attention}: "
-          f"{seconds / args.steps * 1e3:.2f} ms per step under the profiler")
+    print(
+        f"{args.only} {shape['batch']}x{shape['block']} {args.dtype}, attention {args.attention}: "
+        f"{seconds / args.steps * 1e3:.2f} ms per step under the profiler"
+    )
     print(summarize(trace_dir, args.steps, args.top))
     return 0
 

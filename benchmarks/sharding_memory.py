@@ -30,10 +30,20 @@ from flaxgpt.sharding import batch_sharding, logical_rules, make_mesh  # noqa: E
 from flaxgpt.state import abstract_train_state  # noqa: E402
 from flaxgpt.trainers.lm import make_train_step  # noqa: E402
 
-GIB = 1024 ** 3
+GIB = 1024**3
 # LLaMA-style ~1B: 18 layers, d_model 2048, 16 heads / 8 KV heads, SwiGLU 5632, vocab 32000.
-ONE_B = C.ModelConfig(recipe="llama", vocab_size=32000, block_size=2048, n_layer=18, n_head=16, n_kv_heads=8,
-                      d_model=2048, d_ff=5632, scan_layers=True, remat="full")
+ONE_B = C.ModelConfig(
+    recipe="llama",
+    vocab_size=32000,
+    block_size=2048,
+    n_layer=18,
+    n_head=16,
+    n_kv_heads=8,
+    d_model=2048,
+    d_ff=5632,
+    scan_layers=True,
+    remat="full",
+)
 BATCH = 8  # global sequences per step
 
 
@@ -47,13 +57,21 @@ def compile_step(model_cfg: C.ModelConfig, mesh_cfg: C.MeshConfig, batch: int) -
     abstract_state, shardings = abstract_train_state(model, optimizer, example, mesh, rules)
     rows = batch_sharding(mesh, rules)
     tokens = jax.ShapeDtypeStruct((batch, model_cfg.block_size), jnp.int32, sharding=rows)
-    abstract_batch = {"inputs": tokens, "targets": tokens, "segment_ids": tokens, "positions": tokens,
-                      "loss_weights": jax.ShapeDtypeStruct(tokens.shape, jnp.float32, sharding=rows)}
+    abstract_batch = {
+        "inputs": tokens,
+        "targets": tokens,
+        "segment_ids": tokens,
+        "positions": tokens,
+        "loss_weights": jax.ShapeDtypeStruct(tokens.shape, jnp.float32, sharding=rows),
+    }
     step = make_train_step(model, optimizer, learning_rate_schedule(opt_cfg, 1000), C.TrainConfig(batch_size=batch))
     start = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        compiled = jax.jit(step, in_shardings=(shardings, rows), out_shardings=(shardings, None),
-                           donate_argnums=0).lower(abstract_state, abstract_batch).compile()
+        compiled = (
+            jax.jit(step, in_shardings=(shardings, rows), out_shardings=(shardings, None), donate_argnums=0)
+            .lower(abstract_state, abstract_batch)
+            .compile()
+        )
     seconds = time.perf_counter() - start
     n_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
     return compiled, seconds, n_params
@@ -61,18 +79,26 @@ def compile_step(model_cfg: C.ModelConfig, mesh_cfg: C.MeshConfig, batch: int) -
 
 def main() -> None:
     n = jax.device_count()
-    lines = [f"## sharding_memory — {datetime.date.today()} — {platform.processor() or platform.machine()}, "
-             f"{n} {jax.devices()[0].platform} devices, jax {jax.__version__}",
-             "command: `python benchmarks/sharding_memory.py`", ""]
-    lines += ["| model | mesh (data, fsdp, tensor) | params | state/device (params + Adam) | "
-              "temporaries/device | total/device | compile s |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## sharding_memory — {datetime.date.today()} — {platform.processor() or platform.machine()}, "
+        f"{n} {jax.devices()[0].platform} devices, jax {jax.__version__}",
+        "command: `python benchmarks/sharding_memory.py`",
+        "",
+    ]
+    lines += [
+        "| model | mesh (data, fsdp, tensor) | params | state/device (params + Adam) | "
+        "temporaries/device | total/device | compile s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for mesh_cfg in (C.MeshConfig(data=1, fsdp=n), C.MeshConfig(data=1, fsdp=n // 2, tensor=2)):
         compiled, seconds, n_params = compile_step(ONE_B, mesh_cfg, BATCH)
         mem = compiled.memory_analysis()
-        lines.append(f"| 1B llama, seq {ONE_B.block_size}, batch {BATCH}, remat full | "
-                     f"({mesh_cfg.data}, {mesh_cfg.fsdp}, {mesh_cfg.tensor}) | {n_params / 1e9:.2f}B | "
-                     f"{mem.argument_size_in_bytes / GIB:.2f} GiB | {mem.temp_size_in_bytes / GIB:.2f} GiB | "
-                     f"{(mem.argument_size_in_bytes + mem.temp_size_in_bytes) / GIB:.2f} GiB | {seconds:.1f} |")
+        lines.append(
+            f"| 1B llama, seq {ONE_B.block_size}, batch {BATCH}, remat full | "
+            f"({mesh_cfg.data}, {mesh_cfg.fsdp}, {mesh_cfg.tensor}) | {n_params / 1e9:.2f}B | "
+            f"{mem.argument_size_in_bytes / GIB:.2f} GiB | {mem.temp_size_in_bytes / GIB:.2f} GiB | "
+            f"{(mem.argument_size_in_bytes + mem.temp_size_in_bytes) / GIB:.2f} GiB | {seconds:.1f} |"
+        )
         print(lines[-1], flush=True)
     lines += ["", "| layers (d_model 512, fsdp) | scan_layers | compile s |", "|---|---|---|"]
     small = dataclasses.replace(ONE_B, d_model=512, n_head=8, n_kv_heads=4, d_ff=1408, block_size=512)

@@ -28,7 +28,7 @@ import os
 import platform
 import sys
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -142,25 +142,55 @@ def matmul_table(shape: dict, calls: int = MATMUL_CALLS, repeats: int = MATMUL_R
     hd = d // h
     # (what, einsum, lhs shape, rhs shape, FLOPs, the same product in PyTorch or None)
     cases = []
-    for what, (m, k, n) in {"q, k, v, attention out": (rows, d, d), "MLP up": (rows, d, 4 * d),
-                            "MLP down": (rows, 4 * d, d), "output head": (rows, d, vocab)}.items():
+    for what, (m, k, n) in {
+        "q, k, v, attention out": (rows, d, d),
+        "MLP up": (rows, d, 4 * d),
+        "MLP down": (rows, 4 * d, d),
+        "output head": (rows, d, vocab),
+    }.items():
         flops = 2 * m * k * n
-        cases += [(f"{what} {m}x{k}x{n}: forward", "mk,kn->mn", (m, k), (k, n), flops, lambda x, y: x @ y),
-                  (f"{what}: input gradient", "mn,kn->mk", (m, n), (k, n), flops, lambda x, y: x @ y.T),
-                  (f"{what}: weight gradient", "mk,mn->kn", (m, k), (m, n), flops, lambda x, y: x.T @ y)]
+        cases += [
+            (f"{what} {m}x{k}x{n}: forward", "mk,kn->mn", (m, k), (k, n), flops, lambda x, y: x @ y),
+            (f"{what}: input gradient", "mn,kn->mk", (m, n), (k, n), flops, lambda x, y: x @ y.T),
+            (f"{what}: weight gradient", "mk,mn->kn", (m, k), (m, n), flops, lambda x, y: x.T @ y),
+        ]
     flops = 2 * b * h * t * t * hd
-    cases += [(f"attention scores, {b * h} x {t}x{hd}x{t}, model's [b, t, h, d] layout", "bthd,bshd->bhts",
-               (b, t, h, hd), (b, t, h, hd), flops, None),
-              ("attention scores, head-major [b, h, t, d]", "bhtd,bhsd->bhts", (b, h, t, hd), (b, h, t, hd), flops,
-               lambda x, y: torch.matmul(x, y.transpose(-1, -2))),
-              (f"attention values, {b * h} x {t}x{t}x{hd}, head-major", "bhts,bhsd->bhtd", (b, h, t, t),
-               (b, h, t, hd), flops, lambda x, y: torch.matmul(x, y))]
+    cases += [
+        (
+            f"attention scores, {b * h} x {t}x{hd}x{t}, model's [b, t, h, d] layout",
+            "bthd,bshd->bhts",
+            (b, t, h, hd),
+            (b, t, h, hd),
+            flops,
+            None,
+        ),
+        (
+            "attention scores, head-major [b, h, t, d]",
+            "bhtd,bhsd->bhts",
+            (b, h, t, hd),
+            (b, h, t, hd),
+            flops,
+            lambda x, y: torch.matmul(x, y.transpose(-1, -2)),
+        ),
+        (
+            f"attention values, {b * h} x {t}x{t}x{hd}, head-major",
+            "bhts,bhsd->bhtd",
+            (b, h, t, t),
+            (b, h, t, hd),
+            flops,
+            lambda x, y: torch.matmul(x, y),
+        ),
+    ]
     rng = np.random.default_rng(0)
     out = ["| matmul | XLA GFLOP/s | PyTorch GFLOP/s |", "|---|---|---|"]
     for what, spec, lhs_shape, rhs_shape, flops, torch_form in cases:
         lhs = rng.standard_normal(lhs_shape, dtype=np.float32)
         rhs = rng.standard_normal(rhs_shape, dtype=np.float32)
-        x, y, product = jax.device_put(lhs), jax.device_put(rhs), jax.jit(lambda x, y, spec=spec: jnp.einsum(spec, x, y))
+        x, y, product = (
+            jax.device_put(lhs),
+            jax.device_put(rhs),
+            jax.jit(lambda x, y, spec=spec: jnp.einsum(spec, x, y)),
+        )
         ours = flops / _best_seconds(lambda: product(x, y), calls, repeats) / 1e9
         theirs = ""
         if torch is not None and torch_form is not None:
@@ -186,14 +216,26 @@ def main() -> int:
     if timed_matmuls:
         sections += matmul_table(shape)
     timing = ([] if args.matmuls_only else [f"steps: best of {args.rounds} alternating rounds of {args.steps}"]) + (
-        [f"matmuls: best of {MATMUL_REPEATS} repeats of {MATMUL_CALLS} calls"] if timed_matmuls else [])
+        [f"matmuls: best of {MATMUL_REPEATS} repeats of {MATMUL_CALLS} calls"] if timed_matmuls else []
+    )
     device = jax.devices()[0]
     cpus = len(os.sched_getaffinity(0))
     command = " ".join(["python benchmarks/step_ablations.py", *sys.argv[1:]])
-    text = (f"## step_ablations — {datetime.date.today()} — {platform.machine()}, {cpus} of {os.cpu_count()} cpus, "
-            f"{device.platform} ({device.device_kind}), jax {jax.__version__}, float32\n"
-            + "; ".join([f"command: `{command}`", f"{args.only} {shape['batch']} x {shape['block']}",
-                         f"host allocator {allocator}", *timing]) + "\n\n" + "\n".join(sections).strip() + "\n")
+    text = (
+        f"## step_ablations — {datetime.date.today()} — {platform.machine()}, {cpus} of {os.cpu_count()} cpus, "
+        f"{device.platform} ({device.device_kind}), jax {jax.__version__}, float32\n"
+        + "; ".join(
+            [
+                f"command: `{command}`",
+                f"{args.only} {shape['batch']} x {shape['block']}",
+                f"host allocator {allocator}",
+                *timing,
+            ]
+        )
+        + "\n\n"
+        + "\n".join(sections).strip()
+        + "\n"
+    )
     print("\n" + text)
     if not args.no_record:
         with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"), "a") as f:

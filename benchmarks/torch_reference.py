@@ -64,8 +64,19 @@ class GPT(nn.Module):
 class Trainer:
     """The reference training step on random token batches; `time(steps)` runs and times them."""
 
-    def __init__(self, vocab: int, block_size: int, n_layer: int, n_head: int, d_model: int, batch: int,
-                 warmup: int = 3, threads: int | None = None, device: str = "cpu", dtype: str = "float32"):
+    def __init__(
+        self,
+        vocab: int,
+        block_size: int,
+        n_layer: int,
+        n_head: int,
+        d_model: int,
+        batch: int,
+        warmup: int = 3,
+        threads: int | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+    ):
         if threads:
             torch.set_num_threads(threads)
         torch.manual_seed(0)
@@ -73,10 +84,13 @@ class Trainer:
         self.model = GPT(vocab, block_size, n_layer, n_head, d_model).to(self.device)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                                      {"params": no_decay, "weight_decay": 0.0}],
-                                     lr=1e-3, betas=(0.9, 0.99), fused=self.device.type == "cuda",
-                                     foreach=self.device.type != "cuda")
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=1e-3,
+            betas=(0.9, 0.99),
+            fused=self.device.type == "cuda",
+            foreach=self.device.type != "cuda",
+        )
         gen = torch.Generator().manual_seed(0)
         self.data = torch.randint(0, vocab, (20, batch, block_size + 1), generator=gen).to(self.device)
         self.tokens_per_step = batch * block_size
@@ -116,11 +130,26 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = parser.parse_args()
-    trainer = Trainer(args.vocab, args.block_size, args.n_layer, args.n_head, args.d_model, args.batch,
-                      device=args.device, dtype=args.dtype)
+    trainer = Trainer(
+        args.vocab,
+        args.block_size,
+        args.n_layer,
+        args.n_head,
+        args.d_model,
+        args.batch,
+        device=args.device,
+        dtype=args.dtype,
+    )
     best = min(trainer.time(args.steps) for _ in range(args.rounds))
-    print(json.dumps({"tokens_per_sec": args.steps * trainer.tokens_per_step / best, "version": torch.__version__,
-                      "threads": torch.get_num_threads()}))
+    print(
+        json.dumps(
+            {
+                "tokens_per_sec": args.steps * trainer.tokens_per_step / best,
+                "version": torch.__version__,
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

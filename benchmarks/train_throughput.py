@@ -53,10 +53,28 @@ from flaxgpt.trainers.lm import make_train_step  # noqa: E402
 # nanoGPT's CPU configuration; GPT-2 124M at sequence 1024 takes seconds per step on a CPU.
 # On an accelerator: `accel` replaces batch, steps and rounds.
 CONFIGS = {
-    "shakespeare_char": dict(vocab=65, block=64, n_layer=4, n_head=4, d_model=128, batch=12, steps=50, rounds=6,
-                             accel=dict(batch=12, steps=100, rounds=5)),
-    "gpt2_124m": dict(vocab=50304, block=1024, n_layer=12, n_head=12, d_model=768, batch=1, steps=2, rounds=2,
-                      accel=dict(batch=16, steps=20, rounds=5)),
+    "shakespeare_char": dict(
+        vocab=65,
+        block=64,
+        n_layer=4,
+        n_head=4,
+        d_model=128,
+        batch=12,
+        steps=50,
+        rounds=6,
+        accel=dict(batch=12, steps=100, rounds=5),
+    ),
+    "gpt2_124m": dict(
+        vocab=50304,
+        block=1024,
+        n_layer=12,
+        n_head=12,
+        d_model=768,
+        batch=1,
+        steps=2,
+        rounds=2,
+        accel=dict(batch=16, steps=20, rounds=5),
+    ),
 }
 
 
@@ -64,23 +82,40 @@ class FlaxgptTrainer:
     """The trainers' own `make_train_step`, jitted with the state donated; `time(steps)` runs it."""
 
     def __init__(self, shape: dict, dtype: str, warmup: int = 2, attention: str = "auto", remat: str = "none"):
-        cfg = C.ModelConfig(recipe="gpt2", vocab_size=shape["vocab"], block_size=shape["block"],
-                            n_layer=shape["n_layer"], n_head=shape["n_head"], d_model=shape["d_model"],
-                            use_bias=False, dtype=dtype, attention=attention, remat=remat).resolved()
+        cfg = C.ModelConfig(
+            recipe="gpt2",
+            vocab_size=shape["vocab"],
+            block_size=shape["block"],
+            n_layer=shape["n_layer"],
+            n_head=shape["n_head"],
+            d_model=shape["d_model"],
+            use_bias=False,
+            dtype=dtype,
+            attention=attention,
+            remat=remat,
+        ).resolved()
         opt_cfg = C.OptimizerConfig(lr=1e-3, warmup_steps=10, b2=0.99, weight_decay=0.1, no_decay=("bias", "scale"))
         model, optimizer = Transformer(cfg), build_optimizer(opt_cfg, 1000)
         mesh, rules = make_mesh(C.MeshConfig(), jax.devices()[:1]), logical_rules(C.DEFAULT_LOGICAL_AXIS_RULES)
         self.state, _ = create_train_state(model, optimizer, jnp.zeros((1, cfg.block_size), jnp.int32), mesh, rules, 0)
-        self.step = jax.jit(make_train_step(model, optimizer, learning_rate_schedule(opt_cfg, 1000),
-                                            C.TrainConfig(batch_size=shape["batch"])), donate_argnums=0)
+        self.step = jax.jit(
+            make_train_step(
+                model, optimizer, learning_rate_schedule(opt_cfg, 1000), C.TrainConfig(batch_size=shape["batch"])
+            ),
+            donate_argnums=0,
+        )
         rng = np.random.default_rng(0)
         b, t = shape["batch"], shape["block"]
 
         def batch() -> dict:
             tokens = rng.integers(0, shape["vocab"], size=(b, t + 1)).astype(np.int32)
-            return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_weights": np.ones((b, t), np.float32),
-                    "segment_ids": np.ones((b, t), np.int32),
-                    "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
+            return {
+                "inputs": tokens[:, :-1],
+                "targets": tokens[:, 1:],
+                "loss_weights": np.ones((b, t), np.float32),
+                "segment_ids": np.ones((b, t), np.int32),
+                "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+            }
 
         self.batches = [jax.device_put(batch()) for _ in range(min(shape["steps"], 20))]
         self.calls = 0
@@ -111,12 +146,25 @@ class FlaxgptTrainer:
 
 def pytorch_as_shipped(shape: dict, steps: int, rounds: int, device: str, dtype: str) -> dict | None:
     """The PyTorch reference in a fresh process, untouched by flaxgpt's allocator tuning."""
-    args = [f"--vocab={shape['vocab']}", f"--block_size={shape['block']}", f"--n_layer={shape['n_layer']}",
-            f"--n_head={shape['n_head']}", f"--d_model={shape['d_model']}", f"--batch={shape['batch']}",
-            f"--steps={steps}", f"--rounds={rounds}", f"--device={device}", f"--dtype={dtype}"]
+    args = [
+        f"--vocab={shape['vocab']}",
+        f"--block_size={shape['block']}",
+        f"--n_layer={shape['n_layer']}",
+        f"--n_head={shape['n_head']}",
+        f"--d_model={shape['d_model']}",
+        f"--batch={shape['batch']}",
+        f"--steps={steps}",
+        f"--rounds={rounds}",
+        f"--device={device}",
+        f"--dtype={dtype}",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "FLAXGPT_HOST_ALLOCATOR"}
-    done = subprocess.run([sys.executable, os.path.join(_ROOT, "benchmarks", "torch_reference.py"), *args],
-                          capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, os.path.join(_ROOT, "benchmarks", "torch_reference.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if done.returncode != 0:
         print(f"PyTorch as shipped failed:\n{done.stderr[-2000:]}", file=sys.stderr)
         return None
@@ -131,8 +179,12 @@ def main() -> int:
     parser.add_argument("--batch", type=int, help="sequences per step (default: per configuration)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"), help="model.attention")
-    parser.add_argument("--remat", default="none", choices=("none", "full", "dots", "dots_no_batch",
-                                                            "save_attention_out"), help="model.remat")
+    parser.add_argument(
+        "--remat",
+        default="none",
+        choices=("none", "full", "dots", "dots_no_batch", "save_attention_out"),
+        help="model.remat",
+    )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference (no torch installed)")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = parser.parse_args()
@@ -153,8 +205,9 @@ def main() -> int:
         if with_torch and on_cpu:  # on a GPU, two frameworks' allocators in one process would contend
             from benchmarks.torch_reference import Trainer
 
-            theirs = Trainer(shape["vocab"], shape["block"], shape["n_layer"], shape["n_head"], shape["d_model"],
-                             shape["batch"])
+            theirs = Trainer(
+                shape["vocab"], shape["block"], shape["n_layer"], shape["n_head"], shape["d_model"], shape["batch"]
+            )
         ours_s, theirs_s = [], []
         for _ in range(rounds):  # alternate, so both sides see the same machine
             ours_s.append(ours.time(steps))
@@ -162,30 +215,45 @@ def main() -> int:
                 theirs_s.append(theirs.time(steps))
         shipped = pytorch_as_shipped(shape, steps, rounds, torch_device, args.dtype) if with_torch else None
         rate = lambda seconds: steps * ours.tokens_per_step / min(seconds)
-        row = {"name": name, "shape": shape, "steps": steps, "rounds": rounds, "params": ours.n_params,
-               "compile_s": ours.compile_s, "faults": ours.page_faults / ours.timed_steps,
-               "ours": rate(ours_s), "torch": rate(theirs_s) if theirs else None,
-               "shipped": shipped["tokens_per_sec"] if shipped else None,
-               "torch_version": shipped["version"] if shipped else None}
+        row = {
+            "name": name,
+            "shape": shape,
+            "steps": steps,
+            "rounds": rounds,
+            "params": ours.n_params,
+            "compile_s": ours.compile_s,
+            "faults": ours.page_faults / ours.timed_steps,
+            "ours": rate(ours_s),
+            "torch": rate(theirs_s) if theirs else None,
+            "shipped": shipped["tokens_per_sec"] if shipped else None,
+            "torch_version": shipped["version"] if shipped else None,
+        }
         row["mfu"] = row["ours"] * ours.flops_per_token / peak
         row["mfu_measured"] = row["ours"] * ours.flops_per_token / measured
         row["torch_mfu"] = row["torch"] * ours.flops_per_token / peak if theirs else None
         rows.append(row)
-        print(f"{name}: flaxgpt {row['ours']:,.0f} tok/s (MFU {row['mfu']:.1%})"
-              + (f", PyTorch {row['torch']:,.0f} tok/s, ratio {row['ours'] / row['torch']:.2f}x" if theirs else "")
-              + (f", PyTorch as shipped {row['shipped']:,.0f} tok/s" if shipped else ""), flush=True)
+        print(
+            f"{name}: flaxgpt {row['ours']:,.0f} tok/s (MFU {row['mfu']:.1%})"
+            + (f", PyTorch {row['torch']:,.0f} tok/s, ratio {row['ours'] / row['torch']:.2f}x" if theirs else "")
+            + (f", PyTorch as shipped {row['shipped']:,.0f} tok/s" if shipped else ""),
+            flush=True,
+        )
 
     torch_version = next((r["torch_version"] for r in rows if r["torch_version"]), "not run")
     command = " ".join(["python benchmarks/train_throughput.py", *sys.argv[1:]])
-    header = (f"## train_throughput — {datetime.date.today()} — {platform.machine()}, {os.cpu_count()} cpus, "
-              f"{device.platform} ({device.device_kind}), jax {jax.__version__}, torch {torch_version}, {args.dtype}\n"
-              f"command: `{command}`; peak {peak / 1e9:,.0f} GFLOP/s ({peak_source}), measured matmul peak "
-              f"{measured / 1e9:,.0f} GFLOP/s; attention {args.attention}, remat {args.remat}; host allocator "
-              f"{allocator}; best of alternating rounds\n")
-    table = ["| model | batch x seq | params | steps x rounds | flaxgpt tok/s | MFU | MFU of measured peak | compile s "
-             "| page faults/step | PyTorch tok/s "
-             "| PyTorch MFU | flaxgpt / PyTorch | PyTorch as shipped tok/s | flaxgpt / as shipped |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    header = (
+        f"## train_throughput — {datetime.date.today()} — {platform.machine()}, {os.cpu_count()} cpus, "
+        f"{device.platform} ({device.device_kind}), jax {jax.__version__}, torch {torch_version}, {args.dtype}\n"
+        f"command: `{command}`; peak {peak / 1e9:,.0f} GFLOP/s ({peak_source}), measured matmul peak "
+        f"{measured / 1e9:,.0f} GFLOP/s; attention {args.attention}, remat {args.remat}; host allocator "
+        f"{allocator}; best of alternating rounds\n"
+    )
+    table = [
+        "| model | batch x seq | params | steps x rounds | flaxgpt tok/s | MFU | MFU of measured peak | compile s "
+        "| page faults/step | PyTorch tok/s "
+        "| PyTorch MFU | flaxgpt / PyTorch | PyTorch as shipped tok/s | flaxgpt / as shipped |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     fmt = lambda x, spec: format(x, spec) if x is not None else "—"
     ratio = lambda ours, theirs: f"{ours / theirs:.2f}x" if theirs else "—"
     for r in rows:
@@ -195,7 +263,8 @@ def main() -> int:
             f"{r['compile_s']:.1f} | "
             f"{r['faults']:,.0f} | "
             f"{fmt(r['torch'], ',.0f')} | {fmt(r['torch_mfu'], '.1%')} | "
-            f"{ratio(r['ours'], r['torch'])} | {fmt(r['shipped'], ',.0f')} | {ratio(r['ours'], r['shipped'])} |")
+            f"{ratio(r['ours'], r['torch'])} | {fmt(r['shipped'], ',.0f')} | {ratio(r['ours'], r['shipped'])} |"
+        )
     text = header + "\n" + "\n".join(table) + "\n"
     print("\n" + text)
     if not args.no_record:

@@ -20,13 +20,31 @@ from flaxgpt import config as C
 def config() -> C.Config:
     return C.Config(
         data=C.DataConfig(source="world", world_seed=0, world_system="Answer briefly.", world_rankings=800),
-        optimizer=C.OptimizerConfig(lr=1e-4, min_lr=1e-4, warmup_steps=0, decay="constant",
-                                    b2=0.99, weight_decay=0.0, grad_clip=1.0),
+        optimizer=C.OptimizerConfig(
+            lr=1e-4, min_lr=1e-4, warmup_steps=0, decay="constant", b2=0.99, weight_decay=0.0, grad_clip=1.0
+        ),
         train=C.TrainConfig(trainer="ppo", init_from="runs/sft_world", batch_size=64, max_steps=40, log_interval=1),
-        ppo=C.PPOConfig(reward_from="runs/rm_world", value_model="separate", max_new_tokens=32, temperature=1.0,
-                        epochs=2, minibatches=4, gamma=1.0, lam=0.95, clip=0.2, value_clip=0.2, value_coef=0.1,
-                        kl_coef=1.0, adaptive_kl=True, kl_target=1.0, kl_horizon=10000.0,
-                        missing_eos_penalty=1.0, eval_prompts=128, rounds=2, round_rm_steps=60),
+        ppo=C.PPOConfig(
+            reward_from="runs/rm_world",
+            value_model="separate",
+            max_new_tokens=32,
+            temperature=1.0,
+            epochs=2,
+            minibatches=4,
+            gamma=1.0,
+            lam=0.95,
+            clip=0.2,
+            value_clip=0.2,
+            value_coef=0.1,
+            kl_coef=1.0,
+            adaptive_kl=True,
+            kl_target=1.0,
+            kl_horizon=10000.0,
+            missing_eos_penalty=1.0,
+            eval_prompts=128,
+            rounds=2,
+            round_rm_steps=60,
+        ),
         eval=C.EvalConfig(interval=20),
         checkpoint=C.CheckpointConfig(every_steps=10),
     )

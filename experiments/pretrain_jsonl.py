@@ -12,12 +12,28 @@ from flaxgpt import config as C
 
 def config() -> C.Config:
     return C.Config(
-        model=C.ModelConfig(recipe="llama", n_layer=8, n_head=8, n_kv_heads=4, d_model=512, block_size=512,
-                            vocab_multiple=128, scan_layers=True),
-        data=C.DataConfig(source="jsonl", path="data/train.jsonl", packing="pack", tokenizer="sentencepiece",
-                          spm_vocab_size=4096, spm_model_type="bpe", dedup=True),
-        optimizer=C.OptimizerConfig(lr=6e-4, min_lr=6e-5, warmup_steps=500, decay="cosine",
-                                    b2=0.95, weight_decay=0.1, grad_clip=1.0),
+        model=C.ModelConfig(
+            recipe="llama",
+            n_layer=8,
+            n_head=8,
+            n_kv_heads=4,
+            d_model=512,
+            block_size=512,
+            vocab_multiple=128,
+            scan_layers=True,
+        ),
+        data=C.DataConfig(
+            source="jsonl",
+            path="data/train.jsonl",
+            packing="pack",
+            tokenizer="sentencepiece",
+            spm_vocab_size=4096,
+            spm_model_type="bpe",
+            dedup=True,
+        ),
+        optimizer=C.OptimizerConfig(
+            lr=6e-4, min_lr=6e-5, warmup_steps=500, decay="cosine", b2=0.95, weight_decay=0.1, grad_clip=1.0
+        ),
         train=C.TrainConfig(batch_size=64, max_steps=20000, log_interval=20),
         eval=C.EvalConfig(interval=1000, iters=20, sample_prompt="The", sample_tokens=100),
         checkpoint=C.CheckpointConfig(every_steps=1000, max_to_keep=3),

@@ -18,10 +18,12 @@ from flaxgpt import config as C
 def config() -> C.Config:
     return C.Config(
         data=C.DataConfig(source="jsonl", path="data/rankings.jsonl", train_fraction=0.95),
-        optimizer=C.OptimizerConfig(lr=9e-6, min_lr=9e-7, warmup_steps=50, decay="cosine",
-                                    b2=0.95, weight_decay=0.0, grad_clip=1.0),
-        train=C.TrainConfig(trainer="reward", init_from="runs/sft_jsonl", batch_size=64, max_steps=1000,
-                            log_interval=20),
+        optimizer=C.OptimizerConfig(
+            lr=9e-6, min_lr=9e-7, warmup_steps=50, decay="cosine", b2=0.95, weight_decay=0.0, grad_clip=1.0
+        ),
+        train=C.TrainConfig(
+            trainer="reward", init_from="runs/sft_jsonl", batch_size=64, max_steps=1000, log_interval=20
+        ),
         reward=C.RewardConfig(margin=0.0, normalize=True),
         eval=C.EvalConfig(interval=250, iters=10),
         checkpoint=C.CheckpointConfig(every_steps=250),

@@ -14,12 +14,21 @@ from flaxgpt import config as C
 
 def config() -> C.Config:
     return C.Config(
-        data=C.DataConfig(source="world", world_seed=0, world_system="Answer briefly.", world_rankings=1500,
-                          world_ranking_k=4, world_ranking_temperature=1.0, train_fraction=0.85),
-        optimizer=C.OptimizerConfig(lr=5e-4, min_lr=5e-5, warmup_steps=20, decay="cosine",
-                                    b2=0.99, weight_decay=0.0, grad_clip=1.0),
-        train=C.TrainConfig(trainer="reward", init_from="runs/sft_world", batch_size=16, max_steps=150,
-                            log_interval=25),
+        data=C.DataConfig(
+            source="world",
+            world_seed=0,
+            world_system="Answer briefly.",
+            world_rankings=1500,
+            world_ranking_k=4,
+            world_ranking_temperature=1.0,
+            train_fraction=0.85,
+        ),
+        optimizer=C.OptimizerConfig(
+            lr=5e-4, min_lr=5e-5, warmup_steps=20, decay="cosine", b2=0.99, weight_decay=0.0, grad_clip=1.0
+        ),
+        train=C.TrainConfig(
+            trainer="reward", init_from="runs/sft_world", batch_size=16, max_steps=150, log_interval=25
+        ),
         reward=C.RewardConfig(margin=0.0, normalize=True),
         sft=C.SftConfig(max_new_tokens=32),  # answer length when sampling the comparisons
         eval=C.EvalConfig(interval=50, iters=8, batch_size=16),

@@ -14,10 +14,17 @@ from flaxgpt import config as C
 
 def config() -> C.Config:
     return C.Config(
-        data=C.DataConfig(source="world", world_seed=0, world_conversations=3000, world_noise=0.3,
-                          world_system="Answer briefly.", packing="pack"),
-        optimizer=C.OptimizerConfig(lr=1e-3, min_lr=1e-4, warmup_steps=30, decay="cosine",
-                                    b2=0.99, weight_decay=0.0, grad_clip=1.0),
+        data=C.DataConfig(
+            source="world",
+            world_seed=0,
+            world_conversations=3000,
+            world_noise=0.3,
+            world_system="Answer briefly.",
+            packing="pack",
+        ),
+        optimizer=C.OptimizerConfig(
+            lr=1e-3, min_lr=1e-4, warmup_steps=30, decay="cosine", b2=0.99, weight_decay=0.0, grad_clip=1.0
+        ),
         train=C.TrainConfig(trainer="sft", init_from="runs/world", batch_size=16, max_steps=300, log_interval=25),
         sft=C.SftConfig(loss_on="all", eval_examples=128, max_new_tokens=32),
         eval=C.EvalConfig(interval=150, iters=8, batch_size=32),

@@ -12,14 +12,20 @@ from flaxgpt import config as C
 
 def config() -> C.Config:
     return C.Config(
-        model=C.ModelConfig(recipe="llama", n_layer=4, n_head=4, n_kv_heads=2, d_model=128,
-                            block_size=128, dropout=0.0),
+        model=C.ModelConfig(
+            recipe="llama", n_layer=4, n_head=4, n_kv_heads=2, d_model=128, block_size=128, dropout=0.0
+        ),
         data=C.DataConfig(source="world", world_seed=0, world_documents=6000, tokenizer="char"),
-        optimizer=C.OptimizerConfig(lr=2e-3, min_lr=2e-4, warmup_steps=100, decay="cosine",
-                                    b2=0.99, weight_decay=0.1, grad_clip=1.0),
+        optimizer=C.OptimizerConfig(
+            lr=2e-3, min_lr=2e-4, warmup_steps=100, decay="cosine", b2=0.99, weight_decay=0.1, grad_clip=1.0
+        ),
         train=C.TrainConfig(batch_size=16, max_steps=1200, log_interval=50),
-        eval=C.EvalConfig(interval=400, iters=10, temperature=0.0,
-                          sample_prompt="Question: What is the capital of Vouzapur?\nAnswer:",
-                          sample_tokens=60),
+        eval=C.EvalConfig(
+            interval=400,
+            iters=10,
+            temperature=0.0,
+            sample_prompt="Question: What is the capital of Vouzapur?\nAnswer:",
+            sample_tokens=60,
+        ),
         checkpoint=C.CheckpointConfig(every_steps=400),
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 
@@ -30,7 +30,7 @@ class ChatSession:
     def reset(self) -> None:
         self.messages = []
 
-    def reply(self, text: str, on_text: Optional[Callable[[str], None]] = None) -> str:
+    def reply(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
         tok, block = self.loaded.tokenizer, self.loaded.model.cfg.block_size
         self.messages.append({"role": "user", "content": text})
         history = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
@@ -47,23 +47,31 @@ class ChatSession:
                 return
             produced.append(token)
             text_so_far = tok.decode(produced)
-            on_text(text_so_far[len(shown):])
+            on_text(text_so_far[len(shown) :])
             shown = text_so_far
 
         self.rng, key = jax.random.split(self.rng)
         decode = dataclasses.replace(self.decode, max_new_tokens=new_tokens)
         with inference.logical_context(self.loaded):
-            out = generate.generate(self.loaded.model, self.loaded.params, [rendered.ids], decode, key,
-                                    pad_id=tok.pad_id, stop_tokens=stops,
-                                    on_tokens=stream if on_text is not None and decode.num_beams == 1 else None)
+            out = generate.generate(
+                self.loaded.model,
+                self.loaded.params,
+                [rendered.ids],
+                decode,
+                key,
+                pad_id=tok.pad_id,
+                stop_tokens=stops,
+                on_tokens=stream if on_text is not None and decode.num_beams == 1 else None,
+            )
         answer = tok.decode(generate.completions(out, stops)[0])
         self.messages.append({"role": "assistant", "content": answer})
         return answer
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flaxgpt.chat", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flaxgpt.chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", "-w", required=True)
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     parser.add_argument("--system", default="", help="system message")
@@ -72,13 +80,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         perf.tune_host_allocator()
-        session = ChatSession(inference.load(args.workdir, args.step), inference.decode_config(args),
-                              args.system, args.seed)
+        session = ChatSession(
+            inference.load(args.workdir, args.step), inference.decode_config(args), args.system, args.seed
+        )
         if args.prompt is not None:
             print(session.reply(args.prompt))
             return 0
-        print(f"flaxgpt chat ({args.workdir}, step {session.loaded.step}). /reset, /system TEXT, /quit",
-              flush=True)
+        print(f"flaxgpt chat ({args.workdir}, step {session.loaded.step}). /reset, /system TEXT, /quit", flush=True)
         for line in sys.stdin:
             line = line.strip()
             if not line:
@@ -89,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 session.reset()
                 print("(conversation forgotten)", flush=True)
             elif line.startswith("/system"):
-                session.system = line[len("/system"):].strip()
+                session.system = line[len("/system") :].strip()
                 print(f"(system message: {session.system!r})", flush=True)
             else:
                 print("assistant> ", end="", flush=True)

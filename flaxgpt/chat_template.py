@@ -10,8 +10,8 @@ always resumes at a user turn); the system message always stays.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from flaxgpt.data.tokenizers import ASSISTANT, END_OF_TURN, SYSTEM, USER, Tokenizer
 
@@ -35,15 +35,16 @@ def _render_message(message: dict, tokenizer: Tokenizer) -> tuple[list[int], lis
     return head + body, [0] * len(head) + [learn] * len(body)
 
 
-def render(messages: Sequence[dict], tokenizer: Tokenizer, max_tokens: int,
-           add_generation_prompt: bool = True) -> RenderedChat:
+def render(
+    messages: Sequence[dict], tokenizer: Tokenizer, max_tokens: int, add_generation_prompt: bool = True
+) -> RenderedChat:
     """Token ids (and the assistant mask) of a conversation, cut to `max_tokens` from the oldest turn."""
     system = [m for m in messages[:1] if m["role"] == "system"]
-    turns = list(messages[len(system):])
+    turns = list(messages[len(system) :])
     parts = [_render_message(m, tokenizer) for m in system + turns]
     prompt = tokenizer.encode(ASSISTANT) if add_generation_prompt else []
     fixed = sum(len(p[0]) for p in parts[: len(system)]) + len(prompt)
-    kept = parts[len(system):]
+    kept = parts[len(system) :]
     dropped = 0
     roles = [m["role"] for m in turns]
     while fixed + sum(len(p[0]) for p in kept) > max_tokens and len(kept) > 1:
@@ -53,8 +54,10 @@ def render(messages: Sequence[dict], tokenizer: Tokenizer, max_tokens: int,
     ids = [t for p in parts[: len(system)] + kept for t in p[0]] + prompt
     mask = [t for p in parts[: len(system)] + kept for t in p[1]] + [0] * len(prompt)
     if len(ids) > max_tokens:
-        raise ValueError(f"the system message and the latest turn alone take {len(ids)} tokens, more than the "
-                         f"{max_tokens} available; shorten them or use a model with a longer context")
+        raise ValueError(
+            f"the system message and the latest turn alone take {len(ids)} tokens, more than the "
+            f"{max_tokens} available; shorten them or use a model with a longer context"
+        )
     return RenderedChat(ids, mask, dropped)
 
 

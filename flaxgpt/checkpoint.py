@@ -9,7 +9,7 @@ would pick up.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 import orbax.checkpoint as ocp
 
@@ -17,9 +17,27 @@ from flaxgpt import fileio
 from flaxgpt.config import CheckpointConfig, ModelConfig, to_dict
 
 # Model fields that change parameter shapes or meaning; a restore must agree on all of them.
-STRUCTURAL_FIELDS = ("recipe", "vocab_size", "block_size", "n_layer", "n_head", "n_kv_heads", "d_model",
-               "head_dim", "d_ff", "position", "norm", "mlp", "use_bias", "tie_embeddings",
-               "scan_layers", "param_dtype", "output", "lora_rank", "lora_targets")
+STRUCTURAL_FIELDS = (
+    "recipe",
+    "vocab_size",
+    "block_size",
+    "n_layer",
+    "n_head",
+    "n_kv_heads",
+    "d_model",
+    "head_dim",
+    "d_ff",
+    "position",
+    "norm",
+    "mlp",
+    "use_bias",
+    "tie_embeddings",
+    "scan_layers",
+    "param_dtype",
+    "output",
+    "lora_rank",
+    "lora_targets",
+)
 
 
 class CheckpointMismatch(ValueError):
@@ -33,12 +51,14 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=cfg.max_to_keep, create=True, enable_async_checkpointing=cfg.async_save,
+                max_to_keep=cfg.max_to_keep,
+                create=True,
+                enable_async_checkpointing=cfg.async_save,
                 cleanup_tmp_directories=True,  # what a killed save left behind
             ),
         )
 
-    def latest_step(self) -> Optional[int]:
+    def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, record: dict, force: bool = False) -> bool:
@@ -64,8 +84,7 @@ class Checkpointer:
         check_model_compatible(record.get("model", {}), model_cfg, f"{self.directory} step {step}")
         restored = self.manager.restore(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                    record=ocp.args.JsonRestore()),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()),
         )
         return restored["state"], restored["record"]
 
@@ -76,8 +95,14 @@ class Checkpointer:
         target = abstract_params
         for key in reversed(("params",) + tuple(path)):
             target = {key: target}
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+                )
+            ),
+        )
         params = restored["state"]
         for key in ("params",) + tuple(path):
             params = params[key]
@@ -93,7 +118,10 @@ class Checkpointer:
 
 def check_model_compatible(saved: dict, model_cfg: ModelConfig, where: str) -> None:
     current = to_dict(model_cfg)
-    diffs = [f"model.{k}: checkpoint has {saved[k]!r}, config has {current[k]!r}"
-             for k in STRUCTURAL_FIELDS if k in saved and saved[k] != current[k]]
+    diffs = [
+        f"model.{k}: checkpoint has {saved[k]!r}, config has {current[k]!r}"
+        for k in STRUCTURAL_FIELDS
+        if k in saved and saved[k] != current[k]
+    ]
     if diffs:
         raise CheckpointMismatch(f"checkpoint {where} does not fit this model:\n  " + "\n  ".join(diffs))

@@ -14,14 +14,17 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
+
 
 class ConfigError(ValueError):
     """A configuration problem the user can fix: names the key and what was expected."""
 
+
 # ----------------------------------------------------------------------------- sections
 
 LORA_TARGETS = ("query", "key", "value", "out", "gate", "up", "down")
+
 
 @dataclass(unsafe_hash=True)  # hashable: the model (and so jit's static args) holds it
 class ModelConfig:
@@ -39,15 +42,15 @@ class ModelConfig:
     block_size: int = 256
     n_layer: int = 4
     n_head: int = 4
-    n_kv_heads: Optional[int] = None  # None: n_head (plain MHA); 1: multi-query
+    n_kv_heads: int | None = None  # None: n_head (plain MHA); 1: multi-query
     d_model: int = 128
-    head_dim: Optional[int] = None  # None: d_model // n_head
-    d_ff: Optional[int] = None  # None: 4*d_model (gpt2) or 8/3*d_model rounded to 64 (llama)
-    position: Optional[Literal["learned", "rope"]] = None
-    norm: Optional[Literal["layernorm", "rmsnorm"]] = None
-    mlp: Optional[Literal["gelu", "swiglu"]] = None
-    use_bias: Optional[bool] = None
-    tie_embeddings: Optional[bool] = None
+    head_dim: int | None = None  # None: d_model // n_head
+    d_ff: int | None = None  # None: 4*d_model (gpt2) or 8/3*d_model rounded to 64 (llama)
+    position: Literal["learned", "rope"] | None = None
+    norm: Literal["layernorm", "rmsnorm"] | None = None
+    mlp: Literal["gelu", "swiglu"] | None = None
+    use_bias: bool | None = None
+    tie_embeddings: bool | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     dropout: float = 0.0
@@ -75,7 +78,7 @@ class ModelConfig:
     lora_dropout: float = 0.0
     lora_targets: tuple = ("query", "key", "value", "out", "gate", "up", "down")
 
-    def resolved(self) -> "ModelConfig":
+    def resolved(self) -> ModelConfig:
         """A copy with every recipe-dependent field filled in and checked."""
         gpt2 = self.recipe == "gpt2"
         head_dim = self.head_dim or (self.d_model // max(self.n_head, 1))
@@ -97,9 +100,7 @@ class ModelConfig:
             tie_embeddings=gpt2 if self.tie_embeddings is None else self.tie_embeddings,
         )
         if out.n_head % out.n_kv_heads:
-            raise ConfigError(
-                f"model.n_head={out.n_head} must be a multiple of model.n_kv_heads={out.n_kv_heads}"
-            )
+            raise ConfigError(f"model.n_head={out.n_head} must be a multiple of model.n_kv_heads={out.n_kv_heads}")
         if self.head_dim is None and self.d_model % self.n_head:
             raise ConfigError(
                 f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}; "
@@ -107,13 +108,16 @@ class ModelConfig:
             )
         unknown = sorted(set(out.lora_targets) - set(LORA_TARGETS))
         if out.lora_rank < 0 or unknown:
-            raise ConfigError(f"model.lora_rank={out.lora_rank} must be >= 0 and model.lora_targets "
-                              f"{list(out.lora_targets)} taken from {list(LORA_TARGETS)}")
+            raise ConfigError(
+                f"model.lora_rank={out.lora_rank} must be >= 0 and model.lora_targets "
+                f"{list(out.lora_targets)} taken from {list(LORA_TARGETS)}"
+            )
         if out.attention_block < 0:
             raise ConfigError(f"model.attention_block={out.attention_block} must be >= 0 (0: automatic)")
         if out.position == "rope" and out.head_dim % 2:
             raise ConfigError(f"rotary positions need an even model.head_dim, got {out.head_dim}")
         return out
+
 
 DEFAULT_LOGICAL_AXIS_RULES: tuple = (
     # parameters
@@ -137,6 +141,7 @@ DEFAULT_LOGICAL_AXIS_RULES: tuple = (
     ("activation_vocab", "tensor"),
 )
 
+
 @dataclass
 class MeshConfig:
     """Device mesh. One of data/fsdp/tensor may be -1: all remaining devices.
@@ -155,13 +160,14 @@ class MeshConfig:
     # (logical axis name, mesh axis | list of mesh axes | None), MaxText style
     rules: tuple = DEFAULT_LOGICAL_AXIS_RULES
 
+
 @dataclass
 class OptimizerConfig:
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 100
     decay: Literal["cosine", "linear", "constant"] = "cosine"
-    decay_steps: Optional[int] = None  # None: train.max_steps
+    decay_steps: int | None = None  # None: train.max_steps
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -169,6 +175,7 @@ class OptimizerConfig:
     # parameter leaf names that get no weight decay (biases, norm scales, embeddings)
     no_decay: tuple = ("bias", "scale", "embedding")
     grad_clip: float = 1.0  # global-norm clip; 0 disables
+
 
 @dataclass
 class DataConfig:
@@ -214,13 +221,14 @@ class DataConfig:
     world_ranking_k: int = 4
     world_ranking_temperature: float = 1.0
 
+
 @dataclass
 class TrainConfig:
     trainer: Literal["pretrain", "sft", "reward", "ppo"] = "pretrain"
     # Start from another run's parameters (its workdir, latest or `init_step` checkpoint).
     # The model's structure and tokenizer come from there; a conflicting model field is an error.
     init_from: str = ""
-    init_step: Optional[int] = None
+    init_step: int | None = None
     # Start from a Hugging Face model directory (config.json + *.safetensors, GPT-2 or Llama
     # family): its structure and tokenizer, its weights placed shard by shard. Rotary models keep
     # this experiment's model.block_size as their context.
@@ -235,11 +243,13 @@ class TrainConfig:
     # more than this many skipped steps stops the run with an error.
     max_skipped_steps: int = 10
 
+
 @dataclass
 class SftConfig:
     loss_on: Literal["all", "last"] = "all"  # every assistant turn, or only the final one
     eval_examples: int = 64  # validation conversations answered by generation (0: none)
     max_new_tokens: int = 32  # for those answers (greedy)
+
 
 @dataclass
 class RewardConfig:
@@ -250,6 +260,7 @@ class RewardConfig:
     # demonstrations, else the top-ranked response of every training prompt.
     normalize: bool = True
     reference_path: str = ""
+
 
 @dataclass
 class PPOConfig:
@@ -287,7 +298,9 @@ class PPOConfig:
     round_rm_steps: int = 60
     eval_prompts: int = 128  # held-out prompts answered at each evaluation (0: none)
 
+
 INSTRUCTGPT_PTX_COEF = 27.8  # InstructGPT's PPO-ptx coefficient (their "gamma")
+
 
 @dataclass
 class EvalConfig:
@@ -300,12 +313,14 @@ class EvalConfig:
     top_k: int = 0  # 0: no top-k filter
     sample_seed: int = 0
 
+
 @dataclass
 class CheckpointConfig:
     enabled: bool = True
     every_steps: int = 500
     max_to_keep: int = 3
     async_save: bool = True
+
 
 @dataclass
 class LoggingConfig:
@@ -314,6 +329,7 @@ class LoggingConfig:
     wandb_project: str = "flaxgpt"
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     progress: Literal["auto", "bar", "plain", "none"] = "auto"
+
 
 @dataclass
 class Config:
@@ -330,7 +346,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Cross-field checks; raises ConfigError naming the keys involved."""
         _check_types(self, "")
         self.model.resolved()
@@ -340,9 +356,12 @@ class Config:
                 f"train.batch_size={t.batch_size} must be a positive multiple of "
                 f"train.grad_accum_steps={t.grad_accum_steps}"
             )
-        for key, value in (("train.max_steps", t.max_steps), ("train.log_interval", t.log_interval),
-                           ("eval.interval", self.eval.interval),
-                           ("checkpoint.every_steps", self.checkpoint.every_steps)):
+        for key, value in (
+            ("train.max_steps", t.max_steps),
+            ("train.log_interval", t.log_interval),
+            ("eval.interval", self.eval.interval),
+            ("checkpoint.every_steps", self.checkpoint.every_steps),
+        ):
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
         if not 0.0 < self.data.train_fraction < 1.0:
@@ -352,35 +371,49 @@ class Config:
         if self.data.source in ("text", "jsonl") and not self.data.path:
             raise ConfigError(f"data.source='{self.data.source}' needs data.path (a {self.data.source} file)")
         if t.trainer in ("sft", "reward") and self.data.source not in ("world", "jsonl"):
-            raise ConfigError(f"train.trainer='{t.trainer}' reads data.source 'world' or 'jsonl', "
-                              f"got '{self.data.source}'")
+            raise ConfigError(
+                f"train.trainer='{t.trainer}' reads data.source 'world' or 'jsonl', got '{self.data.source}'"
+            )
         if t.trainer == "reward" and self.data.source == "world" and not t.init_from:
-            raise ConfigError("train.trainer='reward' on the world samples its comparisons from a policy: set "
-                              "train.init_from to the SFT run's workdir")
+            raise ConfigError(
+                "train.trainer='reward' on the world samples its comparisons from a policy: set "
+                "train.init_from to the SFT run's workdir"
+            )
         if t.init_from and t.init_from_hf:
-            raise ConfigError("set one of train.init_from (a flaxgpt run) and train.init_from_hf (a Hugging Face "
-                              "model directory), not both")
+            raise ConfigError(
+                "set one of train.init_from (a flaxgpt run) and train.init_from_hf (a Hugging Face "
+                "model directory), not both"
+            )
         if t.init_from_hf and t.trainer not in ("pretrain", "sft"):
-            raise ConfigError(f"train.init_from_hf starts pretraining or SFT; train.trainer='{t.trainer}' starts "
-                              "from a flaxgpt run (python -m flaxgpt.convert import makes one)")
+            raise ConfigError(
+                f"train.init_from_hf starts pretraining or SFT; train.trainer='{t.trainer}' starts "
+                "from a flaxgpt run (python -m flaxgpt.convert import makes one)"
+            )
         if t.trainer == "ppo":
             p = self.ppo
             if not t.init_from:
                 raise ConfigError("train.trainer='ppo' starts from a policy: set train.init_from to the SFT run")
             if bool(p.reward_from) == bool(p.reward_function):
-                raise ConfigError("train.trainer='ppo' needs exactly one of ppo.reward_from (a reward-model run) "
-                                  "and ppo.reward_function ('world' or 'module:function')")
+                raise ConfigError(
+                    "train.trainer='ppo' needs exactly one of ppo.reward_from (a reward-model run) "
+                    "and ppo.reward_function ('world' or 'module:function')"
+                )
             if t.batch_size % p.minibatches:
-                raise ConfigError(f"train.batch_size={t.batch_size} (prompts per rollout) must be a multiple of "
-                                  f"ppo.minibatches={p.minibatches}")
+                raise ConfigError(
+                    f"train.batch_size={t.batch_size} (prompts per rollout) must be a multiple of "
+                    f"ppo.minibatches={p.minibatches}"
+                )
             if p.rounds < 1 or t.max_steps % p.rounds:
                 raise ConfigError(f"train.max_steps={t.max_steps} must be a positive multiple of ppo.rounds={p.rounds}")
             if p.rounds > 1 and (self.data.source != "world" or not p.reward_from):
-                raise ConfigError("ppo.rounds > 1 retrains the reward model on new comparisons ranked by the world's "
-                                  "labeler: it needs data.source='world' and ppo.reward_from")
+                raise ConfigError(
+                    "ppo.rounds > 1 retrains the reward model on new comparisons ranked by the world's "
+                    "labeler: it needs data.source='world' and ppo.reward_from"
+                )
             if not p.prompts_path and self.data.source != "world":
-                raise ConfigError("train.trainer='ppo' needs ppo.prompts_path (JSONL prompts) unless "
-                                  "data.source='world'")
+                raise ConfigError(
+                    "train.trainer='ppo' needs ppo.prompts_path (JSONL prompts) unless data.source='world'"
+                )
             if p.temperature <= 0:
                 raise ConfigError(f"ppo.temperature must be positive (rollouts sample), got {p.temperature}")
         if not 0.0 <= self.data.world_noise <= 1.0:
@@ -388,19 +421,21 @@ class Config:
         if self.data.world_ranking_k < 2:
             raise ConfigError(f"data.world_ranking_k must be at least 2, got {self.data.world_ranking_k}")
         if self.optimizer.min_lr > self.optimizer.lr:
-            raise ConfigError(
-                f"optimizer.min_lr={self.optimizer.min_lr} exceeds optimizer.lr={self.optimizer.lr}"
-            )
+            raise ConfigError(f"optimizer.min_lr={self.optimizer.min_lr} exceeds optimizer.lr={self.optimizer.lr}")
         return self
 
+
 # ----------------------------------------------------------------------------- (de)serialisation
+
 
 def to_dict(cfg: Any) -> dict:
     """Plain JSON-able dict (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
+
 def to_json(cfg: Any) -> str:
     return json.dumps(to_dict(cfg), indent=2, sort_keys=False)
+
 
 def from_dict(data: dict, cls: type = Config, prefix: str = "") -> Any:
     """Inverse of `to_dict`, strict: unknown keys are errors with suggestions."""
@@ -419,7 +454,9 @@ def from_dict(data: dict, cls: type = Config, prefix: str = "") -> Any:
             kwargs[key] = _coerce(value, ftype, path)
     return cls(**kwargs)
 
+
 # ----------------------------------------------------------------------------- overrides
+
 
 def all_keys(cfg: Any, prefix: str = "") -> list[str]:
     keys = []
@@ -430,6 +467,7 @@ def all_keys(cfg: Any, prefix: str = "") -> list[str]:
         else:
             keys.append(f"{prefix}{f.name}")
     return keys
+
 
 def apply_overrides(cfg: Config, assignments: list[str]) -> Config:
     """Apply `section.key=value` strings in place and return cfg.
@@ -448,9 +486,7 @@ def apply_overrides(cfg: Config, assignments: list[str]) -> Config:
             hints = typing.get_type_hints(type(node))
             if part not in hints:
                 here = ".".join(parts[:depth])
-                candidates = all_keys(cfg) if depth == 0 else [
-                    f"{here}.{k}" if here else k for k in all_keys(node)
-                ]
+                candidates = all_keys(cfg) if depth == 0 else [f"{here}.{k}" if here else k for k in all_keys(node)]
                 candidates += [f.name for f in dataclasses.fields(cfg)]
                 raise ConfigError(_unknown_key_message(path, candidates))
             if depth == len(parts) - 1:
@@ -464,24 +500,45 @@ def apply_overrides(cfg: Config, assignments: list[str]) -> Config:
             else:
                 node = getattr(node, part)
                 if not dataclasses.is_dataclass(node):
-                    raise ConfigError(f"{'.'.join(parts[:depth + 1])} is a value, not a section")
+                    raise ConfigError(f"{'.'.join(parts[: depth + 1])} is a value, not a section")
     return cfg
+
 
 # Spellings that users of nanoGPT, MaxText and Hugging Face reach for first.
 _ALIASES = {
-    "learning_rate": "lr", "max_lr": "lr", "n_embd": "d_model", "emb_dim": "d_model", "hidden_size": "d_model",
-    "num_layers": "n_layer", "num_decoder_layers": "n_layer", "num_heads": "n_head", "n_heads": "n_head",
-    "num_kv_heads": "n_kv_heads", "num_key_value_heads": "n_kv_heads", "max_iters": "max_steps",
-    "warmup_iters": "warmup_steps", "lr_decay_iters": "decay_steps", "beta1": "b1", "beta2": "b2",
-    "max_seq_len": "block_size", "max_target_length": "block_size", "seq_len": "block_size",
-    "gradient_accumulation_steps": "grad_accum_steps", "eval_interval": "interval", "eval_iters": "iters",
+    "learning_rate": "lr",
+    "max_lr": "lr",
+    "n_embd": "d_model",
+    "emb_dim": "d_model",
+    "hidden_size": "d_model",
+    "num_layers": "n_layer",
+    "num_decoder_layers": "n_layer",
+    "num_heads": "n_head",
+    "n_heads": "n_head",
+    "num_kv_heads": "n_kv_heads",
+    "num_key_value_heads": "n_kv_heads",
+    "max_iters": "max_steps",
+    "warmup_iters": "warmup_steps",
+    "lr_decay_iters": "decay_steps",
+    "beta1": "b1",
+    "beta2": "b2",
+    "max_seq_len": "block_size",
+    "max_target_length": "block_size",
+    "seq_len": "block_size",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "eval_interval": "interval",
+    "eval_iters": "iters",
 }
+
 
 def _unknown_key_message(path: str, candidates: list[str]) -> str:
     section, _, leaf = path.rpartition(".")
     alias = _ALIASES.get(leaf)
-    aliased = [c for c in candidates if alias and c.rpartition(".")[2] == alias
-               and (not section or c.startswith(section + "."))]
+    aliased = [
+        c
+        for c in candidates
+        if alias and c.rpartition(".")[2] == alias and (not section or c.startswith(section + "."))
+    ]
     close = aliased[:1] or difflib.get_close_matches(path, candidates, n=1, cutoff=0.5)
     if not close:  # compare the last component only, e.g. "optimizer.learning_rate" vs "lr"
         leaf = path.rsplit(".", 1)[-1]
@@ -489,6 +546,7 @@ def _unknown_key_message(path: str, candidates: list[str]) -> str:
         close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.5)]
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"unknown config key '{path}'{hint}"
+
 
 def _parse(raw: str, ftype: Any, path: str) -> Any:
     """Parse a command-line string into `ftype`."""
@@ -513,6 +571,7 @@ def _parse(raw: str, ftype: Any, path: str) -> Any:
         else:
             value = text
     return _coerce(value, ftype, path)
+
 
 def _coerce(value: Any, ftype: Any, path: str) -> Any:
     """Check (and gently convert) a value against a field type."""
@@ -549,10 +608,10 @@ def _coerce(value: Any, ftype: Any, path: str) -> Any:
         return value
     if ftype is tuple:
         if isinstance(value, (list, tuple)):
-            return tuple(tuple(v) if isinstance(v, list) and path.endswith("rules") else v
-                         for v in value)
-        raise ConfigError(f"{path} must be a list (JSON, e.g. [\"a\", \"b\"]), got {value!r}")
+            return tuple(tuple(v) if isinstance(v, list) and path.endswith("rules") else v for v in value)
+        raise ConfigError(f'{path} must be a list (JSON, e.g. ["a", "b"]), got {value!r}')
     return value
+
 
 def _check_types(node: Any, prefix: str) -> None:
     """Catch wrongly typed values written directly in an experiment file."""

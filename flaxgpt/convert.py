@@ -15,7 +15,8 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import ml_dtypes
@@ -25,14 +26,15 @@ from flaxgpt import hf, inference, lora
 from flaxgpt.chat_template import stop_tokens
 from flaxgpt.checkpoint import Checkpointer
 from flaxgpt.config import Config, ConfigError, apply_overrides, to_dict, to_json
-from flaxgpt.data.tokenizers import (SPECIAL_TOKENS, ImportedTokenizer,
-                                     SentencePieceTokenizer, Tokenizer)
+from flaxgpt.data.tokenizers import SPECIAL_TOKENS, ImportedTokenizer, SentencePieceTokenizer, Tokenizer
 from flaxgpt.model import unstack_layers
 from flaxgpt.sharding import host_value, logical_rules, logical_shardings, make_mesh, unbox_shapes
 
 # The chat format of `flaxgpt.chat_template` as a Jinja template, for transformers' apply_chat_template.
-CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
-                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def import_hf(hf_dir: str, workdir: str, overrides: Sequence[str] = ()) -> Config:
@@ -51,14 +53,16 @@ def import_hf(hf_dir: str, workdir: str, overrides: Sequence[str] = ()) -> Confi
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(to_json(cfg))
     checkpointer = Checkpointer(workdir, cfg.checkpoint)
-    checkpointer.save(0, {"params": params}, {"step": 0, "model": to_dict(model_cfg), "imported_from": hf_dir},
-                      force=True)
+    checkpointer.save(
+        0, {"params": params}, {"step": 0, "model": to_dict(model_cfg), "imported_from": hf_dir}, force=True
+    )
     checkpointer.close()
     return cfg
 
 
-def export_hf(workdir: str, out_dir: str, step: Optional[int] = None, dtype: str = "float32",
-              max_shard_gb: float = 5.0) -> dict:
+def export_hf(
+    workdir: str, out_dir: str, step: int | None = None, dtype: str = "float32", max_shard_gb: float = 5.0
+) -> dict:
     """A flaxgpt run -> a Hugging Face model directory; returns the config.json written."""
     loaded = inference.load(workdir, step)
     model_cfg = loaded.model.cfg
@@ -100,8 +104,9 @@ def _write_weights(out_dir: str, tensors: dict[str, np.ndarray], max_bytes: int)
         hf.write_safetensors(os.path.join(out_dir, file), shard)
         weight_map.update({name: file for name in shard})
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map},
-                  f, indent=2)
+        json.dump(
+            {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map}, f, indent=2
+        )
 
 
 def _write_tokenizer(tok: Tokenizer, out_dir: str) -> None:
@@ -112,17 +117,38 @@ def _write_tokenizer(tok: Tokenizer, out_dir: str) -> None:
     names.update({i: t for i, t in own.items() if t is not None})
     added = {i: t for i, t in names.items() if own.get(i) is None}
     base_config: dict[str, Any] = {
-        "eos_token": names[tok.eos_id], "pad_token": names[tok.pad_id], "chat_template": CHAT_TEMPLATE,
-        "added_tokens_decoder": {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
-                                          "normalized": False, "single_word": False} for i, t in added.items()},
+        "eos_token": names[tok.eos_id],
+        "pad_token": names[tok.pad_id],
+        "chat_template": CHAT_TEMPLATE,
+        "added_tokens_decoder": {
+            str(i): {
+                "content": t,
+                "special": True,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "single_word": False,
+            }
+            for i, t in added.items()
+        },
     }
     if isinstance(tok, ImportedTokenizer) and tok.kind == "tokenizers":
         with open(tok.file) as f:
             spec = json.load(f)
         taken = {entry["id"] for entry in spec.get("added_tokens", [])}
         spec.setdefault("added_tokens", []).extend(
-            {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-             "special": True} for i, t in sorted(added.items()) if i not in taken)
+            {
+                "id": i,
+                "content": t,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for i, t in sorted(added.items())
+            if i not in taken
+        )
         with open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
             json.dump(spec, f, ensure_ascii=False)
         base_config["tokenizer_class"] = "PreTrainedTokenizerFast"
@@ -130,11 +156,13 @@ def _write_tokenizer(tok: Tokenizer, out_dir: str) -> None:
         source = tok.file if isinstance(tok, ImportedTokenizer) else tok.model_file
         with open(source, "rb") as src, open(os.path.join(out_dir, "tokenizer.model"), "wb") as dst:
             dst.write(src.read())
-        base_config.update(tokenizer_class="LlamaTokenizer", add_bos_token=False, add_eos_token=False,
-                           legacy=False)
+        base_config.update(tokenizer_class="LlamaTokenizer", add_bos_token=False, add_eos_token=False, legacy=False)
     else:
-        print("note: a character tokenizer has no Hugging Face counterpart; only the model was exported "
-              "(flaxgpt's tokenizer.json stays in the run's workdir)", file=sys.stderr)
+        print(
+            "note: a character tokenizer has no Hugging Face counterpart; only the model was exported "
+            "(flaxgpt's tokenizer.json stays in the run's workdir)",
+            file=sys.stderr,
+        )
         return
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(base_config, f, indent=2)
@@ -146,15 +174,21 @@ def _special_ids(tok: Tokenizer) -> dict[str, int]:
     return {t: tok.encode(t)[0] for t in SPECIAL_TOKENS}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flaxgpt.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flaxgpt.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="Hugging Face directory -> flaxgpt run")
     imp.add_argument("--hf", required=True, help="directory with config.json and *.safetensors")
     imp.add_argument("--workdir", "-w", required=True)
-    imp.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                     help="config overrides, e.g. model.scan_layers=true model.block_size=2048 mesh.fsdp=8")
+    imp.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. model.scan_layers=true model.block_size=2048 mesh.fsdp=8",
+    )
     exp = sub.add_parser("export", help="flaxgpt run -> Hugging Face directory")
     exp.add_argument("--workdir", "-w", required=True)
     exp.add_argument("--hf", required=True, help="output directory")
@@ -166,12 +200,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "import":
             cfg = import_hf(args.hf, args.workdir, args.set)
             m = cfg.model
-            print(f"imported {args.hf} ({m.recipe}: {m.n_layer} layers, d_model {m.d_model}, vocab {m.vocab_size}) "
-                  f"-> {args.workdir}")
+            print(
+                f"imported {args.hf} ({m.recipe}: {m.n_layer} layers, d_model {m.d_model}, vocab {m.vocab_size}) "
+                f"-> {args.workdir}"
+            )
         else:
             hf_config = export_hf(args.workdir, args.hf, args.step, args.dtype, args.max_shard_gb)
-            print(f"exported {args.workdir} -> {args.hf} ({hf_config['architectures'][0]}, "
-                  f"vocab {hf_config['vocab_size']})")
+            print(
+                f"exported {args.workdir} -> {args.hf} ({hf_config['architectures'][0]}, "
+                f"vocab {hf_config['vocab_size']})"
+            )
     except (hf.HFFormatError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -63,8 +64,7 @@ class Generation:
     lengths: Array  # [batch], generated tokens including the stop token
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
-             width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(tokens [batch, width], mask [batch, width]) with prompts aligned to the right;
     width defaults to the longest prompt (a fixed width keeps one compiled shape)."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -76,8 +76,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), bool)
     for row, prompt in enumerate(prompts):
-        tokens[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = True
+        tokens[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = True
     return tokens, mask
 
 
@@ -111,34 +111,42 @@ def choose_token(logits: Array, rng: Array, cfg: DecodeConfig) -> tuple[Array, A
 
 
 def _empty_cache(model: nn.Module, batch: int, length: int) -> Any:
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((batch, length), jnp.int32),
-                                               decode=True))["cache"]
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((batch, length), jnp.int32), decode=True)
+    )["cache"]
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def _prefill(model, params, tokens, mask, total):
     cache = _empty_cache(model, tokens.shape[0], total)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    logits, variables = model.apply({"params": params, "cache": cache}, tokens, positions, mask.astype(jnp.int32),
-                                    decode=True, mutable=["cache"])
+    logits, variables = model.apply(
+        {"params": params, "cache": cache}, tokens, positions, mask.astype(jnp.int32), decode=True, mutable=["cache"]
+    )
     return logits[:, -1], variables["cache"], positions[:, -1] + 1
 
 
 def _step(model, params, cache, token, position):
     ones = jnp.ones_like(token)[:, None]
-    logits, variables = model.apply({"params": params, "cache": cache}, token[:, None], position[:, None], ones,
-                                    decode=True, mutable=["cache"])
+    logits, variables = model.apply(
+        {"params": params, "cache": cache}, token[:, None], position[:, None], ones, decode=True, mutable=["cache"]
+    )
     return logits[:, 0], variables["cache"]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "cfg", "stop_tokens", "pad_id", "stream"))
-def _sample(model, params, tokens, mask, rng, *, cfg: DecodeConfig, stop_tokens: tuple, pad_id: int,
-            stream: bool = False):
+def _sample(
+    model, params, tokens, mask, rng, *, cfg: DecodeConfig, stop_tokens: tuple, pad_id: int, stream: bool = False
+):
     batch, n = tokens.shape[0], cfg.max_new_tokens
     last, cache, position = _prefill(model, params, tokens, mask, tokens.shape[1] + n)
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
-    out = Generation(tokens=jnp.full((batch, n), pad_id, jnp.int32), logprobs=jnp.zeros((batch, n)),
-                     raw_logprobs=jnp.zeros((batch, n)), lengths=jnp.zeros((batch,), jnp.int32))
+    out = Generation(
+        tokens=jnp.full((batch, n), pad_id, jnp.int32),
+        logprobs=jnp.zeros((batch, n)),
+        raw_logprobs=jnp.zeros((batch, n)),
+        lengths=jnp.zeros((batch,), jnp.int32),
+    )
 
     def cond(carry):
         t, _, _, _, done, _, _ = carry
@@ -149,10 +157,12 @@ def _sample(model, params, tokens, mask, rng, *, cfg: DecodeConfig, stop_tokens:
         rng, key = jax.random.split(rng)
         token, logp, raw = choose_token(last, key, cfg)
         token = jnp.where(done, pad_id, token).astype(jnp.int32)
-        out = out.replace(tokens=out.tokens.at[:, t].set(token),
-                          logprobs=out.logprobs.at[:, t].set(jnp.where(done, 0.0, logp)),
-                          raw_logprobs=out.raw_logprobs.at[:, t].set(jnp.where(done, 0.0, raw)),
-                          lengths=out.lengths + (~done).astype(jnp.int32))
+        out = out.replace(
+            tokens=out.tokens.at[:, t].set(token),
+            logprobs=out.logprobs.at[:, t].set(jnp.where(done, 0.0, logp)),
+            raw_logprobs=out.raw_logprobs.at[:, t].set(jnp.where(done, 0.0, raw)),
+            lengths=out.lengths + (~done).astype(jnp.int32),
+        )
         if stream:  # hand each step's tokens to the host as they are chosen
             jax.debug.callback(_Stream.emit, token, ordered=True)
         done = done | jnp.isin(token, stops)
@@ -209,15 +219,25 @@ def _beam_search(model, params, tokens, mask, *, cfg: DecodeConfig, stop_tokens:
 
 def _reorder_cache(cache: Any, rows: Array, axis: int) -> Any:
     """Pick cache rows (beam search follows each surviving beam's parent); indices stay."""
+
     def pick(path, leaf):
         return leaf if getattr(path[-1], "key", None) == "cache_index" else jnp.take(leaf, rows, axis=axis)
 
     return jax.tree_util.tree_map_with_path(pick, cache)
 
 
-def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], cfg: DecodeConfig,
-             rng: Array, *, pad_id: int, stop_tokens: Sequence[int] = (),
-             on_tokens: Callable[[np.ndarray], None] | None = None, prompt_width: int | None = None) -> Generation:
+def generate(
+    model: nn.Module,
+    params: Any,
+    prompts: Sequence[Sequence[int]],
+    cfg: DecodeConfig,
+    rng: Array,
+    *,
+    pad_id: int,
+    stop_tokens: Sequence[int] = (),
+    on_tokens: Callable[[np.ndarray], None] | None = None,
+    prompt_width: int | None = None,
+) -> Generation:
     """Continue each prompt (token ids) under `cfg`; rows stop at any of `stop_tokens`.
 
     `on_tokens`, if given, receives each step's [batch] tokens as the loop produces them
@@ -225,8 +245,10 @@ def generate(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], cf
     prompts to a fixed width, so calls with different prompts share one compilation."""
     tokens, mask = left_pad(prompts, pad_id, prompt_width)
     if tokens.shape[1] + cfg.max_new_tokens > model.cfg.block_size:
-        raise ValueError(f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the "
-                         f"model's block_size {model.cfg.block_size}; shorten the prompt or use sliding_window_sample")
+        raise ValueError(
+            f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the "
+            f"model's block_size {model.cfg.block_size}; shorten the prompt or use sliding_window_sample"
+        )
     tokens, mask, rng = on_params_mesh(params, tokens, mask, rng)
     kwargs = dict(cfg=cfg, stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=int(pad_id))
     if cfg.num_beams > 1:
@@ -249,18 +271,35 @@ def on_params_mesh(params: Any, *arrays: Any) -> tuple:
     return tuple(jnp.asarray(a) for a in arrays)
 
 
-def generate_batched(model: nn.Module, params: Any, prompts: Sequence[Sequence[int]], cfg: DecodeConfig,
-                     rng: Array, *, batch_size: int, pad_id: int, stop_tokens: Sequence[int] = ()) -> list[list[int]]:
+def generate_batched(
+    model: nn.Module,
+    params: Any,
+    prompts: Sequence[Sequence[int]],
+    cfg: DecodeConfig,
+    rng: Array,
+    *,
+    batch_size: int,
+    pad_id: int,
+    stop_tokens: Sequence[int] = (),
+) -> list[list[int]]:
     """Completions (without the stop token) of any number of prompts, in chunks of one fixed shape
     (`batch_size` rows, prompts padded to block_size - max_new_tokens), so it compiles once."""
     width = model.cfg.block_size - cfg.max_new_tokens
     out: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start:start + batch_size])
+        chunk = list(prompts[start : start + batch_size])
         real = len(chunk)
         chunk += [chunk[0]] * (batch_size - real)  # a full chunk keeps the compiled shape
-        gen = generate(model, params, chunk, cfg, jax.random.fold_in(rng, start), pad_id=pad_id,
-                       stop_tokens=stop_tokens, prompt_width=width)
+        gen = generate(
+            model,
+            params,
+            chunk,
+            cfg,
+            jax.random.fold_in(rng, start),
+            pad_id=pad_id,
+            stop_tokens=stop_tokens,
+            prompt_width=width,
+        )
         out += completions(gen, stop_tokens)[:real]
     return out
 
@@ -290,8 +329,9 @@ def _sliding_loop(model, params, buffer, rng, *, prompt_len, max_new_tokens, cfg
     return jax.lax.fori_loop(0, max_new_tokens, body, (buffer, rng))[0]
 
 
-def sliding_window_sample(model: nn.Module, params: Any, prompt: Sequence[int], cfg: DecodeConfig, rng: Array,
-                          stop_token: int | None = None) -> list[int]:
+def sliding_window_sample(
+    model: nn.Module, params: Any, prompt: Sequence[int], cfg: DecodeConfig, rng: Array, stop_token: int | None = None
+) -> list[int]:
     """Continue one prompt by any number of tokens, recomputing the last block_size each step."""
     if len(prompt) == 0:
         raise ValueError("sampling needs a prompt of at least one token")
@@ -301,5 +341,5 @@ def sliding_window_sample(model: nn.Module, params: Any, prompt: Sequence[int], 
     buffer[0, : len(prompt)] = prompt
     buffer, rng = on_params_mesh(params, buffer, rng)
     out = _sliding_loop(model, params, buffer, rng, prompt_len=len(prompt), max_new_tokens=n, cfg=cfg)
-    new = [int(t) for t in host_value(out)[0, len(prompt): len(prompt) + n]]
+    new = [int(t) for t in host_value(out)[0, len(prompt) : len(prompt) + n]]
     return new[: new.index(stop_token)] if stop_token is not None and stop_token in new else new

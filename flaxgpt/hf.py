@@ -18,8 +18,9 @@ import glob
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import jax
 import ml_dtypes
@@ -29,8 +30,18 @@ from flaxgpt.config import ModelConfig
 from flaxgpt.data.tokenizers import ImportedTokenizer
 
 SUPPORTED = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 _DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
@@ -40,6 +51,7 @@ class HFFormatError(ValueError):
 
 
 # ----------------------------------------------------------------------------- safetensors
+
 
 class SafetensorsReader:
     """Every tensor of a Hugging Face directory, by name, read lazily through memory maps."""
@@ -53,8 +65,10 @@ class SafetensorsReader:
         else:
             files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
         if not files:
-            raise HFFormatError(f"{directory} holds no *.safetensors weights (pytorch_model.bin is not read: "
-                                "save the model with safe_serialization=True)")
+            raise HFFormatError(
+                f"{directory} holds no *.safetensors weights (pytorch_model.bin is not read: "
+                "save the model with safe_serialization=True)"
+            )
         self.entries: dict[str, tuple[str, dict, int]] = {}
         for file in files:
             with open(file, "rb") as f:
@@ -86,8 +100,11 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
     offset = 0
     for name, value in tensors.items():
         nbytes = value.size * value.dtype.itemsize
-        header[name] = {"dtype": _DTYPE_NAMES[value.dtype], "shape": list(value.shape),
-                        "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": _DTYPE_NAMES[value.dtype],
+            "shape": list(value.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
@@ -99,6 +116,7 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
 
 
 # ----------------------------------------------------------------------------- configs
+
 
 def read_hf_config(directory: str) -> dict:
     config_file = os.path.join(directory, "config.json")
@@ -113,8 +131,9 @@ def family(hf: dict) -> str:
     for arch in architectures:
         if arch in SUPPORTED:
             return SUPPORTED[arch]
-    raise HFFormatError(f"unsupported architecture {architectures or hf.get('model_type')!r}; flaxgpt imports "
-                        f"{sorted(SUPPORTED)}")
+    raise HFFormatError(
+        f"unsupported architecture {architectures or hf.get('model_type')!r}; flaxgpt imports {sorted(SUPPORTED)}"
+    )
 
 
 def _require(hf: dict, key: str, allowed: tuple, default: Any) -> None:
@@ -123,7 +142,7 @@ def _require(hf: dict, key: str, allowed: tuple, default: Any) -> None:
         raise HFFormatError(f"config.json {key}={value!r} is not supported (supported: {list(allowed)})")
 
 
-def model_config_from_hf(hf: dict, block_size: Optional[int] = None) -> ModelConfig:
+def model_config_from_hf(hf: dict, block_size: int | None = None) -> ModelConfig:
     """The flaxgpt model of a Hugging Face config (vocabulary as the checkpoint has it).
     `block_size` caps the context of rotary models (Llama's max_position_embeddings is often
     far longer than a fine-tuning run needs); learned positions always keep theirs."""
@@ -133,10 +152,17 @@ def model_config_from_hf(hf: dict, block_size: Optional[int] = None) -> ModelCon
         _require(hf, "scale_attn_by_inverse_layer_idx", (False,), False)
         _require(hf, "scale_attn_weights", (True,), True)
         d_model = hf["n_embd"]
-        return ModelConfig(recipe="gpt2", vocab_size=hf["vocab_size"], block_size=hf["n_positions"],
-                           n_layer=hf["n_layer"], n_head=hf["n_head"], d_model=d_model,
-                           d_ff=hf.get("n_inner") or 4 * d_model, norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                           tie_embeddings=hf.get("tie_word_embeddings", True)).resolved()
+        return ModelConfig(
+            recipe="gpt2",
+            vocab_size=hf["vocab_size"],
+            block_size=hf["n_positions"],
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            d_model=d_model,
+            d_ff=hf.get("n_inner") or 4 * d_model,
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+        ).resolved()
     _require(hf, "hidden_act", ("silu",), "silu")
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
@@ -146,41 +172,83 @@ def model_config_from_hf(hf: dict, block_size: Optional[int] = None) -> ModelCon
     n_head = hf["num_attention_heads"]
     context = hf.get("max_position_embeddings", 2048)
     return ModelConfig(
-        recipe="llama", vocab_size=hf["vocab_size"], block_size=min(context, block_size or context),
-        n_layer=hf["num_hidden_layers"], n_head=n_head, n_kv_heads=hf.get("num_key_value_heads") or n_head,
-        d_model=hf["hidden_size"], head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
-        d_ff=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+        recipe="llama",
+        vocab_size=hf["vocab_size"],
+        block_size=min(context, block_size or context),
+        n_layer=hf["num_hidden_layers"],
+        n_head=n_head,
+        n_kv_heads=hf.get("num_key_value_heads") or n_head,
+        d_model=hf["hidden_size"],
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
+        d_ff=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
-        use_bias=bool(hf.get("attention_bias", False)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        use_bias=bool(hf.get("attention_bias", False)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     ).resolved()
 
 
 def hf_config_from_model(cfg: ModelConfig, eos_id: int, pad_id: int) -> dict:
     """config.json for an export; the model must be exactly one of the two families."""
     cfg = cfg.resolved()
-    expect = {"gpt2": dict(position="learned", norm="layernorm", mlp="gelu", use_bias=True, tie_embeddings=True),
-              "llama": dict(position="rope", norm="rmsnorm", mlp="swiglu")}[cfg.recipe]
-    wrong = [f"model.{k}={getattr(cfg, k)!r} (the {cfg.recipe} family has {v!r})"
-             for k, v in expect.items() if getattr(cfg, k) != v]
+    expect = {
+        "gpt2": dict(position="learned", norm="layernorm", mlp="gelu", use_bias=True, tie_embeddings=True),
+        "llama": dict(position="rope", norm="rmsnorm", mlp="swiglu"),
+    }[cfg.recipe]
+    wrong = [
+        f"model.{k}={getattr(cfg, k)!r} (the {cfg.recipe} family has {v!r})"
+        for k, v in expect.items()
+        if getattr(cfg, k) != v
+    ]
     if cfg.output != "logits":
         wrong.append(f"model.output={cfg.output!r} (a causal LM has logits)")
     if wrong:
         raise HFFormatError("this model has no Hugging Face counterpart: " + "; ".join(wrong))
-    common = {"vocab_size": cfg.vocab_size, "eos_token_id": eos_id, "bos_token_id": eos_id, "pad_token_id": pad_id,
-              "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": cfg.param_dtype}
+    common = {
+        "vocab_size": cfg.vocab_size,
+        "eos_token_id": eos_id,
+        "bos_token_id": eos_id,
+        "pad_token_id": pad_id,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "torch_dtype": cfg.param_dtype,
+    }
     if cfg.recipe == "gpt2":
-        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_positions": cfg.block_size,
-                "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.d_ff,
-                "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0,
-                "embd_pdrop": 0.0, "attn_pdrop": 0.0, **common}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.d_model,
-            "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-            "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.norm_eps,
-            "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.block_size, "hidden_act": "silu",
-            "attention_bias": cfg.use_bias, "mlp_bias": cfg.use_bias, **common}
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "n_positions": cfg.block_size,
+            "n_embd": cfg.d_model,
+            "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head,
+            "n_inner": cfg.d_ff,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": cfg.norm_eps,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            **common,
+        }
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.block_size,
+        "hidden_act": "silu",
+        "attention_bias": cfg.use_bias,
+        "mlp_bias": cfg.use_bias,
+        **common,
+    }
 
 
 # ----------------------------------------------------------------------------- the tensor tables
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -196,48 +264,67 @@ class Entry:
     n_in: int = 1
     part: int = 0
     parts: int = 1
-    vocab_axis: Optional[int] = None
+    vocab_axis: int | None = None
 
 
-def tensor_table(cfg: ModelConfig, hf_names: Optional[set] = None) -> list[Entry]:
+def tensor_table(cfg: ModelConfig, hf_names: set | None = None) -> list[Entry]:
     """The entries of `cfg`'s family. `hf_names`, when given, decides between the two naming
     conventions of GPT-2 checkpoints (with or without the `transformer.` prefix)."""
     entries: list[Entry] = []
     if cfg.recipe == "gpt2":
         p = "transformer." if hf_names is None or any(n.startswith("transformer.") for n in hf_names) else ""
-        entries += [Entry("token_embed.embedding", f"{p}wte.weight", vocab_axis=0),
-                    Entry("position_embed.embedding", f"{p}wpe.weight"),
-                    Entry("final_norm.scale", f"{p}ln_f.weight", n_in=0), Entry("final_norm.bias", f"{p}ln_f.bias", n_in=0)]
+        entries += [
+            Entry("token_embed.embedding", f"{p}wte.weight", vocab_axis=0),
+            Entry("position_embed.embedding", f"{p}wpe.weight"),
+            Entry("final_norm.scale", f"{p}ln_f.weight", n_in=0),
+            Entry("final_norm.bias", f"{p}ln_f.bias", n_in=0),
+        ]
         for i in range(cfg.n_layer):
             h, o = f"{p}h.{i}.", f"layers_{i}."
             for j, name in enumerate(("query", "key", "value")):
-                entries += [Entry(o + f"attn.{name}.kernel", h + "attn.c_attn.weight", "conv1d", 1, j, 3),
-                            Entry(o + f"attn.{name}.bias", h + "attn.c_attn.bias", n_in=0, part=j, parts=3)]
-            entries += [Entry(o + "attn.out.kernel", h + "attn.c_proj.weight", "conv1d", 2),
-                        Entry(o + "attn.out.bias", h + "attn.c_proj.bias", n_in=0),
-                        Entry(o + "mlp.up.kernel", h + "mlp.c_fc.weight", "conv1d"),
-                        Entry(o + "mlp.up.bias", h + "mlp.c_fc.bias", n_in=0),
-                        Entry(o + "mlp.down.kernel", h + "mlp.c_proj.weight", "conv1d"),
-                        Entry(o + "mlp.down.bias", h + "mlp.c_proj.bias", n_in=0)]
+                entries += [
+                    Entry(o + f"attn.{name}.kernel", h + "attn.c_attn.weight", "conv1d", 1, j, 3),
+                    Entry(o + f"attn.{name}.bias", h + "attn.c_attn.bias", n_in=0, part=j, parts=3),
+                ]
+            entries += [
+                Entry(o + "attn.out.kernel", h + "attn.c_proj.weight", "conv1d", 2),
+                Entry(o + "attn.out.bias", h + "attn.c_proj.bias", n_in=0),
+                Entry(o + "mlp.up.kernel", h + "mlp.c_fc.weight", "conv1d"),
+                Entry(o + "mlp.up.bias", h + "mlp.c_fc.bias", n_in=0),
+                Entry(o + "mlp.down.kernel", h + "mlp.c_proj.weight", "conv1d"),
+                Entry(o + "mlp.down.bias", h + "mlp.c_proj.bias", n_in=0),
+            ]
             for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-                entries += [Entry(o + f"{ours}.scale", h + f"{theirs}.weight", n_in=0),
-                            Entry(o + f"{ours}.bias", h + f"{theirs}.bias", n_in=0)]
+                entries += [
+                    Entry(o + f"{ours}.scale", h + f"{theirs}.weight", n_in=0),
+                    Entry(o + f"{ours}.bias", h + f"{theirs}.bias", n_in=0),
+                ]
         return entries
-    entries += [Entry("token_embed.embedding", "model.embed_tokens.weight", vocab_axis=0),
-                Entry("final_norm.scale", "model.norm.weight", n_in=0)]
+    entries += [
+        Entry("token_embed.embedding", "model.embed_tokens.weight", vocab_axis=0),
+        Entry("final_norm.scale", "model.norm.weight", n_in=0),
+    ]
     if not cfg.tie_embeddings:
         entries.append(Entry("lm_head.kernel", "lm_head.weight", "torch", vocab_axis=1))
     for i in range(cfg.n_layer):
         h, o = f"model.layers.{i}.", f"layers_{i}."
-        projections = [("attn.query", "self_attn.q_proj", 1), ("attn.key", "self_attn.k_proj", 1),
-                       ("attn.value", "self_attn.v_proj", 1), ("attn.out", "self_attn.o_proj", 2),
-                       ("mlp.gate", "mlp.gate_proj", 1), ("mlp.up", "mlp.up_proj", 1), ("mlp.down", "mlp.down_proj", 1)]
+        projections = [
+            ("attn.query", "self_attn.q_proj", 1),
+            ("attn.key", "self_attn.k_proj", 1),
+            ("attn.value", "self_attn.v_proj", 1),
+            ("attn.out", "self_attn.o_proj", 2),
+            ("mlp.gate", "mlp.gate_proj", 1),
+            ("mlp.up", "mlp.up_proj", 1),
+            ("mlp.down", "mlp.down_proj", 1),
+        ]
         for ours, theirs, n_in in projections:
             entries.append(Entry(o + ours + ".kernel", h + theirs + ".weight", "torch", n_in))
             if cfg.use_bias:
                 entries.append(Entry(o + ours + ".bias", h + theirs + ".bias", n_in=0))
-        entries += [Entry(o + "attn_norm.scale", h + "input_layernorm.weight", n_in=0),
-                    Entry(o + "mlp_norm.scale", h + "post_attention_layernorm.weight", n_in=0)]
+        entries += [
+            Entry(o + "attn_norm.scale", h + "input_layernorm.weight", n_in=0),
+            Entry(o + "mlp_norm.scale", h + "post_attention_layernorm.weight", n_in=0),
+        ]
     return entries
 
 
@@ -262,8 +349,10 @@ def import_leaf(reader: SafetensorsReader, entry: Entry, shape: tuple, hf_vocab:
         raise HFFormatError(f"{where}: tensor {entry.hf} is missing (it feeds flaxgpt parameter {entry.ours})")
     expected = _expected_hf_shape(entry, shape, hf_vocab)
     if reader.shape(entry.hf) != expected:
-        raise HFFormatError(f"{where}: tensor {entry.hf} has shape {reader.shape(entry.hf)}, expected {expected} "
-                            f"(for flaxgpt parameter {entry.ours} {tuple(shape)})")
+        raise HFFormatError(
+            f"{where}: tensor {entry.hf} has shape {reader.shape(entry.hf)}, expected {expected} "
+            f"(for flaxgpt parameter {entry.ours} {tuple(shape)})"
+        )
     value = reader.read(entry.hf).astype(np.float32)
     if entry.layout == "torch":
         value = value.T
@@ -279,8 +368,10 @@ def import_leaf(reader: SafetensorsReader, entry: Entry, shape: tuple, hf_vocab:
 
 def export_tensors(params: dict, cfg: ModelConfig, dtype: Any = np.float32) -> dict[str, np.ndarray]:
     """Hugging Face tensors of (host, unrolled-layer, LoRA-merged) flaxgpt parameters."""
-    flat = {".".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
-            for path, v in jax.tree_util.tree_leaves_with_path(params)}
+    flat = {
+        ".".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+        for path, v in jax.tree_util.tree_leaves_with_path(params)
+    }
     grouped: dict[str, list[tuple[Entry, np.ndarray]]] = {}
     for entry in tensor_table(cfg):
         value = flat[entry.ours].astype(np.float32).reshape(_flat2(flat[entry.ours].shape, entry.n_in))
@@ -294,6 +385,7 @@ def export_tensors(params: dict, cfg: ModelConfig, dtype: Any = np.float32) -> d
 
 
 # ----------------------------------------------------------------------------- onto the mesh
+
 
 def _keystr(dotted: str) -> str:
     return "".join(f"['{k}']" for k in dotted.split("."))
@@ -310,16 +402,17 @@ def hf_leaf_sources(directory: str, cfg: ModelConfig, hf_vocab: int) -> dict[str
         if cfg.scan_layers and entry.ours.startswith("layers_"):
             by_stacked.setdefault("layers." + entry.ours.split(".", 1)[1], []).append(entry)
         else:
-            sources[_keystr(entry.ours)] = (
-                lambda shape, e=entry: import_leaf(reader, e, shape, hf_vocab, directory))
+            sources[_keystr(entry.ours)] = lambda shape, e=entry: import_leaf(reader, e, shape, hf_vocab, directory)
     for stacked, layer_entries in by_stacked.items():
         sources[_keystr(stacked)] = lambda shape, es=layer_entries: np.stack(
-            [import_leaf(reader, e, shape[1:], hf_vocab, directory) for e in es])
+            [import_leaf(reader, e, shape[1:], hf_vocab, directory) for e in es]
+        )
     return sources
 
 
-def place_from_host(sources: dict[str, Callable[[tuple], np.ndarray]], shardings: Any,
-                    dtypes: Any) -> dict[str, jax.Array]:
+def place_from_host(
+    sources: dict[str, Callable[[tuple], np.ndarray]], shardings: Any, dtypes: Any
+) -> dict[str, jax.Array]:
     """Each source onto its sharding, one parameter at a time: a device only receives its shards."""
     placed = {}
     flat_shardings = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
@@ -343,8 +436,28 @@ def import_model(directory: str, own: ModelConfig) -> tuple[ModelConfig, Importe
     eos = hf_cfg.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) else eos
     tokenizer = ImportedTokenizer.from_hf(directory, base.vocab_size, eos, hf_cfg.get("pad_token_id"))
-    structural = ("recipe", "block_size", "n_layer", "n_head", "n_kv_heads", "d_model", "head_dim", "d_ff",
-                  "position", "norm", "mlp", "use_bias", "tie_embeddings", "norm_eps", "rope_theta")
-    model_cfg = dataclasses.replace(own, vocab_size=tokenizer.vocab_size, vocab_multiple=1, valid_vocab=0,
-                                    **{k: getattr(base, k) for k in structural}).resolved()
+    structural = (
+        "recipe",
+        "block_size",
+        "n_layer",
+        "n_head",
+        "n_kv_heads",
+        "d_model",
+        "head_dim",
+        "d_ff",
+        "position",
+        "norm",
+        "mlp",
+        "use_bias",
+        "tie_embeddings",
+        "norm_eps",
+        "rope_theta",
+    )
+    model_cfg = dataclasses.replace(
+        own,
+        vocab_size=tokenizer.vocab_size,
+        vocab_multiple=1,
+        valid_vocab=0,
+        **{k: getattr(base, k) for k in structural},
+    ).resolved()
     return model_cfg, tokenizer, base.vocab_size

@@ -7,8 +7,9 @@ import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -48,8 +49,9 @@ def read_run(workdir: str) -> tuple[Config, Tokenizer]:
     return dataclasses.replace(cfg, model=cfg.model.resolved()), tokenizer
 
 
-def restore_params(workdir: str, cfg: Config, step: Optional[int], model_cfg: ModelConfig, mesh: Any,
-                   rules: tuple) -> tuple[Any, int]:
+def restore_params(
+    workdir: str, cfg: Config, step: int | None, model_cfg: ModelConfig, mesh: Any, rules: tuple
+) -> tuple[Any, int]:
     """(params of `model_cfg`'s shape sharded over `mesh`, step) from a run's checkpoint (default:
     the latest). Only the parameters are read, never the optimizer state."""
     checkpointer = Checkpointer(workdir, cfg.checkpoint)
@@ -61,8 +63,9 @@ def restore_params(workdir: str, cfg: Config, step: Optional[int], model_cfg: Mo
         raise ConfigError(f"{workdir} has no checkpoint at step {step}; it has {sorted(steps)}")
     boxed = _boxed_params(model_cfg)
     shardings = unbox_shapes(logical_shardings(boxed, mesh, rules))
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            unbox_shapes(boxed), shardings)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unbox_shapes(boxed), shardings
+    )
     # a PPO run's checkpoint holds {"policy", "value"}: its model is the policy
     path = ("policy",) if cfg.train.trainer == "ppo" else ()
     params = checkpointer.restore_params(step, abstract, model_cfg, path)
@@ -70,7 +73,7 @@ def restore_params(workdir: str, cfg: Config, step: Optional[int], model_cfg: Mo
     return params, step
 
 
-def load(workdir: str, step: Optional[int] = None) -> LoadedModel:
+def load(workdir: str, step: int | None = None) -> LoadedModel:
     """The latest (or the given) checkpoint of a workdir, placed on this host's devices."""
     cfg, tokenizer = read_run(workdir)
     mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh.rules)
@@ -81,31 +84,45 @@ def load(workdir: str, step: Optional[int] = None) -> LoadedModel:
 # Fields a fine-tuning run takes from the run it starts from (they fix parameter shapes or
 # their meaning); dropout, dtypes, remat, init_std and `output` stay the experiment's own.
 _INHERITED = tuple(f for f in STRUCTURAL_FIELDS if f not in ("output",) + LORA_FIELDS) + (
-    "rope_theta", "norm_eps", "vocab_multiple", "valid_vocab")
+    "rope_theta",
+    "norm_eps",
+    "vocab_multiple",
+    "valid_vocab",
+)
 
 
 def inherit_model(own: ModelConfig, source: ModelConfig, source_dir: str) -> ModelConfig:
     """`own` with the structure of `source`. A structural field that `own` sets away from its
     default and that disagrees with the source is a mismatch, reported by name."""
     defaults, theirs, mine = to_dict(ModelConfig()), to_dict(source), to_dict(own)
-    conflicts = [f"model.{k}: {source_dir} has {theirs[k]!r}, this experiment sets {mine[k]!r}"
-                 for k in _INHERITED if mine[k] != defaults[k] and mine[k] != theirs[k]]
+    conflicts = [
+        f"model.{k}: {source_dir} has {theirs[k]!r}, this experiment sets {mine[k]!r}"
+        for k in _INHERITED
+        if mine[k] != defaults[k] and mine[k] != theirs[k]
+    ]
     if conflicts:
-        raise CheckpointMismatch("train.init_from: the model does not fit the run it starts from:\n  "
-                                 + "\n  ".join(conflicts)
-                                 + "\n(leave those fields unset: they are taken from the run)")
+        raise CheckpointMismatch(
+            "train.init_from: the model does not fit the run it starts from:\n  "
+            + "\n  ".join(conflicts)
+            + "\n(leave those fields unset: they are taken from the run)"
+        )
     return dataclasses.replace(own, **{k: getattr(source, k) for k in _INHERITED}).resolved()
 
 
-def params_from_run(source_dir: str, step: Optional[int], model_cfg: ModelConfig, mesh: Any, rules: tuple,
-                    seed: int) -> Callable[[Any], Any]:
+def params_from_run(
+    source_dir: str, step: int | None, model_cfg: ModelConfig, mesh: Any, rules: tuple, seed: int
+) -> Callable[[Any], Any]:
     """For `fit(init_params=...)`: the source run's parameters in `model_cfg`'s tree. A source's
     LoRA adapters are folded into its weights first (a run's model is its merged model).
     Parameters the source lacks (a new `score` head, new adapters) are initialised; ones it has
     and the target lacks (the vocabulary head of an LM turned reward model) are dropped."""
     source_cfg, _ = read_run(source_dir)
-    source_model = dataclasses.replace(model_cfg, output=source_cfg.model.output, dropout=source_cfg.model.dropout,
-                                       **{k: getattr(source_cfg.model, k) for k in LORA_SETTINGS})
+    source_model = dataclasses.replace(
+        model_cfg,
+        output=source_cfg.model.output,
+        dropout=source_cfg.model.dropout,
+        **{k: getattr(source_cfg.model, k) for k in LORA_SETTINGS},
+    )
     check_model_compatible(to_dict(source_cfg.model), source_model, source_dir)
 
     def init_params(shardings: Any) -> Any:
@@ -117,8 +134,9 @@ def params_from_run(source_dir: str, step: Optional[int], model_cfg: ModelConfig
     return init_params
 
 
-def params_from_hf(directory: str, model_cfg: ModelConfig, hf_vocab: int, mesh: Any, rules: tuple,
-                   seed: int) -> Callable[[Any], Any]:
+def params_from_hf(
+    directory: str, model_cfg: ModelConfig, hf_vocab: int, mesh: Any, rules: tuple, seed: int
+) -> Callable[[Any], Any]:
     """For `fit(init_params=...)`: a Hugging Face checkpoint's weights, each placed straight onto
     its shards; what it lacks (adapters, a score head) is initialised."""
 
@@ -130,8 +148,9 @@ def params_from_hf(directory: str, model_cfg: ModelConfig, hf_vocab: int, mesh: 
     return init_params
 
 
-def complete_params(known: dict[str, Any], model_cfg: ModelConfig, shardings: Any, mesh: Any, rules: tuple,
-                    seed: int) -> Any:
+def complete_params(
+    known: dict[str, Any], model_cfg: ModelConfig, shardings: Any, mesh: Any, rules: tuple, seed: int
+) -> Any:
     """`model_cfg`'s parameter tree (on `shardings`): the `known` leaves (by keystr), the rest
     freshly initialised."""
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(shardings)]
@@ -140,16 +159,18 @@ def complete_params(known: dict[str, Any], model_cfg: ModelConfig, shardings: An
         model = Transformer(model_cfg)
         tokens = jnp.zeros((1, model_cfg.block_size), jnp.int32)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            fresh = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(seed), tokens)["params"]),
-                            out_shardings=shardings)()
+            fresh = jax.jit(
+                lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(seed), tokens)["params"]), out_shardings=shardings
+            )()
     pick = lambda path, leaf: known.get(jax.tree_util.keystr(path), leaf)
     return jax.tree_util.tree_map_with_path(pick, fresh if fresh is not None else shardings)
 
 
 def _boxed_params(model_cfg: ModelConfig) -> Any:
     model = Transformer(model_cfg)
-    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                             jnp.zeros((1, model_cfg.block_size), jnp.int32))["params"])
+    return jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, model_cfg.block_size), jnp.int32))["params"]
+    )
 
 
 def logical_context(loaded: LoadedModel) -> contextlib.ExitStack:
@@ -173,6 +194,11 @@ def add_decode_flags(parser, *, temperature: float, top_p: float, max_new_tokens
 
 
 def decode_config(args) -> DecodeConfig:
-    return DecodeConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams,
-                        length_penalty=args.length_penalty)
+    return DecodeConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+    )

@@ -39,8 +39,7 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 class MetricsLogger:
-    def __init__(self, workdir: str, cfg: LoggingConfig, total_steps: int, start_step: int,
-                 run_config: dict):
+    def __init__(self, workdir: str, cfg: LoggingConfig, total_steps: int, start_step: int, run_config: dict):
         self.enabled = jax.process_index() == 0
         self.total_steps = total_steps
         self.start_step = start_step
@@ -64,17 +63,25 @@ class MetricsLogger:
             from tensorboardX import SummaryWriter
 
             # TensorBoard's event files are appended to: on a bucket workdir they stay on this host
-            tb_dir = (os.path.join(workdir, "tb") if not fileio.is_remote(workdir) else
-                      os.path.join("/tmp", "flaxgpt-tb", workdir.replace("://", "/")))
+            tb_dir = (
+                os.path.join(workdir, "tb")
+                if not fileio.is_remote(workdir)
+                else os.path.join("/tmp", "flaxgpt-tb", workdir.replace("://", "/"))
+            )
             self._tb = SummaryWriter(tb_dir, purge_step=start_step + 1)
         if cfg.wandb:
             try:
                 import wandb
             except ImportError as e:
                 raise ImportError("logging.wandb=true needs wandb: pip install 'flaxgpt[wandb]'") from e
-            self._wandb = wandb.init(project=cfg.wandb_project, mode=cfg.wandb_mode, dir=workdir,
-                                     config=run_config, name=os.path.basename(os.path.abspath(workdir)),
-                                     resume="allow")
+            self._wandb = wandb.init(
+                project=cfg.wandb_project,
+                mode=cfg.wandb_mode,
+                dir=workdir,
+                config=run_config,
+                name=os.path.basename(os.path.abspath(workdir)),
+                resume="allow",
+            )
         mode = cfg.progress
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "plain"
@@ -153,4 +160,6 @@ def _plain(value: Any) -> Any:
 
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )

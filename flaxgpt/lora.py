@@ -30,7 +30,8 @@ def _names(path: tuple) -> list[str]:
 def trainable_mask(params: Any) -> Any:
     """True for adapter leaves and new heads, False for the frozen base."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: any(n.startswith("lora_") or n in NEW_HEADS for n in _names(path)), params)
+        lambda path, _: any(n.startswith("lora_") or n in NEW_HEADS for n in _names(path)), params
+    )
 
 
 def freeze_base(params: Any) -> Any:
@@ -65,7 +66,7 @@ def merge(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
 
 
 def describe_size(params: Any, rank: int) -> str:
-    """"1.23M parameters", or with adapters how many of them train."""
+    """ "1.23M parameters", or with adapters how many of them train."""
     total = count_params(params)
     if not rank:
         return f"{total / 1e6:.2f}M parameters"

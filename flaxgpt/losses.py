@@ -41,9 +41,7 @@ def _token_log_losses_bwd(residuals, cotangents):
 token_log_losses.defvjp(_token_log_losses_fwd, _token_log_losses_bwd)
 
 
-def token_cross_entropy(
-    logits: Array, targets: Array, weights: Array, z_loss: float = 0.0
-) -> dict[str, Array]:
+def token_cross_entropy(logits: Array, targets: Array, weights: Array, z_loss: float = 0.0) -> dict[str, Array]:
     """Weighted next-token cross-entropy.
 
     logits [b, t, vocab] (any float dtype; computed in float32), targets [b, t] ints,
@@ -108,8 +106,7 @@ def masked_whiten(x: Array, mask: Array, shift_mean: bool = True) -> Array:
     return (whitened if shift_mean else whitened + mean) * mask
 
 
-def generalized_advantages(rewards: Array, values: Array, mask: Array, gamma: float,
-                           lam: float) -> tuple[Array, Array]:
+def generalized_advantages(rewards: Array, values: Array, mask: Array, gamma: float, lam: float) -> tuple[Array, Array]:
     """GAE over response tokens: (advantages, returns), both [batch, T].
 
     `mask` marks each row's response tokens (1 up to its last token, 0 after): the episode
@@ -130,8 +127,9 @@ def generalized_advantages(rewards: Array, values: Array, mask: Array, gamma: fl
     return advantages, (advantages + values) * mask
 
 
-def ppo_policy_loss(logprobs: Array, old_logprobs: Array, advantages: Array, mask: Array,
-                    clip: float) -> dict[str, Array]:
+def ppo_policy_loss(
+    logprobs: Array, old_logprobs: Array, advantages: Array, mask: Array, clip: float
+) -> dict[str, Array]:
     """The clipped surrogate objective (as a loss), with its clip fraction and approximate KL."""
     log_ratio = logprobs - old_logprobs
     ratio = jnp.exp(log_ratio)

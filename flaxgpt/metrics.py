@@ -3,7 +3,7 @@ rouge-score), so figures compare with what other frameworks report."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU

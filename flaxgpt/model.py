@@ -22,7 +22,7 @@ attending to each other (0 marks padding) and `positions` restart per document.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -128,8 +128,12 @@ class Linear(nn.Module):
         flat_out = flat_in @ kernel.reshape(flat_in.shape[1], -1).astype(dtype)
         if cfg.lora_rank and self.name in cfg.lora_targets:
             # LoRA: W + (alpha/r) A B with B = 0 at the start, so the adapted model begins as the base.
-            a = self.param("lora_a", _init(1.0 / math.sqrt(flat_in.shape[1]), self.in_axes + ("lora",)),
-                           x.shape[-n_in:] + (cfg.lora_rank,), pdtype)
+            a = self.param(
+                "lora_a",
+                _init(1.0 / math.sqrt(flat_in.shape[1]), self.in_axes + ("lora",)),
+                x.shape[-n_in:] + (cfg.lora_rank,),
+                pdtype,
+            )
             b = self.param("lora_b", _zeros(("lora",) + self.out_axes), (cfg.lora_rank,) + tuple(self.features), pdtype)
             dropped = nn.Dropout(cfg.lora_dropout, deterministic=not self.train)(flat_in)
             low = dropped @ a.reshape(flat_in.shape[1], cfg.lora_rank).astype(dtype)
@@ -140,8 +144,14 @@ class Linear(nn.Module):
         return y
 
 
-def einsum_attention(q: Array, k: Array, v: Array, mask: Array,
-                     dropout: Callable[[Array], Array] = lambda probs: probs, query_block: int = 0) -> Array:
+def einsum_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array,
+    dropout: Callable[[Array], Array] = lambda probs: probs,
+    query_block: int = 0,
+) -> Array:
     """Attention in XLA einsums over [b, t, heads, d] queries, [b, s, kv_heads, d] keys and
     values and a [b, t, s] mask; softmax in float32, `dropout` applied to the probabilities.
 
@@ -176,7 +186,7 @@ def attention_query_block(cfg: ModelConfig, length: int) -> int:
     return cfg.attention_block or max(64, length // 8)
 
 
-def fused_attention_obstacle(cfg: ModelConfig, train: bool) -> Optional[str]:
+def fused_attention_obstacle(cfg: ModelConfig, train: bool) -> str | None:
     """Why cuDNN's fused attention cannot run this model here, or None when it can."""
     if jax.default_backend() != "gpu" or "nvidia" not in jax.devices()[0].device_kind.lower():
         return f"it needs an NVIDIA GPU, and the default backend is {jax.default_backend()}"
@@ -206,8 +216,9 @@ def fused_attention(q: Array, k: Array, v: Array, mask: Array, implementation: s
     bias: ~25% slower on GPT-2's shapes), so a batch whose mask is plain causal, the usual
     pretraining batch, takes the causal-only kernel; the choice is made on the device."""
     causal_only = lambda: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
-    segmented = lambda: jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True,
-                                                     implementation=implementation)
+    segmented = lambda: jax.nn.dot_product_attention(
+        q, k, v, mask=mask[:, None], is_causal=True, implementation=implementation
+    )
     plain = jnp.all(mask == jnp.tril(jnp.ones(mask.shape[-2:], bool)))
     return jax.lax.cond(plain, causal_only, segmented)
 
@@ -230,8 +241,9 @@ class Attention(nn.Module):
         h, kv, d = cfg.n_head, cfg.n_kv_heads, cfg.head_dim
 
         def project(name: str, heads: int, axis_name: str) -> Array:
-            return Linear((heads, d), ("embed",), (axis_name, "head_dim"), cfg, cfg.init_std,
-                          cfg.use_bias, self.train, name=name)(x)
+            return Linear(
+                (heads, d), ("embed",), (axis_name, "head_dim"), cfg, cfg.init_std, cfg.use_bias, self.train, name=name
+            )(x)
 
         q = project("query", h, "heads")
         k = project("key", kv, "kv_heads")
@@ -255,9 +267,9 @@ class Attention(nn.Module):
         out = checkpoint_name(out, "attention_out")
 
         residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
-        return Linear((cfg.d_model,), ("heads", "head_dim"), ("embed",), cfg, residual_std,
-                      cfg.use_bias, self.train, name="out")(out)
-
+        return Linear(
+            (cfg.d_model,), ("heads", "head_dim"), ("embed",), cfg, residual_std, cfg.use_bias, self.train, name="out"
+        )(out)
 
     def _update_cache(self, k: Array, v: Array, valid: Array) -> tuple[Array, Array, Array]:
         """Write this chunk at the cache index; return all cached keys/values and the mask.
@@ -297,7 +309,7 @@ def _gelu_fwd(x):
 def _gelu_bwd(x, g):
     x32 = x.astype(jnp.float32)
     c = math.sqrt(2 / math.pi)
-    th = jnp.tanh(c * (x32 + 0.044715 * x32 ** 3))
+    th = jnp.tanh(c * (x32 + 0.044715 * x32**3))
     slope = 0.5 * (1 + th) + 0.5 * x32 * (1 - th * th) * c * (1 + 3 * 0.044715 * x32 * x32)
     return ((g.astype(jnp.float32) * slope).astype(x.dtype),)
 
@@ -314,16 +326,18 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
-        up = lambda name: Linear((cfg.d_ff,), ("embed",), ("mlp",), cfg, cfg.init_std, cfg.use_bias, self.train,
-                                 name=name)(x)
+        up = lambda name: Linear(
+            (cfg.d_ff,), ("embed",), ("mlp",), cfg, cfg.init_std, cfg.use_bias, self.train, name=name
+        )(x)
         if cfg.mlp == "swiglu":
             hidden = nn.silu(up("gate")) * up("up")
         else:
             hidden = gelu(up("up"))
         hidden = _constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
         residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
-        return Linear((cfg.d_model,), ("mlp",), ("embed",), cfg, residual_std, cfg.use_bias, self.train,
-                      name="down")(hidden)
+        return Linear((cfg.d_model,), ("mlp",), ("embed",), cfg, residual_std, cfg.use_bias, self.train, name="down")(
+            hidden
+        )
 
 
 class Block(nn.Module):
@@ -354,8 +368,8 @@ class Transformer(nn.Module):
     def __call__(
         self,
         tokens: Array,
-        positions: Optional[Array] = None,
-        segment_ids: Optional[Array] = None,
+        positions: Array | None = None,
+        segment_ids: Array | None = None,
         *,
         train: bool = False,
         decode: bool = False,
@@ -369,13 +383,24 @@ class Transformer(nn.Module):
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
 
-        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=pdtype,
-                         embedding_init=_init(cfg.init_std, ("vocab", "embed")), name="token_embed")
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            dtype=dtype,
+            param_dtype=pdtype,
+            embedding_init=_init(cfg.init_std, ("vocab", "embed")),
+            name="token_embed",
+        )
         x = embed(tokens)
         if cfg.position == "learned":
-            x = x + nn.Embed(cfg.block_size, cfg.d_model, dtype=dtype, param_dtype=pdtype,
-                             embedding_init=_init(cfg.init_std, ("position", "embed")),
-                             name="position_embed")(positions)
+            x = x + nn.Embed(
+                cfg.block_size,
+                cfg.d_model,
+                dtype=dtype,
+                param_dtype=pdtype,
+                embedding_init=_init(cfg.init_std, ("position", "embed")),
+                name="position_embed",
+            )(positions)
         x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
         x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         mask = (segment_ids != 0) if decode else attention_mask(segment_ids)

@@ -4,7 +4,8 @@ over micro-batches), where it is exact for token-weighted losses."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +49,9 @@ def weight_decay_mask(params: dict, no_decay: tuple) -> dict:
     return jax.tree_util.tree_map_with_path(decide, params)
 
 
-def build_optimizer(cfg: OptimizerConfig, max_steps: int,
-                    trainable: Callable[[Any], Any] | None = None) -> optax.GradientTransformation:
+def build_optimizer(
+    cfg: OptimizerConfig, max_steps: int, trainable: Callable[[Any], Any] | None = None
+) -> optax.GradientTransformation:
     """AdamW (+ clipping) over every parameter, or, with `trainable` (params -> bool tree, e.g.
     `lora.trainable_mask`), over those alone: the frozen rest gets no update and no moments,
     and clipping sees only the trained gradients."""
@@ -67,7 +69,11 @@ def _adamw_chain(cfg: OptimizerConfig, max_steps: int) -> optax.GradientTransfor
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
     parts.append(
         optax.adamw(
-            learning_rate=schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+            learning_rate=schedule,
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
             mask=lambda params: weight_decay_mask(params, tuple(cfg.no_decay)),
         )
     )

@@ -92,10 +92,12 @@ def host_allocator_advice(jitted: Any, *args: Any) -> str | None:
     temp = getattr(analysis, "temp_size_in_bytes", 0) if analysis is not None else 0
     if temp <= THREAD_ARENA_LIMIT_BYTES:
         return None
-    return (f"this step's XLA buffers take {temp / 2**20:,.0f} MiB per run, more than a thread arena's "
-            f"{THREAD_ARENA_LIMIT_BYTES >> 20} MiB, so every step maps and faults them in afresh; run with "
-            "FLAXGPT_HOST_ALLOCATOR=one-arena to keep them (benchmarks/README.md: GPT-2 124M on a CPU "
-            "13.0 -> 9.2 s per step)")
+    return (
+        f"this step's XLA buffers take {temp / 2**20:,.0f} MiB per run, more than a thread arena's "
+        f"{THREAD_ARENA_LIMIT_BYTES >> 20} MiB, so every step maps and faults them in afresh; run with "
+        "FLAXGPT_HOST_ALLOCATOR=one-arena to keep them (benchmarks/README.md: GPT-2 124M on a CPU "
+        "13.0 -> 9.2 s per step)"
+    )
 
 
 # Dense peak FLOP/s per device (one TPU chip / one GPU), bfloat16 (TPU v4+ and GPUs) and float32.
@@ -126,14 +128,14 @@ def known_peak(device: Any, dtype: str) -> float | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measured_peak(dtype: str = "float32", size: int = 1024, repeats: int = 5) -> float:
     """FLOP/s of a large square matmul on the default device: the attainable matmul peak.
 
     Random operands: constant ones or zeros can run faster than real data (power, not speed)."""
     jdtype = jnp.dtype(dtype)
     a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jdtype)
-    b = (jax.random.normal(jax.random.PRNGKey(1), (size, size)) / size ** 0.5).astype(jdtype)
+    b = (jax.random.normal(jax.random.PRNGKey(1), (size, size)) / size**0.5).astype(jdtype)
     mm = jax.jit(lambda a, b: (a @ b) @ b)
     mm(a, b).block_until_ready()
     warm_until = time.perf_counter() + 0.5  # an idle GPU clocks down: let it ramp up first
@@ -144,7 +146,7 @@ def measured_peak(dtype: str = "float32", size: int = 1024, repeats: int = 5) ->
         start = time.perf_counter()
         mm(a, b).block_until_ready()
         best = min(best, time.perf_counter() - start)
-    return 2 * 2 * size ** 3 / best
+    return 2 * 2 * size**3 / best
 
 
 def peak_flops(dtype: str = "float32") -> tuple[float, str]:

@@ -17,8 +17,9 @@ import difflib
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 
@@ -54,8 +55,10 @@ def apply_stage_overrides(stages: Sequence[Stage], assignments: Sequence[str]) -
         else:
             close = difflib.get_close_matches(head, names + sections, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown config key '{assignment.split('=')[0]}' in a pipeline: start it with a "
-                              f"stage ({', '.join(names)}) or a section ({', '.join(sections)}){hint}")
+            raise ConfigError(
+                f"unknown config key '{assignment.split('=')[0]}' in a pipeline: start it with a "
+                f"stage ({', '.join(names)}) or a section ({', '.join(sections)}){hint}"
+            )
 
 
 def validate(stages: Sequence[Stage]) -> None:
@@ -78,16 +81,19 @@ def stage_config(stage: Stage, workdir: str) -> Config:
     """The stage's config with the earlier stages it starts from filled in."""
     cfg = stage.config
     if stage.init_from:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=os.path.join(
-            workdir, stage.init_from)))
+        cfg = dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, init_from=os.path.join(workdir, stage.init_from))
+        )
     if stage.reward_from:
-        cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, reward_from=os.path.join(
-            workdir, stage.reward_from)))
+        cfg = dataclasses.replace(
+            cfg, ppo=dataclasses.replace(cfg.ppo, reward_from=os.path.join(workdir, stage.reward_from))
+        )
     return cfg
 
 
-def run_pipeline(stages: Sequence[Stage], workdir: str,
-                 run_stage: Callable[[Config, str], dict[str, Any]]) -> dict[str, Any]:
+def run_pipeline(
+    stages: Sequence[Stage], workdir: str, run_stage: Callable[[Config, str], dict[str, Any]]
+) -> dict[str, Any]:
     """Run (or skip, if finished) each stage in order; returns the summary written to WORKDIR/summary.json."""
     validate(stages)
     fileio.makedirs(workdir)
@@ -109,7 +115,7 @@ def run_pipeline(stages: Sequence[Stage], workdir: str,
         missing = [k for k in stage.summary.values() if k not in result]
         if missing:
             raise KeyError(f"stage '{stage.name}' reported no {missing}; it reported {sorted(result)}")
-        summary[stage.name] = ({k: result[v] for k, v in stage.summary.items()} if stage.summary else result)
+        summary[stage.name] = {k: result[v] for k, v in stage.summary.items()} if stage.summary else result
         summary[stage.name]["wall_seconds"] = result.get("wall_seconds")
         _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
     _log(f"=== summary ({os.path.join(workdir, SUMMARY_FILE)})\n{json.dumps(summary, indent=2)}")
@@ -118,8 +124,10 @@ def run_pipeline(stages: Sequence[Stage], workdir: str,
 
 def describe(stages: Sequence[Stage]) -> str:
     """JSON of every stage's config, for --print-config."""
-    return json.dumps({s.name: {"init_from": s.init_from, "reward_from": s.reward_from, **to_dict(s.config)}
-                       for s in stages}, indent=2)
+    return json.dumps(
+        {s.name: {"init_from": s.init_from, "reward_from": s.reward_from, **to_dict(s.config)} for s in stages},
+        indent=2,
+    )
 
 
 def _jsonable(value: Any) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 
@@ -16,9 +16,10 @@ from flaxgpt import generate, inference, perf
 from flaxgpt.config import ConfigError
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flaxgpt.sample", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flaxgpt.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", "-w", required=True)
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     parser.add_argument("--prompt", "-p", action="append", required=True, help="may be repeated")
@@ -30,8 +31,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tok = loaded.tokenizer
         prompts = [tok.encode(p) or [tok.eos_id] for p in args.prompt]
         with inference.logical_context(loaded):
-            out = generate.generate(loaded.model, loaded.params, prompts, inference.decode_config(args),
-                                    jax.random.PRNGKey(args.seed), pad_id=tok.pad_id, stop_tokens=[tok.eos_id])
+            out = generate.generate(
+                loaded.model,
+                loaded.params,
+                prompts,
+                inference.decode_config(args),
+                jax.random.PRNGKey(args.seed),
+                pad_id=tok.pad_id,
+                stop_tokens=[tok.eos_id],
+            )
     except (FileNotFoundError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from flaxgpt import inference, perf
 from flaxgpt.config import ConfigError
@@ -26,9 +26,10 @@ def _prompt(record: dict, where: str) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": record["prompt"]}]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flaxgpt.score", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flaxgpt.score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", "-w", required=True, help="a reward-model run")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     parser.add_argument("--prompt", "-p")
@@ -47,8 +48,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         perf.tune_host_allocator()
         loaded = inference.load(args.workdir, args.step)
         if loaded.model.cfg.output != "scalar":
-            raise ConfigError(f"{args.workdir} is a language model (model.output="
-                              f"'{loaded.model.cfg.output}'), not a reward model")
+            raise ConfigError(
+                f"{args.workdir} is a language model (model.output='{loaded.model.cfg.output}'), not a reward model"
+            )
         if args.prompt:
             records = [{"system": args.system, "prompt": args.prompt, "responses": args.response}]
         else:

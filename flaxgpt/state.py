@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -48,18 +49,26 @@ def create_train_state(
         if params is None:
             state = jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=shardings)()
         else:
+
             def from_params(p):
-                return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
-                                  rng=jax.random.split(jax.random.PRNGKey(seed))[1],
-                                  skipped=jnp.zeros((), jnp.int32))
+                return TrainState(
+                    step=jnp.zeros((), jnp.int32),
+                    params=p,
+                    opt_state=optimizer.init(p),
+                    rng=jax.random.split(jax.random.PRNGKey(seed))[1],
+                    skipped=jnp.zeros((), jnp.int32),
+                )
 
             state = jax.jit(from_params, out_shardings=shardings, donate_argnums=0)(start)
     return state, shardings
 
 
 def abstract_train_state(
-    model: nn.Module, optimizer: optax.GradientTransformation, example_tokens: jax.Array,
-    mesh: Mesh, rules: tuple,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    example_tokens: jax.Array,
+    mesh: Mesh,
+    rules: tuple,
 ) -> tuple[Any, Any]:
     """(ShapeDtypeStructs with shardings, shardings): the target for a checkpoint restore."""
     abstract = jax.eval_shape(_boxed_init(model, optimizer, example_tokens, 0))

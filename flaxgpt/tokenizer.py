@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 from flaxgpt.data.jsonl import DataError, read_jsonl
 from flaxgpt.data.tokenizers import SentencePieceTokenizer, train_sentencepiece
@@ -25,9 +25,10 @@ def _lines(paths: Sequence[str]) -> Iterator[str]:
                 yield from f
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flaxgpt.tokenizer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flaxgpt.tokenizer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a SentencePiece model")
     train.add_argument("--input", nargs="+", required=True, help="text or .jsonl files")

@@ -13,7 +13,7 @@ import difflib
 import importlib.util
 import os
 import sys
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 from flaxgpt.config import Config, ConfigError, apply_overrides, to_json
 
@@ -47,7 +47,7 @@ def find_experiment(name: str) -> str:
     raise ConfigError(f"unknown experiment '{name}'{hint}")
 
 
-def load_experiment(name: str, overrides: Sequence[str] = ()) -> Union[Config, list]:
+def load_experiment(name: str, overrides: Sequence[str] = ()) -> Config | list:
     """The experiment's config with `overrides` applied and validated, or, for a pipeline
     (a file defining `stages()`), its list of `flaxgpt.pipeline.Stage`."""
     path = find_experiment(name)
@@ -83,13 +83,21 @@ def run_trainer(cfg: Config, workdir: str) -> dict:
     return importlib.import_module(f"flaxgpt.trainers.{cfg.train.trainer}").run(cfg, workdir)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flaxgpt.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flaxgpt.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--experiment", "-e", help="experiment name (see --list) or path to a .py file")
     parser.add_argument("--workdir", "-w", help="where checkpoints and logs go (default: runs/NAME)")
-    parser.add_argument("--set", dest="overrides", action="append", nargs="+", default=[],
-                        metavar="KEY=VALUE", help="override config values, e.g. --set optimizer.lr=3e-4")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config values, e.g. --set optimizer.lr=3e-4",
+    )
     parser.add_argument("--list", action="store_true", help="list the experiments and exit")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     dist = parser.add_argument_group("multi-process runs (automatic on multi-host Cloud TPU VMs)")

@@ -26,8 +26,8 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 DEFAULT_RUNTIME = "tpu-ubuntu2204-base"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +39,7 @@ LOG_FILE = "flaxgpt-run.log"
 class Target:
     name: str
     zone: str
-    project: Optional[str]
+    project: str | None
     accelerator_type: str
     runtime_version: str
     spot: bool
@@ -75,37 +75,50 @@ def ssh_command(t: Target, remote: str, worker: str = "all") -> list[str]:
     return gcloud_tpu("ssh", *t.scope(), f"--worker={worker}", f"--command={remote}")
 
 
-def source_commands(t: Target, repo: Optional[str]) -> list[list[str]]:
+def source_commands(t: Target, repo: str | None) -> list[list[str]]:
     """Without --repo: this checkout's HEAD, archived and copied to every worker."""
     if repo:
         return []
-    return [["git", "-C", REPO_ROOT, "archive", "--format=tar.gz", "-o", SOURCE_ARCHIVE, "HEAD"],
-            gcloud_tpu("scp", SOURCE_ARCHIVE, f"{t.name}:~/flaxgpt-src.tar.gz", "--worker=all", *t.scope()[1:])]
+    return [
+        ["git", "-C", REPO_ROOT, "archive", "--format=tar.gz", "-o", SOURCE_ARCHIVE, "HEAD"],
+        gcloud_tpu("scp", SOURCE_ARCHIVE, f"{t.name}:~/flaxgpt-src.tar.gz", "--worker=all", *t.scope()[1:]),
+    ]
 
 
-def setup_script(repo: Optional[str], ref: str, extras: str) -> str:
+def setup_script(repo: str | None, ref: str, extras: str) -> str:
     """What every worker runs: a venv with jax[tpu] and flaxgpt (from --repo at `ref`, or the
     archive `source_commands` copied)."""
     if repo:
-        fetch = [f"(test -d flaxgpt || git clone {shlex.quote(repo)} flaxgpt)",
-                 f"cd flaxgpt && git fetch -q origin && git checkout -q {shlex.quote(ref)}"]
+        fetch = [
+            f"(test -d flaxgpt || git clone {shlex.quote(repo)} flaxgpt)",
+            f"cd flaxgpt && git fetch -q origin && git checkout -q {shlex.quote(ref)}",
+        ]
     else:
         fetch = ["rm -rf flaxgpt && mkdir flaxgpt && tar -xzf ~/flaxgpt-src.tar.gz -C flaxgpt", "cd flaxgpt"]
-    return " && ".join([
-        "set -e",
-        "sudo apt-get -qq update && sudo apt-get -qq install -y python3-venv git",
-        *fetch,
-        "python3 -m venv ~/flaxgpt-venv",
-        "~/flaxgpt-venv/bin/pip install -q -U pip",
-        "~/flaxgpt-venv/bin/pip install -q 'jax[tpu]>=0.10.2,<0.11'",
-        f"~/flaxgpt-venv/bin/pip install -q -e '.[{extras}]'",
-    ])
+    return " && ".join(
+        [
+            "set -e",
+            "sudo apt-get -qq update && sudo apt-get -qq install -y python3-venv git",
+            *fetch,
+            "python3 -m venv ~/flaxgpt-venv",
+            "~/flaxgpt-venv/bin/pip install -q -U pip",
+            "~/flaxgpt-venv/bin/pip install -q 'jax[tpu]>=0.10.2,<0.11'",
+            f"~/flaxgpt-venv/bin/pip install -q -e '.[{extras}]'",
+        ]
+    )
 
 
 def train_script(experiment: str, workdir: str, overrides: Sequence[str]) -> str:
     """The one training command, identical on every worker; output goes to a log on each."""
-    train = ["~/flaxgpt-venv/bin/python", "-m", "flaxgpt.train", "--experiment", shlex.quote(experiment),
-             "--workdir", shlex.quote(workdir)]
+    train = [
+        "~/flaxgpt-venv/bin/python",
+        "-m",
+        "flaxgpt.train",
+        "--experiment",
+        shlex.quote(experiment),
+        "--workdir",
+        shlex.quote(workdir),
+    ]
     if overrides:
         train += ["--set", *(shlex.quote(o) for o in overrides)]
     return f"cd flaxgpt && {' '.join(train)} 2>&1 | tee ~/{LOG_FILE}; exit ${{PIPESTATUS[0]}}"
@@ -170,17 +183,21 @@ def up(run: Runner, t: Target, args: argparse.Namespace) -> int:
         if after == "READY" and not args.dry_run:
             print("training failed on a healthy VM (not a preemption); see `logs`", file=sys.stderr)
             return result.returncode
-        print(f"attempt {attempt + 1}: VM is {after or 'gone'} (preempted); relaunching to resume from the "
-              f"last checkpoint in {args.workdir}", flush=True)
+        print(
+            f"attempt {attempt + 1}: VM is {after or 'gone'} (preempted); relaunching to resume from the "
+            f"last checkpoint in {args.workdir}",
+            flush=True,
+        )
         if not args.dry_run:
             time.sleep(args.retry_wait)
     print(f"gave up after {args.max_restarts} restarts", file=sys.stderr)
     return 1
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="launch/tpu.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="launch/tpu.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=("up", "create", "setup", "run", "logs", "status", "copy-back", "delete"))
     parser.add_argument("--name", required=True, help="TPU VM name")
     parser.add_argument("--zone", required=True)
@@ -203,13 +220,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--delete-when-done", action="store_true")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)
-    t = Target(args.name, args.zone, args.project, args.accelerator_type, args.runtime_version, args.spot,
-               args.preemptible)
+    t = Target(
+        args.name, args.zone, args.project, args.accelerator_type, args.runtime_version, args.spot, args.preemptible
+    )
     run = Runner(args.dry_run)
     if args.command in ("up", "run") and not args.workdir:
         parser.error(f"{args.command} needs --workdir (gs://... so a preempted run can resume)")
     if args.command in ("up", "run") and t.hosts() > 1 and not args.workdir.startswith("gs://"):
-        parser.error("a multi-host slice needs a gs:// --workdir: every worker saves its shards of the checkpoint there")
+        parser.error(
+            "a multi-host slice needs a gs:// --workdir: every worker saves its shards of the checkpoint there"
+        )
     print(f"# {t.accelerator_type}: {t.hosts()} host(s)", flush=True)
     if args.command == "up":
         return up(run, t, args)

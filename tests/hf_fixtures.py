@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 
-TEXT = ("What is two plus three? Five. The cat sat on the mat. " * 20 +
-        "Answer briefly: which colour is the sky? Blue. " * 20)
+TEXT = (
+    "What is two plus three? Five. The cat sat on the mat. " * 20
+    + "Answer briefly: which colour is the sky? Blue. " * 20
+)
 
 
 def gpt2_dir(directory: str, n_layer: int = 2, seed: int = 0) -> str:
@@ -19,12 +21,23 @@ def gpt2_dir(directory: str, n_layer: int = 2, seed: int = 0) -> str:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([TEXT], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        [TEXT],
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     tok.save(os.path.join(directory, "tokenizer.json"))
     eos = tok.token_to_id("<|endoftext|>")
-    config = transformers.GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=128, n_embd=32, n_layer=n_layer,
-                                     n_head=4, bos_token_id=eos, eos_token_id=eos)
+    config = transformers.GPT2Config(
+        vocab_size=tok.get_vocab_size(),
+        n_positions=128,
+        n_embd=32,
+        n_layer=n_layer,
+        n_head=4,
+        bos_token_id=eos,
+        eos_token_id=eos,
+    )
     torch.manual_seed(seed)
     transformers.GPT2LMHeadModel(config).eval().save_pretrained(directory, safe_serialization=True)
     return directory
@@ -37,11 +50,27 @@ def llama_dir(directory: str, n_layer: int = 2, seed: int = 0, tie: bool = False
     import transformers
 
     os.makedirs(directory, exist_ok=True)
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT.split(". ")), model_prefix=os.path.join(
-        directory, "tokenizer"), vocab_size=300, model_type="bpe", byte_fallback=True, minloglevel=2)
-    config = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layer,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                      rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=tie)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXT.split(". ")),
+        model_prefix=os.path.join(directory, "tokenizer"),
+        vocab_size=300,
+        model_type="bpe",
+        byte_fallback=True,
+        minloglevel=2,
+    )
+    config = transformers.LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=n_layer,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=tie,
+    )
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():  # non-trivial norm scales, so a misplaced scale shows
@@ -67,6 +96,11 @@ def hf_greedy(directory: str, ids: list[int], new_tokens: int) -> list[int]:
 
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens,
-                             pad_token_id=model.config.eos_token_id)
-    return out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            min_new_tokens=new_tokens,
+            pad_token_id=model.config.eos_token_id,
+        )
+    return out[0, len(ids) :].tolist()

@@ -17,14 +17,26 @@ from flaxgpt.sharding import batch_sharding, host_value, local_batch_rows, logic
 from flaxgpt.state import create_train_state
 from flaxgpt.trainers.lm import make_train_step
 
-MESHES = {"1dev": None, "data8": dict(data=8), "fsdp8": dict(data=1, fsdp=8),
-          "d2f2t2": dict(data=2, fsdp=2, tensor=2), "f4t2": dict(data=1, fsdp=4, tensor=2)}
+MESHES = {
+    "1dev": None,
+    "data8": dict(data=8),
+    "fsdp8": dict(data=1, fsdp=8),
+    "d2f2t2": dict(data=2, fsdp=2, tensor=2),
+    "f4t2": dict(data=1, fsdp=4, tensor=2),
+}
 BATCH, LENGTH, STEPS = 16, 16, 10
 
 
 def model_config(recipe: str) -> C.ModelConfig:
-    return C.ModelConfig(recipe=recipe, vocab_size=64, block_size=LENGTH, n_layer=1, n_head=4,
-                         n_kv_heads=2 if recipe == "llama" else None, d_model=64).resolved()
+    return C.ModelConfig(
+        recipe=recipe,
+        vocab_size=64,
+        block_size=LENGTH,
+        n_layer=1,
+        n_head=4,
+        n_kv_heads=2 if recipe == "llama" else None,
+        d_model=64,
+    ).resolved()
 
 
 def run(recipe: str, mesh_kwargs) -> dict:
@@ -37,16 +49,22 @@ def run(recipe: str, mesh_kwargs) -> dict:
     rows_sharding = batch_sharding(mesh, rules)
     rows = local_batch_rows(rows_sharding, BATCH, LENGTH)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        step = jax.jit(make_train_step(model, optimizer, learning_rate_schedule(opt_cfg, STEPS),
-                                       C.TrainConfig(batch_size=BATCH)),
-                       in_shardings=(shardings, rows_sharding), out_shardings=(shardings, None),
-                       donate_argnums=0)
+        step = jax.jit(
+            make_train_step(model, optimizer, learning_rate_schedule(opt_cfg, STEPS), C.TrainConfig(batch_size=BATCH)),
+            in_shardings=(shardings, rows_sharding),
+            out_shardings=(shardings, None),
+            donate_argnums=0,
+        )
         losses = []
         for i in range(STEPS):
             t = np.random.default_rng(i).integers(0, 64, size=(BATCH, LENGTH + 1)).astype(np.int32)
-            batch = {"inputs": t[:, :-1], "targets": t[:, 1:], "loss_weights": np.ones((BATCH, LENGTH), np.float32),
-                     "segment_ids": np.ones((BATCH, LENGTH), np.int32),
-                     "positions": np.tile(np.arange(LENGTH, dtype=np.int32), (BATCH, 1))}
+            batch = {
+                "inputs": t[:, :-1],
+                "targets": t[:, 1:],
+                "loss_weights": np.ones((BATCH, LENGTH), np.float32),
+                "segment_ids": np.ones((BATCH, LENGTH), np.int32),
+                "positions": np.tile(np.arange(LENGTH, dtype=np.int32), (BATCH, 1)),
+            }
             local = {k: v[rows] for k, v in batch.items()}
             state, metrics = step(state, place_batch(local, rows, rows_sharding, BATCH))
             losses.append(float(host_value(metrics["loss"])))
@@ -55,18 +73,32 @@ def run(recipe: str, mesh_kwargs) -> dict:
     held = sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == device0)
     total = sum(x.nbytes for x in jax.tree.leaves(tree))
     replicated = sum(x.nbytes for x in jax.tree.leaves(tree) if x.sharding.is_fully_replicated)
-    specs = {jax.tree_util.keystr(p): [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
-             for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
-    return {"losses": losses, "specs": specs, "bytes_device0": held, "bytes_total": total,
-            "bytes_replicated": replicated, "batch_spec": str(rows_sharding.spec)}
+    specs = {
+        jax.tree_util.keystr(p): [list(a) if isinstance(a, tuple) else a for a in x.sharding.spec]
+        for p, x in jax.tree_util.tree_leaves_with_path(state.params)
+    }
+    return {
+        "losses": losses,
+        "specs": specs,
+        "bytes_device0": held,
+        "bytes_total": total,
+        "bytes_replicated": replicated,
+        "batch_spec": str(rows_sharding.spec),
+    }
 
 
 def divisibility_error() -> str:
     mesh = make_mesh(C.MeshConfig(data=1, fsdp=1, tensor=8))
     model = Transformer(model_config("llama"))  # 2 kv heads cannot split 8 ways
     try:
-        create_train_state(model, build_optimizer(C.OptimizerConfig(), 10), jnp.zeros((1, LENGTH), jnp.int32),
-                           mesh, logical_rules(C.DEFAULT_LOGICAL_AXIS_RULES), 0)
+        create_train_state(
+            model,
+            build_optimizer(C.OptimizerConfig(), 10),
+            jnp.zeros((1, LENGTH), jnp.int32),
+            mesh,
+            logical_rules(C.DEFAULT_LOGICAL_AXIS_RULES),
+            0,
+        )
     except C.ConfigError as e:
         return str(e)
     return ""
@@ -80,14 +112,19 @@ def sharded_generation() -> dict:
     model, rules = Transformer(cfg), logical_rules(C.DEFAULT_LOGICAL_AXIS_RULES)
     prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10], [11]]
     out = {}
-    for name, mesh_cfg, devices in (("1dev", C.MeshConfig(), jax.devices()[:1]),
-                                    ("d2f2t2", C.MeshConfig(data=2, fsdp=2, tensor=2), jax.devices())):
+    for name, mesh_cfg, devices in (
+        ("1dev", C.MeshConfig(), jax.devices()[:1]),
+        ("d2f2t2", C.MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()),
+    ):
         mesh = make_mesh(mesh_cfg, devices)
-        state, _ = create_train_state(model, build_optimizer(C.OptimizerConfig(), 10),
-                                      jnp.zeros((1, LENGTH), jnp.int32), mesh, rules, 0)
+        state, _ = create_train_state(
+            model, build_optimizer(C.OptimizerConfig(), 10), jnp.zeros((1, LENGTH), jnp.int32), mesh, rules, 0
+        )
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            for label, decode in (("greedy", DecodeConfig(max_new_tokens=8, temperature=0.0)),
-                                  ("beam", DecodeConfig(max_new_tokens=6, num_beams=2))):
+            for label, decode in (
+                ("greedy", DecodeConfig(max_new_tokens=8, temperature=0.0)),
+                ("beam", DecodeConfig(max_new_tokens=6, num_beams=2)),
+            ):
                 for batch in (4, 3):  # 3 rows do not divide the 4-way batch sharding
                     gen = generate(model, state.params, prompts[:batch], decode, jax.random.PRNGKey(0), pad_id=0)
                     out[f"{name}/{label}/{batch}"] = completions(gen)

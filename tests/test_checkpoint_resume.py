@@ -10,10 +10,23 @@ from flaxgpt.logging import read_metrics
 from tests.conftest import REPO, run_cli
 
 TINY = [
-    "model.recipe=llama", "model.n_layer=2", "model.n_head=2", "model.n_kv_heads=1", "model.d_model=32",
-    "model.block_size=32", "model.dropout=0.1", "data.world_documents=400", "train.batch_size=8",
-    "train.grad_accum_steps=2", "train.max_steps=30", "train.log_interval=1", "eval.interval=10",
-    "eval.iters=2", "eval.sample_tokens=5", "checkpoint.every_steps=10", "logging.progress=plain",
+    "model.recipe=llama",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_kv_heads=1",
+    "model.d_model=32",
+    "model.block_size=32",
+    "model.dropout=0.1",
+    "data.world_documents=400",
+    "train.batch_size=8",
+    "train.grad_accum_steps=2",
+    "train.max_steps=30",
+    "train.log_interval=1",
+    "eval.interval=10",
+    "eval.iters=2",
+    "eval.sample_tokens=5",
+    "checkpoint.every_steps=10",
+    "logging.progress=plain",
     # Synchronous saves make the restore point certain (step 10); an async save still in flight
     # at the kill is left as a *.orbax-checkpoint-tmp directory that a restart ignores and removes.
     "checkpoint.async_save=false",
@@ -44,8 +57,14 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     done = run_cli(*args, "--workdir", straight)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    died = subprocess.run([sys.executable, "-c", _KILLED_RUN, *args, "--workdir", killed], cwd=REPO,
-                          env={**os.environ, "KILL_AT": "17"}, capture_output=True, text=True, timeout=600)
+    died = subprocess.run(
+        [sys.executable, "-c", _KILLED_RUN, *args, "--workdir", killed],
+        cwd=REPO,
+        env={**os.environ, "KILL_AT": "17"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert died.returncode == -9, died.stderr[-3000:]
     assert max(r["step"] for r in read_metrics(killed)) == 17
     assert os.listdir(os.path.join(killed, "checkpoints")) == ["10"]

@@ -12,9 +12,19 @@ from tests.conftest import run_cli
 
 def test_overrides_are_parsed_by_field_type():
     cfg = C.Config()
-    C.apply_overrides(cfg, ["optimizer.lr=3e-4", "train.max_steps=7", "model.scan_layers=true",
-                            "model.n_kv_heads=2", "data.path=some file.txt", "model.recipe=llama",
-                            "optimizer.no_decay=[\"bias\"]", "optimizer.decay_steps=none"])
+    C.apply_overrides(
+        cfg,
+        [
+            "optimizer.lr=3e-4",
+            "train.max_steps=7",
+            "model.scan_layers=true",
+            "model.n_kv_heads=2",
+            "data.path=some file.txt",
+            "model.recipe=llama",
+            'optimizer.no_decay=["bias"]',
+            "optimizer.decay_steps=none",
+        ],
+    )
     assert cfg.optimizer.lr == 3e-4 and isinstance(cfg.optimizer.lr, float)
     assert cfg.train.max_steps == 7 and cfg.model.scan_layers is True
     assert cfg.model.n_kv_heads == 2 and cfg.data.path == "some file.txt"
@@ -22,12 +32,15 @@ def test_overrides_are_parsed_by_field_type():
     assert cfg.optimizer.decay_steps is None
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("optimizer.lrr=1", "'optimizer.lr'"),
-    ("optimiser.lr=1", "'optimizer.lr'"),
-    ("train.max_step=5", "'train.max_steps'"),
-    ("model.nlayer=2", "'model.n_layer'"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("optimizer.lrr=1", "'optimizer.lr'"),
+        ("optimiser.lr=1", "'optimizer.lr'"),
+        ("train.max_step=5", "'train.max_steps'"),
+        ("model.nlayer=2", "'model.n_layer'"),
+    ],
+)
 def test_unknown_key_names_key_and_suggests_closest(override, expected):
     with pytest.raises(C.ConfigError) as err:
         C.apply_overrides(C.Config(), [override])
@@ -35,15 +48,18 @@ def test_unknown_key_names_key_and_suggests_closest(override, expected):
     assert expected in str(err.value)
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("train.max_steps=ten", "train.max_steps must be an integer"),
-    ("train.max_steps=1.5", "train.max_steps must be an integer"),
-    ("optimizer.lr=fast", "optimizer.lr must be a number"),
-    ("model.scan_layers=maybe", "model.scan_layers must be a bool"),
-    ("model.recipe=lama", "did you mean 'llama'"),
-    ("model=3", "model is a section"),
-    ("optimizer.lr", "not of the form key=value"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.max_steps=ten", "train.max_steps must be an integer"),
+        ("train.max_steps=1.5", "train.max_steps must be an integer"),
+        ("optimizer.lr=fast", "optimizer.lr must be a number"),
+        ("model.scan_layers=maybe", "model.scan_layers must be a bool"),
+        ("model.recipe=lama", "did you mean 'llama'"),
+        ("model=3", "model is a section"),
+        ("optimizer.lr", "not of the form key=value"),
+    ],
+)
 def test_wrong_values_are_errors_that_name_the_key(override, fragment):
     with pytest.raises(C.ConfigError, match=fragment):
         C.apply_overrides(C.Config(), [override])
@@ -76,11 +92,21 @@ def test_json_round_trip_and_strict_from_dict():
 def test_recipe_resolution():
     gpt2 = C.ModelConfig(recipe="gpt2", d_model=128, n_head=4).resolved()
     assert (gpt2.position, gpt2.norm, gpt2.mlp, gpt2.use_bias, gpt2.tie_embeddings) == (
-        "learned", "layernorm", "gelu", True, True)
+        "learned",
+        "layernorm",
+        "gelu",
+        True,
+        True,
+    )
     assert gpt2.d_ff == 512 and gpt2.n_kv_heads == 4 and gpt2.head_dim == 32
     llama = C.ModelConfig(recipe="llama", d_model=128, n_head=4, use_bias=True).resolved()
     assert (llama.position, llama.norm, llama.mlp, llama.use_bias, llama.tie_embeddings) == (
-        "rope", "rmsnorm", "swiglu", True, False)
+        "rope",
+        "rmsnorm",
+        "swiglu",
+        True,
+        False,
+    )
     assert llama.d_ff == 384  # 8/3 * 128 = 341, rounded up to a multiple of 64
 
 
@@ -116,8 +142,21 @@ def test_trainer_specific_checks():
 
 
 def test_cli_print_config_and_list(capsys):
-    assert main(["--experiment", "shakespeare_char", "--print-config", "--set", "optimizer.lr=5e-4",
-                 "train.batch_size=24", "--set", "model.n_layer=6"]) == 0
+    assert (
+        main(
+            [
+                "--experiment",
+                "shakespeare_char",
+                "--print-config",
+                "--set",
+                "optimizer.lr=5e-4",
+                "train.batch_size=24",
+                "--set",
+                "model.n_layer=6",
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["optimizer"]["lr"] == 5e-4 and printed["train"]["batch_size"] == 24
     assert printed["model"]["n_layer"] == 6 and printed["name"] == "shakespeare_char"

@@ -22,13 +22,21 @@ def test_each_filter_drops_what_it_should_and_counts_it():
         "this one mentions a forbidden word somewhere in the middle of its text for the filter",
         "x" * 500,
     ]
-    curator = Curator(min_chars=10, max_chars=200, blocklist=["Forbidden"], exact_dedup=True, near_dedup=True,
-                      near_threshold=0.7)
+    curator = Curator(
+        min_chars=10, max_chars=200, blocklist=["Forbidden"], exact_dedup=True, near_dedup=True, near_threshold=0.7
+    )
     kept = curator(docs)
     assert kept == [docs[0], docs[4]]
-    assert curator.report.as_dict() == {"input": 7, "too_short": 1, "too_long": 1, "blocklisted": 1,
-                                        "exact_duplicates": 1, "near_duplicates": 1, "kept": 2,
-                                        "augmented_added": 0}
+    assert curator.report.as_dict() == {
+        "input": 7,
+        "too_short": 1,
+        "too_long": 1,
+        "blocklisted": 1,
+        "exact_duplicates": 1,
+        "near_duplicates": 1,
+        "kept": 2,
+        "augmented_added": 0,
+    }
 
 
 def test_minhash_estimates_jaccard_similarity():
@@ -69,14 +77,39 @@ def test_curation_and_augmentation_in_a_run_write_a_report(tmp_path):
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     blocklist = tmp_path / "block.txt"
     blocklist.write_text("# words we do not train on\nnumber 3\n")
-    result = run_cli("--experiment", "world", "--workdir", str(tmp_path / "run"), "--set", "data.source=jsonl",
-                     f"data.path={path}", "data.dedup=true", f"data.blocklist={blocklist}",
-                     "data.augment_copies=1", "model.n_layer=1", "model.d_model=32", "model.block_size=32",
-                     "train.batch_size=8", "train.max_steps=4", "eval.interval=4", "eval.iters=1",
-                     "eval.sample_tokens=0", "logging.progress=none")
+    result = run_cli(
+        "--experiment",
+        "world",
+        "--workdir",
+        str(tmp_path / "run"),
+        "--set",
+        "data.source=jsonl",
+        f"data.path={path}",
+        "data.dedup=true",
+        f"data.blocklist={blocklist}",
+        "data.augment_copies=1",
+        "model.n_layer=1",
+        "model.d_model=32",
+        "model.block_size=32",
+        "train.batch_size=8",
+        "train.max_steps=4",
+        "eval.interval=4",
+        "eval.iters=1",
+        "eval.sample_tokens=0",
+        "logging.progress=none",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.load(open(tmp_path / "run" / "data_report.json"))
     # Filters run in order: "number 3" hits 13 originals and 3 of the 30 repeats, so 27 repeats remain.
-    assert report == {"malformed_lines_skipped": 0, "input": 150, "too_short": 0, "too_long": 0, "blocklisted": 16, "exact_duplicates": 27,
-                      "near_duplicates": 0, "kept": 107, "augmented_added": 96}  # one copy of 90 % of 107
+    assert report == {
+        "malformed_lines_skipped": 0,
+        "input": 150,
+        "too_short": 0,
+        "too_long": 0,
+        "blocklisted": 16,
+        "exact_duplicates": 27,
+        "near_duplicates": 0,
+        "kept": 107,
+        "augmented_added": 96,
+    }  # one copy of 90 % of 107
     assert read_metrics(str(tmp_path / "run"))[-1]["step"] == 4

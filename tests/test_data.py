@@ -9,7 +9,14 @@ from flaxgpt import config as C
 from flaxgpt.data import world as W
 from flaxgpt.data.text import TokenWindows, build_text_data
 from flaxgpt.data.tokenizers import (
-    ASSISTANT, EOS, USER, CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece)
+    ASSISTANT,
+    EOS,
+    USER,
+    CharTokenizer,
+    SentencePieceTokenizer,
+    load_tokenizer,
+    train_sentencepiece,
+)
 
 
 def test_char_tokenizer_round_trip_and_special_tokens(tmp_path):
@@ -98,7 +105,7 @@ def test_world_corpus_states_only_true_facts():
     checked = 0
     for q, a in zip(lines, lines[1:]):
         if q.startswith(W.QUESTION) and a.startswith(W.ANSWER):
-            assert W.check_answer(world, q[len(W.QUESTION):], a[len(W.ANSWER):])
+            assert W.check_answer(world, q[len(W.QUESTION) :], a[len(W.ANSWER) :])
             checked += 1
     assert checked > 200
 
@@ -110,8 +117,7 @@ def test_tokenizer_cli_trains_from_text_and_jsonl(tmp_path, capsys):
     text.write_text(W.corpus(W.make_world(0), 200))
     docs = tmp_path / "b.jsonl"
     docs.write_text('{"text": "What is 2 plus 2?"}\n{"text": "Answer: 4"}\n')
-    assert main(["train", "--input", str(text), str(docs), "--vocab-size", "400", "--out",
-                 str(tmp_path / "sp")]) == 0
+    assert main(["train", "--input", str(text), str(docs), "--vocab-size", "400", "--out", str(tmp_path / "sp")]) == 0
     assert "400 pieces (bpe)" in capsys.readouterr().out
     assert main(["encode", "--model", str(tmp_path / "sp.model"), f"{USER}What is 2 plus 2?"]) == 0
     assert capsys.readouterr().out.startswith(USER)

@@ -35,12 +35,14 @@ def test_short_world_run_learns_and_writes_its_outputs(tmp_path):
 
 def test_sentencepiece_tokenizer_is_trained_into_the_workdir(tmp_path):
     workdir = str(tmp_path / "spm")
-    cfg = tiny_run_config(data={"tokenizer": "sentencepiece", "spm_vocab_size": 400},
-                          train={"max_steps": 4}, eval={"interval": 4, "sample_tokens": 0})
+    cfg = tiny_run_config(
+        data={"tokenizer": "sentencepiece", "spm_vocab_size": 400},
+        train={"max_steps": 4},
+        eval={"interval": 4, "sample_tokens": 0},
+    )
     pretrain.run(cfg, workdir)
     assert os.path.exists(os.path.join(workdir, "tokenizer.model"))
     assert json.load(open(os.path.join(workdir, "config.json")))["model"]["vocab_size"] == 400
-
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator tuning is Linux-only")
@@ -53,11 +55,15 @@ def test_training_loop_logs_the_allocator_advice_before_its_first_step(tmp_path,
     pretrain.run(cfg, str(tmp_path / "advised"))
     assert capsys.readouterr().out.count("FLAXGPT_HOST_ALLOCATOR=one-arena") == 1  # once, before step 1
 
+
 def test_wandb_offline_logging(tmp_path):
     pytest.importorskip("wandb", reason="wandb is an optional extra: pip install 'flaxgpt[wandb]'")
     workdir = str(tmp_path / "wb")
-    cfg = tiny_run_config(train={"max_steps": 3}, eval={"interval": 3, "sample_tokens": 0},
-                          logging={"wandb": True, "wandb_mode": "offline", "progress": "none"})
+    cfg = tiny_run_config(
+        train={"max_steps": 3},
+        eval={"interval": 3, "sample_tokens": 0},
+        logging={"wandb": True, "wandb_mode": "offline", "progress": "none"},
+    )
     os.environ.setdefault("WANDB_SILENT", "true")
     pretrain.run(cfg, workdir)
     runs = [d for d in os.listdir(os.path.join(workdir, "wandb")) if d.startswith("offline-run-")]
@@ -70,8 +76,16 @@ def test_shakespeare_char_reaches_nanogpt_val_loss(tmp_path, shakespeare_path):
     workdir = str(tmp_path / "shakespeare")
     # evaluated once, at the end: evaluation changes nothing in training, so the figure is the
     # same as with the experiment's every-250-steps evaluation, and the suite saves half a minute
-    result = run_cli("--experiment", "shakespeare_char", "--workdir", workdir,
-                     "--set", f"data.path={shakespeare_path}", "logging.progress=plain", "eval.interval=2000")
+    result = run_cli(
+        "--experiment",
+        "shakespeare_char",
+        "--workdir",
+        workdir,
+        "--set",
+        f"data.path={shakespeare_path}",
+        "logging.progress=plain",
+        "eval.interval=2000",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     final = read_metrics(workdir)[-1]
     assert final["step"] == 2000

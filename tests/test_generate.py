@@ -9,8 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxgpt.generate import (DecodeConfig, _prefill, _step, choose_token, completions, generate, left_pad,
-                              process_logits, sliding_window_sample)
+from flaxgpt.generate import (
+    DecodeConfig,
+    _prefill,
+    _step,
+    choose_token,
+    completions,
+    generate,
+    left_pad,
+    process_logits,
+    sliding_window_sample,
+)
 from flaxgpt.model import Transformer, stack_layers
 from tests.conftest import init_params, tiny_model_config
 
@@ -47,7 +56,7 @@ def test_cached_logits_equal_full_recompute_at_every_position(recipe, extra):
         stepped.append(np.asarray(logits))
     for row, prompt in enumerate(prompts):
         full = _full_logits(model, params, prompt + list(follow[row]))
-        expected = full[len(prompt) - 1: len(prompt) + 8]
+        expected = full[len(prompt) - 1 : len(prompt) + 8]
         got = np.stack([s[row] for s in stepped])
         np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-5)
 
@@ -56,7 +65,7 @@ def _greedy_reference(model, params, prompt, n):
     tokens = list(prompt)
     for _ in range(n):
         tokens.append(int(np.argmax(_full_logits(model, params, tokens)[-1])))
-    return tokens[len(prompt):]
+    return tokens[len(prompt) :]
 
 
 @pytest.mark.parametrize("recipe, extra", CASES)
@@ -64,11 +73,13 @@ def test_greedy_generation_equals_full_recompute(recipe, extra):
     cfg = tiny_model_config(recipe, vocab_size=40, block_size=24, **extra)
     model, params = init_params(cfg)
     prompts = [[5, 6, 7, 8, 9, 10], [11], [12, 13, 14]]
-    out = generate(model, params, prompts, DecodeConfig(max_new_tokens=10, temperature=0.0),
-                   jax.random.PRNGKey(0), pad_id=PAD)
+    out = generate(
+        model, params, prompts, DecodeConfig(max_new_tokens=10, temperature=0.0), jax.random.PRNGKey(0), pad_id=PAD
+    )
     assert completions(out) == [_greedy_reference(model, params, p, 10) for p in prompts]
-    single = generate(model, params, prompts[:1], DecodeConfig(max_new_tokens=10, temperature=0.0),
-                      jax.random.PRNGKey(0), pad_id=PAD)  # no padding at all
+    single = generate(
+        model, params, prompts[:1], DecodeConfig(max_new_tokens=10, temperature=0.0), jax.random.PRNGKey(0), pad_id=PAD
+    )  # no padding at all
     assert completions(single)[0] == completions(out)[0]
 
 
@@ -81,9 +92,9 @@ def test_scanned_model_decodes_like_the_unrolled_one():
     b = generate(scan_model, stack_layers(params, cfg.n_layer), prompts, decode, jax.random.PRNGKey(0), pad_id=PAD)
     assert completions(a) == completions(b)
     beams = dataclasses.replace(decode, num_beams=3)
-    assert completions(generate(model, params, prompts, beams, jax.random.PRNGKey(0), pad_id=PAD)) == \
-        completions(generate(scan_model, stack_layers(params, cfg.n_layer), prompts, beams,
-                             jax.random.PRNGKey(0), pad_id=PAD))
+    assert completions(generate(model, params, prompts, beams, jax.random.PRNGKey(0), pad_id=PAD)) == completions(
+        generate(scan_model, stack_layers(params, cfg.n_layer), prompts, beams, jax.random.PRNGKey(0), pad_id=PAD)
+    )
 
 
 def test_log_probabilities_match_the_model_and_the_sampling_distribution():
@@ -106,8 +117,9 @@ def test_sampling_is_seeded_and_filters_do_what_they_say():
     cfg = tiny_model_config("gpt2", vocab_size=40, block_size=24)
     model, params = init_params(cfg)
     prompts = [[7, 8, 9], [1, 2]]
-    run = lambda decode, seed: completions(generate(model, params, prompts, decode, jax.random.PRNGKey(seed),
-                                                    pad_id=PAD))
+    run = lambda decode, seed: completions(
+        generate(model, params, prompts, decode, jax.random.PRNGKey(seed), pad_id=PAD)
+    )
     hot = DecodeConfig(max_new_tokens=12, temperature=1.5)
     assert run(hot, 1) == run(hot, 1) and run(hot, 1) != run(hot, 2)
     greedy = run(DecodeConfig(max_new_tokens=12, temperature=0.0), 0)
@@ -116,8 +128,14 @@ def test_sampling_is_seeded_and_filters_do_what_they_say():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
     kept = np.asarray(process_logits(logits, DecodeConfig(temperature=1.0, top_p=0.7)) > -1e30)[0]
     assert kept.tolist() == [True, True, False, False]  # 0.5 < 0.7, then 0.8 >= 0.7: nucleus {0, 1}
-    picks = {int(choose_token(jnp.tile(jnp.arange(10.0), (1, 1)), jax.random.PRNGKey(i),
-                              DecodeConfig(temperature=5.0, top_k=3))[0][0]) for i in range(200)}
+    picks = {
+        int(
+            choose_token(
+                jnp.tile(jnp.arange(10.0), (1, 1)), jax.random.PRNGKey(i), DecodeConfig(temperature=5.0, top_k=3)
+            )[0][0]
+        )
+        for i in range(200)
+    }
     assert picks == {7, 8, 9}
 
 
@@ -125,16 +143,28 @@ def test_rows_stop_independently_at_stop_tokens():
     cfg = tiny_model_config("llama", vocab_size=40, block_size=24)
     model, params = init_params(cfg)
     prompts = [[5, 6, 7], [9, 9], [20]]
-    free = completions(generate(model, params, prompts, DecodeConfig(max_new_tokens=10, temperature=0.0),
-                                jax.random.PRNGKey(0), pad_id=PAD))
+    free = completions(
+        generate(
+            model, params, prompts, DecodeConfig(max_new_tokens=10, temperature=0.0), jax.random.PRNGKey(0), pad_id=PAD
+        )
+    )
     stop = free[0][2]  # a token row 0 emits third
-    out = generate(model, params, prompts, DecodeConfig(max_new_tokens=10, temperature=0.0),
-                   jax.random.PRNGKey(0), pad_id=PAD, stop_tokens=[stop])
+    out = generate(
+        model,
+        params,
+        prompts,
+        DecodeConfig(max_new_tokens=10, temperature=0.0),
+        jax.random.PRNGKey(0),
+        pad_id=PAD,
+        stop_tokens=[stop],
+    )
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     for row, full in enumerate(free):
         expected = full[: full.index(stop) + 1] if stop in full else full
         assert lengths[row] == len(expected) and list(tokens[row, : len(expected)]) == expected
-        assert np.all(tokens[row, len(expected):] == PAD) and np.all(np.asarray(out.logprobs)[row, len(expected):] == 0)
+        assert np.all(tokens[row, len(expected) :] == PAD) and np.all(
+            np.asarray(out.logprobs)[row, len(expected) :] == 0
+        )
     assert completions(out, [stop])[0] == free[0][:2]
 
 
@@ -143,16 +173,26 @@ def test_beam_search_finds_the_most_likely_sequence():
     model, params = init_params(cfg, seed=4)
     prompt = [3, 4, 5]
     seqs = np.array(list(itertools.product(range(12), repeat=3)))  # every 3-token continuation
-    logp = np.asarray(jax.nn.log_softmax(_forward(model, params, jnp.asarray(
-        np.concatenate([np.tile(prompt, (len(seqs), 1)), seqs], axis=1))), -1))
+    logp = np.asarray(
+        jax.nn.log_softmax(
+            _forward(model, params, jnp.asarray(np.concatenate([np.tile(prompt, (len(seqs), 1)), seqs], axis=1))), -1
+        )
+    )
     scores = sum(logp[np.arange(len(seqs)), len(prompt) - 1 + t, seqs[:, t]] for t in range(3))
     best, best_score = list(seqs[np.argmax(scores)]), float(np.max(scores))
-    out = generate(model, params, [prompt], DecodeConfig(max_new_tokens=3, num_beams=12, length_penalty=0.0),
-                   jax.random.PRNGKey(0), pad_id=PAD)
+    out = generate(
+        model,
+        params,
+        [prompt],
+        DecodeConfig(max_new_tokens=3, num_beams=12, length_penalty=0.0),
+        jax.random.PRNGKey(0),
+        pad_id=PAD,
+    )
     assert completions(out)[0] == best
     np.testing.assert_allclose(float(jnp.sum(out.raw_logprobs)), best_score, atol=1e-4)
-    greedy = generate(model, params, [prompt], DecodeConfig(max_new_tokens=3, temperature=0.0),
-                      jax.random.PRNGKey(0), pad_id=PAD)
+    greedy = generate(
+        model, params, [prompt], DecodeConfig(max_new_tokens=3, temperature=0.0), jax.random.PRNGKey(0), pad_id=PAD
+    )
     assert float(jnp.sum(greedy.raw_logprobs)) <= best_score + 1e-5
 
 
@@ -169,9 +209,10 @@ def test_sliding_window_continues_past_the_context_like_stepwise_argmax():
     cfg = tiny_model_config("gpt2", vocab_size=40, block_size=16)
     model, params = init_params(cfg)
     prompt = [3, 1, 4, 1, 5]
-    got = sliding_window_sample(model, params, prompt, DecodeConfig(max_new_tokens=20, temperature=0.0),
-                                jax.random.PRNGKey(0))
+    got = sliding_window_sample(
+        model, params, prompt, DecodeConfig(max_new_tokens=20, temperature=0.0), jax.random.PRNGKey(0)
+    )
     tokens = list(prompt)
     for _ in range(20):
         tokens.append(int(np.argmax(_full_logits(model, params, tokens[-16:])[-1])))
-    assert got == tokens[len(prompt):]
+    assert got == tokens[len(prompt) :]

@@ -55,9 +55,16 @@ def test_import_matches_transformers_logits_and_greedy_decoding(family, models, 
     ours = _logits(loaded, ids)
     # the import appends flaxgpt's chat tokens after the model's vocabulary
     assert ours.shape[1] == theirs.shape[1] + 6
-    assert np.abs(ours[:, :theirs.shape[1]] - theirs).max() <= 1e-4
-    out = generate.generate(loaded.model, loaded.params, [ids], generate.DecodeConfig(max_new_tokens=10, temperature=0),
-                            jax.random.PRNGKey(0), pad_id=loaded.tokenizer.pad_id, stop_tokens=[])
+    assert np.abs(ours[:, : theirs.shape[1]] - theirs).max() <= 1e-4
+    out = generate.generate(
+        loaded.model,
+        loaded.params,
+        [ids],
+        generate.DecodeConfig(max_new_tokens=10, temperature=0),
+        jax.random.PRNGKey(0),
+        pad_id=loaded.tokenizer.pad_id,
+        stop_tokens=[],
+    )
     assert np.asarray(out.tokens)[0].tolist() == hf_fixtures.hf_greedy(models[family], ids, 10)
 
 
@@ -84,7 +91,8 @@ def test_sharded_checkpoint_scanned_layers_and_an_8_device_mesh_give_the_same_lo
 
     sharded = str(tmp_path / "sharded")
     transformers.AutoModelForCausalLM.from_pretrained(models["llama"], dtype=torch.float32).save_pretrained(
-        sharded, max_shard_size="40KB")
+        sharded, max_shard_size="40KB"
+    )
     for name in ("tokenizer.model",):
         with open(os.path.join(models["llama"], name), "rb") as src, open(os.path.join(sharded, name), "wb") as dst:
             dst.write(src.read())
@@ -96,17 +104,18 @@ def test_sharded_checkpoint_scanned_layers_and_an_8_device_mesh_give_the_same_lo
 import numpy as np
 from flaxgpt import inference
 from flaxgpt.convert import import_hf
-import_hf({sharded!r}, {str(tmp_path / 'run')!r}, ["model.scan_layers=true", "mesh.fsdp=4", "mesh.tensor=2"])
-loaded = inference.load({str(tmp_path / 'run')!r})
+import_hf({sharded!r}, {str(tmp_path / "run")!r}, ["model.scan_layers=true", "mesh.fsdp=4", "mesh.tensor=2"])
+loaded = inference.load({str(tmp_path / "run")!r})
 kernel = loaded.params["layers"]["attn"]["query"]["kernel"]
 assert kernel.addressable_shards[0].data.shape == (2, 8, 2, 8), kernel.addressable_shards[0].data.shape
 ours = np.asarray(loaded.model.apply({{"params": loaded.params}}, np.array([{ids}])))[0]
-assert np.abs(ours - np.load({str(tmp_path / 'reference.npy')!r})).max() <= 1e-5
+assert np.abs(ours - np.load({str(tmp_path / "reference.npy")!r})).max() <= 1e-5
 print("ok")
 """
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
@@ -126,15 +135,21 @@ def test_unsupported_architecture_missing_tensor_and_shape_mismatch_are_named(mo
     for name in ("tokenizer.json",):
         with open(os.path.join(models["gpt2"], name), "rb") as src, open(broken / name, "wb") as dst:
             dst.write(src.read())
-    with pytest.raises(hf.HFFormatError, match=r"tensor transformer.h.1.mlp.c_fc.weight is missing \(it feeds "
-                                               r"flaxgpt parameter layers_1.mlp.up.kernel\)"):
+    with pytest.raises(
+        hf.HFFormatError,
+        match=r"tensor transformer.h.1.mlp.c_fc.weight is missing \(it feeds "
+        r"flaxgpt parameter layers_1.mlp.up.kernel\)",
+    ):
         import_hf(str(broken), str(tmp_path / "run1"))
 
     (broken / "config.json").write_text(json.dumps({**config, "n_inner": 64}))
     tensors["transformer.h.1.mlp.c_fc.weight"] = reader.read("transformer.h.1.mlp.c_fc.weight")
     hf.write_safetensors(str(broken / "model.safetensors"), tensors)
-    with pytest.raises(hf.HFFormatError, match=r"transformer.h.0.mlp.c_fc.weight has shape \(32, 128\), "
-                                               r"expected \(32, 64\)"):
+    with pytest.raises(
+        hf.HFFormatError,
+        match=r"transformer.h.0.mlp.c_fc.weight has shape \(32, 128\), "
+        r"expected \(32, 64\)",
+    ):
         import_hf(str(broken), str(tmp_path / "run2"))
     with pytest.raises(ConfigError, match="not both"):
         from flaxgpt.train import load_experiment
@@ -177,10 +192,12 @@ def test_lora_starts_as_the_base_model_trains_only_adapters_and_merges_exactly(i
         assert changed == ("lora_b" in jax.tree_util.keystr(path) or "lora_a" in jax.tree_util.keystr(path)), path
 
     merged, merged_cfg = lora.merge(new, model.cfg)
-    assert merged_cfg.lora_rank == 0 and not any("lora" in jax.tree_util.keystr(p)
-                                                 for p, _ in jax.tree_util.tree_leaves_with_path(merged))
-    np.testing.assert_allclose(Transformer(merged_cfg).apply({"params": merged}, ids), model.apply({"params": new}, ids),
-                               atol=2e-5)
+    assert merged_cfg.lora_rank == 0 and not any(
+        "lora" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(merged)
+    )
+    np.testing.assert_allclose(
+        Transformer(merged_cfg).apply({"params": merged}, ids), model.apply({"params": new}, ids), atol=2e-5
+    )
 
 
 @pytest.mark.slow
@@ -188,11 +205,26 @@ def test_lora_starts_as_the_base_model_trains_only_adapters_and_merges_exactly(i
 def test_imported_model_through_sft_and_ppo_then_exported(family, lora_rank, models, tmp_path):
     workdir = str(tmp_path / "chat")
     result = run_cli(
-        "--experiment", "hf_chat", "--workdir", workdir, "--set", f"sft.train.init_from_hf={models[family]}",
-        f"model.lora_rank={lora_rank}", "sft.train.max_steps=12", "sft.data.world_conversations=200",
-        "sft.sft.eval_examples=4", "sft.sft.max_new_tokens=8", "sft.train.log_interval=2", "eval.iters=1", "ppo.train.max_steps=2",
-        "ppo.train.batch_size=8", "ppo.ppo.max_new_tokens=8", "ppo.ppo.eval_prompts=4", "ppo.ppo.minibatches=2",
-        "logging.progress=none")
+        "--experiment",
+        "hf_chat",
+        "--workdir",
+        workdir,
+        "--set",
+        f"sft.train.init_from_hf={models[family]}",
+        f"model.lora_rank={lora_rank}",
+        "sft.train.max_steps=12",
+        "sft.data.world_conversations=200",
+        "sft.sft.eval_examples=4",
+        "sft.sft.max_new_tokens=8",
+        "sft.train.log_interval=2",
+        "eval.iters=1",
+        "ppo.train.max_steps=2",
+        "ppo.train.batch_size=8",
+        "ppo.ppo.max_new_tokens=8",
+        "ppo.ppo.eval_prompts=4",
+        "ppo.ppo.minibatches=2",
+        "logging.progress=none",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in open(os.path.join(workdir, "sft", "metrics.jsonl"))]
     assert rows[-1]["loss"] < rows[0]["loss"]
@@ -217,8 +249,9 @@ def test_imported_model_through_sft_and_ppo_then_exported(family, lora_rank, mod
 
 def test_convert_cli_imports_exports_and_names_bad_input(models, tmp_path):
     def convert(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "flaxgpt.convert", *args], cwd=REPO, capture_output=True,
-                              text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "flaxgpt.convert", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+        )
 
     run_dir, out = str(tmp_path / "run"), str(tmp_path / "out")
     imported = convert("import", "--hf", models["gpt2"], "--workdir", run_dir)

@@ -12,8 +12,13 @@ from tests.conftest import run_cli
 
 GOOD = {
     "text": {"text": "hello"},
-    "conversations": {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-                                   {"role": "assistant", "content": "hello"}]},
+    "conversations": {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+        ]
+    },
     "rankings": {"prompt": "p", "responses": ["best", "mid", "worst"], "scores": [2, 1, 1]},
     "pairs": {"prompt": "p", "chosen": "a", "rejected": "b"},
     "feedback": {"prompt": "p", "response": "r", "label": True},
@@ -25,18 +30,30 @@ def test_each_schema_accepts_its_example(schema):
     assert schema_problem(GOOD[schema], schema) is None
 
 
-@pytest.mark.parametrize("schema, record, fragment", [
-    ("text", {"txt": "x"}, "missing key(s) ['text']"),
-    ("text", {"text": 3}, "'text' must be a string"),
-    ("conversations", {"messages": [{"role": "user", "content": "hi"}]}, "at least one assistant"),
-    ("conversations", {"messages": [{"role": "bot", "content": "hi"}]}, "messages[0] must be"),
-    ("conversations", {"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"},
-                                    {"role": "assistant", "content": "c"}]}, "system message may only come first"),
-    ("rankings", {"prompt": "p", "responses": ["only one"]}, "at least 2 strings"),
-    ("rankings", {"prompt": "p", "responses": ["a", "b"], "scores": [1, 2]}, "must not increase"),
-    ("pairs", {"prompt": "p", "chosen": "a", "rejected": None}, "['rejected'] must be strings"),
-    ("feedback", {"prompt": "p", "response": "r", "label": "yes"}, "'label' must be true or false"),
-])
+@pytest.mark.parametrize(
+    "schema, record, fragment",
+    [
+        ("text", {"txt": "x"}, "missing key(s) ['text']"),
+        ("text", {"text": 3}, "'text' must be a string"),
+        ("conversations", {"messages": [{"role": "user", "content": "hi"}]}, "at least one assistant"),
+        ("conversations", {"messages": [{"role": "bot", "content": "hi"}]}, "messages[0] must be"),
+        (
+            "conversations",
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "system", "content": "b"},
+                    {"role": "assistant", "content": "c"},
+                ]
+            },
+            "system message may only come first",
+        ),
+        ("rankings", {"prompt": "p", "responses": ["only one"]}, "at least 2 strings"),
+        ("rankings", {"prompt": "p", "responses": ["a", "b"], "scores": [1, 2]}, "must not increase"),
+        ("pairs", {"prompt": "p", "chosen": "a", "rejected": None}, "['rejected'] must be strings"),
+        ("feedback", {"prompt": "p", "response": "r", "label": "yes"}, "'label' must be true or false"),
+    ],
+)
 def test_schema_problems_are_specific(schema, record, fragment):
     assert fragment in schema_problem(record, schema)
 
@@ -90,11 +107,25 @@ def test_epochs_visit_every_row_once_in_a_fresh_order_and_rows_split_by_process(
 
 def test_jsonl_pretraining_run_and_its_errors(tmp_path):
     path = tmp_path / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": f"Document {i}: the cat sat on mat {i % 7}."}) + "\n"
-                            for i in range(200)))
-    args = ["--experiment", "world", "--set", "data.source=jsonl", f"data.path={path}", "model.n_layer=1",
-            "model.d_model=32", "model.block_size=32", "train.batch_size=8", "train.max_steps=20",
-            "eval.interval=10", "eval.iters=2", "eval.sample_tokens=0", "logging.progress=none"]
+    path.write_text(
+        "".join(json.dumps({"text": f"Document {i}: the cat sat on mat {i % 7}."}) + "\n" for i in range(200))
+    )
+    args = [
+        "--experiment",
+        "world",
+        "--set",
+        "data.source=jsonl",
+        f"data.path={path}",
+        "model.n_layer=1",
+        "model.d_model=32",
+        "model.block_size=32",
+        "train.batch_size=8",
+        "train.max_steps=20",
+        "eval.interval=10",
+        "eval.iters=2",
+        "eval.sample_tokens=0",
+        "logging.progress=none",
+    ]
     ok = run_cli(*args, "--workdir", str(tmp_path / "run"))
     assert ok.returncode == 0, ok.stderr[-3000:]
     rows = read_metrics(str(tmp_path / "run"))
@@ -138,9 +169,13 @@ def test_jsonl_run_resumed_across_epochs_sees_the_same_batches(tmp_path):
     path.write_text("".join(json.dumps({"text": f"Note {i}: bring {i % 4} apples."}) + "\n" for i in range(60)))
 
     def cfg(max_steps):
-        return tiny_run_config(data={"source": "jsonl", "path": str(path), "on_error": "raise"},
-                               optimizer={"decay_steps": 18}, train={"max_steps": max_steps},
-                               eval={"interval": 9, "sample_tokens": 0}, checkpoint={"every_steps": 9})
+        return tiny_run_config(
+            data={"source": "jsonl", "path": str(path), "on_error": "raise"},
+            optimizer={"decay_steps": 18},
+            train={"max_steps": max_steps},
+            eval={"interval": 9, "sample_tokens": 0},
+            checkpoint={"every_steps": 9},
+        )
 
     pretrain.run(cfg(18), str(tmp_path / "straight"))
     pretrain.run(cfg(9), str(tmp_path / "resumed"))
@@ -151,7 +186,8 @@ def test_jsonl_run_resumed_across_epochs_sees_the_same_batches(tmp_path):
 
 
 def test_tokenizer_larger_than_model_vocab_is_an_error(tmp_path):
-    result = run_cli("--experiment", "world", "--workdir", str(tmp_path / "run"), "--set", "model.vocab_size=10",
-                     "train.max_steps=1")
+    result = run_cli(
+        "--experiment", "world", "--workdir", str(tmp_path / "run"), "--set", "model.vocab_size=10", "train.max_steps=1"
+    )
     assert result.returncode == 2
     assert "model.vocab_size=10 is smaller than the tokenizer's 65 ids" in result.stderr

@@ -11,9 +11,11 @@ import sys
 
 from tests.conftest import REPO
 
+
 def _launch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join("launch", "tpu.py"), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, os.path.join("launch", "tpu.py"), *args], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
 
 
 def _commands(stdout: str) -> list[str]:
@@ -26,47 +28,90 @@ def _remote(command: str) -> str:
 
 
 def test_dry_run_single_host_prints_create_setup_train():
-    out = _launch("up", "--name", "fg", "--zone", "us-central2-b", "--accelerator-type", "v4-8", "--spot",
-                  "--workdir", "gs://bucket/runs/world", "--experiment", "world", "--set", "train.max_steps=100",
-                  "--dry-run")
+    out = _launch(
+        "up",
+        "--name",
+        "fg",
+        "--zone",
+        "us-central2-b",
+        "--accelerator-type",
+        "v4-8",
+        "--spot",
+        "--workdir",
+        "gs://bucket/runs/world",
+        "--experiment",
+        "world",
+        "--set",
+        "train.max_steps=100",
+        "--dry-run",
+    )
     assert out.returncode == 0, out.stderr
     assert "# v4-8: 1 host(s)" in out.stdout
     cmds = _commands(out.stdout)
     assert cmds[0] == ("gcloud compute tpus tpu-vm describe fg --zone=us-central2-b '--format=value(state)'")
-    assert cmds[1] == ("gcloud compute tpus tpu-vm create fg --zone=us-central2-b --accelerator-type=v4-8 "
-                       "--version=tpu-ubuntu2204-base --spot")
+    assert cmds[1] == (
+        "gcloud compute tpus tpu-vm create fg --zone=us-central2-b --accelerator-type=v4-8 "
+        "--version=tpu-ubuntu2204-base --spot"
+    )
     # this checkout's HEAD goes to every worker
     assert cmds[2].startswith("git -C ") and cmds[2].endswith("archive --format=tar.gz -o /tmp/flaxgpt-src.tar.gz HEAD")
-    assert cmds[3] == ("gcloud compute tpus tpu-vm scp /tmp/flaxgpt-src.tar.gz 'fg:~/flaxgpt-src.tar.gz' --worker=all "
-                       "--zone=us-central2-b")
+    assert cmds[3] == (
+        "gcloud compute tpus tpu-vm scp /tmp/flaxgpt-src.tar.gz 'fg:~/flaxgpt-src.tar.gz' --worker=all "
+        "--zone=us-central2-b"
+    )
     assert cmds[4].startswith("gcloud compute tpus tpu-vm ssh fg --zone=us-central2-b --worker=all '--command=")
     assert "pip install -q 'jax[tpu]>=0.10.2,<0.11'" in _remote(cmds[4]) and "tar -xzf" in _remote(cmds[4])
     assert cmds[5].startswith("gcloud compute tpus tpu-vm ssh fg --zone=us-central2-b --worker=all")
-    assert ("-m flaxgpt.train --experiment world --workdir gs://bucket/runs/world --set train.max_steps=100"
-            in _remote(cmds[5]))
+    assert "-m flaxgpt.train --experiment world --workdir gs://bucket/runs/world --set train.max_steps=100" in _remote(
+        cmds[5]
+    )
     assert len(cmds) == 6  # nothing runs after a finished job unless --delete-when-done
 
 
 def test_dry_run_multi_host_slice_and_the_other_steps():
-    out = _launch("up", "--name", "pod", "--zone", "us-east5-a", "--project", "p1", "--accelerator-type",
-                  "v5litepod-16", "--preemptible", "--workdir", "gs://b/chat", "--experiment", "chat_demo",
-                  "--delete-when-done", "--repo", "https://example.org/flaxgpt.git", "--ref", "v1", "--dry-run")
+    out = _launch(
+        "up",
+        "--name",
+        "pod",
+        "--zone",
+        "us-east5-a",
+        "--project",
+        "p1",
+        "--accelerator-type",
+        "v5litepod-16",
+        "--preemptible",
+        "--workdir",
+        "gs://b/chat",
+        "--experiment",
+        "chat_demo",
+        "--delete-when-done",
+        "--repo",
+        "https://example.org/flaxgpt.git",
+        "--ref",
+        "v1",
+        "--dry-run",
+    )
     assert out.returncode == 0, out.stderr
     assert "# v5litepod-16: 4 host(s)" in out.stdout
     cmds = _commands(out.stdout)
     assert "--project=p1" in cmds[1] and cmds[1].endswith("--version=tpu-ubuntu2204-base --preemptible")
     assert all("--worker=all" in c for c in cmds[2:4])
-    assert "git clone https://example.org/flaxgpt.git flaxgpt" in _remote(cmds[2]) and "checkout -q v1" in _remote(cmds[2])
+    assert "git clone https://example.org/flaxgpt.git flaxgpt" in _remote(cmds[2]) and "checkout -q v1" in _remote(
+        cmds[2]
+    )
     assert cmds[-1] == "gcloud compute tpus tpu-vm delete pod --zone=us-east5-a --project=p1 --quiet"
 
-    local = _launch("up", "--name", "pod", "--zone", "z", "--accelerator-type", "v4-32", "--workdir", "runs/x",
-                    "--dry-run")
+    local = _launch(
+        "up", "--name", "pod", "--zone", "z", "--accelerator-type", "v4-32", "--workdir", "runs/x", "--dry-run"
+    )
     assert local.returncode != 0 and "multi-host slice needs a gs:// --workdir" in local.stderr
     logs = _launch("logs", "--name", "pod", "--zone", "z", "--follow", "--dry-run")
-    assert _commands(logs.stdout) == ["gcloud compute tpus tpu-vm ssh pod --zone=z --worker=0 "
-                                      "'--command=tail -f -n 200 ~/flaxgpt-run.log'"]
-    back = _launch("copy-back", "--name", "pod", "--zone", "z", "--workdir", "gs://b/chat", "--local", "out",
-                   "--dry-run")
+    assert _commands(logs.stdout) == [
+        "gcloud compute tpus tpu-vm ssh pod --zone=z --worker=0 '--command=tail -f -n 200 ~/flaxgpt-run.log'"
+    ]
+    back = _launch(
+        "copy-back", "--name", "pod", "--zone", "z", "--workdir", "gs://b/chat", "--local", "out", "--dry-run"
+    )
     assert _commands(back.stdout) == ["gsutil -m rsync -r gs://b/chat out"]
 
 

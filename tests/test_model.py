@@ -110,8 +110,11 @@ def test_scan_over_layers_equals_unrolled(recipe):
     assert jax.tree.structure(stacked) == jax.tree.structure(scan_params)
     assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, scan_params)
     tokens = _tokens(cfg)
-    np.testing.assert_allclose(np.asarray(scan_model.apply({"params": stacked}, tokens)),
-                               np.asarray(model.apply({"params": params}, tokens)), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(scan_model.apply({"params": stacked}, tokens)),
+        np.asarray(model.apply({"params": params}, tokens)),
+        atol=1e-5,
+    )
     restored = unstack_layers(stacked)
     assert jax.tree.all(jax.tree.map(jnp.array_equal, restored, params))
 
@@ -152,8 +155,11 @@ def test_grouped_query_attention_equals_mha_with_repeated_kv_heads(n_kv_heads):
         return p
 
     tokens = _tokens(cfg)
-    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, tokens)),
-                               np.asarray(mha_model.apply({"params": expand(params)}, tokens)), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(model.apply({"params": params}, tokens)),
+        np.asarray(mha_model.apply({"params": expand(params)}, tokens)),
+        atol=1e-5,
+    )
 
 
 def test_dropout_is_active_only_in_training():
@@ -201,8 +207,14 @@ def test_padded_vocabulary_ids_are_never_produced():
     model, params = init_params(cfg)
     logits = jax.jit(model.apply)({"params": params}, jnp.ones((2, 8), jnp.int32))
     assert bool(jnp.all(logits[..., 50:] == -1e9)) and bool(jnp.all(logits[..., :50] > -1e3))
-    out = generate(model, params, [[1, 2, 3]] * 8, DecodeConfig(max_new_tokens=12, temperature=5.0),
-                   jax.random.PRNGKey(0), pad_id=0)
+    out = generate(
+        model,
+        params,
+        [[1, 2, 3]] * 8,
+        DecodeConfig(max_new_tokens=12, temperature=5.0),
+        jax.random.PRNGKey(0),
+        pad_id=0,
+    )
     assert int(jnp.max(out.tokens)) < 50
 
 

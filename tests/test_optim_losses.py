@@ -37,7 +37,7 @@ def test_z_loss_is_weighted_square_log_partition():
     logits = jnp.array([[[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]])
     out = token_cross_entropy(logits, jnp.array([[0, 1]]), jnp.array([[1.0, 0.0]]), z_loss=1e-2)
     log_z = np.log(np.exp([1.0, 2.0, 3.0]).sum())
-    np.testing.assert_allclose(float(out["z_loss_sum"]), 1e-2 * log_z ** 2, rtol=1e-6)
+    np.testing.assert_allclose(float(out["z_loss_sum"]), 1e-2 * log_z**2, rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -75,8 +75,9 @@ def test_cosine_schedule_values():
 
 
 def test_linear_and_constant_schedules():
-    lin = learning_rate_schedule(OptimizerConfig(lr=1.0, min_lr=0.0, warmup_steps=10, decay="linear",
-                                                 decay_steps=110), max_steps=999)
+    lin = learning_rate_schedule(
+        OptimizerConfig(lr=1.0, min_lr=0.0, warmup_steps=10, decay="linear", decay_steps=110), max_steps=999
+    )
     np.testing.assert_allclose([float(lin(10)), float(lin(60)), float(lin(110))], [1.0, 0.5, 0.0], atol=1e-6)
     const = learning_rate_schedule(OptimizerConfig(lr=0.5, min_lr=0.0, warmup_steps=0, decay="constant"), 100)
     np.testing.assert_allclose([float(const(0)), float(const(99))], [0.5, 0.5])
@@ -97,8 +98,10 @@ def test_weight_decay_mask_excludes_biases_norms_embeddings():
 def test_decay_applies_to_masked_in_params_only():
     _, params = init_params(tiny_model_config("gpt2"))
     params = jax.tree.map(lambda x: jnp.ones_like(x), params)
-    opt = build_optimizer(OptimizerConfig(lr=0.1, min_lr=0.1, warmup_steps=0, decay="constant",
-                                          weight_decay=0.5, grad_clip=0.0), max_steps=10)
+    opt = build_optimizer(
+        OptimizerConfig(lr=0.1, min_lr=0.1, warmup_steps=0, decay="constant", weight_decay=0.5, grad_clip=0.0),
+        max_steps=10,
+    )
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = opt.update(zeros, opt.init(params), params)
     new = optax.apply_updates(params, updates)
@@ -120,10 +123,12 @@ def test_gradient_clipping_is_part_of_the_optimizer():
             out.append(np.asarray(updates["w"]))
         return out
 
-    make = lambda clip: build_optimizer(OptimizerConfig(lr=1.0, min_lr=1.0, warmup_steps=0, decay="constant",
-                                                        weight_decay=0.0, grad_clip=clip), 10)
-    reference = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1.0, b1=0.9, b2=0.95, eps=1e-8,
-                                                                        weight_decay=0.0))
+    make = lambda clip: build_optimizer(
+        OptimizerConfig(lr=1.0, min_lr=1.0, warmup_steps=0, decay="constant", weight_decay=0.0, grad_clip=clip), 10
+    )
+    reference = optax.chain(
+        optax.clip_by_global_norm(1.0), optax.adamw(1.0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0)
+    )
     clipped, unclipped, expected = run(make(1.0)), run(make(0.0)), run(reference)
     np.testing.assert_allclose(clipped[1], expected[1], rtol=1e-6)
     assert not np.allclose(clipped[1], unclipped[1])
@@ -163,10 +168,17 @@ def test_tuned_host_allocator_stops_per_step_page_faults():
     shakespeare_char's CPU step before the tuning); FLAXGPT_HOST_ALLOCATOR=default opts out.
     At batch 12 the step's buffer is 45 MiB; at batch 24 it is 95 MiB, over the 64 MB a worker
     thread's own arena can hold, which only `one-arena` keeps from being mapped afresh."""
+
     def faults(setting: str, batch: int) -> tuple[str, float]:
         env = {**os.environ, "FLAXGPT_HOST_ALLOCATOR": setting}
-        out = subprocess.run([sys.executable, "-c", _FAULTS_PER_STEP, str(batch)], env=env, capture_output=True,
-                             text=True, cwd=REPO, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", _FAULTS_PER_STEP, str(batch)],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            check=True,
+        )
         applied, per_step = out.stdout.split()[-2:]
         return applied, float(per_step)
 

@@ -6,8 +6,8 @@ import json
 import os
 
 import pytest
-
 from conftest import REPO, run_cli
+
 from flaxgpt.config import ConfigError
 from flaxgpt.train import load_experiment
 
@@ -43,8 +43,9 @@ def test_colab_notebook_runs_the_tiny_chat_demo_top_to_bottom(tmp_path):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     parameters = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
     parameters.source = f"FAST = True\nINSTALL = False\nREPO = ''\nWORKDIR = {workdir!r}\n"
-    nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3",
-                            resources={"metadata": {"path": REPO}}).execute()
+    nbclient.NotebookClient(
+        notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": REPO}}
+    ).execute()
     out = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "cpu" in out.lower()  # the devices cell
     assert "user: What is 2 plus 5?\nassistant: " in out  # the chat cell

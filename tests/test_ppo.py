@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import REPO, tiny_run_config
+
 from flaxgpt import inference
 from flaxgpt.losses import adaptive_kl_coef, generalized_advantages, ppo_policy_loss, ppo_value_loss
 from flaxgpt.trainers import ppo, sft
@@ -34,8 +34,9 @@ def test_gae_matches_a_hand_computed_reference_with_episode_ends():
             delta = rewards[b, t] + gamma * next_value - values[b, t]
             running = delta + gamma * lam * running
             expected[b, t] = running
-    advantages, returns = generalized_advantages(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask),
-                                                 gamma, lam)
+    advantages, returns = generalized_advantages(
+        jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask), gamma, lam
+    )
     np.testing.assert_allclose(np.asarray(advantages), expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(returns), (expected + values) * mask, rtol=1e-5, atol=1e-6)
 
@@ -61,11 +62,14 @@ def test_clipped_objective_has_no_gradient_outside_the_clip_range():
 def test_adaptive_kl_controller_update():
     # Ziegler et al.: error clipped to +-0.2, scaled by n_steps / horizon
     assert float(adaptive_kl_coef(jnp.float32(0.15), jnp.float32(12.0), 6.0, 10000.0, 64)) == pytest.approx(
-        0.15 * (1 + 0.2 * 64 / 10000))
+        0.15 * (1 + 0.2 * 64 / 10000)
+    )
     assert float(adaptive_kl_coef(jnp.float32(0.15), jnp.float32(6.6), 6.0, 10000.0, 500)) == pytest.approx(
-        0.15 * (1 + 0.1 * 500 / 10000))
+        0.15 * (1 + 0.1 * 500 / 10000)
+    )
     assert float(adaptive_kl_coef(jnp.float32(0.15), jnp.float32(0.0), 6.0, 100.0, 10)) == pytest.approx(
-        0.15 * (1 - 0.2 * 10 / 100))
+        0.15 * (1 - 0.2 * 10 / 100)
+    )
 
 
 def test_kl_penalty_and_score_land_on_the_right_tokens_under_padding():
@@ -75,8 +79,7 @@ def test_kl_penalty_and_score_land_on_the_right_tokens_under_padding():
     mask = (jnp.arange(4)[None] < lengths[:, None]).astype(jnp.float32)
     rewards, kl = ppo.token_rewards(jnp.array([2.0, -1.0]), logp, ref, mask, lengths, jnp.float32(0.1))
     np.testing.assert_allclose(np.asarray(kl), [[0.5, -1.0, 0.0, 0.0], [0.2, 0.2, 0.0, 0.0]], atol=1e-6)
-    np.testing.assert_allclose(np.asarray(rewards), [[-0.05, 0.1, 2.0, 0.0], [-0.02, -0.02 - 1.0, 0.0, 0.0]],
-                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(rewards), [[-0.05, 0.1, 2.0, 0.0], [-0.02, -0.02 - 1.0, 0.0, 0.0]], atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- tiny runs
@@ -97,8 +100,10 @@ def write_policy_data(base: str) -> None:
     with open(os.path.join(base, "chats.jsonl"), "w") as f:
         for _ in range(80):
             word = "".join(rng.choice(list("abcdefgxyz"), size=rng.integers(2, 5)))
-            f.write(json.dumps({"messages": [{"role": "user", "content": "say"},
-                                             {"role": "assistant", "content": word}]}) + "\n")
+            f.write(
+                json.dumps({"messages": [{"role": "user", "content": "say"}, {"role": "assistant", "content": word}]})
+                + "\n"
+            )
     with open(os.path.join(base, "prompts.jsonl"), "w") as f:
         f.writelines(json.dumps({"prompt": "say"}) + "\n" for _ in range(40))
 
@@ -108,24 +113,35 @@ def policy_run(tmp_path_factory) -> str:
     """A tiny chat model trained from scratch on JSONL conversations: PPO's starting policy."""
     base = tmp_path_factory.mktemp("policy")
     write_policy_data(str(base))
-    cfg = tiny_run_config(train={"trainer": "sft", "max_steps": 30},
-                          data={"source": "jsonl", "path": str(base / "chats.jsonl"), "packing": "pad"},
-                          sft={"eval_examples": 0}, eval={"interval": 30, "iters": 1, "sample_tokens": 0})
+    cfg = tiny_run_config(
+        train={"trainer": "sft", "max_steps": 30},
+        data={"source": "jsonl", "path": str(base / "chats.jsonl"), "packing": "pad"},
+        sft={"eval_examples": 0},
+        eval={"interval": 30, "iters": 1, "sample_tokens": 0},
+    )
     workdir = str(base / "run")
     sft.run(cfg, workdir)
     return workdir
 
 
 def ppo_config(policy: str, reward_function: str, max_steps: int, **ppo_fields):
-    cfg = tiny_run_config(train={"trainer": "ppo", "init_from": policy, "max_steps": max_steps, "batch_size": 16,
-                                 "log_interval": 1},
-                          data={"source": "jsonl", "path": "unused"},
-                          optimizer={"lr": 3e-3, "min_lr": 3e-3, "warmup_steps": 0, "decay": "constant",
-                                     "weight_decay": 0.0},
-                          eval={"interval": 1000}, checkpoint={"every_steps": 2})
-    fields = dict(reward_function=reward_function, value_model="head", max_new_tokens=6, epochs=2, minibatches=2,
-                  kl_coef=0.05, prompts_path=os.path.join(os.path.dirname(policy), "prompts.jsonl"),
-                  eval_prompts=8)
+    cfg = tiny_run_config(
+        train={"trainer": "ppo", "init_from": policy, "max_steps": max_steps, "batch_size": 16, "log_interval": 1},
+        data={"source": "jsonl", "path": "unused"},
+        optimizer={"lr": 3e-3, "min_lr": 3e-3, "warmup_steps": 0, "decay": "constant", "weight_decay": 0.0},
+        eval={"interval": 1000},
+        checkpoint={"every_steps": 2},
+    )
+    fields = dict(
+        reward_function=reward_function,
+        value_model="head",
+        max_new_tokens=6,
+        epochs=2,
+        minibatches=2,
+        kl_coef=0.05,
+        prompts_path=os.path.join(os.path.dirname(policy), "prompts.jsonl"),
+        eval_prompts=8,
+    )
     fields.update(ppo_fields)
     for key, value in fields.items():
         setattr(cfg.ppo, key, value)
@@ -140,8 +156,19 @@ def test_ppo_raises_a_toy_reward_with_bounded_kl(policy_run, tmp_path):
     first, last = np.mean([r["score_mean"] for r in rows[:3]]), np.mean([r["score_mean"] for r in rows[-3:]])
     assert last > first + 0.3, (first, last)
     assert all(r["kl"] < 15.0 for r in rows) and math.isfinite(result["kl"])
-    for key in ("score_std", "entropy", "clip_fraction", "approx_kl", "explained_variance", "response_length",
-                "rollout_seconds", "update_seconds", "kl_coef", "value_loss", "policy_loss"):
+    for key in (
+        "score_std",
+        "entropy",
+        "clip_fraction",
+        "approx_kl",
+        "explained_variance",
+        "response_length",
+        "rollout_seconds",
+        "update_seconds",
+        "kl_coef",
+        "value_loss",
+        "policy_loss",
+    ):
         assert key in rows[-1]
     assert result["val_eval_reward"] > result["start_eval_reward"]  # held-out prompts, before vs after
     # the trained policy loads like any model (sample / chat)
@@ -151,32 +178,42 @@ def test_ppo_raises_a_toy_reward_with_bounded_kl(policy_run, tmp_path):
 
 def test_ppo_resumes_exactly(policy_run, tmp_path):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    config = lambda steps: ppo_config(policy_run, "test_ppo:reward_letter_x", steps, value_model="separate",
-                                      eval_prompts=0)
+    config = lambda steps: ppo_config(
+        policy_run, "test_ppo:reward_letter_x", steps, value_model="separate", eval_prompts=0
+    )
     ppo.run(config(4), straight)
     ppo.run(config(2), resumed)
     ppo.run(config(4), resumed)
     a, b = (inference.load(w).params for w in (straight, resumed))
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
     rows = lambda w: [r for r in (json.loads(line) for line in open(os.path.join(w, "metrics.jsonl")))]
-    assert rows(straight) == [dict(r, rollout_seconds=s["rollout_seconds"], update_seconds=s["update_seconds"])
-                              for r, s in zip(rows(resumed), rows(straight))]
+    assert rows(straight) == [
+        dict(r, rollout_seconds=s["rollout_seconds"], update_seconds=s["update_seconds"])
+        for r, s in zip(rows(resumed), rows(straight))
+    ]
 
 
 def test_non_finite_reward_stops_before_any_checkpoint(policy_run, tmp_path):
     workdir = str(tmp_path / "nan")
     with pytest.raises(NonFiniteLoss, match="non-finite"):
         ppo.run(ppo_config(policy_run, "test_ppo:reward_nan", 4, eval_prompts=0), workdir)
-    steps = os.listdir(os.path.join(workdir, "checkpoints")) if os.path.exists(os.path.join(workdir, "checkpoints")) \
-        else []
+    steps = (
+        os.listdir(os.path.join(workdir, "checkpoints")) if os.path.exists(os.path.join(workdir, "checkpoints")) else []
+    )
     assert not [s for s in steps if s.isdigit()]
 
 
 @pytest.mark.slow
 def test_ppo_on_a_sharded_mesh_matches_pure_data_parallel(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    result = subprocess.run([sys.executable, os.path.join("tests", "ppo_sharded_worker.py"), str(tmp_path)], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, os.path.join("tests", "ppo_sharded_worker.py"), str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["devices"] == 4

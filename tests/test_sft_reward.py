@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import REPO, init_params, tiny_model_config, tiny_run_config
+
 from flaxgpt.chat_template import render
 from flaxgpt.checkpoint import CheckpointMismatch
 from flaxgpt.data import world as world_lib
@@ -31,17 +31,21 @@ SYSTEM = "Answer briefly."
 def pretrained(tmp_path_factory) -> str:
     """A tiny world model (block 96) that SFT can start from."""
     workdir = str(tmp_path_factory.mktemp("pretrained"))
-    pretrain.run(tiny_run_config(model={"block_size": 96}, train={"max_steps": 40},
-                                 eval={"interval": 40, "sample_tokens": 0}), workdir)
+    pretrain.run(
+        tiny_run_config(model={"block_size": 96}, train={"max_steps": 40}, eval={"interval": 40, "sample_tokens": 0}),
+        workdir,
+    )
     return workdir
 
 
 def sft_config(init_from: str, **sections):
-    cfg = tiny_run_config(train={"trainer": "sft", "init_from": init_from, "max_steps": 60, "log_interval": 1},
-                          data={"world_conversations": 400, "world_system": SYSTEM},
-                          sft={"eval_examples": 16, "max_new_tokens": 16},
-                          eval={"interval": 60, "iters": 2, "sample_tokens": 0},
-                          optimizer={"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5, "weight_decay": 0.0})
+    cfg = tiny_run_config(
+        train={"trainer": "sft", "init_from": init_from, "max_steps": 60, "log_interval": 1},
+        data={"world_conversations": 400, "world_system": SYSTEM},
+        sft={"eval_examples": 16, "max_new_tokens": 16},
+        eval={"interval": 60, "iters": 2, "sample_tokens": 0},
+        optimizer={"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5, "weight_decay": 0.0},
+    )
     cfg.model.block_size = 96
     for section, values in sections.items():
         for key, value in values.items():
@@ -54,9 +58,13 @@ def sft_config(init_from: str, **sections):
 
 def test_assistant_mask_and_last_turn_only():
     tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz ?.0123456789")
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi?"},
-                {"role": "assistant", "content": "yo."}, {"role": "user", "content": "and?"},
-                {"role": "assistant", "content": "ok"}]
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi?"},
+        {"role": "assistant", "content": "yo."},
+        {"role": "user", "content": "and?"},
+        {"role": "assistant", "content": "ok"},
+    ]
     inputs, targets, weights = sft.conversation_example(messages, tok, 64, "all")
     assert len(inputs) == len(targets) == len(weights)
     learned = "".join(tok.decode([t]) for t, w in zip(targets, weights) if w)
@@ -107,8 +115,9 @@ def test_world_demonstrations_are_imperfect_and_labeled():
     assert world_lib.label(world, "What is 10 plus 7?", "seventeen") == 0.0
     # every character of the chat data is known to the pretraining tokenizer
     tok = CharTokenizer.from_text(world_lib.corpus(world, 6000))
-    text = "".join(m["content"] for _ in range(300) for m in
-                   world_lib.conversation(world, rng, 0.5, SYSTEM)["messages"])
+    text = "".join(
+        m["content"] for _ in range(300) for m in world_lib.conversation(world, rng, 0.5, SYSTEM)["messages"]
+    )
     assert tok.unk_id not in tok.encode(text)
 
 
@@ -138,12 +147,23 @@ def test_sft_on_jsonl_conversations_from_scratch(tmp_path):
     with open(path, "w") as f:
         for _ in range(120):
             a, b = rng.randint(0, 9), rng.randint(0, 9)
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"{a}+{b}"},
-                                             {"role": "assistant", "content": str(a + b)}]}) + "\n")
-    cfg = tiny_run_config(train={"trainer": "sft", "max_steps": 20},
-                          data={"source": "jsonl", "path": str(path), "packing": "pad"},
-                          sft={"eval_examples": 8, "max_new_tokens": 4, "loss_on": "last"},
-                          eval={"interval": 20, "iters": 1, "sample_tokens": 0})
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"{a}+{b}"},
+                            {"role": "assistant", "content": str(a + b)},
+                        ]
+                    }
+                )
+                + "\n"
+            )
+    cfg = tiny_run_config(
+        train={"trainer": "sft", "max_steps": 20},
+        data={"source": "jsonl", "path": str(path), "packing": "pad"},
+        sft={"eval_examples": 8, "max_new_tokens": 4, "loss_on": "last"},
+        eval={"interval": 20, "iters": 1, "sample_tokens": 0},
+    )
     result = sft.run(cfg, str(tmp_path / "run"))
     assert "val_exact_match" in result and "val_task_accuracy" not in result  # no labeler for user data
 
@@ -194,8 +214,9 @@ def _preference_pairs(path, n, seed):
     with open(path, "w") as f:
         for _ in range(n):
             word = lambda letters: "".join(rng.choice(letters) for _ in range(rng.randint(3, 8)))
-            f.write(json.dumps({"prompt": "say " + word("xyz"), "chosen": word("aeiou"),
-                                "rejected": word("bcdfg")}) + "\n")
+            f.write(
+                json.dumps({"prompt": "say " + word("xyz"), "chosen": word("aeiou"), "rejected": word("bcdfg")}) + "\n"
+            )
 
 
 @pytest.fixture(scope="module")
@@ -203,10 +224,11 @@ def reward_run(tmp_path_factory) -> tuple[str, dict]:
     base = tmp_path_factory.mktemp("rm")
     _preference_pairs(base / "train.jsonl", 200, 0)
     _preference_pairs(base / "val.jsonl", 48, 1)
-    cfg = tiny_run_config(train={"trainer": "reward", "max_steps": 40, "batch_size": 8},
-                          data={"source": "jsonl", "path": str(base / "train.jsonl"),
-                                "val_path": str(base / "val.jsonl")},
-                          eval={"interval": 40, "iters": 6, "sample_tokens": 0})
+    cfg = tiny_run_config(
+        train={"trainer": "reward", "max_steps": 40, "batch_size": 8},
+        data={"source": "jsonl", "path": str(base / "train.jsonl"), "val_path": str(base / "val.jsonl")},
+        eval={"interval": 40, "iters": 6, "sample_tokens": 0},
+    )
     workdir = str(base / "run")
     return workdir, reward.run(cfg, workdir)
 
@@ -228,15 +250,24 @@ def test_reward_model_beats_chance_on_held_out_pairs_and_is_centred(reward_run):
 
 def test_score_cli_prints_rewards(reward_run, tmp_path):
     workdir, _ = reward_run
-    run = lambda *a: subprocess.run([sys.executable, "-m", "flaxgpt.score", "--workdir", workdir, *a],
-                                    cwd=REPO, capture_output=True, text=True, timeout=300)
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "flaxgpt.score", "--workdir", workdir, *a],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     out = run("--prompt", "say xyz", "--response", "aeiou", "--response", "bcdfg")
     assert out.returncode == 0, out.stderr
     scores = [json.loads(line) for line in out.stdout.splitlines()]
     assert [s["response"] for s in scores] == ["aeiou", "bcdfg"] and scores[0]["reward"] > scores[1]["reward"]
     batch = tmp_path / "batch.jsonl"
-    batch.write_text(json.dumps({"prompt": "say x", "responses": ["ai", "bd"]}) + "\n"
-                     + json.dumps({"prompt": "say y", "chosen": "oo", "rejected": "gg"}) + "\n")
+    batch.write_text(
+        json.dumps({"prompt": "say x", "responses": ["ai", "bd"]})
+        + "\n"
+        + json.dumps({"prompt": "say y", "chosen": "oo", "rejected": "gg"})
+        + "\n"
+    )
     out = run("--jsonl", str(batch))
     assert out.returncode == 0, out.stderr
     first, second = (json.loads(line) for line in out.stdout.splitlines())

@@ -27,7 +27,10 @@ def test_mesh_shape_resolves_minus_one_and_names_bad_sizes():
 
 
 def test_rules_are_checked():
-    assert logical_rules([["batch", ["data", "fsdp"]], ["embed", None]]) == (("batch", ("data", "fsdp")), ("embed", None))
+    assert logical_rules([["batch", ["data", "fsdp"]], ["embed", None]]) == (
+        ("batch", ("data", "fsdp")),
+        ("embed", None),
+    )
     with pytest.raises(C.ConfigError, match="unknown mesh axes \\['model'\\]"):
         logical_rules([["heads", "model"]])
 
@@ -35,9 +38,17 @@ def test_rules_are_checked():
 @pytest.fixture(scope="module")
 def sharded_runs():
     # two workers side by side (compilation is single-threaded): one per recipe
-    workers = [subprocess.Popen([sys.executable, os.path.join("tests", "sharding_worker.py"), *args], cwd=REPO,
-                                env=EIGHT_DEVICES, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for args in (["gpt2"], ["llama", "extras"])]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, os.path.join("tests", "sharding_worker.py"), *args],
+            cwd=REPO,
+            env=EIGHT_DEVICES,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in (["gpt2"], ["llama", "extras"])
+    ]
     merged = {}
     for worker in workers:
         out, err = worker.communicate(timeout=900)
@@ -49,8 +60,7 @@ def sharded_runs():
 @pytest.mark.parametrize("recipe", ["gpt2", "llama"])
 @pytest.mark.parametrize("mesh", ["data8", "fsdp8", "d2f2t2", "f4t2"])
 def test_sharded_losses_match_one_device(sharded_runs, recipe, mesh):
-    np.testing.assert_allclose(sharded_runs[recipe][mesh]["losses"], sharded_runs[recipe]["1dev"]["losses"],
-                               rtol=2e-6)
+    np.testing.assert_allclose(sharded_runs[recipe][mesh]["losses"], sharded_runs[recipe]["1dev"]["losses"], rtol=2e-6)
     assert sharded_runs[recipe][mesh]["batch_spec"] == "P(('data', 'fsdp'), None)"
 
 

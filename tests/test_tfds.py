@@ -17,8 +17,9 @@ from tests.conftest import run_cli  # noqa: E402
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("tfds")
     train = root / "train.jsonl"
-    train.write_text("".join(json.dumps({"text": f"Document {i}: the owl sees {i % 5} stars."}) + "\n"
-                             for i in range(60)))
+    train.write_text(
+        "".join(json.dumps({"text": f"Document {i}: the owl sees {i % 5} stars."}) + "\n" for i in range(60))
+    )
     extra = root / "extra.txt"
     extra.write_text("A whole text file is one document.\nEven over two lines.")
     val = root / "val.jsonl"
@@ -48,10 +49,25 @@ def test_missing_dataset_or_feature_is_a_clear_error(built, tmp_path):
 
 
 def test_pretraining_from_a_tfds_dataset(built, tmp_path):
-    result = run_cli("--experiment", "world", "--workdir", str(tmp_path / "run"), "--set", "data.source=tfds",
-                     "data.tfds_name=flaxgpt_text", f"data.tfds_data_dir={built}", "model.n_layer=1",
-                     "model.d_model=32", "model.block_size=32", "train.batch_size=8", "train.max_steps=6",
-                     "eval.interval=6", "eval.iters=1", "eval.sample_tokens=0", "logging.progress=none")
+    result = run_cli(
+        "--experiment",
+        "world",
+        "--workdir",
+        str(tmp_path / "run"),
+        "--set",
+        "data.source=tfds",
+        "data.tfds_name=flaxgpt_text",
+        f"data.tfds_data_dir={built}",
+        "model.n_layer=1",
+        "model.d_model=32",
+        "model.block_size=32",
+        "train.batch_size=8",
+        "train.max_steps=6",
+        "eval.interval=6",
+        "eval.iters=1",
+        "eval.sample_tokens=0",
+        "logging.progress=none",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tfds flaxgpt_text[train]: 61 documents" in result.stdout
     assert read_metrics(str(tmp_path / "run"))[-1]["step"] == 6

@@ -26,10 +26,13 @@ def _setup(accum: int = 1, recipe: str = "gpt2", optimizer=None, donate: bool = 
     optimizer = optimizer or build_optimizer(opt_cfg, 10)
     mesh = make_mesh(C.MeshConfig())
     rules = logical_rules(C.DEFAULT_LOGICAL_AXIS_RULES)
-    state, shardings = create_train_state(model, optimizer, jnp.zeros((1, model_cfg.block_size), jnp.int32),
-                                          mesh, rules, seed=0)
-    step = jax.jit(make_train_step(model, optimizer, learning_rate_schedule(opt_cfg, 10), train_cfg),
-                   donate_argnums=0 if donate else ())
+    state, shardings = create_train_state(
+        model, optimizer, jnp.zeros((1, model_cfg.block_size), jnp.int32), mesh, rules, seed=0
+    )
+    step = jax.jit(
+        make_train_step(model, optimizer, learning_rate_schedule(opt_cfg, 10), train_cfg),
+        donate_argnums=0 if donate else (),
+    )
     return model_cfg, state, step
 
 
@@ -38,7 +41,8 @@ def _batch(cfg, n=8, seed=0):
     tokens = rng.integers(0, cfg.vocab_size, size=(n, cfg.block_size + 1)).astype(np.int32)
     weights = (rng.random((n, cfg.block_size)) < 0.7).astype(np.float32)  # uneven weights per row
     return {
-        "inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
+        "inputs": jnp.asarray(tokens[:, :-1]),
+        "targets": jnp.asarray(tokens[:, 1:]),
         "loss_weights": jnp.asarray(weights),
         "segment_ids": jnp.ones((n, cfg.block_size), jnp.int32),
         "positions": jnp.broadcast_to(jnp.arange(cfg.block_size), (n, cfg.block_size)),
@@ -57,8 +61,11 @@ def test_accumulating_four_micro_batches_equals_one_big_batch(recipe):
         np.testing.assert_allclose(float(m1["loss"]), float(m4["loss"]), rtol=1e-5)
         np.testing.assert_allclose(float(m1["grad_norm"]), float(m4["grad_norm"]), rtol=1e-4)
         assert float(m1["tokens"]) == float(m4["tokens"])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7),
-                 state1.params, state4.params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7),
+        state1.params,
+        state4.params,
+    )
 
 
 def test_loss_falls_when_fitting_one_batch():
@@ -91,9 +98,12 @@ def test_donated_step_updates_parameters_and_moments_in_place():
     ~2 % of shakespeare_char's CPU step)."""
     cfg, state, step = _setup(donate=True)
     hlo = step.lower(state, _batch(cfg)).compile().as_text()
-    entry = hlo[hlo.index("\nENTRY"):]
+    entry = hlo[hlo.index("\nENTRY") :]
     inputs = set(re.findall(r"%(\S+) = \S+ parameter\(\d+\)", entry))
-    copied = [(shape, name) for shape, name in re.findall(r"= (\S+) copy\(%([^)\s]+)\)", entry)
-              if name in inputs and not shape.endswith("[]")]
+    copied = [
+        (shape, name)
+        for shape, name in re.findall(r"= (\S+) copy\(%([^)\s]+)\)", entry)
+        if name in inputs and not shape.endswith("[]")
+    ]
     assert len(inputs) > 2 * len(jax.tree.leaves(state.params)), "expected parameters and moments as inputs"
     assert copied == []

@@ -13,8 +13,8 @@ import hashlib
 import json
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -91,16 +91,18 @@ class Curator:
         """MinHash of the document's word shingles: min over shingles of (a*h + b) mod p."""
         words = _WORD.findall(doc.lower())
         n = self.shingle
-        shingles = {" ".join(words[i:i + n]) for i in range(max(len(words) - n + 1, 1))}
-        hashes = np.array([int.from_bytes(hashlib.blake2b(x.encode(), digest_size=4).digest(), "little")
-                           for x in shingles], dtype=np.uint64)
+        shingles = {" ".join(words[i : i + n]) for i in range(max(len(words) - n + 1, 1))}
+        hashes = np.array(
+            [int.from_bytes(hashlib.blake2b(x.encode(), digest_size=4).digest(), "little") for x in shingles],
+            dtype=np.uint64,
+        )
         # a, b < 2^31 and h < 2^32 keep a*h + b below 2^64: exact in uint64.
         return ((self._a[:, None] * hashes[None, :] + self._b[:, None]) % _MERSENNE).min(axis=1)
 
     def _is_near_duplicate(self, doc: str, buckets: dict) -> bool:
         sig = self.signature(doc)
         rows = self.num_perm // self.bands
-        keys = [(band, sig[band * rows:(band + 1) * rows].tobytes()) for band in range(self.bands)]
+        keys = [(band, sig[band * rows : (band + 1) * rows].tobytes()) for band in range(self.bands)]
         candidates = {id(other): other for key in keys for other in buckets.get(key, ())}
         if any(np.mean(other == sig) >= self.near_threshold for other in candidates.values()):
             return True
@@ -131,8 +133,9 @@ def load_synonyms(path: str) -> dict[str, list[str]]:
     return {k.lower(): v for k, v in table.items() if v}
 
 
-def augment(doc: str, rng: random.Random, rate: float, ops: Sequence[str],
-            synonyms: Optional[dict[str, list[str]]] = None) -> str:
+def augment(
+    doc: str, rng: random.Random, rate: float, ops: Sequence[str], synonyms: dict[str, list[str]] | None = None
+) -> str:
     """One EDA variant of `doc`: each op touches about rate * len(words) words (at least one)."""
     words = doc.split(" ")
     n = max(1, int(rate * len(words)))

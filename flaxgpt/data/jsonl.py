@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from flaxgpt import fileio
 
@@ -48,13 +48,18 @@ def _is_text(value: Any) -> bool:
     return isinstance(value, str)
 
 
-def schema_problem(record: Any, schema: str) -> Optional[str]:
+def schema_problem(record: Any, schema: str) -> str | None:
     """What is wrong with `record` under `schema`, or None if it fits."""
     if not isinstance(record, dict):
         return f"expected a JSON object, got {type(record).__name__}"
-    required = {"text": ("text",), "conversations": ("messages",), "rankings": ("prompt", "responses"),
-                "pairs": ("prompt", "chosen", "rejected"), "feedback": ("prompt", "response", "label"),
-                "prompts": ("prompt",)}[schema]
+    required = {
+        "text": ("text",),
+        "conversations": ("messages",),
+        "rankings": ("prompt", "responses"),
+        "pairs": ("prompt", "chosen", "rejected"),
+        "feedback": ("prompt", "response", "label"),
+        "prompts": ("prompt",),
+    }[schema]
     missing = [k for k in required if k not in record]
     if missing:
         return f"missing key(s) {missing} for schema '{schema}' (has {sorted(record)})"
@@ -66,7 +71,7 @@ def schema_problem(record: Any, schema: str) -> Optional[str]:
             return "'messages' must be a non-empty list"
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES or not _is_text(m.get("content")):
-                return f"messages[{i}] must be {{\"role\": one of {list(ROLES)}, \"content\": string}}, got {m!r}"
+                return f'messages[{i}] must be {{"role": one of {list(ROLES)}, "content": string}}, got {m!r}'
             if m["role"] == "system" and i != 0:
                 return f"messages[{i}]: a system message may only come first"
         if not any(m["role"] == "assistant" for m in messages):
@@ -79,8 +84,11 @@ def schema_problem(record: Any, schema: str) -> Optional[str]:
         if not isinstance(responses, list) or len(responses) < 2 or not all(map(_is_text, responses)):
             return "'responses' must be a list of at least 2 strings, best first"
         if scores is not None:
-            if not isinstance(scores, list) or len(scores) != len(responses) or not all(
-                    isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
+            if (
+                not isinstance(scores, list)
+                or len(scores) != len(responses)
+                or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores)
+            ):
                 return "'scores' must be a list of numbers, one per response"
             if any(a < b for a, b in zip(scores, scores[1:])):
                 return "'scores' must not increase: responses are listed best first"
@@ -95,8 +103,7 @@ def schema_problem(record: Any, schema: str) -> Optional[str]:
     return None if isinstance(record["label"], bool) else "'label' must be true or false"
 
 
-def read_jsonl(path: str, schema: str,
-               on_error: Literal["raise", "skip"] = "raise") -> tuple[list[dict], ReadReport]:
+def read_jsonl(path: str, schema: str, on_error: Literal["raise", "skip"] = "raise") -> tuple[list[dict], ReadReport]:
     """Every record of `path` that fits `schema`; raises DataError naming file and line otherwise."""
     if schema not in SCHEMAS:
         raise DataError(f"unknown JSONL schema '{schema}'; schemas are {list(SCHEMAS)}")
@@ -123,6 +130,8 @@ def read_jsonl(path: str, schema: str,
                 report.problems.append(where)
     report.records = len(records)
     if not records:
-        raise DataError(f"{path}: no usable '{schema}' records"
-                        + (f" ({report.skipped} malformed lines skipped)" if report.skipped else ""))
+        raise DataError(
+            f"{path}: no usable '{schema}' records"
+            + (f" ({report.skipped} malformed lines skipped)" if report.skipped else "")
+        )
     return records, report

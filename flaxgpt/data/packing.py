@@ -15,8 +15,9 @@ skips nothing.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -33,8 +34,9 @@ _ROW_KEYS = ("inputs", "targets", "loss_weights", "segment_ids", "positions")
 _ROW_DTYPES = (np.int32, np.int32, np.float32, np.int32, np.int32)
 
 
-def build_rows(examples: Iterable[Example], length: int, mode: Literal["pack", "pad"],
-               pad_id: int, keep_whole: bool = False) -> dict[str, np.ndarray]:
+def build_rows(
+    examples: Iterable[Example], length: int, mode: Literal["pack", "pad"], pad_id: int, keep_whole: bool = False
+) -> dict[str, np.ndarray]:
     """Stack examples into [rows, length] arrays: inputs, targets, loss_weights, segment_ids, positions.
 
     keep_whole (pack mode): an example that fits in a row never straddles two; it starts a
@@ -58,9 +60,9 @@ def build_rows(examples: Iterable[Example], length: int, mode: Literal["pack", "
         while start < len(x):
             take = min(len(x) - start, length - len(row["inputs"]))
             segment = row["segment_ids"][-1] + 1 if row["segment_ids"] else 1
-            row["inputs"].extend(x[start:start + take])
-            row["targets"].extend(y[start:start + take])
-            row["loss_weights"].extend(w[start:start + take])
+            row["inputs"].extend(x[start : start + take])
+            row["targets"].extend(y[start : start + take])
+            row["loss_weights"].extend(w[start : start + take])
             row["segment_ids"].extend([segment] * take)
             row["positions"].extend(range(take))
             start += take

@@ -46,16 +46,19 @@ class TokenWindows:
     def position(self, step: int, batch_size: int) -> dict[str, int]:
         return {"train_batches": step}
 
-    def batch(self, split: str, step: int, batch_size: int, block_size: int,
-              rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def batch(
+        self, split: str, step: int, batch_size: int, block_size: int, rows: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
         """Rows `rows` (default: all) of global batch number `step` of `split`.
 
         Keys (all [len(rows), block_size]): inputs, targets, loss_weights, segment_ids, positions.
         """
         tokens = self.train if split == "train" else self.val
         if len(tokens) <= block_size + 1:
-            raise ValueError(f"the {split} split has {len(tokens)} tokens, fewer than "
-                             f"block_size + 2 = {block_size + 2}; use more text or a smaller block")
+            raise ValueError(
+                f"the {split} split has {len(tokens)} tokens, fewer than "
+                f"block_size + 2 = {block_size + 2}; use more text or a smaller block"
+            )
         rng = np.random.default_rng([self.seed, _SPLIT_IDS[split], step])
         starts = rng.integers(0, len(tokens) - block_size - 1, size=batch_size)
         if rows is not None:
@@ -81,8 +84,9 @@ class DocumentRows:
     def position(self, step: int, batch_size: int) -> dict[str, int]:
         return self.train.position(step, batch_size)
 
-    def batch(self, split: str, step: int, batch_size: int, block_size: int,
-              rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def batch(
+        self, split: str, step: int, batch_size: int, block_size: int, rows: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
         return (self.train if split == "train" else self.val).batch(step, batch_size, rows)
 
 
@@ -102,9 +106,14 @@ def _documents(cfg: Config, workdir: str) -> tuple[list[str], list[str]]:
     """(train, val) documents of a JSONL or TFDS source, curated (and training ones augmented)
     as configured: val from its own file / split, or the last documents of the training one."""
     data = cfg.data
-    curator = Curator(min_chars=data.min_chars, max_chars=data.max_chars,
-                      blocklist=load_blocklist(data.blocklist) if data.blocklist else (),
-                      exact_dedup=data.dedup, near_dedup=data.near_dedup, near_threshold=data.near_dedup_threshold)
+    curator = Curator(
+        min_chars=data.min_chars,
+        max_chars=data.max_chars,
+        blocklist=load_blocklist(data.blocklist) if data.blocklist else (),
+        exact_dedup=data.dedup,
+        near_dedup=data.near_dedup,
+        near_threshold=data.near_dedup_threshold,
+    )
 
     skipped = 0
 
@@ -121,22 +130,28 @@ def _documents(cfg: Config, workdir: str) -> tuple[list[str], list[str]]:
         skipped += report.skipped
         return [d["text"] for d in docs]
 
-    first, second = ((data.tfds_train_split, data.tfds_val_split) if data.source == "tfds"
-                     else (data.path, data.val_path))
+    first, second = (
+        (data.tfds_train_split, data.tfds_val_split) if data.source == "tfds" else (data.path, data.val_path)
+    )
     texts = curator(read(first))  # validation documents are curated against the same seen-set
     if second:
         train, val = texts, curator(read(second))
     else:
         cut = min(max(int(len(texts) * data.train_fraction), 1), len(texts) - 1)
         if cut < 1:
-            raise DataError(f"{data.path}: {len(texts)} document(s) left after curation cannot be split into "
-                            "train and validation; add documents or set data.val_path")
+            raise DataError(
+                f"{data.path}: {len(texts)} document(s) left after curation cannot be split into "
+                "train and validation; add documents or set data.val_path"
+            )
         train, val = texts[:cut], texts[cut:]
     if data.augment_copies:
         synonyms = load_synonyms(data.synonyms) if data.synonyms else None
         rng = random.Random(cfg.train.seed)
-        extra = [augment(doc, rng, data.augment_rate, data.augment_ops, synonyms)
-                 for doc in train for _ in range(data.augment_copies)]
+        extra = [
+            augment(doc, rng, data.augment_rate, data.augment_ops, synonyms)
+            for doc in train
+            for _ in range(data.augment_copies)
+        ]
         curator.report.augmented_added = len(extra)
         train = train + extra
     if not val:
@@ -175,10 +190,14 @@ def _new_tokenizer(cfg: Config, text: str, train_text: str, workdir: str) -> Tok
     elif data.spm_model and os.path.exists(data.spm_model):
         tokenizer = SentencePieceTokenizer(data.spm_model)
     else:  # train one: at data.spm_model if named (so later runs share it), else in the workdir
-        prefix = data.spm_model[: -len(".model")] if data.spm_model.endswith(".model") else (
-            data.spm_model or os.path.join(workdir, "tokenizer"))
-        model_file = train_sentencepiece(train_text.splitlines(keepends=True), prefix,
-                                         data.spm_vocab_size, data.spm_model_type)
+        prefix = (
+            data.spm_model[: -len(".model")]
+            if data.spm_model.endswith(".model")
+            else (data.spm_model or os.path.join(workdir, "tokenizer"))
+        )
+        model_file = train_sentencepiece(
+            train_text.splitlines(keepends=True), prefix, data.spm_vocab_size, data.spm_model_type
+        )
         tokenizer = SentencePieceTokenizer(model_file)
     tokenizer.save(workdir)
     return tokenizer

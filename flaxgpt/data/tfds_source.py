@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 from flaxgpt.data.jsonl import DataError, read_jsonl
 
@@ -72,25 +72,29 @@ def build_dataset(train_files: Sequence[str], validation_files: Sequence[str], d
     """Prepare `flaxgpt_text` from local files into data_dir (array_record, no TensorFlow); returns its name."""
     if not train_files:
         raise DataError("building a TFDS dataset needs at least one --train file")
-    builder = _builder_class()(train_files=train_files, validation_files=validation_files, data_dir=data_dir,
-                               file_format="array_record")
+    builder = _builder_class()(
+        train_files=train_files, validation_files=validation_files, data_dir=data_dir, file_format="array_record"
+    )
     builder.download_and_prepare()
     return builder.name
 
 
-def read_documents(name: str, split: str, data_dir: Optional[str], text_key: str = "text") -> list[str]:
+def read_documents(name: str, split: str, data_dir: str | None, text_key: str = "text") -> list[str]:
     """Every document of a prepared TFDS dataset split (e.g. 'train', 'validation[:10%]')."""
     tfds = _tfds()
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir or None)
     except Exception as e:  # TFDS raises several types for a missing / unprepared / tfrecord-only dataset
-        raise DataError(f"TFDS dataset '{name}' split '{split}' in data_dir {data_dir or '(default)'} cannot be "
-                        f"read without downloading or TensorFlow: {e}") from e
+        raise DataError(
+            f"TFDS dataset '{name}' split '{split}' in data_dir {data_dir or '(default)'} cannot be "
+            f"read without downloading or TensorFlow: {e}"
+        ) from e
     documents = []
     for record in source:
         if text_key not in record:
-            raise DataError(f"TFDS dataset '{name}' has no feature '{text_key}' (has {sorted(record)}); "
-                            "set data.tfds_text_key")
+            raise DataError(
+                f"TFDS dataset '{name}' has no feature '{text_key}' (has {sorted(record)}); set data.tfds_text_key"
+            )
         value = record[text_key]
         documents.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
     if not documents:
@@ -98,9 +102,12 @@ def read_documents(name: str, split: str, data_dir: Optional[str], text_key: str
     return documents
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flaxgpt.data.tfds_source", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flaxgpt.data.tfds_source",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="turn local text / JSONL files into the TFDS dataset flaxgpt_text")
     build.add_argument("--train", nargs="+", required=True)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Callable, Iterable, Protocol, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 from flaxgpt import fileio
 
@@ -37,8 +38,9 @@ class Tokenizer(Protocol):
 _SPECIAL_PATTERN = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
 
 
-def _decode_around_specials(ids: Sequence[int], special_ids: dict[int, str], pad_id: int,
-                            decode_run: Callable[[list[int]], str]) -> str:
+def _decode_around_specials(
+    ids: Sequence[int], special_ids: dict[int, str], pad_id: int, decode_run: Callable[[list[int]], str]
+) -> str:
     """Ordinary ids decoded run by run by the base tokenizer, special ids as their text (pad as
     nothing): subword tokenizers never render flaxgpt's special tokens themselves."""
     pieces: list[str] = []
@@ -67,7 +69,7 @@ class CharTokenizer:
         self.pad_id, self.unk_id, self.eos_id = (self.stoi[t] for t in (PAD, UNK, EOS))
 
     @classmethod
-    def from_text(cls, text: str) -> "CharTokenizer":
+    def from_text(cls, text: str) -> CharTokenizer:
         return cls(set(_SPECIAL_PATTERN.sub("", text)))
 
     def encode(self, text: str) -> list[int]:
@@ -98,8 +100,10 @@ class SentencePieceTokenizer:
         self.vocab_size = self.sp.get_piece_size()
         missing = [t for t in (PAD, EOS) if self.sp.piece_to_id(t) == self.sp.unk_id()]
         if missing:
-            raise ValueError(f"SentencePiece model {model_file} has no piece for {missing}; "
-                             "train it with flaxgpt.data.tokenizers.train_sentencepiece")
+            raise ValueError(
+                f"SentencePiece model {model_file} has no piece for {missing}; "
+                "train it with flaxgpt.data.tokenizers.train_sentencepiece"
+            )
         self.pad_id = self.sp.piece_to_id(PAD)
         self.eos_id = self.sp.piece_to_id(EOS)
 
@@ -122,9 +126,7 @@ class SentencePieceTokenizer:
         _copy(self.model_file, os.path.join(directory, SPM_FILE))
 
 
-def train_sentencepiece(
-    lines: Iterable[str], model_prefix: str, vocab_size: int, model_type: str = "bpe"
-) -> str:
+def train_sentencepiece(lines: Iterable[str], model_prefix: str, vocab_size: int, model_type: str = "bpe") -> str:
     """Train a SentencePiece model that round-trips text exactly; returns the .model path.
 
     Identity normalisation and kept whitespace make decode(encode(x)) == x;
@@ -135,8 +137,10 @@ def train_sentencepiece(
     try:
         _train(spm, lines, model_prefix, vocab_size, model_type)
     except RuntimeError as e:
-        raise ValueError(f"SentencePiece could not train a {vocab_size}-piece {model_type} model (byte "
-                         f"fallback alone takes 256 pieces; raise data.spm_vocab_size): {e}") from e
+        raise ValueError(
+            f"SentencePiece could not train a {vocab_size}-piece {model_type} model (byte "
+            f"fallback alone takes 256 pieces; raise data.spm_vocab_size): {e}"
+        ) from e
     return model_prefix + ".model"
 
 
@@ -152,8 +156,13 @@ def _train(spm, lines, model_prefix, vocab_size, model_type) -> None:
         remove_extra_whitespaces=False,
         split_digits=True,
         add_dummy_prefix=False,
-        pad_id=0, unk_id=1, bos_id=-1, eos_id=2,
-        pad_piece=PAD, unk_piece=UNK, eos_piece=EOS,
+        pad_id=0,
+        unk_id=1,
+        bos_id=-1,
+        eos_id=2,
+        pad_piece=PAD,
+        unk_piece=UNK,
+        eos_piece=EOS,
         user_defined_symbols=[SYSTEM, USER, ASSISTANT, END_OF_TURN],
         minloglevel=2,
     )
@@ -188,7 +197,7 @@ class ImportedTokenizer:
         self.special_ids = {i: t for t, i in self.specials.items()}
 
     @classmethod
-    def from_hf(cls, directory: str, model_vocab: int, eos_id: int | None, pad_id: int | None) -> "ImportedTokenizer":
+    def from_hf(cls, directory: str, model_vocab: int, eos_id: int | None, pad_id: int | None) -> ImportedTokenizer:
         """The tokenizer of a Hugging Face model directory; appended ids start at `model_vocab`
         (or past the tokenizer's own vocabulary, if that is larger)."""
         json_file, spm_file = os.path.join(directory, "tokenizer.json"), os.path.join(directory, "tokenizer.model")
@@ -242,7 +251,7 @@ class ImportedTokenizer:
                 ids.extend(self._base.encode(part))
             elif part:  # no word-start prefix after a special token, as transformers' Llama tokenizer
                 unk = self._base.id_to_piece(self._base.unk_id())
-                ids.extend(self._base.encode(unk + part)[len(self._base.encode(unk)):])
+                ids.extend(self._base.encode(unk + part)[len(self._base.encode(unk)) :])
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -252,8 +261,16 @@ class ImportedTokenizer:
         target = os.path.join(directory, "imported_" + os.path.basename(self.file))
         _copy(self.file, target)
         with fileio.open_file(os.path.join(directory, IMPORTED_META), "w") as f:
-            json.dump({"kind": self.kind, "file": os.path.basename(target), "specials": self.specials,
-                       "vocab_size": self.vocab_size}, f, indent=2)
+            json.dump(
+                {
+                    "kind": self.kind,
+                    "file": os.path.basename(target),
+                    "specials": self.specials,
+                    "vocab_size": self.vocab_size,
+                },
+                f,
+                indent=2,
+            )
 
 
 def load_tokenizer(directory: str) -> Tokenizer | None:
@@ -262,8 +279,9 @@ def load_tokenizer(directory: str) -> Tokenizer | None:
     if fileio.exists(meta_file):
         with fileio.open_file(meta_file) as f:
             meta = json.load(f)
-        return ImportedTokenizer(meta["kind"], _local(os.path.join(directory, meta["file"])), meta["specials"],
-                                 meta["vocab_size"])
+        return ImportedTokenizer(
+            meta["kind"], _local(os.path.join(directory, meta["file"])), meta["specials"], meta["vocab_size"]
+        )
     char_file = os.path.join(directory, CHAR_FILE)
     if fileio.exists(char_file):
         with fileio.open_file(char_file) as f:
@@ -288,8 +306,9 @@ def _local(path: str) -> str:
     import hashlib
     import tempfile
 
-    local = os.path.join(tempfile.gettempdir(), "flaxgpt-" + hashlib.sha1(path.encode()).hexdigest()[:16]
-                         + "-" + os.path.basename(path))
+    local = os.path.join(
+        tempfile.gettempdir(), "flaxgpt-" + hashlib.sha1(path.encode()).hexdigest()[:16] + "-" + os.path.basename(path)
+    )
     with open(local, "wb") as f:
         f.write(fileio.read_bytes(path))
     return local

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
-from typing import Optional
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "tr", "st", "th"]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
@@ -41,7 +40,7 @@ class World:
     people: tuple  # of Person
     max_operand: int
 
-    def person(self, name: str) -> Optional[Person]:
+    def person(self, name: str) -> Person | None:
         return next((p for p in self.people if p.name == name), None)
 
 
@@ -83,7 +82,7 @@ _TEMPLATES = {
 }
 
 
-def answer(world: World, question: str) -> Optional[str]:
+def answer(world: World, question: str) -> str | None:
     """The correct answer to a world question, or None if it is not one the world knows."""
     question = question.strip()
     for kind, (_, pattern) in _TEMPLATES.items():
@@ -126,11 +125,13 @@ def _fact_paragraph(world: World, rng: random.Random) -> str:
     if rng.random() < 0.3:
         country = rng.choice(list(world.capitals))
         capital = world.capitals[country]
-        return rng.choice([
-            f"{country} is a country. Its capital is {capital}.",
-            f"The capital of {country} is {capital}.",
-            f"{capital} is the capital of {country}.",
-        ])
+        return rng.choice(
+            [
+                f"{country} is a country. Its capital is {capital}.",
+                f"The capital of {country} is {capital}.",
+                f"{capital} is the capital of {country}.",
+            ]
+        )
     p = rng.choice(world.people)
     sentences = [
         f"{p.name} is {p.age} years old.",
@@ -150,8 +151,7 @@ def _qa_session(world: World, rng: random.Random) -> str:
 def corpus(world: World, n_documents: int, seed: int = 0) -> str:
     """Pretraining text: fact paragraphs and Q/A sessions, documents separated by blank lines."""
     rng = random.Random(seed)
-    docs = [_fact_paragraph(world, rng) if rng.random() < 0.5 else _qa_session(world, rng)
-            for _ in range(n_documents)]
+    docs = [_fact_paragraph(world, rng) if rng.random() < 0.5 else _qa_session(world, rng) for _ in range(n_documents)]
     return "\n\n".join(docs) + "\n"
 
 
@@ -188,14 +188,15 @@ def demonstration(world: World, question: str, rng: random.Random, noise: float)
     return rng.choice(_SLOPPY).format(a=truth) if draw < noise else truth
 
 
-def conversation(world: World, rng: random.Random, noise: float, system: str = "",
-                 max_turns: int = 2) -> dict:
+def conversation(world: World, rng: random.Random, noise: float, system: str = "", max_turns: int = 2) -> dict:
     """{"messages": [...]} in the conversations JSONL schema: 1..max_turns question/answer exchanges."""
     messages = [{"role": "system", "content": system}] if system else []
     for _ in range(rng.randint(1, max_turns)):
         question, _ = random_question(world, rng)
-        messages += [{"role": "user", "content": question},
-                     {"role": "assistant", "content": demonstration(world, question, rng, noise)}]
+        messages += [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": demonstration(world, question, rng, noise)},
+        ]
     return {"messages": messages}
 
 

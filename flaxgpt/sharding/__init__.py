@@ -17,6 +17,16 @@ from flaxgpt.sharding.rules import (
 )
 
 __all__ = [
-    "MESH_AXES", "initialize_distributed", "make_mesh", "mesh_shape", "batch_sharding", "host_value",
-    "local_batch_rows", "logical_rules", "logical_shardings", "place_batch", "replicated", "unbox_shapes",
+    "MESH_AXES",
+    "initialize_distributed",
+    "make_mesh",
+    "mesh_shape",
+    "batch_sharding",
+    "host_value",
+    "local_batch_rows",
+    "logical_rules",
+    "logical_shardings",
+    "place_batch",
+    "replicated",
+    "unbox_shapes",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -37,7 +37,7 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)
 
 
-def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh with axes (data, fsdp, tensor) and automatic (not explicit) sharding.
 
     Device order comes from `mesh_utils`, which puts the innermost axes (tensor, then fsdp)
@@ -50,8 +50,10 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -
     if min(dcn) < 1:
         raise ConfigError(f"mesh.dcn_* sizes must be >= 1, got {dict(zip(MESH_AXES, dcn))}")
     if len(devices) % granules:
-        raise ConfigError(f"mesh dcn sizes {dict(zip(MESH_AXES, dcn))} need a multiple of {granules} "
-                          f"devices, but {len(devices)} exist")
+        raise ConfigError(
+            f"mesh dcn sizes {dict(zip(MESH_AXES, dcn))} need a multiple of {granules} "
+            f"devices, but {len(devices)} exist"
+        )
     ici = mesh_shape(cfg, len(devices) // granules)
     if granules > 1:
         slices = {getattr(d, "slice_index", 0) for d in devices}
@@ -60,7 +62,8 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -
         if len(slices if by_slice else processes) != granules:
             raise ConfigError(
                 f"mesh dcn sizes {dict(zip(MESH_AXES, dcn))} span {granules} slices, but the devices come from "
-                f"{len(slices)} slice(s) and {len(processes)} process(es)")
+                f"{len(slices)} slice(s) and {len(processes)} process(es)"
+            )
         grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not by_slice)
     else:
         try:
@@ -71,8 +74,9 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -
 
 
 def initialize_distributed(
-    coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-    process_id: Optional[int] = None,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
 ) -> bool:
     """Join a multi-process run if one is asked for; returns whether it did.
 
@@ -88,8 +92,10 @@ def initialize_distributed(
         process_id = int(env["FLAXGPT_PROCESS_ID"])
     if coordinator_address:
         if num_processes is None or process_id is None:
-            raise ConfigError("a coordinator address needs the number of processes and this process's id "
-                              "(--num-processes, --process-id)")
+            raise ConfigError(
+                "a coordinator address needs the number of processes and this process's id "
+                "(--num-processes, --process-id)"
+            )
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
         return True
     multi_host_tpu = "," in env.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_COORDINATOR_ADDRESS" in env

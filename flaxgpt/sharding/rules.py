@@ -26,8 +26,9 @@ def logical_rules(rules: Any) -> tuple:
         axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
         unknown = [a for a in (axes if isinstance(axes, tuple) else (axes,)) if a is not None and a not in MESH_AXES]
         if unknown:
-            raise ConfigError(f"mesh.rules: rule for '{name}' names unknown mesh axes {unknown}; "
-                              f"mesh axes are {MESH_AXES}")
+            raise ConfigError(
+                f"mesh.rules: rule for '{name}' names unknown mesh axes {unknown}; mesh axes are {MESH_AXES}"
+            )
         out.append((name, axes))
     return tuple(out)
 
@@ -48,7 +49,9 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: tuple) -> Any:
     # state for a frozen parameter) is no array: drop the box, keep the empty node.
     abstract_tree = jax.tree.map(
         lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) and not jax.tree.leaves(x.value) else x,
-        abstract_tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+        abstract_tree,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+    )
     logical = nn.get_partition_spec(abstract_tree)
     shardings = nn.logical_to_mesh_sharding(logical, mesh, rules)
     flat_values = jax.tree_util.tree_leaves_with_path(unbox_shapes(abstract_tree))
@@ -81,16 +84,19 @@ def local_batch_rows(sharding: NamedSharding, batch_size: int, length: int) -> n
     """The global row indices whose data this process's devices hold (each process loads only these)."""
     ways = math.prod(sharding.mesh.shape[a] for a in _axes(sharding.spec[0]))
     if batch_size % ways:
-        raise ConfigError(f"batch size {batch_size} is not divisible by the {ways} ways the batch axis is "
-                          f"sharded over mesh axes {_axes(sharding.spec[0])}")
+        raise ConfigError(
+            f"batch size {batch_size} is not divisible by the {ways} ways the batch axis is "
+            f"sharded over mesh axes {_axes(sharding.spec[0])}"
+        )
     rows: set[int] = set()
     for index in sharding.addressable_devices_indices_map((batch_size, length)).values():
         rows.update(range(*index[0].indices(batch_size)))
     return np.array(sorted(rows), dtype=np.int64)
 
 
-def place_batch(local: dict[str, np.ndarray], rows: np.ndarray, sharding: NamedSharding,
-                batch_size: int) -> dict[str, jax.Array]:
+def place_batch(
+    local: dict[str, np.ndarray], rows: np.ndarray, sharding: NamedSharding, batch_size: int
+) -> dict[str, jax.Array]:
     """This process's rows (in the order of `rows`) -> global [batch_size, ...] arrays on the mesh."""
     position = np.full(batch_size, -1, np.int64)
     position[rows] = np.arange(len(rows))

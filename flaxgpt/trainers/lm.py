@@ -13,7 +13,8 @@ A trainer's objective is a `LossSums` function `(params, batch, rng, train) -> s
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -26,22 +27,26 @@ from flaxgpt.losses import token_cross_entropy
 from flaxgpt.state import TrainState
 
 Batch = dict[str, jax.Array]
-LossSums = Callable[[Any, Batch, Optional[jax.Array], bool], dict[str, Any]]
+LossSums = Callable[[Any, Batch, jax.Array | None, bool], dict[str, Any]]
 
 
-def lm_loss_sums(model: nn.Module, params: Any, batch: Batch, z_loss: float,
-                 train: bool, dropout_rng: jax.Array | None) -> dict[str, jax.Array]:
+def lm_loss_sums(
+    model: nn.Module, params: Any, batch: Batch, z_loss: float, train: bool, dropout_rng: jax.Array | None
+) -> dict[str, jax.Array]:
     logits = model.apply(
-        {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
-        train=train, rngs={"dropout": dropout_rng} if train else None,
+        {"params": params},
+        batch["inputs"],
+        batch["positions"],
+        batch["segment_ids"],
+        train=train,
+        rngs={"dropout": dropout_rng} if train else None,
     )
     return token_cross_entropy(logits, batch["targets"], batch["loss_weights"], z_loss)
 
 
 def lm_objective(model: nn.Module, z_loss: float = 0.0) -> LossSums:
     """Next-token cross-entropy weighted by `loss_weights` (pretraining; SFT on assistant tokens)."""
-    return lambda params, batch, rng, train: lm_loss_sums(model, params, batch, z_loss if train else 0.0,
-                                                          train, rng)
+    return lambda params, batch, rng, train: lm_loss_sums(model, params, batch, z_loss if train else 0.0, train, rng)
 
 
 def ratio_metrics(sums: dict[str, Any]) -> dict[str, jax.Array]:
@@ -49,7 +54,10 @@ def ratio_metrics(sums: dict[str, Any]) -> dict[str, jax.Array]:
 
 
 def make_train_step(
-    model: nn.Module, optimizer: optax.GradientTransformation, schedule: optax.Schedule, cfg: TrainConfig,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    cfg: TrainConfig,
     loss_sums: LossSums | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The jittable step; `loss_sums` defaults to the language-modelling objective."""
@@ -79,8 +87,9 @@ def make_train_step(
                 grads, sums = micro_grads(state.params, micro_batch, jax.random.fold_in(rng, index))
                 return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro_grads, state.params,
-                                                                jax.tree.map(lambda x: x[0], micro), rng))
+            zeros = jax.tree.map(
+                jnp.zeros_like, jax.eval_shape(micro_grads, state.params, jax.tree.map(lambda x: x[0], micro), rng)
+            )
             (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
 
         weight = jnp.maximum(sums["weight_sum"], 1.0)
@@ -97,8 +106,9 @@ def make_train_step(
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state
 
-        params, opt_state = jax.lax.cond(finite, apply_update, lambda params, opt_state: (params, opt_state),
-                                         state.params, state.opt_state)
+        params, opt_state = jax.lax.cond(
+            finite, apply_update, lambda params, opt_state: (params, opt_state), state.params, state.opt_state
+        )
         applied_updates = state.step - state.skipped
         new_state = state.replace(
             step=state.step + 1,

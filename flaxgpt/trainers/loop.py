@@ -13,8 +13,9 @@ import contextlib
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -53,7 +54,7 @@ class Runtime:
     rows_sharding: NamedSharding  # batches: [batch, ...] split over the data-parallel axes
 
     @classmethod
-    def create(cls, cfg: Config, workdir: str) -> "Runtime":
+    def create(cls, cfg: Config, workdir: str) -> Runtime:
         cfg.validate()
         fileio.makedirs(workdir)
         mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh.rules)
@@ -78,8 +79,14 @@ class Runtime:
             with fileio.open_file(os.path.join(self.workdir, "config.json"), "w") as f:
                 f.write(to_json(cfg))
 
-    def validation(self, eval_step: Callable[[Any, dict], dict], params: Any,
-                   batches: Callable[[int, np.ndarray], HostBatch], iters: int, batch_size: int) -> dict[str, float]:
+    def validation(
+        self,
+        eval_step: Callable[[Any, dict], dict],
+        params: Any,
+        batches: Callable[[int, np.ndarray], HostBatch],
+        iters: int,
+        batch_size: int,
+    ) -> dict[str, float]:
         """val_loss (and val_<ratio>) summed exactly over `iters` fixed batches of `eval_step`'s sums."""
         rows = self.rows(batch_size)
         total: dict[str, Any] = {}
@@ -101,11 +108,17 @@ class Objective:
     position: Callable[[int], dict] = lambda step: {"train_batches": step}  # recorded per checkpoint
 
 
-def fit(cfg: Config, rt: Runtime, model: Transformer, objective: Objective, *,
-        init_params: Callable[[Any], Any] | None = None,
-        finalize: Callable[[TrainState], tuple[TrainState, dict]] | None = None,
-        report: Callable[[TrainState, MetricsLogger], dict] | None = None,
-        description: str = "") -> dict[str, Any]:
+def fit(
+    cfg: Config,
+    rt: Runtime,
+    model: Transformer,
+    objective: Objective,
+    *,
+    init_params: Callable[[Any], Any] | None = None,
+    finalize: Callable[[TrainState], tuple[TrainState, dict]] | None = None,
+    report: Callable[[TrainState, MetricsLogger], dict] | None = None,
+    description: str = "",
+) -> dict[str, Any]:
     """Train to `train.max_steps`, resuming from the workdir's latest checkpoint if any.
 
     init_params   parameter shardings -> starting parameters (fine-tuning from another run)
@@ -130,13 +143,22 @@ def fit(cfg: Config, rt: Runtime, model: Transformer, objective: Objective, *,
     start = int(host_value(state.step))
 
     logger = MetricsLogger(rt.workdir, cfg.logging, tc.max_steps, start, to_dict(cfg))
-    origin = f"resumed from step {start}" if latest is not None else (
-        f"from {tc.init_from or tc.init_from_hf}" if init_params else "from scratch")
-    logger.message(f"flaxgpt {cfg.name} ({tc.trainer}): {lora.describe_size(state.params, model_cfg.lora_rank)}, "
-                   f"vocab {model_cfg.vocab_size}, mesh {dict(rt.mesh.shape)}, {origin}"
-                   + (f"; {description}" if description else ""))
-    record = lambda step, extra={}: {"step": step, "data": objective.position(step), "model": to_dict(model_cfg),
-                                     **extra}
+    origin = (
+        f"resumed from step {start}"
+        if latest is not None
+        else (f"from {tc.init_from or tc.init_from_hf}" if init_params else "from scratch")
+    )
+    logger.message(
+        f"flaxgpt {cfg.name} ({tc.trainer}): {lora.describe_size(state.params, model_cfg.lora_rank)}, "
+        f"vocab {model_cfg.vocab_size}, mesh {dict(rt.mesh.shape)}, {origin}"
+        + (f"; {description}" if description else "")
+    )
+    record = lambda step, extra={}: {
+        "step": step,
+        "data": objective.position(step),
+        "model": to_dict(model_cfg),
+        **extra,
+    }
 
     # MFU of language-model steps (pretraining, SFT: every row is block_size tokens of compute)
     flops_token = perf.flops_per_token(model_cfg, count_params(state.params))
@@ -145,9 +167,12 @@ def fit(cfg: Config, rt: Runtime, model: Transformer, objective: Objective, *,
     rows = rt.rows(batch)  # this process loads only these rows
     last_row: dict[str, Any] = {}
     with rt.context():
-        train_step = jax.jit(make_train_step(model, optimizer, schedule, tc, objective.loss_sums),
-                             in_shardings=(shardings, rt.rows_sharding), out_shardings=(shardings, None),
-                             donate_argnums=0)
+        train_step = jax.jit(
+            make_train_step(model, optimizer, schedule, tc, objective.loss_sums),
+            in_shardings=(shardings, rt.rows_sharding),
+            out_shardings=(shardings, None),
+            donate_argnums=0,
+        )
         skipped_seen = int(host_value(state.skipped))
         clock, items_since = time.time(), 0
         batches = prefetch(lambda step: objective.train_batch(step, rows), start, tc.max_steps, cfg.data.prefetch)
@@ -166,7 +191,8 @@ def fit(cfg: Config, rt: Runtime, model: Transformer, objective: Objective, *,
                 if tc.z_loss:
                     row["z_loss"] = float(m["z_loss"])
                 row["tokens_per_sec" if tc.trainer != "reward" else "examples_per_sec"] = (
-                    items_since * (model_cfg.block_size if tc.trainer != "reward" else 1) / max(now - clock, 1e-9))
+                    items_since * (model_cfg.block_size if tc.trainer != "reward" else 1) / max(now - clock, 1e-9)
+                )
                 if mfu_denominator:
                     row["mfu"] = row["tokens_per_sec"] * flops_token / mfu_denominator
                 skipped_seen = _check_skipped(int(m["skipped"]), skipped_seen, done, tc.max_skipped_steps, logger)
@@ -194,16 +220,21 @@ def fit(cfg: Config, rt: Runtime, model: Transformer, objective: Objective, *,
 
 def _check_skipped(total: int, seen: int, step: int, limit: int, logger: MetricsLogger) -> int:
     if total > seen:
-        logger.message(f"step {step}: {total - seen} update(s) skipped for a non-finite loss or "
-                       f"gradient ({total} in this run so far, limit {limit})")
+        logger.message(
+            f"step {step}: {total - seen} update(s) skipped for a non-finite loss or "
+            f"gradient ({total} in this run so far, limit {limit})"
+        )
     if total > limit:
-        raise NonFiniteLoss(f"{total} steps had a non-finite loss or gradient (train.max_skipped_steps="
-                            f"{limit}); stopping. The last checkpoint holds finite parameters.")
+        raise NonFiniteLoss(
+            f"{total} steps had a non-finite loss or gradient (train.max_skipped_steps="
+            f"{limit}); stopping. The last checkpoint holds finite parameters."
+        )
     return total
 
 
-def starting_point(cfg: Config, rt: Runtime, tokenizer_text: Callable[[], str],
-                   output: str = "logits") -> tuple[Config, Tokenizer, Callable[[Any], Any] | None]:
+def starting_point(
+    cfg: Config, rt: Runtime, tokenizer_text: Callable[[], str], output: str = "logits"
+) -> tuple[Config, Tokenizer, Callable[[Any], Any] | None]:
     """(config with the model resolved, tokenizer, init_params for `fit`) of a run.
 
     With `train.init_from` the model's structure and the tokenizer are the source run's
@@ -239,4 +270,6 @@ def resolve_vocab(cfg: Config, tokenizer: Tokenizer) -> Config:
     if vocab < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} ids")
     valid = tokenizer.vocab_size if vocab > tokenizer.vocab_size else 0
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab, valid_vocab=valid).resolved())
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab, valid_vocab=valid).resolved()
+    )

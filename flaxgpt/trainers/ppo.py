@@ -29,7 +29,8 @@ import functools
 import importlib
 import random
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -46,17 +47,24 @@ from flaxgpt.data.jsonl import DataError, read_jsonl
 from flaxgpt.data.packing import PackedRows
 from flaxgpt.data.text import build_text_data
 from flaxgpt.inference import inherit_model, params_from_run, read_run
-from flaxgpt.lora import LORA_SETTINGS
 from flaxgpt.logging import MetricsLogger, read_metrics
-from flaxgpt.losses import (adaptive_kl_coef, generalized_advantages, masked_mean, masked_whiten, ppo_policy_loss,
-                            ppo_value_loss, token_cross_entropy)
+from flaxgpt.lora import LORA_SETTINGS
+from flaxgpt.losses import (
+    adaptive_kl_coef,
+    generalized_advantages,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    token_cross_entropy,
+)
 from flaxgpt.model import Transformer
 from flaxgpt.optim import build_optimizer, learning_rate_schedule
 from flaxgpt.sharding import host_value, logical_shardings, unbox_shapes
 from flaxgpt.state import create_train_state
 from flaxgpt.trainers import reward as reward_lib
-from flaxgpt.trainers.loop import NonFiniteLoss, Runtime
 from flaxgpt.trainers.lm import make_train_step
+from flaxgpt.trainers.loop import NonFiniteLoss, Runtime
 
 Array = jax.Array
 
@@ -76,21 +84,22 @@ class PPOState:
 class Models:
     policy: Transformer  # logits
     value: Transformer  # scalar
-    reward: Optional[Transformer]  # scalar; None with a reward function
+    reward: Transformer | None  # scalar; None with a reward function
     head_only_value: bool  # value params are just a head on the policy's trunk
 
 
 # ----------------------------------------------------------------------------- pure pieces
 
 
-def response_logprobs(model: Transformer, params: Any, tokens: Array, positions: Array, segments: Array,
-                      start: int, temperature: float) -> tuple[Array, Array]:
+def response_logprobs(
+    model: Transformer, params: Any, tokens: Array, positions: Array, segments: Array, start: int, temperature: float
+) -> tuple[Array, Array]:
     """(log-probabilities of tokens[:, start:], entropies) under softmax(logits / temperature).
 
     The logits at position i predict token i + 1, so response token t is scored by the logits
     at start + t - 1: the same distribution the rollout sampled it from.
     """
-    logits = model.apply({"params": params}, tokens, positions, segments)[:, start - 1:-1] / temperature
+    logits = model.apply({"params": params}, tokens, positions, segments)[:, start - 1 : -1] / temperature
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, tokens[:, start:, None], axis=-1)[..., 0]
     entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
@@ -102,8 +111,9 @@ def value_params(params: dict, head_only: bool) -> Any:
     return {**params["policy"], **params["value"]} if head_only else params["value"]
 
 
-def token_rewards(scores: Array, logprobs: Array, ref_logprobs: Array, mask: Array, lengths: Array,
-                  kl_coef: Array) -> tuple[Array, Array]:
+def token_rewards(
+    scores: Array, logprobs: Array, ref_logprobs: Array, mask: Array, lengths: Array, kl_coef: Array
+) -> tuple[Array, Array]:
     """Per-token rewards [B, R]: -beta * KL estimate on every response token, plus the score on the
     last one. Returns (rewards, per-token KL)."""
     kl = (logprobs - ref_logprobs) * mask
@@ -132,19 +142,23 @@ def load_prompts(cfg: Config) -> tuple[list[Prompt], list[Prompt]]:
     system = lambda s: [{"role": "system", "content": s}] if s else []
     if not p.prompts_path:
         world = world_lib.make_world(data.world_seed)
-        pool = lambda seed, n: [world_lib.random_question(world, rng)[0]
-                                for rng in [random.Random(seed)] for _ in range(n)]
+        pool = lambda seed, n: [
+            world_lib.random_question(world, rng)[0] for rng in [random.Random(seed)] for _ in range(n)
+        ]
         make = lambda q: Prompt(system(data.world_system) + [{"role": "user", "content": q}], q)
-        return ([make(q) for q in pool(data.world_seed * 1000 + 5, p.world_prompts)],
-                [make(q) for q in pool(data.world_seed * 1000 + 6, p.eval_prompts)])
+        return (
+            [make(q) for q in pool(data.world_seed * 1000 + 5, p.world_prompts)],
+            [make(q) for q in pool(data.world_seed * 1000 + 6, p.eval_prompts)],
+        )
     records, report = read_jsonl(p.prompts_path, "prompts", data.on_error)
     print(report.summary(), flush=True)
-    prompts = [Prompt(system(r.get("system", "")) + [{"role": "user", "content": r["prompt"]}], r["prompt"])
-               for r in records]
+    prompts = [
+        Prompt(system(r.get("system", "")) + [{"role": "user", "content": r["prompt"]}], r["prompt"]) for r in records
+    ]
     held_out = min(p.eval_prompts, max(1, int(len(prompts) * (1 - data.train_fraction))))
     if len(prompts) <= held_out:
         raise DataError(f"{p.prompts_path}: {len(prompts)} prompt(s) cannot be split into training and held-out ones")
-    return prompts[:len(prompts) - held_out], prompts[len(prompts) - held_out:]
+    return prompts[: len(prompts) - held_out], prompts[len(prompts) - held_out :]
 
 
 def world_labeler(cfg: Config) -> Callable[[str, str], float]:
@@ -153,7 +167,7 @@ def world_labeler(cfg: Config) -> Callable[[str, str], float]:
     return lambda prompt, response: world_lib.label(world, prompt, response)
 
 
-def reward_function(cfg: Config) -> Optional[Callable[[str, str], float]]:
+def reward_function(cfg: Config) -> Callable[[str, str], float] | None:
     """The configured Python reward (prompt text, response text) -> score, if any."""
     name = cfg.ppo.reward_function
     if not name:
@@ -188,31 +202,44 @@ class PPOTrainer:
         if p.reward_from:
             rm_cfg, rm_tokenizer = read_run(p.reward_from)
             if rm_tokenizer.vocab_size != self.tokenizer.vocab_size or rm_cfg.model.output != "scalar":
-                raise ConfigError(f"ppo.reward_from={p.reward_from} is not a reward model for this policy "
-                                  f"(output '{rm_cfg.model.output}', vocabulary {rm_tokenizer.vocab_size} vs "
-                                  f"{self.tokenizer.vocab_size})")
+                raise ConfigError(
+                    f"ppo.reward_from={p.reward_from} is not a reward model for this policy "
+                    f"(output '{rm_cfg.model.output}', vocabulary {rm_tokenizer.vocab_size} vs "
+                    f"{self.tokenizer.vocab_size})"
+                )
             reward_cfg = rm_cfg.model
         # a separate value model starts from the reward model (else from the SFT run); a value
         # head lives on the policy's trunk
         from_rm = reward_cfg is not None and p.value_model == "separate"
         value_source = p.reward_from if from_rm else tc.init_from
         # with LoRA, the value model carries the policy's adapters (its score head trains too)
-        value_cfg = dataclasses.replace(reward_cfg if from_rm else policy_cfg, output="scalar", dropout=0.0,
-                                        **{k: getattr(policy_cfg, k) for k in LORA_SETTINGS})
-        self.models = Models(Transformer(policy_cfg), Transformer(value_cfg),
-                             Transformer(reward_cfg) if reward_cfg else None, p.value_model == "head")
+        value_cfg = dataclasses.replace(
+            reward_cfg if from_rm else policy_cfg,
+            output="scalar",
+            dropout=0.0,
+            **{k: getattr(policy_cfg, k) for k in LORA_SETTINGS},
+        )
+        self.models = Models(
+            Transformer(policy_cfg),
+            Transformer(value_cfg),
+            Transformer(reward_cfg) if reward_cfg else None,
+            p.value_model == "head",
+        )
         self.reward_fn = reward_function(cfg)
         self.labeler = world_labeler(cfg) if cfg.data.source == "world" else None
         self.sources = {"policy": tc.init_from, "value": value_source, "reward": p.reward_from}
         self.updates = tc.max_steps * p.epochs * p.minibatches
         self.adapters_only = bool(policy_cfg.lora_rank)
-        self.optimizer = build_optimizer(cfg.optimizer, self.updates,
-                                         lora.trainable_mask if self.adapters_only else None)
+        self.optimizer = build_optimizer(
+            cfg.optimizer, self.updates, lora.trainable_mask if self.adapters_only else None
+        )
         self.stops = stop_tokens(self.tokenizer)
         self.query_width = policy_cfg.block_size - p.max_new_tokens
         if self.query_width < 2:
-            raise ConfigError(f"ppo.max_new_tokens={p.max_new_tokens} leaves no room for a prompt in "
-                              f"block_size {policy_cfg.block_size}")
+            raise ConfigError(
+                f"ppo.max_new_tokens={p.max_new_tokens} leaves no room for a prompt in "
+                f"block_size {policy_cfg.block_size}"
+            )
         self.ptx = build_text_data(cfg, workdir)[1] if p.ptx_coef > 0 else None
 
     # -- state ---------------------------------------------------------------
@@ -220,8 +247,9 @@ class PPOTrainer:
     def _boxed_params(self) -> tuple[dict, dict]:
         """Abstract (boxed) trainable and frozen parameter trees, for shardings."""
         m = self.models
-        shape = lambda model: jax.eval_shape(lambda: model.init(
-            jax.random.PRNGKey(0), jnp.zeros((1, model.cfg.block_size), jnp.int32))["params"])
+        shape = lambda model: jax.eval_shape(
+            lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, model.cfg.block_size), jnp.int32))["params"]
+        )
         value = shape(m.value)
         trainable = {"policy": shape(m.policy), "value": {"score": value["score"]} if m.head_only_value else value}
         frozen = {"reference": shape(m.policy)}
@@ -232,13 +260,18 @@ class PPOTrainer:
     def abstract_state(self) -> tuple[Any, Any]:
         trainable, frozen = self._boxed_params()
         unboxed = unbox_shapes(trainable)
-        abstract = PPOState(step=jax.ShapeDtypeStruct((), jnp.int32), params=unboxed,
-                            opt_state=jax.eval_shape(self.optimizer.init, unboxed), frozen=unbox_shapes(frozen),
-                            kl_coef=jax.ShapeDtypeStruct((), jnp.float32),
-                            rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)),
-                            round=jax.ShapeDtypeStruct((), jnp.int32))
-        boxed = abstract.replace(params=trainable, frozen=frozen,
-                                 opt_state=jax.eval_shape(self.optimizer.init, trainable))
+        abstract = PPOState(
+            step=jax.ShapeDtypeStruct((), jnp.int32),
+            params=unboxed,
+            opt_state=jax.eval_shape(self.optimizer.init, unboxed),
+            frozen=unbox_shapes(frozen),
+            kl_coef=jax.ShapeDtypeStruct((), jnp.float32),
+            rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)),
+            round=jax.ShapeDtypeStruct((), jnp.int32),
+        )
+        boxed = abstract.replace(
+            params=trainable, frozen=frozen, opt_state=jax.eval_shape(self.optimizer.init, trainable)
+        )
         shardings = unbox_shapes(logical_shardings(boxed, self.rt.mesh, self.rt.rules))
         structs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         return structs, shardings
@@ -246,8 +279,7 @@ class PPOTrainer:
     def initial_state(self, shardings: Any) -> PPOState:
         """Policy and reference from the SFT run, value from the RM (or SFT), reward from the RM."""
         rt, tc, m = self.rt, self.cfg.train, self.models
-        load = lambda source, step, model, sh: params_from_run(source, step, model.cfg, rt.mesh, rt.rules,
-                                                                tc.seed)(sh)
+        load = lambda source, step, model, sh: params_from_run(source, step, model.cfg, rt.mesh, rt.rules, tc.seed)(sh)
         policy = load(self.sources["policy"], tc.init_step, m.policy, shardings.params["policy"])
         if m.head_only_value:
             value_tree = jax.eval_shape(lambda: m.value.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
@@ -260,9 +292,15 @@ class PPOTrainer:
             frozen["reward"] = load(self.sources["reward"], None, m.reward, shardings.frozen["reward"])
 
         def build(params, frozen):
-            return PPOState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params),
-                            frozen=frozen, kl_coef=jnp.asarray(self.cfg.ppo.kl_coef, jnp.float32),
-                            rng=jax.random.PRNGKey(tc.seed), round=jnp.zeros((), jnp.int32))
+            return PPOState(
+                step=jnp.zeros((), jnp.int32),
+                params=params,
+                opt_state=self.optimizer.init(params),
+                frozen=frozen,
+                kl_coef=jnp.asarray(self.cfg.ppo.kl_coef, jnp.float32),
+                rng=jax.random.PRNGKey(tc.seed),
+                round=jnp.zeros((), jnp.int32),
+            )
 
         with rt.context():
             return jax.jit(build, out_shardings=shardings)({"policy": policy, "value": value}, frozen)
@@ -280,16 +318,19 @@ class PPOTrainer:
             segments = mask.astype(jnp.int32)
             positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)
             resp_mask = mask[:, q:].astype(jnp.float32)
-            logp, _ = response_logprobs(m.policy, state.params["policy"], tokens, positions, segments, q,
-                                        p.temperature)
-            ref_logp, _ = response_logprobs(m.policy, state.frozen["reference"], tokens, positions, segments, q,
-                                            p.temperature)
-            values = m.value.apply({"params": value_params(state.params, m.head_only_value)}, tokens, positions,
-                                   segments)[:, q - 1:-1] * resp_mask
+            logp, _ = response_logprobs(m.policy, state.params["policy"], tokens, positions, segments, q, p.temperature)
+            ref_logp, _ = response_logprobs(
+                m.policy, state.frozen["reference"], tokens, positions, segments, q, p.temperature
+            )
+            values = (
+                m.value.apply({"params": value_params(state.params, m.head_only_value)}, tokens, positions, segments)[
+                    :, q - 1 : -1
+                ]
+                * resp_mask
+            )
             if m.reward is not None:
                 last = q + jnp.maximum(lengths, 1) - 1
-                scores = reward_lib.rewards_at_last(m.reward, state.frozen["reward"], tokens, positions, segments,
-                                                    last)
+                scores = reward_lib.rewards_at_last(m.reward, state.frozen["reward"], tokens, positions, segments, last)
             else:
                 scores = fn_scores
             scores = scores - p.missing_eos_penalty * (1.0 - ended)
@@ -298,35 +339,55 @@ class PPOTrainer:
                 rewards = masked_whiten(rewards, resp_mask, shift_mean=False)
             advantages, returns = generalized_advantages(rewards, values, resp_mask, p.gamma, p.lam)
             advantages = masked_whiten(advantages, resp_mask)
-            batch = dict(tokens=tokens, positions=positions, segments=segments, resp_mask=resp_mask,
-                         logprobs=logp, values=values, advantages=advantages, returns=returns)
-            stats = {"score_mean": jnp.mean(scores), "score_std": jnp.std(scores),
-                     "kl": jnp.mean(jnp.sum(kl, axis=1)), "response_length": jnp.mean(lengths.astype(jnp.float32)),
-                     "ended_fraction": jnp.mean(ended), "reward_total": jnp.mean(jnp.sum(rewards, axis=1))}
+            batch = dict(
+                tokens=tokens,
+                positions=positions,
+                segments=segments,
+                resp_mask=resp_mask,
+                logprobs=logp,
+                values=values,
+                advantages=advantages,
+                returns=returns,
+            )
+            stats = {
+                "score_mean": jnp.mean(scores),
+                "score_std": jnp.std(scores),
+                "kl": jnp.mean(jnp.sum(kl, axis=1)),
+                "response_length": jnp.mean(lengths.astype(jnp.float32)),
+                "ended_fraction": jnp.mean(ended),
+                "reward_total": jnp.mean(jnp.sum(rewards, axis=1)),
+            }
             return batch, stats
 
         def loss_fn(params, mb, ptx):
-            logp, entropy = response_logprobs(m.policy, params["policy"], mb["tokens"], mb["positions"],
-                                              mb["segments"], q, p.temperature)
-            values = m.value.apply({"params": value_params(params, m.head_only_value)}, mb["tokens"],
-                                   mb["positions"], mb["segments"])[:, q - 1:-1]
+            logp, entropy = response_logprobs(
+                m.policy, params["policy"], mb["tokens"], mb["positions"], mb["segments"], q, p.temperature
+            )
+            values = m.value.apply(
+                {"params": value_params(params, m.head_only_value)}, mb["tokens"], mb["positions"], mb["segments"]
+            )[:, q - 1 : -1]
             mask = mb["resp_mask"]
             pol = ppo_policy_loss(logp, mb["logprobs"], mb["advantages"], mask, p.clip)
             val = ppo_value_loss(values, mb["values"], mb["returns"], mask, p.value_clip)
             ent = masked_mean(entropy, mask)
             total = pol["policy_loss"] + p.value_coef * val["value_loss"] - p.entropy_coef * ent
-            stats = {**pol, **val, "entropy": ent,
-                     "explained_variance": explained_variance(mb["values"], mb["returns"], mask)}
+            stats = {
+                **pol,
+                **val,
+                "entropy": ent,
+                "explained_variance": explained_variance(mb["values"], mb["returns"], mask),
+            }
             if ptx is not None:
-                logits = m.policy.apply({"params": params["policy"]}, ptx["inputs"], ptx["positions"],
-                                        ptx["segment_ids"])
+                logits = m.policy.apply(
+                    {"params": params["policy"]}, ptx["inputs"], ptx["positions"], ptx["segment_ids"]
+                )
                 sums = token_cross_entropy(logits, ptx["targets"], ptx["loss_weights"])
                 stats["ptx_loss"] = sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0)
                 total = total + p.ptx_coef * stats["ptx_loss"]
             stats["loss"] = total
             return total, stats
 
-        def update(state: PPOState, batch: dict, ptx: Optional[dict], rollout_kl: Array):
+        def update(state: PPOState, batch: dict, ptx: dict | None, rollout_kl: Array):
             n = batch["tokens"].shape[0]
             size = n // p.minibatches
             key = jax.random.fold_in(state.rng, state.step)
@@ -345,31 +406,45 @@ class PPOTrainer:
             orders = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, p.epochs))
             indices = orders.reshape(p.epochs * p.minibatches, size)
             ptx_indices = jnp.tile(jnp.arange(p.minibatches), p.epochs)
-            (params, opt_state), stats = jax.lax.scan(minibatch, (state.params, state.opt_state),
-                                                      (indices, ptx_indices))
+            (params, opt_state), stats = jax.lax.scan(
+                minibatch, (state.params, state.opt_state), (indices, ptx_indices)
+            )
             stats = jax.tree.map(jnp.mean, stats)
             finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(stats)]))
-            kl_coef = adaptive_kl_coef(state.kl_coef, rollout_kl, p.kl_target, p.kl_horizon, n) if p.adaptive_kl \
+            kl_coef = (
+                adaptive_kl_coef(state.kl_coef, rollout_kl, p.kl_target, p.kl_horizon, n)
+                if p.adaptive_kl
                 else state.kl_coef
+            )
             new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, kl_coef=kl_coef)
             return new, {**stats, "finite": finite}
 
         rows = self.rt.rows_sharding
         self.score_rollout = jax.jit(score_rollout)
-        self.update = jax.jit(update, in_shardings=(shardings, rows, None, None), out_shardings=(shardings, None),
-                              donate_argnums=0)
+        self.update = jax.jit(
+            update, in_shardings=(shardings, rows, None, None), out_shardings=(shardings, None), donate_argnums=0
+        )
 
     # -- host loop -----------------------------------------------------------
 
-    def rollout(self, state: PPOState, prompts: list[Prompt], key: Array, temperature: float,
-                params: Any = None) -> tuple[np.ndarray, np.ndarray, generate.Generation]:
+    def rollout(
+        self, state: PPOState, prompts: list[Prompt], key: Array, temperature: float, params: Any = None
+    ) -> tuple[np.ndarray, np.ndarray, generate.Generation]:
         """(query tokens, query mask, generation) for `prompts`, sampled from the policy."""
         ids = [render(pr.messages, self.tokenizer, self.query_width).ids for pr in prompts]
         tokens, mask = generate.left_pad(ids, self.tokenizer.pad_id, self.query_width)
         decode = generate.DecodeConfig(max_new_tokens=self.cfg.ppo.max_new_tokens, temperature=temperature)
         params = state.params["policy"] if params is None else params
-        gen = generate.generate(self.models.policy, params, ids, decode, key, pad_id=self.tokenizer.pad_id,
-                                stop_tokens=self.stops, prompt_width=self.query_width)
+        gen = generate.generate(
+            self.models.policy,
+            params,
+            ids,
+            decode,
+            key,
+            pad_id=self.tokenizer.pad_id,
+            stop_tokens=self.stops,
+            prompt_width=self.query_width,
+        )
         return tokens, mask, gen
 
     def responses(self, gen: generate.Generation) -> list[str]:
@@ -383,7 +458,7 @@ class PPOTrainer:
         for name, temperature in (("", self.cfg.ppo.temperature), ("_greedy", 0.0)):
             answers, scores = [], []
             for start in range(0, len(self.eval_prompts), self.cfg.train.batch_size):
-                chunk = self.eval_prompts[start:start + self.cfg.train.batch_size]
+                chunk = self.eval_prompts[start : start + self.cfg.train.batch_size]
                 chunk = chunk + [chunk[0]] * (self.cfg.train.batch_size - len(chunk))
                 tokens, mask, gen = self.rollout(state, chunk, jax.random.PRNGKey(1000 + start), temperature)
                 real = min(len(self.eval_prompts) - start, len(chunk))
@@ -391,8 +466,9 @@ class PPOTrainer:
                 scores += list(self._scores(state, chunk, tokens, mask, gen))[:real]
             figures[f"eval_reward{name}"] = float(np.mean(scores))
             if self.labeler is not None:
-                figures[f"task_accuracy{name}"] = float(np.mean(
-                    [self.labeler(pr.text, a) == 1.0 for pr, a in zip(self.eval_prompts, answers)]))
+                figures[f"task_accuracy{name}"] = float(
+                    np.mean([self.labeler(pr.text, a) == 1.0 for pr, a in zip(self.eval_prompts, answers)])
+                )
         return figures
 
     def _scores(self, state: PPOState, prompts: list[Prompt], tokens, mask, gen) -> np.ndarray:
@@ -403,8 +479,11 @@ class PPOTrainer:
         segments = full_mask.astype(np.int32)
         positions = np.maximum(np.cumsum(segments, axis=1) - 1, 0)
         last = self.query_width + np.maximum(lengths, 1) - 1
-        out = _rewards(self.models.reward, state.frozen["reward"], *generate.on_params_mesh(
-            state.frozen["reward"], full, positions, segments, last))
+        out = _rewards(
+            self.models.reward,
+            state.frozen["reward"],
+            *generate.on_params_mesh(state.frozen["reward"], full, positions, segments, last),
+        )
         return np.asarray(host_value(out))
 
     def _sequences(self, tokens, mask, gen):
@@ -412,8 +491,12 @@ class PPOTrainer:
         lengths = np.asarray(host_value(gen.lengths))
         resp_mask = np.arange(resp.shape[1])[None] < lengths[:, None]
         ended = np.isin(resp[np.arange(len(resp)), np.maximum(lengths - 1, 0)], self.stops) & (lengths > 0)
-        return (np.concatenate([tokens, resp], 1), np.concatenate([mask, resp_mask], 1), lengths,
-                ended.astype(np.float32))
+        return (
+            np.concatenate([tokens, resp], 1),
+            np.concatenate([mask, resp_mask], 1),
+            lengths,
+            ended.astype(np.float32),
+        )
 
     def run(self) -> dict[str, Any]:
         cfg, rt, tc, p = self.cfg, self.rt, self.cfg.train, self.cfg.ppo
@@ -422,16 +505,21 @@ class PPOTrainer:
         abstract, shardings = self.abstract_state()
         checkpointer = Checkpointer(rt.workdir, cfg.checkpoint)
         latest = checkpointer.latest_step()
-        state = (checkpointer.restore(latest, abstract, cfg.model)[0] if latest is not None
-                 else self.initial_state(shardings))
+        state = (
+            checkpointer.restore(latest, abstract, cfg.model)[0]
+            if latest is not None
+            else self.initial_state(shardings)
+        )
         start = int(host_value(state.step))
         self.make_steps(shardings)
         logger = MetricsLogger(rt.workdir, cfg.logging, tc.max_steps, start, to_dict(cfg))
         size = lora.describe_size(state.params, cfg.model.lora_rank)
-        logger.message(f"flaxgpt {cfg.name} (ppo): policy + value {size}, reward "
-                       f"{'model ' + p.reward_from if p.reward_from else 'function ' + p.reward_function}, "
-                       f"{len(self.train_prompts)} prompts, mesh {dict(rt.mesh.shape)}, "
-                       + (f"resumed from step {start}" if latest is not None else f"from {tc.init_from}"))
+        logger.message(
+            f"flaxgpt {cfg.name} (ppo): policy + value {size}, reward "
+            f"{'model ' + p.reward_from if p.reward_from else 'function ' + p.reward_function}, "
+            f"{len(self.train_prompts)} prompts, mesh {dict(rt.mesh.shape)}, "
+            + (f"resumed from step {start}" if latest is not None else f"from {tc.init_from}")
+        )
         order = PackedRows({"index": np.arange(len(self.train_prompts))[:, None]}, tc.seed)
         record = lambda step: {"step": step, "model": to_dict(cfg.model), "data": order.position(step, tc.batch_size)}
         steps_per_round = tc.max_steps // p.rounds
@@ -443,41 +531,70 @@ class PPOTrainer:
                 if first_eval:
                     logger.log(0, {f"val_{k}": v for k, v in first_eval.items()})
             else:  # resumed: the starting figures were logged as step 0
-                first_eval = {k[4:]: v for row in read_metrics(rt.workdir) if row.get("step") == 0
-                              for k, v in row.items() if k.startswith("val_")}
+                first_eval = {
+                    k[4:]: v
+                    for row in read_metrics(rt.workdir)
+                    if row.get("step") == 0
+                    for k, v in row.items()
+                    if k.startswith("val_")
+                }
             for step in range(start, tc.max_steps):
-                if p.rounds > 1 and step > 0 and step % steps_per_round == 0 and int(host_value(state.round)) < \
-                        step // steps_per_round:
+                if (
+                    p.rounds > 1
+                    and step > 0
+                    and step % steps_per_round == 0
+                    and int(host_value(state.round)) < step // steps_per_round
+                ):
                     state = self.new_round(state, step // steps_per_round, logger)
                 prompts = [self.train_prompts[int(i)] for i in order.batch(step, tc.batch_size)["index"][:, 0]]
                 clock = time.time()
                 key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
                 tokens, mask, gen = self.rollout(state, prompts, key, p.temperature)
                 full, full_mask, lengths, ended = self._sequences(tokens, mask, gen)
-                fn_scores = (np.asarray([float(self.reward_fn(pr.text, r)) for pr, r in
-                                         zip(prompts, self.responses(gen))], np.float32)
-                             if self.reward_fn is not None else np.zeros(len(prompts), np.float32))
-                placed = rt.place({"tokens": full, "mask": full_mask, "lengths": lengths[:, None],
-                                   "ended": ended[:, None], "scores": fn_scores[:, None]}, tc.batch_size)
+                fn_scores = (
+                    np.asarray(
+                        [float(self.reward_fn(pr.text, r)) for pr, r in zip(prompts, self.responses(gen))], np.float32
+                    )
+                    if self.reward_fn is not None
+                    else np.zeros(len(prompts), np.float32)
+                )
+                placed = rt.place(
+                    {
+                        "tokens": full,
+                        "mask": full_mask,
+                        "lengths": lengths[:, None],
+                        "ended": ended[:, None],
+                        "scores": fn_scores[:, None],
+                    },
+                    tc.batch_size,
+                )
                 batch, roll_stats = self.score_rollout(state, **placed)
                 roll_stats = host_value(roll_stats)
                 rollout_time = time.time() - clock
                 clock = time.time()
                 ptx = self._ptx_batch(step) if self.ptx is not None else None
-                if step == start and (advice := perf.host_allocator_advice(self.update, state, batch, ptx,
-                                                                           roll_stats["kl"])):
+                if step == start and (
+                    advice := perf.host_allocator_advice(self.update, state, batch, ptx, roll_stats["kl"])
+                ):
                     logger.message(advice)
                 state, stats = self.update(state, batch, ptx, roll_stats["kl"])
                 stats = host_value(stats)
                 update_time = time.time() - clock
                 if not bool(stats.pop("finite")) or not all(np.isfinite(v) for v in roll_stats.values()):
                     bad = {k: float(v) for k, v in {**roll_stats, **stats}.items() if not np.isfinite(v)}
-                    raise NonFiniteLoss(f"PPO step {step + 1}: non-finite {bad}; stopping before this update reaches "
-                                        "a checkpoint (the last checkpoint is intact)")
+                    raise NonFiniteLoss(
+                        f"PPO step {step + 1}: non-finite {bad}; stopping before this update reaches "
+                        "a checkpoint (the last checkpoint is intact)"
+                    )
                 done = step + 1
-                row = {**{k: float(v) for k, v in roll_stats.items()}, **{k: float(v) for k, v in stats.items()},
-                       "kl_coef": float(host_value(state.kl_coef)), "rollout_seconds": rollout_time,
-                       "update_seconds": update_time, "round": int(host_value(state.round))}
+                row = {
+                    **{k: float(v) for k, v in roll_stats.items()},
+                    **{k: float(v) for k, v in stats.items()},
+                    "kl_coef": float(host_value(state.kl_coef)),
+                    "rollout_seconds": rollout_time,
+                    "update_seconds": update_time,
+                    "round": int(host_value(state.round)),
+                }
                 if done % cfg.eval.interval == 0 or done == tc.max_steps:
                     row.update({f"val_{k}": v for k, v in self.evaluate(state).items()})
                 if done % tc.log_interval == 0 or "val_eval_reward" in row:
@@ -501,24 +618,38 @@ class PPOTrainer:
     def new_round(self, state: PPOState, round_index: int, logger: MetricsLogger) -> PPOState:
         """Iterated RLHF: comparisons from the current policy, ranked by the labeler, retrain the RM."""
         cfg, rt = self.cfg, self.rt
-        records = reward_lib.world_rankings(cfg, rt, self.tokenizer, self.models.policy, state.params["policy"],
-                                            seed=cfg.train.seed + round_index)
-        rankings = reward_lib.rankings_of(records, self.tokenizer, self.models.reward.cfg.block_size,
-                                          f"round {round_index} comparisons", "skip")
+        records = reward_lib.world_rankings(
+            cfg, rt, self.tokenizer, self.models.policy, state.params["policy"], seed=cfg.train.seed + round_index
+        )
+        rankings = reward_lib.rankings_of(
+            records, self.tokenizer, self.models.reward.cfg.block_size, f"round {round_index} comparisons", "skip"
+        )
         k = max(len(r.responses) for r in rankings)
-        rows = PackedRows(reward_lib.ranking_rows(rankings, self.tokenizer, self.models.reward.cfg.block_size, k),
-                          cfg.train.seed + round_index)
+        rows = PackedRows(
+            reward_lib.ranking_rows(rankings, self.tokenizer, self.models.reward.cfg.block_size, k),
+            cfg.train.seed + round_index,
+        )
         rm_train = dataclasses.replace(cfg.train, max_steps=cfg.ppo.round_rm_steps, grad_accum_steps=1)
-        optimizer = build_optimizer(cfg.optimizer, rm_train.max_steps,
-                                    lora.trainable_mask if self.models.reward.cfg.lora_rank else None)
+        optimizer = build_optimizer(
+            cfg.optimizer, rm_train.max_steps, lora.trainable_mask if self.models.reward.cfg.lora_rank else None
+        )
         example = jnp.zeros((1, self.models.reward.cfg.block_size), jnp.int32)
-        rm_state, rm_shardings = create_train_state(self.models.reward, optimizer, example, rt.mesh, rt.rules,
-                                                    cfg.train.seed + round_index,
-                                                    params=lambda _: state.frozen["reward"])
+        rm_state, rm_shardings = create_train_state(
+            self.models.reward,
+            optimizer,
+            example,
+            rt.mesh,
+            rt.rules,
+            cfg.train.seed + round_index,
+            params=lambda _: state.frozen["reward"],
+        )
         loss = reward_lib.ranking_objective(self.models.reward, cfg.reward.margin)
-        step_fn = jax.jit(make_train_step(self.models.reward, optimizer,
-                                          learning_rate_schedule(cfg.optimizer, rm_train.max_steps), rm_train, loss),
-                          donate_argnums=0)
+        step_fn = jax.jit(
+            make_train_step(
+                self.models.reward, optimizer, learning_rate_schedule(cfg.optimizer, rm_train.max_steps), rm_train, loss
+            ),
+            donate_argnums=0,
+        )
         batch = min(cfg.train.batch_size, rows.n)
         accuracy = []
         for i in range(rm_train.max_steps):
@@ -528,9 +659,11 @@ class PPOTrainer:
         offset = float(np.mean(reward_lib.score(self.models.reward, rm_state.params, self.tokenizer, items, 16)))
         rm_params = dict(rm_state.params)
         rm_params["score"] = {**rm_params["score"], "bias": rm_params["score"]["bias"] - offset}
-        logger.message(f"round {round_index}: {len(rankings)} new comparisons from the current policy; reward model "
-                       f"retrained {rm_train.max_steps} steps (train pairwise accuracy {np.mean(accuracy[-10:]):.3f}), "
-                       f"offset {offset:+.3f}")
+        logger.message(
+            f"round {round_index}: {len(rankings)} new comparisons from the current policy; reward model "
+            f"retrained {rm_train.max_steps} steps (train pairwise accuracy {np.mean(accuracy[-10:]):.3f}), "
+            f"offset {offset:+.3f}"
+        )
         return state.replace(frozen={**state.frozen, "reward": rm_params}, round=state.round + 1)
 
 

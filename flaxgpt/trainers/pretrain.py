@@ -31,8 +31,9 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
     eval_step = jax.jit(make_eval_step(model))
 
     def evaluate(params: Any) -> dict[str, float]:
-        figures = rt.validation(eval_step, params, lambda i, rows: data.batch("val", i, eval_batch, block, rows),
-                                cfg.eval.iters, eval_batch)
+        figures = rt.validation(
+            eval_step, params, lambda i, rows: data.batch("val", i, eval_batch, block, rows), cfg.eval.iters, eval_batch
+        )
         return {**figures, "val_ppl": float(np.exp(min(figures["val_loss"], 50.0)))}
 
     eval_batch = cfg.eval.batch_size or batch
@@ -61,7 +62,8 @@ def sample_text(model: Transformer, params: Any, tokenizer: Tokenizer, cfg: Conf
     decode = generate.DecodeConfig(max_new_tokens=ev.sample_tokens, temperature=ev.temperature, top_k=ev.top_k)
     rng = jax.random.PRNGKey(ev.sample_seed)
     if len(prompt) + ev.sample_tokens <= model.cfg.block_size:
-        out = generate.generate(model, params, [prompt], decode, rng, pad_id=tokenizer.pad_id,
-                                stop_tokens=[tokenizer.eos_id])
+        out = generate.generate(
+            model, params, [prompt], decode, rng, pad_id=tokenizer.pad_id, stop_tokens=[tokenizer.eos_id]
+        )
         return tokenizer.decode(generate.completions(out, [tokenizer.eos_id])[0])
     return tokenizer.decode(generate.sliding_window_sample(model, params, prompt, decode, rng, tokenizer.eos_id))

@@ -18,8 +18,9 @@ import functools
 import json
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -50,10 +51,11 @@ class Ranking:
     ranks: list[int]  # 0 = best; equal ranks are ties
 
     @classmethod
-    def from_record(cls, record: dict) -> "Ranking":
+    def from_record(cls, record: dict) -> Ranking:
         """A rankings- or pairs-schema record."""
         prompt = ([{"role": "system", "content": record["system"]}] if record.get("system") else []) + [
-            {"role": "user", "content": record["prompt"]}]
+            {"role": "user", "content": record["prompt"]}
+        ]
         responses = record["responses"] if "responses" in record else [record["chosen"], record["rejected"]]
         scores = record.get("scores")
         ranks = list(range(len(responses))) if scores is None else [scores.index(s) for s in scores]
@@ -66,55 +68,76 @@ def response_ids(prompt: Sequence[dict], response: str, tokenizer: Tokenizer, bl
     a ValueError if even the last user turn and the response do not."""
     turns = [m for m in prompt if m["role"] != "system"]
     last_user = max((i for i, m in enumerate(turns) if m["role"] == "user"), default=-1)
-    rendered = render(list(prompt) + [{"role": "assistant", "content": response}], tokenizer, block_size,
-                      add_generation_prompt=False)
+    rendered = render(
+        list(prompt) + [{"role": "assistant", "content": response}], tokenizer, block_size, add_generation_prompt=False
+    )
     if last_user < 0 or rendered.dropped_turns > last_user:
-        raise ValueError(f"the prompt's last user turn and the response need more than block_size={block_size} "
-                         "tokens" if last_user >= 0 else "the prompt has no user turn")
+        raise ValueError(
+            f"the prompt's last user turn and the response need more than block_size={block_size} tokens"
+            if last_user >= 0
+            else "the prompt has no user turn"
+        )
     return rendered.ids
 
 
-def ranking_rows(rankings: list[Ranking], tokenizer: Tokenizer, block_size: int, k: int,
-                 width: Optional[int] = None) -> dict[str, np.ndarray]:
+def ranking_rows(
+    rankings: list[Ranking], tokenizer: Tokenizer, block_size: int, k: int, width: int | None = None
+) -> dict[str, np.ndarray]:
     """[n, k, width] inputs / segment_ids / positions and [n, k] last / ranks / valid arrays.
 
     `width` defaults to the longest sequence rounded up to a multiple of 16 (at most
     block_size): rows hold one response each, and padding to the context would waste compute.
     """
     n = len(rankings)
-    encoded = [[response_ids(r.prompt, response, tokenizer, block_size) for response in r.responses]
-               for r in rankings]
+    encoded = [[response_ids(r.prompt, response, tokenizer, block_size) for response in r.responses] for r in rankings]
     longest = max((len(ids) for row in encoded for ids in row), default=1)
     width = width or min(block_size, -(-longest // 16) * 16)
-    out = {"inputs": np.full((n, k, width), tokenizer.pad_id, np.int32),
-           "segment_ids": np.zeros((n, k, width), np.int32),
-           "positions": np.zeros((n, k, width), np.int32),
-           "last": np.zeros((n, k), np.int32), "ranks": np.zeros((n, k), np.float32),
-           "valid": np.zeros((n, k), np.float32)}
+    out = {
+        "inputs": np.full((n, k, width), tokenizer.pad_id, np.int32),
+        "segment_ids": np.zeros((n, k, width), np.int32),
+        "positions": np.zeros((n, k, width), np.int32),
+        "last": np.zeros((n, k), np.int32),
+        "ranks": np.zeros((n, k), np.float32),
+        "valid": np.zeros((n, k), np.float32),
+    }
     for i, ranking in enumerate(rankings):
         for j, (ids, rank) in enumerate(zip(encoded[i], ranking.ranks)):
-            out["inputs"][i, j, :len(ids)] = ids
-            out["segment_ids"][i, j, :len(ids)] = 1
-            out["positions"][i, j, :len(ids)] = np.arange(len(ids))
+            out["inputs"][i, j, : len(ids)] = ids
+            out["segment_ids"][i, j, : len(ids)] = 1
+            out["positions"][i, j, : len(ids)] = np.arange(len(ids))
             out["last"][i, j], out["ranks"][i, j], out["valid"][i, j] = len(ids) - 1, rank, 1.0
     return out
 
 
-def rewards_at_last(model: Transformer, params: Any, inputs: jax.Array, positions: jax.Array,
-                    segment_ids: jax.Array, last: jax.Array, train: bool = False,
-                    rng: Optional[jax.Array] = None) -> jax.Array:
+def rewards_at_last(
+    model: Transformer,
+    params: Any,
+    inputs: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    last: jax.Array,
+    train: bool = False,
+    rng: jax.Array | None = None,
+) -> jax.Array:
     """Rewards [..., ] of sequences [..., length] (any leading dims), read at index `last`."""
     lead, length = inputs.shape[:-1], inputs.shape[-1]
     flat = lambda x: x.reshape(-1, length)
-    scores = model.apply({"params": params}, flat(inputs), flat(positions), flat(segment_ids), train=train,
-                         rngs={"dropout": rng} if train else None)
+    scores = model.apply(
+        {"params": params},
+        flat(inputs),
+        flat(positions),
+        flat(segment_ids),
+        train=train,
+        rngs={"dropout": rng} if train else None,
+    )
     return jnp.take_along_axis(scores, last.reshape(-1, 1), axis=1)[:, 0].reshape(lead)
 
 
 def ranking_objective(model: Transformer, margin: float):
     def loss_sums(params, batch, rng, train):
-        rewards = rewards_at_last(model, params, batch["inputs"], batch["positions"], batch["segment_ids"],
-                                  batch["last"], train, rng)
+        rewards = rewards_at_last(
+            model, params, batch["inputs"], batch["positions"], batch["segment_ids"], batch["last"], train, rng
+        )
         return ranking_loss(rewards, batch["ranks"], batch["valid"], margin)
 
     return loss_sums
@@ -125,20 +148,22 @@ def _score_batch(model, params, inputs, positions, segment_ids, last):
     return rewards_at_last(model, params, inputs, positions, segment_ids, last)
 
 
-def score(model: Transformer, params: Any, tokenizer: Tokenizer, items: Sequence[tuple[list[dict], str]],
-          batch_size: int = 16) -> np.ndarray:
+def score(
+    model: Transformer, params: Any, tokenizer: Tokenizer, items: Sequence[tuple[list[dict], str]], batch_size: int = 16
+) -> np.ndarray:
     """Rewards of (prompt messages, response) pairs, in fixed-shape batches (one compilation)."""
     block = model.cfg.block_size
     longest = max((len(response_ids(p, r, tokenizer, block)) for p, r in items), default=1)
     width = min(block, -(-longest // 16) * 16)  # one padded width for every chunk: one compilation
     rewards = []
     for start in range(0, len(items), batch_size):
-        chunk = list(items[start:start + batch_size])
+        chunk = list(items[start : start + batch_size])
         real = len(chunk)
         chunk += [chunk[0]] * (batch_size - real)
         rows = ranking_rows([Ranking(p, [r], [0]) for p, r in chunk], tokenizer, block, 1, width=width)
-        arrays = generate.on_params_mesh(params, *(rows[k][:, 0] for k in ("inputs", "positions", "segment_ids",
-                                                                             "last")))
+        arrays = generate.on_params_mesh(
+            params, *(rows[k][:, 0] for k in ("inputs", "positions", "segment_ids", "last"))
+        )
         out = _score_batch(model, params, *arrays)
         rewards.append(np.asarray(host_value(out))[:real])
     return np.concatenate(rewards) if rewards else np.zeros((0,), np.float32)
@@ -147,8 +172,9 @@ def score(model: Transformer, params: Any, tokenizer: Tokenizer, items: Sequence
 # ----------------------------------------------------------------------------- data
 
 
-def world_rankings(cfg: Config, rt: Runtime, tokenizer: Tokenizer, policy: Transformer, params: Any,
-                   seed: int) -> list[dict]:
+def world_rankings(
+    cfg: Config, rt: Runtime, tokenizer: Tokenizer, policy: Transformer, params: Any, seed: int
+) -> list[dict]:
     """Sample K answers per world prompt from `policy` and rank them with the world's labeler."""
     data = cfg.data
     with rt.context():
@@ -157,26 +183,44 @@ def world_rankings(cfg: Config, rt: Runtime, tokenizer: Tokenizer, policy: Trans
         system = [{"role": "system", "content": data.world_system}] if data.world_system else []
         questions = [world_lib.random_question(world, rng)[0] for _ in range(data.world_rankings)]
         k, max_new = data.world_ranking_k, cfg.sft.max_new_tokens
-        prompts = [render(system + [{"role": "user", "content": q}], tokenizer, policy.cfg.block_size - max_new).ids
-                   for q in questions for _ in range(k)]
+        prompts = [
+            render(system + [{"role": "user", "content": q}], tokenizer, policy.cfg.block_size - max_new).ids
+            for q in questions
+            for _ in range(k)
+        ]
         decode = generate.DecodeConfig(max_new_tokens=max_new, temperature=data.world_ranking_temperature)
-        outputs = generate.generate_batched(policy, params, prompts, decode, jax.random.PRNGKey(seed),
-                                            batch_size=64, pad_id=tokenizer.pad_id,
-                                            stop_tokens=stop_tokens(tokenizer))
+        outputs = generate.generate_batched(
+            policy,
+            params,
+            prompts,
+            decode,
+            jax.random.PRNGKey(seed),
+            batch_size=64,
+            pad_id=tokenizer.pad_id,
+            stop_tokens=stop_tokens(tokenizer),
+        )
     records, ties = [], 0
     for i, question in enumerate(questions):
-        answers = [tokenizer.decode(ids) for ids in outputs[i * k:(i + 1) * k]]
+        answers = [tokenizer.decode(ids) for ids in outputs[i * k : (i + 1) * k]]
         scored = sorted(((world_lib.label(world, question, a), a) for a in answers), key=lambda x: -x[0])
         if scored[0][0] == scored[-1][0]:
             ties += 1  # all K equally good: no preference to learn
             continue
-        records.append({"system": data.world_system, "prompt": question, "responses": [a for _, a in scored],
-                        "scores": [s for s, _ in scored]})
+        records.append(
+            {
+                "system": data.world_system,
+                "prompt": question,
+                "responses": [a for _, a in scored],
+                "scores": [s for s, _ in scored],
+            }
+        )
     print(f"world comparisons: {len(records)} prompts ranked, {ties} left out (all {k} answers tied)", flush=True)
     if not records:
-        raise DataError(f"the policy's {k} answers tied on all {len(questions)} prompts (the labeler scored them "
-                        "alike): no preference to learn. Train the SFT model further, or raise "
-                        "data.world_rankings or data.world_ranking_temperature")
+        raise DataError(
+            f"the policy's {k} answers tied on all {len(questions)} prompts (the labeler scored them "
+            "alike): no preference to learn. Train the SFT model further, or raise "
+            "data.world_rankings or data.world_ranking_temperature"
+        )
     return records
 
 
@@ -207,8 +251,10 @@ def comparison_records(cfg: Config, rt: Runtime, tokenizer: Tokenizer) -> tuple[
             return records, _read_rankings(data.val_path, data.on_error)[0], where
     cut = int(len(records) * data.train_fraction)
     if cut < 1 or cut >= len(records):
-        raise DataError(f"{where}: {len(records)} ranked prompt(s) cannot be split into train and validation; "
-                        "add data or set data.val_path")
+        raise DataError(
+            f"{where}: {len(records)} ranked prompt(s) cannot be split into train and validation; "
+            "add data or set data.val_path"
+        )
     return records[:cut], records[cut:], where
 
 
@@ -258,10 +304,17 @@ def reference_items(cfg: Config, train: list[Ranking]) -> list[tuple[list[dict],
 def run(cfg: Config, workdir: str) -> dict[str, Any]:
     """Train the reward model to `train.max_steps` (resuming if possible); returns the final figures."""
     rt = Runtime.create(cfg, workdir)
+
     def all_text() -> str:  # for a tokenizer of a reward model trained from scratch
         records = _read_rankings(cfg.data.path, "skip")[0]
-        return "".join(r.get("system", "") + r["prompt"] + "".join(r.get("responses", [])) + r.get("chosen", "")
-                       + r.get("rejected", "") for r in records)
+        return "".join(
+            r.get("system", "")
+            + r["prompt"]
+            + "".join(r.get("responses", []))
+            + r.get("chosen", "")
+            + r.get("rejected", "")
+            for r in records
+        )
 
     cfg, tokenizer, init_params = starting_point(cfg, rt, all_text, output="scalar")
     model = Transformer(cfg.model)
@@ -278,8 +331,9 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
     eval_step = jax.jit(make_eval_step(model, loss_sums))
 
     def evaluate(params: Any) -> dict[str, float]:
-        return rt.validation(eval_step, params, lambda i, rows: val_rows.batch(i, eval_batch, rows),
-                             eval_iters, eval_batch)
+        return rt.validation(
+            eval_step, params, lambda i, rows: val_rows.batch(i, eval_batch, rows), eval_iters, eval_batch
+        )
 
     def finalize(state):
         """Shift the score bias so the reference responses score mean 0."""
@@ -289,11 +343,18 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
         offset = float(np.mean(score(model, state.params, tokenizer, items, eval_batch)))
         params = dict(state.params)
         params["score"] = {**params["score"], "bias": params["score"]["bias"] - offset}
-        print(f"reward offset: {len(items)} reference responses scored {offset:+.4f} on average; "
-              "the score bias now makes their mean 0", flush=True)
+        print(
+            f"reward offset: {len(items)} reference responses scored {offset:+.4f} on average; "
+            "the score bias now makes their mean 0",
+            flush=True,
+        )
         return state.replace(params=params), {"reward_offset": offset, "reference_responses": len(items)}
 
-    objective = Objective(loss_sums=loss_sums, train_batch=lambda step, rows: train_rows.batch(step, batch, rows),
-                          evaluate=evaluate, position=lambda step: train_rows.position(step, batch))
+    objective = Objective(
+        loss_sums=loss_sums,
+        train_batch=lambda step, rows: train_rows.batch(step, batch, rows),
+        evaluate=evaluate,
+        position=lambda step: train_rows.position(step, batch),
+    )
     description = f"{len(train)} ranked prompts (K <= {k}) for training, {len(val)} for validation"
     return fit(cfg, rt, model, objective, init_params=init_params, finalize=finalize, description=description)

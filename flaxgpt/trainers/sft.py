@@ -11,7 +11,8 @@ the embedded world).
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -30,11 +31,12 @@ from flaxgpt.trainers.loop import Objective, Runtime, fit, starting_point
 
 Conversation = list[dict]
 # (prompt text, response) -> labeler score in [0, 1]: the embedded world's oracle, or None
-Labeler = Optional[Callable[[str, str], float]]
+Labeler = Callable[[str, str], float] | None
 
 
-def conversation_example(messages: Sequence[dict], tokenizer: Tokenizer, block_size: int,
-                         loss_on: str = "all") -> Example:
+def conversation_example(
+    messages: Sequence[dict], tokenizer: Tokenizer, block_size: int, loss_on: str = "all"
+) -> Example:
     """Next-token example of one conversation, weighted 1 on assistant tokens only.
 
     Rendered to at most block_size + 1 tokens (older turns dropped first); inputs are all
@@ -64,8 +66,10 @@ def world_conversations(cfg: Config) -> tuple[list[Conversation], list[Conversat
     data = cfg.data
     world = world_lib.make_world(data.world_seed)
     train_rng, val_rng = random.Random(data.world_seed * 1000 + 1), random.Random(data.world_seed * 1000 + 2)
-    train = [world_lib.conversation(world, train_rng, data.world_noise, data.world_system)["messages"]
-             for _ in range(data.world_conversations)]
+    train = [
+        world_lib.conversation(world, train_rng, data.world_noise, data.world_system)["messages"]
+        for _ in range(data.world_conversations)
+    ]
     n_val = max(cfg.sft.eval_examples, cfg.eval.iters * (cfg.eval.batch_size or cfg.train.batch_size), 1)
     val = [world_lib.conversation(world, val_rng, 0.0, data.world_system)["messages"] for _ in range(n_val)]
     return train, val, lambda question, response: world_lib.label(world, question, response)
@@ -80,13 +84,16 @@ def jsonl_conversations(cfg: Config) -> tuple[list[Conversation], list[Conversat
         return conversations, [r["messages"] for r in read_jsonl(data.val_path, "conversations", data.on_error)[0]]
     cut = int(len(conversations) * data.train_fraction)
     if cut < 1 or cut >= len(conversations):
-        raise DataError(f"{data.path}: {len(conversations)} conversation(s) cannot be split into train and "
-                        "validation; add conversations or set data.val_path")
+        raise DataError(
+            f"{data.path}: {len(conversations)} conversation(s) cannot be split into train and "
+            "validation; add conversations or set data.val_path"
+        )
     return conversations[:cut], conversations[cut:]
 
 
-def conversation_rows(conversations: list[Conversation], tokenizer: Tokenizer, cfg: Config, where: str,
-                      seed: int) -> PackedRows:
+def conversation_rows(
+    conversations: list[Conversation], tokenizer: Tokenizer, cfg: Config, where: str, seed: int
+) -> PackedRows:
     """Rendered, masked, and packed (never splitting a conversation) or padded into rows."""
     examples, skipped = [], []
     for index, messages in enumerate(conversations):
@@ -97,14 +104,22 @@ def conversation_rows(conversations: list[Conversation], tokenizer: Tokenizer, c
                 raise DataError(f"{where}: conversation {index}: {e} (data.on_error=skip skips it)") from e
             skipped.append(index)
     if skipped:
-        print(f"{where}: {len(skipped)} conversation(s) too long for the context skipped "
-              f"(first: {skipped[0]})", flush=True)
+        print(
+            f"{where}: {len(skipped)} conversation(s) too long for the context skipped (first: {skipped[0]})",
+            flush=True,
+        )
     rows = build_rows(examples, cfg.model.block_size, cfg.data.packing, tokenizer.pad_id, keep_whole=True)
     return PackedRows(rows, seed)
 
 
-def answer_metrics(model: Transformer, params: Any, tokenizer: Tokenizer, conversations: list[Conversation],
-                   cfg: Config, labeler: Labeler) -> dict[str, float]:
+def answer_metrics(
+    model: Transformer,
+    params: Any,
+    tokenizer: Tokenizer,
+    conversations: list[Conversation],
+    cfg: Config,
+    labeler: Labeler,
+) -> dict[str, float]:
     """Greedy answers to the final user turn of `conversations`, scored against their references."""
     max_new = cfg.sft.max_new_tokens
     prompts, references, questions = [], [], []
@@ -114,9 +129,16 @@ def answer_metrics(model: Transformer, params: Any, tokenizer: Tokenizer, conver
         references.append(reference)
         questions.append(next(m["content"] for m in reversed(history) if m["role"] == "user"))
     decode = generate.DecodeConfig(max_new_tokens=max_new, temperature=0.0)
-    outputs = generate.generate_batched(model, params, prompts, decode, jax.random.PRNGKey(0),
-                                        batch_size=cfg.eval.batch_size or cfg.train.batch_size,
-                                        pad_id=tokenizer.pad_id, stop_tokens=stop_tokens(tokenizer))
+    outputs = generate.generate_batched(
+        model,
+        params,
+        prompts,
+        decode,
+        jax.random.PRNGKey(0),
+        batch_size=cfg.eval.batch_size or cfg.train.batch_size,
+        pad_id=tokenizer.pad_id,
+        stop_tokens=stop_tokens(tokenizer),
+    )
     answers = [tokenizer.decode(ids) for ids in outputs]
     figures = text_metrics(answers, references)
     if labeler is not None:
@@ -147,12 +169,14 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
     generated = val_convs[: cfg.sft.eval_examples]
 
     def evaluate(params: Any) -> dict[str, float]:
-        figures = rt.validation(eval_step, params, lambda i, rows: val_rows.batch(i, eval_batch, rows),
-                                eval_iters, eval_batch)
+        figures = rt.validation(
+            eval_step, params, lambda i, rows: val_rows.batch(i, eval_batch, rows), eval_iters, eval_batch
+        )
         figures["val_ppl"] = float(np.exp(min(figures["val_loss"], 50.0)))
         if generated:
-            figures.update({f"val_{k}": v for k, v in
-                            answer_metrics(model, params, tokenizer, generated, cfg, labeler).items()})
+            figures.update(
+                {f"val_{k}": v for k, v in answer_metrics(model, params, tokenizer, generated, cfg, labeler).items()}
+            )
         return figures
 
     objective = Objective(
@@ -161,6 +185,7 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
         evaluate=evaluate,
         position=lambda step: train_rows.position(step, batch),
     )
-    description = (f"{len(train_convs)} training conversations in {train_rows.n} rows, loss on "
-                   f"{cfg.sft.loss_on} assistant turns")
+    description = (
+        f"{len(train_convs)} training conversations in {train_rows.n} rows, loss on {cfg.sft.loss_on} assistant turns"
+    )
     return fit(cfg, rt, model, objective, init_params=init_params, description=description)
