@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 
 from flaxgpt import fileio
 from flaxgpt.config import CheckpointConfig, ModelConfig, to_dict
+from flaxgpt.errors import UserError
 
 # Model fields that change parameter shapes or meaning; a restore must agree on all of them.
 STRUCTURAL_FIELDS = (
@@ -40,7 +41,7 @@ STRUCTURAL_FIELDS = (
 )
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError):
     """The checkpoint was written by a model of another shape or vocabulary."""
 
 

@@ -16,8 +16,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
+from flaxgpt.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A configuration problem the user can fix: names the key and what was expected."""
 
 

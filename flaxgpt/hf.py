@@ -28,6 +28,7 @@ import numpy as np
 
 from flaxgpt.config import ModelConfig
 from flaxgpt.data.tokenizers import ImportedTokenizer
+from flaxgpt.errors import UserError
 
 SUPPORTED = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
 _DTYPES = {
@@ -45,7 +46,7 @@ _DTYPES = {
 _DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
-class HFFormatError(ValueError):
+class HFFormatError(UserError):
     """A Hugging Face directory this importer cannot read: unsupported architecture, a missing
     tensor, or a tensor of the wrong shape (named, with what was expected)."""
 

@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from flaxgpt import fileio
+from flaxgpt.errors import UserError
 
 SCHEMAS = ("text", "conversations", "rankings", "pairs", "feedback", "prompts")
 ROLES = ("system", "user", "assistant")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data: the message names the file and line."""
 
 
