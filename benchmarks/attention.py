@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._results import record  # noqa: E402
 from flaxgpt import config as C  # noqa: E402
 from flaxgpt.losses import token_cross_entropy  # noqa: E402
 from flaxgpt.model import Transformer, attention_mask, fused_attention, fused_attention_obstacle  # noqa: E402
@@ -125,8 +126,7 @@ def main() -> int:
         + "\n"
     )
     print("\n" + text)
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"), "a") as f:
-        f.write("\n" + text)
+    record(text)
     return 0
 
 

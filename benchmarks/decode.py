@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import sys
 import time
 
 import flax.linen as nn
@@ -22,9 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxgpt import config as C
-from flaxgpt.generate import DecodeConfig, _prefill, _sliding_loop, generate, left_pad
-from flaxgpt.model import Transformer, count_params
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._results import record  # noqa: E402
+from flaxgpt import config as C  # noqa: E402
+from flaxgpt.generate import DecodeConfig, _prefill, _sliding_loop, generate, left_pad  # noqa: E402
+from flaxgpt.model import Transformer, count_params  # noqa: E402
 
 PROMPT, NEW = 16, 256
 
@@ -71,8 +75,7 @@ def main() -> None:
             f"{n / full:,.0f} | {full / cached:.1f}x |"
         )
         print(lines[-1], flush=True)
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"), "a") as f:
-        f.write("\n".join(lines) + "\n\n")
+    record("\n".join(lines))
 
 
 if __name__ == "__main__":

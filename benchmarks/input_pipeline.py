@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 
@@ -23,17 +24,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxgpt import config as C
-from flaxgpt.data import world
-from flaxgpt.data.text import build_text_data
-from flaxgpt.model import Transformer
-from flaxgpt.optim import build_optimizer, learning_rate_schedule
-from flaxgpt.sharding import batch_sharding, local_batch_rows, logical_rules, make_mesh, place_batch
-from flaxgpt.state import create_train_state
-from flaxgpt.train import load_experiment
-from flaxgpt.trainers.lm import make_train_step
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks._results import record  # noqa: E402
+from flaxgpt import config as C  # noqa: E402
+from flaxgpt.data import world  # noqa: E402
+from flaxgpt.data.text import build_text_data  # noqa: E402
+from flaxgpt.model import Transformer  # noqa: E402
+from flaxgpt.optim import build_optimizer, learning_rate_schedule  # noqa: E402
+from flaxgpt.sharding import batch_sharding, local_batch_rows, logical_rules, make_mesh, place_batch  # noqa: E402
+from flaxgpt.state import create_train_state  # noqa: E402
+from flaxgpt.train import load_experiment  # noqa: E402
+from flaxgpt.trainers.lm import make_train_step  # noqa: E402
 
 
 def measure(cfg: C.Config, workdir: str, steps: int = 50) -> dict:
@@ -108,8 +111,7 @@ def main() -> None:
                 f"{r['pipeline_tps']:,.0f} | {r['step_tps']:,.0f} | {r['pipeline_tps'] / r['step_tps']:.0f}x |"
             )
             print(lines[-1], flush=True)
-    with open(os.path.join(REPO, "benchmarks", "RESULTS.md"), "a") as f:
-        f.write("\n".join(lines) + "\n\n")
+    record("\n".join(lines))
 
 
 if __name__ == "__main__":

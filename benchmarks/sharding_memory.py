@@ -23,6 +23,9 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._results import record  # noqa: E402
 from flaxgpt import config as C  # noqa: E402
 from flaxgpt.model import Transformer  # noqa: E402
 from flaxgpt.optim import build_optimizer, learning_rate_schedule  # noqa: E402
@@ -107,9 +110,7 @@ def main() -> None:
         _, seconds, _ = compile_step(cfg, C.MeshConfig(data=1, fsdp=n), BATCH)
         lines.append(f"| {layers} | {scan} | {seconds:.1f} |")
         print(lines[-1], flush=True)
-    table = "\n".join(lines)
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"), "a") as f:
-        f.write(table + "\n\n")
+    record("\n".join(lines))
 
 
 if __name__ == "__main__":

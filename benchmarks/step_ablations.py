@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_throughput  # noqa: E402
 from train_throughput import CONFIGS, FlaxgptTrainer  # noqa: E402
 
+from benchmarks._results import record  # noqa: E402
 from flaxgpt import model as model_lib  # noqa: E402
 from flaxgpt import perf  # noqa: E402
 
@@ -238,8 +239,7 @@ def main() -> int:
     )
     print("\n" + text)
     if not args.no_record:
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"), "a") as f:
-            f.write("\n" + text)
+        record(text)
     return 0
 
 

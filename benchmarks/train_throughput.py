@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 
+from benchmarks._results import record  # noqa: E402
 from flaxgpt import config as C  # noqa: E402
 from flaxgpt import perf  # noqa: E402
 from flaxgpt.model import Transformer  # noqa: E402
@@ -268,8 +269,7 @@ def main() -> int:
     text = header + "\n" + "\n".join(table) + "\n"
     print("\n" + text)
     if not args.no_record:
-        with open(os.path.join(_ROOT, "benchmarks", "RESULTS.md"), "a") as f:
-            f.write("\n" + text)
+        record(text)
     return 0
 
 
