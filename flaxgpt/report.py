@@ -228,42 +228,40 @@ def plot_group(title: str, group: dict[str, list[str]], runs: Sequence[Run], axi
         left=0.8 / width, right=1 - 0.15 / width, bottom=0.55 / height, top=1 - 0.75 / height, wspace=0.32, hspace=0.5
     )
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
-    x_by_run = {id(run): _x(run, axis) for run in runs}
-    labels, xlabel = [], "step"
-    for ax, (base, keys) in zip(axes, group.items()):
-        for r, run in enumerate(runs):
-            if x_by_run[id(run)] is None:
-                continue
-            xs, xlabel = x_by_run[id(run)]
-            for k, key in enumerate(keys):
-                x, y = _points(run, key, xs)
-                if not x:
-                    continue
-                label = f"{run.name}: {key}" if len(runs) > 1 else key
-                sparse = len(x) <= 40 or len(x) * 4 < len(run.rows)
-                ax.plot(
-                    x,
-                    y,
-                    label=label,
-                    color=f"C{r if len(runs) > 1 else k}",
-                    linestyle="-" if k == 0 else "--",
-                    marker="o" if sparse else None,
-                    markersize=3,
-                    linewidth=1.2,
-                )
-                labels.append(label)
-        ax.set_title(base, fontsize=10)
-        ax.set_xlabel(xlabel, fontsize=8)
-        ax.tick_params(labelsize=8)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+    x_by_run = [(run, _x(run, axis)) for run in runs]
+    labels = [label for ax, (base, keys) in zip(axes, group.items()) for label in _panel(ax, base, keys, x_by_run)]
     for ax in axes[len(group) :]:
         ax.set_visible(False)
     figure.suptitle(f"{title} against {axis}", fontsize=11)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue(), labels
+
+
+def _panel(ax: Any, base: str, keys: Sequence[str], x_by_run: Sequence[tuple[Run, Any]]) -> list[str]:
+    """Draw one panel: each run in its colour (each key in its own where one run is shown), the first
+    key solid and its twins dashed, points marked where they are few; returns the series' labels."""
+    labels, xlabel, several = [], "step", len(x_by_run) > 1
+    for r, (run, timeline) in enumerate(x_by_run):
+        if timeline is None:
+            continue
+        xs, xlabel = timeline
+        for k, key in enumerate(keys):
+            x, y = _points(run, key, xs)
+            if not x:
+                continue
+            label = f"{run.name}: {key}" if several else key
+            marker = "o" if len(x) <= 40 or len(x) * 4 < len(run.rows) else None
+            style = {"color": f"C{r if several else k}", "linestyle": "-" if k == 0 else "--", "marker": marker}
+            ax.plot(x, y, label=label, markersize=3, linewidth=1.2, **style)
+            labels.append(label)
+    ax.set_title(base, fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+    if labels:
+        ax.legend(fontsize=7)
+    return labels
 
 
 def _x(run: Run, axis: str) -> tuple[list[float | None], str] | None:
