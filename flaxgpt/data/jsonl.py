@@ -206,12 +206,20 @@ def read_jsonl(path: str, schema: str, on_error: Literal["raise", "skip"] = "rai
 def read_text(path: str, on_error: Literal["raise", "skip"] = "raise", what: str = "text") -> tuple[str, ReadReport]:
     """The UTF-8 text of `path` with universal newlines, as `open(path, encoding="utf-8")` reads it,
     but a byte-order mark dropped and a line that is not UTF-8 named (or skipped and counted)."""
-    report, parts = ReadReport(path, "lines"), []
-    for number, line, problem in _decoded_lines(path, what):
-        if line is None:
-            report.reject(f"{path}:{number}: {problem}", on_error)
-        else:
-            parts.append(line)
-    text = "".join(parts).replace("\r\n", "\n").replace("\r", "\n")
-    report.records = len(parts)
+    report = ReadReport(path, "lines")
+    with _open_binary(path, what) as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")  # the usual case, in one piece
+    except UnicodeDecodeError:
+        parts = []
+        for number, line in enumerate(raw.splitlines(keepends=True), start=1):
+            decoded, problem = _decode(line, number == 1)
+            if decoded is None:
+                report.reject(f"{path}:{number}: {problem}", on_error)
+            else:
+                parts.append(decoded)
+        text = "".join(parts)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    report.records = text.count("\n") + (not text.endswith("\n") and bool(text))
     return text, report
