@@ -30,10 +30,11 @@ def built(tmp_path_factory):
 
 
 def test_built_dataset_reads_back_through_tfds(built):
-    train = read_documents("flaxgpt_text", "train", built)
+    train, report = read_documents("flaxgpt_text", "train", built)
+    assert report.records == 61 and report.skipped == 0
     assert len(train) == 61 and "A whole text file is one document.\nEven over two lines." in train
-    assert sorted(read_documents("flaxgpt_text", "validation", built))[0] == "Held out 0: the fox hears 0 owls."
-    assert len(read_documents("flaxgpt_text", "train[:50%]", built)) in (30, 31)
+    assert sorted(read_documents("flaxgpt_text", "validation", built)[0])[0] == "Held out 0: the fox hears 0 owls."
+    assert len(read_documents("flaxgpt_text", "train[:50%]", built)[0]) in (30, 31)
     builder = tfds.builder_from_directory(f"{built}/flaxgpt_text/1.0.0")
     assert builder.info.splits["train"].num_examples == 61
     assert isinstance(builder.info.features["text"], tfds.features.Text)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from flaxgpt.data.jsonl import DataError, read_text
+
 _WORD = re.compile(r"\w+", re.UNICODE)
 _MERSENNE = (1 << 61) - 1
 
@@ -112,22 +114,29 @@ class Curator:
 
 
 def load_blocklist(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    text = read_text(path, what="blocklist")[0]
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def load_synonyms(path: str) -> dict[str, list[str]]:
     """A JSON object {"word": ["synonym", ...]} or lines `word<TAB>syn1,syn2`."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path, what="synonym table")[0]
     if text.lstrip().startswith("{"):
-        table = json.loads(text)
+        try:
+            table = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as e:
+            where = f"{path}:{e.lineno}" if isinstance(e, json.JSONDecodeError) else path
+            raise DataError(f'{where}: not valid JSON; expected {{"word": ["synonym", ...]}}') from e
+        if not isinstance(table, dict) or not all(
+            isinstance(v, list) and all(isinstance(w, str) for w in v) for v in table.values()
+        ):
+            raise DataError(f'{path}: expected {{"word": ["synonym", ...]}} with lists of strings')
     else:
         table = {}
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 if "\t" not in line:
-                    raise ValueError(f"{path}:{number}: expected 'word<TAB>syn1,syn2'")
+                    raise DataError(f"{path}:{number}: expected 'word<TAB>syn1,syn2'")
                 word, syns = line.split("\t", 1)
                 table[word.strip()] = [s.strip() for s in syns.split(",") if s.strip()]
     return {k.lower(): v for k, v in table.items() if v}

@@ -1,4 +1,6 @@
-"""JSONL sources: one JSON object per line, in one of five documented schemas.
+"""JSONL and plain-text sources: reading user files with a file:line message for every fault.
+
+JSONL holds one JSON object per line, in one of the documented schemas:
 
   text           {"text": "..."}                                          pretraining
   conversations  {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}   SFT
@@ -10,19 +12,25 @@
 rankings, pairs, feedback and prompts records may add "system": "..." (the system message the
 prompt was asked under); the prompt is one user turn.
 
-A line that is not valid JSON or does not fit its schema stops the read with the file,
-the line number and what is wrong, or, with on_error="skip", is skipped and counted.
+Files are UTF-8 (a leading byte-order mark is accepted). A line that is not UTF-8, not valid
+JSON (or nested too deeply), holds a lone surrogate escape such as "\\ud800" (text that cannot be
+written back as UTF-8), or does not fit its schema stops the read with the file, the line number
+and what is wrong, or, with on_error="skip", is skipped and counted.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from flaxgpt import fileio
 from flaxgpt.errors import UserError
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 SCHEMAS = ("text", "conversations", "rankings", "pairs", "feedback", "prompts")
 ROLES = ("system", "user", "assistant")
 
@@ -34,14 +42,23 @@ class DataError(UserError):
 @dataclass
 class ReadReport:
     path: str
+    unit: str = "records"  # what `records` counts, for the log
     records: int = 0
     skipped: int = 0
     problems: list[str] = field(default_factory=list)  # the first few, for the log
 
+    def reject(self, where: str, on_error: str) -> None:
+        """Raise DataError for a bad line or record, or count it (keeping the first few for the log)."""
+        if on_error == "raise":
+            raise DataError(where + " (data.on_error=skip skips it)")
+        self.skipped += 1
+        if len(self.problems) < 5:
+            self.problems.append(where)
+
     def summary(self) -> str:
-        text = f"{self.path}: {self.records} records"
+        text = f"{self.path}: {self.records} {self.unit}"
         if self.skipped:
-            text += f", {self.skipped} malformed lines skipped (first: {self.problems[0]})"
+            text += f", {self.skipped} malformed skipped (first: {self.problems[0]})"
         return text
 
 
@@ -104,31 +121,79 @@ def schema_problem(record: Any, schema: str) -> str | None:
     return None if isinstance(record["label"], bool) else "'label' must be true or false"
 
 
+def _open_binary(path: str, what: str):
+    """`path` opened for reading bytes; a missing file, a directory or an unreadable one is one line."""
+    if not fileio.exists(path):
+        raise FileNotFoundError(f"no such {what} file: {path}")
+    if not fileio.is_remote(path) and os.path.isdir(path):
+        raise DataError(f"{path}: is a directory; expected a {what} file")
+    try:
+        return fileio.open_file(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e}); expected a readable {what} file") from e
+
+
+def _decode(raw: bytes, first: bool) -> tuple[str | None, str | None]:
+    """(text, None) for a UTF-8 line (a byte-order mark dropped from the first), else (None, problem)."""
+    try:
+        return raw.decode("utf-8-sig" if first else "utf-8"), None
+    except UnicodeDecodeError as e:
+        byte = raw[e.start : e.start + 1].hex()
+        column = len(raw[: e.start].decode("utf-8", "replace")) + 1
+        return None, f"not valid UTF-8 (byte 0x{byte} at column {column}); expected UTF-8 text"
+
+
+def _decoded_lines(path: str, what: str) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, text or None, problem or None) for every line of `path`, read as UTF-8."""
+    with _open_binary(path, what) as f:
+        for number, raw in enumerate(f, start=1):
+            text, problem = _decode(raw, number == 1)
+            yield number, text, problem
+
+
+def lone_surrogate(record: Any) -> bool:
+    """Whether any key or string of a parsed JSON value holds half of a UTF-16 pair."""
+    stack = [record]
+    while stack:  # iterative: a value nested close to the parser's limit must not overflow here
+        value = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return True
+        elif isinstance(value, dict):
+            stack.extend(value)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
+
+
+def _parse(line: str, schema: str) -> tuple[Any, str | None]:
+    """(record, problem or None) of one JSONL line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON ({e.msg} at column {e.colno})"
+    except RecursionError:
+        return None, "JSON nested too deeply; expected one flat record per line"
+    if lone_surrogate(record):
+        return None, "a string holds a lone surrogate escape (such as \\ud800); expected valid Unicode text"
+    return record, schema_problem(record, schema)
+
+
 def read_jsonl(path: str, schema: str, on_error: Literal["raise", "skip"] = "raise") -> tuple[list[dict], ReadReport]:
     """Every record of `path` that fits `schema`; raises DataError naming file and line otherwise."""
     if schema not in SCHEMAS:
         raise DataError(f"unknown JSONL schema '{schema}'; schemas are {list(SCHEMAS)}")
-    if not fileio.exists(path):
-        raise FileNotFoundError(f"no such JSONL file: {path}")
     report, records = ReadReport(path), []
-    with fileio.open_file(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    for number, line, problem in _decoded_lines(path, "JSONL"):
+        if line is not None:
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-                problem = schema_problem(record, schema)
-            except json.JSONDecodeError as e:
-                problem = f"not valid JSON ({e.msg} at column {e.colno})"
+            record, problem = _parse(line, schema)
             if problem is None:
                 records.append(record)
                 continue
-            where = f"{path}:{number}: {problem}"
-            if on_error == "raise":
-                raise DataError(where + " (data.on_error=skip skips such lines)")
-            report.skipped += 1
-            if len(report.problems) < 5:
-                report.problems.append(where)
+        report.reject(f"{path}:{number}: {problem}", on_error)
     report.records = len(records)
     if not records:
         raise DataError(
@@ -136,3 +201,25 @@ def read_jsonl(path: str, schema: str, on_error: Literal["raise", "skip"] = "rai
             + (f" ({report.skipped} malformed lines skipped)" if report.skipped else "")
         )
     return records, report
+
+
+def read_text(path: str, on_error: Literal["raise", "skip"] = "raise", what: str = "text") -> tuple[str, ReadReport]:
+    """The UTF-8 text of `path` with universal newlines, as `open(path, encoding="utf-8")` reads it,
+    but a byte-order mark dropped and a line that is not UTF-8 named (or skipped and counted)."""
+    report = ReadReport(path, "lines")
+    with _open_binary(path, what) as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")  # the usual case, in one piece
+    except UnicodeDecodeError:
+        parts = []
+        for number, line in enumerate(raw.splitlines(keepends=True), start=1):
+            decoded, problem = _decode(line, number == 1)
+            if decoded is None:
+                report.reject(f"{path}:{number}: {problem}", on_error)
+            else:
+                parts.append(decoded)
+        text = "".join(parts)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    report.records = text.count("\n") + (not text.endswith("\n") and bool(text))
+    return text, report

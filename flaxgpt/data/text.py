@@ -22,7 +22,7 @@ from flaxgpt import fileio
 from flaxgpt.config import Config
 from flaxgpt.data import world as world_lib
 from flaxgpt.data.curation import Curator, augment, load_blocklist, load_synonyms
-from flaxgpt.data.jsonl import DataError, read_jsonl
+from flaxgpt.data.jsonl import DataError, read_jsonl, read_text
 from flaxgpt.data.packing import PackedRows, build_rows, document_example
 from flaxgpt.data.tokenizers import (
     CharTokenizer,
@@ -96,10 +96,12 @@ def source_text(cfg: Config) -> str:
     if data.source == "world":
         world = world_lib.make_world(data.world_seed)
         return world_lib.corpus(world, data.world_documents, seed=data.world_seed)
-    if not fileio.exists(data.path):
-        raise FileNotFoundError(f"data.path: no such text file: {data.path}")
-    with fileio.open_file(data.path, encoding="utf-8") as f:
-        return f.read()
+    text, report = read_text(data.path, data.on_error)
+    if report.skipped:
+        _log(f"{data.path}: {report.skipped} lines that are not UTF-8 skipped (first: {report.problems[0]})")
+    if not text:
+        raise DataError(f"{data.path}: no text to train on; expected a UTF-8 text file")
+    return text
 
 
 def _documents(cfg: Config, workdir: str) -> tuple[list[str], list[str]]:
@@ -122,13 +124,14 @@ def _documents(cfg: Config, workdir: str) -> tuple[list[str], list[str]]:
         if data.source == "tfds":
             from flaxgpt.data.tfds_source import read_documents
 
-            docs = read_documents(data.tfds_name, where, data.tfds_data_dir, data.tfds_text_key)
-            _log(f"tfds {data.tfds_name}[{where}]: {len(docs)} documents")
-            return docs
-        docs, report = read_jsonl(where, "text", data.on_error)
+            docs, report = read_documents(data.tfds_name, where, data.tfds_data_dir, data.tfds_text_key, data.on_error)
+            texts = docs
+        else:
+            docs, report = read_jsonl(where, "text", data.on_error)
+            texts = [d["text"] for d in docs]
         _log(report.summary())
         skipped += report.skipped
-        return [d["text"] for d in docs]
+        return texts
 
     first, second = (
         (data.tfds_train_split, data.tfds_val_split) if data.source == "tfds" else (data.path, data.val_path)
@@ -159,8 +162,7 @@ def _documents(cfg: Config, workdir: str) -> tuple[list[str], list[str]]:
     report = {"malformed_lines_skipped": skipped, **curator.report.as_dict()}
     _log("data: " + ", ".join(f"{k} {v}" for k, v in report.items()))
     if jax.process_index() == 0:
-        with fileio.open_file(os.path.join(workdir, "data_report.json"), "w") as f:
-            json.dump(report, f, indent=2)
+        fileio.write_atomic(os.path.join(workdir, "data_report.json"), json.dumps(report, indent=2))
     return train, val
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterator, Sequence
+from typing import Literal
 
-from flaxgpt.data.jsonl import DataError, read_jsonl
+from flaxgpt.data.jsonl import DataError, ReadReport, lone_surrogate, read_jsonl, read_text
 
 
 def _tfds():
@@ -35,8 +36,7 @@ def _documents(paths: Sequence[str]) -> Iterator[str]:
         if path.endswith(".jsonl"):
             yield from (r["text"] for r in read_jsonl(path, "text")[0])
         else:
-            with open(path, encoding="utf-8") as f:
-                yield f.read()
+            yield read_text(path)[0]
 
 
 def _builder_class():
@@ -79,8 +79,11 @@ def build_dataset(train_files: Sequence[str], validation_files: Sequence[str], d
     return builder.name
 
 
-def read_documents(name: str, split: str, data_dir: str | None, text_key: str = "text") -> list[str]:
-    """Every document of a prepared TFDS dataset split (e.g. 'train', 'validation[:10%]')."""
+def read_documents(
+    name: str, split: str, data_dir: str | None, text_key: str = "text", on_error: Literal["raise", "skip"] = "raise"
+) -> tuple[list[str], ReadReport]:
+    """Every document of a prepared TFDS dataset split (e.g. 'train', 'validation[:10%]'); a record
+    whose text is not UTF-8 or holds a lone surrogate raises DataError, or is skipped and counted."""
     tfds = _tfds()
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir or None)
@@ -89,17 +92,35 @@ def read_documents(name: str, split: str, data_dir: str | None, text_key: str = 
             f"TFDS dataset '{name}' split '{split}' in data_dir {data_dir or '(default)'} cannot be "
             f"read without downloading or TensorFlow: {e}"
         ) from e
-    documents = []
-    for record in source:
+    report, documents = ReadReport(f"tfds {name}[{split}]", "documents"), []
+    for index, record in enumerate(source):
         if text_key not in record:
             raise DataError(
                 f"TFDS dataset '{name}' has no feature '{text_key}' (has {sorted(record)}); set data.tfds_text_key"
             )
-        value = record[text_key]
-        documents.append(value.decode("utf-8") if isinstance(value, bytes) else str(value))
+        text, problem = _text_of(record[text_key])
+        if problem is None:
+            documents.append(text)
+            continue
+        where = f"TFDS dataset '{name}' split '{split}' record {index}: feature '{text_key}' {problem}"
+        report.reject(where, on_error)
+    report.records = len(documents)
     if not documents:
-        raise DataError(f"TFDS dataset '{name}' split '{split}' is empty")
-    return documents
+        raise DataError(f"TFDS dataset '{name}' split '{split}' has no usable documents ({report.skipped} skipped)")
+    return documents, report
+
+
+def _text_of(value) -> tuple[str | None, str | None]:
+    """(text, None) of a TFDS text feature, or (None, what is wrong with it)."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, f"is not valid UTF-8 (byte 0x{value[e.start : e.start + 1].hex()} at offset {e.start})"
+    text = str(value)
+    if lone_surrogate(text):
+        return None, "holds a lone surrogate; expected valid Unicode text"
+    return text, None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
