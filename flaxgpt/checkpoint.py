@@ -80,17 +80,19 @@ class Checkpointer:
         self.directory = fileio.absolute(os.path.join(workdir, "checkpoints"))
         self.cfg = cfg
         self._pending: int | None = None  # the step of a save that may still be running
+        self._sizes: dict[int, int] = {}  # bytes each finished checkpoint takes on a local disk
         _quiet_orbax_errors()
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                # below 1, orbax would delete the checkpoint just written (config.py rejects it too)
-                max_to_keep=max(cfg.max_to_keep, 1),
-                create=True,
-                enable_async_checkpointing=cfg.async_save,
-                cleanup_tmp_directories=True,  # what a killed save left behind
-            ),
+        options = ocp.CheckpointManagerOptions(
+            # below 1, orbax would delete the checkpoint just written (config.py rejects it too)
+            max_to_keep=max(cfg.max_to_keep, 1),
+            create=True,
+            enable_async_checkpointing=cfg.async_save,
+            cleanup_tmp_directories=True,  # what a killed save left behind
         )
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+        except OSError as e:
+            raise CheckpointWriteError(f"cannot use {self.directory} for checkpoints: {_reason(e)}") from e
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -150,7 +152,9 @@ class Checkpointer:
         latest = self.manager.latest_step()
         if latest is None or fileio.is_remote(self.directory) or jax.process_index() != 0:
             return
-        needed, free = fileio.tree_size(self._step_dir(latest)), shutil.disk_usage(self.directory).free
+        if latest not in self._sizes:
+            self._sizes[latest] = fileio.tree_size(self._step_dir(latest))
+        needed, free = self._sizes[latest], shutil.disk_usage(self.directory).free
         if free < needed:
             raise CheckpointWriteError(
                 f"could not write checkpoint {step} to {self.directory}: No space left on device "
