@@ -207,6 +207,62 @@ def test_a_workdir_that_cannot_hold_checkpoints_is_one_line(tmp_path):
         checkpointer(tmp_path / "file" / "run")
 
 
+# Two processes (jax.distributed on 127.0.0.1) save together, process 0 empties the newest
+# checkpoint, and both must restore the same older one without hanging.
+_TWO_PROCESS_RESUME = r"""
+import sys
+import jax, numpy as np
+workdir, port, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+import os, shutil
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from flaxgpt.checkpoint import Checkpointer
+from flaxgpt.config import CheckpointConfig, ModelConfig
+replicated = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("data",)), P())
+cfg = CheckpointConfig(every_steps=1, async_save=False)
+c = Checkpointer(workdir, cfg)
+for step in (100, 200):
+    c.save(step, {"w": jax.device_put(np.full((4, 4), float(step), np.float32), replicated)}, {"model": {}})
+c.close()
+if pid == 0:
+    shutil.rmtree(os.path.join(c.directory, "200")); os.mkdir(os.path.join(c.directory, "200"))
+multihost_utils.sync_global_devices("damaged")
+abstract = {"w": jax.ShapeDtypeStruct((4, 4), np.float32, sharding=replicated)}
+state, _, step = Checkpointer(workdir, cfg).restore_latest(abstract, ModelConfig(), lambda m: print(m, flush=True))
+print("restored", step, float(np.asarray(state["w"].addressable_data(0))[0, 0]), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_skip_the_same_unreadable_checkpoint(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _TWO_PROCESS_RESUME, str(tmp_path), str(port), str(i)],
+            cwd=REPO,
+            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:  # a process that fails leaves the other waiting at a barrier: kill both
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert out.splitlines()[-1] == "restored 100 100.0", out
+        assert f"checkpoint 200 unreadable (empty directory); using 100 (200 moved to {tmp_path}" in out
+    assert os.listdir(tmp_path / "checkpoints") == ["100"]
+    assert os.listdir(tmp_path / "checkpoints-unreadable") == ["200"]
+
+
 # -- the workdir lock -------------------------------------------------------------------------
 
 _HOLDER = "import sys, time; from flaxgpt.workdir import WorkdirLock; WorkdirLock(sys.argv[1], 0).__enter__(); "
