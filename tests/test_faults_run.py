@@ -290,6 +290,9 @@ def test_second_process_is_refused_naming_the_holder_and_a_killed_holder_frees_i
         pass
     with WorkdirLock(workdir, 0):  # and a lock left normally is free again too
         pass
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=r"^cannot use .*/file/run as a workdir: Not a directory$"):
+        WorkdirLock(str(tmp_path / "file" / "run"), 0).__enter__()
 
 
 # -- metrics.jsonl and atomic writes ----------------------------------------------------------
