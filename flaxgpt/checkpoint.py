@@ -76,7 +76,6 @@ class Checkpointer:
     """
 
     def __init__(self, workdir: str, cfg: CheckpointConfig):
-        self.workdir = workdir
         self.directory = fileio.absolute(os.path.join(workdir, "checkpoints"))
         self.cfg = cfg
         self._pending: int | None = None  # the step of a save that may still be running
@@ -148,17 +147,20 @@ class Checkpointer:
     def _check_free_space(self, step: int) -> None:
         """Refuse a save the local disk cannot hold (the previous checkpoint's size), before
         orbax starts writing it: orbax removes the oldest checkpoint only once the new one is
-        complete, so the new one needs room of its own."""
+        complete, so the new one needs room of its own. Process 0 measures; all processes
+        refuse together, so none is left waiting inside a save the others gave up."""
         latest = self.manager.latest_step()
-        if latest is None or fileio.is_remote(self.directory) or jax.process_index() != 0:
+        if latest is None or fileio.is_remote(self.directory):
             return
-        if latest not in self._sizes:
-            self._sizes[latest] = fileio.tree_size(self._step_dir(latest))
-        needed, free = self._sizes[latest], shutil.disk_usage(self.directory).free
-        if free < needed:
+        short = ""
+        if jax.process_index() == 0:
+            if latest not in self._sizes:
+                self._sizes[latest] = fileio.tree_size(self._step_dir(latest))
+            needed, free = self._sizes[latest], shutil.disk_usage(self.directory).free
+            short = f" (checkpoint {latest} took {_size(needed)}, {_size(free)} free)" if free < needed else ""
+        if not _everywhere(not short):
             raise CheckpointWriteError(
-                f"could not write checkpoint {step} to {self.directory}: No space left on device "
-                f"(checkpoint {latest} took {_size(needed)}, {_size(free)} free)"
+                f"could not write checkpoint {step} to {self.directory}: No space left on device{short}"
             )
 
     def _step_dir(self, step: int) -> str:
@@ -222,7 +224,7 @@ class Checkpointer:
         left in place, they would stop the run from saving those steps again and count
         towards max_to_keep."""
         for step, why in skipped:
-            target = os.path.join(self.workdir, UNREADABLE_DIR, str(step))
+            target = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR, str(step))
             if jax.process_index() == 0:
                 fileio.makedirs(os.path.dirname(target))
                 if fileio.exists(target):
