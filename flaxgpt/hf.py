@@ -9,6 +9,13 @@ time, and each parameter goes straight onto its shards of the mesh
 (`jax.make_array_from_callback`): no device ever holds more than its own shards. Safetensors is a
 documented, trivially simple format (8-byte header length, JSON header, raw little-endian data);
 reading it here keeps torch out of the core install and handles bfloat16 through ml_dtypes.
+
+Nothing in a model directory is trusted: config.json's fields are typed and bounded
+(`HF_LIMITS`), every safetensors header is checked against its file (offsets inside the data,
+byte counts matching shapes and dtypes), every tensor the model needs is checked against the
+config on the headers alone, and every file read resolves inside the directory
+(`flaxgpt.modeldir.inside`). Each problem is an `HFFormatError` naming the file and the field,
+raised before any parameter is allocated.
 """
 
 from __future__ import annotations
@@ -76,7 +83,7 @@ class SafetensorsReader:
     counts matching shapes), so that a later read only ever maps bytes of its own tensor."""
 
     def __init__(self, directory: str):
-        require_directory(directory, "Hugging Face model directory")
+        require_directory(directory)
         index_file = os.path.join(directory, "model.safetensors.index.json")
         if os.path.exists(index_file):
             index = read_json(inside(directory, "model.safetensors.index.json", index_file))
@@ -222,7 +229,7 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
 
 
 def read_hf_config(directory: str) -> dict:
-    require_directory(directory, "Hugging Face model directory")
+    require_directory(directory)
     config_file = os.path.join(directory, "config.json")
     if not os.path.exists(config_file):
         raise HFFormatError(f"{directory} has no config.json: is it a Hugging Face model directory?")

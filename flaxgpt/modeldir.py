@@ -20,6 +20,7 @@ from flaxgpt.errors import UserError
 # Largest JSON file (config.json, tokenizer_config.json, an index, a run's tokenizer meta) read
 # whole: real ones are kilobytes; a Llama-3 index is ~25 KB.
 MAX_JSON_BYTES = 64 * 2**20
+HF_DIRECTORY = "a Hugging Face model directory (train.init_from_hf, convert --hf)"
 
 
 class HFFormatError(UserError):
@@ -54,16 +55,16 @@ def inside(directory: str, name: Any, source: str) -> str:
     return path
 
 
-def require_directory(directory: str, what: str) -> None:
-    """HFFormatError unless `directory` is an existing directory (`what`: where it was named)."""
+def require_directory(directory: str, what: str = HF_DIRECTORY) -> None:
+    """HFFormatError unless `directory` is an existing directory (`what`: what it should be)."""
     if not isinstance(directory, str) or not directory:
-        raise HFFormatError(f"{what}: no directory given")
+        raise HFFormatError(f"no directory given: expected {what}")
     if fileio.is_remote(directory):
         return
     if not os.path.exists(directory):
-        raise HFFormatError(f"{what}: {directory} does not exist (expected a Hugging Face model directory)")
+        raise HFFormatError(f"{directory} does not exist: expected {what}")
     if not os.path.isdir(directory):
-        raise HFFormatError(f"{what}: {directory} is not a directory (expected a Hugging Face model directory)")
+        raise HFFormatError(f"{directory} is not a directory: expected {what}")
 
 
 def read_json(path: str, expect: type = dict) -> Any:

@@ -230,6 +230,17 @@ def test_an_imported_tokenizer_meta_naming_a_file_outside_the_run_is_refused(tmp
     (run / IMPORTED_META).write_text(json.dumps({**meta, "file": "x.json", "vocab_size": "many"}))
     with pytest.raises(HFFormatError, match="vocab_size='many'"):
         load_tokenizer(str(run))
+    # a run's own tokenizer files too: no symlink out, and a truncated file is one line
+    (run / IMPORTED_META).unlink()
+    (tmp_path / "chars.json").write_text('{"type": "char", "chars": ["a"]}')
+    (run / "tokenizer.json").symlink_to(tmp_path / "chars.json")
+    with pytest.raises(HFFormatError, match="leads outside"):
+        load_tokenizer(str(run))
+    (run / "tokenizer.json").unlink()
+    (run / "tokenizer.json").write_text('{"type": "char", "chars": ["a", "b')
+    with pytest.raises(HFFormatError, match="tokenizer.json: not a flaxgpt character tokenizer") as caught:
+        load_tokenizer(str(run))
+    _one_line(caught.value)
 
 
 # ----------------------------------------------------------------------------- 3. convert targets

@@ -541,17 +541,31 @@ def _spm_ids_around(directory: str, sp: Any, eos_id: int | None) -> tuple[list[i
 
 
 def load_tokenizer(directory: str) -> Tokenizer | None:
-    """The tokenizer saved in a workdir, or None if there is none."""
+    """The tokenizer saved in a workdir, or None if there is none. Its files must lie inside the
+    workdir (a symlink leading out of it is refused, as for a Hugging Face directory)."""
     if fileio.exists(os.path.join(directory, IMPORTED_META)):
         return ImportedTokenizer.from_meta(directory)
     char_file = os.path.join(directory, CHAR_FILE)
     if fileio.exists(char_file):
-        with fileio.open_file(char_file) as f:
-            return CharTokenizer(json.load(f)["chars"])
+        with fileio.open_file(_inside_run(directory, CHAR_FILE), encoding="utf-8") as f:
+            try:
+                chars = json.load(f)["chars"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise HFFormatError(
+                    f"{char_file}: not a flaxgpt character tokenizer ({type(e).__name__}: {e})"
+                ) from None
+        if not isinstance(chars, list) or not all(isinstance(c, str) and len(c) == 1 for c in chars):
+            raise HFFormatError(f"{char_file}: chars is not a list of single characters")
+        return CharTokenizer(chars)
     spm_file = os.path.join(directory, SPM_FILE)
     if fileio.exists(spm_file):
-        return SentencePieceTokenizer(_local(spm_file))
+        return SentencePieceTokenizer(_local(_inside_run(directory, SPM_FILE)))
     return None
+
+
+def _inside_run(directory: str, name: str) -> str:
+    path = os.path.join(directory, name)
+    return path if fileio.is_remote(directory) else inside(directory, name, path)
 
 
 def copy_file(source: str, target: str) -> None:
