@@ -248,10 +248,10 @@ def family(hf: dict) -> str:
     )
 
 
-def _require(hf: dict, key: str, allowed: tuple, default: Any) -> None:
+def _require(hf: dict, key: str, allowed: tuple, default: Any, where: str = "config.json") -> None:
     value = hf.get(key, default)
     if not any(value == a and type(value) is type(a) for a in allowed):
-        raise HFFormatError(f"config.json {key}={value!r} is not supported (supported: {list(allowed)})")
+        raise HFFormatError(f"{where}: {key}={value!r} is not supported (supported: {list(allowed)})")
 
 
 class _Fields:
@@ -315,9 +315,9 @@ def model_config_from_hf(hf: dict, block_size: int | None = None, where: str = "
     f, L = _Fields(hf, where), HF_LIMITS
     vocab = f.integer("vocab_size", 1, L["vocab_size"])
     if kind == "gpt2":
-        _require(hf, "activation_function", ("gelu_new", "gelu_pytorch_tanh"), "gelu_new")
-        _require(hf, "scale_attn_by_inverse_layer_idx", (False,), False)
-        _require(hf, "scale_attn_weights", (True,), True)
+        _require(hf, "activation_function", ("gelu_new", "gelu_pytorch_tanh"), "gelu_new", where)
+        _require(hf, "scale_attn_by_inverse_layer_idx", (False,), False, where)
+        _require(hf, "scale_attn_weights", (True,), True, where)
         d_model = f.integer("n_embd", 1, L["d_model"])
         n_head = f.integer("n_head", 1, L["n_head"])
         if d_model % n_head:
@@ -333,7 +333,7 @@ def model_config_from_hf(hf: dict, block_size: int | None = None, where: str = "
             norm_eps=f.number("layer_norm_epsilon", 0.0, 1.0, 1e-5),
             tie_embeddings=f.flag("tie_word_embeddings", True),
         ).resolved()
-    _require(hf, "hidden_act", ("silu",), "silu")
+    _require(hf, "hidden_act", ("silu",), "silu", where)
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     if not isinstance(rope, dict):
         raise HFFormatError(f"{where}: rope_scaling={rope!r} is not an object")
