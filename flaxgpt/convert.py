@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -22,11 +23,11 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from flaxgpt import hf, inference, lora
+from flaxgpt import fileio, hf, inference, lora
 from flaxgpt.chat_template import stop_tokens
 from flaxgpt.checkpoint import Checkpointer
 from flaxgpt.config import Config, ConfigError, apply_overrides, to_dict, to_json
-from flaxgpt.data.tokenizers import SPECIAL_TOKENS, ImportedTokenizer, SentencePieceTokenizer, Tokenizer
+from flaxgpt.data.tokenizers import SPECIAL_TOKENS, ImportedTokenizer, SentencePieceTokenizer, Tokenizer, copy_file
 from flaxgpt.model import unstack_layers
 from flaxgpt.sharding import host_value, logical_rules, logical_shardings, make_mesh, unbox_shapes
 
@@ -37,11 +38,58 @@ CHAT_TEMPLATE = (
 )
 
 
-def import_hf(hf_dir: str, workdir: str, overrides: Sequence[str] = ()) -> Config:
-    """A Hugging Face model directory -> a flaxgpt run in `workdir` (parameters at step 0)."""
+# What a flaxgpt run and a Hugging Face model directory hold: an import or export with --force
+# removes these (and only these) first, so that no stale checkpoint, shard or tokenizer of the
+# directory's previous content is mixed with the new one.
+RUN_FILES = ("checkpoints", "config.json", "tokenizer.json", "tokenizer.model", "tokenizer.vocab")
+HF_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+def _refuse_non_empty(directory: str, force: bool, what: str, flag: str, owned: Sequence[str]) -> None:
+    """Refuse to write into a directory that already holds something, unless `force`; with it,
+    remove what the write would otherwise mix with (the `owned` names, *.safetensors,
+    imported_*)."""
+    if not os.path.exists(directory):
+        return
+    if not os.path.isdir(directory):
+        raise hf.HFFormatError(f"{flag} {directory} is not a directory")
+    entries = sorted(os.listdir(directory))
+    if not entries:
+        return
+    if not force:
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise hf.HFFormatError(
+            f"{flag} {directory} is not empty (it holds {shown}): {what} would replace its files; "
+            "choose an empty or new directory, or pass --force to replace them"
+        )
+    for name in entries:
+        path = os.path.join(directory, name)
+        if name in owned or name.endswith(".safetensors") or name.startswith("imported_"):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+
+
+def import_hf(hf_dir: str, workdir: str, overrides: Sequence[str] = (), force: bool = False) -> Config:
+    """A Hugging Face model directory -> a flaxgpt run in `workdir` (parameters at step 0).
+    Everything is checked (the target directory, the config, every tensor header, the
+    tokenizer) before anything is written; a non-empty `workdir` is refused unless `force`."""
+    if not force:
+        _refuse_non_empty(workdir, False, "the import", "--workdir", RUN_FILES)
     cfg = apply_overrides(Config(name="imported"), list(overrides))
     model_cfg, tokenizer, hf_vocab = hf.import_model(hf_dir, cfg.model)
     cfg = dataclasses.replace(cfg, model=model_cfg).validate()
+    if jax.process_index() == 0:
+        _refuse_non_empty(workdir, force, "the import", "--workdir", RUN_FILES)
     os.makedirs(workdir, exist_ok=True)
     mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh.rules)
     boxed = inference._boxed_params(model_cfg)
@@ -50,8 +98,7 @@ def import_hf(hf_dir: str, workdir: str, overrides: Sequence[str] = ()) -> Confi
 
     if jax.process_index() == 0:
         tokenizer.save(workdir)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(to_json(cfg))
+        fileio.write_atomic(os.path.join(workdir, "config.json"), to_json(cfg))
     checkpointer = Checkpointer(workdir, cfg.checkpoint)
     checkpointer.save(
         0, {"params": params}, {"step": 0, "model": to_dict(model_cfg), "imported_from": hf_dir}, force=True
@@ -61,9 +108,17 @@ def import_hf(hf_dir: str, workdir: str, overrides: Sequence[str] = ()) -> Confi
 
 
 def export_hf(
-    workdir: str, out_dir: str, step: int | None = None, dtype: str = "float32", max_shard_gb: float = 5.0
+    workdir: str,
+    out_dir: str,
+    step: int | None = None,
+    dtype: str = "float32",
+    max_shard_gb: float = 5.0,
+    force: bool = False,
 ) -> dict:
-    """A flaxgpt run -> a Hugging Face model directory; returns the config.json written."""
+    """A flaxgpt run -> a Hugging Face model directory; returns the config.json written. An
+    `out_dir` that already holds files is refused unless `force`."""
+    if not force:
+        _refuse_non_empty(out_dir, False, "the export", "--hf", HF_FILES)
     loaded = inference.load(workdir, step)
     model_cfg = loaded.model.cfg
     params = host_value(loaded.params)
@@ -76,14 +131,19 @@ def export_hf(
     hf_config["torch_dtype"] = dtype
     np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
     tensors = hf.export_tensors(params, model_cfg, np_dtype)
+    _refuse_non_empty(out_dir, force, "the export", "--hf", HF_FILES)
     os.makedirs(out_dir, exist_ok=True)
     _write_weights(out_dir, tensors, int(max_shard_gb * 2**30))
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump({"eos_token_id": stop_tokens(tok), "pad_token_id": tok.pad_id}, f, indent=2)
+    _write_json(os.path.join(out_dir, "config.json"), hf_config)
+    _write_json(
+        os.path.join(out_dir, "generation_config.json"), {"eos_token_id": stop_tokens(tok), "pad_token_id": tok.pad_id}
+    )
     _write_tokenizer(tok, out_dir)
     return hf_config
+
+
+def _write_json(path: str, value: Any, **kwargs: Any) -> None:
+    fileio.write_atomic(path, json.dumps(value, indent=kwargs.pop("indent", 2), **kwargs))
 
 
 def _write_weights(out_dir: str, tensors: dict[str, np.ndarray], max_bytes: int) -> None:
@@ -103,10 +163,10 @@ def _write_weights(out_dir: str, tensors: dict[str, np.ndarray], max_bytes: int)
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         hf.write_safetensors(os.path.join(out_dir, file), shard)
         weight_map.update({name: file for name in shard})
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-        json.dump(
-            {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map}, f, indent=2
-        )
+    _write_json(
+        os.path.join(out_dir, "model.safetensors.index.json"),
+        {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map},
+    )
 
 
 def _write_tokenizer(tok: Tokenizer, out_dir: str) -> None:
@@ -133,7 +193,7 @@ def _write_tokenizer(tok: Tokenizer, out_dir: str) -> None:
         },
     }
     if isinstance(tok, ImportedTokenizer) and tok.kind == "tokenizers":
-        with open(tok.file) as f:
+        with open(tok.file, encoding="utf-8") as f:
             spec = json.load(f)
         taken = {entry["id"] for entry in spec.get("added_tokens", [])}
         spec.setdefault("added_tokens", []).extend(
@@ -149,14 +209,17 @@ def _write_tokenizer(tok: Tokenizer, out_dir: str) -> None:
             for i, t in sorted(added.items())
             if i not in taken
         )
-        with open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
-            json.dump(spec, f, ensure_ascii=False)
+        _write_json(os.path.join(out_dir, "tokenizer.json"), spec, indent=None, ensure_ascii=False)
         base_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     elif isinstance(tok, (ImportedTokenizer, SentencePieceTokenizer)):
         source = tok.file if isinstance(tok, ImportedTokenizer) else tok.model_file
-        with open(source, "rb") as src, open(os.path.join(out_dir, "tokenizer.model"), "wb") as dst:
-            dst.write(src.read())
-        base_config.update(tokenizer_class="LlamaTokenizer", add_bos_token=False, add_eos_token=False, legacy=False)
+        copy_file(source, os.path.join(out_dir, "tokenizer.model"))
+        prefix, suffix = (tok.prefix_ids, tok.suffix_ids) if isinstance(tok, ImportedTokenizer) else ([], [])
+        base_config.update(
+            tokenizer_class="LlamaTokenizer", add_bos_token=bool(prefix), add_eos_token=bool(suffix), legacy=False
+        )
+        if prefix:  # the imported model's own BOS convention goes out with it
+            base_config["bos_token"] = tok.own_token(prefix[0])
     else:
         print(
             "note: a character tokenizer has no Hugging Face counterpart; only the model was exported "
@@ -164,14 +227,13 @@ def _write_tokenizer(tok: Tokenizer, out_dir: str) -> None:
             file=sys.stderr,
         )
         return
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump(base_config, f, indent=2)
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"), base_config)
 
 
 def _special_ids(tok: Tokenizer) -> dict[str, int]:
     if isinstance(tok, ImportedTokenizer):
         return dict(tok.specials)
-    return {t: tok.encode(t)[0] for t in SPECIAL_TOKENS}
+    return {t: tok.special_id(t) for t in SPECIAL_TOKENS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -189,23 +251,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="config overrides, e.g. model.scan_layers=true model.block_size=2048 mesh.fsdp=8",
     )
+    imp.add_argument("--force", action="store_true", help="import into a non-empty workdir, replacing its run")
     exp = sub.add_parser("export", help="flaxgpt run -> Hugging Face directory")
     exp.add_argument("--workdir", "-w", required=True)
     exp.add_argument("--hf", required=True, help="output directory")
     exp.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     exp.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     exp.add_argument("--max-shard-gb", type=float, default=5.0)
+    exp.add_argument("--force", action="store_true", help="export into a non-empty directory, replacing its model")
     args = parser.parse_args(argv)
     try:
         if args.command == "import":
-            cfg = import_hf(args.hf, args.workdir, args.set)
+            cfg = import_hf(args.hf, args.workdir, args.set, args.force)
             m = cfg.model
             print(
                 f"imported {args.hf} ({m.recipe}: {m.n_layer} layers, d_model {m.d_model}, vocab {m.vocab_size}) "
                 f"-> {args.workdir}"
             )
         else:
-            hf_config = export_hf(args.workdir, args.hf, args.step, args.dtype, args.max_shard_gb)
+            hf_config = export_hf(args.workdir, args.hf, args.step, args.dtype, args.max_shard_gb, args.force)
             print(
                 f"exported {args.workdir} -> {args.hf} ({hf_config['architectures'][0]}, "
                 f"vocab {hf_config['vocab_size']})"

@@ -9,6 +9,13 @@ time, and each parameter goes straight onto its shards of the mesh
 (`jax.make_array_from_callback`): no device ever holds more than its own shards. Safetensors is a
 documented, trivially simple format (8-byte header length, JSON header, raw little-endian data);
 reading it here keeps torch out of the core install and handles bfloat16 through ml_dtypes.
+
+Nothing in a model directory is trusted: config.json's fields are typed and bounded
+(`HF_LIMITS`), every safetensors header is checked against its file (offsets inside the data,
+byte counts matching shapes and dtypes), every tensor the model needs is checked against the
+config on the headers alone, and every file read resolves inside the directory
+(`flaxgpt.modeldir.inside`). Each problem is an `HFFormatError` naming the file and the field,
+raised before any parameter is allocated.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import numpy as np
 
 from flaxgpt.config import ModelConfig
 from flaxgpt.data.tokenizers import ImportedTokenizer
-from flaxgpt.errors import UserError
+from flaxgpt.modeldir import HFFormatError, inside, read_json, require_directory
 
 SUPPORTED = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
 _DTYPES = {
@@ -45,26 +52,54 @@ _DTYPES = {
 }
 _DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
+# The largest safetensors header read: the format's own reference reader refuses headers over
+# 100 MB (a real header is ~100 bytes per tensor: tens of kilobytes).
+MAX_HEADER_BYTES = 100_000_000
+MAX_TENSOR_DIMS = 8
 
-class HFFormatError(UserError):
-    """A Hugging Face directory this importer cannot read: unsupported architecture, a missing
-    tensor, or a tensor of the wrong shape (named, with what was expected)."""
+# Upper bounds of config.json sizes, so that a lying config fails at once instead of building a
+# model for minutes: each is several times the largest public model of the family (Llama 3.1
+# 405B: 126 layers, hidden 16384, intermediate 53248, 128 heads; vocabularies up to ~256k;
+# contexts up to 128k, while rotary models cap theirs at model.block_size anyway). The
+# weights themselves are then checked tensor by tensor against the safetensors headers, which
+# bounds everything by the files on disk before a single parameter is allocated.
+HF_LIMITS = {
+    "vocab_size": 2**22,
+    "n_layer": 1024,
+    "n_head": 1024,
+    "d_model": 2**17,
+    "d_ff": 2**19,
+    "head_dim": 2**12,
+    "context": 2**24,
+}
 
 
 # ----------------------------------------------------------------------------- safetensors
 
 
 class SafetensorsReader:
-    """Every tensor of a Hugging Face directory, by name, read lazily through memory maps."""
+    """Every tensor of a Hugging Face directory, by name, read lazily through memory maps. Every
+    header is checked when the reader is made (sizes, dtypes, offsets inside the file, element
+    counts matching shapes), so that a later read only ever maps bytes of its own tensor."""
 
     def __init__(self, directory: str):
+        require_directory(directory)
         index_file = os.path.join(directory, "model.safetensors.index.json")
         if os.path.exists(index_file):
-            with open(index_file) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-            files = [os.path.join(directory, f) for f in files]
+            index = read_json(inside(directory, "model.safetensors.index.json", index_file))
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise HFFormatError(f"{index_file}: weight_map is missing or empty (expected tensor name -> file)")
+            names = sorted(set(weight_map.values()), key=str)
+            files = [inside(directory, name, f"{index_file}: weight_map") for name in names]
+            for name, file in zip(names, files):
+                if not os.path.isfile(file):
+                    raise HFFormatError(f"{index_file}: weight_map names {name!r}, which is not a file in {directory}")
         else:
-            files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+            files = [
+                inside(directory, os.path.basename(f), f)
+                for f in sorted(glob.glob(os.path.join(glob.escape(directory), "*.safetensors")))
+            ]
         if not files:
             raise HFFormatError(
                 f"{directory} holds no *.safetensors weights (pytorch_model.bin is not read: "
@@ -72,12 +107,10 @@ class SafetensorsReader:
             )
         self.entries: dict[str, tuple[str, dict, int]] = {}
         for file in files:
-            with open(file, "rb") as f:
-                header_len = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(header_len))
-            header.pop("__metadata__", None)
-            for name, info in header.items():
-                self.entries[name] = (file, info, 8 + header_len)
+            for name, info in _read_header(file).items():
+                if name in self.entries:
+                    raise HFFormatError(f"{file}: tensor {name} is also in {self.entries[name][0]}")
+                self.entries[name] = info
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -87,16 +120,86 @@ class SafetensorsReader:
 
     def read(self, name: str) -> np.ndarray:
         file, info, data_start = self.entries[name]
-        if info["dtype"] not in _DTYPES:
-            raise HFFormatError(f"{file}: tensor {name} has dtype {info['dtype']}, which flaxgpt does not read")
-        begin, end = info["data_offsets"]
+        begin, _ = info["data_offsets"]
         dtype = np.dtype(_DTYPES[info["dtype"]])
-        count = (end - begin) // dtype.itemsize
+        count = math.prod(info["shape"])
+        if count == 0:
+            return np.zeros(info["shape"], dtype)
         data = np.memmap(file, dtype=dtype, mode="r", offset=data_start + begin, shape=(count,))
         return np.asarray(data).reshape(info["shape"])
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_header(file: str) -> dict[str, tuple[str, dict, int]]:
+    """name -> (file, {dtype, shape, data_offsets}, data start) of one safetensors file, every
+    field checked against the file's real size."""
+    try:
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise HFFormatError(f"{file}: {size} bytes, too short for a safetensors file (8-byte header length)")
+            header_len = int.from_bytes(prefix, "little")
+            if header_len > min(MAX_HEADER_BYTES, size - 8):
+                raise HFFormatError(
+                    f"{file}: header length {header_len} is more than the file's remaining {size - 8} bytes "
+                    f"(or the {MAX_HEADER_BYTES} a safetensors header may have): not a safetensors file, or truncated"
+                )
+            raw = f.read(header_len)
+    except IsADirectoryError:
+        raise HFFormatError(f"{file}: is a directory, expected a safetensors file") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise HFFormatError(f"{file}: the safetensors header is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise HFFormatError(f"{file}: the safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - header_len
+    spans = []
+    entries = {}
+    for name, info in header.items():
+        where = f"{file}: tensor {name}"
+        if not isinstance(info, dict):
+            raise HFFormatError(f"{where}: header entry is not an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _DTYPES:
+            raise HFFormatError(f"{where}: dtype {dtype!r}, which flaxgpt does not read (it reads {sorted(_DTYPES)})")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_TENSOR_DIMS
+            or not all(_is_int(d) and 0 <= d < 2**40 for d in shape)
+        ):
+            raise HFFormatError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+            raise HFFormatError(f"{where}: data_offsets {offsets!r} is not [begin, end]")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_size:
+            raise HFFormatError(
+                f"{where}: data_offsets [{begin}, {end}] are not 0 <= begin <= end <= {data_size} "
+                "(the data bytes after the header)"
+            )
+        nbytes = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
+        if end - begin != nbytes:
+            raise HFFormatError(
+                f"{where}: data_offsets [{begin}, {end}] hold {end - begin} bytes, but shape {shape} of "
+                f"{dtype} needs {nbytes}"
+            )
+        if nbytes:
+            spans.append((begin, end, name))
+        entries[name] = (file, {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}, 8 + header_len)
+    spans.sort()
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise HFFormatError(f"{file}: tensors {first} and {second} overlap in the data (data_offsets)")
+    return entries
+
+
 def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+    """A safetensors file, written under a temporary name and renamed: never half a file."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, value in tensors.items():
@@ -109,83 +212,160 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as f:
-        f.write(len(encoded).to_bytes(8, "little"))
-        f.write(encoded)
-        for value in tensors.values():
-            f.write(np.ascontiguousarray(value).tobytes())
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(encoded).to_bytes(8, "little"))
+            f.write(encoded)
+            for value in tensors.values():
+                f.write(np.ascontiguousarray(value).tobytes())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------- configs
 
 
 def read_hf_config(directory: str) -> dict:
+    require_directory(directory)
     config_file = os.path.join(directory, "config.json")
     if not os.path.exists(config_file):
         raise HFFormatError(f"{directory} has no config.json: is it a Hugging Face model directory?")
-    with open(config_file) as f:
-        return json.load(f)
+    return read_json(inside(directory, "config.json", config_file))
 
 
 def family(hf: dict) -> str:
     architectures = hf.get("architectures") or []
+    if not isinstance(architectures, list):
+        architectures = [architectures]
     for arch in architectures:
-        if arch in SUPPORTED:
+        if isinstance(arch, str) and arch in SUPPORTED:
             return SUPPORTED[arch]
     raise HFFormatError(
         f"unsupported architecture {architectures or hf.get('model_type')!r}; flaxgpt imports {sorted(SUPPORTED)}"
     )
 
 
-def _require(hf: dict, key: str, allowed: tuple, default: Any) -> None:
+def _require(hf: dict, key: str, allowed: tuple, default: Any, where: str = "config.json") -> None:
     value = hf.get(key, default)
-    if value not in allowed:
-        raise HFFormatError(f"config.json {key}={value!r} is not supported (supported: {list(allowed)})")
+    if not any(value == a and type(value) is type(a) for a in allowed):
+        raise HFFormatError(f"{where}: {key}={value!r} is not supported (supported: {list(allowed)})")
 
 
-def model_config_from_hf(hf: dict, block_size: int | None = None) -> ModelConfig:
-    """The flaxgpt model of a Hugging Face config (vocabulary as the checkpoint has it).
-    `block_size` caps the context of rotary models (Llama's max_position_embeddings is often
-    far longer than a fine-tuning run needs); learned positions always keep theirs."""
+class _Fields:
+    """Typed, range-checked reads of a config.json: every error names the file and the key."""
+
+    def __init__(self, hf: dict, where: str):
+        self.hf, self.where = hf, where
+
+    def _error(self, key: str, value: Any, expected: str) -> HFFormatError:
+        shown = repr(value) if len(repr(value)) < 80 else repr(value)[:77] + "..."
+        return HFFormatError(f"{self.where}: {key}={shown} is not {expected}")
+
+    def integer(self, key: str, low: int, high: int, default: Any = None) -> int:
+        if key not in self.hf or self.hf[key] is None:
+            if default is None:
+                raise HFFormatError(f"{self.where}: {key} is missing (expected an integer in [{low}, {high}])")
+            return default
+        value = self.hf[key]
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not _is_int(value) or not low <= value <= high:
+            raise self._error(key, self.hf[key], f"an integer in [{low}, {high}]")
+        return value
+
+    def number(self, key: str, low: float, high: float, default: float) -> float:
+        value = self.hf.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:
+            raise self._error(key, value, f"a number in ({low}, {high})")
+        return float(value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.hf.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self._error(key, value, "true or false")
+        return value
+
+    def token_id(self, key: str, vocab: int) -> int | None:
+        """An optional token id (or the first of a list, as transformers allows)."""
+        value = self.hf.get(key)
+        if isinstance(value, list) and value:
+            value = value[0]
+        if value is None or value == []:
+            return None
+        if not _is_int(value) or not 0 <= value < vocab:
+            raise self._error(key, self.hf[key], f"a token id in [0, {vocab})")
+        return value
+
+
+def model_config_from_hf(hf: dict, block_size: int | None = None, where: str = "config.json") -> ModelConfig:
+    """The flaxgpt model of a Hugging Face config (vocabulary as the checkpoint has it), every
+    size checked against `HF_LIMITS`. `block_size` caps the context of rotary models (Llama's
+    max_position_embeddings is often far longer than a fine-tuning run needs); learned
+    positions always keep theirs."""
+    if not isinstance(hf, dict):
+        raise HFFormatError(f"{where}: expected a JSON object")
     kind = family(hf)
+    f, L = _Fields(hf, where), HF_LIMITS
+    vocab = f.integer("vocab_size", 1, L["vocab_size"])
     if kind == "gpt2":
-        _require(hf, "activation_function", ("gelu_new", "gelu_pytorch_tanh"), "gelu_new")
-        _require(hf, "scale_attn_by_inverse_layer_idx", (False,), False)
-        _require(hf, "scale_attn_weights", (True,), True)
-        d_model = hf["n_embd"]
+        _require(hf, "activation_function", ("gelu_new", "gelu_pytorch_tanh"), "gelu_new", where)
+        _require(hf, "scale_attn_by_inverse_layer_idx", (False,), False, where)
+        _require(hf, "scale_attn_weights", (True,), True, where)
+        d_model = f.integer("n_embd", 1, L["d_model"])
+        n_head = f.integer("n_head", 1, L["n_head"])
+        if d_model % n_head:
+            raise HFFormatError(f"{where}: n_embd={d_model} is not a multiple of n_head={n_head}")
         return ModelConfig(
             recipe="gpt2",
-            vocab_size=hf["vocab_size"],
-            block_size=hf["n_positions"],
-            n_layer=hf["n_layer"],
-            n_head=hf["n_head"],
+            vocab_size=vocab,
+            block_size=f.integer("n_positions", 1, L["context"]),
+            n_layer=f.integer("n_layer", 1, L["n_layer"]),
+            n_head=n_head,
             d_model=d_model,
-            d_ff=hf.get("n_inner") or 4 * d_model,
-            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-            tie_embeddings=hf.get("tie_word_embeddings", True),
+            d_ff=f.integer("n_inner", 1, L["d_ff"], 4 * d_model),
+            norm_eps=f.number("layer_norm_epsilon", 0.0, 1.0, 1e-5),
+            tie_embeddings=f.flag("tie_word_embeddings", True),
         ).resolved()
-    _require(hf, "hidden_act", ("silu",), "silu")
+    _require(hf, "hidden_act", ("silu",), "silu", where)
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise HFFormatError(f"{where}: rope_scaling={rope!r} is not an object")
     if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise HFFormatError(f"config.json rope scaling {rope!r} is not supported (plain RoPE only)")
-    if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
-        raise HFFormatError("config.json: attention_bias and mlp_bias differ; flaxgpt's use_bias covers both")
-    n_head = hf["num_attention_heads"]
-    context = hf.get("max_position_embeddings", 2048)
+        raise HFFormatError(f"{where}: rope scaling {rope!r} is not supported (plain RoPE only)")
+    use_bias = f.flag("attention_bias", False)
+    if use_bias != f.flag("mlp_bias", False):
+        raise HFFormatError(f"{where}: attention_bias and mlp_bias differ; flaxgpt's use_bias covers both")
+    n_head = f.integer("num_attention_heads", 1, L["n_head"])
+    n_kv = f.integer("num_key_value_heads", 1, n_head, n_head)
+    if n_head % n_kv:
+        raise HFFormatError(f"{where}: num_attention_heads={n_head} is not a multiple of num_key_value_heads={n_kv}")
+    d_model = f.integer("hidden_size", 1, L["d_model"])
+    if "head_dim" not in hf and d_model % n_head:
+        raise HFFormatError(f"{where}: hidden_size={d_model} is not a multiple of num_attention_heads={n_head}")
+    context = f.integer("max_position_embeddings", 1, L["context"], 2048)
+    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    _Fields({"rope_theta": theta}, where).number("rope_theta", 0.0, float("inf"), 10000.0)
     return ModelConfig(
         recipe="llama",
-        vocab_size=hf["vocab_size"],
+        vocab_size=vocab,
         block_size=min(context, block_size or context),
-        n_layer=hf["num_hidden_layers"],
+        n_layer=f.integer("num_hidden_layers", 1, L["n_layer"]),
         n_head=n_head,
-        n_kv_heads=hf.get("num_key_value_heads") or n_head,
-        d_model=hf["hidden_size"],
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
-        d_ff=hf["intermediate_size"],
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
-        use_bias=bool(hf.get("attention_bias", False)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        n_kv_heads=n_kv,
+        d_model=d_model,
+        head_dim=f.integer("head_dim", 1, L["head_dim"], max(d_model // n_head, 1)),
+        d_ff=f.integer("intermediate_size", 1, L["d_ff"]),
+        norm_eps=f.number("rms_norm_eps", 0.0, 1.0, 1e-6),
+        rope_theta=float(theta),
+        use_bias=use_bias,
+        tie_embeddings=f.flag("tie_word_embeddings", False),
     ).resolved()
 
 
@@ -427,16 +607,77 @@ def place_from_host(
     return placed
 
 
+def hf_tensor_shapes(cfg: ModelConfig, hf_vocab: int, hf_names: set | None = None) -> dict[str, tuple[Entry, tuple]]:
+    """Hugging Face tensor name -> (the first table entry it feeds, the shape it must have), from
+    the config alone: what the safetensors headers are checked against before anything is built."""
+    d, hd, ff = cfg.d_model, cfg.head_dim, cfg.d_ff
+    q, kv = cfg.n_head * hd, cfg.n_kv_heads * hd
+    if cfg.recipe == "gpt2":  # Conv1D: [in, out]
+        by_suffix = {
+            "wte.weight": (hf_vocab, d),
+            "wpe.weight": (cfg.block_size, d),
+            "attn.c_attn.weight": (d, 3 * q),
+            "attn.c_attn.bias": (3 * q,),
+            "attn.c_proj.weight": (q, d),
+            "mlp.c_fc.weight": (d, ff),
+            "mlp.c_fc.bias": (ff,),
+            "mlp.c_proj.weight": (ff, d),
+        }
+    else:  # torch Linear: [out, in]
+        by_suffix = {
+            "embed_tokens.weight": (hf_vocab, d),
+            "lm_head.weight": (hf_vocab, d),
+            "q_proj.weight": (q, d),
+            "q_proj.bias": (q,),
+            "k_proj.weight": (kv, d),
+            "k_proj.bias": (kv,),
+            "v_proj.weight": (kv, d),
+            "v_proj.bias": (kv,),
+            "o_proj.weight": (d, q),
+            "gate_proj.weight": (ff, d),
+            "gate_proj.bias": (ff,),
+            "up_proj.weight": (ff, d),
+            "up_proj.bias": (ff,),
+            "down_proj.weight": (d, ff),
+        }
+    out: dict[str, tuple[Entry, tuple]] = {}
+    for entry in tensor_table(cfg, hf_names):
+        if entry.hf not in out:
+            suffix = next((k for k in by_suffix if entry.hf == k or entry.hf.endswith("." + k)), None)
+            out[entry.hf] = (entry, by_suffix[suffix] if suffix else (d,))  # the rest: norms and biases of d
+    return out
+
+
+def check_tensors(directory: str, cfg: ModelConfig, hf_vocab: int) -> SafetensorsReader:
+    """Every tensor the model needs is in the checkpoint with the shape its config implies:
+    checked on the headers alone, before any parameter is allocated or any file is written."""
+    reader = SafetensorsReader(directory)
+    for name, (entry, expected) in hf_tensor_shapes(cfg, hf_vocab, set(reader.entries)).items():
+        if name not in reader:
+            raise HFFormatError(f"{directory}: tensor {name} is missing (it feeds flaxgpt parameter {entry.ours})")
+        if reader.shape(name) != tuple(expected):
+            raise HFFormatError(
+                f"{directory}: tensor {name} has shape {reader.shape(name)}, expected {tuple(expected)} "
+                f"(from config.json, for flaxgpt parameter {entry.ours})"
+            )
+    return reader
+
+
 def import_model(directory: str, own: ModelConfig) -> tuple[ModelConfig, ImportedTokenizer, int]:
     """(model config, tokenizer, the checkpoint's own vocabulary size) of a Hugging Face model
     directory. The config is `own` (dropout, dtypes, remat, LoRA, output, block_size for rotary
     models...) with the structure of the Hugging Face model and the vocabulary grown by the chat
-    tokens the tokenizer appends."""
+    tokens the tokenizer appends. The whole directory is checked first (config.json's fields and
+    sizes, every safetensors header against them, the tokenizer): any problem is an
+    HFFormatError before anything large is allocated."""
     hf_cfg = read_hf_config(directory)
-    base = model_config_from_hf(hf_cfg, own.block_size)
-    eos = hf_cfg.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) else eos
-    tokenizer = ImportedTokenizer.from_hf(directory, base.vocab_size, eos, hf_cfg.get("pad_token_id"))
+    where = os.path.join(directory, "config.json")
+    base = model_config_from_hf(hf_cfg, own.block_size, where)
+    fields = _Fields(hf_cfg, where)
+    eos = fields.token_id("eos_token_id", base.vocab_size)
+    pad = fields.token_id("pad_token_id", base.vocab_size)
+    check_tensors(directory, base, base.vocab_size)
+    tokenizer = ImportedTokenizer.from_hf(directory, base.vocab_size, eos, pad)
     structural = (
         "recipe",
         "block_size",

@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         perf.tune_host_allocator()
         loaded = inference.load(args.workdir, args.step)
         tok = loaded.tokenizer
-        prompts = [tok.encode(p) or [tok.eos_id] for p in args.prompt]
+        prompts = [tok.encode_prompt(p) or [tok.eos_id] for p in args.prompt]
         with inference.logical_context(loaded):
             out = generate.generate(
                 loaded.model,

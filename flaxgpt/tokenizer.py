@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"wrote {model_file}: {tok.vocab_size} pieces ({args.model_type})")
         else:
             tok = SentencePieceTokenizer(args.model)
-            ids = tok.encode(args.text)
+            ids = tok.encode(args.text, allow_special=True)
             print(" ".join(tok.sp.id_to_piece(i) for i in ids))
             print(f"{len(ids)} tokens for {len(args.text)} characters")
     except (FileNotFoundError, DataError, ValueError) as e:

@@ -22,13 +22,14 @@ from flaxgpt.data.tokenizers import (
 def test_char_tokenizer_round_trip_and_special_tokens(tmp_path):
     tok = CharTokenizer.from_text("hello world\n")
     text = f"{USER}hello{ASSISTANT}world{EOS}"
-    ids = tok.encode(text)
+    ids = tok.encode(text, allow_special=True)  # trusted text: its markers are special tokens
     assert ids.count(tok.eos_id) == 1 and len(ids) == 3 + len("helloworld")
     assert tok.decode(ids) == text
+    assert tok.eos_id not in tok.encode(text)  # as text, they never are
     assert tok.encode("hé") == [tok.stoi["h"], tok.unk_id]
     tok.save(str(tmp_path))
     again = load_tokenizer(str(tmp_path))
-    assert again.encode(text) == ids and again.vocab_size == tok.vocab_size
+    assert again.encode(text, allow_special=True) == ids and again.vocab_size == tok.vocab_size
 
 
 def test_sentencepiece_trains_round_trips_and_reserves_specials(tmp_path):
@@ -41,9 +42,11 @@ def test_sentencepiece_trains_round_trips_and_reserves_specials(tmp_path):
     assert len(tok.encode(sample)) < len(sample)  # it does compress
     with pytest.raises(ValueError, match="raise data.spm_vocab_size"):
         train_sentencepiece(text.splitlines(keepends=True), str(tmp_path / "small"), 100, "bpe")
-    ids = tok.encode(f"{USER}hi{EOS}")
+    ids = tok.encode(f"{USER}hi{EOS}", allow_special=True)
     assert ids[0] == tok.sp.piece_to_id(USER) and ids[-1] == tok.eos_id
     assert tok.decode(ids) == f"{USER}hi{EOS}"
+    plain = tok.encode(f"{USER}hi{EOS}")  # as text: ordinary pieces that spell the markers out
+    assert not set(plain) & set(tok.special_ids) and tok.decode(plain) == f"{USER}hi{EOS}"
     workdir = tmp_path / "run"
     workdir.mkdir()
     tok.save(str(workdir))

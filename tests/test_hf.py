@@ -81,7 +81,7 @@ def test_export_reloads_in_transformers_with_the_same_logits_and_tokens(family, 
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is two plus three?"}]
     text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     assert text == "<|system|>Be brief.<|end|><|user|>What is two plus three?<|end|><|assistant|>"
-    assert tok(text, add_special_tokens=False)["input_ids"] == loaded.tokenizer.encode(text)
+    assert tok(text, add_special_tokens=False)["input_ids"] == loaded.tokenizer.encode(text, allow_special=True)
     assert tok.eos_token_id == loaded.tokenizer.eos_id and tok.pad_token_id == loaded.tokenizer.pad_id
 
 
@@ -243,7 +243,7 @@ def test_imported_model_through_sft_and_ppo_then_exported(family, lora_rank, mod
     out = str(tmp_path / "export")
     export_hf(os.path.join(workdir, "ppo"), out)
     policy = inference.load(os.path.join(workdir, "ppo"))
-    ids = policy.tokenizer.encode("<|user|>What is two plus three?<|end|><|assistant|>")
+    ids = policy.tokenizer.encode("<|user|>What is two plus three?<|end|><|assistant|>", allow_special=True)
     np.testing.assert_allclose(hf_fixtures.hf_logits(out, ids), _logits(policy, ids), atol=1e-4)
 
 

@@ -58,7 +58,7 @@ def sample_text(model: Transformer, params: Any, tokenizer: Tokenizer, cfg: Conf
     ev = cfg.eval
     if ev.sample_tokens <= 0:
         return ""
-    prompt = tokenizer.encode(ev.sample_prompt) or [tokenizer.eos_id]
+    prompt = tokenizer.encode_prompt(ev.sample_prompt) or [tokenizer.eos_id]
     decode = generate.DecodeConfig(max_new_tokens=ev.sample_tokens, temperature=ev.temperature, top_k=ev.top_k)
     rng = jax.random.PRNGKey(ev.sample_seed)
     if len(prompt) + ev.sample_tokens <= model.cfg.block_size:
