@@ -222,11 +222,12 @@ class DataConfig:
     world_rankings: int = 800  # embedded world: prompts whose K sampled answers the labeler ranks
     world_ranking_k: int = 4
     world_ranking_temperature: float = 1.0
+    world_preferences: int = 2000  # embedded world: pairs (DPO, ORPO) or thumbs-up/down records (KTO)
 
 
 @dataclass
 class TrainConfig:
-    trainer: Literal["pretrain", "sft", "reward", "ppo"] = "pretrain"
+    trainer: Literal["pretrain", "sft", "reward", "ppo", "dpo", "kto", "orpo"] = "pretrain"
     # Start from another run's parameters (its workdir, latest or `init_step` checkpoint).
     # The model's structure and tokenizer come from there; a conflicting model field is an error.
     init_from: str = ""
@@ -301,6 +302,31 @@ class PPOConfig:
     eval_prompts: int = 128  # held-out prompts answered at each evaluation (0: none)
 
 
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation on `pairs` or `rankings` (expanded to pairs)."""
+
+    beta: float = 0.1  # strength of the pull towards the reference (the SFT start)
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # DPO, or IPO (per-token mean log-ratios)
+    label_smoothing: float = 0.0  # conservative DPO: the share of labels assumed flipped, in [0, 0.5)
+
+
+@dataclass
+class KTOConfig:
+    """KTO on thumbs-up/down `feedback` records (unpaired)."""
+
+    beta: float = 0.1
+    desirable_weight: float = 1.0  # raise one of them when the labels are imbalanced
+    undesirable_weight: float = 1.0
+
+
+@dataclass
+class ORPOConfig:
+    """ORPO on `pairs`: SFT on the chosen answer plus the odds-ratio term, no reference model."""
+
+    beta: float = 0.1  # weight of the odds-ratio term (the paper's lambda)
+
+
 INSTRUCTGPT_PTX_COEF = 27.8  # InstructGPT's PPO-ptx coefficient (their "gamma")
 
 
@@ -344,6 +370,9 @@ class Config:
     sft: SftConfig = field(default_factory=SftConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
+    orpo: ORPOConfig = field(default_factory=ORPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -418,6 +447,8 @@ class Config:
                 )
             if p.temperature <= 0:
                 raise ConfigError(f"ppo.temperature must be positive (rollouts sample), got {p.temperature}")
+        if t.trainer in ("dpo", "kto", "orpo"):
+            _check_preference(self)
         if not 0.0 <= self.data.world_noise <= 1.0:
             raise ConfigError(f"data.world_noise must lie in [0, 1], got {self.data.world_noise}")
         if self.data.world_ranking_k < 2:
@@ -425,6 +456,19 @@ class Config:
         if self.optimizer.min_lr > self.optimizer.lr:
             raise ConfigError(f"optimizer.min_lr={self.optimizer.min_lr} exceeds optimizer.lr={self.optimizer.lr}")
         return self
+
+
+def _check_preference(cfg: Config) -> None:
+    t = cfg.train.trainer
+    if cfg.data.source not in ("world", "jsonl"):
+        raise ConfigError(f"train.trainer='{t}' reads data.source 'world' or 'jsonl', got '{cfg.data.source}'")
+    if not cfg.train.init_from:
+        raise ConfigError(f"train.trainer='{t}' starts from a policy: set train.init_from to the SFT run")
+    beta = getattr(cfg, t).beta
+    if beta <= 0:
+        raise ConfigError(f"{t}.beta must be positive, got {beta}")
+    if not 0.0 <= cfg.dpo.label_smoothing < 0.5:
+        raise ConfigError(f"dpo.label_smoothing must lie in [0, 0.5), got {cfg.dpo.label_smoothing}")
 
 
 # ----------------------------------------------------------------------------- (de)serialisation

@@ -14,6 +14,8 @@ with adapters off.
 
 from __future__ import annotations
 
+import json
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,11 +23,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from flaxgpt import losses
-from flaxgpt.data.packing import build_rows
+from flaxgpt import fileio, losses
+from flaxgpt.config import Config
+from flaxgpt.data import world as world_lib
+from flaxgpt.data.jsonl import DataError, read_jsonl
+from flaxgpt.data.packing import PackedRows, build_rows
 from flaxgpt.data.tokenizers import Tokenizer
-from flaxgpt.trainers.sft import conversation_example
+from flaxgpt.model import Transformer
+from flaxgpt.state import abstract_train_state
+from flaxgpt.trainers.lm import make_eval_step
+from flaxgpt.trainers.loop import Objective, Runtime, fit, starting_point
+from flaxgpt.trainers.sft import answer_metrics, conversation_example
 
 Rows = dict[str, np.ndarray]
 _ROW = ("inputs", "targets", "loss_weights", "segment_ids", "positions")
@@ -77,19 +87,20 @@ def _width(examples: list, block_size: int) -> int:
 
 def pair_rows(pairs: Sequence[Pair], tokenizer: Tokenizer, block_size: int) -> Rows:
     """chosen_* and rejected_* rows ([n, width]: inputs, targets, loss_weights, segment_ids,
-    positions) and `valid` [n] (1: a real pair; the trainers pad batches with 0s)."""
+        positions) and `valid` [n, 1] (1: a real pair). Per-record values are [n, 1] columns, as the
+    batch sharding splits rows of rank 2 and more (`column` reads them back)."""
     chosen = [response_example(p.prompt, p.chosen, tokenizer, block_size) for p in pairs]
     rejected = [response_example(p.prompt, p.rejected, tokenizer, block_size) for p in pairs]
     width = _width(chosen + rejected, block_size)
     rows = {**_encode(chosen, tokenizer, width, "chosen_"), **_encode(rejected, tokenizer, width, "rejected_")}
-    rows["valid"] = np.ones(len(pairs), np.float32)
+    rows["valid"] = np.ones((len(pairs), 1), np.float32)
     return rows
 
 
 def feedback_rows(records: Sequence[Feedback], tokenizer: Tokenizer, block_size: int) -> Rows:
     """Rows of each record (no prefix) and kl_* rows of its prompt with the next record's response:
     the mismatched pairs KTO estimates its KL reference point on (as TRL does); `desirable` and
-    `valid` [n]."""
+    `valid` [n, 1]."""
     n = len(records)
     own = [response_example(r.prompt, r.response, tokenizer, block_size) for r in records]
     mismatched = [
@@ -97,12 +108,17 @@ def feedback_rows(records: Sequence[Feedback], tokenizer: Tokenizer, block_size:
     ]
     width = _width(own + mismatched, block_size)
     rows = {**_encode(own, tokenizer, width, ""), **_encode(mismatched, tokenizer, width, "kl_")}
-    rows["desirable"] = np.asarray([r.desirable for r in records], np.float32)
-    rows["valid"] = np.ones(n, np.float32)
+    rows["desirable"] = np.asarray([[r.desirable] for r in records], np.float32)
+    rows["valid"] = np.ones((n, 1), np.float32)
     return rows
 
 
 # ----------------------------------------------------------------------------- log-probabilities
+
+
+def column(batch: dict, key: str) -> jax.Array:
+    """A per-record value [b] of a batch (stored as a [b, 1] column)."""
+    return batch[key][:, 0]
 
 
 def logprobs(
@@ -126,76 +142,198 @@ def logprobs(
 def add_reference_logprobs(
     model: Any, params: Any, rows: Rows, prefixes: Sequence[str], batch_size: int, log=print
 ) -> Rows:
-    """`rows` with ref_<prefix>logp [n] (summed response log-probabilities under `params`) added,
+    """`rows` with ref_<prefix>logp [n, 1] (summed response log-probabilities under `params`) added,
     computed once in fixed-size chunks (the last padded: one compilation)."""
     n = len(rows["valid"])
     forward = jax.jit(lambda p, b: [s for s, _ in logprobs(model, p, b, prefixes)])
-    out = {p: np.zeros(n, np.float32) for p in prefixes}
+    out = {p: np.zeros((n, 1), np.float32) for p in prefixes}
     for start in range(0, n, batch_size):
         index = np.minimum(np.arange(start, start + batch_size), n - 1)
         chunk = {k: v[index] for k, v in rows.items()}
         real = min(batch_size, n - start)
         for prefix, sums in zip(prefixes, forward(params, chunk)):
-            out[prefix][start : start + real] = np.asarray(jax.device_get(sums))[:real]
+            out[prefix][start : start + real, 0] = np.asarray(jax.device_get(sums))[:real]
     log(f"reference log-probabilities of {n} records computed once from the starting parameters")
     return {**rows, **{f"ref_{p}logp": v for p, v in out.items()}}
 
 
-# ----------------------------------------------------------------------------- objectives
+# ----------------------------------------------------------------------------- records
 
 
-LossSums = Callable[[Any, dict, Any, bool], dict]
+def _prompt(record: dict) -> list[dict]:
+    return ([{"role": "system", "content": record["system"]}] if record.get("system") else []) + [
+        {"role": "user", "content": record["prompt"]}
+    ]
 
 
-def dpo_objective(model: Any, beta: float, loss_type: str, label_smoothing: float) -> LossSums:
-    """DPO / IPO / conservative DPO on pair rows with stored reference log-probabilities; IPO
-    compares per-token means (as TRL does), the others sums."""
+def pairs_from_records(records: Sequence[dict]) -> list[Pair]:
+    """`pairs` records, or `rankings` records expanded to every better/worse pair (ties: none)."""
+    out: list[Pair] = []
+    for r in records:
+        if "responses" not in r:
+            out.append(Pair(_prompt(r), r["chosen"], r["rejected"]))
+            continue
+        scores = r.get("scores")
+        ranks = list(range(len(r["responses"]))) if scores is None else [scores.index(x) for x in scores]
+        out += pairs_of(_prompt(r), r["responses"], ranks)
+    return out
 
-    def loss_sums(params, batch, rng, train):
-        (chosen, n_chosen), (rejected, n_rejected) = logprobs(
-            model, params, batch, ("chosen_", "rejected_"), train, rng
+
+def _schema_of(path: str) -> str:
+    """'rankings' when the file's first record lists `responses`, else 'pairs'."""
+    if not fileio.exists(path):
+        return "pairs"  # read_jsonl names the missing file
+    with fileio.open_file(path, "rb") as f:
+        first = next((line for line in f if line.strip()), b"{}")
+    try:
+        return "rankings" if "responses" in json.loads(first.decode("utf-8-sig")) else "pairs"
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError):
+        return "pairs"  # read_jsonl names the line
+
+
+def _split(items: list, where: str, fraction: float) -> tuple[list, list]:
+    cut = int(len(items) * fraction)
+    if cut < 1 or cut >= len(items):
+        raise DataError(
+            f"{where}: {len(items)} record(s) cannot be split into train and validation; "
+            "add records or set data.val_path"
         )
-        ref_chosen, ref_rejected = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
-        if loss_type == "ipo":
-            chosen, ref_chosen = chosen / jnp.maximum(n_chosen, 1), ref_chosen / jnp.maximum(n_chosen, 1)
-            rejected, ref_rejected = rejected / jnp.maximum(n_rejected, 1), ref_rejected / jnp.maximum(n_rejected, 1)
-        return losses.dpo_loss(
-            chosen, rejected, ref_chosen, ref_rejected, batch["valid"], beta, loss_type, label_smoothing
+    return items[:cut], items[cut:]
+
+
+def jsonl_items(cfg: Config, kind: str, log: Callable[[str], None]) -> tuple[list, list]:
+    """(train, validation) Pairs ('pairs') or Feedback ('feedback') from data.path (and data.val_path)."""
+    data = cfg.data
+
+    def read(path: str) -> list:
+        schema = "feedback" if kind == "feedback" else _schema_of(path)
+        records, report = read_jsonl(path, schema, data.on_error)
+        log(report.summary())
+        if kind == "feedback":
+            return [Feedback(_prompt(r), r["response"], r["label"]) for r in records]
+        return pairs_from_records(records)
+
+    items = read(data.path)
+    return (items, read(data.val_path)) if data.val_path else _split(items, data.path, data.train_fraction)
+
+
+def world_items(cfg: Config, kind: str, n: int, stream: int) -> list:
+    """World questions with answers judged by the oracle: Pairs (the correct answer over a wrong
+    or sloppy one) or Feedback (a demonstration that is correct half of the time, thumbs up
+    when the labeler gives it full marks)."""
+    data = cfg.data
+    world, rng = world_lib.make_world(data.world_seed), random.Random(data.world_seed * 1000 + stream)
+    system = [{"role": "system", "content": data.world_system}] if data.world_system else []
+    items: list = []
+    for _ in range(n):
+        question, truth = world_lib.random_question(world, rng)
+        prompt = system + [{"role": "user", "content": question}]
+        if kind == "pairs":
+            items.append(Pair(prompt, truth, world_lib.demonstration(world, question, rng, 1.0)))
+        else:
+            answer = world_lib.demonstration(world, question, rng, 0.5)
+            items.append(Feedback(prompt, answer, world_lib.label(world, question, answer) == 1.0))
+    return items
+
+
+def encodable(items: list, rows: Callable, tokenizer: Tokenizer, cfg: Config, where: str, log) -> Rows:
+    """rows(items that fit the context); a record that does not is a DataError (or skipped and counted)."""
+    block, kept = cfg.model.block_size, []
+    for index, item in enumerate(items):
+        try:
+            rows([item], tokenizer, block)
+            kept.append(item)
+        except ValueError as e:
+            if cfg.data.on_error == "raise":
+                raise DataError(f"{where}: record {index}: {e} (data.on_error=skip skips it)") from e
+    if len(kept) < len(items):
+        log(f"{where}: {len(items) - len(kept)} record(s) too long for the context skipped")
+    if not kept:
+        raise DataError(f"{where}: no record fits model.block_size={block}")
+    return rows(kept, tokenizer, block)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Method:
+    """What a preference trainer hands `fit_preference`."""
+
+    kind: str  # "pairs" or "feedback": the records it learns from
+    objective: Callable[[Any], Callable]  # model -> LossSums (params, batch, rng, train) -> sums
+    reference: tuple[str, ...]  # row prefixes whose reference log-probabilities it needs ((): none)
+    describe: str
+
+
+def fit_preference(cfg: Config, workdir: str, method: Method) -> dict[str, Any]:
+    """Train the SFT policy of train.init_from with `method` to train.max_steps (resuming if
+    possible); validation: the loss and its ratios on held-out records, and on the world the
+    greedy answers' task accuracy on held-out questions."""
+    rt = Runtime.create(cfg, workdir)
+    notes: list[str] = []
+    world = cfg.data.source == "world"
+    if world:
+        train = world_items(cfg, method.kind, cfg.data.world_preferences, 11)
+        val = world_items(cfg, method.kind, max(cfg.eval.iters, 1) * (cfg.eval.batch_size or cfg.train.batch_size), 12)
+    else:
+        train, val = jsonl_items(cfg, method.kind, notes.append)
+    cfg, tokenizer, init_params = starting_point(cfg, rt, lambda: "")
+    for note in notes:
+        print(note)
+    model = Transformer(cfg.model)
+    rows_of = pair_rows if method.kind == "pairs" else feedback_rows
+    where = "world records" if world else cfg.data.path
+    train_rows = encodable(train, rows_of, tokenizer, cfg, where, print)
+    val_rows = encodable(val, rows_of, tokenizer, cfg, where + " (validation)", print)
+    eval_batch = cfg.eval.batch_size or cfg.train.batch_size
+    if method.reference:
+        train_rows, val_rows = _with_reference(cfg, rt, model, init_params, method.reference, [train_rows, val_rows])
+    train_set, val_set = PackedRows(train_rows, cfg.train.seed), PackedRows(val_rows, cfg.train.seed + 1)
+    loss_sums = method.objective(model)
+    eval_step = jax.jit(make_eval_step(model, loss_sums))
+    eval_iters = min(cfg.eval.iters, -(-val_set.n // eval_batch))
+    questions = _held_out_conversations(cfg) if world else []
+    labeler = _world_labeler(cfg) if world else None
+
+    def evaluate(params: Any) -> dict[str, float]:
+        figures = rt.validation(
+            eval_step, params, lambda i, rows: val_set.batch(i, eval_batch, rows), eval_iters, eval_batch
         )
+        if questions:
+            answers = answer_metrics(model, params, tokenizer, questions, cfg, labeler)
+            figures.update({f"val_{k}": v for k, v in answers.items() if k in ("task_accuracy", "labeler_score")})
+        return figures
 
-    return loss_sums
-
-
-def orpo_objective(model: Any, beta: float) -> LossSums:
-    """ORPO on pair rows: no reference model, per-token mean log-probabilities."""
-
-    def loss_sums(params, batch, rng, train):
-        (chosen, n_chosen), (rejected, n_rejected) = logprobs(
-            model, params, batch, ("chosen_", "rejected_"), train, rng
-        )
-        return losses.orpo_loss(
-            chosen / jnp.maximum(n_chosen, 1), rejected / jnp.maximum(n_rejected, 1), batch["valid"], beta
-        )
-
-    return loss_sums
+    batch = cfg.train.batch_size
+    objective = Objective(
+        loss_sums=loss_sums,
+        train_batch=lambda step, rows: train_set.batch(step, batch, rows),
+        evaluate=evaluate,
+        position=lambda step: train_set.position(step, batch),
+    )
+    description = f"{method.describe} on {train_set.n} {method.kind} records"
+    return fit(cfg, rt, model, objective, init_params=init_params, description=description)
 
 
-def kto_objective(model: Any, beta: float, desirable_weight: float, undesirable_weight: float) -> LossSums:
-    """KTO on feedback rows with stored reference log-probabilities; the reference point is the
-    batch's mismatched-pair log-ratio (`losses.kto_reference_point`)."""
+def _with_reference(cfg, rt, model, init_params, prefixes, row_sets) -> list[Rows]:
+    """Each row set with its reference log-probabilities, from the starting parameters (with LoRA:
+    the base, the adapters starting at zero), loaded once and dropped afterwards."""
+    example = jnp.zeros((1, cfg.model.block_size), jnp.int32)
+    shardings = abstract_train_state(model, optax.identity(), example, rt.mesh, rt.rules)[1].params
+    params = init_params(shardings)
+    size = cfg.eval.batch_size or cfg.train.batch_size
+    with rt.context():
+        return [add_reference_logprobs(model, params, rows, prefixes, size) for rows in row_sets]
 
-    def loss_sums(params, batch, rng, train):
-        (own, _), (mismatched, _) = logprobs(model, params, batch, ("", "kl_"), train, rng)
-        z0 = losses.kto_reference_point(mismatched, batch["ref_kl_logp"], batch["valid"])
-        return losses.kto_loss(
-            own,
-            batch["ref_logp"],
-            batch["desirable"],
-            batch["valid"],
-            z0,
-            beta,
-            desirable_weight,
-            undesirable_weight,
-        )
 
-    return loss_sums
+def _held_out_conversations(cfg: Config) -> list[list[dict]]:
+    """Questions with correct answers from the SFT validation stream (never a training record's)."""
+    world, rng = world_lib.make_world(cfg.data.world_seed), random.Random(cfg.data.world_seed * 1000 + 2)
+    n = cfg.sft.eval_examples
+    return [world_lib.conversation(world, rng, 0.0, cfg.data.world_system, max_turns=1)["messages"] for _ in range(n)]
+
+
+def _world_labeler(cfg: Config):
+    world = world_lib.make_world(cfg.data.world_seed)
+    return lambda question, response: world_lib.label(world, question, response)

@@ -9,6 +9,7 @@ import pytest
 from flaxgpt import losses, preference
 from flaxgpt.chat_template import special_id
 from flaxgpt.data.tokenizers import END_OF_TURN, CharTokenizer
+from flaxgpt.trainers import dpo, kto, orpo
 from tests.conftest import init_params, tiny_model_config
 
 TOK = CharTokenizer("abcdefghijklmnopqrstuvwxyz ?.0123456789<|>")
@@ -28,7 +29,7 @@ def test_pair_rows_weight_only_the_response_and_keep_markers_as_text():
     assert _learned(rows, "chosen_", 0) == TOK.encode("5") + [end]
     rejected = _learned(rows, "rejected_", 0)
     assert rejected == TOK.encode(forged) + [end] and rejected.count(end) == 1  # the typed marker stays text
-    assert rows["chosen_inputs"].shape == (1, 32) and rows["valid"].tolist() == [1.0]
+    assert rows["chosen_inputs"].shape == (1, 32) and rows["valid"].tolist() == [[1.0]]
 
 
 def test_rankings_expand_to_every_strictly_better_pair():
@@ -45,7 +46,7 @@ def test_feedback_rows_pair_each_prompt_with_the_next_response_for_the_kl_estima
     end = special_id(TOK, END_OF_TURN)
     assert _learned(rows, "kl_", 0) == TOK.encode("22") + [end]
     assert _learned(rows, "kl_", 2) == TOK.encode("1") + [end]
-    assert rows["desirable"].tolist() == [1.0, 0.0, 1.0]
+    assert rows["desirable"][:, 0].tolist() == [1.0, 0.0, 1.0]
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +91,10 @@ def test_reference_logprobs_match_the_policy_and_dpo_learns_the_preference(tiny)
     )
     logp = jax.nn.log_softmax(np.asarray(logits, np.float64), -1)
     picked = np.take_along_axis(logp, rows["chosen_targets"][..., None], -1)[..., 0]
-    np.testing.assert_allclose(rows["ref_chosen_logp"], (picked * rows["chosen_loss_weights"]).sum(1), rtol=1e-4)
+    np.testing.assert_allclose(rows["ref_chosen_logp"][:, 0], (picked * rows["chosen_loss_weights"]).sum(1), rtol=1e-4)
     batch = {k: jnp.asarray(v) for k, v in rows.items()}
     for loss_type in ("sigmoid", "ipo"):
-        first, last, sums = _train(model, params, preference.dpo_objective(model, 0.5, loss_type, 0.0), batch)
+        first, last, sums = _train(model, params, dpo.dpo_objective(model, 0.5, loss_type, 0.0), batch)
         if loss_type == "sigmoid":
             assert first == pytest.approx(np.log(2), rel=1e-4)  # policy == reference: h = 0
             accuracy, n = sums["ratios"]["reward_accuracy"]
@@ -105,14 +106,14 @@ def test_orpo_and_kto_objectives_train(tiny):
     model, params = tiny
     rows = preference.pair_rows(_pairs(), TOK, BLOCK)
     batch = {k: jnp.asarray(v) for k, v in rows.items()}
-    first, last, sums = _train(model, params, preference.orpo_objective(model, 0.2), batch)
+    first, last, sums = _train(model, params, orpo.orpo_objective(model, 0.2), batch)
     assert last < first and float(sums["ratios"]["reward_accuracy"][0]) == 3.0
     feedback = [preference.Feedback(p.prompt, p.chosen, True) for p in _pairs()]
     feedback += [preference.Feedback(p.prompt, p.rejected, False) for p in _pairs()]
     rows = preference.feedback_rows(feedback, TOK, BLOCK)
     rows = preference.add_reference_logprobs(model, params, rows, ("", "kl_"), 4, log=lambda _: None)
     batch = {k: jnp.asarray(v) for k, v in rows.items()}
-    objective = preference.kto_objective(model, 0.5, 1.0, 1.0)
+    objective = kto.kto_objective(model, 0.5, 1.0, 1.0)
     first, last, sums = _train(model, params, objective, batch)
     assert first == pytest.approx(0.5, rel=1e-4)  # 1 - sigmoid(0) with the policy at the reference
     assert last < first
