@@ -8,13 +8,13 @@ overridden with --set STAGE.section.key=value, or section.key=value for all stag
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import importlib.util
 import os
 import sys
 from collections.abc import Sequence
 
+from flaxgpt import cli
 from flaxgpt.config import Config, ConfigError, apply_overrides, to_json
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,9 +84,7 @@ def run_trainer(cfg: Config, workdir: str) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m flaxgpt.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(prog="python -m flaxgpt.train", description=__doc__)
     parser.add_argument("--experiment", "-e", help="experiment name (see --list) or path to a .py file")
     parser.add_argument("--workdir", "-w", help="where checkpoints and logs go (default: runs/NAME)")
     parser.add_argument(
@@ -96,14 +94,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="override config values, e.g. --set optimizer.lr=3e-4",
+        help="override config values, e.g. --set optimizer.lr=3e-4 (each numeric key's valid range: "
+        "flaxgpt/config.py RANGES)",
     )
     parser.add_argument("--list", action="store_true", help="list the experiments and exit")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     dist = parser.add_argument_group("multi-process runs (automatic on multi-host Cloud TPU VMs)")
     dist.add_argument("--coordinator-address", help="HOST:PORT of process 0 (or FLAXGPT_COORDINATOR_ADDRESS)")
-    dist.add_argument("--num-processes", type=int, help="processes in the run (or FLAXGPT_NUM_PROCESSES)")
-    dist.add_argument("--process-id", type=int, help="this process's index (or FLAXGPT_PROCESS_ID)")
+    dist.add_argument(
+        "--num-processes", type=cli.ranged(int, ">= 1"), help="processes in the run (or FLAXGPT_NUM_PROCESSES)"
+    )
+    dist.add_argument("--process-id", type=cli.ranged(int, ">= 0"), help="this process's index (or FLAXGPT_PROCESS_ID)")
     args = parser.parse_args(argv)
 
     if args.list:
@@ -113,11 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.experiment:
         parser.error("--experiment is required (see --list)")
     overrides = [kv for group in args.overrides for kv in group]
-    try:
-        cfg = load_experiment(args.experiment, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_experiment(args.experiment, overrides)
     if args.print_config:
         if isinstance(cfg, Config):
             print(to_json(cfg))
@@ -127,32 +124,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(describe(cfg))
         return 0
 
-    from flaxgpt.checkpoint import CheckpointMismatch  # imported late: --list and --print-config stay fast
-    from flaxgpt.data.jsonl import DataError
-    from flaxgpt.perf import tune_host_allocator
+    from flaxgpt.perf import tune_host_allocator  # imported late: --list and --print-config stay fast
     from flaxgpt.sharding import initialize_distributed
 
-    try:
-        tune_host_allocator()
-        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
+    tune_host_allocator()
+    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     stem = os.path.splitext(os.path.basename(args.experiment))[0]
     workdir = args.workdir or os.path.join("runs", cfg.name if isinstance(cfg, Config) else stem)
-    try:
-        if isinstance(cfg, Config):
-            run_trainer(cfg, workdir)
-        else:
-            from flaxgpt.pipeline import run_pipeline
+    if isinstance(cfg, Config):
+        run_trainer(cfg, workdir)
+    else:
+        from flaxgpt.pipeline import run_pipeline
 
-            run_pipeline(cfg, workdir, run_trainer)
-    except (ConfigError, FileNotFoundError, CheckpointMismatch, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        run_pipeline(cfg, workdir, run_trainer)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))
