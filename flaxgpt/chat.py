@@ -149,18 +149,20 @@ def _turn(session: ChatSession, text: str, write) -> None:
         return
     write("assistant> ")
     failure: list[BaseException] = []
+    done = threading.Event()  # not Thread.join: a join interrupted by Ctrl-C marks a live thread dead
 
     def work() -> None:
         try:
             session.answer(text, ids, on_text=write)
         except BaseException as e:  # handed to the main thread, raised there
             failure.append(e)
+        finally:
+            done.set()
 
-    worker = threading.Thread(target=work, daemon=True)
-    worker.start()
-    while worker.is_alive():
+    threading.Thread(target=work, daemon=True).start()
+    while not done.is_set():
         try:
-            worker.join(0.05)
+            done.wait(0.05)
         except KeyboardInterrupt:
             session.stop.set()
     if failure:
