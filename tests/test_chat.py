@@ -9,7 +9,7 @@ import threading
 import jax
 import pytest
 
-from flaxgpt import chat, chat_template, cli, generate, inference
+from flaxgpt import chat, chat_template, cli, generate, inference, sample
 from flaxgpt.chat import ChatSession, repl
 from flaxgpt.data.tokenizers import ASSISTANT, END_OF_TURN, SYSTEM, USER, CharTokenizer
 from flaxgpt.trainers import pretrain
@@ -213,3 +213,11 @@ def test_ctrl_c_while_answering_stops_that_answer_and_returns_to_the_prompt(load
 
 def test_line_editing_comes_from_readline():
     assert chat._enable_line_editing() and "readline" in sys.modules
+
+
+def test_sample_refuses_a_prompt_that_leaves_no_room_in_one_line(workdir, capsys):
+    assert cli.run(sample.main, ["--workdir", workdir, "--prompt", "a" * 60, "--max-new-tokens", "8"]) == 2
+    assert capsys.readouterr().err == (
+        "error: the longest prompt (60 tokens) + --max-new-tokens 8 exceed the model's block_size 64: "
+        "shorten the prompt or lower --max-new-tokens\n"
+    )
