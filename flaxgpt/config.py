@@ -586,14 +586,30 @@ def field_range(key: str, kind: type) -> Range:
 
 def check_ranges(node: Any, prefix: str) -> None:
     """Every numeric field of a section tree against RANGES; ConfigError names the first offender."""
+    for key, ftype, value in _leaves(node, prefix):
+        kind = _numeric_kind(ftype)
+        if kind and value is not None and value not in field_range(key, kind):
+            raise ConfigError(f"{key}={show_value(value)}: expected {field_range(key, kind)}")
+
+
+def describe_keys(cfg: Config, prefix: str = "") -> list[str]:
+    """One line per key: its value and, for a number, its valid range (`train --list-keys`)."""
+    lines = []
+    for key, ftype, value in _leaves(cfg, ""):
+        kind = _numeric_kind(ftype)
+        choices = [typing.get_args(a) for a in (ftype, *typing.get_args(ftype)) if typing.get_origin(a) is Literal]
+        expected = field_range(key, kind) if kind else (f"one of {list(choices[0])}" if choices else "")
+        lines.append(f"{prefix}{key}={json.dumps(value)}" + (f"  # {expected}" if expected else ""))
+    return lines
+
+
+def _leaves(node: Any, prefix: str):
+    """(key, declared type, value) of every value field of a section tree."""
     for name, ftype in typing.get_type_hints(type(node)).items():
-        value, key = getattr(node, name), f"{prefix}{name}"
         if dataclasses.is_dataclass(ftype):
-            check_ranges(value, f"{key}.")
-        elif _numeric_kind(ftype) and value is not None:
-            allowed = field_range(key, _numeric_kind(ftype))
-            if value not in allowed:
-                raise ConfigError(f"{key}={show_value(value)}: expected {allowed}")
+            yield from _leaves(getattr(node, name), f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", ftype, getattr(node, name)
 
 
 def _numeric_kind(ftype: Any) -> type | None:

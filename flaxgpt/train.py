@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from flaxgpt import cli
-from flaxgpt.config import Config, ConfigError, apply_overrides, to_json
+from flaxgpt.config import Config, ConfigError, apply_overrides, describe_keys, to_json
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,11 +94,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="override config values, e.g. --set optimizer.lr=3e-4 (each numeric key's valid range: "
-        "flaxgpt/config.py RANGES)",
+        help="override config values, e.g. --set optimizer.lr=3e-4 (keys and valid ranges: --list-keys)",
     )
     parser.add_argument("--list", action="store_true", help="list the experiments and exit")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    parser.add_argument(
+        "--list-keys",
+        action="store_true",
+        help="list every config key (of --experiment, else the defaults) with its value and valid range, and exit",
+    )
     dist = parser.add_argument_group("multi-process runs (automatic on multi-host Cloud TPU VMs)")
     dist.add_argument("--coordinator-address", help="HOST:PORT of process 0 (or FLAXGPT_COORDINATOR_ADDRESS)")
     dist.add_argument(
@@ -111,10 +115,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in list_experiments():
             print(name)
         return 0
+    if args.list_keys and not args.experiment:
+        print("\n".join(describe_keys(Config())))
+        return 0
     if not args.experiment:
         parser.error("--experiment is required (see --list)")
     overrides = [kv for group in args.overrides for kv in group]
     cfg = load_experiment(args.experiment, overrides)
+    if args.list_keys:
+        runs = [("", cfg)] if isinstance(cfg, Config) else [(f"{stage.name}.", stage.config) for stage in cfg]
+        print("\n".join(line for prefix, run in runs for line in describe_keys(run, prefix)))
+        return 0
     if args.print_config:
         if isinstance(cfg, Config):
             print(to_json(cfg))

@@ -214,3 +214,14 @@ def test_experiment_file_values_are_range_checked_too():
     cfg.optimizer.lr = float("nan")  # written directly in an experiment file, not through --set
     with pytest.raises(C.ConfigError, match="optimizer.lr=nan: expected a finite number > 0"):
         cfg.validate()
+
+
+def test_cli_list_keys_states_each_value_and_its_valid_range(capsys):
+    assert main(["--list-keys"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(C.all_keys(C.Config()))
+    assert "optimizer.lr=0.001  # a finite number > 0" in lines
+    assert "checkpoint.max_to_keep=3  # an integer in [1, 2147483647]" in lines
+    assert "model.recipe=\"gpt2\"  # one of ['gpt2', 'llama']" in lines and 'data.path=""' in lines
+    assert main(["--experiment", "chat_demo", "--list-keys", "--set", "ppo.optimizer.lr=2e-4"]) == 0
+    assert "ppo.optimizer.lr=0.0002  # a finite number > 0" in capsys.readouterr().out.splitlines()
