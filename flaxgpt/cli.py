@@ -2,8 +2,9 @@
 
 A user error (`flaxgpt.errors.UserError`, or an OSError about a file, e.g. a path the user
 gave that does not exist) prints ONE line `error: ...` on stderr and exits 2; Ctrl-C outside a
-training loop prints one line and exits 130. Anything else is a bug in flaxgpt and keeps its
-traceback. FLAXGPT_DEBUG=1 shows the traceback of user errors and Ctrl-C too.
+training loop prints one line and exits 130; a closed output pipe (`... | head`) ends quietly
+(141). Anything else is a bug in flaxgpt and keeps its traceback. FLAXGPT_DEBUG=1 shows the
+traceback of user errors and Ctrl-C too.
 
 `ArgumentParser` is argparse's, with defaults shown in --help and a bad flag reported as one
 line (exit 2); `ranged(kind, spec)` makes a flag type that refuses values outside a range
@@ -23,6 +24,7 @@ from flaxgpt.errors import UserError
 
 USER_ERROR = 2  # exit status of a user error (argparse's too)
 INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 
 def run(main: Callable[..., int | None], argv: Sequence[str] | None = None) -> int:
@@ -31,6 +33,9 @@ def run(main: Callable[..., int | None], argv: Sequence[str] | None = None) -> i
         return main(argv) or 0
     except KeyboardInterrupt:
         return _report("interrupted (Ctrl-C)", INTERRUPTED)
+    except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return BROKEN_PIPE
     except (UserError, OSError) as e:
         if isinstance(e, OSError) and not _about_a_file(e):
             raise
