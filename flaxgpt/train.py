@@ -54,7 +54,10 @@ def load_experiment(name: str, overrides: Sequence[str] = ()) -> Config | list:
     stem = os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(f"flaxgpt_experiment_{stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:  # the user's file; other exceptions keep their traceback to debug it
+        raise ConfigError(f"{e.filename}:{e.lineno}: {e.msg}") from e
     if hasattr(module, "stages"):
         from flaxgpt import pipeline
 

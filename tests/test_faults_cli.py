@@ -182,3 +182,10 @@ def test_main_wrappers_print_one_line_and_no_traceback(tmp_path):
         sampled.returncode == 2
         and sampled.stderr == f"error: {tmp_path} has no config.json: is it a flaxgpt workdir?\n"
     )
+
+
+def test_an_experiment_file_with_a_syntax_error_is_named_with_its_line(tmp_path, capsys):
+    broken = tmp_path / "broken.py"
+    broken.write_text("from flaxgpt.config import Config\n\ndef config(:\n    return Config()\n")
+    assert cli.run(train.main, ["--experiment", str(broken), "--print-config"]) == 2
+    assert _one_error_line(capsys) == f"error: {broken}:3: invalid syntax"
