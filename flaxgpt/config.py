@@ -630,6 +630,12 @@ def _check_cross_fields(cfg: Config) -> None:
         raise ConfigError(f"data.max_chars={d.max_chars} is below data.min_chars={d.min_chars} (0: no limit)")
     if o.min_lr > o.lr:
         raise ConfigError(f"optimizer.min_lr={o.min_lr} exceeds optimizer.lr={o.lr}")
+    for key, new_tokens, generates in (  # answers generated after a prompt, within the context
+        ("sft.max_new_tokens", cfg.sft.max_new_tokens, cfg.train.trainer == "sft" and cfg.sft.eval_examples > 0),
+        ("ppo.max_new_tokens", cfg.ppo.max_new_tokens, cfg.train.trainer == "ppo"),
+    ):
+        if generates and new_tokens >= m.block_size:
+            raise ConfigError(f"{key}={new_tokens} leaves no room for a prompt in model.block_size={m.block_size}")
 
 
 # ----------------------------------------------------------------------------- (de)serialisation

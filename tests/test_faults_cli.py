@@ -53,6 +53,10 @@ def _one_error_line(capsys) -> str:
         ("mesh.fsdp=-1", "at most one of mesh.data=-1, mesh.fsdp=-1, mesh.tensor=1 may be -1"),
         ("model.vocab_size=50 model.valid_vocab=100", "model.valid_vocab=100 exceeds model.vocab_size=50"),
         ("data.min_chars=10 data.max_chars=5", "data.max_chars=5 is below data.min_chars=10"),
+        (
+            "train.trainer=sft model.block_size=32 sft.max_new_tokens=32",
+            "sft.max_new_tokens=32 leaves no room for a prompt in model.block_size=32",
+        ),
     ],
 )
 def test_bad_config_values_are_one_line_before_any_work(override, message, capsys):
