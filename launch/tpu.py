@@ -139,10 +139,6 @@ def state_command(t: Target) -> list[str]:
     return gcloud_tpu("describe", *t.scope(), "--format=value(state)")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and the defaults of the flags that have one."""
-
-
 class Runner:
     """Prints each command; runs it unless dry-run."""
 
@@ -200,26 +196,45 @@ def up(run: Runner, t: Target, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="launch/tpu.py", description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="launch/tpu.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=("up", "create", "setup", "run", "logs", "status", "copy-back", "delete"))
     parser.add_argument("--name", required=True, help="TPU VM name")
     parser.add_argument("--zone", required=True, help="e.g. us-central2-b")
     parser.add_argument("--project", help="Google Cloud project (default: gcloud's)")
-    parser.add_argument("--accelerator-type", default="v4-8", help="e.g. v4-8 (one host), v4-32, v5litepod-16")
-    parser.add_argument("--runtime-version", default=DEFAULT_RUNTIME, help="TPU VM software version")
+    parser.add_argument(
+        "--accelerator-type", default="v4-8", help="e.g. v4-8 (one host), v4-32, v5litepod-16 (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--runtime-version", default=DEFAULT_RUNTIME, help="TPU VM software version (default: %(default)s)"
+    )
     capacity = parser.add_mutually_exclusive_group()
     capacity.add_argument("--spot", action="store_true", help="spot capacity (cheaper, can be preempted)")
     capacity.add_argument("--preemptible", action="store_true")
     parser.add_argument("--repo", help="git URL the workers clone flaxgpt from (default: copy this checkout's HEAD)")
-    parser.add_argument("--ref", default="main", help="with --repo: branch, tag or commit to check out")
-    parser.add_argument("--extras", default="tfds,gcs", help="pip extras to install with flaxgpt")
-    parser.add_argument("--experiment", "-e", default="world", help="experiment name or file, as for flaxgpt.train")
+    parser.add_argument(
+        "--ref", default="main", help="with --repo: branch, tag or commit to check out (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--extras", default="tfds,gcs", help="pip extras to install with flaxgpt (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--experiment",
+        "-e",
+        default="world",
+        help="experiment name or file, as for flaxgpt.train (default: %(default)s)",
+    )
     parser.add_argument("--workdir", help="run directory; gs://bucket/path so checkpoints outlive the VM")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    parser.add_argument("--local", default="runs/from_tpu", help="copy-back destination")
+    parser.add_argument("--local", default="runs/from_tpu", help="copy-back destination (default: %(default)s)")
     parser.add_argument("--follow", action="store_true", help="logs: keep streaming")
-    parser.add_argument("--max-restarts", type=int, default=5, help="relaunches after preemption")
-    parser.add_argument("--retry-wait", type=float, default=60.0, help="seconds between preemption retries")
+    parser.add_argument(
+        "--max-restarts", type=int, default=5, help="relaunches after preemption (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--retry-wait", type=float, default=60.0, help="seconds between preemption retries (default: %(default)s)"
+    )
     parser.add_argument("--delete-when-done", action="store_true")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)

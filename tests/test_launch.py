@@ -161,5 +161,6 @@ def test_user_values_reach_the_remote_shell_quoted():
     words = shlex.split(_remote(_commands(out.stdout)[-1]))  # as the workers' shell splits it
     assert f".[{hostile}]" in words and "https://h/r.git; echo pwned" in words and "main && touch owned" in words
     assert "rm" not in words and "touch" not in words and "echo" not in words
+    assert "pip extras to install with flaxgpt (default: tfds,gcs)" in " ".join(_launch("--help").stdout.split())
     bad = _launch("status", "--name", "fg", "--zone", "z", "--accelerator-type", "v4-x; ls", "--dry-run")
     assert bad.returncode == 2 and "expected TYPE-SIZE" in bad.stderr and "Traceback" not in bad.stderr
