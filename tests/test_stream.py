@@ -194,3 +194,117 @@ def test_mixture_pretraining_resumes_bit_exact_after_sigkill(corpus, tmp_path):
         assert [r.get(key) for r in a] == [r.get(key) for r in b], key
     # the killed run resumed inside the small source's third epoch (train.seed=0, 8 rows a step)
     assert Mixture([0.5, 0.5], seed=0).consumed(12 * 8)[1] > TokenSource(str(second), "train", 32).windows
+
+
+def test_prepare_from_tfds_and_jsonl_documents_end_in_eos(tmp_path):
+    pytest.importorskip("tensorflow_datasets", reason="TFDS is the optional extra")
+    from flaxgpt.data.tfds_source import build_dataset, read_documents
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"Document {i}: {i % 7} owls."}) + "\n" for i in range(40)))
+    data_dir = str(tmp_path / "tfds")
+    name = build_dataset([str(docs)], [str(docs)], data_dir)
+    common = ["--tokenizer", "char", "--workers", "0", "--chunk-mb", "0.01"]
+    from_tfds = P.prepare(
+        P.parser().parse_args(["--out", str(tmp_path / "a"), "--tfds", name, "--tfds-data-dir", data_dir, *common]),
+        log=lambda _: None,
+    )
+    tokenizer = load_tokenizer(str(tmp_path / "a"))
+    texts = read_documents(name, "train", data_dir)[0]  # TFDS's own (hashed) record order
+    expected = [t for text in texts for t in tokenizer.encode(text) + [tokenizer.eos_id]]
+    np.testing.assert_array_equal(_tokens(str(tmp_path / "a"), "train"), expected)
+    assert from_tfds["counts"]["documents"] == 80
+    from_jsonl = P.prepare(
+        P.parser().parse_args(["--out", str(tmp_path / "b"), "--jsonl", str(docs), "--val", str(docs), *common]),
+        log=lambda _: None,
+    )
+    assert from_jsonl["counts"]["documents"] == 80 and from_jsonl["vocab_size"] == tokenizer.vocab_size
+
+
+def test_gpt2_124m_experiment_trains_from_a_stand_in_corpus(corpus, tmp_path):
+    from flaxgpt.train import load_experiment
+    from flaxgpt.trainers import pretrain
+
+    tiny = [t for t in TINY if not t.startswith(("model.recipe", "model.n_kv", "model.d_ff", "model.scan", "model.r"))]
+    cfg = load_experiment(
+        "gpt2_124m",
+        [
+            *tiny,
+            "model.n_layer=1",
+            f"data.path={corpus}",
+            "train.max_steps=2",
+            "eval.interval=2",
+            "eval.sample_tokens=0",
+        ],
+    )
+    result = pretrain.run(cfg, str(tmp_path / "run"))
+    assert result["step"] == 2 and np.isfinite(result["val_loss"]) and result["val_loss"] < 6
+
+
+def test_mixture_config_errors_are_one_line():
+    from flaxgpt.config import ConfigError
+    from flaxgpt.train import load_experiment
+
+    with pytest.raises(ConfigError, match=r"data.mixture\[1\] must be"):
+        load_experiment("llama_1b_mixture", ['data.mixture=[{"path": "a", "weight": 1}, {"path": "b", "weight": 0}]'])
+    with pytest.raises(ConfigError, match="needs data.path or data.mixture"):
+        load_experiment("llama_1b_mixture", ["data.mixture=[]"])
+
+
+# Each of two processes (2 CPU devices each; data parallel within and across them) loads only its rows of
+# a mixture batch; gathered, they are the batch one process builds alone.
+_ROWS_WORKER = r"""
+import json, sys
+import jax, numpy as np
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from jax.experimental import multihost_utils
+from flaxgpt.config import apply_overrides
+from flaxgpt.data.stream import build_token_data
+from flaxgpt.train import load_experiment
+from flaxgpt.trainers.loop import Runtime
+cfg = load_experiment("llama_1b_mixture", json.loads(sys.argv[3]))
+rt = Runtime.create(cfg, sys.argv[4])
+_, data = build_token_data(cfg, sys.argv[4])
+rows = rt.rows(8)
+placed = rt.place(data.batch("train", 5, 8, 32, rows), 8)
+with rt.context():
+    whole = multihost_utils.process_allgather(placed["targets"], tiled=True)
+if jax.process_index() == 0:
+    np.save(sys.argv[5], np.asarray(whole))
+print("ROWS", jax.process_index(), rows.tolist())
+"""
+
+
+def test_two_processes_each_read_only_their_rows(corpus, tmp_path):
+    from tests.test_multihost import _free_port
+
+    mixture = json.dumps([{"path": corpus, "weight": 0.6}, {"path": corpus, "weight": 0.4}])
+    overrides = json.dumps([*TINY, f"data.mixture={mixture}", "mesh.data=2", "mesh.dcn_data=2"])
+    address, out = f"127.0.0.1:{_free_port()}", str(tmp_path / "whole.npy")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _ROWS_WORKER, address, str(i), overrides, str(tmp_path / "w"), out],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
+    rows = [json.loads(line.split(" ", 2)[2]) for o, _ in results for line in o.splitlines() if line.startswith("ROWS")]
+    assert sorted(rows[0] + rows[1]) == list(range(8)) and len(rows[0]) == 4
+    from flaxgpt.config import Config, DataConfig, ModelConfig, TrainConfig
+    from flaxgpt.data.stream import build_token_data
+
+    cfg = Config(
+        model=ModelConfig(block_size=32),
+        data=DataConfig(source="tokens", mixture=json.loads(mixture)),
+        train=TrainConfig(seed=0),
+    )
+    os.makedirs(tmp_path / "alone")
+    _, alone = build_token_data(cfg, str(tmp_path / "alone"))
+    np.testing.assert_array_equal(np.load(out), alone.batch("train", 5, 8, 32)["targets"])
