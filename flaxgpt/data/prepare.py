@@ -108,6 +108,14 @@ def chunk_documents(chunk: Chunk, on_error: str, report: dict) -> Iterator[tuple
     with open(path, "rb") as f:
         f.seek(start)
         raw = f.read(stop - start)
+    if kind == "text":  # the usual case, decoded in one piece
+        try:
+            text = raw.decode("utf-8-sig" if start == 0 else "utf-8")
+            yield text.replace("\r\n", "\n").replace("\r", "\n"), False
+            yield "", last
+            return
+        except UnicodeDecodeError:
+            pass
     offset = start
     for line in raw.splitlines(keepends=True):
         text, problem = _decode(line, offset == 0)
@@ -124,8 +132,7 @@ def chunk_documents(chunk: Chunk, on_error: str, report: dict) -> Iterator[tuple
             yield text, True
         else:
             yield text.replace("\r\n", "\n").replace("\r", "\n"), False
-    if kind == "text" and last:
-        yield "", True
+    yield "", kind == "text" and last
 
 
 # ----------------------------------------------------------------------------- workers
@@ -154,7 +161,7 @@ def tokenize_chunk(chunk: Chunk) -> tuple[np.ndarray, dict]:
             pending.append(text)
     if pending:
         ids.extend(tokenizer.encode("".join(pending)))
-    return np.asarray(ids, np.int64), report
+    return np.asarray(ids, np.int32), report
 
 
 # ----------------------------------------------------------------------------- writing
