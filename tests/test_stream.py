@@ -76,6 +76,16 @@ def test_prepared_tokens_are_the_tokenizers_and_resume_after_interruption(corpus
         _prepare(out, "--shard-mb", "0.2")
 
 
+def test_prepare_trains_a_sentencepiece_model_whose_tokens_round_trip(tmp_path):
+    out = tmp_path / "spm"
+    args = ["--tokenizer", "sentencepiece", "--spm-vocab-size", "512", "--spm-sample-mb", "0.2"]
+    manifest = _prepare(out, *args)
+    assert manifest["vocab_size"] == 512 and os.path.exists(out / "tokenizer.model")
+    tokenizer = load_tokenizer(str(out))
+    whole = np.concatenate([_tokens(str(out), "train"), _tokens(str(out), "val")])
+    assert tokenizer.decode(whole.tolist()) == open(SHAKESPEARE, encoding="utf-8").read() + "<|eos|>"
+
+
 def test_feistel_permutation_is_a_bijection_for_any_size():
     for n in (1, 2, 3, 1000, 4097):
         out = permute(np.arange(n), n, np.arange(4, dtype=np.uint64))

@@ -232,7 +232,8 @@ def make_tokenizer(args: argparse.Namespace, train: list[Chunk]) -> Tokenizer:
     else:
         lines, report = [], {"skipped": 0}
         for chunk in train:  # the first --spm-sample-mb of the training chunks
-            lines.extend(t for t, _ in chunk_documents(chunk, args.on_error, report))
+            for text, _ in chunk_documents(chunk, args.on_error, report):
+                lines.extend(text.splitlines(keepends=True))
             if sum(map(len, lines)) >= args.spm_sample_mb * 1e6:
                 break
         model = train_sentencepiece(lines, os.path.join(args.out, "tokenizer"), args.spm_vocab_size, "bpe")
