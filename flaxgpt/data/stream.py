@@ -26,6 +26,7 @@ settled before the first batch, so every process and every resume agree on it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections import OrderedDict
@@ -163,14 +164,14 @@ class TokenSource:
         """Windows (numbers in range(self.windows)) as an int32 array [len, block_size + 1]."""
         shards = np.searchsorted(self.starts, windows, side="right") - 1
         offsets = (windows - self.starts[shards]) * self.block
-        width, size = self.block + 1, self.dtype.itemsize
-        out = np.empty((len(windows), width), np.int32)
+        width = (self.block + 1) * self.dtype.itemsize
+        out = np.empty((len(windows), self.block + 1), self.dtype)
+        view = memoryview(out).cast("B")
         for i, (shard, offset) in enumerate(zip(shards.tolist(), offsets.tolist())):
-            raw = os.pread(self._fd(shard), width * size, offset * size)
-            if len(raw) != width * size:
+            got = os.preadv(self._fd(shard), [view[i * width : (i + 1) * width]], offset * self.dtype.itemsize)
+            if got != width:
                 raise DataError(f"{self.shards[shard].path}: shorter than the manifest says (truncated)")
-            out[i] = np.frombuffer(raw, self.dtype)
-        return out
+        return out.astype(np.int32)
 
     def close(self) -> None:
         while self._files:
@@ -248,7 +249,7 @@ class TokenStream:
     def windows(self, rows: np.ndarray) -> np.ndarray:
         """[len(rows), block_size + 1] tokens of these global rows."""
         which, index = self.mixture.locate(rows)
-        out = np.empty((len(rows), self.sources[0].block + 1), np.int32)
+        out = None if len(self.sources) == 1 else np.empty((len(rows), self.sources[0].block + 1), np.int32)
         for k in np.unique(which):
             mask, source = which == k, self.sources[k]
             epochs, within = np.divmod(index[mask], source.windows)
@@ -256,6 +257,8 @@ class TokenStream:
             for e in np.unique(epochs):
                 at = epochs == e
                 picked[at] = permute(within[at], source.windows, _keys(self.seed, int(k), int(e)))
+            if out is None:  # one source: its rows are the batch
+                return source.read(picked)
             out[mask] = source.read(picked)
         return out
 
@@ -288,14 +291,20 @@ class TokenData:
         if rows is not None:
             wanted = wanted[rows]
         window = (self.train if split == "train" else self.val).windows(wanted)
-        n = len(window)
-        return {
-            "inputs": window[:, :-1],
-            "targets": window[:, 1:].copy(),
-            "loss_weights": np.ones((n, block_size), np.float32),
-            "segment_ids": np.ones((n, block_size), np.int32),
-            "positions": np.broadcast_to(np.arange(block_size, dtype=np.int32), (n, block_size)).copy(),
-        }
+        return {"inputs": window[:, :-1], "targets": window[:, 1:], **_constant_rows(len(window), block_size)}
+
+
+@functools.lru_cache(maxsize=8)
+def _constant_rows(n: int, block_size: int) -> dict[str, np.ndarray]:
+    """The rows' weights, segment ids and positions: the same every batch, so built once (read-only)."""
+    rows = {
+        "loss_weights": np.ones((n, block_size), np.float32),
+        "segment_ids": np.ones((n, block_size), np.int32),
+        "positions": np.broadcast_to(np.arange(block_size, dtype=np.int32), (n, block_size)).copy(),
+    }
+    for value in rows.values():
+        value.flags.writeable = False
+    return rows
 
 
 def mixture_entries(cfg: Config) -> list[tuple[str, float]]:
