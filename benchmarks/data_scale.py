@@ -118,7 +118,8 @@ def main() -> None:
     from flaxgpt.data.tokenizers import load_tokenizer
 
     lines = [
-        f"## data_scale — {datetime.date.today()} — {platform.machine()}, {os.cpu_count()} CPUs",
+        f"## data_scale — {datetime.date.today()} — {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f} at the start",
         f"command: `python benchmarks/data_scale.py --small-mb {args.small_mb:g} --factor {args.factor} "
         f"--workers {args.workers}`",
         "",
