@@ -70,6 +70,8 @@ def test_prepared_tokens_are_the_tokenizers_and_resume_after_interruption(corpus
     calls["n"] = 0
     again = _prepare(out)
     assert again["splits"] == manifest["splits"]  # same shards, same sha256, whatever the worker count
+    for key in ("chars", "documents", "skipped"):  # counts carried over the interruption
+        assert again["counts"][key] == manifest["counts"][key], key
     assert not os.path.exists(out / P.PROGRESS)
     # A different job into the same directory is refused.
     with pytest.raises(DataError, match="other inputs or options"):

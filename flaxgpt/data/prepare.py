@@ -288,12 +288,39 @@ def _resume_state(out: str, key: str) -> dict:
     if not os.path.exists(path):
         if any(n.endswith(".bin") for n in os.listdir(out)):
             raise DataError(f"{out}: holds shards but no {PROGRESS}; use an empty --out directory")
-        return {"fingerprint": key, "splits": {}, "next": {}}
+        return {"fingerprint": key, "splits": {}, "next": {}, "totals": {"chars": 0, "documents": 0, "skipped": 0}}
     with open(path) as f:
         state = json.load(f)
     if state["fingerprint"] != key:
         raise DataError(f"{out}: holds an interrupted preparation of other inputs or options; use another --out")
     return state
+
+
+def _write_splits(args: argparse.Namespace, chunks: dict, state: dict, dtype: np.dtype, workers: int, log) -> None:
+    """Tokenize the chunks not yet done (in worker processes) into shards, recording progress
+    in `state` (and progress.json) at every finished shard."""
+    pool = multiprocessing.Pool(workers, _init_worker, (args.out, args.on_error)) if workers > 0 else None
+    if pool is None:
+        _init_worker(args.out, args.on_error)
+    totals = state["totals"]
+    try:
+        for split, todo in chunks.items():
+            done = state["splits"].setdefault(split, [])
+            first = state["next"].get(split, 0)
+            writer = ShardWriter(args.out, split, dtype, max(int(args.shard_mb * 1e6) // dtype.itemsize, 1), done)
+            mapped = (pool.imap if pool else map)(tokenize_chunk, todo[first:])
+            for i, (tokens, report) in enumerate(mapped, start=first + 1):
+                for k in totals:
+                    totals[k] += report.get(k, 0)
+                if report["skipped"]:
+                    log(f"skipped: {report['first']}")
+                if writer.add(tokens) or i == len(todo):
+                    writer.finish()
+                    state["next"][split] = i
+                    fileio.write_atomic(os.path.join(args.out, PROGRESS), json.dumps(state))
+    finally:
+        if pool is not None:
+            pool.terminate()
 
 
 def prepare(args: argparse.Namespace, log=print) -> dict:
@@ -312,31 +339,10 @@ def prepare(args: argparse.Namespace, log=print) -> dict:
     state = _resume_state(args.out, key)
     tokenizer = make_tokenizer(args, chunks["train"])
     dtype = np.dtype("<u2" if tokenizer.vocab_size <= 1 << 16 else "<u4")
-    totals = {"chars": 0, "documents": 0, "skipped": 0}
     start = time.perf_counter()
     workers = args.workers if args.workers is not None else os.cpu_count() or 1
-    pool = multiprocessing.Pool(workers, _init_worker, (args.out, args.on_error)) if workers > 0 else None
-    if pool is None:
-        _init_worker(args.out, args.on_error)
-    try:
-        for split, todo in chunks.items():
-            done = state["splits"].setdefault(split, [])
-            first = state["next"].get(split, 0)
-            writer = ShardWriter(args.out, split, dtype, max(int(args.shard_mb * 1e6) // dtype.itemsize, 1), done)
-            mapped = (pool.imap if pool else map)(tokenize_chunk, todo[first:])
-            for i, (tokens, report) in enumerate(mapped, start=first + 1):
-                for k in totals:
-                    totals[k] += report.get(k, 0)
-                if report["skipped"]:
-                    log(f"skipped: {report['first']}")
-                if writer.add(tokens):
-                    state["next"][split] = i
-                    fileio.write_atomic(os.path.join(args.out, PROGRESS), json.dumps(state))
-            writer.finish()
-            state["next"][split] = len(todo)
-    finally:
-        if pool is not None:
-            pool.terminate()
+    _write_splits(args, chunks, state, dtype, workers, log)
+    totals = state["totals"]
     seconds = time.perf_counter() - start
     manifest = {
         "format": FORMAT,
