@@ -320,3 +320,15 @@ def test_two_processes_each_read_only_their_rows(corpus, tmp_path):
     os.makedirs(tmp_path / "alone")
     _, alone = build_token_data(cfg, str(tmp_path / "alone"))
     np.testing.assert_array_equal(np.load(out), alone.batch("train", 5, 8, 32)["targets"])
+
+
+def test_a_missing_shard_stops_training_with_one_line(corpus, tmp_path, capsys):
+    from flaxgpt.train import main
+
+    bad = tmp_path / "bad"
+    shutil.copytree(corpus, bad)
+    os.remove(bad / "val-00000.bin")
+    code = main(["-e", "gpt2_124m", "--workdir", str(tmp_path / "run"), "--set", *TINY, f"data.path={bad}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "val-00000.bin: missing shard" in err and "data.on_error=skip" in err
