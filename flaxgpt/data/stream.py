@@ -3,7 +3,8 @@ read with bounded memory, alone or as a weighted mixture of several prepared cor
 
 A prepared directory holds flat little-endian uint16 (or uint32) token files and a
 manifest.json with each shard's token count, byte size and sha256. A shard is cut into
-windows of block_size + 1 tokens at a stride of block_size (nanoGPT / levanter style).
+windows of block_size + 1 tokens at a stride of block_size (nanoGPT / levanter style); a
+window never spans two shards (each shard's last < block_size tokens are not trained on).
 
 Batches stay a pure function of (seed, split, step), so resume is bit-exact with no
 iterator state and every process reads only its own rows:
@@ -16,12 +17,13 @@ iterator state and every process reads only its own rows:
   source       j -> epoch j // windows and a window by a keyed Feistel permutation of
                that epoch: O(rows) memory and time whatever the corpus size
 
-Windows are read with os.pread, not a memory map, so the process keeps no corpus pages
+Windows are read with pread (os.preadv), not a memory map, so the process keeps no corpus pages
 of its own: its memory stays flat as the corpus grows. A missing shard, or one whose size
 disagrees with the manifest (half-written, truncated), is a one-line DataError when the
 source opens; a shard's sha256 is checked the first time it is read. With
-data.on_error=skip such shards are left out (counted and logged) instead; the skip set is
-settled before the first batch, so every process and every resume agree on it.
+data.on_error=skip such shards are left out (counted and logged) instead, and so is a shard
+whose sha256 differs: every shard is hashed when the source opens, so the skip set is settled
+before the first batch and every process and every resume agree on it.
 """
 
 from __future__ import annotations
