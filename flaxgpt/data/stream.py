@@ -211,16 +211,17 @@ class Mixture:
 
     def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         """(source of each row, its rank among that source's rows) in mixture block b."""
-        if b not in self._cache:
+        hit = self._cache.get(b)  # (the prefetch thread and checkpoint records both ask)
+        if hit is None:
             sources = np.repeat(np.arange(len(self.counts)), self.counts)
             sources = sources[np.random.default_rng([self.seed, 1, b]).permutation(self.block)]
             rank = np.empty(self.block, np.int64)
             for k in range(len(self.counts)):
                 rank[sources == k] = np.arange(self.counts[k])
-            self._cache[b] = (sources, rank)
+            hit = self._cache[b] = (sources, rank)
             if len(self._cache) > 8:
                 self._cache.popitem(last=False)
-        return self._cache[b]
+        return hit
 
     def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(source, index within the source) of every global row number."""
