@@ -186,12 +186,17 @@ class DataConfig:
     # world: the embedded generated corpus; text: one text file sampled in random windows
     # (nanoGPT); jsonl: {"text": ...} documents, packed or padded into rows, shuffled per epoch
     # tfds: a TFDS dataset by name and split (catalog or built by flaxgpt.data.tfds_source)
-    source: Literal["text", "world", "jsonl", "tfds"] = "world"
-    path: str = ""  # the text or JSONL file
+    # tokens: a directory written by `python -m flaxgpt.data.prepare`, streamed from disk
+    source: Literal["text", "world", "jsonl", "tfds", "tokens"] = "world"
+    path: str = ""  # the text or JSONL file, or the prepared token directory
+    # tokens: several prepared directories sampled by weight, e.g. [{"path": "web", "weight": 0.7},
+    # {"path": "code", "weight": 0.3}] (weights are normalised); replaces data.path
+    mixture: tuple = ()
     val_path: str = ""  # jsonl: a separate validation file; empty: hold out the last documents
     train_fraction: float = 0.9  # first part trains, the rest validates (nanoGPT split)
     packing: Literal["pack", "pad"] = "pack"  # jsonl: several documents per row, or one per row
-    on_error: Literal["raise", "skip"] = "raise"  # a malformed JSONL line stops the run, or is skipped
+    # a malformed JSONL line (or a missing / corrupt token shard) stops the run, or is skipped
+    on_error: Literal["raise", "skip"] = "raise"
     tfds_name: str = ""  # e.g. tiny_shakespeare, lm1b, c4/en, flaxgpt_text
     tfds_data_dir: str = ""  # local or gs:// directory holding prepared datasets
     tfds_train_split: str = "train"
@@ -364,6 +369,14 @@ class Config:
         _check_cross_fields(self)
         if self.data.source == "tfds" and not self.data.tfds_name:
             raise ConfigError("data.source='tfds' needs data.tfds_name")
+        if self.data.source == "tokens" and not (self.data.path or self.data.mixture):
+            raise ConfigError("data.source='tokens' needs data.path or data.mixture (prepared token directories)")
+        for i, m in enumerate(self.data.mixture):
+            ok = isinstance(m, dict) and set(m) == {"path", "weight"} and isinstance(m["path"], str) and m["path"]
+            if not ok or isinstance(m["weight"], bool) or not isinstance(m["weight"], (int, float)) or m["weight"] <= 0:
+                raise ConfigError(f'data.mixture[{i}] must be {{"path": DIR, "weight": W > 0}}, got {m!r}')
+        if self.data.mixture and self.data.source != "tokens":
+            raise ConfigError(f"data.mixture needs data.source='tokens', got '{self.data.source}'")
         if self.data.source in ("text", "jsonl") and not self.data.path:
             raise ConfigError(f"data.source='{self.data.source}' needs data.path (a {self.data.source} file)")
         if t.trainer in ("sft", "reward") and self.data.source not in ("world", "jsonl"):
