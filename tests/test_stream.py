@@ -323,12 +323,13 @@ def test_two_processes_each_read_only_their_rows(corpus, tmp_path):
 
 
 def test_a_missing_shard_stops_training_with_one_line(corpus, tmp_path, capsys):
+    from flaxgpt import cli
     from flaxgpt.train import main
 
     bad = tmp_path / "bad"
     shutil.copytree(corpus, bad)
     os.remove(bad / "val-00000.bin")
-    code = main(["-e", "gpt2_124m", "--workdir", str(tmp_path / "run"), "--set", *TINY, f"data.path={bad}"])
+    code = cli.run(main, ["-e", "gpt2_124m", "--workdir", str(tmp_path / "run"), "--set", *TINY, f"data.path={bad}"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "val-00000.bin: missing shard" in err and "data.on_error=skip" in err
