@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from flaxgpt import fileio, hf, lora
 from flaxgpt.checkpoint import STRUCTURAL_FIELDS, Checkpointer, CheckpointMismatch, check_model_compatible
+from flaxgpt.cli import ranged
 from flaxgpt.config import Config, ConfigError, ModelConfig, from_dict, to_dict
 from flaxgpt.data.tokenizers import Tokenizer, load_tokenizer
 from flaxgpt.generate import DecodeConfig
@@ -184,13 +185,15 @@ def logical_context(loaded: LoadedModel) -> contextlib.ExitStack:
 def add_decode_flags(parser, *, temperature: float, top_p: float, max_new_tokens: int) -> None:
     """The decoding flags shared by the sample and chat CLIs."""
     group = parser.add_argument_group("decoding")
-    group.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    group.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
-    group.add_argument("--top-k", type=int, default=0, help="0: off")
-    group.add_argument("--top-p", type=float, default=top_p, help="1: off")
-    group.add_argument("--num-beams", type=int, default=1, help="> 1: beam search")
-    group.add_argument("--length-penalty", type=float, default=1.0)
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument(
+        "--max-new-tokens", type=ranged(int, ">= 1"), default=max_new_tokens, help="tokens to generate, >= 1"
+    )
+    group.add_argument("--temperature", type=ranged(float, ">= 0"), default=temperature, help=">= 0; 0: greedy")
+    group.add_argument("--top-k", type=ranged(int, ">= 0"), default=0, help=">= 0; 0: off")
+    group.add_argument("--top-p", type=ranged(float, "(0, 1]"), default=top_p, help="in (0, 1]; 1: off")
+    group.add_argument("--num-beams", type=ranged(int, ">= 1"), default=1, help=">= 1; > 1: beam search")
+    group.add_argument("--length-penalty", type=ranged(float, "any"), default=1.0, help="beam score exponent")
+    group.add_argument("--seed", type=ranged(int, ">= 0"), default=0, help="sampling seed, >= 0")
 
 
 def decode_config(args) -> DecodeConfig:

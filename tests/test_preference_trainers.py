@@ -96,5 +96,5 @@ def test_preference_runs_name_bad_records_and_settings(data, tmp_path):
         cfg.validate()
     cfg = _config("kto", data, data["feedback"])
     cfg.kto.beta = 0.0
-    with pytest.raises(ConfigError, match="kto.beta must be positive"):
+    with pytest.raises(ConfigError, match="kto.beta=0.0: expected"):
         cfg.validate()

@@ -9,6 +9,7 @@ import numpy as np
 
 from flaxgpt import generate
 from flaxgpt.config import Config
+from flaxgpt.data.stream import build_token_data
 from flaxgpt.data.text import build_text_data
 from flaxgpt.data.tokenizers import Tokenizer
 from flaxgpt.model import Transformer
@@ -20,11 +21,12 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
     """Train to `train.max_steps` (resuming if possible); returns the final figures."""
     rt = Runtime.create(cfg, workdir)
     init_params = None
+    build_data = build_token_data if cfg.data.source == "tokens" else build_text_data
     if cfg.train.init_from or cfg.train.init_from_hf:  # continued pretraining: that model and its tokenizer
         cfg, tokenizer, init_params = starting_point(cfg, rt, lambda: "")
-        _, data = build_text_data(cfg, workdir)  # finds the copied tokenizer in the workdir
+        _, data = build_data(cfg, workdir)  # finds the copied tokenizer in the workdir
     else:
-        tokenizer, data = build_text_data(cfg, workdir)
+        tokenizer, data = build_data(cfg, workdir)
         cfg = resolve_vocab(cfg, tokenizer)
     model = Transformer(cfg.model)
     block, batch = cfg.model.block_size, cfg.train.batch_size
