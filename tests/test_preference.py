@@ -1,14 +1,17 @@
 """Preference data (pairs, rankings, feedback -> rows) and the DPO / KTO / ORPO objectives on a tiny model."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from flaxgpt import losses, preference
+from flaxgpt import lora, losses, preference
 from flaxgpt.chat_template import special_id
 from flaxgpt.data.tokenizers import END_OF_TURN, CharTokenizer
+from flaxgpt.model import Transformer
 from flaxgpt.trainers import dpo, kto, orpo
 from tests.conftest import init_params, tiny_model_config
 
@@ -132,3 +135,30 @@ def test_logprobs_of_stacked_prefixes_match_sequence_logprobs(tiny):
     direct, _ = losses.sequence_logprobs(logits, rows["rejected_targets"], rows["rejected_loss_weights"])
     np.testing.assert_allclose(np.asarray(rejected), np.asarray(direct), rtol=1e-5)
     assert np.asarray(count).tolist() == [2.0, 2.0, 3.0]  # "5<|end|>", "8<|end|>", "12<|end|>"
+
+
+def test_world_records_are_judged_by_the_oracle():
+    from flaxgpt.config import Config
+    from flaxgpt.data import world as world_lib
+
+    cfg = Config()
+    world = world_lib.make_world(cfg.data.world_seed)
+    for pair in preference.world_items(cfg, "pairs", 20, 11):
+        question = pair.prompt[-1]["content"]
+        assert pair.prompt[0] == {"role": "system", "content": cfg.data.world_system}
+        assert world_lib.label(world, question, pair.chosen) == 1.0 > world_lib.label(world, question, pair.rejected)
+    records = preference.world_items(cfg, "feedback", 40, 11)
+    assert 0 < sum(r.desirable for r in records) < 40
+    assert all(r.desirable == (world_lib.label(world, r.prompt[-1]["content"], r.response) == 1.0) for r in records)
+
+
+def test_with_lora_the_starting_policy_is_the_base_model_with_adapters_off(tiny):
+    """Reference log-probabilities come from the starting parameters: with LoRA they are the
+    base model's, since the adapters start at zero (no second copy of the weights needed)."""
+    model, _ = tiny
+    lora_model, lora_params = init_params(dataclasses.replace(model.cfg, lora_rank=4))
+    merged, base_cfg = lora.merge(lora_params, lora_model.cfg)  # the base weights, adapters dropped
+    rows = preference.pair_rows(_pairs(), TOK, BLOCK)
+    (with_adapters, _), _ = preference.logprobs(lora_model, lora_params, rows, ("chosen_", "rejected_"))
+    (without, _), _ = preference.logprobs(Transformer(base_cfg), merged, rows, ("chosen_", "rejected_"))
+    np.testing.assert_allclose(np.asarray(with_adapters), np.asarray(without), rtol=1e-6)
