@@ -1,6 +1,7 @@
 """Preference data (pairs, rankings, feedback -> rows) and the DPO / KTO / ORPO objectives on a tiny model."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +36,21 @@ def test_pair_rows_weight_only_the_response_and_keep_markers_as_text():
     assert rows["chosen_inputs"].shape == (1, 32) and rows["valid"].tolist() == [[1.0]]
 
 
-def test_rankings_expand_to_every_strictly_better_pair():
-    pairs = preference.pairs_of(PROMPT, ["a", "b", "c"], [0, 1, 1])  # b and c tie
-    assert [(p.chosen, p.rejected) for p in pairs] == [("a", "b"), ("a", "c")]
+def test_rankings_files_expand_to_every_strictly_better_pair(tmp_path):
+    from flaxgpt.config import Config
+
+    records = [
+        {"prompt": "q", "system": "s", "responses": ["a", "b", "c"], "scores": [3, 1, 1]},  # b and c tie
+        {"prompt": "r", "responses": ["d", "e", "f"]},
+    ]
+    path = tmp_path / "rankings.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = Config()
+    cfg.data.path, cfg.data.train_fraction = str(path), 0.4
+    train, val = preference.jsonl_items(cfg, "pairs", lambda _: None)
+    assert [(p.chosen, p.rejected) for p in train] == [("a", "b"), ("a", "c")]
+    assert train[0].prompt == [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+    assert [(p.chosen, p.rejected) for p in val] == [("d", "e"), ("d", "f"), ("e", "f")]
 
 
 def test_feedback_rows_pair_each_prompt_with_the_next_response_for_the_kl_estimate():
