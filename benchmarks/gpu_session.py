@@ -8,12 +8,14 @@ THE CALL a session lent an H200 makes (the `run` tool), from the repository root
     carry:     (none: the H200 image has jax 0.11.2, flax, optax, torch 2.11, transformers 5.17)
     timeout_s: 540
 
-The parts' limits add up to 470 s (a global --budget of 480 s caps them: a part that would end
-later gets what is left), inside the 540 s above; the machine's start takes a minute or two of
-the 15-minute device budget. If a part failed or timed out, rerun only it AT ONCE (the machine
-stays warm for 30 s), e.g. `... gpu_session.py --out $OUT --parts decode` (with a knob below)
-and timeout_s 300; else call give_back. Then, here: append files_at/RESULTS_section.md to
-benchmarks/RESULTS.md, read files_at/summary.md (each goal met or not) and the profiles.
+Each part has a limit; a global --budget of 480 s caps them together (a part that would end
+later gets what is left), inside the 540 s above: ~6 min expected (estimated from the H100
+session's compile times), plus a minute or two of machine start, of the 15-minute device budget.
+If a part failed or timed out, rerun only it AT ONCE (the machine stays warm for 30 s), e.g.
+`... gpu_session.py --out $OUT --parts decode` (with a knob below), with timeout_s a minute
+under status's budget_left_s; else call give_back. Then, here: append
+files_at/RESULTS_section.md to benchmarks/RESULTS.md, read files_at/summary.md (each goal met
+or not) and the profiles.
 
 Parts (--parts, run in this order; limits in seconds):
   env            20  versions (jax, flax, torch, transformers), the device, nvidia-smi's clocks
@@ -21,12 +23,12 @@ Parts (--parts, run in this order; limits in seconds):
                      the datasheet peak and a measured 8192^2 bf16 matmul; profile of 5 steps ->
                      profile_gpt2_124m.md; PyTorch eager (bf16 autocast, SDPA flash, fused AdamW)
                      in its own process                            (train_throughput.py)
-  llama         110  Llama-3.2-1B-shaped (GQA 32/8, SwiGLU, RoPE, tied 128256 vocab, 1.24B)
+  llama         130  Llama-3.2-1B-shaped (GQA 32/8, SwiGLU, RoPE, tied 128256 vocab, 1.24B)
                      8 x 2048 bf16: MFU; profile of 3 steps -> profile_llama_1b.md
-  decode         90  GPT-2 124M greedy decode, prompt 128, 256 new tokens, bf16, batch 1 and 64:
+  decode        110  GPT-2 124M greedy decode, prompt 128, 256 new tokens, bf16, batch 1 and 64:
                      flaxgpt's KV-cache engine vs transformers' generate; batch 1 against the
                      bandwidth bound (parameter bytes per token / 4.8 TB/s)   (decode.py --hf)
-  torch_compile 130  the PyTorch reference at GPT-2's 16 x 1024 under torch.compile (inductor):
+  torch_compile 150  the PyTorch reference at GPT-2's 16 x 1024 under torch.compile (inductor):
                      last, as its build is the likeliest to overrun   (torch_reference.py)
   gpt2_b32       60  only when named: flaxgpt's GPT-2 step at 32 x 1024 (no PyTorch)
 Knobs for a rerun: --gpt2-batch (16), --llama-batch (8), --llama-remat (none: 1.24B at 8 x 2048
@@ -64,12 +66,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 # Parts in the order they run: the likeliest to overrun (torch.compile's build) last. gpt2_b32 runs
-# only when named. Limits in seconds: the default parts' add up to 470.
+# only when named. Limits in seconds; BUDGET_S caps them all together (the last part gets what is left).
 PARTS = ("env", "gpt2", "llama", "decode", "torch_compile", "gpt2_b32")
 DEFAULT_PARTS = ("env", "gpt2", "llama", "decode", "torch_compile")
-LIMITS = {"env": 20, "gpt2": 120, "llama": 110, "decode": 90, "torch_compile": 130, "gpt2_b32": 60}
+LIMITS = {"env": 20, "gpt2": 120, "llama": 130, "decode": 110, "torch_compile": 150, "gpt2_b32": 60}
 DRY_LIMITS = {"env": 60, "gpt2": 180, "llama": 150, "decode": 150, "torch_compile": 120, "gpt2_b32": 120}
 BUDGET_S = 480  # the whole session: a part that would end past it gets what is left
+RUN_TIMEOUT_S = 540  # the device call's timeout_s (the header): the budget plus start-up and the summary
 # GPT-2 124M as train_throughput.py's gpt2_124m (and its --tiny shape), for torch_reference.py
 GPT2 = dict(vocab=50304, block_size=1024, n_layer=12, n_head=12, d_model=768, steps=20, rounds=5)
 GPT2_TINY = dict(vocab=256, block_size=64, n_layer=2, n_head=4, d_model=64, batch=2, steps=2, rounds=2)
@@ -94,7 +97,7 @@ def part_commands(args: argparse.Namespace, work: str) -> dict[str, list[str]]:
         gpt2 += ["--profile-steps", "5", "--torch-timeout", "60"]
         gpt2_b32 = [*train, "--only", "gpt2_124m", "--batch", "32", "--no-torch"]
         llama = [*train, "--only", "llama_1b", "--batch", str(args.llama_batch), "--no-torch", "--profile-steps", "3"]
-        decode = ["--prompt", "128", "--new", "256", "--batches", "1,64", "--repeats", "3"]
+        decode = ["--prompt", "128", "--new", "256", "--batches", "1,64", "--repeats", "2"]
         shape, device, backend = dict(GPT2, batch=args.gpt2_batch), "cuda", "inductor"
     return {
         "env": [py, os.path.abspath(__file__), "--env-report", os.path.join(work, "env.json")],
@@ -155,16 +158,32 @@ def env_report(path: str) -> None:
         json.dump(report, f, indent=1)
 
 
+_running: list[subprocess.Popen] = []  # the part in flight, for the SIGTERM handler
+
+
+def _stop_running_part(signum, frame) -> None:
+    """SIGTERM (e.g. the device call's own limit): take the running part's process group down too."""
+    for proc in _running:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    sys.exit(128 + signum)
+
+
 def run_part(name: str, cmd: list[str], limit: float, log, env: dict) -> dict:
-    """Run one part in its own process group, its output to the console and the log; stop the
-    whole group (PyTorch's subprocesses too) when it outlasts `limit` seconds."""
+    """Run one part in a process group of its own (same session: whatever ends the device call
+    ends it too), its output to the console and the log; stop the whole group (PyTorch's
+    subprocesses too) when it outlasts `limit` seconds."""
     banner = f"\n===== part {name}: limit {limit:.0f} s: {' '.join(cmd)}"
     print(banner, flush=True)
     log.write(banner + "\n")
     start = time.perf_counter()
+    group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **group
     )
+    _running[:] = [proc]
 
     last = [""]
 
@@ -195,6 +214,7 @@ def run_part(name: str, cmd: list[str], limit: float, log, env: dict) -> dict:
                 continue
         rc = proc.wait()
     reader.join(timeout=5)
+    _running.clear()
     seconds = time.perf_counter() - start
     status = f"timed out after {limit:.0f} s" if timed_out else ("ok" if rc == 0 else f"failed (exit {rc})")
     end = f"===== part {name}: {status}, {seconds:.0f} s"
@@ -318,6 +338,7 @@ def main() -> int:
             "fused attention needs an NVIDIA GPU), nvidia-smi is not read, and the bandwidth bound is the H200's"
         )
     commands = part_commands(args, work)
+    signal.signal(signal.SIGTERM, _stop_running_part)
     results: dict = {"parts": {}, "dry_run": args.dry_run}
     start = time.perf_counter()
     with open(os.path.join(args.out, "session.log"), "a") as log:
