@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -261,6 +262,23 @@ def profile(
         f.write(text)
 
 
+def out_of_memory(error: BaseException) -> bool:
+    text = str(error).lower()
+    return "resource_exhausted" in text or "out of memory" in text
+
+
+def build_trainer(shape: dict, dtype: str, attention: str, remat: str, remat_on_oom: str | None) -> FlaxgptTrainer:
+    """FlaxgptTrainer, built (compiled, warmed up) again with `remat_on_oom` if it runs out of memory."""
+    try:
+        return FlaxgptTrainer(shape, dtype, attention=attention, remat=remat)
+    except Exception as e:  # noqa: BLE001 - XLA's errors have no narrower common class across versions
+        if not (remat_on_oom and out_of_memory(e)):
+            raise
+        print(f"out of device memory with remat {remat} ({str(e).splitlines()[0][:200]}): remat {remat_on_oom}")
+    gc.collect()  # the first attempt's buffers, now unreferenced
+    return FlaxgptTrainer(shape, dtype, attention=attention, remat=remat_on_oom)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=sorted(CONFIGS), action="append")
@@ -274,6 +292,11 @@ def main() -> int:
         default="none",
         choices=("none", "full", "dots", "dots_no_batch", "save_attention_out"),
         help="model.remat",
+    )
+    parser.add_argument(
+        "--remat-on-oom",
+        choices=("full", "dots", "dots_no_batch", "save_attention_out"),
+        help="when the step runs out of device memory, build it again with this model.remat",
     )
     parser.add_argument("--tiny", action="store_true", help="a few-second shape of each recipe (checks the script)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference (no torch installed)")
@@ -298,7 +321,7 @@ def main() -> int:
     for name in names:
         shape = shape_for(name, on_cpu, args.tiny, args.batch)
         steps, rounds = args.steps or shape["steps"], args.rounds or shape["rounds"]
-        ours = FlaxgptTrainer(shape, args.dtype, attention=args.attention, remat=args.remat)
+        ours = build_trainer(shape, args.dtype, args.attention, args.remat, args.remat_on_oom)
         # the reference is GPT-2-shaped (learned positions, LayerNorm, GELU): no Llama twin
         torch_here = with_torch and ours.cfg.recipe == "gpt2"
         if with_torch and not torch_here:
@@ -324,6 +347,7 @@ def main() -> int:
             "rounds": rounds,
             "params": ours.n_params,
             "flops_per_token": ours.flops_per_token,
+            "remat": ours.cfg.remat,
             "compile_s": ours.compile_s,
             "faults": ours.page_faults / ours.timed_steps,
             "ours": rate(ours_s),
@@ -385,7 +409,8 @@ def main() -> int:
     ratio = lambda ours, theirs: f"{ours / theirs:.2f}x" if theirs else "—"
     for r in rows:
         table.append(
-            f"| {r['name']} | {r['shape']['batch']} x {r['shape']['block']} | {r['params'] / 1e6:.2f}M | "
+            f"| {r['name']}{'' if r['remat'] == args.remat else ' (remat ' + r['remat'] + ')'} | "
+            f"{r['shape']['batch']} x {r['shape']['block']} | {r['params'] / 1e6:.2f}M | "
             f"{r['steps']} x {r['rounds']} | {r['ours']:,.0f} | {r['mfu']:.1%} | {r['mfu_measured']:.1%} | "
             f"{r['compile_s']:.1f} | "
             f"{r['faults']:,.0f} | "
