@@ -318,6 +318,28 @@ def main() -> int:
     with_torch = not args.no_torch and torch_device is not None
     names = args.only or [name for name in CONFIGS if not CONFIGS[name].get("accel_only")]
     rows = []
+    command = " ".join(["python benchmarks/train_throughput.py", *sys.argv[1:]])
+
+    def dump(rows: list[dict], table: str | None = None) -> None:
+        """--json: the rows so far (written as each row is measured: a killed run keeps them)."""
+        if not args.json:
+            return
+        conditions = {
+            "device_kind": device.device_kind,
+            "platform": device.platform,
+            "jax": jax.__version__,
+            "torch": next((r["torch_version"] for r in rows if r.get("torch_version")), None),
+            "dtype": args.dtype,
+            "peak": peak,
+            "peak_source": peak_source,
+            "measured_peak": measured,
+            "attention": args.attention,
+            "remat": args.remat,
+            "command": command,
+        }
+        with open(args.json, "w") as f:
+            json.dump({"conditions": conditions, "rows": rows, "table": table}, f, indent=1)
+
     for name in names:
         shape = shape_for(name, on_cpu, args.tiny, args.batch)
         steps, rounds = args.steps or shape["steps"], args.rounds or shape["rounds"]
@@ -357,9 +379,13 @@ def main() -> int:
         row["mfu_measured"] = row["ours"] * ours.flops_per_token / measured
         row["torch_mfu"] = row["torch"] * ours.flops_per_token / peak if theirs else None
         print(f"{name}: flaxgpt {row['ours']:,.0f} tok/s (MFU {row['mfu']:.1%})", flush=True)
+        dump([*rows, row])
         if args.profile_dir:  # before PyTorch's processes, so a stuck compile there cannot lose it
             trace = os.path.join(args.trace_dir, name) if args.trace_dir else None
-            profile(ours, name, shape, args.dtype, args.profile_steps, args.profile_dir, trace)
+            try:
+                profile(ours, name, shape, args.dtype, args.profile_steps, args.profile_dir, trace)
+            except Exception as e:  # noqa: BLE001 - the figures stand without their profile
+                print(f"{name}: profile failed: {type(e).__name__}: {e}", file=sys.stderr)
         del ours  # its state and batches: let the PyTorch processes have the memory
         shipped = compiled = None
         if torch_here:
@@ -389,7 +415,6 @@ def main() -> int:
             )
 
     torch_version = next((r["torch_version"] for r in rows if r["torch_version"]), "not run")
-    command = " ".join(["python benchmarks/train_throughput.py", *sys.argv[1:]])
     compiled_note = f"; torch.compile backend {args.torch_compile_backend}" if args.torch_compile else ""
     header = (
         f"## train_throughput — {datetime.date.today()} — {platform.machine()}, {os.cpu_count()} cpus, "
@@ -420,22 +445,7 @@ def main() -> int:
         )
     text = header + "\n" + "\n".join(table) + "\n"
     print("\n" + text)
-    if args.json:
-        conditions = {
-            "device_kind": device.device_kind,
-            "platform": device.platform,
-            "jax": jax.__version__,
-            "torch": torch_version,
-            "dtype": args.dtype,
-            "peak": peak,
-            "peak_source": peak_source,
-            "measured_peak": measured,
-            "attention": args.attention,
-            "remat": args.remat,
-            "command": command,
-        }
-        with open(args.json, "w") as f:
-            json.dump({"conditions": conditions, "rows": rows, "table": text}, f, indent=1)
+    dump(rows, text)
     if not args.no_record:
         record(text)
     return 0
