@@ -217,11 +217,13 @@ def main() -> int:
             line += f" | {hf:,.0f} | {r['ours'] / hf:.2f}x" if hf else " | — | —"
         lines.append(line + " |")
     one = next((r for r in rows if r["batch"] == 1), None)
+    h200 = args.hbm_bandwidth == H200_HBM_BYTES_PER_S
     if one:
         lines += [
             "",
             f"batch 1 against the memory-bandwidth bound: {param_bytes / 1e6:,.1f} MB of parameters read per token "
-            f"/ {args.hbm_bandwidth / 1e12:.2f} TB/s = {bound:,.0f} tokens/s at most; flaxgpt reaches "
+            f"/ {args.hbm_bandwidth / 1e12:.2f} TB/s{' (the H200 datasheet)' if h200 else ''} = {bound:,.0f} "
+            "tokens/s at most; flaxgpt reaches "
             f"{one['ours'] / bound:.1%} of it" + (f", transformers {one['hf'] / bound:.1%}" if one.get("hf") else ""),
         ]
     text = "\n".join(lines)
