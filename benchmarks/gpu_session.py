@@ -246,7 +246,7 @@ def summary(results: dict, dry_run: bool) -> str:
         met = "not measured" if value is None else ("met" if value >= target else "NOT met")
         goals.append((text, fmt(target), fmt(value) if value is not None else "—", met))
 
-    gpt2 = (results.get("gpt2") or {}).get("rows", [None])[0]
+    gpt2 = ((results.get("gpt2") or {}).get("rows") or [None])[0]
     goal("GPT-2 124M MFU (datasheet peak)", GOALS["gpt2_mfu"], gpt2 and gpt2["mfu"], fmt_pct)
     ratio = lambda row, key: row["ours"] / row[key] if row and row.get(key) else None
     goal("GPT-2 124M vs PyTorch eager", GOALS["gpt2_vs_eager"], ratio(gpt2, "shipped"), fmt_x)
@@ -254,10 +254,10 @@ def summary(results: dict, dry_run: bool) -> str:
     same_batch = gpt2 and compiled.get("batch") == gpt2["shape"]["batch"]
     vs_compiled = gpt2["ours"] / compiled["tokens_per_sec"] if same_batch and compiled.get("tokens_per_sec") else None
     goal("GPT-2 124M vs PyTorch torch.compile", GOALS["gpt2_vs_compiled"], vs_compiled, fmt_x)
-    b32 = (results.get("gpt2_b32") or {}).get("rows", [None])[0]
+    b32 = ((results.get("gpt2_b32") or {}).get("rows") or [None])[0]
     if b32:
         goal(f"GPT-2 124M MFU at batch {b32['shape']['batch']}", GOALS["gpt2_mfu"], b32["mfu"], fmt_pct)
-    llama = (results.get("llama") or {}).get("rows", [None])[0]
+    llama = ((results.get("llama") or {}).get("rows") or [None])[0]
     goal("Llama-1B-shaped MFU (datasheet peak)", GOALS["llama_mfu"], llama and llama["mfu"], fmt_pct)
     decode = results.get("decode") or {}
     for row in decode.get("rows", []):
