@@ -3,14 +3,24 @@ the chat page's feedback rows, and their export. One tiny run and one server for
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
 import threading
+import time
 
 import jax
 import pytest
 
-from flaxgpt import generate
+from flaxgpt import chat_template, generate
 from flaxgpt.serve.engine import Overloaded, Request, RequestError, SlotEngine
-from tests.conftest import init_params, tiny_model_config
+from flaxgpt.trainers import pretrain
+from tests.conftest import REPO, init_params, tiny_model_config, tiny_run_config
 
 
 def _collect(engine: SlotEngine, prompts, max_tokens, **kw) -> list[tuple[list[int], str]]:
@@ -74,3 +84,242 @@ def test_engine_refuses_too_long_and_overload(lone_model):
     engine.submit(Request([1], 3, lambda *a: None))
     with pytest.raises(Overloaded):
         engine.submit(Request([1], 3, lambda *a: None))
+
+
+# ---- the HTTP server on a tiny trained run ----
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(base URL, Service) of a server on a free localhost port, over a tiny world run."""
+    pytest.importorskip("uvicorn")
+    import uvicorn
+
+    from flaxgpt.serve.__main__ import build_service
+    from flaxgpt.serve.app import create_app
+
+    workdir = str(tmp_path_factory.mktemp("serve") / "run")
+    overrides = dict(model={"block_size": 64}, eval={"interval": 2, "iters": 1, "sample_tokens": 0})
+    pretrain.run(tiny_run_config(train={"max_steps": 2}, checkpoint={"every_steps": 2}, **overrides), workdir)
+    service = build_service(workdir, slots=4, max_queue=8)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive()
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}", service
+    server.should_exit = True
+    thread.join(timeout=10)
+    service.engine.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", timeout=60, max_retries=0)
+
+
+def test_chat_completions_through_the_openai_client(server, client):
+    _, service = server
+    (model,) = [m.id for m in client.models.list().data]
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Question: where is the key?"}]
+    greedy = dict(model=model, messages=messages, temperature=0, max_tokens=12, seed=1)
+    out = client.chat.completions.create(**greedy, logprobs=True, top_logprobs=3)
+    choice = out.choices[0]
+    assert choice.finish_reason in ("stop", "length") and out.usage.completion_tokens <= 12
+    # the same answer as the one generation engine's greedy decoding of the rendered chat
+    tok = service.tokenizer
+    prompt = chat_template.render(messages, tok, 64 - 12).ids
+    stops = chat_template.stop_tokens(tok)
+    engine = service.engine
+    ref = generate.generate(
+        engine.model,
+        engine.params,
+        [prompt],
+        generate.DecodeConfig(12, 0.0),
+        jax.random.PRNGKey(0),
+        pad_id=tok.pad_id,
+        stop_tokens=stops,
+    )
+    assert choice.message.content == tok.decode(generate.completions(ref, stops)[0])
+    lp = choice.logprobs.content
+    assert "".join(t.token for t in lp) == choice.message.content and len(lp[0].top_logprobs) == 3
+    assert all(t.logprob <= 0 and t.logprob >= t.top_logprobs[-1].logprob for t in lp)
+    # streaming gives the same text; n > 1 with a seed reproduces, and differs from another seed
+    chunks = client.chat.completions.create(**greedy, stream=True, stream_options={"include_usage": True})
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(pieces) == choice.message.content and len(pieces) > 2
+    sampled = dict(model=model, messages=messages, temperature=1.0, max_tokens=10, n=3)
+    a = client.chat.completions.create(**sampled, seed=5)
+    b = client.chat.completions.create(**sampled, seed=5)
+    c = client.chat.completions.create(**sampled, seed=6)
+    texts = lambda r: [ch.message.content for ch in r.choices]
+    assert texts(a) == texts(b) != texts(c) and len(set(texts(a))) > 1
+
+
+def test_stop_strings_completions_and_concurrency(server, client):
+    _, service = server
+    model = service.name
+    full = client.completions.create(model=model, prompt="Question:", max_tokens=20, temperature=0).choices[0].text
+    stop = full[5:7]
+    cut = client.completions.create(model=model, prompt="Question:", max_tokens=20, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    # several clients at once: each gets what it gets alone
+    prompts = [f"Question: {w}" for w in ("who", "where is", "what", "the", "a b c", "key")]
+    ask = lambda p: client.completions.create(model=model, prompt=p, max_tokens=15, temperature=0).choices[0].text
+    alone = [ask(p) for p in prompts]
+    results = [None] * len(prompts)
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(prompts[i]))) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == alone
+
+
+def test_errors_have_openais_shape_and_the_server_keeps_serving(server, client):
+    url, service = server
+    openai, httpx = pytest.importorskip("openai"), pytest.importorskip("httpx")
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4", messages=msgs)
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.chat.completions.create(model=service.name, messages=[{"role": "user", "content": "x" * 200}])
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model=service.name, messages=msgs, temperature=7)
+    with pytest.raises(openai.BadRequestError, match="last message must be the user"):
+        client.chat.completions.create(model=service.name, messages=[{"role": "assistant", "content": "x"}])
+    bad = httpx.post(url + "/v1/chat/completions", content=b"{not json", timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.post(url + "/v1/completions", content=b"x" * (2 << 20), timeout=10).status_code == 413
+    assert httpx.get(url + "/v1/nothing", timeout=10).json()["error"]["message"].startswith("no route")
+    assert httpx.get(url + "/health", timeout=10).json()["status"] == "ok"
+    assert client.chat.completions.create(model=service.name, messages=msgs, max_tokens=3).choices[0].message
+
+
+def _page_chat(url: str, **body) -> list[dict]:
+    """The events of one /api/chat call (server-sent events)."""
+    import httpx
+
+    with httpx.stream("POST", url + "/api/chat", json={"max_tokens": 8, "temperature": 0, **body}, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        text = "".join(r.iter_text())
+    return [json.loads(line[len("data: ") :]) for line in text.split("\n\n") if line]
+
+
+def test_chat_page_rows_and_export(server, tmp_path):
+    import httpx
+
+    from flaxgpt import feedback
+    from flaxgpt.data import jsonl
+
+    url, service = server
+    page = httpx.get(url + "/", timeout=10).text
+    assert "<script>" in page and "http://" not in page and "https://" not in page  # nothing from the network
+    first = _page_chat(url, content="Question: where?", system="be brief")
+    start, done = first[0], first[-1]
+    assert start["type"] == "start" and done["type"] == "done" and done["step"] == service.engine.step
+    answer = "".join(e["text"] for e in first if e["type"] == "delta")
+    cid, user, a1 = start["conversation_id"], start["user_id"], done["message_id"]
+    again = _page_chat(url, regenerate=a1, temperature=1.0, seed=3)
+    a2 = again[-1]["message_id"]
+    rate = lambda m, v, c="": httpx.post(url + "/api/rate", json={"message_id": m, "rating": v, "comment": c}).json()
+    rate(a1, 1)
+    rate(a1, -1, "<b>wrong</b>")  # the later click counts
+    rate(a2, 1)
+    follow = _page_chat(url, parent_id=a2, content="I tried it: not great", system="be brief")
+    edited = _page_chat(url, edit_of=user, content="Question: who?", system="")
+    bad = httpx.post(url + "/api/rate", json={"message_id": user, "rating": 1})  # a user turn is not rated
+    assert bad.status_code == 404 and bad.json()["error"]["message"] == f"no assistant message {user}"
+    # the rows: every answer, regeneration, edit, follow-up and rating
+    store = service.store
+    rows = store.query(
+        "SELECT id, parent_id, role, kind, revises_id, step, content FROM messages WHERE conversation_id = ?", (cid,)
+    )
+    kinds = [(r["role"], r["kind"]) for r in rows]
+    assert kinds == [
+        ("user", "message"),
+        ("assistant", "message"),
+        ("assistant", "regeneration"),
+        ("user", "message"),
+        ("assistant", "message"),
+        ("user", "edit"),
+        ("assistant", "message"),
+    ]
+    assert rows[1]["content"] == answer and rows[2]["revises_id"] == a1 and rows[5]["revises_id"] == user
+    assert rows[3]["parent_id"] == a2 and rows[5]["parent_id"] is None
+    assert len(store.query("SELECT * FROM ratings")) == 3
+    shown = httpx.get(f"{url}/api/conversations/{cid}").json()  # what a reload shows: the newest branch
+    assert [m["id"] for m in shown["messages"]] == [rows[5]["id"], edited[-1]["message_id"]]
+    assert follow[0]["user_id"] == rows[3]["id"]
+    # export: the project's schemas, with ids
+    counts = feedback.main(["export", "--db", store.file, "--out", str(tmp_path)])
+    assert counts == 0
+    fb, _ = jsonl.read_jsonl(str(tmp_path / "feedback.jsonl"), "feedback")
+    assert [(r["response"], r["label"], r["comment"]) for r in fb] == [
+        (answer, False, "<b>wrong</b>"),
+        (rows[2]["content"], True, ""),
+    ]
+    assert fb[0]["prompt"] == "Question: where?" and fb[0]["system"] == "be brief"
+    pairs, _ = jsonl.read_jsonl(str(tmp_path / "pairs.jsonl"), "pairs")
+    assert [(p["chosen_id"], p["rejected_id"]) for p in pairs] == [(a2, a1)]
+    convs, _ = jsonl.read_jsonl(str(tmp_path / "conversations.jsonl"), "conversations")
+    assert [c["id"] for c in convs] == [f"conversation-{a2}"]
+    assert convs[0]["messages"][0] == {"role": "system", "content": "be brief"}
+    assert len({r["id"] for r in fb + pairs + convs}) == len(fb + pairs + convs)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _serve_cli(workdir: str, db: str):
+    """`python -m flaxgpt.serve` in its own process; yields its URL once /health answers."""
+    import httpx
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "flaxgpt.serve", "--workdir", workdir, "--db", db, "--port", str(port), "--slots", "2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
+    try:
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.3)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_sigkill_after_an_acknowledged_rating_loses_nothing(server, tmp_path):
+    import httpx
+
+    _, service = server
+    workdir, db = os.path.dirname(service.store.file), str(tmp_path / "feedback.sqlite")
+    with _serve_cli(workdir, db) as (url, proc):
+        events = _page_chat(url, content="Question: where?", max_tokens=3)
+        answer = events[-1]["message_id"]
+        assert (
+            httpx.post(url + "/api/rate", json={"message_id": answer, "rating": -1, "comment": "no"}).status_code == 200
+        )
+        proc.send_signal(signal.SIGKILL)  # right after the acknowledgement
+        proc.wait(timeout=30)
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT role FROM messages ORDER BY id").fetchall() == [("user",), ("assistant",)]
+        assert con.execute("SELECT message_id, rating, comment FROM ratings").fetchall() == [(answer, -1, "no")]
+    with _serve_cli(workdir, db) as (url, _):  # a restarted server continues the conversation
+        shown = httpx.get(f"{url}/api/conversations/{events[0]['conversation_id']}").json()
+        assert [m["rating"] for m in shown["messages"]] == [None, -1]
+        assert httpx.post(url + "/api/rate", json={"message_id": answer, "rating": 1}).json()["id"] == 2
