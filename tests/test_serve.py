@@ -99,7 +99,9 @@ def server(tmp_path_factory):
     from flaxgpt.serve.app import create_app
 
     workdir = str(tmp_path_factory.mktemp("serve") / "run")
-    overrides = dict(model={"block_size": 64}, eval={"interval": 2, "iters": 1, "sample_tokens": 0})
+    overrides = dict(
+        model={"block_size": 64, "vocab_multiple": 8}, eval={"interval": 2, "iters": 1, "sample_tokens": 0}
+    )
     pretrain.run(tiny_run_config(train={"max_steps": 2}, checkpoint={"every_steps": 2}, **overrides), workdir)
     service = build_service(workdir, slots=4, max_queue=8)
     sock = socket.socket()
@@ -323,3 +325,47 @@ def test_sigkill_after_an_acknowledged_rating_loses_nothing(server, tmp_path):
         shown = httpx.get(f"{url}/api/conversations/{events[0]['conversation_id']}").json()
         assert [m["rating"] for m in shown["messages"]] == [None, -1]
         assert httpx.post(url + "/api/rate", json={"message_id": answer, "rating": 1}).json()["id"] == 2
+
+
+_SHARDED = """
+import json, sys, threading
+import jax
+from flaxgpt import inference
+from flaxgpt.config import MeshConfig
+from flaxgpt.model import Transformer
+from flaxgpt.serve.engine import Request, SlotEngine
+from flaxgpt.sharding import logical_rules, make_mesh
+
+cfg, tok = inference.read_run(sys.argv[1])
+rules, mesh = logical_rules(cfg.mesh.rules), make_mesh(MeshConfig(data=1, fsdp=2, tensor=2))
+params, step = inference.restore_params(sys.argv[1], cfg, None, cfg.model, mesh, rules)
+loaded = inference.LoadedModel(cfg, Transformer(cfg.model), params, tok, step, rules, mesh)
+engine = SlotEngine(loaded.model, params, pad_id=tok.pad_id, slots=4, context=lambda: inference.logical_context(loaded))
+engine.start()
+got, left = {i: [] for i in range(3)}, threading.Semaphore(0)
+sink = lambda i: lambda kind, p: got[i].append(p[0]) if kind == "token" else left.release()
+for i, p in enumerate(json.loads(sys.argv[2])):
+    engine.submit(Request(p, 10, sink(i), temperature=0.0))
+for _ in range(3):
+    left.acquire(timeout=120)
+engine.stop()
+specs = sorted({str(leaf.sharding.spec) for leaf in jax.tree.leaves(params)})
+print(json.dumps({"tokens": [got[i] for i in range(3)], "specs": specs}))
+"""
+
+
+def test_engine_on_a_sharded_model(server):
+    """fsdp x tensor over 4 simulated devices: the same greedy tokens as generate on one device."""
+    _, service = server
+    tok, engine = service.tokenizer, service.engine
+    prompts = [tok.encode(p) for p in ("Question: where", "Q", "Question: who is the key")]
+    ref = generate.generate(
+        engine.model, engine.params, prompts, generate.DecodeConfig(10, 0.0), jax.random.PRNGKey(0), pad_id=tok.pad_id
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": REPO}
+    args = [sys.executable, "-c", _SHARDED, os.path.dirname(service.store.file), json.dumps(prompts)]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["tokens"] == generate.completions(ref)
+    assert any("fsdp" in s for s in out["specs"]) and any("tensor" in s for s in out["specs"]), out["specs"]
