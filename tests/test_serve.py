@@ -3,9 +3,11 @@ the chat page's feedback rows, and their export. One tiny run and one server for
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -369,3 +371,73 @@ def test_engine_on_a_sharded_model(server):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["tokens"] == generate.completions(ref)
     assert any("fsdp" in s for s in out["specs"]) and any("tensor" in s for s in out["specs"]), out["specs"]
+
+
+def test_reload_lets_requests_in_flight_finish_on_the_old_parameters(lone_model):
+    model, params = lone_model
+    new_params = init_params(model.cfg, seed=1)[1]
+    engine = SlotEngine(model, params, pad_id=0, slots=2, step=1).start()
+    try:
+        prompt, cfg = [1, 2, 3], generate.DecodeConfig(max_new_tokens=20, temperature=0.0)
+        expect = lambda p: generate.completions(
+            generate.generate(model, p, [prompt], cfg, jax.random.PRNGKey(0), pad_id=0)
+        )
+        old, new = expect(params)[0], expect(new_params)[0]
+        assert old != new
+        events, started = [], threading.Event()
+        sink = lambda kind, payload: (events.append((kind, payload)), started.set())
+        running = Request(prompt, 20, sink, temperature=0.0)
+        engine.submit(running)
+        assert started.wait(30)
+        engine.reload(new_params, 2)  # while `running` decodes
+        after = _collect(engine, [prompt], 20, temperature=0.0)[0]
+        assert [p[0] for k, p in events if k == "token"] == old and running.step == 1
+        assert after == (new, "length") and engine.step == 2 and engine.pending_step is None
+    finally:
+        engine.stop()
+
+
+def test_a_newer_checkpoint_is_served_once_found(server):
+    import httpx
+
+    from flaxgpt.serve.__main__ import reload_newer
+
+    url, service = server
+    workdir = os.path.dirname(service.store.file)
+    assert not reload_newer(service, workdir)  # nothing newer
+    served = service.engine.step
+    shutil.copytree(os.path.join(workdir, "checkpoints", str(served)), os.path.join(workdir, "checkpoints", "1000"))
+    assert reload_newer(service, workdir)
+    done = _page_chat(url, content="Question: where?", max_tokens=2)[-1]
+    assert done["step"] == 1000 and httpx.get(url + "/health").json()["step"] == 1000
+
+
+def test_api_key_schema_version_and_cli_errors(server, tmp_path):
+    import httpx
+
+    from flaxgpt.serve.__main__ import main
+    from flaxgpt.serve.app import Service, create_app
+    from flaxgpt.serve.store import FeedbackStore, StoreError
+
+    _, service = server
+    guarded = Service(service.engine, service.tokenizer, service.name, api_key="sesame")
+    transport = httpx.ASGITransport(app=create_app(guarded))
+
+    async def calls():
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            no = await c.get("/v1/models")
+            yes = await c.get("/v1/models", headers={"Authorization": "Bearer sesame"})
+            page = await c.get("/")
+            return no, yes, page
+
+    no, yes, page = asyncio.run(calls())
+    assert no.status_code == 401 and no.json()["error"]["code"] == "invalid_api_key"
+    assert yes.status_code == 200 and page.status_code == 200 and "innerHTML" not in page.text
+    # a database from a newer flaxgpt is refused, not rewritten
+    db = str(tmp_path / "f.sqlite")
+    with sqlite3.connect(db) as con:
+        con.execute("PRAGMA user_version = 99")
+    with pytest.raises(StoreError, match="schema version 99"):
+        FeedbackStore(db)
+    assert main(["--workdir", str(tmp_path / "nothing")]) == 2
+    assert main(["--workdir", os.path.dirname(service.store.file), "--slots", "0"]) == 2

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from collections.abc import Sequence
 
 from flaxgpt import inference, perf
+from flaxgpt.checkpoint import Checkpointer
 from flaxgpt.errors import UserError
 from flaxgpt.serve.app import Service, create_app
 from flaxgpt.serve.engine import SlotEngine
@@ -42,7 +44,32 @@ def build_service(
     ).start()
     store = FeedbackStore(db or os.path.join(workdir, "feedback.sqlite"))
     name = name or os.path.basename(os.path.normpath(workdir))
-    return Service(engine, loaded.tokenizer, name, api_key=api_key, store=store)
+    return Service(engine, loaded.tokenizer, name, api_key=api_key, store=store, placement=(loaded.mesh, loaded.rules))
+
+
+def reload_newer(service: Service, workdir: str) -> bool:
+    """Load the run's newest checkpoint into the engine if it is newer than the one served;
+    requests in flight finish on the old parameters, later ones get the new."""
+    cfg, _ = inference.read_run(workdir)
+    checkpointer = Checkpointer(workdir, cfg.checkpoint)
+    newest = checkpointer.latest_step()
+    checkpointer.close()
+    engine = service.engine
+    if newest is None or newest <= max(engine.step, engine.pending_step or -1):
+        return False
+    params, step = inference.restore_params(workdir, cfg, newest, engine.model.cfg, *service.placement)
+    engine.reload(params, step)
+    print(f"flaxgpt serve: step {step} loaded; it answers from the next request on", flush=True)
+    return True
+
+
+def watch(service: Service, workdir: str, every: float, stop: threading.Event) -> None:
+    """Check for a newer checkpoint every `every` seconds until `stop` is set."""
+    while not stop.wait(every):
+        try:
+            reload_newer(service, workdir)
+        except Exception as e:  # a checkpoint being written, or a bad one: keep serving the current
+            print(f"flaxgpt serve: not reloaded ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -62,6 +89,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--slots", type=int, default=8, help="requests decoded together")
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the slots (more: 503)")
+    parser.add_argument(
+        "--reload-every",
+        type=float,
+        default=30.0,
+        help="seconds between checks for a newer checkpoint of the run, "
+        "served once found (0: never; never with --step)",
+    )
     return parser.parse_args(argv)
 
 
@@ -86,9 +120,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     print(f"flaxgpt serve: {service.name} (step {service.engine.step}) on http://{args.host}:{args.port}", flush=True)
+    stop = threading.Event()
+    if args.reload_every > 0 and args.step is None:
+        threading.Thread(target=watch, args=(service, args.workdir, args.reload_every, stop), daemon=True).start()
     try:
         uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
     finally:
+        stop.set()
         service.engine.stop()
         service.store.close()
     return 0

@@ -27,8 +27,11 @@ MAX_BODY = 1 << 20  # bytes of one request body
 class Service:
     """What the endpoints share: the engine, the tokenizer, the served model's name."""
 
-    def __init__(self, engine: SlotEngine, tokenizer: Any, name: str, api_key: str | None = None, store=None):
+    def __init__(
+        self, engine: SlotEngine, tokenizer: Any, name: str, *, api_key: str | None = None, store=None, placement=None
+    ):
         self.engine, self.tokenizer, self.name, self.api_key, self.store = engine, tokenizer, name, api_key, store
+        self.placement = placement  # (mesh, logical axis rules) of the served parameters: where reloads go
         self.created = int(time.time())
 
     @property

@@ -119,6 +119,12 @@ class SlotEngine:
             self._pending = (params, step)
             self._wake.notify()
 
+    @property
+    def pending_step(self) -> int | None:
+        """The step of parameters waiting to be swapped in, if any."""
+        pending = self._pending
+        return None if pending is None else pending[1]
+
     def start(self) -> SlotEngine:
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="flaxgpt-engine", daemon=True)
