@@ -48,6 +48,16 @@ def _collect(engine: SlotEngine, prompts, max_tokens, **kw) -> list[tuple[list[i
     return [results[i] for i in range(len(prompts))]
 
 
+PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [3], [4, 9, 4, 9, 4, 9, 4, 9, 4, 9, 4, 9], [7, 8], [9, 2, 9]]
+NEW = 14  # 6 requests one after another pass the end of the 32-long cache: rows are moved left
+
+
+def _greedy(model, params) -> list[list[int]]:
+    """`generate`'s greedy answers to PROMPTS."""
+    cfg = generate.DecodeConfig(max_new_tokens=NEW, temperature=0.0)
+    return generate.completions(generate.generate(model, params, PROMPTS, cfg, jax.random.PRNGKey(0), pad_id=0))
+
+
 @pytest.fixture(scope="module")
 def lone_model():
     cfg = tiny_model_config(block_size=32, vocab_size=50, init_std=0.5)  # peaked logits: context-dependent tokens
@@ -58,12 +68,10 @@ def test_batched_greedy_tokens_equal_alone_and_generate(lone_model):
     model, params = lone_model
     engine = SlotEngine(model, params, pad_id=0, slots=3).start()
     try:
-        prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [3], [4, 9, 4, 9, 4, 9, 4, 9, 4, 9, 4, 9], [7, 8], [9, 2, 9]]
-        alone = [_collect(engine, [p], 20, temperature=0.0)[0] for p in prompts]
-        batched = _collect(engine, prompts, 20, temperature=0.0)  # 6 requests on 3 rows: rows are reused
-        cfg = generate.DecodeConfig(max_new_tokens=20, temperature=0.0)
-        ref = generate.completions(generate.generate(model, params, prompts, cfg, jax.random.PRNGKey(0), pad_id=0))
-        for one, many, expected in zip(alone, batched, ref):
+        prompts = PROMPTS
+        alone = [_collect(engine, [p], NEW, temperature=0.0)[0] for p in prompts]
+        batched = _collect(engine, prompts, NEW, temperature=0.0)  # 6 requests on 3 rows: rows are reused
+        for one, many, expected in zip(alone, batched, _greedy(model, params)):
             assert one == many == (expected, "length")
         assert len({tuple(t) for t, _ in alone}) > 2  # the answers differ by prompt
         # sampling: a seed gives the same tokens alone and in a batch; another seed others
@@ -72,7 +80,7 @@ def test_batched_greedy_tokens_equal_alone_and_generate(lone_model):
         assert _collect(engine, [prompts[0]], 12, temperature=1.0, seed=8)[0] != sampled[0]
         # a stop token ends the request without being reported
         first = alone[0][0]
-        stopped = _collect(engine, [prompts[0]], 20, temperature=0.0, stop_tokens=(first[3],))[0]
+        stopped = _collect(engine, [prompts[0]], NEW, temperature=0.0, stop_tokens=(first[3],))[0]
         assert stopped == (first[: first.index(first[3])], "stop")
     finally:
         engine.stop()
@@ -310,6 +318,9 @@ def _serve_cli(workdir: str, db: str):
 def test_sigkill_after_an_acknowledged_rating_loses_nothing(server, tmp_path):
     import httpx
 
+    from flaxgpt.serve.app import Service, create_app
+    from flaxgpt.serve.store import FeedbackStore
+
     _, service = server
     workdir, db = os.path.dirname(service.store.file), str(tmp_path / "feedback.sqlite")
     with _serve_cli(workdir, db) as (url, proc):
@@ -323,10 +334,19 @@ def test_sigkill_after_an_acknowledged_rating_loses_nothing(server, tmp_path):
     with sqlite3.connect(db) as con:
         assert con.execute("SELECT role FROM messages ORDER BY id").fetchall() == [("user",), ("assistant",)]
         assert con.execute("SELECT message_id, rating, comment FROM ratings").fetchall() == [(answer, -1, "no")]
-    with _serve_cli(workdir, db) as (url, _):  # a restarted server continues the conversation
-        shown = httpx.get(f"{url}/api/conversations/{events[0]['conversation_id']}").json()
-        assert [m["rating"] for m in shown["messages"]] == [None, -1]
-        assert httpx.post(url + "/api/rate", json={"message_id": answer, "rating": 1}).json()["id"] == 2
+    # a restarted server (here the app in this process, on that database) continues the conversation
+    restarted = Service(service.engine, service.tokenizer, service.name, store=FeedbackStore(db))
+
+    async def calls():
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(restarted)), base_url="http://t"
+        ) as c:
+            shown = (await c.get(f"/api/conversations/{events[0]['conversation_id']}")).json()
+            return shown, (await c.post("/api/rate", json={"message_id": answer, "rating": 1})).json()
+
+    shown, rated = asyncio.run(calls())
+    assert [m["rating"] for m in shown["messages"]] == [None, -1] and rated == {"id": 2}
+    restarted.store.close()
 
 
 _SHARDED = """
@@ -360,7 +380,7 @@ def test_engine_on_a_sharded_model(server):
     """fsdp x tensor over 4 simulated devices: the same greedy tokens as generate on one device."""
     _, service = server
     tok, engine = service.tokenizer, service.engine
-    prompts = [tok.encode(p) for p in ("Question: where", "Q", "Question: who is the key")]
+    prompts = [tok.encode(p) for p in ("Where", "Q", "who is")]  # one prefill width: one compilation
     ref = generate.generate(
         engine.model, engine.params, prompts, generate.DecodeConfig(10, 0.0), jax.random.PRNGKey(0), pad_id=tok.pad_id
     )
@@ -376,21 +396,17 @@ def test_engine_on_a_sharded_model(server):
 def test_reload_lets_requests_in_flight_finish_on_the_old_parameters(lone_model):
     model, params = lone_model
     new_params = init_params(model.cfg, seed=1)[1]
-    engine = SlotEngine(model, params, pad_id=0, slots=2, step=1).start()
+    engine = SlotEngine(model, params, pad_id=0, slots=3, step=1).start()
     try:
-        prompt, cfg = [1, 2, 3], generate.DecodeConfig(max_new_tokens=20, temperature=0.0)
-        expect = lambda p: generate.completions(
-            generate.generate(model, p, [prompt], cfg, jax.random.PRNGKey(0), pad_id=0)
-        )
-        old, new = expect(params)[0], expect(new_params)[0]
+        prompt, old, new = PROMPTS[0], _greedy(model, params)[0], _greedy(model, new_params)[0]
         assert old != new
         events, started = [], threading.Event()
         sink = lambda kind, payload: (events.append((kind, payload)), started.set())
-        running = Request(prompt, 20, sink, temperature=0.0)
+        running = Request(prompt, NEW, sink, temperature=0.0)
         engine.submit(running)
         assert started.wait(30)
         engine.reload(new_params, 2)  # while `running` decodes
-        after = _collect(engine, [prompt], 20, temperature=0.0)[0]
+        after = _collect(engine, [prompt], NEW, temperature=0.0)[0]
         assert [p[0] for k, p in events if k == "token"] == old and running.step == 1
         assert after == (new, "length") and engine.step == 2 and engine.pending_step is None
     finally:
@@ -441,3 +457,70 @@ def test_api_key_schema_version_and_cli_errors(server, tmp_path):
         FeedbackStore(db)
     assert main(["--workdir", str(tmp_path / "nothing")]) == 2
     assert main(["--workdir", os.path.dirname(service.store.file), "--slots", "0"]) == 2
+
+
+def _browser():
+    """A headless Chromium under selenium, or a skip saying what is missing."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (binary and driver):
+        pytest.skip("no chromium / chromedriver (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,800"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+
+
+def test_chat_page_in_a_headless_browser(server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, service = server
+    browser = _browser()
+    wait = WebDriverWait(browser, 60)
+    answers = lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+    done = lambda n: wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".msg.assistant button.up")) == n)
+    try:
+        browser.get(url + "/")
+        browser.find_element(By.ID, "system").send_keys("brief")  # the context is 64
+        browser.find_element(By.ID, "input").send_keys("Where <b>is</b>?")
+        browser.find_element(By.ID, "send").click()
+        done(1)
+        first = answers()[0].find_element(By.CSS_SELECTOR, ".body").text
+        browser.find_element(By.CSS_SELECTOR, ".msg.assistant button.down").click()
+        alert = wait.until(expected_conditions.alert_is_present())
+        alert.send_keys("not <i>helpful</i>")
+        alert.accept()
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "button.down.on"))
+        browser.find_element(By.CSS_SELECTOR, ".msg.user button.edit").click()
+        box = browser.find_element(By.CSS_SELECTOR, "textarea.edit")
+        box.clear()
+        box.send_keys("Who?")
+        browser.find_element(By.CSS_SELECTOR, "button.resend").click()
+        done(1)
+        wait.until(lambda b: b.find_element(By.CSS_SELECTOR, ".msg.user .body").text == "Who?")
+        browser.refresh()  # the conversation comes back from the database
+        done(1)
+        users = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".msg.user .body")]
+        assert users == ["Who?"] and browser.find_element(By.ID, "system").get_attribute("value") == "brief"
+        browser.save_screenshot(str(tmp_path / "chat.png"))  # pytest --basetemp DIR keeps it to look at
+        assert (tmp_path / "chat.png").stat().st_size > 1000
+    finally:
+        browser.quit()
+    cid = service.store.query("SELECT MAX(conversation_id) AS c FROM messages")[0]["c"]
+    rows = service.store.query("SELECT role, kind, content FROM messages WHERE conversation_id = ? ORDER BY id", (cid,))
+    assert [(r["role"], r["kind"]) for r in rows] == [
+        ("user", "message"),
+        ("assistant", "message"),
+        ("user", "edit"),
+        ("assistant", "message"),
+    ]
+    assert rows[0]["content"] == "Where <b>is</b>?" and rows[1]["content"] == first
+    rated = service.store.query(
+        "SELECT rating, comment FROM ratings WHERE message_id = (SELECT id FROM messages "
+        "WHERE conversation_id = ? AND role = 'assistant' ORDER BY id LIMIT 1)",
+        (cid,),
+    )
+    assert rated == [{"rating": -1, "comment": "not <i>helpful</i>"}]

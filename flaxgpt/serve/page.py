@@ -129,7 +129,8 @@ def conversation(store, conversation_id: int) -> dict[str, Any]:
         rating = ratings.get(m["id"])
         m["rating"] = rating and rating["rating"]
         m["comment"] = rating and rating["comment"]
-    return {"id": conversation_id, "system": path[-1]["system"] if path else "", "messages": path}
+    system = next((m["system"] for m in reversed(path) if m["role"] == "user"), "")
+    return {"id": conversation_id, "system": system, "messages": path}
 
 
 def add_routes(app: FastAPI, service) -> None:
