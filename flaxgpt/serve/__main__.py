@@ -13,8 +13,9 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from flaxgpt import inference, perf
-from flaxgpt.checkpoint import Checkpointer
+from etils import epath
+
+from flaxgpt import fileio, inference, perf
 from flaxgpt.errors import UserError
 from flaxgpt.serve.app import Service, create_app
 from flaxgpt.serve.engine import SlotEngine
@@ -47,16 +48,22 @@ def build_service(
     return Service(engine, loaded.tokenizer, name, api_key=api_key, store=store, placement=(loaded.mesh, loaded.rules))
 
 
+def newest_checkpoint(workdir: str) -> int | None:
+    """The run's newest finished checkpoint step, found without opening a checkpoint manager (which
+    would clean up the temporary directory of a save in progress by a trainer on the same run)."""
+    directory = os.path.join(workdir, "checkpoints")
+    names = [p.name for p in epath.Path(directory).iterdir()] if fileio.exists(directory) else []
+    return max((int(n) for n in names if n.isdigit()), default=None)
+
+
 def reload_newer(service: Service, workdir: str) -> bool:
     """Load the run's newest checkpoint into the engine if it is newer than the one served;
     requests in flight finish on the old parameters, later ones get the new."""
-    cfg, _ = inference.read_run(workdir)
-    checkpointer = Checkpointer(workdir, cfg.checkpoint)
-    newest = checkpointer.latest_step()
-    checkpointer.close()
+    newest = newest_checkpoint(workdir)
     engine = service.engine
     if newest is None or newest <= max(engine.step, engine.pending_step or -1):
         return False
+    cfg, _ = inference.read_run(workdir)
     params, step = inference.restore_params(workdir, cfg, newest, engine.model.cfg, *service.placement)
     engine.reload(params, step)
     print(f"flaxgpt serve: step {step} loaded; it answers from the next request on", flush=True)
