@@ -86,6 +86,27 @@ def test_batched_greedy_tokens_equal_alone_and_generate(lone_model):
         engine.stop()
 
 
+def test_a_cancelled_request_frees_its_row(lone_model):
+    model, params = lone_model
+    engine = SlotEngine(model, params, pad_id=0, slots=3).start()
+    try:
+        events, cancelled = [], threading.Event()
+
+        def sink(kind, payload):  # on the engine's thread: the client leaves at its first token
+            events.append((kind, payload))
+            if kind == "token":
+                engine.cancel(gone)  # what a client that disconnects causes
+                cancelled.set()
+
+        gone = Request(PROMPTS[0], NEW, sink)
+        engine.submit(gone)
+        assert cancelled.wait(30)
+        later = _collect(engine, PROMPTS[:3], NEW, temperature=0.0)  # all three rows are free again
+        assert [k for k, _ in events] == ["token", "done"] and events[-1][1] == "cancelled" and len(later) == 3
+    finally:
+        engine.stop()
+
+
 def test_engine_refuses_too_long_and_overload(lone_model):
     model, params = lone_model
     engine = SlotEngine(model, params, pad_id=0, slots=1, max_queue=1)  # not started: the queue fills
@@ -431,6 +452,7 @@ def test_a_newer_checkpoint_is_served_once_found(server):
 def test_api_key_schema_version_and_cli_errors(server, tmp_path):
     import httpx
 
+    from flaxgpt import feedback
     from flaxgpt.serve.__main__ import main
     from flaxgpt.serve.app import Service, create_app
     from flaxgpt.serve.store import FeedbackStore, StoreError
@@ -447,6 +469,16 @@ def test_api_key_schema_version_and_cli_errors(server, tmp_path):
             return no, yes, page
 
     no, yes, page = asyncio.run(calls())
+    full = SlotEngine(service.engine.model, service.engine.params, pad_id=0, max_queue=0)  # never started: no room
+    busy = httpx.ASGITransport(app=create_app(Service(full, service.tokenizer, service.name)))
+
+    async def overloaded():
+        async with httpx.AsyncClient(transport=busy, base_url="http://t") as c:
+            body = {"model": service.name, "messages": [{"role": "user", "content": "hi"}]}
+            return await c.post("/v1/chat/completions", json=body)
+
+    refused = asyncio.run(overloaded())
+    assert refused.status_code == 503 and refused.json()["error"]["type"] == "overloaded_error"
     assert no.status_code == 401 and no.json()["error"]["code"] == "invalid_api_key"
     assert yes.status_code == 200 and page.status_code == 200 and "innerHTML" not in page.text
     # a database from a newer flaxgpt is refused, not rewritten
@@ -456,6 +488,7 @@ def test_api_key_schema_version_and_cli_errors(server, tmp_path):
     with pytest.raises(StoreError, match="schema version 99"):
         FeedbackStore(db)
     assert main(["--workdir", str(tmp_path / "nothing")]) == 2
+    assert feedback.main(["export", "--db", str(tmp_path / "none.sqlite"), "--out", str(tmp_path)]) == 2
     assert main(["--workdir", os.path.dirname(service.store.file), "--slots", "0"]) == 2
 
 
