@@ -488,6 +488,14 @@ def test_api_key_schema_version_and_cli_errors(server, tmp_path):
     with pytest.raises(StoreError, match="schema version 99"):
         FeedbackStore(db)
     assert main(["--workdir", str(tmp_path / "nothing")]) == 2
+    run, reward = os.path.dirname(service.store.file), tmp_path / "reward"
+    reward.mkdir()
+    with open(os.path.join(run, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["model"]["output"] = "scalar"
+    (reward / "config.json").write_text(json.dumps(cfg))
+    shutil.copy(os.path.join(run, "tokenizer.json"), reward)
+    assert main(["--workdir", str(reward)]) == 2  # a reward model is not served
     assert feedback.main(["export", "--db", str(tmp_path / "none.sqlite"), "--out", str(tmp_path)]) == 2
     assert main(["--workdir", os.path.dirname(service.store.file), "--slots", "0"]) == 2
 

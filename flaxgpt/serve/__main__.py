@@ -33,6 +33,9 @@ def build_service(
     max_queue: int = 64,
 ) -> Service:
     """The run's model behind a started engine, with its feedback database."""
+    cfg, _ = inference.read_run(workdir)
+    if cfg.model.output != "logits":
+        raise UserError(f"{workdir} holds a reward model (model.output={cfg.model.output!r}): serve a language model")
     loaded = inference.load(workdir, step)
     engine = SlotEngine(
         loaded.model,
