@@ -231,6 +231,8 @@ def test_errors_have_openais_shape_and_the_server_keeps_serving(server, client):
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
     assert httpx.post(url + "/v1/completions", content=b"x" * (2 << 20), timeout=10).status_code == 413
     assert httpx.get(url + "/v1/nothing", timeout=10).json()["error"]["message"].startswith("no route")
+    assert httpx.get(url + "/v1/chat/completions", timeout=10).status_code == 405
+    assert httpx.get(url + "/api/conversations/abc", timeout=10).json()["error"]["type"] == "invalid_request_error"
     assert httpx.get(url + "/health", timeout=10).json()["status"] == "ok"
     assert client.chat.completions.create(model=service.name, messages=msgs, max_tokens=3).choices[0].message
 

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from flaxgpt import chat_template
@@ -273,22 +274,8 @@ async def _completion_stream(job: Job, head: dict) -> AsyncIterator[str]:
     yield sse("[DONE]")
 
 
-def create_app(service: Service) -> FastAPI:
-    """The app: OpenAI's endpoints under /v1, /health, and the chat page at / (see `page`)."""
-    from flaxgpt.serve import page
-
-    app = FastAPI(title="flaxgpt", docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if service.api_key and request.url.path.startswith(("/v1/", "/api/")):
-            if request.headers.get("authorization", "") != f"Bearer {service.api_key}":
-                return error(
-                    401, "Incorrect API key provided (send 'Authorization: Bearer KEY')", code="invalid_api_key"
-                )
-        if int(request.headers.get("content-length") or 0) > MAX_BODY:
-            return error(413, f"the request body is larger than {MAX_BODY} bytes")
-        return await call_next(request)
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape, with its status."""
 
     @app.exception_handler(BadParam)
     async def bad_param(request: Request, e: BadParam):
@@ -313,6 +300,30 @@ def create_app(service: Service) -> FastAPI:
     @app.exception_handler(405)
     async def not_allowed(request: Request, exc):
         return error(405, f"{request.method} is not allowed on {request.url.path}")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        return error(400, f"invalid request: {e.errors()[0].get('msg', e)}")
+
+
+def create_app(service: Service) -> FastAPI:
+    """The app: OpenAI's endpoints under /v1, /health, and the chat page at / (see `page`)."""
+    from flaxgpt.serve import page
+
+    app = FastAPI(title="flaxgpt", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if service.api_key and request.url.path.startswith(("/v1/", "/api/")):
+            if request.headers.get("authorization", "") != f"Bearer {service.api_key}":
+                return error(
+                    401, "Incorrect API key provided (send 'Authorization: Bearer KEY')", code="invalid_api_key"
+                )
+        if int(request.headers.get("content-length") or 0) > MAX_BODY:
+            return error(413, f"the request body is larger than {MAX_BODY} bytes")
+        return await call_next(request)
+
+    add_error_handlers(app)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
