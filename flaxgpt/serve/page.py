@@ -9,6 +9,7 @@ GET  /api/conversations/{id} -> the branch ending at its newest message, with la
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -92,7 +93,8 @@ async def _answer(service, store, body: dict, conversation: int, user_id: int, k
                 if what == "text":
                     yield sse({"type": "delta", "text": payload})
                     continue
-                answer = store.add_message(
+                answer = await asyncio.to_thread(  # the commit waits for the disk, not the event loop
+                    store.add_message,
                     conversation,
                     user_id,
                     "assistant",
@@ -149,7 +151,7 @@ def add_routes(app: FastAPI, service) -> None:
     @app.post("/api/chat")
     async def chat(request: Request):
         body = await read_body(request)
-        return await _answer(service, store(), body, *_turn(store(), body))
+        return await _answer(service, store(), body, *await asyncio.to_thread(_turn, store(), body))
 
     @app.post("/api/rate")
     async def rate(request: Request):
@@ -158,7 +160,7 @@ def add_routes(app: FastAPI, service) -> None:
         rating = body.get("rating")
         if rating not in (1, -1) or isinstance(rating, bool):
             raise BadParam("rating", "'rating' must be 1 (thumbs up) or -1 (thumbs down)")
-        return {"id": store().rate(message["id"], rating, _text(body, "comment"))}
+        return {"id": await asyncio.to_thread(store().rate, message["id"], rating, _text(body, "comment"))}
 
     @app.get("/api/conversations/{conversation_id}")
     async def get_conversation(conversation_id: int):
