@@ -86,6 +86,18 @@ def test_batched_greedy_tokens_equal_alone_and_generate(lone_model):
         engine.stop()
 
 
+def test_scanned_llama_layers_decode_like_generate():
+    """Rotary positions and a cache with a leading layer axis (rows and columns one axis further)."""
+    cfg = tiny_model_config("llama", block_size=32, vocab_size=50, init_std=0.5, scan_layers=True, n_kv_heads=2)
+    model, params = init_params(cfg)
+    engine = SlotEngine(model, params, pad_id=0, slots=3).start()
+    try:
+        got = _collect(engine, PROMPTS, NEW, temperature=0.0)
+        assert [tokens for tokens, _ in got] == _greedy(model, params)
+    finally:
+        engine.stop()
+
+
 def test_a_cancelled_request_frees_its_row(lone_model):
     model, params = lone_model
     engine = SlotEngine(model, params, pad_id=0, slots=3).start()
