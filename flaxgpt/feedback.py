@@ -23,7 +23,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Sequence
 
-from flaxgpt import fileio
+from flaxgpt import cli, fileio
 from flaxgpt.errors import UserError
 from flaxgpt.serve.store import FeedbackStore
 
@@ -146,14 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd.add_argument("--db", required=True, help="the feedback database (RUN/feedback.sqlite)")
     cmd.add_argument("--out", required=True, help="directory for the JSONL files")
     args = parser.parse_args(argv)
-    try:
-        counts = export(args.db, args.out)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    counts = export(args.db, args.out)
     print(", ".join(f"{n} {name} records" for name, n in counts.items()) + f" written to {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -466,7 +466,7 @@ def test_a_newer_checkpoint_is_served_once_found(server):
 def test_api_key_schema_version_and_cli_errors(server, tmp_path):
     import httpx
 
-    from flaxgpt import feedback
+    from flaxgpt import cli, feedback
     from flaxgpt.serve.__main__ import main
     from flaxgpt.serve.app import Service, create_app
     from flaxgpt.serve.store import FeedbackStore, StoreError
@@ -501,7 +501,7 @@ def test_api_key_schema_version_and_cli_errors(server, tmp_path):
         con.execute("PRAGMA user_version = 99")
     with pytest.raises(StoreError, match="schema version 99"):
         FeedbackStore(db)
-    assert main(["--workdir", str(tmp_path / "nothing")]) == 2
+    assert cli.run(main, ["--workdir", str(tmp_path / "nothing")]) == 2
     run, reward = os.path.dirname(service.store.file), tmp_path / "reward"
     reward.mkdir()
     with open(os.path.join(run, "config.json")) as f:
@@ -509,9 +509,9 @@ def test_api_key_schema_version_and_cli_errors(server, tmp_path):
     cfg["model"]["output"] = "scalar"
     (reward / "config.json").write_text(json.dumps(cfg))
     shutil.copy(os.path.join(run, "tokenizer.json"), reward)
-    assert main(["--workdir", str(reward)]) == 2  # a reward model is not served
-    assert feedback.main(["export", "--db", str(tmp_path / "none.sqlite"), "--out", str(tmp_path)]) == 2
-    assert main(["--workdir", os.path.dirname(service.store.file), "--slots", "0"]) == 2
+    assert cli.run(main, ["--workdir", str(reward)]) == 2  # a reward model is not served
+    assert cli.run(feedback.main, ["export", "--db", str(tmp_path / "none.sqlite"), "--out", str(tmp_path)]) == 2
+    assert cli.run(main, ["--workdir", os.path.dirname(service.store.file), "--slots", "0"]) == 2
 
 
 def _browser():

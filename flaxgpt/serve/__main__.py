@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from etils import epath
 
-from flaxgpt import fileio, inference, perf
+from flaxgpt import cli, fileio, inference, perf
 from flaxgpt.errors import UserError
 from flaxgpt.serve.app import Service, create_app
 from flaxgpt.serve.engine import SlotEngine
@@ -111,22 +111,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        if args.slots < 1 or args.max_queue < 0:
-            raise UserError("--slots must be at least 1 and --max-queue at least 0")
-        perf.tune_host_allocator()
-        service = build_service(
-            args.workdir,
-            args.step,
-            db=args.db,
-            name=args.name,
-            api_key=args.api_key,
-            slots=args.slots,
-            max_queue=args.max_queue,
-        )
-    except (UserError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.slots < 1 or args.max_queue < 0:
+        raise UserError("--slots must be at least 1 and --max-queue at least 0")
+    perf.tune_host_allocator()
+    service = build_service(
+        args.workdir,
+        args.step,
+        db=args.db,
+        name=args.name,
+        api_key=args.api_key,
+        slots=args.slots,
+        max_queue=args.max_queue,
+    )
     import uvicorn
 
     print(f"flaxgpt serve: {service.name} (step {service.engine.step}) on http://{args.host}:{args.port}", flush=True)
@@ -143,4 +139,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -237,7 +237,7 @@ async def completions(service: Service, request: Request):
     if not isinstance(prompt, str) or not prompt:
         raise BadParam("prompt", "'prompt' must be a non-empty string (one prompt per request)")
     settings.max_tokens = settings.max_tokens or 16  # OpenAI's default for completions
-    ids = service.tokenizer.encode(prompt)
+    ids = service.tokenizer.encode_prompt(prompt)
     job = Job(service, ids, settings, (service.tokenizer.eos_id,))
     head = job.head("cmpl")
     if settings.stream:
