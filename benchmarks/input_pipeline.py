@@ -31,7 +31,7 @@ from flaxgpt.optim import build_optimizer, learning_rate_schedule
 from flaxgpt.sharding import batch_sharding, local_batch_rows, logical_rules, make_mesh, place_batch
 from flaxgpt.state import create_train_state
 from flaxgpt.train import load_experiment
-from flaxgpt.trainers.lm import make_train_step
+from flaxgpt.trainers.step import make_train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

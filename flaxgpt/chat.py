@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 
 import jax
 
-from flaxgpt import chat_template, generate, inference, perf
+from flaxgpt import chat_template, generate, perf
+from flaxgpt import runs as inference
 from flaxgpt.config import ConfigError
 
 

@@ -22,7 +22,8 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from flaxgpt import hf, inference, lora
+from flaxgpt import hf, lora
+from flaxgpt import runs as inference
 from flaxgpt.chat_template import stop_tokens
 from flaxgpt.checkpoint import Checkpointer
 from flaxgpt.config import Config, ConfigError, apply_overrides, to_dict, to_json

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import jax
 
-from flaxgpt import generate, inference, perf
+from flaxgpt import generate, perf
+from flaxgpt import runs as inference
 from flaxgpt.config import ConfigError
 
 

@@ -14,7 +14,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from flaxgpt import inference, perf
+from flaxgpt import perf, runs
 from flaxgpt.config import ConfigError
 from flaxgpt.data.jsonl import DataError
 
@@ -42,11 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give either --prompt with --response, or --jsonl")
     if args.prompt and not args.response:
         parser.error("--prompt needs at least one --response")
-    from flaxgpt.trainers.reward import score
+    from flaxgpt.rewards import score
 
     try:
         perf.tune_host_allocator()
-        loaded = inference.load(args.workdir, args.step)
+        loaded = runs.load(args.workdir, args.step)
         if loaded.model.cfg.output != "scalar":
             raise ConfigError(
                 f"{args.workdir} is a language model (model.output='{loaded.model.cfg.output}'), not a reward model"
@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 found = True
             if not found:
                 raise DataError(f"{where}: no 'response', 'responses' or 'chosen'/'rejected' to score")
-        with inference.logical_context(loaded):
+        with runs.logical_context(loaded):
             rewards = score(loaded.model, loaded.params, loaded.tokenizer, items, args.batch_size)
     except (FileNotFoundError, ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

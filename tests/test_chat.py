@@ -6,7 +6,8 @@ import sys
 import jax
 import pytest
 
-from flaxgpt import chat_template, generate, inference
+from flaxgpt import chat_template, generate
+from flaxgpt import runs as inference
 from flaxgpt.chat import ChatSession
 from flaxgpt.data.tokenizers import ASSISTANT, END_OF_TURN, SYSTEM, USER, CharTokenizer
 from flaxgpt.trainers import pretrain

@@ -16,7 +16,8 @@ import pytest
 
 pytest.importorskip("transformers", reason="the hf extra (pip install -e '.[hf]') is not installed")
 
-from flaxgpt import generate, hf, inference, lora  # noqa: E402
+from flaxgpt import generate, hf, lora  # noqa: E402
+from flaxgpt import runs as inference  # noqa: E402
 from flaxgpt.config import ConfigError, OptimizerConfig  # noqa: E402
 from flaxgpt.convert import export_hf, import_hf  # noqa: E402
 from flaxgpt.model import Transformer  # noqa: E402
@@ -102,7 +103,7 @@ def test_sharded_checkpoint_scanned_layers_and_an_8_device_mesh_give_the_same_lo
     np.save(tmp_path / "reference.npy", _logits(reference, ids))
     script = f"""
 import numpy as np
-from flaxgpt import inference
+from flaxgpt import runs as inference
 from flaxgpt.convert import import_hf
 import_hf({sharded!r}, {str(tmp_path / "run")!r}, ["model.scan_layers=true", "mesh.fsdp=4", "mesh.tensor=2"])
 loaded = inference.load({str(tmp_path / "run")!r})

@@ -1,4 +1,5 @@
-"""Pure step functions shared by every trainer (pretraining, SFT, the reward model).
+"""The step every language-model trainer uses (pretraining, SFT, the reward model), and the
+`RunSpec` that runs it on the scaffold.
 
 `train_step(state, batch) -> (state, metrics)` is compiled once with the state donated;
 gradient accumulation is a scan over micro-batches inside the step, summing the loss
@@ -14,17 +15,24 @@ A trainer's objective is a `LossSums` function `(params, batch, rng, train) -> s
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from flaxgpt import lora
-from flaxgpt.config import TrainConfig
+from flaxgpt import lora, perf
+from flaxgpt.config import Config, TrainConfig
+from flaxgpt.data.prefetch import prefetch
 from flaxgpt.losses import token_cross_entropy
-from flaxgpt.state import TrainState
+from flaxgpt.model import count_params
+from flaxgpt.optim import build_optimizer, learning_rate_schedule
+from flaxgpt.sharding import host_value, place_batch
+from flaxgpt.state import TrainState, abstract_train_state, create_train_state
+from flaxgpt.trainers.scaffold import NonFiniteLoss, RunSpec, Runtime, StepFn, Throughput
 
 Batch = dict[str, jax.Array]
 LossSums = Callable[[Any, Batch, jax.Array | None, bool], dict[str, Any]]
@@ -140,3 +148,114 @@ def make_eval_step(model: nn.Module, loss_sums: LossSums | None = None) -> Calla
         return {k: v for k, v in sums.items() if k != "z_loss_sum"}
 
     return eval_step
+
+
+# ----------------------------------------------------------------------------- the LM run
+
+
+@dataclass
+class Objective:
+    """What an LM trainer hands `lm_run_spec`."""
+
+    loss_sums: LossSums | None  # None: next-token cross-entropy
+    train_batch: Callable[[int, np.ndarray], dict[str, np.ndarray]]  # (step, this process's rows) -> rows
+    evaluate: Callable[[Any], dict[str, float]]  # params -> validation figures (under the mesh)
+    position: Callable[[int], dict] = lambda step: {"train_batches": step}  # recorded per checkpoint
+
+
+class SkipGuard:
+    """train.max_skipped_steps: says when updates were skipped, stops past the limit."""
+
+    def __init__(self, limit: int):
+        self.limit, self.seen, self.step = limit, 0, 0
+        self.message: Callable[[str], None] = print
+
+    def check(self, total: int, step: int) -> None:
+        if total > self.seen:
+            self.message(
+                f"step {step}: {total - self.seen} update(s) skipped for a non-finite loss or "
+                f"gradient ({total} in this run so far, limit {self.limit})"
+            )
+            self.seen = total
+        if total > self.limit:
+            raise NonFiniteLoss(
+                f"{total} steps had a non-finite loss or gradient (train.max_skipped_steps={self.limit}); stopping"
+            )
+
+
+def lm_run_spec(
+    cfg: Config,
+    rt: Runtime,
+    model: nn.Module,
+    objective: Objective,
+    *,
+    init_params: Callable[[Any], Any] | None = None,
+    description: str = "",
+) -> RunSpec:
+    """The `RunSpec` of a run of `make_train_step` (pretraining, SFT, the reward model): a
+    `TrainState`, batches that are a pure function of the step (prefetched), and
+    train.max_skipped_steps checked at every step (on the previous step's counter: no sync)."""
+    tc, model_cfg = cfg.train, model.cfg
+    schedule = learning_rate_schedule(cfg.optimizer, tc.max_steps)
+    optimizer = build_optimizer(cfg.optimizer, tc.max_steps, lora.trainable_mask if model_cfg.lora_rank else None)
+    example = jnp.zeros((1, model_cfg.block_size), jnp.int32)
+    abstract = abstract_train_state(model, optimizer, example, rt.mesh, rt.rules)
+    guard = SkipGuard(tc.max_skipped_steps)
+
+    def make_step(shardings: Any, start: int, message: Callable[[str], None]) -> StepFn:
+        train_step = jax.jit(
+            make_train_step(model, optimizer, schedule, tc, objective.loss_sums),
+            in_shardings=(shardings, rt.rows_sharding),
+            out_shardings=(shardings, None),
+            donate_argnums=0,
+        )
+        rows = rt.rows(tc.batch_size)  # this process loads only these rows
+        batches = prefetch(lambda step: objective.train_batch(step, rows), start, tc.max_steps, cfg.data.prefetch)
+        guard.message, pending = message, []
+
+        def step_fn(state: TrainState, step: int) -> tuple[TrainState, dict]:
+            _, local = next(batches)
+            placed = place_batch(local, rows, rt.rows_sharding, tc.batch_size)
+            if step == start:
+                guard.seen = int(host_value(state.skipped))
+                if advice := perf.host_allocator_advice(train_step, state, placed):
+                    message(advice)
+            state, metrics = train_step(state, placed)
+            if pending:  # the previous step has finished, or nearly: reading it costs no stall
+                guard.check(int(host_value(pending.pop())), step)
+            pending.append(metrics["skipped"])
+            guard.step = step + 1
+            return state, metrics
+
+        return step_fn
+
+    def row(metrics: dict) -> dict[str, float]:
+        m = host_value(metrics)
+        guard.check(int(m["skipped"]), guard.step)
+        out = {k: float(v) for k, v in m.items() if k not in ("tokens", "skipped", "z_loss")}
+        if tc.z_loss:
+            out["z_loss"] = float(m["z_loss"])
+        return out
+
+    params = abstract[0].params
+    origin = f"from {tc.init_from or tc.init_from_hf}" if init_params else "from scratch"
+    if objective.loss_sums is None:  # a language model: every row is block_size tokens of compute
+        flops = perf.flops_per_token(model_cfg, count_params(params))
+        throughput = Throughput("tokens", model_cfg.block_size, flops, model_cfg.dtype)
+    else:
+        throughput = Throughput("examples", 1)
+    return RunSpec(
+        describe=f"{lora.describe_size(params, model_cfg.lora_rank)}, vocab {model_cfg.vocab_size}, "
+        f"mesh {dict(rt.mesh.shape)}" + (f"; {description}" if description else ""),
+        model_cfg=model_cfg,
+        abstract_state=lambda: abstract,
+        init_state=lambda shardings: create_train_state(
+            model, optimizer, example, rt.mesh, rt.rules, tc.seed, init_params
+        )[0],
+        make_step=make_step,
+        row=row,
+        evaluate=lambda state: objective.evaluate(state.params),
+        position=objective.position,
+        origin=origin,
+        throughput=throughput,
+    )
