@@ -6,7 +6,11 @@ which writes to buckets on its own."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import socket
+import threading
 from typing import IO, Any
 
 
@@ -37,14 +41,57 @@ def makedirs(path: str) -> None:
         os.makedirs(path, exist_ok=True)
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write through a temporary name and rename, so a reader never sees half a file."""
-    with open_file(path + ".tmp", "w") as f:
-        f.write(text)
-    if is_remote(path):
-        _remote(path + ".tmp").replace(_remote(path))
+def write_atomic(path: str, content: str | bytes) -> None:
+    """Write through a temporary name and rename, so a reader never sees half a file: if
+    writing fails (a full disk, text that cannot be encoded) the old file stays as it was
+    and the temporary one is removed. The temporary name is unique per process and thread,
+    so two writers never write into one temporary file."""
+    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}"
+    binary = isinstance(content, bytes)
+    try:
+        with open_file(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            f.write(content)
+            if not is_remote(path):
+                f.flush()
+                os.fsync(f.fileno())  # the rename must not reach the disk before the data
+        rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            remove(tmp)
+        raise
+
+
+def rename(src: str, dst: str) -> None:
+    """Move a file or directory, replacing a file at `dst`."""
+    if is_remote(src):
+        _remote(src).replace(_remote(dst))
     else:
-        os.replace(path + ".tmp", path)
+        os.replace(src, dst)
+
+
+def remove(path: str) -> None:
+    if is_remote(path):
+        _remote(path).unlink()
+    else:
+        os.remove(path)
+
+
+def listdir(path: str) -> list[str]:
+    if is_remote(path):
+        return [p.name for p in _remote(path).iterdir()]
+    return os.listdir(path)
+
+
+def rmtree(path: str) -> None:
+    if is_remote(path):
+        _remote(path).rmtree()
+    else:
+        shutil.rmtree(path)
+
+
+def tree_size(path: str) -> int:
+    """Bytes of disk the files under a local directory take (whole blocks, as `du` counts)."""
+    return sum(os.stat(os.path.join(root, f)).st_blocks * 512 for root, _, files in os.walk(path) for f in files)
 
 
 def read_bytes(path: str) -> bytes:

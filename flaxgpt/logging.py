@@ -24,18 +24,32 @@ REMOTE_FLUSH_SECONDS = 30.0
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """Every complete line of WORKDIR/metrics.jsonl (a torn last line is ignored)."""
-    path = os.path.join(workdir, METRICS_FILE)
+    """Every row of WORKDIR/metrics.jsonl that parses (a torn or damaged line is left out)."""
+    return _read_rows(os.path.join(workdir, METRICS_FILE))[0]
+
+
+def _read_rows(path: str) -> tuple[list[dict], int]:
+    """(rows that parse, number of damaged lines). A last line without its newline that does
+    not parse is a row cut short by a kill: it is left out without being counted."""
     if not fileio.exists(path):
-        return []
-    rows = []
-    with fileio.open_file(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut short by a kill; everything after it is stale too
-    return rows
+        return [], 0
+    *lines, last = fileio.read_bytes(path).split(b"\n")  # last: b"" after a final newline
+    rows, bad = [], 0
+    for line in [*lines, last]:
+        row = _row(line)
+        if row is not None:
+            rows.append(row)
+        elif line.strip() and line is not last:
+            bad += 1
+    return rows, bad
+
+
+def _row(line: bytes) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
 
 
 class MetricsLogger:
@@ -47,16 +61,15 @@ class MetricsLogger:
         self._tb = self._wandb = self._bar = None
         if not self.enabled:
             return
-        rows = [r for r in read_metrics(workdir) if r.get("step", 0) <= start_step]
         self.path = os.path.join(workdir, METRICS_FILE)
+        rows, dropped = self._resumed_rows(start_step)
         # rewrite: drops what a killed run logged past its checkpoint. A bucket cannot append:
         # there the rows are kept and the file rewritten at most every REMOTE_FLUSH_SECONDS.
-        self._remote_rows = [json.dumps(r) + "\n" for r in rows] if fileio.is_remote(workdir) else None
+        self._remote_rows = rows if fileio.is_remote(workdir) else None
         self._flushed = time.time()
         if self._remote_rows is None:
-            with open(self.path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-            self._file = open(self.path, "a", buffering=1)
+            fileio.write_atomic(self.path, "".join(rows))
+            self._file = open(self.path, "a", buffering=1, encoding="utf-8")
         else:
             self._flush_remote()
         if cfg.tensorboard:
@@ -90,6 +103,16 @@ class MetricsLogger:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        if dropped:
+            self.message(f"{self.path}: dropped {dropped}; kept {len(rows)} rows up to step {start_step}")
+
+    def _resumed_rows(self, start_step: int) -> tuple[list[str], str]:
+        """The file's rows up to `start_step` (as lines), and what was dropped, in words."""
+        rows, bad = _read_rows(self.path)
+        kept = [json.dumps(r) + "\n" for r in rows if r["step"] <= start_step]
+        dropped = [_count(len(rows) - len(kept), "row") + " past the restored step"] if len(rows) > len(kept) else []
+        dropped += [_count(bad, "damaged line")] if bad else []
+        return kept, " and ".join(dropped)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Write one row; `metrics` values must already be host numbers."""
@@ -148,6 +171,10 @@ class MetricsLogger:
     def _flush_remote(self) -> None:
         fileio.write_atomic(self.path, "".join(self._remote_rows))
         self._flushed = time.time()
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _plain(value: Any) -> Any:
