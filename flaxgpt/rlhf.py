@@ -28,7 +28,9 @@ import optax
 from flaxgpt import generate, lora
 from flaxgpt.chat_template import render, stop_tokens
 from flaxgpt.config import Config, PPOConfig
-from flaxgpt.conversations import padded_chunks
+from flaxgpt.conversations import chat_prompt, padded_chunks
+from flaxgpt.data.jsonl import DataError, read_jsonl
+from flaxgpt.data.world import WorldTask
 from flaxgpt.losses import (
     adaptive_kl_coef,
     generalized_advantages,
@@ -207,6 +209,28 @@ def update(
 
 
 @dataclasses.dataclass
+class Prompt:
+    messages: list[dict]  # system (optional) + user
+    text: str  # the user turn, as a reward function sees it
+
+
+def load_prompts(cfg: Config, log: Callable[[str], None]) -> tuple[list[Prompt], list[Prompt]]:
+    """(training pool, held-out) prompts: world questions, or a JSONL prompts file."""
+    data, p = cfg.data, cfg.ppo
+    if not p.prompts_path:
+        task = WorldTask.from_config(cfg)
+        pool = lambda stream, n: [Prompt(task.prompt(q), q) for q in task.questions(stream, n)]
+        return pool("ppo_train", p.world_prompts), pool("ppo_eval", p.eval_prompts)
+    records, report = read_jsonl(p.prompts_path, "prompts", data.on_error)
+    log(report.summary())
+    prompts = [Prompt(chat_prompt(r["prompt"], r.get("system", "")), r["prompt"]) for r in records]
+    held_out = min(p.eval_prompts, max(1, int(len(prompts) * (1 - data.train_fraction))))
+    if len(prompts) <= held_out:
+        raise DataError(f"{p.prompts_path}: {len(prompts)} prompt(s) cannot be split into training and held-out ones")
+    return prompts[: len(prompts) - held_out], prompts[len(prompts) - held_out :]
+
+
+@dataclasses.dataclass
 class PPO:
     """A PPO run's fixed parts: config, models, where they start, prompts, reward."""
 
@@ -284,3 +308,10 @@ def evaluate(run: PPO, state: PPOState) -> dict[str, float]:
             correct = [run.labeler(pr.text, a) == 1.0 for pr, a in zip(held_out, answers)]
             figures[f"val_task_accuracy{name}"] = float(np.mean(correct))
     return figures
+
+
+def ptx_batch(run: PPO, step: int) -> dict[str, np.ndarray]:
+    p, block = run.cfg.ppo, run.cfg.model.block_size
+    rows = np.arange(p.ptx_batch_size * p.minibatches)
+    flat = run.ptx.batch("train", step, len(rows), block, rows)
+    return {k: v.reshape(p.minibatches, p.ptx_batch_size, *v.shape[1:]) for k, v in flat.items()}

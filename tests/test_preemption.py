@@ -160,3 +160,13 @@ def test_sft_answer_length_without_room_is_refused_before_training(tmp_path):
     with pytest.raises(ConfigError, match="sft.max_new_tokens=64 leaves no room"):
         sft.run(cfg, str(tmp_path / "sft"))
     assert not os.path.exists(os.path.join(tmp_path, "sft", "checkpoints"))
+
+
+def test_a_run_holds_its_workdir_lock(tmp_path):
+    from flaxgpt.train import run_trainer
+    from flaxgpt.workdir import WorkdirBusy, WorkdirLock
+
+    workdir = str(tmp_path / "held")
+    with WorkdirLock(workdir), pytest.raises(WorkdirBusy, match=f"pid {os.getpid()}"):
+        run_trainer(tiny_run_config(train={"max_steps": 1}), workdir)
+    assert not os.path.exists(os.path.join(workdir, "config.json"))

@@ -22,8 +22,6 @@ import numpy as np
 
 from flaxgpt import lora, perf, rlhf
 from flaxgpt.config import Config, ConfigError
-from flaxgpt.conversations import chat_prompt
-from flaxgpt.data.jsonl import DataError, read_jsonl
 from flaxgpt.data.packing import PackedRows
 from flaxgpt.data.text import build_text_data
 from flaxgpt.data.world import WorldTask
@@ -32,32 +30,10 @@ from flaxgpt.lora import LORA_SETTINGS
 from flaxgpt.model import Transformer
 from flaxgpt.optim import build_optimizer
 from flaxgpt.rewards import centered, rankings_of, reference_items, retrain, reward_function, score, world_rankings
-from flaxgpt.rlhf import PPO, Models, PPOState, evaluate, function_scores, rollout, sequences
+from flaxgpt.rlhf import PPO, Models, PPOState, evaluate, function_scores, load_prompts, ptx_batch, rollout, sequences
 from flaxgpt.runs import inherit_model, params_from_run, read_run
 from flaxgpt.sharding import host_value, sharded_abstract
 from flaxgpt.trainers.scaffold import NonFiniteLoss, RunSpec, Runtime, fit
-
-
-@dataclasses.dataclass
-class Prompt:
-    messages: list[dict]  # system (optional) + user
-    text: str  # the user turn, as a reward function sees it
-
-
-def load_prompts(cfg: Config, log: Callable[[str], None]) -> tuple[list[Prompt], list[Prompt]]:
-    """(training pool, held-out) prompts: world questions, or a JSONL prompts file."""
-    data, p = cfg.data, cfg.ppo
-    if not p.prompts_path:
-        task = WorldTask.from_config(cfg)
-        pool = lambda stream, n: [Prompt(task.prompt(q), q) for q in task.questions(stream, n)]
-        return pool("ppo_train", p.world_prompts), pool("ppo_eval", p.eval_prompts)
-    records, report = read_jsonl(p.prompts_path, "prompts", data.on_error)
-    log(report.summary())
-    prompts = [Prompt(chat_prompt(r["prompt"], r.get("system", "")), r["prompt"]) for r in records]
-    held_out = min(p.eval_prompts, max(1, int(len(prompts) * (1 - data.train_fraction))))
-    if len(prompts) <= held_out:
-        raise DataError(f"{p.prompts_path}: {len(prompts)} prompt(s) cannot be split into training and held-out ones")
-    return prompts[: len(prompts) - held_out], prompts[len(prompts) - held_out :]
 
 
 def _reward_model(cfg: Config, vocab_size: int) -> Any:
@@ -239,13 +215,6 @@ def new_round(run: PPO, state: PPOState, index: int, message: Callable[[str], No
         f"{len(accuracy)} steps (train pairwise accuracy {np.mean(accuracy[-10:]):.3f}), offset {offset:+.3f}"
     )
     return state.replace(frozen={**state.frozen, "reward": centered(params, offset)}, round=state.round + 1)
-
-
-def ptx_batch(run: PPO, step: int) -> dict[str, np.ndarray]:
-    p, block = run.cfg.ppo, run.cfg.model.block_size
-    rows = np.arange(p.ptx_batch_size * p.minibatches)
-    flat = run.ptx.batch("train", step, len(rows), block, rows)
-    return {k: v.reshape(p.minibatches, p.ptx_batch_size, *v.shape[1:]) for k, v in flat.items()}
 
 
 def run(cfg: Config, workdir: str) -> dict[str, Any]:

@@ -2,12 +2,13 @@
 
 A trainer describes its run as a `RunSpec` (how to build and restore its state, one step,
 what a checkpoint records, how to evaluate, what to log) and calls `fit`, which owns what
-runs have in common: the workdir lock, restore-or-initialise (newest checkpoint that
-restores), the config written once the checkpoint agreed with it, the cadence of logging,
+runs have in common: restore-or-initialise (the newest checkpoint that restores), the
+config written once the checkpoint agreed with it, the cadence of logging,
 evaluation and saving (`Hook`s run every N steps and after the last), the final save, one
 process-0 logging path, and preemption: SIGTERM or SIGINT saves a checkpoint at the
 current step and stops (a second SIGINT stops at once). Whatever leaves the loop, pending
-saves are finished or cleaned up. `fit` names no trainer.
+saves are finished or cleaned up. `fit` names no trainer. (The workdir lock is held
+around the whole run, tokenizer and data files included, by `flaxgpt.train.run_trainer`.)
 """
 
 from __future__ import annotations
@@ -163,18 +164,18 @@ def fit(cfg: Config, rt: Runtime, spec: RunSpec) -> dict[str, Any]:
 
     Returns the last logged row plus what `finalize` recorded and `report` adds.
     """
-    with _workdir_lock(rt.workdir), _StopSignals() as stop:
+    with _StopSignals() as stop:
         checkpointer = Checkpointer(rt.workdir, cfg.checkpoint)
         logger = None
         try:
             notes: list[str] = []
             abstract, shardings = spec.abstract_state()
-            restored = _restore_latest(checkpointer, abstract, spec.model_cfg, notes.append)
+            restored = checkpointer.restore_latest(abstract, spec.model_cfg, notes.append)
             rt.write_config(cfg)  # only now: a refused resume leaves the run's config as it was
             state = restored[0] if restored else spec.init_state(shardings)
             start = int(host_value(state.step))
             logger = MetricsLogger(rt.workdir, cfg.logging, cfg.train.max_steps, start, to_dict(cfg))
-            spec.message = logger.message
+            spec.message = stop.message = logger.message
             for note in spec.notes + notes:
                 logger.message(note)
             origin = f"resumed from step {start}" if restored else spec.origin
@@ -289,6 +290,7 @@ class _StopSignals:
 
     def __init__(self):
         self.signame: str | None = None
+        self.message: Callable[[str], None] = print  # the run's logger, once there is one
         self._previous: dict = {}
 
     def __enter__(self) -> _StopSignals:
@@ -304,10 +306,10 @@ class _StopSignals:
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self.signame == "SIGINT" and name == "SIGINT":
-            print("second interrupt: stopping now, without saving", flush=True)
+            self.message("second interrupt: stopping now, without saving")
             os._exit(130)
         self.signame = self.signame or name
-        print(f"{name}: saving a checkpoint after this step, then stopping (Ctrl-C again: stop now)", flush=True)
+        self.message(f"{name}: saving a checkpoint after this step, then stopping (Ctrl-C again: stop now)")
 
     def agreed(self) -> bool:
         local = self.signame is not None
@@ -316,26 +318,6 @@ class _StopSignals:
         agreed = bool(np.max(multihost_utils.process_allgather(np.int32(local))))
         self.signame = self.signame or ("SIGTERM" if agreed else None)
         return agreed
-
-
-def _workdir_lock(workdir: str):
-    """The workdir lock (flaxgpt.workdir, when present)."""
-    try:
-        from flaxgpt.workdir import WorkdirLock
-    except ImportError:
-        return contextlib.nullcontext()
-    return WorkdirLock(workdir)
-
-
-def _restore_latest(checkpointer: Checkpointer, abstract: Any, model_cfg: Any, log: Callable[[str], None]):
-    """(state, record, step) of the newest checkpoint that restores, or None."""
-    if hasattr(checkpointer, "restore_latest"):
-        return checkpointer.restore_latest(abstract, model_cfg, log)
-    latest = checkpointer.latest_step()
-    if latest is None:
-        return None
-    state, record = checkpointer.restore(latest, abstract, model_cfg)
-    return state, record, latest
 
 
 def starting_point(

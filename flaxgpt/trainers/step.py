@@ -183,6 +183,33 @@ class SkipGuard:
             )
 
 
+def lm_steps(
+    cfg: Config, rt: Runtime, train_step: Callable, objective: Objective, guard: SkipGuard, start: int, message
+) -> StepFn:
+    """Steps of a jitted `train_step` on the objective's batches (prefetched, placed on the mesh);
+    the skipped-update counter of each step is read while the next one runs."""
+    tc = cfg.train
+    rows = rt.rows(tc.batch_size)  # this process loads only these rows
+    batches = prefetch(lambda step: objective.train_batch(step, rows), start, tc.max_steps, cfg.data.prefetch)
+    guard.message, pending = message, []
+
+    def step_fn(state: TrainState, step: int) -> tuple[TrainState, dict]:
+        _, local = next(batches)
+        placed = place_batch(local, rows, rt.rows_sharding, tc.batch_size)
+        if step == start:
+            guard.seen = int(host_value(state.skipped))
+            if advice := perf.host_allocator_advice(train_step, state, placed):
+                message(advice)
+        state, metrics = train_step(state, placed)
+        if pending:  # the previous step has finished, or nearly: reading it costs no stall
+            guard.check(int(host_value(pending.pop())), step)
+        pending.append(metrics["skipped"])
+        guard.step = step + 1
+        return state, metrics
+
+    return step_fn
+
+
 def lm_run_spec(
     cfg: Config,
     rt: Runtime,
@@ -201,33 +228,12 @@ def lm_run_spec(
     example = jnp.zeros((1, model_cfg.block_size), jnp.int32)
     abstract = abstract_train_state(model, optimizer, example, rt.mesh, rt.rules)
     guard = SkipGuard(tc.max_skipped_steps)
-
-    def make_step(shardings: Any, start: int, message: Callable[[str], None]) -> StepFn:
-        train_step = jax.jit(
-            make_train_step(model, optimizer, schedule, tc, objective.loss_sums),
-            in_shardings=(shardings, rt.rows_sharding),
-            out_shardings=(shardings, None),
-            donate_argnums=0,
-        )
-        rows = rt.rows(tc.batch_size)  # this process loads only these rows
-        batches = prefetch(lambda step: objective.train_batch(step, rows), start, tc.max_steps, cfg.data.prefetch)
-        guard.message, pending = message, []
-
-        def step_fn(state: TrainState, step: int) -> tuple[TrainState, dict]:
-            _, local = next(batches)
-            placed = place_batch(local, rows, rt.rows_sharding, tc.batch_size)
-            if step == start:
-                guard.seen = int(host_value(state.skipped))
-                if advice := perf.host_allocator_advice(train_step, state, placed):
-                    message(advice)
-            state, metrics = train_step(state, placed)
-            if pending:  # the previous step has finished, or nearly: reading it costs no stall
-                guard.check(int(host_value(pending.pop())), step)
-            pending.append(metrics["skipped"])
-            guard.step = step + 1
-            return state, metrics
-
-        return step_fn
+    jit_step = lambda shardings: jax.jit(
+        make_train_step(model, optimizer, schedule, tc, objective.loss_sums),
+        in_shardings=(shardings, rt.rows_sharding),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
 
     def row(metrics: dict) -> dict[str, float]:
         m = host_value(metrics)
@@ -252,7 +258,9 @@ def lm_run_spec(
         init_state=lambda shardings: create_train_state(
             model, optimizer, example, rt.mesh, rt.rules, tc.seed, init_params
         )[0],
-        make_step=make_step,
+        make_step=lambda shardings, start, message: lm_steps(
+            cfg, rt, jit_step(shardings), objective, guard, start, message
+        ),
         row=row,
         evaluate=lambda state: objective.evaluate(state.params),
         position=objective.position,
