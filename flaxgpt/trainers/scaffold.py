@@ -238,17 +238,16 @@ def _loop(cfg, spec, state, start, shardings, checkpointer, logger, stop, record
             logger.log(done, row)
             last_row = row
             meter.reset()
-        if done < tc.max_steps:
+        if done < tc.max_steps:  # the last step is saved after `finalize`, signal or not
             checkpointer.save(done, state, record(done))
-        if stop.agreed():
-            raise _interrupted(stop.signame, done, checkpointer, state, record, tc.max_steps)
+            if stop.agreed():
+                raise _interrupted(stop.signame, done, checkpointer, state, record)
     return state, last_row
 
 
-def _interrupted(signame, done, checkpointer, state, record, max_steps) -> Interrupted:
+def _interrupted(signame, done, checkpointer, state, record) -> Interrupted:
     """Save at `done` (unless already saved), wait for the write, say so."""
-    if done < max_steps:
-        checkpointer.save(done, state, record(done), force=True)
+    checkpointer.save(done, state, record(done), force=True)
     checkpointer.close()
     saved = checkpointer.latest_step()
     where = (
