@@ -237,19 +237,32 @@ class Checkpointer:
 
     def restore_params(self, step: int, abstract_params: Any, model_cfg: ModelConfig, path: tuple = ()) -> Any:
         """Only the parameters of a saved train state (no optimizer state is read), or the
-        subtree of them at `path` (e.g. ("policy",) of a PPO state)."""
-        check_model_compatible(self.read_record(step).get("model", {}), model_cfg, f"{self.directory} step {step}")
+        subtree of them at `path` (e.g. ("policy",) of a PPO state). A checkpoint that cannot
+        be read is a `CheckpointUnreadable` naming the steps there are to choose instead."""
         target = abstract_params
         for key in reversed(("params",) + tuple(path)):
             target = {key: target}
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
-                )
-            ),
-        )
+        try:
+            record = self.read_record(step)
+            check_model_compatible(record.get("model", {}), model_cfg, f"{self.directory} step {step}")
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item=target,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                        partial_restore=True,
+                    )
+                ),
+            )
+        except CheckpointMismatch:
+            raise
+        except Exception as e:
+            others = [s for s in self.manager.all_steps() if s != step]
+            raise CheckpointUnreadable(
+                f"checkpoint {step} in {self.directory} cannot be read ({self._why_unreadable(step, e)}); "
+                + (f"its other checkpoints are at steps {sorted(others)}" if others else "it has no other checkpoint")
+            ) from e
         params = restored["state"]
         for key in ("params",) + tuple(path):
             params = params[key]

@@ -2,7 +2,9 @@
 and a progress line on the terminal.
 
 Only the main process (index 0) writes. On resume the metrics file is cut back
-to the restored step, so it reads as if the run had never stopped.
+to the restored step, so it reads as if the run had never stopped: rows past that
+step and damaged lines go (one message says how many), every other row stays, and
+the file is replaced atomically, so a kill during the rewrite loses nothing.
 """
 
 from __future__ import annotations

@@ -91,6 +91,19 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, d
     assert (step, float(state["params"]["w"][0, 0]), logged) == (400, 401.0, [])
 
 
+def test_reading_params_of_an_unreadable_checkpoint_is_one_line_naming_the_others(tmp_path):
+    directory = save_steps(tmp_path, STEPS[:2])
+    DAMAGE["record removed"](os.path.join(directory, "200"))
+    c = checkpointer(tmp_path)
+    with pytest.raises(CheckpointUnreadable) as error:
+        c.restore_params(200, ABSTRACT["params"], ModelConfig())
+    assert str(error.value) == (
+        f"checkpoint 200 in {directory} cannot be read (File record/metadata not found.); "
+        "its other checkpoints are at steps [100]"
+    )
+    assert float(c.restore_params(100, ABSTRACT["params"], ModelConfig())["w"][0, 0]) == 100.0
+
+
 def test_half_written_save_is_ignored_and_removed(tmp_path):
     directory = save_steps(tmp_path)
     os.rename(os.path.join(directory, "400"), os.path.join(directory, "400.orbax-checkpoint-tmp"))
