@@ -155,7 +155,7 @@ def env_report(path: str) -> None:
     device = jax.devices()[0]
     report["device"] = {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count()}
     import flaxgpt.generate  # noqa: F401 - what the parts import: fails here first, and says so
-    import flaxgpt.trainers.lm  # noqa: F401
+    import flaxgpt.trainers.step  # noqa: F401
 
     print(json.dumps(report, indent=1))
     with open(path, "w") as f:

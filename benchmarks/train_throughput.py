@@ -58,7 +58,7 @@ from flaxgpt.model import Transformer  # noqa: E402
 from flaxgpt.optim import build_optimizer, learning_rate_schedule  # noqa: E402
 from flaxgpt.sharding import logical_rules, make_mesh  # noqa: E402
 from flaxgpt.state import create_train_state  # noqa: E402
-from flaxgpt.trainers.lm import make_train_step  # noqa: E402
+from flaxgpt.trainers.step import make_train_step  # noqa: E402
 
 # (vocab, block, layers, heads, d_model, batch, steps per round, rounds): shakespeare_char is
 # nanoGPT's CPU configuration; GPT-2 124M at sequence 1024 takes seconds per step on a CPU.

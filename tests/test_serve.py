@@ -387,17 +387,17 @@ def test_sigkill_after_an_acknowledged_rating_loses_nothing(server, tmp_path):
 _SHARDED = """
 import json, sys, threading
 import jax
-from flaxgpt import inference
+from flaxgpt import runs
 from flaxgpt.config import MeshConfig
 from flaxgpt.model import Transformer
 from flaxgpt.serve.engine import Request, SlotEngine
 from flaxgpt.sharding import logical_rules, make_mesh
 
-cfg, tok = inference.read_run(sys.argv[1])
+cfg, tok = runs.read_run(sys.argv[1])
 rules, mesh = logical_rules(cfg.mesh.rules), make_mesh(MeshConfig(data=1, fsdp=2, tensor=2))
-params, step = inference.restore_params(sys.argv[1], cfg, None, cfg.model, mesh, rules)
-loaded = inference.LoadedModel(cfg, Transformer(cfg.model), params, tok, step, rules, mesh)
-engine = SlotEngine(loaded.model, params, pad_id=tok.pad_id, slots=4, context=lambda: inference.logical_context(loaded))
+params, step = runs.restore_params(sys.argv[1], cfg, None, cfg.model, mesh, rules)
+loaded = runs.LoadedModel(cfg, Transformer(cfg.model), params, tok, step, rules, mesh)
+engine = SlotEngine(loaded.model, params, pad_id=tok.pad_id, slots=4, context=lambda: runs.logical_context(loaded))
 engine.start()
 got, left = {i: [] for i in range(3)}, threading.Semaphore(0)
 sink = lambda i: lambda kind, p: got[i].append(p[0]) if kind == "token" else left.release()

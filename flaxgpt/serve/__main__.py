@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from etils import epath
 
-from flaxgpt import cli, fileio, inference, perf
+from flaxgpt import cli, fileio, perf, runs
 from flaxgpt.errors import UserError
 from flaxgpt.serve.app import Service, create_app
 from flaxgpt.serve.engine import SlotEngine
@@ -33,10 +33,10 @@ def build_service(
     max_queue: int = 64,
 ) -> Service:
     """The run's model behind a started engine, with its feedback database."""
-    cfg, _ = inference.read_run(workdir)
+    cfg, _ = runs.read_run(workdir)
     if cfg.model.output != "logits":
         raise UserError(f"{workdir} holds a reward model (model.output={cfg.model.output!r}): serve a language model")
-    loaded = inference.load(workdir, step)
+    loaded = runs.load(workdir, step)
     engine = SlotEngine(
         loaded.model,
         loaded.params,
@@ -44,7 +44,7 @@ def build_service(
         step=loaded.step,
         slots=slots,
         max_queue=max_queue,
-        context=lambda: inference.logical_context(loaded),
+        context=lambda: runs.logical_context(loaded),
     ).start()
     store = FeedbackStore(db or os.path.join(workdir, "feedback.sqlite"))
     name = name or os.path.basename(os.path.normpath(workdir))
@@ -66,8 +66,8 @@ def reload_newer(service: Service, workdir: str) -> bool:
     engine = service.engine
     if newest is None or newest <= max(engine.step, engine.pending_step or -1):
         return False
-    cfg, _ = inference.read_run(workdir)
-    params, step = inference.restore_params(workdir, cfg, newest, engine.model.cfg, *service.placement)
+    cfg, _ = runs.read_run(workdir)
+    params, step = runs.restore_params(workdir, cfg, newest, engine.model.cfg, *service.placement)
     engine.reload(params, step)
     print(f"flaxgpt serve: step {step} loaded; it answers from the next request on", flush=True)
     return True
