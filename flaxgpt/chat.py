@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 
-from flaxgpt import chat_template, cli, generate, inference, perf
+from flaxgpt import chat_template, cli, generate, perf, runs
 from flaxgpt.errors import UserError
 
 COMMANDS = ("/reset", "/system TEXT", "/help", "/quit")
@@ -31,7 +31,7 @@ class MessageTooLong(UserError):
 class ChatSession:
     """A conversation's memory plus the engine that answers it."""
 
-    def __init__(self, loaded: inference.LoadedModel, decode: generate.DecodeConfig, system: str = "", seed: int = 0):
+    def __init__(self, loaded: runs.LoadedModel, decode: generate.DecodeConfig, system: str = "", seed: int = 0):
         self.loaded, self.decode, self.system = loaded, decode, system
         self.messages: list[dict] = []
         self.rng = jax.random.PRNGKey(seed)
@@ -78,7 +78,7 @@ class ChatSession:
 
         self.rng, key = jax.random.split(self.rng)
         decode = dataclasses.replace(self.decode, max_new_tokens=self._new_tokens())
-        with inference.logical_context(self.loaded):
+        with runs.logical_context(self.loaded):
             out = generate.generate(
                 self.loaded.model,
                 self.loaded.params,
@@ -185,12 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--step", type=cli.ranged(int, ">= 0"), help="checkpoint step (default: the latest)")
     parser.add_argument("--system", default="", help="system message")
     parser.add_argument("--prompt", "-p", help="answer this once and exit")
-    inference.add_decode_flags(parser, temperature=0.7, top_p=0.9, max_new_tokens=128)
+    runs.add_decode_flags(parser, temperature=0.7, top_p=0.9, max_new_tokens=128)
     args = parser.parse_args(argv)
     perf.tune_host_allocator()
-    session = ChatSession(
-        inference.load(args.workdir, args.step), inference.decode_config(args), args.system, args.seed
-    )
+    session = ChatSession(runs.load(args.workdir, args.step), runs.decode_config(args), args.system, args.seed)
     if args.prompt is not None:
         print(session.reply(args.prompt))
         return 0

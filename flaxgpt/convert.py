@@ -22,7 +22,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from flaxgpt import cli, fileio, hf, inference, lora
+from flaxgpt import cli, fileio, hf, lora, runs
 from flaxgpt.chat_template import stop_tokens
 from flaxgpt.checkpoint import Checkpointer
 from flaxgpt.config import Config, apply_overrides, to_dict, to_json
@@ -91,9 +91,9 @@ def import_hf(hf_dir: str, workdir: str, overrides: Sequence[str] = (), force: b
         _refuse_non_empty(workdir, force, "the import", "--workdir", RUN_FILES)
     os.makedirs(workdir, exist_ok=True)
     mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh.rules)
-    boxed = inference._boxed_params(model_cfg)
+    boxed = runs._boxed_params(model_cfg)
     shardings = unbox_shapes(logical_shardings(boxed, mesh, rules))
-    params = inference.params_from_hf(hf_dir, model_cfg, hf_vocab, mesh, rules, cfg.train.seed)(shardings)
+    params = runs.params_from_hf(hf_dir, model_cfg, hf_vocab, mesh, rules, cfg.train.seed)(shardings)
 
     if jax.process_index() == 0:
         tokenizer.save(workdir)
@@ -118,7 +118,7 @@ def export_hf(
     `out_dir` that already holds files is refused unless `force`."""
     if not force:
         _refuse_non_empty(out_dir, False, "the export", "--hf", HF_FILES)
-    loaded = inference.load(workdir, step)
+    loaded = runs.load(workdir, step)
     model_cfg = loaded.model.cfg
     params = host_value(loaded.params)
     if model_cfg.scan_layers:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import jax
 
-from flaxgpt import cli, generate, inference, perf
+from flaxgpt import cli, generate, perf, runs
 from flaxgpt.errors import UserError
 
 
@@ -20,10 +20,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", "-w", required=True, help="a training run's directory")
     parser.add_argument("--step", type=cli.ranged(int, ">= 0"), help="checkpoint step (default: the latest)")
     parser.add_argument("--prompt", "-p", action="append", required=True, help="may be repeated")
-    inference.add_decode_flags(parser, temperature=0.8, top_p=1.0, max_new_tokens=100)
+    runs.add_decode_flags(parser, temperature=0.8, top_p=1.0, max_new_tokens=100)
     args = parser.parse_args(argv)
     perf.tune_host_allocator()
-    loaded = inference.load(args.workdir, args.step)
+    loaded = runs.load(args.workdir, args.step)
     tok = loaded.tokenizer
     prompts = [tok.encode_prompt(p) or [tok.eos_id] for p in args.prompt]
     block = loaded.model.cfg.block_size
@@ -33,12 +33,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"the longest prompt ({longest} tokens) + --max-new-tokens {args.max_new_tokens} exceed the "
             f"model's block_size {block}: shorten the prompt or lower --max-new-tokens"
         )
-    with inference.logical_context(loaded):
+    with runs.logical_context(loaded):
         out = generate.generate(
             loaded.model,
             loaded.params,
             prompts,
-            inference.decode_config(args),
+            runs.decode_config(args),
             jax.random.PRNGKey(args.seed),
             pad_id=tok.pad_id,
             stop_tokens=[tok.eos_id],

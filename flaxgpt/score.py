@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from flaxgpt import cli, inference, perf
+from flaxgpt import cli, perf, runs
 from flaxgpt.config import ConfigError
 from flaxgpt.data.jsonl import DataError
 
@@ -39,10 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give either --prompt with --response, or --jsonl")
     if args.prompt and not args.response:
         parser.error("--prompt needs at least one --response")
-    from flaxgpt.trainers.reward import score
+    from flaxgpt.rewards import score
 
     perf.tune_host_allocator()
-    loaded = inference.load(args.workdir, args.step)
+    loaded = runs.load(args.workdir, args.step)
     if loaded.model.cfg.output != "scalar":
         raise ConfigError(
             f"{args.workdir} is a language model (model.output='{loaded.model.cfg.output}'), not a reward model"
@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             found = True
         if not found:
             raise DataError(f"{where}: no 'response', 'responses' or 'chosen'/'rejected' to score")
-    with inference.logical_context(loaded):
+    with runs.logical_context(loaded):
         rewards = score(loaded.model, loaded.params, loaded.tokenizer, items, args.batch_size)
     for (i, out, j), reward in zip(keys, rewards):
         if j is None:

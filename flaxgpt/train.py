@@ -80,10 +80,20 @@ def load_experiment(name: str, overrides: Sequence[str] = ()) -> Config | list:
 
 
 def run_trainer(cfg: Config, workdir: str) -> dict:
-    """Run `cfg` with the trainer it names; returns the run's final figures."""
+    """Run `cfg` with the trainer it names, holding the workdir's lock; returns the run's final
+    figures. A run stopped by SIGTERM or SIGINT (after saving) says so in one line and exits
+    143 or 130."""
     import importlib
 
-    return importlib.import_module(f"flaxgpt.trainers.{cfg.train.trainer}").run(cfg, workdir)
+    from flaxgpt.trainers.scaffold import Interrupted
+    from flaxgpt.workdir import WorkdirLock
+
+    try:
+        with WorkdirLock(workdir):  # one run per workdir, for the whole run
+            return importlib.import_module(f"flaxgpt.trainers.{cfg.train.trainer}").run(cfg, workdir)
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(e.code) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,7 @@ import threading
 import jax
 import pytest
 
-from flaxgpt import chat, chat_template, cli, generate, inference, sample
+from flaxgpt import chat, chat_template, cli, generate, runs, sample
 from flaxgpt.chat import ChatSession, repl
 from flaxgpt.data.tokenizers import ASSISTANT, END_OF_TURN, SYSTEM, USER, CharTokenizer
 from flaxgpt.trainers import pretrain
@@ -66,10 +66,10 @@ def _cli(module, *args, stdin=None):
 
 
 def test_sample_cli_prints_the_engine_s_greedy_completions(workdir):
-    loaded = inference.load(workdir)
+    loaded = runs.load(workdir)
     prompts = ["Question: What", "Answer:"]
     ids = [loaded.tokenizer.encode(p) for p in prompts]
-    with inference.logical_context(loaded):
+    with runs.logical_context(loaded):
         out = generate.generate(
             loaded.model,
             loaded.params,
@@ -103,7 +103,7 @@ def test_sample_cli_prints_the_engine_s_greedy_completions(workdir):
 
 
 def test_chat_streams_remembers_and_obeys_commands(workdir):
-    loaded = inference.load(workdir)
+    loaded = runs.load(workdir)
     session = ChatSession(loaded, generate.DecodeConfig(max_new_tokens=10, temperature=0.0), system="Be brief.")
     pieces = []
     answer = session.reply("What is 2 plus 3?", on_text=pieces.append)
@@ -141,7 +141,7 @@ def test_chat_streams_remembers_and_obeys_commands(workdir):
 
 @pytest.fixture(scope="module")
 def loaded(workdir):
-    return inference.load(workdir)
+    return runs.load(workdir)
 
 
 def _session(loaded):  # every REPL test answers "/hi" to an empty conversation: one compiled program

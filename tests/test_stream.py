@@ -273,7 +273,7 @@ from jax.experimental import multihost_utils
 from flaxgpt.config import apply_overrides
 from flaxgpt.data.stream import build_token_data
 from flaxgpt.train import load_experiment
-from flaxgpt.trainers.loop import Runtime
+from flaxgpt.trainers.scaffold import Runtime
 cfg = load_experiment("llama_1b_mixture", json.loads(sys.argv[3]))
 rt = Runtime.create(cfg, sys.argv[4])
 _, data = build_token_data(cfg, sys.argv[4])

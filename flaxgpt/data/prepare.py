@@ -34,7 +34,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from flaxgpt import fileio
+from flaxgpt import cli, fileio
 from flaxgpt.data.jsonl import DataError, _decode, _parse
 from flaxgpt.data.tokenizers import (
     CharTokenizer,
@@ -43,7 +43,6 @@ from flaxgpt.data.tokenizers import (
     load_tokenizer,
     train_sentencepiece,
 )
-from flaxgpt.errors import UserError
 
 MANIFEST, PROGRESS = "manifest.json", "progress.json"
 FORMAT = "flaxgpt-tokens-1"
@@ -394,13 +393,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        prepare(args)
-    except (UserError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    prepare(args)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -1,4 +1,4 @@
-"""Reading a trained workdir: its config, tokenizer and checkpointed parameters, for
+"""Runs as a library: a trained workdir's config, tokenizer and checkpointed parameters, for
 inference (sample, chat, score) and as the start of a fine-tuning run (`train.init_from`)."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from flaxgpt.data.tokenizers import Tokenizer, load_tokenizer
 from flaxgpt.generate import DecodeConfig
 from flaxgpt.lora import LORA_FIELDS, LORA_SETTINGS
 from flaxgpt.model import Transformer
-from flaxgpt.sharding import logical_rules, logical_shardings, make_mesh, unbox_shapes
+from flaxgpt.sharding import logical_rules, make_mesh, mesh_context, sharded_abstract, unbox_shapes
 
 
 @dataclass
@@ -62,11 +62,7 @@ def restore_params(
     step = max(steps) if step is None else step
     if step not in steps:
         raise ConfigError(f"{workdir} has no checkpoint at step {step}; it has {sorted(steps)}")
-    boxed = _boxed_params(model_cfg)
-    shardings = unbox_shapes(logical_shardings(boxed, mesh, rules))
-    abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unbox_shapes(boxed), shardings
-    )
+    abstract, _ = sharded_abstract(_boxed_params(model_cfg), mesh, rules)
     # a PPO run's checkpoint holds {"policy", "value"}: its model is the policy
     path = ("policy",) if cfg.train.trainer == "ppo" else ()
     params = checkpointer.restore_params(step, abstract, model_cfg, path)
@@ -176,10 +172,7 @@ def _boxed_params(model_cfg: ModelConfig) -> Any:
 
 def logical_context(loaded: LoadedModel) -> contextlib.ExitStack:
     """The mesh and axis rules under which the model's sharding constraints resolve."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(loaded.mesh))
-    stack.enter_context(nn.logical_axis_rules(loaded.rules))
-    return stack
+    return mesh_context(loaded.mesh, loaded.rules)
 
 
 def add_decode_flags(parser, *, temperature: float, top_p: float, max_new_tokens: int) -> None:
