@@ -15,7 +15,6 @@ with adapters off.
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,15 +26,18 @@ import optax
 
 from flaxgpt import fileio, losses
 from flaxgpt.config import Config
+from flaxgpt.conversations import chat_prompt
 from flaxgpt.data import world as world_lib
 from flaxgpt.data.jsonl import DataError, read_jsonl
 from flaxgpt.data.packing import PackedRows, build_rows
 from flaxgpt.data.tokenizers import Tokenizer
+from flaxgpt.data.world import WorldTask
 from flaxgpt.model import Transformer
+from flaxgpt.rewards import Ranking
 from flaxgpt.state import abstract_train_state
-from flaxgpt.trainers.lm import make_eval_step
-from flaxgpt.trainers.loop import Objective, Runtime, fit, starting_point
+from flaxgpt.trainers.scaffold import Runtime, fit, starting_point
 from flaxgpt.trainers.sft import answer_metrics, conversation_example
+from flaxgpt.trainers.step import Objective, lm_run_spec, make_eval_step
 
 Rows = dict[str, np.ndarray]
 _ROW = ("inputs", "targets", "loss_weights", "segment_ids", "positions")
@@ -140,7 +142,7 @@ def logprobs(
 
 
 def add_reference_logprobs(
-    model: Any, params: Any, rows: Rows, prefixes: Sequence[str], batch_size: int, log=print
+    model: Any, params: Any, rows: Rows, prefixes: Sequence[str], batch_size: int, log: Callable[[str], None] = print
 ) -> Rows:
     """`rows` with ref_<prefix>logp [n, 1] (summed response log-probabilities under `params`) added,
     computed once in fixed-size chunks (the last padded: one compilation)."""
@@ -160,22 +162,12 @@ def add_reference_logprobs(
 # ----------------------------------------------------------------------------- records
 
 
-def _prompt(record: dict) -> list[dict]:
-    return ([{"role": "system", "content": record["system"]}] if record.get("system") else []) + [
-        {"role": "user", "content": record["prompt"]}
-    ]
-
-
 def pairs_from_records(records: Sequence[dict]) -> list[Pair]:
     """`pairs` records, or `rankings` records expanded to every better/worse pair (ties: none)."""
     out: list[Pair] = []
-    for r in records:
-        if "responses" not in r:
-            out.append(Pair(_prompt(r), r["chosen"], r["rejected"]))
-            continue
-        scores = r.get("scores")
-        ranks = list(range(len(r["responses"]))) if scores is None else [scores.index(x) for x in scores]
-        out += pairs_of(_prompt(r), r["responses"], ranks)
+    for record in records:
+        ranking = Ranking.from_record(record)
+        out += pairs_of(ranking.prompt, ranking.responses, ranking.ranks)
     return out
 
 
@@ -210,29 +202,27 @@ def jsonl_items(cfg: Config, kind: str, log: Callable[[str], None]) -> tuple[lis
         records, report = read_jsonl(path, schema, data.on_error)
         log(report.summary())
         if kind == "feedback":
-            return [Feedback(_prompt(r), r["response"], r["label"]) for r in records]
+            return [
+                Feedback(chat_prompt(r["prompt"], r.get("system") or ""), r["response"], r["label"]) for r in records
+            ]
         return pairs_from_records(records)
 
     items = read(data.path)
     return (items, read(data.val_path)) if data.val_path else _split(items, data.path, data.train_fraction)
 
 
-def world_items(cfg: Config, kind: str, n: int, stream: int) -> list:
+def world_items(task: WorldTask, kind: str, n: int, stream: str) -> list:
     """World questions with answers judged by the oracle: Pairs (the correct answer over a wrong
     or sloppy one) or Feedback (a demonstration that is correct half of the time, thumbs up
     when the labeler gives it full marks)."""
-    data = cfg.data
-    world, rng = world_lib.make_world(data.world_seed), random.Random(data.world_seed * 1000 + stream)
-    system = [{"role": "system", "content": data.world_system}] if data.world_system else []
-    items: list = []
+    rng, items = task.rng(stream), []
     for _ in range(n):
-        question, truth = world_lib.random_question(world, rng)
-        prompt = system + [{"role": "user", "content": question}]
+        question, truth = world_lib.random_question(task.world, rng)
         if kind == "pairs":
-            items.append(Pair(prompt, truth, world_lib.demonstration(world, question, rng, 1.0)))
+            items.append(Pair(task.prompt(question), truth, world_lib.demonstration(task.world, question, rng, 1.0)))
         else:
-            answer = world_lib.demonstration(world, question, rng, 0.5)
-            items.append(Feedback(prompt, answer, world_lib.label(world, question, answer) == 1.0))
+            answer = world_lib.demonstration(task.world, question, rng, 0.5)
+            items.append(Feedback(task.prompt(question), answer, task.label(question, answer) == 1.0))
     return items
 
 
@@ -269,39 +259,37 @@ class Method:
 def fit_preference(cfg: Config, workdir: str, method: Method) -> dict[str, Any]:
     """Train the SFT policy of train.init_from with `method` to train.max_steps (resuming if
     possible); validation: the loss and its ratios on held-out records, and on the world the
-    greedy answers' task accuracy on held-out questions."""
+    greedy answers' task accuracy on SFT's held-out questions."""
     rt = Runtime.create(cfg, workdir)
     notes: list[str] = []
-    world = cfg.data.source == "world"
-    if world:
-        train = world_items(cfg, method.kind, cfg.data.world_preferences, 11)
-        val = world_items(cfg, method.kind, max(cfg.eval.iters, 1) * (cfg.eval.batch_size or cfg.train.batch_size), 12)
+    eval_batch = cfg.eval.batch_size or cfg.train.batch_size
+    task = WorldTask.from_config(cfg) if cfg.data.source == "world" else None
+    if task is not None:
+        train = world_items(task, method.kind, cfg.data.world_preferences, "preference")
+        val = world_items(task, method.kind, max(cfg.eval.iters, 1) * eval_batch, "preference_val")
     else:
         train, val = jsonl_items(cfg, method.kind, notes.append)
     cfg, tokenizer, init_params = starting_point(cfg, rt, lambda: "")
-    for note in notes:
-        print(note)
     model = Transformer(cfg.model)
     rows_of = pair_rows if method.kind == "pairs" else feedback_rows
-    where = "world records" if world else cfg.data.path
-    train_rows = encodable(train, rows_of, tokenizer, cfg, where, print)
-    val_rows = encodable(val, rows_of, tokenizer, cfg, where + " (validation)", print)
-    eval_batch = cfg.eval.batch_size or cfg.train.batch_size
+    where = "world records" if task is not None else cfg.data.path
+    train_rows = encodable(train, rows_of, tokenizer, cfg, where, notes.append)
+    val_rows = encodable(val, rows_of, tokenizer, cfg, where + " (validation)", notes.append)
     if method.reference:
-        train_rows, val_rows = _with_reference(cfg, rt, model, init_params, method.reference, [train_rows, val_rows])
+        pair = [train_rows, val_rows]
+        train_rows, val_rows = _with_reference(cfg, rt, model, init_params, method.reference, pair, notes.append)
     train_set, val_set = PackedRows(train_rows, cfg.train.seed), PackedRows(val_rows, cfg.train.seed + 1)
     loss_sums = method.objective(model)
     eval_step = jax.jit(make_eval_step(model, loss_sums))
     eval_iters = min(cfg.eval.iters, -(-val_set.n // eval_batch))
-    questions = _held_out_conversations(cfg) if world else []
-    labeler = _world_labeler(cfg) if world else None
+    questions = task.demonstrations("sft_val", cfg.sft.eval_examples, 0.0) if task is not None else []
 
     def evaluate(params: Any) -> dict[str, float]:
         figures = rt.validation(
             eval_step, params, lambda i, rows: val_set.batch(i, eval_batch, rows), eval_iters, eval_batch
         )
         if questions:
-            answers = answer_metrics(model, params, tokenizer, questions, cfg, labeler)
+            answers = answer_metrics(model, params, tokenizer, questions, cfg, task.label)
             figures.update({f"val_{k}": v for k, v in answers.items() if k in ("task_accuracy", "labeler_score")})
         return figures
 
@@ -313,10 +301,12 @@ def fit_preference(cfg: Config, workdir: str, method: Method) -> dict[str, Any]:
         position=lambda step: train_set.position(step, batch),
     )
     description = f"{method.describe} on {train_set.n} {method.kind} records"
-    return fit(cfg, rt, model, objective, init_params=init_params, description=description)
+    spec = lm_run_spec(cfg, rt, model, objective, init_params=init_params, description=description)
+    spec.notes = notes
+    return fit(cfg, rt, spec)
 
 
-def _with_reference(cfg, rt, model, init_params, prefixes, row_sets) -> list[Rows]:
+def _with_reference(cfg, rt, model, init_params, prefixes, row_sets, log) -> list[Rows]:
     """Each row set with its reference log-probabilities, from the starting parameters (with LoRA:
     the base, the adapters starting at zero), loaded once and dropped afterwards."""
     example = jnp.zeros((1, cfg.model.block_size), jnp.int32)
@@ -324,16 +314,4 @@ def _with_reference(cfg, rt, model, init_params, prefixes, row_sets) -> list[Row
     params = init_params(shardings)
     size = cfg.eval.batch_size or cfg.train.batch_size
     with rt.context():
-        return [add_reference_logprobs(model, params, rows, prefixes, size) for rows in row_sets]
-
-
-def _held_out_conversations(cfg: Config) -> list[list[dict]]:
-    """Questions with correct answers from the SFT validation stream (never a training record's)."""
-    world, rng = world_lib.make_world(cfg.data.world_seed), random.Random(cfg.data.world_seed * 1000 + 2)
-    n = cfg.sft.eval_examples
-    return [world_lib.conversation(world, rng, 0.0, cfg.data.world_system, max_turns=1)["messages"] for _ in range(n)]
-
-
-def _world_labeler(cfg: Config):
-    world = world_lib.make_world(cfg.data.world_seed)
-    return lambda question, response: world_lib.label(world, question, response)
+        return [add_reference_logprobs(model, params, rows, prefixes, size, log) for rows in row_sets]

@@ -151,18 +151,16 @@ def test_logprobs_of_stacked_prefixes_match_sequence_logprobs(tiny):
 
 
 def test_world_records_are_judged_by_the_oracle():
-    from flaxgpt.config import Config
-    from flaxgpt.data import world as world_lib
+    from flaxgpt.data.world import WorldTask
 
-    cfg = Config()
-    world = world_lib.make_world(cfg.data.world_seed)
-    for pair in preference.world_items(cfg, "pairs", 20, 11):
+    task = WorldTask(0, "Answer briefly.")
+    for pair in preference.world_items(task, "pairs", 20, "preference"):
         question = pair.prompt[-1]["content"]
-        assert pair.prompt[0] == {"role": "system", "content": cfg.data.world_system}
-        assert world_lib.label(world, question, pair.chosen) == 1.0 > world_lib.label(world, question, pair.rejected)
-    records = preference.world_items(cfg, "feedback", 40, 11)
+        assert pair.prompt[0] == {"role": "system", "content": "Answer briefly."}
+        assert task.label(question, pair.chosen) == 1.0 > task.label(question, pair.rejected)
+    records = preference.world_items(task, "feedback", 40, "preference")
     assert 0 < sum(r.desirable for r in records) < 40
-    assert all(r.desirable == (world_lib.label(world, r.prompt[-1]["content"], r.response) == 1.0) for r in records)
+    assert all(r.desirable == (task.label(r.prompt[-1]["content"], r.response) == 1.0) for r in records)
 
 
 def test_with_lora_the_starting_policy_is_the_base_model_with_adapters_off(tiny):

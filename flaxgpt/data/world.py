@@ -227,7 +227,15 @@ class WorldTask:
     each random stream named once (a stream is a pure function of the world seed and its name,
     so every stage of the chat demo draws the same questions wherever it runs)."""
 
-    STREAMS = {"sft_train": 1, "sft_val": 2, "rankings": 3, "ppo_train": 5, "ppo_eval": 6}
+    STREAMS = {
+        "sft_train": 1,
+        "sft_val": 2,
+        "rankings": 3,
+        "ppo_train": 5,
+        "ppo_eval": 6,
+        "preference": 7,  # DPO / KTO / ORPO records
+        "preference_val": 8,
+    }
 
     def __init__(self, seed: int = 0, system: str = ""):
         self.seed, self.system = seed, system
