@@ -234,7 +234,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    trainer: Literal["pretrain", "sft", "reward", "ppo", "dpo", "kto", "orpo"] = "pretrain"
+    trainer: Literal["pretrain", "sft", "reward", "ppo", "dpo", "kto", "orpo", "grpo"] = "pretrain"
     # Start from another run's parameters (its workdir, latest or `init_step` checkpoint).
     # The model's structure and tokenizer come from there; a conflicting model field is an error.
     init_from: str = ""
@@ -334,6 +334,22 @@ class ORPOConfig:
     beta: float = 0.1  # weight of the odds-ratio term (the paper's lambda)
 
 
+@dataclass
+class GRPOConfig:
+    """GRPO / RLOO: group-relative advantages, no value model. Prompts, reward, max_new_tokens and
+    temperature come from the ppo section; train.batch_size counts prompts per step."""
+
+    group_size: int = 4  # answers sampled per prompt (G)
+    advantage: Literal["grpo", "rloo"] = "grpo"  # group mean (and std) baseline, or leave-one-out
+    scale_rewards: bool = True  # divide by the group's std (False: Dr. GRPO)
+    normalization: Literal["sequence", "token", "constant"] = "sequence"  # GRPO, DAPO, Dr. GRPO
+    clip_low: float = 0.2
+    clip_high: float = 0.2  # DAPO's clip-higher: 0.28
+    beta: float = 0.04  # weight of the k3 KL to the reference in the loss
+    dynamic_sampling: bool = False  # DAPO: groups whose answers all score the same do not train
+    epochs: int = 1  # updates per rollout
+
+
 INSTRUCTGPT_PTX_COEF = 27.8  # InstructGPT's PPO-ptx coefficient (their "gamma")
 
 
@@ -380,6 +396,7 @@ class Config:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     kto: KTOConfig = field(default_factory=KTOConfig)
     orpo: ORPOConfig = field(default_factory=ORPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -427,13 +444,15 @@ class Config:
                 f"train.init_from_hf starts pretraining or SFT; train.trainer='{t.trainer}' starts "
                 "from a flaxgpt run (python -m flaxgpt.convert import makes one)"
             )
-        if t.trainer == "ppo":
+        if t.trainer in ("ppo", "grpo"):
             p = self.ppo
             if not t.init_from:
-                raise ConfigError("train.trainer='ppo' starts from a policy: set train.init_from to the SFT run")
+                raise ConfigError(
+                    f"train.trainer='{t.trainer}' starts from a policy: set train.init_from to the SFT run"
+                )
             if bool(p.reward_from) == bool(p.reward_function):
                 raise ConfigError(
-                    "train.trainer='ppo' needs exactly one of ppo.reward_from (a reward-model run) "
+                    f"train.trainer='{t.trainer}' needs exactly one of ppo.reward_from (a reward-model run) "
                     "and ppo.reward_function ('world' or 'module:function')"
                 )
             if t.batch_size % p.minibatches:
@@ -450,7 +469,7 @@ class Config:
                 )
             if not p.prompts_path and self.data.source != "world":
                 raise ConfigError(
-                    "train.trainer='ppo' needs ppo.prompts_path (JSONL prompts) unless data.source='world'"
+                    f"train.trainer='{t.trainer}' needs ppo.prompts_path (JSONL prompts) unless data.source='world'"
                 )
         if t.trainer in ("dpo", "kto", "orpo"):
             if self.data.source not in ("world", "jsonl"):
@@ -567,6 +586,11 @@ RANGES: dict[str, str] = {
     "kto.desirable_weight": "> 0",
     "kto.undesirable_weight": "> 0",
     "orpo.beta": "> 0",
+    "grpo.group_size": ">= 2",
+    "grpo.clip_low": "(0, 1)",
+    "grpo.clip_high": "> 0",
+    "grpo.beta": ">= 0",
+    "grpo.epochs": ">= 1",
     # eval
     "eval.interval": ">= 1",
     "eval.iters": ">= 0",

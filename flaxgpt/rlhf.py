@@ -42,7 +42,7 @@ from flaxgpt.losses import (
 )
 from flaxgpt.model import Transformer
 from flaxgpt.rewards import mask_positions, rewards_at_last, score_sequences
-from flaxgpt.sharding import host_value
+from flaxgpt.sharding import host_value, sharded_abstract
 
 Array = jax.Array
 
@@ -249,6 +249,38 @@ class PPO:
     @property
     def stops(self) -> list[int]:
         return stop_tokens(self.tokenizer)
+
+
+def abstract_state(run: PPO, trainable: dict, frozen: dict) -> tuple[Any, Any]:
+    """(ShapeDtypeStructs, shardings) of the run state around abstract (boxed) parameter trees."""
+    boxed = PPOState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=trainable,
+        opt_state=jax.eval_shape(run.optimizer.init, trainable),
+        frozen=frozen,
+        kl_coef=jax.ShapeDtypeStruct((), jnp.float32),
+        rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)),
+        round=jax.ShapeDtypeStruct((), jnp.int32),
+    )
+    return sharded_abstract(boxed, run.rt.mesh, run.rt.rules)
+
+
+def initial_state(run: PPO, params: dict, frozen: dict, kl_coef: float, shardings: Any) -> PPOState:
+    """The run state at step 0 around loaded parameters, built straight into `shardings`."""
+
+    def build(params, frozen):
+        return PPOState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=run.optimizer.init(params),
+            frozen=frozen,
+            kl_coef=jnp.asarray(kl_coef, jnp.float32),
+            rng=jax.random.PRNGKey(run.cfg.train.seed),
+            round=jnp.zeros((), jnp.int32),
+        )
+
+    with run.rt.context():
+        return jax.jit(build, out_shardings=shardings)(params, frozen)
 
 
 def rollout(run: PPO, params: Any, prompts: list, key: jax.Array, temperature: float):

@@ -12,7 +12,7 @@ from conftest import tiny_run_config
 
 from flaxgpt.config import ConfigError
 from flaxgpt.data.jsonl import DataError
-from flaxgpt.trainers import dpo, kto, orpo, sft
+from flaxgpt.trainers import dpo, grpo, kto, orpo, sft
 
 RNG = np.random.default_rng(0)
 
@@ -50,6 +50,7 @@ def data(tmp_path_factory):
         sft={"eval_examples": 0},
         eval={"interval": 30, "iters": 1, "sample_tokens": 0},
     )
+    paths["prompts"] = _write(base / "prompts.jsonl", [{"prompt": "say"}] * 40)
     paths["policy"] = str(base / "sft")
     sft.run(cfg, paths["policy"])
     return paths
@@ -98,3 +99,21 @@ def test_preference_runs_name_bad_records_and_settings(data, tmp_path):
     cfg.kto.beta = 0.0
     with pytest.raises(ConfigError, match="kto.beta=0.0: expected"):
         cfg.validate()
+
+
+def reward_letter_x(prompt: str, response: str) -> float:
+    return float("x" in response)
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_grpo_and_rloo_raise_a_reward_function(data, tmp_path, advantage):
+    cfg = _config("grpo", data, data["prompts"], max_steps=10)
+    cfg.ppo.reward_function = "test_preference_trainers:reward_letter_x"
+    cfg.ppo.prompts_path, cfg.ppo.max_new_tokens, cfg.ppo.eval_prompts = data["prompts"], 6, 8
+    cfg.grpo.advantage, cfg.grpo.group_size, cfg.grpo.epochs = advantage, 4, 2
+    workdir = str(tmp_path / advantage)
+    grpo.run(cfg, workdir)
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl")) if '"reward_mean"' in line]
+    first, last = np.mean([r["reward_mean"] for r in rows[:3]]), np.mean([r["reward_mean"] for r in rows[-3:]])
+    assert last > first + 0.2, (first, last)
+    assert all(np.isfinite(r["kl"]) and r["kl"] >= 0 for r in rows)

@@ -103,17 +103,7 @@ def _boxed_params(m: Models) -> tuple[dict, dict]:
 
 
 def abstract_state(run: PPO) -> tuple[Any, Any]:
-    trainable, frozen = _boxed_params(run.models)
-    boxed = PPOState(
-        step=jax.ShapeDtypeStruct((), jnp.int32),
-        params=trainable,
-        opt_state=jax.eval_shape(run.optimizer.init, trainable),
-        frozen=frozen,
-        kl_coef=jax.ShapeDtypeStruct((), jnp.float32),
-        rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)),
-        round=jax.ShapeDtypeStruct((), jnp.int32),
-    )
-    return sharded_abstract(boxed, run.rt.mesh, run.rt.rules)
+    return rlhf.abstract_state(run, *_boxed_params(run.models))
 
 
 def initial_state(run: PPO, shardings: Any) -> PPOState:
@@ -131,19 +121,7 @@ def initial_state(run: PPO, shardings: Any) -> PPOState:
     if m.reward is not None:
         frozen["reward"] = load(src["reward"], None, m.reward, shardings.frozen["reward"])
 
-    def build(params, frozen):
-        return PPOState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=run.optimizer.init(params),
-            frozen=frozen,
-            kl_coef=jnp.asarray(run.cfg.ppo.kl_coef, jnp.float32),
-            rng=jax.random.PRNGKey(tc.seed),
-            round=jnp.zeros((), jnp.int32),
-        )
-
-    with rt.context():
-        return jax.jit(build, out_shardings=shardings)({"policy": policy, "value": value}, frozen)
+    return rlhf.initial_state(run, {"policy": policy, "value": value}, frozen, run.cfg.ppo.kl_coef, shardings)
 
 
 def make_step(run: PPO, order: PackedRows, shardings: Any, start: int, message: Callable[[str], None]):
