@@ -80,6 +80,9 @@ def run_trainer(cfg: Config, workdir: str) -> dict:
     """Run `cfg` with the trainer it names; returns the run's final figures."""
     import importlib
 
+    if cfg.train.compile_only:  # the ahead-of-time compile report for this process's devices, no training
+        return importlib.import_module("flaxgpt.compile").compile_only(cfg)
+
     return importlib.import_module(f"flaxgpt.trainers.{cfg.train.trainer}").run(cfg, workdir)
 
 
