@@ -425,13 +425,30 @@ def _role_bytes(prog: Program) -> dict[str, float]:
 
 
 def measure(prog: Program, chip: Chip, dtype: str, calibration: dict | None = None) -> Report:
+    start = time.perf_counter()
     try:
         compiled, seconds = _compile(prog)
-    except Exception as e:  # XLA refuses outright when the temporaries cannot fit
-        used = _oom_bytes(str(e))
-        if used is None:
+    except Exception as e:  # XLA:TPU refuses outright when the temporaries cannot fit
+        temp = _oom_bytes(str(e))
+        if temp is None:
             raise
-        raise DoesNotFit(_not_fit_line(prog.name, used / GiB, chip.hbm_bytes / GiB, [])) from e
+        roles = _role_bytes(prog)
+        held = sum(roles.values())
+        return Report(
+            prog.name,
+            *(roles[k] / GiB for k in ("params", "opt_state", "inputs")),
+            temp / GiB,
+            (held + temp) / GiB,
+            chip.hbm_bytes / GiB,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            time.perf_counter() - start,
+            "none: XLA refused to compile",
+            [str(e).strip().splitlines()[0][:300]],
+        )
     mem = compiled.memory_analysis()
     roles = _role_bytes(prog)
     temp = float(getattr(mem, "temp_size_in_bytes", 0))
@@ -472,10 +489,15 @@ _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def _oom_bytes(message: str) -> float | None:
-    """The bytes an out-of-memory compile error says the program needs ("Used 20.4G of 15.5G hbm")."""
-    match = re.search(r"Used ([\d.]+)([KMGT]?)i?B? of ([\d.]+)([KMGT]?)i?B? hbm", message)
-    if match:
-        return float(match.group(1)) * _UNITS[match.group(2)]
+    """The temporaries an out-of-memory compile error says the program needs ("HLO temporaries (28.1G)
+    exceeds available HBM (15.75G)"), NaN when it gives no figure, None for another error."""
+    for pattern in (
+        r"HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds",
+        r"Used ([\d.]+)([KMGT]?)i?B? of [\d.]+[KMGT]?i?B? hbm",
+    ):
+        match = re.search(pattern, message)
+        if match:
+            return float(match.group(1)) * _UNITS[match.group(2)]
     if "RESOURCE_EXHAUSTED" in message or "Ran out of memory" in message:
         return float("nan")
     return None
@@ -599,8 +621,9 @@ def compile_run(
         notes,
         time.perf_counter() - start,
     )
-    worst = max(reports, key=lambda r: r.total_gib / r.capacity_gib, default=None)
-    if worst is not None and not worst.fits:
+    misfits = [r for r in reports if not r.fits]
+    if misfits:
+        worst = max(misfits, key=lambda r: r.total_gib if math.isfinite(r.total_gib) else math.inf)
         raise DoesNotFit(
             _not_fit_line(worst.program, worst.total_gib, worst.capacity_gib, suggestions(cfg, worst, mesh)),
             run,
@@ -678,7 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from flaxgpt.train import load_experiment
 
     overrides = [kv for group in args.overrides for kv in group]
-    log = (lambda line: None) if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    log = (lambda line: None) if args.json else (lambda line: print(line, flush=True))  # stderr: errors only
     runs = []
     try:
         loaded = load_experiment(args.experiment, overrides)
