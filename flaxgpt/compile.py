@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxgpt import generate, lora, perf
-from flaxgpt.config import Config, ConfigError
+from flaxgpt.config import Config, ConfigError, ModelConfig
 from flaxgpt.errors import UserError
 from flaxgpt.model import Transformer
 from flaxgpt.optim import build_optimizer, learning_rate_schedule
@@ -705,8 +705,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = []
     try:
         loaded = load_experiment(args.experiment, overrides)
-        stages = [(s.name, s.config) for s in loaded] if isinstance(loaded, list) else [("", loaded)]
-        for stage, cfg in stages:
+        stages = [(s.name, s.init_from, s.config) for s in loaded] if isinstance(loaded, list) else [("", "", loaded)]
+        models: dict[str, ModelConfig] = {}  # a pipeline's stages start from an earlier stage's model
+        for stage, init_from, cfg in stages:
+            if init_from in models:
+                own = {k: getattr(cfg.model, k) for k in ("lora_rank", "lora_alpha", "lora_targets", "dropout")}
+                cfg = dataclasses.replace(cfg, model=dataclasses.replace(models[init_from], **own))
+            models[stage] = resolve_for_compile(cfg)[0].model
             dcn = cfg.mesh.dcn_data * cfg.mesh.dcn_fsdp * cfg.mesh.dcn_tensor
             slices = args.slices or dcn
             if args.topology:
