@@ -120,6 +120,9 @@ def topology_devices(name: str, slices: int = 1) -> list:
         kwargs["chips_per_host_bounds"] = tuple(dims + [1] * (3 - len(dims)))
     if slices > 1:
         kwargs["num_slices"] = slices
+    # libtpu takes a machine-wide lock file when it loads; compiling for a topology needs no TPU,
+    # so let several such processes (a test worker, a benchmark) load it side by side
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs).devices)
     except Exception as e:  # libtpu missing or the name unknown to it
