@@ -2,10 +2,12 @@
 print the table: topology, parameters, per-chip GiB, compile seconds, roofline MFU bound, with the
 command beside each row; appends the table to benchmarks/RESULTS.md.
 
-    JAX_PLATFORMS=cpu python benchmarks/compile_recipes.py [--only NAME ...] [--no-append]
+    JAX_PLATFORMS=cpu python benchmarks/compile_recipes.py [--only NAME ...] [--all-programs] [--no-append]
 
-Each recipe runs `python -m flaxgpt.compile ... --json` in a fresh process. The row is the step
-that trains (train_step, or ppo_update); GiB is the largest total of any program of the run.
+Each recipe runs `python -m flaxgpt.compile ... --json` in a fresh process, by default for the
+step that trains only (train_step, or ppo_update: `--programs`), since every program of the big
+runs takes tens of minutes on 2 cores; `--all-programs` compiles them all (then GiB is the largest
+total of any program of the run).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RECIPES = [  # (experiment, topology, extra --set overrides)
-    ("gpt2_124m_v5e8", "v5e:2x4", []),
     ("llama3_70b_pretrain_v5p512", "v5p:8x8x8", []),
+    ("gpt2_124m_v5e8", "v5e:2x4", []),
     ("llama3_8b_sft_v5p64", "v5p:4x4x4", []),
     ("llama3_8b_lora_v5e16", "v5e:4x4", []),
     ("ppo_8b_v5p128", "v5p:4x4x8", []),
@@ -31,8 +33,13 @@ RECIPES = [  # (experiment, topology, extra --set overrides)
 ]
 
 
+STEP_ONLY = False  # set by main
+
+
 def command(name: str, topology: str, overrides: list[str]) -> list[str]:
     cmd = ["python", "-m", "flaxgpt.compile", "-e", name, "--topology", topology]
+    if STEP_ONLY and name != "chat_demo":
+        cmd += ["--programs", "ppo_update" if name.startswith("ppo") else "train_step"]
     return cmd + (["--set", *overrides] if overrides else [])
 
 
@@ -70,8 +77,11 @@ def rows(name, topology, overrides, runs, wall, error) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", nargs="+", help="experiment names to compile")
+    parser.add_argument("--all-programs", action="store_true", help="every program of each run, not the step only")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
+    global STEP_ONLY
+    STEP_ONLY = not args.all_programs
     header = [
         "| run | topology | parameters | GiB per chip (largest program) | compile s: step (all, wall) "
         "| MFU bound | fits | command |",
@@ -88,10 +98,12 @@ def main() -> int:
     if not args.no_append:
         today = datetime.date.today().isoformat()
         cores = os.cpu_count()
+        load = os.getloadavg()[0]
         with open(os.path.join(REPO, "benchmarks", "RESULTS.md"), "a") as f:
             f.write(
-                f"\n## Ahead-of-time TPU compiles of the real-scale recipes ({today}, {cores} CPU cores, "
-                "jax 0.10.2, libtpu 0.0.42.1)\n\n`JAX_PLATFORMS=cpu python benchmarks/compile_recipes.py`: "
+                f"\n## Ahead-of-time TPU compiles of the real-scale recipes ({today}, {cores} CPU cores, load "
+                f"average {load:.0f} at the end, jax 0.10.2, libtpu 0.0.42.1)\n\n"
+                "`JAX_PLATFORMS=cpu python benchmarks/compile_recipes.py`: "
                 "compile s is the training step's own compile (the run's programs and FLOP calibration in "
                 "brackets); MFU bound = model FLOPs / (peak x roofline time) of that step.\n\n"
                 + "\n".join(table)
