@@ -85,7 +85,7 @@ def test_oversize_config_fails_with_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1
     assert len(err) == 1 and err[0].startswith("does not fit: train_step needs "), err
-    assert "GiB per device of 16.00 GiB; try " in err[0] and "model.remat=full" in err[0]
+    assert "GiB per chip of 16.00 GiB; try " in err[0] and "model.remat=full" in err[0]
 
 
 def test_unknown_topology_is_a_user_error(capsys):
