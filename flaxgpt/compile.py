@@ -453,8 +453,8 @@ def measure(prog: Program, chip: Chip, dtype: str, calibration: dict | None = No
             0.0,
             0.0,
             time.perf_counter() - start,
-            "none: XLA refused to compile",
-            [str(e).strip().splitlines()[0][:300]],
+            flops_source="none: XLA refused to compile",
+            notes=[str(e).strip().splitlines()[0][:300]],
         )
     mem = compiled.memory_analysis()
     roles = _role_bytes(prog)
