@@ -252,6 +252,9 @@ class TrainConfig:
     # A step whose loss or gradient is not finite is skipped (parameters untouched);
     # more than this many skipped steps stops the run with an error.
     max_skipped_steps: int = 10
+    # compile every program of the run for this process's devices, print per-device memory,
+    # FLOPs and a roofline bound (python -m flaxgpt.compile's report), and exit without training
+    compile_only: bool = False
 
 
 @dataclass

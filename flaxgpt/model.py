@@ -10,7 +10,8 @@ field by field):
 Every parameter carries *logical* axis names ("embed", "mlp", "heads", ...)
 and activations are constrained by logical names too; `flaxgpt.sharding` maps
 them onto mesh axes. Nothing here places data on devices; the one question asked of the
-backend is which attention kernel can run (`model.attention`: cuDNN's fused kernel or XLA).
+backend is which attention kernel can run (`model.attention`: cuDNN's fused kernel on NVIDIA
+GPUs, the Pallas splash kernel on TPUs (`flaxgpt.tpu_attention`), or XLA's einsums).
 
 With `lora_rank > 0` the projections named in `lora_targets` carry low-rank adapters
 (`lora_a`, `lora_b`); `flaxgpt.lora` freezes the rest and folds adapters back in.
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from flaxgpt.config import ConfigError, ModelConfig
+from flaxgpt.tpu_attention import splash_attention, splash_obstacle
 
 Array = jax.Array
 
@@ -209,6 +211,11 @@ def use_fused_attention(cfg: ModelConfig, train: bool, decode: bool) -> bool:
     return obstacle is None
 
 
+def use_tpu_attention(cfg: ModelConfig, train: bool, decode: bool, length: int) -> bool:
+    """model.attention='auto' on a TPU: the Pallas splash kernel where it applies (not decoding)."""
+    return cfg.attention == "auto" and not decode and splash_obstacle(length, cfg.head_dim, cfg.dropout, train) is None
+
+
 def fused_attention(q: Array, k: Array, v: Array, mask: Array, implementation: str = "cudnn") -> Array:
     """jax.nn.dot_product_attention over [b, t, heads, d] queries and [b, s, kv_heads, d] keys and
     values, with the model's [b, t, s] mask. is_causal lets cuDNN skip the blocks above the
@@ -236,7 +243,8 @@ class Attention(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array) -> Array:
+    def __call__(self, x: Array, positions: Array, mask: Array, segment_ids: Array | None = None) -> Array:
+        """`segment_ids` [b, t] (what `mask` was built from) feed the TPU kernel, which builds its own."""
         cfg = self.cfg
         h, kv, d = cfg.n_head, cfg.n_kv_heads, cfg.head_dim
 
@@ -260,6 +268,8 @@ class Attention(nn.Module):
 
         if use_fused_attention(cfg, self.train, self.decode):
             out = fused_attention(q, k, v, mask)
+        elif segment_ids is not None and use_tpu_attention(cfg, self.train, self.decode, q.shape[1]):
+            out = splash_attention(q, k, v, segment_ids)
         else:
             # KV-cache decoding: the cache's mask is not causal in the queries' rows, and one row has nothing to skip
             block = 0 if self.decode else attention_query_block(cfg, q.shape[1])
@@ -348,11 +358,11 @@ class Block(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array) -> tuple[Array, None]:
+    def __call__(self, x: Array, positions: Array, mask: Array, segment_ids: Array) -> tuple[Array, None]:
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout, deterministic=not self.train)
         attn = Attention(cfg, self.train, self.decode, name="attn")
-        x = x + drop(attn(Norm(cfg, name="attn_norm")(x), positions, mask))
+        x = x + drop(attn(Norm(cfg, name="attn_norm")(x), positions, mask, segment_ids))
         x = x + drop(Mlp(cfg, self.train, name="mlp")(Norm(cfg, name="mlp_norm")(x)))
         x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         return x, None
@@ -413,14 +423,14 @@ class Transformer(nn.Module):
                 block,
                 variable_axes={"params": 0, "cache": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                 length=cfg.n_layer,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, train, decode, name="layers")
-            x, _ = layers(x, positions, mask)
+            x, _ = layers(x, positions, mask, segment_ids)
         else:
             for i in range(cfg.n_layer):
-                x, _ = block(cfg, train, decode, name=f"layers_{i}")(x, positions, mask)
+                x, _ = block(cfg, train, decode, name=f"layers_{i}")(x, positions, mask, segment_ids)
 
         x = Norm(cfg, name="final_norm")(x)
         if cfg.output == "scalar":  # reward / value model: one number per position

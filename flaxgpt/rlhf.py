@@ -251,6 +251,19 @@ class PPO:
         return stop_tokens(self.tokenizer)
 
 
+def boxed_params(m: Models) -> tuple[dict, dict]:
+    """Abstract (boxed) trainable and frozen parameter trees, for shardings."""
+    shape = lambda model: jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, model.cfg.block_size), jnp.int32))["params"]
+    )
+    value = shape(m.value)
+    trainable = {"policy": shape(m.policy), "value": {"score": value["score"]} if m.head_only_value else value}
+    frozen = {"reference": shape(m.policy)}
+    if m.reward is not None:
+        frozen["reward"] = shape(m.reward)
+    return trainable, frozen
+
+
 def abstract_state(run: PPO, trainable: dict, frozen: dict) -> tuple[Any, Any]:
     """(ShapeDtypeStructs, shardings) of the run state around abstract (boxed) parameter trees."""
     boxed = PPOState(

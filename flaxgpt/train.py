@@ -85,6 +85,8 @@ def run_trainer(cfg: Config, workdir: str) -> dict:
     143 or 130."""
     import importlib
 
+    if cfg.train.compile_only:  # the ahead-of-time compile report for this process's devices, no training
+        return importlib.import_module("flaxgpt.compile").compile_only(cfg)
     from flaxgpt.trainers.scaffold import Interrupted
     from flaxgpt.workdir import WorkdirLock
 

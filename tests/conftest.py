@@ -6,7 +6,11 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
+# JAX computes on the CPU in every test process (and its subprocesses), also where libtpu is
+# installed for the ahead-of-time TPU compile tests: that only compiles for topologies
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import flax.linen as nn  # noqa: E402
 import jax
 import jax.numpy as jnp
 import pytest

@@ -16,7 +16,7 @@ from flaxgpt.data.stream import Mixture, TokenSource, TokenStream, block_counts,
 from flaxgpt.data.tokenizers import load_tokenizer
 from flaxgpt.logging import read_metrics
 from tests.conftest import REPO, SHAKESPEARE, run_cli
-from tests.test_checkpoint_resume import _KILLED_RUN
+from tests.test_checkpoint_resume import KILLED_RUN
 
 pytestmark = pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason="tiny shakespeare not found")
 
@@ -190,7 +190,7 @@ def test_mixture_pretraining_resumes_bit_exact_after_sigkill(corpus, tmp_path):
     done = run_cli(*args, "--workdir", straight)
     assert done.returncode == 0, done.stderr[-3000:]
     died = subprocess.run(
-        [sys.executable, "-c", _KILLED_RUN, *args, "--workdir", killed],
+        [sys.executable, "-c", KILLED_RUN, *args, "--workdir", killed],
         cwd=REPO,
         env={**os.environ, "KILL_AT": "17"},
         capture_output=True,

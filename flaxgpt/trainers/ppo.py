@@ -89,21 +89,8 @@ def setup(cfg: Config, workdir: str) -> PPO:
     return run
 
 
-def _boxed_params(m: Models) -> tuple[dict, dict]:
-    """Abstract (boxed) trainable and frozen parameter trees, for shardings."""
-    shape = lambda model: jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, model.cfg.block_size), jnp.int32))["params"]
-    )
-    value = shape(m.value)
-    trainable = {"policy": shape(m.policy), "value": {"score": value["score"]} if m.head_only_value else value}
-    frozen = {"reference": shape(m.policy)}
-    if m.reward is not None:
-        frozen["reward"] = shape(m.reward)
-    return trainable, frozen
-
-
 def abstract_state(run: PPO) -> tuple[Any, Any]:
-    return rlhf.abstract_state(run, *_boxed_params(run.models))
+    return rlhf.abstract_state(run, *rlhf.boxed_params(run.models))
 
 
 def initial_state(run: PPO, shardings: Any) -> PPOState:

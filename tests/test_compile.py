@@ -1,0 +1,158 @@
+"""flaxgpt.compile: ahead-of-time compiles with abstract inputs, for a TPU topology (libtpu, the
+`tpu` extra) and for this process's CPU devices (train.compile_only).
+
+The TPU tests compile tiny models for v5e:2x2 only (a few seconds each); the real-scale recipes
+are compiled by benchmarks/compile_recipes.py, whose 2-core times (minutes) do not fit the suite.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxgpt import compile as aot
+from flaxgpt import config as C
+from flaxgpt import train
+from flaxgpt.sharding import logical_rules, make_mesh
+
+GiB = 2**30
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU topology to compile for",
+)
+
+
+def tiny_llama(**mesh) -> C.Config:
+    return C.Config(
+        name="tiny_aot",
+        model=C.ModelConfig(
+            recipe="llama", vocab_size=256, block_size=64, n_layer=2, n_head=4, n_kv_heads=2, d_model=128
+        ),
+        mesh=C.MeshConfig(**mesh),
+        train=C.TrainConfig(batch_size=8),
+    ).validate()
+
+
+def n_params(cfg: C.Config) -> int:
+    m = cfg.model.resolved()
+    kv = m.n_kv_heads * m.head_dim
+    layer = m.d_model * (m.n_head * m.head_dim + 2 * kv) + m.n_head * m.head_dim * m.d_model
+    layer += 3 * m.d_model * m.d_ff + 2 * m.d_model
+    return m.n_layer * layer + 2 * m.vocab_size * m.d_model + m.d_model
+
+
+@needs_libtpu
+def test_fsdp_holds_a_quarter_of_parameters_and_optimizer_state():
+    devices = aot.topology_devices("v5e:2x2")
+    assert len(devices) == 4
+    sharded = aot.compile_run(tiny_llama(data=1, fsdp=4), devices, "v5e:2x2", only=["train_step"]).reports[0]
+    replicated = aot.compile_run(tiny_llama(data=4, fsdp=1), devices, "v5e:2x2", only=["train_step"]).reports[0]
+    full = n_params(tiny_llama()) * 4 / GiB  # float32
+    assert sharded.params_gib == pytest.approx(full / 4, rel=0.03)
+    assert sharded.opt_state_gib == pytest.approx(2 * full / 4, rel=0.03)  # Adam's two moments
+    assert replicated.params_gib == pytest.approx(full, rel=0.03)
+    assert replicated.opt_state_gib == pytest.approx(2 * full, rel=0.03)
+    # XLA's own count of the arguments agrees: the state is donated, so the total holds it once
+    assert sharded.params_gib + sharded.opt_state_gib < sharded.total_gib < replicated.total_gib
+    assert sharded.capacity_gib == pytest.approx(16.0)
+    assert 0 < sharded.mfu_bound < 1 and sharded.flops > 0
+
+
+@needs_libtpu
+def test_oversize_config_fails_with_one_line(capsys):
+    rc = aot.main(
+        [
+            "-e",
+            "world",
+            "--topology",
+            "v5e:2x2",
+            "--programs",
+            "train_step",
+            "--set",
+            "model.d_model=16384",
+            "model.n_layer=2",
+            "model.n_head=128",
+            "model.vocab_size=256",
+            "mesh.fsdp=4",
+            "mesh.data=1",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert len(err) == 1 and err[0].startswith("does not fit: train_step needs "), err
+    assert "GiB per chip of 16.00 GiB; try " in err[0] and "model.remat=full" in err[0]
+
+
+def test_unknown_topology_is_a_user_error(capsys):
+    assert aot.main(["-e", "world", "--topology", "v5e-2x2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --topology 'v5e-2x2'"), err
+
+
+def test_compile_only_on_the_cpu_mesh_reports_and_does_not_train(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    overrides = ["train.compile_only=true", "model.vocab_size=64", "model.n_layer=1", "model.d_model=32"]
+    overrides += ["model.block_size=32", "train.batch_size=4", "eval.sample_tokens=8"]
+    assert train.main(["-e", "world", "--workdir", str(workdir), "--set", *overrides]) == 0
+    out = capsys.readouterr().out
+    for program in ("train_step", "eval_step", "prefill", "decode_step"):
+        assert f"\n{program} " in out, out
+    assert not (workdir / "checkpoints").exists() and not list(workdir.glob("*.jsonl"))
+
+
+def test_scanned_layers_flops_are_calibrated_to_the_unrolled_count():
+    """cost_analysis counts a scan's body once; the calibrated figure matches the unrolled program."""
+
+    def flops(scan: bool, accum: int) -> float:
+        cfg = tiny_llama()
+        cfg.model.scan_layers, cfg.model.n_layer, cfg.train.grad_accum_steps = scan, 4, accum
+        return aot.compile_run(cfg, jax.devices()[:1], "cpu", only=["train_step"]).reports[0].flops
+
+    unrolled = flops(False, 1)
+    assert flops(True, 1) == pytest.approx(unrolled, rel=0.03)
+    assert math.isfinite(unrolled) and unrolled > 6 * n_params(tiny_llama()) * 8 * 64 * 0.5
+
+
+def test_splash_attention_matches_the_einsums_in_interpret_mode():
+    """The TPU kernel run by the Pallas interpreter on the CPU: causal, a packed row (two segments),
+    a padded row, grouped-query heads; forward and the backward kernels."""
+    from flaxgpt import tpu_attention
+    from flaxgpt.model import attention_mask, einsum_attention
+
+    b, t, h, kv, d = 2, 128, 4, 2, 64
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    q = jax.random.normal(keys[0], (b, t, h, d))
+    k, v = (jax.random.normal(key, (b, t, kv, d)) for key in keys[1:])
+    segments = jnp.ones((b, t), jnp.int32).at[0, 50:].set(2).at[1, 100:].set(0)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+
+    kernel = lambda q, k, v: tpu_attention._local(q, k, v, segments, interpret=True)
+    reference = lambda q, k, v: einsum_attention(q, k, v, attention_mask(segments))
+    np.testing.assert_allclose(kernel(q, k, v), reference(q, k, v), atol=2e-5)
+    for got, want in zip(jax.grad(loss(kernel), (0, 1, 2))(q, k, v), jax.grad(loss(reference), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@needs_libtpu
+def test_auto_attention_compiles_the_splash_kernel_for_tpu():
+    cfg = tiny_llama(data=1, fsdp=2, tensor=2)
+    cfg.model.block_size, cfg.model.dtype, cfg.model.d_model = 128, "bfloat16", 256  # head_dim 64
+    devices = aot.topology_devices("v5e:2x2")
+    kernels = {}
+    for attention in ("auto", "xla"):
+        cfg.model.attention = attention
+        resolved, _ = aot.resolve_for_compile(cfg)
+        mesh, rules = make_mesh(resolved.mesh, devices), logical_rules(resolved.mesh.rules)
+        with jax.set_mesh(mesh), aot._axis_rules(rules):
+            prog = next(p for p in aot.build_programs(resolved, mesh, rules) if p.name == "eval_step")
+            lowered = prog.jitted.lower(*prog.args)
+            kernels[attention] = lowered.as_text().count("tpu_custom_call")
+    assert kernels["auto"] >= 1 and kernels["xla"] == 0, kernels  # the layers share one kernel function
+    assert lowered.compile().memory_analysis() is not None
