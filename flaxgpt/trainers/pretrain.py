@@ -54,6 +54,10 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
 
     spec = lm_run_spec(cfg, rt, model, objective, init_params=init_params)
     spec.report = report
+    spec.next_commands = (
+        *spec.next_commands,
+        "python -m flaxgpt.train -e sft_world --set train.init_from={workdir}  # next stage: SFT",
+    )
     return fit(cfg, rt, spec)
 
 
