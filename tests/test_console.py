@@ -1,13 +1,18 @@
 """What a run shows on the console: the trainer's figures, the closing block, the report at the end."""
 
+import contextlib
+import io
 import json
 import os
 
+import pytest
 from conftest import tiny_run_config
+from test_ppo import ppo_config, write_policy_data
 
 from flaxgpt import config as C
 from flaxgpt.logging import MetricsLogger
-from flaxgpt.trainers import pretrain, reward
+from flaxgpt.pipeline import Stage, run_pipeline
+from flaxgpt.trainers import ppo, reward, sft
 
 
 def test_bar_shows_the_logged_steps_figures_and_leaves_the_final_line(tmp_path, capsys):
@@ -21,24 +26,58 @@ def test_bar_shows_the_logged_steps_figures_and_leaves_the_final_line(tmp_path, 
     assert out[-1] == "step 2/2 | loss 2.5 | val_accuracy 0.75"
 
 
-def test_pretrain_closes_with_figures_report_and_says_finished_when_rerun(tmp_path, capsys):
-    workdir = str(tmp_path / "run")
-    cfg = tiny_run_config(train={"max_steps": 4, "log_interval": 2}, eval={"interval": 4, "sample_tokens": 0})
-    cfg.logging.report = True
-    pretrain.run(cfg, workdir)
-    out = capsys.readouterr().out
-    block = out[out.index("done: step 4") :]
-    assert "| loss " in block.splitlines()[0] and "| val_loss " in block.splitlines()[0]
-    assert f"workdir: {workdir}" in block and "python -m flaxgpt.sample --workdir " + workdir in block
-    assert "-e sft_world --set train.init_from=" + workdir in block
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory) -> tuple[str, str, dict]:
+    """A tiny SFT run from scratch on JSONL chats (report on): (workdir, its console output, result)."""
+    base = tmp_path_factory.mktemp("console")
+    write_policy_data(str(base))
+    cfg = tiny_run_config(
+        train={"trainer": "sft", "max_steps": 4, "log_interval": 2},
+        data={"source": "jsonl", "path": str(base / "chats.jsonl"), "packing": "pad"},
+        sft={"eval_examples": 4, "max_new_tokens": 4},
+        eval={"interval": 4, "iters": 1, "sample_tokens": 0},
+        logging={"progress": "none", "report": True},
+    )
+    workdir = str(base / "sft")
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        result = sft.run(cfg, workdir)
+    return workdir, out.getvalue(), result
+
+
+def _done_line(out: str, step: int) -> str:
+    return next(line for line in out.splitlines() if line.startswith(f"done: step {step}"))
+
+
+def test_sft_closes_with_its_figures_workdir_next_commands_and_report(sft_run):
+    workdir, out, result = sft_run
+    done = _done_line(out, 4)
+    for key in ("loss", "val_loss", "val_exact_match", "val_bleu", "val_rougeL"):
+        assert f"| {key} {result[key]:.4g}" in done
+    block = out[out.index(done) :]
+    assert f"workdir: {workdir}" in block
+    assert f"python -m flaxgpt.chat --workdir {workdir}" in block and "python -m flaxgpt.serve" in block
+    assert f"-e ppo_world --set train.init_from={workdir}" in block
     page = os.path.join(workdir, "report", "report.html")
     assert f"report:  {page}" in block and os.path.getsize(page) > 1000
 
+
+def test_a_finished_run_started_again_says_so_and_where(sft_run, capsys):
+    workdir, _, _ = sft_run
+    cfg = C.from_dict(json.load(open(os.path.join(workdir, "config.json"))))
     cfg.logging.report = False
-    pretrain.run(cfg, workdir)
+    sft.run(cfg, workdir)
     out = capsys.readouterr().out
-    assert "finished earlier at step 4" in out and "finished earlier: step 4 | val_loss " in out
-    assert f"workdir: {workdir}" in out and "report:" not in out
+    assert "finished earlier at step 4" in out and "resumed" not in out
+    assert "finished earlier: step 4 | val_loss " in out and f"workdir: {workdir}" in out and "report:" not in out
+
+
+@pytest.mark.slow
+def test_ppo_closing_block_shows_reward_kl_and_response_length(sft_run, tmp_path, capsys):
+    policy = sft_run[0]
+    result = ppo.run(ppo_config(policy, "test_ppo:reward_letter_x", 2, epochs=1, eval_prompts=4), str(tmp_path))
+    done = _done_line(capsys.readouterr().out, 2)
+    for key in ("reward_total", "kl", "response_length", "val_eval_reward"):
+        assert f"| {key} {result[key]:.4g}" in done
 
 
 def test_reward_model_closing_block_shows_pairwise_accuracy_and_margin(tmp_path, capsys):
@@ -52,6 +91,23 @@ def test_reward_model_closing_block_shows_pairwise_accuracy_and_margin(tmp_path,
     )
     workdir = str(tmp_path / "rm")
     result = reward.run(cfg, workdir)
-    done = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("done: step 3"))
+    done = _done_line(capsys.readouterr().out, 3)
     assert f"val_accuracy {result['val_accuracy']:.4g}" in done
     assert f"val_reward_margin {result['val_reward_margin']:.4g}" in done
+
+
+def test_a_pipeline_ends_with_one_report_across_its_stages(tmp_path, capsys):
+    def run_stage(cfg, stage_dir):  # a stand-in stage: two logged rows
+        os.makedirs(stage_dir)
+        rows = [{"step": s, "loss": 3.0 / s} for s in (1, 2)]
+        with open(os.path.join(stage_dir, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        return {"loss": 1.5}
+
+    stages = [Stage("a", tiny_run_config()), Stage("b", tiny_run_config(logging={"report": True}), init_from="a")]
+    run_pipeline(stages, str(tmp_path), run_stage)
+    out = capsys.readouterr().out
+    page = os.path.join(str(tmp_path), "report", "report.html")
+    assert f"report:  {page}" in out and f"python -m flaxgpt.chat --workdir {tmp_path / 'b'}" in out
+    html = open(page).read()
+    assert 'id="a_"' in html and 'id="b_"' in html  # one page, a section per stage
