@@ -12,7 +12,7 @@ from test_ppo import ppo_config, write_policy_data
 from flaxgpt import config as C
 from flaxgpt.logging import MetricsLogger
 from flaxgpt.pipeline import Stage, run_pipeline
-from flaxgpt.trainers import ppo, reward, sft
+from flaxgpt.trainers import ppo, pretrain, reward, sft
 
 
 def test_bar_shows_the_logged_steps_figures_and_leaves_the_final_line(tmp_path, capsys):
@@ -111,3 +111,11 @@ def test_a_pipeline_ends_with_one_report_across_its_stages(tmp_path, capsys):
     assert f"report:  {page}" in out and f"python -m flaxgpt.chat --workdir {tmp_path / 'b'}" in out
     html = open(page).read()
     assert 'id="a_"' in html and 'id="b_"' in html  # one page, a section per stage
+
+
+def test_pretraining_suggests_sampling_its_own_prompt_and_the_sft_stage(tmp_path, capsys):
+    cfg = tiny_run_config(train={"max_steps": 2, "log_interval": 2}, eval={"interval": 2, "sample_tokens": 0})
+    pretrain.run(cfg, str(tmp_path))
+    out = capsys.readouterr().out
+    assert f"python -m flaxgpt.sample --workdir {tmp_path} --prompt Question:" in out
+    assert f"-e sft_world --set train.init_from={tmp_path}  # next stage: SFT" in out

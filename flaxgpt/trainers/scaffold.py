@@ -224,7 +224,7 @@ def closing_block(workdir: str, result: dict, spec: RunSpec, finished: bool, rep
     lines.append(f"  workdir: {workdir} (metrics.jsonl, config.json, checkpoints)")
     if report:
         lines.append(f"  report:  {report}")
-    lines += ["  next:"] + [f"    {c.format(workdir=workdir)}" for c in spec.next_commands]
+    lines += ["  next:"] + [f"    {c.replace('{workdir}', workdir)}" for c in spec.next_commands]
     return lines
 
 
