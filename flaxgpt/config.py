@@ -383,6 +383,7 @@ class LoggingConfig:
     wandb_project: str = "flaxgpt"
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     progress: Literal["auto", "bar", "plain", "none"] = "auto"
+    report: bool = True  # plots and report.html in WORKDIR/report at the end of each run (and pipeline)
 
 
 @dataclass

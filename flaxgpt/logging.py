@@ -61,6 +61,8 @@ class MetricsLogger:
         self.start_step = start_step
         self.start_time = time.time()
         self._tb = self._wandb = self._bar = None
+        self.shown: tuple[str, ...] = ("loss", "val_loss", "lr", "tokens_per_sec")  # the trainer's figures
+        self._last_line = ""
         if not self.enabled:
             return
         self.path = os.path.join(workdir, METRICS_FILE)
@@ -145,22 +147,32 @@ class MetricsLogger:
             print(text, flush=True)
 
     def _progress(self, step: int, row: dict) -> None:
-        shown = {k: row[k] for k in ("loss", "val_loss", "lr", "tokens_per_sec") if k in row}
+        shown = {k: row[k] for k in self.shown if isinstance(row.get(k), (int, float))}
+        line = " | ".join([f"step {step}/{self.total_steps}"] + [f"{k} {v:.4g}" for k, v in shown.items()])
         if self._bar is not None:
-            self._bar.update(step - self._bar.n)
+            # the postfix first: the update redraws the bar with this step's figures, not the last ones
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+            self._bar.update(step - self._bar.n)
+            self._last_line = line
         elif self.mode == "plain":
             done = step - self.start_step
             elapsed = time.time() - self.start_time
             eta = elapsed / max(done, 1) * (self.total_steps - step)
-            parts = [f"step {step}/{self.total_steps}"] + [f"{k} {v:.4g}" for k, v in shown.items()]
-            print(" | ".join(parts) + f" | eta {_duration(eta)}", flush=True)
+            print(line + f" | eta {_duration(eta)}", flush=True)
+
+    def end_progress(self) -> None:
+        """Close the bar, leaving the last logged step's line below it (a bar alone scrolls away)."""
+        if self._bar is None:
+            return
+        self._bar.close()
+        self._bar = None
+        if self._last_line:
+            print(self._last_line, flush=True)
 
     def close(self) -> None:
         if not self.enabled:
             return
-        if self._bar is not None:
-            self._bar.close()
+        self.end_progress()
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:

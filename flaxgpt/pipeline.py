@@ -119,7 +119,20 @@ def run_pipeline(
         summary[stage.name]["wall_seconds"] = result.get("wall_seconds")
         _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
     _log(f"=== summary ({os.path.join(workdir, SUMMARY_FILE)})\n{json.dumps(summary, indent=2)}")
+    _close(stages, workdir)
     return summary
+
+
+def _close(stages: Sequence[Stage], workdir: str) -> None:
+    """One report across the stages (when the last stage asks for reports), and where to go next."""
+    from flaxgpt.trainers.scaffold import write_report
+
+    if jax.process_index() != 0:
+        return
+    last = os.path.join(workdir, stages[-1].name)
+    report = write_report(workdir, _log) if stages[-1].config.logging.report else ""
+    _log(f"pipeline done: {workdir}" + (f"\n  report:  {report}" if report else ""))
+    _log(f"  next:\n    python -m flaxgpt.chat --workdir {last}\n    python -m flaxgpt.serve --workdir {last}")
 
 
 def describe(stages: Sequence[Stage]) -> str:

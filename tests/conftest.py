@@ -50,7 +50,7 @@ def tiny_run_config(**sections) -> C.Config:
         train=C.TrainConfig(batch_size=8, max_steps=30, log_interval=1),
         eval=C.EvalConfig(interval=10, iters=2, sample_tokens=10, sample_prompt="Question:"),
         checkpoint=C.CheckpointConfig(every_steps=10, max_to_keep=5),
-        logging=C.LoggingConfig(progress="none"),
+        logging=C.LoggingConfig(progress="none", report=False),
     )
     for section, values in sections.items():
         for key, value in values.items():

@@ -214,5 +214,7 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
         begin=begin,
         report=lambda state, logger: {"kl_target": p.kl_target, **{f"start_{k[4:]}": v for k, v in first.items()}},
         notes=ppo.notes,
+        figures=("reward_total", "kl", "response_length", "val_eval_reward", "val_task_accuracy"),
+        next_commands=("python -m flaxgpt.chat --workdir {workdir}", "python -m flaxgpt.serve --workdir {workdir}"),
     )
     return fit(cfg, ppo.rt, spec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 import jax
@@ -54,6 +55,11 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
 
     spec = lm_run_spec(cfg, rt, model, objective, init_params=init_params)
     spec.report = report
+    prompt = shlex.quote(cfg.eval.sample_prompt or "Question:")
+    spec.next_commands = (
+        f"python -m flaxgpt.sample --workdir {{workdir}} --prompt {prompt}",
+        "python -m flaxgpt.train -e sft_world --set train.init_from={workdir}  # next stage: SFT",
+    )
     return fit(cfg, rt, spec)
 
 

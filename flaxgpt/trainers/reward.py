@@ -161,4 +161,10 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
     description = f"{len(train)} ranked prompts (K <= {k}) for training, {len(val)} for validation"
     spec = lm_run_spec(cfg, rt, model, objective, init_params=init_params, description=description)
     spec.finalize, spec.notes = finalize, notes
+    spec.figures = ("loss", "val_loss", "val_accuracy", "val_reward_margin")
+    spec.next_commands = (
+        "python -m flaxgpt.score --workdir {workdir} --prompt 'Question:' --response 'an answer'",
+        "python -m flaxgpt.train -e ppo_world --set ppo.reward_from={workdir} train.init_from=SFT_WORKDIR"
+        "  # next stage: PPO",
+    )
     return fit(cfg, rt, spec)

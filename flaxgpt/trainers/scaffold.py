@@ -157,6 +157,8 @@ class RunSpec:
     report: Callable[[Any, MetricsLogger], dict] | None = None  # figures to return (also on a finished run)
     notes: list[str] = field(default_factory=list)  # what the trainer found while setting up, said first
     message: Callable[[str], None] = print  # the run's logger once `fit` has made it (process 0 only)
+    figures: tuple[str, ...] = ("loss", "val_loss")  # the key figures: progress line and closing block
+    next_commands: tuple[str, ...] = ("python -m flaxgpt.sample --workdir {workdir} --prompt 'Question:'",)
 
 
 def fit(cfg: Config, rt: Runtime, spec: RunSpec) -> dict[str, Any]:
@@ -176,13 +178,22 @@ def fit(cfg: Config, rt: Runtime, spec: RunSpec) -> dict[str, Any]:
             start = int(host_value(state.step))
             logger = MetricsLogger(rt.workdir, cfg.logging, cfg.train.max_steps, start, to_dict(cfg))
             spec.message = stop.message = logger.message
+            logger.shown = (*spec.figures, "lr", "tokens_per_sec")
             for note in spec.notes + notes:
                 logger.message(note)
+            finished = bool(restored) and start >= cfg.train.max_steps
             origin = f"resumed from step {start}" if restored else spec.origin
+            origin = f"finished earlier at step {start} (train.max_steps); its figures follow" if finished else origin
             logger.message(f"flaxgpt {cfg.name} ({cfg.train.trainer}): {spec.describe}, {origin}")
             with rt.context():
                 saved = restored[1] if restored else {}
-                return _run(cfg, spec, state, start, shardings, checkpointer, logger, stop, saved)
+                result = _run(cfg, spec, state, start, shardings, checkpointer, logger, stop, saved)
+            checkpointer.close()
+            logger.end_progress()
+            report = write_report(rt.workdir, logger.message) if cfg.logging.report and logger.enabled else ""
+            for line in closing_block(rt.workdir, result, spec, finished, report):
+                logger.message(line)
+            return result
         except NonFiniteLoss as e:
             checkpointer.close()
             last = checkpointer.latest_step()
@@ -192,6 +203,29 @@ def fit(cfg: Config, rt: Runtime, spec: RunSpec) -> dict[str, Any]:
             checkpointer.close()
             if logger is not None:
                 logger.close()
+
+
+def write_report(workdir: str, message: Callable[[str], None]) -> str:
+    """WORKDIR/report (plots and report.html); its page, or "" after one line saying why not."""
+    from flaxgpt import report
+
+    try:
+        return report.write(workdir).page
+    except report.ReportError as e:  # nothing to plot is no reason to fail a run that trained
+        message(f"no report: {e}")
+        return ""
+
+
+def closing_block(workdir: str, result: dict, spec: RunSpec, finished: bool, report: str) -> list[str]:
+    """What a run ends with: its key figures, where it is, and what to run next."""
+    shown = [f"{k} {v:.4g}" for k in spec.figures if isinstance(v := result.get(k), (int, float))]
+    head = "finished earlier" if finished else "done"
+    lines = [f"{head}: step {result['step']}" + "".join(f" | {f}" for f in shown)]
+    lines.append(f"  workdir: {workdir} (metrics.jsonl, config.json, checkpoints)")
+    if report:
+        lines.append(f"  report:  {report}")
+    lines += ["  next:"] + [f"    {c.replace('{workdir}', workdir)}" for c in spec.next_commands]
+    return lines
 
 
 def _run(cfg, spec, state, start, shardings, checkpointer, logger, stop, saved: dict) -> dict[str, Any]:

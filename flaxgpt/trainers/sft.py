@@ -208,4 +208,10 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
     )
     spec = lm_run_spec(cfg, rt, model, objective, init_params=init_params, description=description)
     spec.notes = notes
+    spec.figures = ("loss", "val_loss", "val_task_accuracy", "val_exact_match", "val_bleu", "val_rougeL")
+    spec.next_commands = (
+        "python -m flaxgpt.chat --workdir {workdir}",
+        "python -m flaxgpt.serve --workdir {workdir}",
+        "python -m flaxgpt.train -e ppo_world --set train.init_from={workdir}  # next stage: PPO",
+    )
     return fit(cfg, rt, spec)

@@ -1,0 +1,121 @@
+"""What a run shows on the console: the trainer's figures, the closing block, the report at the end."""
+
+import contextlib
+import io
+import json
+import os
+
+import pytest
+from conftest import tiny_run_config
+from test_ppo import ppo_config, write_policy_data
+
+from flaxgpt import config as C
+from flaxgpt.logging import MetricsLogger
+from flaxgpt.pipeline import Stage, run_pipeline
+from flaxgpt.trainers import ppo, pretrain, reward, sft
+
+
+def test_bar_shows_the_logged_steps_figures_and_leaves_the_final_line(tmp_path, capsys):
+    logger = MetricsLogger(str(tmp_path), C.LoggingConfig(progress="bar", tensorboard=False), 2, 0, {})
+    logger.shown = ("loss", "val_accuracy")
+    logger.log(1, {"loss": 3.0})
+    logger.log(2, {"loss": 2.5, "val_accuracy": 0.75, "other": 1.0})
+    assert "loss=2.5" in str(logger._bar) and "val_accuracy=0.75" in str(logger._bar)
+    logger.close()
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == "step 2/2 | loss 2.5 | val_accuracy 0.75"
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory) -> tuple[str, str, dict]:
+    """A tiny SFT run from scratch on JSONL chats (report on): (workdir, its console output, result)."""
+    base = tmp_path_factory.mktemp("console")
+    write_policy_data(str(base))
+    cfg = tiny_run_config(
+        train={"trainer": "sft", "max_steps": 4, "log_interval": 2},
+        data={"source": "jsonl", "path": str(base / "chats.jsonl"), "packing": "pad"},
+        sft={"eval_examples": 4, "max_new_tokens": 4},
+        eval={"interval": 4, "iters": 1, "sample_tokens": 0},
+        logging={"progress": "none", "report": True},
+    )
+    workdir = str(base / "sft")
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        result = sft.run(cfg, workdir)
+    return workdir, out.getvalue(), result
+
+
+def _done_line(out: str, step: int) -> str:
+    return next(line for line in out.splitlines() if line.startswith(f"done: step {step}"))
+
+
+def test_sft_closes_with_its_figures_workdir_next_commands_and_report(sft_run):
+    workdir, out, result = sft_run
+    done = _done_line(out, 4)
+    for key in ("loss", "val_loss", "val_exact_match", "val_bleu", "val_rougeL"):
+        assert f"| {key} {result[key]:.4g}" in done
+    block = out[out.index(done) :]
+    assert f"workdir: {workdir}" in block
+    assert f"python -m flaxgpt.chat --workdir {workdir}" in block and "python -m flaxgpt.serve" in block
+    assert f"-e ppo_world --set train.init_from={workdir}" in block
+    page = os.path.join(workdir, "report", "report.html")
+    assert f"report:  {page}" in block and os.path.getsize(page) > 1000
+
+
+def test_a_finished_run_started_again_says_so_and_where(sft_run, capsys):
+    workdir, _, _ = sft_run
+    cfg = C.from_dict(json.load(open(os.path.join(workdir, "config.json"))))
+    cfg.logging.report = False
+    sft.run(cfg, workdir)
+    out = capsys.readouterr().out
+    assert "finished earlier at step 4" in out and "resumed" not in out
+    assert "finished earlier: step 4 | val_loss " in out and f"workdir: {workdir}" in out and "report:" not in out
+
+
+@pytest.mark.slow
+def test_ppo_closing_block_shows_reward_kl_and_response_length(sft_run, tmp_path, capsys):
+    policy = sft_run[0]
+    result = ppo.run(ppo_config(policy, "test_ppo:reward_letter_x", 2, epochs=1, eval_prompts=4), str(tmp_path))
+    done = _done_line(capsys.readouterr().out, 2)
+    for key in ("reward_total", "kl", "response_length", "val_eval_reward"):
+        assert f"| {key} {result[key]:.4g}" in done
+
+
+def test_reward_model_closing_block_shows_pairwise_accuracy_and_margin(tmp_path, capsys):
+    rows = [{"prompt": f"q{i}", "chosen": "aeiou", "rejected": "bcdfg"} for i in range(40)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_run_config(
+        train={"trainer": "reward", "max_steps": 3, "batch_size": 8, "log_interval": 3},
+        data={"source": "jsonl", "path": str(path), "val_path": str(path)},
+        eval={"interval": 3, "iters": 1, "sample_tokens": 0},
+    )
+    workdir = str(tmp_path / "rm")
+    result = reward.run(cfg, workdir)
+    done = _done_line(capsys.readouterr().out, 3)
+    assert f"val_accuracy {result['val_accuracy']:.4g}" in done
+    assert f"val_reward_margin {result['val_reward_margin']:.4g}" in done
+
+
+def test_a_pipeline_ends_with_one_report_across_its_stages(tmp_path, capsys):
+    def run_stage(cfg, stage_dir):  # a stand-in stage: two logged rows
+        os.makedirs(stage_dir)
+        rows = [{"step": s, "loss": 3.0 / s} for s in (1, 2)]
+        with open(os.path.join(stage_dir, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        return {"loss": 1.5}
+
+    stages = [Stage("a", tiny_run_config()), Stage("b", tiny_run_config(logging={"report": True}), init_from="a")]
+    run_pipeline(stages, str(tmp_path), run_stage)
+    out = capsys.readouterr().out
+    page = os.path.join(str(tmp_path), "report", "report.html")
+    assert f"report:  {page}" in out and f"python -m flaxgpt.chat --workdir {tmp_path / 'b'}" in out
+    html = open(page).read()
+    assert 'id="a_"' in html and 'id="b_"' in html  # one page, a section per stage
+
+
+def test_pretraining_suggests_sampling_its_own_prompt_and_the_sft_stage(tmp_path, capsys):
+    cfg = tiny_run_config(train={"max_steps": 2, "log_interval": 2}, eval={"interval": 2, "sample_tokens": 0})
+    pretrain.run(cfg, str(tmp_path))
+    out = capsys.readouterr().out
+    assert f"python -m flaxgpt.sample --workdir {tmp_path} --prompt Question:" in out
+    assert f"-e sft_world --set train.init_from={tmp_path}  # next stage: SFT" in out
