@@ -43,6 +43,8 @@ STRUCTURAL_FIELDS = (
     "norm",
     "mlp",
     "use_bias",
+    "qkv_bias",
+    "qk_norm",
     "tie_embeddings",
     "scan_layers",
     "param_dtype",

@@ -55,6 +55,17 @@ class ModelConfig:
     tie_embeddings: bool | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # rotary frequency scaling for contexts beyond pretraining (Llama 3.x and others): none;
+    # linear (every frequency / rope_factor); llama3 (low frequencies / rope_factor, high ones
+    # kept, a smooth ramp between, set by rope_low/high_freq_factor and rope_original_context)
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
+    qkv_bias: bool | None = None  # biases on query/key/value only (Qwen2); None: as use_bias
+    qk_norm: bool = False  # a norm over head_dim on each query and key head, before rotary (Qwen3)
+    sliding_window: int = 0  # > 0: a query sees only the last sliding_window keys (Mistral); 0: all
     dropout: float = 0.0
     init_std: float = 0.02
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
@@ -101,6 +112,8 @@ class ModelConfig:
             use_bias=gpt2 if self.use_bias is None else self.use_bias,
             tie_embeddings=gpt2 if self.tie_embeddings is None else self.tie_embeddings,
         )
+        out = dataclasses.replace(out, qkv_bias=out.use_bias if self.qkv_bias is None else self.qkv_bias)
+        _check_rope_and_window(out)
         if out.n_head % out.n_kv_heads:
             raise ConfigError(f"model.n_head={out.n_head} must be a multiple of model.n_kv_heads={out.n_kv_heads}")
         if self.head_dim is None and self.d_model % self.n_head:
@@ -119,6 +132,25 @@ class ModelConfig:
         if out.position == "rope" and out.head_dim % 2:
             raise ConfigError(f"rotary positions need an even model.head_dim, got {out.head_dim}")
         return out
+
+
+def _check_rope_and_window(cfg: ModelConfig) -> None:
+    if cfg.sliding_window < 0:
+        raise ConfigError(f"model.sliding_window={cfg.sliding_window} must be >= 0 (0: full attention)")
+    if cfg.rope_scaling == "none":
+        return
+    if cfg.position != "rope":
+        raise ConfigError(f"model.rope_scaling={cfg.rope_scaling!r} needs rotary positions (model.position='rope')")
+    if not cfg.rope_factor >= 1.0 or cfg.rope_original_context < 1:
+        raise ConfigError(
+            f"model.rope_factor={cfg.rope_factor} must be >= 1 and model.rope_original_context="
+            f"{cfg.rope_original_context} >= 1"
+        )
+    if cfg.rope_scaling == "llama3" and not 0 < cfg.rope_low_freq_factor < cfg.rope_high_freq_factor:
+        raise ConfigError(
+            f"model.rope_low_freq_factor={cfg.rope_low_freq_factor} and model.rope_high_freq_factor="
+            f"{cfg.rope_high_freq_factor} must satisfy 0 < low < high"
+        )
 
 
 DEFAULT_LOGICAL_AXIS_RULES: tuple = (

@@ -37,7 +37,13 @@ from flaxgpt.config import ModelConfig
 from flaxgpt.data.tokenizers import ImportedTokenizer
 from flaxgpt.modeldir import HFFormatError, inside, read_json, require_directory
 
-SUPPORTED = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
+SUPPORTED = {
+    "GPT2LMHeadModel": "gpt2",
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "MistralForCausalLM": "mistral",
+}
 _DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
@@ -334,14 +340,18 @@ def model_config_from_hf(hf: dict, block_size: int | None = None, where: str = "
             tie_embeddings=f.flag("tie_word_embeddings", True),
         ).resolved()
     _require(hf, "hidden_act", ("silu",), "silu", where)
-    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-    if not isinstance(rope, dict):
-        raise HFFormatError(f"{where}: rope_scaling={rope!r} is not an object")
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise HFFormatError(f"{where}: rope scaling {rope!r} is not supported (plain RoPE only)")
-    use_bias = f.flag("attention_bias", False)
-    if use_bias != f.flag("mlp_bias", False):
-        raise HFFormatError(f"{where}: attention_bias and mlp_bias differ; flaxgpt's use_bias covers both")
+    layer_types = hf.get("layer_types") or []
+    if hf.get("use_sliding_window") or any(t != "full_attention" for t in layer_types):
+        raise HFFormatError(f"{where}: per-layer sliding windows (use_sliding_window, layer_types) are not supported")
+    if kind == "qwen2":  # q/k/v biases only
+        use_bias, qkv_bias = False, True
+    else:
+        use_bias = f.flag("attention_bias", False)
+        if kind == "llama" and use_bias != f.flag("mlp_bias", False):
+            raise HFFormatError(f"{where}: attention_bias and mlp_bias differ; flaxgpt's use_bias covers both")
+        if kind != "llama" and use_bias:
+            raise HFFormatError(f"{where}: attention_bias=true is not supported for {kind} (no MLP biases)")
+        qkv_bias = use_bias
     n_head = f.integer("num_attention_heads", 1, L["n_head"])
     n_kv = f.integer("num_key_value_heads", 1, n_head, n_head)
     if n_head % n_kv:
@@ -350,8 +360,7 @@ def model_config_from_hf(hf: dict, block_size: int | None = None, where: str = "
     if "head_dim" not in hf and d_model % n_head:
         raise HFFormatError(f"{where}: hidden_size={d_model} is not a multiple of num_attention_heads={n_head}")
     context = f.integer("max_position_embeddings", 1, L["context"], 2048)
-    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
-    _Fields({"rope_theta": theta}, where).number("rope_theta", 0.0, float("inf"), 10000.0)
+    window = f.integer("sliding_window", 1, L["context"], 0) if kind == "mistral" else 0
     return ModelConfig(
         recipe="llama",
         vocab_size=vocab,
@@ -363,17 +372,53 @@ def model_config_from_hf(hf: dict, block_size: int | None = None, where: str = "
         head_dim=f.integer("head_dim", 1, L["head_dim"], max(d_model // n_head, 1)),
         d_ff=f.integer("intermediate_size", 1, L["d_ff"]),
         norm_eps=f.number("rms_norm_eps", 0.0, 1.0, 1e-6),
-        rope_theta=float(theta),
         use_bias=use_bias,
+        qkv_bias=qkv_bias,
+        qk_norm=kind == "qwen3",
+        sliding_window=window,
         tie_embeddings=f.flag("tie_word_embeddings", False),
+        **_rope_fields(hf, where, context),
     ).resolved()
+
+
+def _rope_fields(hf: dict, where: str, context: int) -> dict:
+    """rope_theta and rope scaling of a config.json. `dynamic` (NTK) scaling changes nothing
+    within max_position_embeddings, which caps a rotary model's block_size: it imports as plain."""
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise HFFormatError(f"{where}: rope_scaling={rope!r} is not an object")
+    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    out = {"rope_theta": _Fields({"rope_theta": theta}, where).number("rope_theta", 0.0, float("inf"), 10000.0)}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    f = _Fields(rope, f"{where}: rope_scaling")
+    if kind in ("default", "dynamic"):
+        return out
+    if kind not in ("linear", "llama3"):
+        raise HFFormatError(f"{where}: rope_type={kind!r} is not supported (default, linear, llama3, dynamic)")
+    out.update(rope_scaling=kind, rope_factor=f.number("factor", 0.0, 1e6, 1.0))
+    if kind == "llama3":
+        out.update(
+            rope_low_freq_factor=f.number("low_freq_factor", 0.0, 1e6, 1.0),
+            rope_high_freq_factor=f.number("high_freq_factor", 0.0, 1e6, 4.0),
+            rope_original_context=f.integer("original_max_position_embeddings", 1, HF_LIMITS["context"], context),
+        )
+    return out
 
 
 def hf_config_from_model(cfg: ModelConfig, eos_id: int, pad_id: int) -> dict:
     """config.json for an export; the model must be exactly one of the two families."""
     cfg = cfg.resolved()
     expect = {
-        "gpt2": dict(position="learned", norm="layernorm", mlp="gelu", use_bias=True, tie_embeddings=True),
+        "gpt2": dict(
+            position="learned",
+            norm="layernorm",
+            mlp="gelu",
+            use_bias=True,
+            qkv_bias=True,
+            tie_embeddings=True,
+            qk_norm=False,
+            sliding_window=0,
+        ),
         "llama": dict(position="rope", norm="rmsnorm", mlp="swiglu"),
     }[cfg.recipe]
     wrong = [
@@ -409,9 +454,10 @@ def hf_config_from_model(cfg: ModelConfig, eos_id: int, pad_id: int) -> dict:
             "attn_pdrop": 0.0,
             **common,
         }
+    arch, extra = _rotary_architecture(cfg)
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [arch],
+        "model_type": arch.removesuffix("ForCausalLM").lower(),
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.d_ff,
         "num_hidden_layers": cfg.n_layer,
@@ -420,12 +466,43 @@ def hf_config_from_model(cfg: ModelConfig, eos_id: int, pad_id: int) -> dict:
         "head_dim": cfg.head_dim,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
+        "rope_parameters": _rope_parameters(cfg),
         "max_position_embeddings": cfg.block_size,
         "hidden_act": "silu",
-        "attention_bias": cfg.use_bias,
-        "mlp_bias": cfg.use_bias,
+        **extra,
         **common,
     }
+
+
+def _rotary_architecture(cfg: ModelConfig) -> tuple[str, dict]:
+    """The Hugging Face architecture of a rotary model (Qwen3: q/k norm; Qwen2: q/k/v biases
+    only; Mistral: a sliding window; Llama otherwise) and its own config keys."""
+    if cfg.qk_norm or (cfg.qkv_bias and not cfg.use_bias) or cfg.sliding_window:
+        if cfg.use_bias or (cfg.qk_norm and cfg.qkv_bias) or (cfg.qkv_bias and cfg.sliding_window):
+            raise HFFormatError(
+                "this model has no Hugging Face counterpart: model.qk_norm, model.qkv_bias, model.use_bias and "
+                "model.sliding_window combine as Qwen3 (qk_norm only), Qwen2 (qkv_bias only) or Mistral "
+                "(sliding_window only)"
+            )
+        if cfg.qk_norm:
+            return "Qwen3ForCausalLM", {"attention_bias": False, "sliding_window": cfg.sliding_window or None}
+        if cfg.qkv_bias:
+            return "Qwen2ForCausalLM", {}
+        return "MistralForCausalLM", {"sliding_window": cfg.sliding_window}
+    return "LlamaForCausalLM", {"attention_bias": cfg.use_bias, "mlp_bias": cfg.use_bias}
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    if cfg.rope_scaling == "none":
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    out = {"rope_type": cfg.rope_scaling, "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor}
+    if cfg.rope_scaling == "llama3":
+        out.update(
+            low_freq_factor=cfg.rope_low_freq_factor,
+            high_freq_factor=cfg.rope_high_freq_factor,
+            original_max_position_embeddings=cfg.rope_original_context,
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------- the tensor tables
@@ -500,8 +577,13 @@ def tensor_table(cfg: ModelConfig, hf_names: set | None = None) -> list[Entry]:
         ]
         for ours, theirs, n_in in projections:
             entries.append(Entry(o + ours + ".kernel", h + theirs + ".weight", "torch", n_in))
-            if cfg.use_bias:
+            if cfg.qkv_bias if ours in ("attn.query", "attn.key", "attn.value") else cfg.use_bias:
                 entries.append(Entry(o + ours + ".bias", h + theirs + ".bias", n_in=0))
+        if cfg.qk_norm:
+            entries += [
+                Entry(o + "attn.query_norm.scale", h + "self_attn.q_norm.weight", n_in=0),
+                Entry(o + "attn.key_norm.scale", h + "self_attn.k_norm.weight", n_in=0),
+            ]
         entries += [
             Entry(o + "attn_norm.scale", h + "input_layernorm.weight", n_in=0),
             Entry(o + "mlp_norm.scale", h + "post_attention_layernorm.weight", n_in=0),
@@ -639,6 +721,8 @@ def hf_tensor_shapes(cfg: ModelConfig, hf_vocab: int, hf_names: set | None = Non
             "up_proj.weight": (ff, d),
             "up_proj.bias": (ff,),
             "down_proj.weight": (d, ff),
+            "q_norm.weight": (hd,),
+            "k_norm.weight": (hd,),
         }
     out: dict[str, tuple[Entry, tuple]] = {}
     for entry in tensor_table(cfg, hf_names):
@@ -694,6 +778,14 @@ def import_model(directory: str, own: ModelConfig) -> tuple[ModelConfig, Importe
         "tie_embeddings",
         "norm_eps",
         "rope_theta",
+        "rope_scaling",
+        "rope_factor",
+        "rope_low_freq_factor",
+        "rope_high_freq_factor",
+        "rope_original_context",
+        "qkv_bias",
+        "qk_norm",
+        "sliding_window",
     )
     model_cfg = dataclasses.replace(
         own,

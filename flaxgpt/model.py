@@ -27,6 +27,7 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from flaxgpt.config import ConfigError, ModelConfig
@@ -76,14 +77,33 @@ class Norm(nn.Module):
         return y.astype(_DTYPES[cfg.dtype])
 
 
-def rotary(x: Array, positions: Array, theta: float) -> Array:
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """The rotary inverse frequencies [head_dim // 2] (float32, computed as transformers does),
+    with `rope_scaling` applied: linear divides all by rope_factor; llama3 divides the low
+    frequencies (wavelength > original context / low_freq_factor), keeps the high ones
+    (wavelength < original context / high_freq_factor) and ramps smoothly between."""
+    d = cfg.head_dim
+    inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / d))).astype(np.float32)
+    if cfg.rope_scaling == "linear":
+        return (inv / np.float32(cfg.rope_factor)).astype(np.float32)
+    if cfg.rope_scaling == "llama3":
+        factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        context = cfg.rope_original_context
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > context / low, inv / factor, inv)
+        smooth = (context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= context / high) & (wavelen <= context / low)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def rotary(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
     """Rotary position embedding, rotate-half convention (as Hugging Face Llama).
 
-    x: [batch, length, heads, head_dim]; positions: [batch, length].
+    x: [batch, length, heads, head_dim]; positions: [batch, length]; inv_freq from `rope_frequencies`.
     """
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, half]
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [b, t, half]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -91,10 +111,13 @@ def rotary(x: Array, positions: Array, theta: float) -> Array:
     return rotated.astype(x.dtype)
 
 
-def attention_mask(segment_ids: Array) -> Array:
-    """[batch, q, k] boolean: causal by index, and only within one segment."""
+def attention_mask(segment_ids: Array, window: int = 0) -> Array:
+    """[batch, q, k] boolean: causal by index, only within one segment, and with window > 0 only
+    the last `window` keys (sliding-window attention; index distance is position distance)."""
     length = segment_ids.shape[-1]
     causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    if window:
+        causal = causal & ~jnp.tril(causal, -window)
     same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
     return causal[None] & same_segment
 
@@ -242,15 +265,17 @@ class Attention(nn.Module):
 
         def project(name: str, heads: int, axis_name: str) -> Array:
             return Linear(
-                (heads, d), ("embed",), (axis_name, "head_dim"), cfg, cfg.init_std, cfg.use_bias, self.train, name=name
+                (heads, d), ("embed",), (axis_name, "head_dim"), cfg, cfg.init_std, cfg.qkv_bias, self.train, name=name
             )(x)
 
         q = project("query", h, "heads")
         k = project("key", kv, "kv_heads")
         v = project("value", kv, "kv_heads")
+        if cfg.qk_norm:  # Qwen3: each head's query and key normalised over head_dim
+            q, k = Norm(cfg, name="query_norm")(q), Norm(cfg, name="key_norm")(k)
         if cfg.position == "rope":
-            q = rotary(q, positions, cfg.rope_theta)
-            k = rotary(k, positions, cfg.rope_theta)
+            inv_freq = rope_frequencies(cfg)
+            q, k = rotary(q, positions, inv_freq), rotary(k, positions, inv_freq)
         q = _constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
         k = _constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
         v = _constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
@@ -283,7 +308,7 @@ class Attention(nn.Module):
         cached_valid = self.variable("cache", "cached_valid", jnp.zeros, valid.shape, bool)
         index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
         if self.is_initializing():
-            return k, v, attention_mask(valid.astype(jnp.int32)) & valid[:, None, :]
+            return k, v, attention_mask(valid.astype(jnp.int32), self.cfg.sliding_window) & valid[:, None, :]
         i = index.value
         names = ("activation_batch", "activation_length", "activation_kv_heads", None)  # sharded like activations
         cached_k.value = _constrain(jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0)), names)
@@ -292,7 +317,10 @@ class Attention(nn.Module):
         index.value = i + chunk
         slots = jnp.arange(cached_k.value.shape[1])
         query_slots = i + jnp.arange(chunk)
-        mask = (slots[None, :] <= query_slots[:, None])[None] & cached_valid.value[:, None, :]
+        visible = slots[None, :] <= query_slots[:, None]
+        if self.cfg.sliding_window:  # rows are contiguous after their left padding: slot distance is position distance
+            visible = visible & (query_slots[:, None] - slots[None, :] < self.cfg.sliding_window)
+        mask = visible[None] & cached_valid.value[:, None, :]
         return cached_k.value, cached_v.value, mask
 
 
@@ -403,7 +431,7 @@ class Transformer(nn.Module):
             )(positions)
         x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
         x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
-        mask = (segment_ids != 0) if decode else attention_mask(segment_ids)
+        mask = (segment_ids != 0) if decode else attention_mask(segment_ids, cfg.sliding_window)
 
         block = Block
         if cfg.remat != "none":
