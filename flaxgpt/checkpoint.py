@@ -45,6 +45,8 @@ STRUCTURAL_FIELDS = (
     "use_bias",
     "qkv_bias",
     "qk_norm",
+    "norm_plus_one",
+    "post_norms",
     "tie_embeddings",
     "scan_layers",
     "param_dtype",

@@ -50,7 +50,7 @@ class ModelConfig:
     d_ff: int | None = None  # None: 4*d_model (gpt2) or 8/3*d_model rounded to 64 (llama)
     position: Literal["learned", "rope"] | None = None
     norm: Literal["layernorm", "rmsnorm"] | None = None
-    mlp: Literal["gelu", "swiglu"] | None = None
+    mlp: Literal["gelu", "swiglu", "geglu"] | None = None
     use_bias: bool | None = None
     tie_embeddings: bool | None = None
     norm_eps: float = 1e-5
@@ -66,6 +66,17 @@ class ModelConfig:
     qkv_bias: bool | None = None  # biases on query/key/value only (Qwen2); None: as use_bias
     qk_norm: bool = False  # a norm over head_dim on each query and key head, before rotary (Qwen3)
     sliding_window: int = 0  # > 0: a query sees only the last sliding_window keys (Mistral); 0: all
+    global_every: int = 0  # with sliding_window: every k-th layer attends globally (Gemma 2: 2); 0: none
+    # Gemma: norms scale by (1 + w) (w stored, starting at 0), embeddings times sqrt(d_model);
+    # Gemma 2 adds a norm after each attention and MLP branch (post_norms), soft-capped attention
+    # scores and logits (cap * tanh(x / cap); 0: none) and scores scaled by
+    # query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5 (0: head_dim)
+    norm_plus_one: bool = False
+    embed_scale: bool = False
+    post_norms: bool = False
+    attn_softcap: float = 0.0
+    logit_softcap: float = 0.0
+    query_pre_attn_scalar: int = 0
     dropout: float = 0.0
     init_std: float = 0.02
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
@@ -135,8 +146,13 @@ class ModelConfig:
 
 
 def _check_rope_and_window(cfg: ModelConfig) -> None:
-    if cfg.sliding_window < 0:
-        raise ConfigError(f"model.sliding_window={cfg.sliding_window} must be >= 0 (0: full attention)")
+    negative = [
+        f"model.{k}={getattr(cfg, k)}"
+        for k in ("sliding_window", "global_every", "attn_softcap", "logit_softcap", "query_pre_attn_scalar")
+        if getattr(cfg, k) < 0
+    ]
+    if negative:
+        raise ConfigError(f"{', '.join(negative)} must be >= 0 (0: off)")
     if cfg.rope_scaling == "none":
         return
     if cfg.position != "rope":

@@ -35,6 +35,7 @@ import numpy as np
 
 from flaxgpt.config import ModelConfig
 from flaxgpt.data.tokenizers import ImportedTokenizer
+from flaxgpt.model import layer_windows
 from flaxgpt.modeldir import HFFormatError, inside, read_json, require_directory
 
 SUPPORTED = {
@@ -43,6 +44,8 @@ SUPPORTED = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "MistralForCausalLM": "mistral",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
 }
 _DTYPES = {
     "F64": np.float64,
@@ -339,10 +342,6 @@ def model_config_from_hf(hf: dict, block_size: int | None = None, where: str = "
             norm_eps=f.number("layer_norm_epsilon", 0.0, 1.0, 1e-5),
             tie_embeddings=f.flag("tie_word_embeddings", True),
         ).resolved()
-    _require(hf, "hidden_act", ("silu",), "silu", where)
-    layer_types = hf.get("layer_types") or []
-    if hf.get("use_sliding_window") or any(t != "full_attention" for t in layer_types):
-        raise HFFormatError(f"{where}: per-layer sliding windows (use_sliding_window, layer_types) are not supported")
     if kind == "qwen2":  # q/k/v biases only
         use_bias, qkv_bias = False, True
     else:
@@ -360,25 +359,71 @@ def model_config_from_hf(hf: dict, block_size: int | None = None, where: str = "
     if "head_dim" not in hf and d_model % n_head:
         raise HFFormatError(f"{where}: hidden_size={d_model} is not a multiple of num_attention_heads={n_head}")
     context = f.integer("max_position_embeddings", 1, L["context"], 2048)
-    window = f.integer("sliding_window", 1, L["context"], 0) if kind == "mistral" else 0
+    n_layer = f.integer("num_hidden_layers", 1, L["n_layer"])
+    head_dim = f.integer("head_dim", 1, L["head_dim"], max(d_model // n_head, 1))
     return ModelConfig(
         recipe="llama",
         vocab_size=vocab,
         block_size=min(context, block_size or context),
-        n_layer=f.integer("num_hidden_layers", 1, L["n_layer"]),
+        n_layer=n_layer,
         n_head=n_head,
         n_kv_heads=n_kv,
         d_model=d_model,
-        head_dim=f.integer("head_dim", 1, L["head_dim"], max(d_model // n_head, 1)),
+        head_dim=head_dim,
         d_ff=f.integer("intermediate_size", 1, L["d_ff"]),
         norm_eps=f.number("rms_norm_eps", 0.0, 1.0, 1e-6),
         use_bias=use_bias,
         qkv_bias=qkv_bias,
         qk_norm=kind == "qwen3",
-        sliding_window=window,
-        tie_embeddings=f.flag("tie_word_embeddings", False),
+        tie_embeddings=f.flag("tie_word_embeddings", kind.startswith("gemma")),
         **_rope_fields(hf, where, context),
+        **_window_fields(hf, kind, n_layer, where),
+        **_gemma_fields(hf, kind, head_dim, where),
     ).resolved()
+
+
+def _window_fields(hf: dict, kind: str, n_layer: int, where: str) -> dict:
+    """sliding_window and global_every: Mistral's window on every layer, or `layer_types` whose
+    full-attention layers are every k-th (Gemma 2: sliding, full, sliding, ...)."""
+    f = _Fields(hf, where)
+    if kind == "mistral":
+        return {"sliding_window": f.integer("sliding_window", 1, HF_LIMITS["context"], 0)}
+    types = hf.get("layer_types")
+    if types is None:
+        if hf.get("use_sliding_window"):
+            raise HFFormatError(f"{where}: use_sliding_window=true without layer_types is not supported")
+        return {}
+    if not isinstance(types, list) or len(types) != n_layer:
+        raise HFFormatError(f"{where}: layer_types is not a list of num_hidden_layers={n_layer} names")
+    if any(t not in ("full_attention", "sliding_attention") for t in types):
+        raise HFFormatError(f"{where}: layer_types {types!r} has names other than full_attention, sliding_attention")
+    full = [i for i, t in enumerate(types) if t == "full_attention"]
+    if len(full) == n_layer:
+        return {}
+    every = full[0] + 1 if full else 0
+    if full != [i for i in range(n_layer) if every and i % every == every - 1]:
+        raise HFFormatError(f"{where}: layer_types {types!r}: flaxgpt's global layers are every k-th one")
+    return {"sliding_window": f.integer("sliding_window", 1, HF_LIMITS["context"]), "global_every": every}
+
+
+def _gemma_fields(hf: dict, kind: str, head_dim: int, where: str) -> dict:
+    """The activation, and Gemma's (1 + w) norms, embedding scale, GeGLU and (Gemma 2)
+    post-branch norms, soft-capping and query scale."""
+    act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+    if not kind.startswith("gemma"):
+        _require({"hidden_act": act}, "hidden_act", ("silu",), "silu", where)
+        return {}
+    _require({"hidden_activation": act}, "hidden_activation", ("gelu_pytorch_tanh",), None, where)
+    out: dict[str, Any] = dict(mlp="geglu", norm_plus_one=True, embed_scale=True)
+    if kind == "gemma2":
+        f = _Fields(hf, where)
+        out.update(
+            post_norms=True,
+            attn_softcap=f.number("attn_logit_softcapping", 0.0, 1e6, 0.0),
+            logit_softcap=f.number("final_logit_softcapping", 0.0, 1e6, 0.0),
+            query_pre_attn_scalar=f.integer("query_pre_attn_scalar", 1, 2**20, head_dim),
+        )
+    return out
 
 
 def _rope_fields(hf: dict, where: str, context: int) -> dict:
@@ -419,7 +464,7 @@ def hf_config_from_model(cfg: ModelConfig, eos_id: int, pad_id: int) -> dict:
             qk_norm=False,
             sliding_window=0,
         ),
-        "llama": dict(position="rope", norm="rmsnorm", mlp="swiglu"),
+        "llama": dict(position="rope", norm="rmsnorm"),
     }[cfg.recipe]
     wrong = [
         f"model.{k}={getattr(cfg, k)!r} (the {cfg.recipe} family has {v!r})"
@@ -468,7 +513,6 @@ def hf_config_from_model(cfg: ModelConfig, eos_id: int, pad_id: int) -> dict:
         "rope_theta": cfg.rope_theta,
         "rope_parameters": _rope_parameters(cfg),
         "max_position_embeddings": cfg.block_size,
-        "hidden_act": "silu",
         **extra,
         **common,
     }
@@ -476,7 +520,11 @@ def hf_config_from_model(cfg: ModelConfig, eos_id: int, pad_id: int) -> dict:
 
 def _rotary_architecture(cfg: ModelConfig) -> tuple[str, dict]:
     """The Hugging Face architecture of a rotary model (Qwen3: q/k norm; Qwen2: q/k/v biases
-    only; Mistral: a sliding window; Llama otherwise) and its own config keys."""
+    only; Mistral: a sliding window; Gemma; Llama otherwise) and its own config keys."""
+    gemma = (cfg.mlp == "geglu", cfg.norm_plus_one, cfg.embed_scale, cfg.post_norms)
+    if any(gemma) or cfg.attn_softcap or cfg.logit_softcap or cfg.query_pre_attn_scalar or cfg.global_every:
+        return _gemma_architecture(cfg)
+    silu = {"hidden_act": "silu"}
     if cfg.qk_norm or (cfg.qkv_bias and not cfg.use_bias) or cfg.sliding_window:
         if cfg.use_bias or (cfg.qk_norm and cfg.qkv_bias) or (cfg.qkv_bias and cfg.sliding_window):
             raise HFFormatError(
@@ -485,11 +533,35 @@ def _rotary_architecture(cfg: ModelConfig) -> tuple[str, dict]:
                 "(sliding_window only)"
             )
         if cfg.qk_norm:
-            return "Qwen3ForCausalLM", {"attention_bias": False, "sliding_window": cfg.sliding_window or None}
+            return "Qwen3ForCausalLM", {"attention_bias": False, "sliding_window": cfg.sliding_window or None, **silu}
         if cfg.qkv_bias:
-            return "Qwen2ForCausalLM", {}
-        return "MistralForCausalLM", {"sliding_window": cfg.sliding_window}
-    return "LlamaForCausalLM", {"attention_bias": cfg.use_bias, "mlp_bias": cfg.use_bias}
+            return "Qwen2ForCausalLM", silu
+        return "MistralForCausalLM", {"sliding_window": cfg.sliding_window, **silu}
+    return "LlamaForCausalLM", {"attention_bias": cfg.use_bias, "mlp_bias": cfg.use_bias, **silu}
+
+
+def _gemma_architecture(cfg: ModelConfig) -> tuple[str, dict]:
+    """Gemma (GeGLU, (1 + w) norms, scaled embeddings, no biases) or, with post_norms, Gemma 2."""
+    base = cfg.mlp == "geglu" and cfg.norm_plus_one and cfg.embed_scale and not (cfg.qkv_bias or cfg.qk_norm)
+    gemma2_only = cfg.attn_softcap or cfg.logit_softcap or cfg.sliding_window or cfg.global_every
+    scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+    if not base or (not cfg.post_norms and (gemma2_only or scalar != cfg.head_dim)):
+        raise HFFormatError(
+            "this model has no Hugging Face counterpart: Gemma needs model.mlp='geglu', norm_plus_one and "
+            "embed_scale without biases or qk_norm; soft-capping, query_pre_attn_scalar and sliding windows "
+            "need Gemma 2's post_norms"
+        )
+    act = {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh"}
+    if not cfg.post_norms:
+        return "GemmaForCausalLM", act
+    return "Gemma2ForCausalLM", {
+        **act,
+        "query_pre_attn_scalar": scalar,
+        "attn_logit_softcapping": cfg.attn_softcap or None,
+        "final_logit_softcapping": cfg.logit_softcap or None,
+        "sliding_window": cfg.sliding_window or cfg.block_size,
+        "layer_types": ["sliding_attention" if w else "full_attention" for w in layer_windows(cfg)],
+    }
 
 
 def _rope_parameters(cfg: ModelConfig) -> dict:
@@ -584,10 +656,15 @@ def tensor_table(cfg: ModelConfig, hf_names: set | None = None) -> list[Entry]:
                 Entry(o + "attn.query_norm.scale", h + "self_attn.q_norm.weight", n_in=0),
                 Entry(o + "attn.key_norm.scale", h + "self_attn.k_norm.weight", n_in=0),
             ]
-        entries += [
-            Entry(o + "attn_norm.scale", h + "input_layernorm.weight", n_in=0),
-            Entry(o + "mlp_norm.scale", h + "post_attention_layernorm.weight", n_in=0),
-        ]
+        norms = [("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")]
+        if cfg.post_norms:  # Gemma 2: a norm before and after each branch
+            norms = [
+                ("attn_norm", "input_layernorm"),
+                ("attn_post_norm", "post_attention_layernorm"),
+                ("mlp_norm", "pre_feedforward_layernorm"),
+                ("mlp_post_norm", "post_feedforward_layernorm"),
+            ]
+        entries += [Entry(o + f"{ours}.scale", h + f"{theirs}.weight", n_in=0) for ours, theirs in norms]
     return entries
 
 
@@ -786,6 +863,13 @@ def import_model(directory: str, own: ModelConfig) -> tuple[ModelConfig, Importe
         "qkv_bias",
         "qk_norm",
         "sliding_window",
+        "global_every",
+        "norm_plus_one",
+        "embed_scale",
+        "post_norms",
+        "attn_softcap",
+        "logit_softcap",
+        "query_pre_attn_scalar",
     )
     model_cfg = dataclasses.replace(
         own,

@@ -1,5 +1,7 @@
 """Each rotary Hugging Face family flaxgpt imports, against transformers itself: Llama 3.x rope
-scaling (llama3, linear), Qwen2 (q/k/v biases), Qwen3 (q/k norm) and Mistral (sliding window).
+scaling (llama3, linear), Qwen2 (q/k/v biases), Qwen3 (q/k norm), Mistral (sliding window), Gemma
+(GeGLU, (1 + w) norms, scaled embeddings) and Gemma 2 (post-branch norms, soft-capping, alternating
+local/global layers, query_pre_attn_scalar).
 
 A tiny random model of each is built by the family's own transformers config class, imported,
 compared logit for logit, decoded greedily with the KV cache against transformers' `generate`,
@@ -44,6 +46,12 @@ FAMILIES = {
     "qwen2": ("Qwen2", {}, dict(qkv_bias=True, use_bias=False)),
     "qwen3": ("Qwen3", {}, dict(qk_norm=True)),
     "mistral": ("Mistral", {"sliding_window": 5}, dict(sliding_window=5)),
+    "gemma": ("Gemma", {"hidden_act": "gelu_pytorch_tanh"}, dict(mlp="geglu", norm_plus_one=True, embed_scale=True)),
+    "gemma2": (  # layers alternate sliding (window 5) and global; caps small enough to bite
+        "Gemma2",
+        dict(sliding_window=5, attn_logit_softcapping=1.0, final_logit_softcapping=2.0, query_pre_attn_scalar=12),
+        dict(post_norms=True, sliding_window=5, global_every=2, attn_softcap=1.0, query_pre_attn_scalar=12),
+    ),
 }
 
 
@@ -99,7 +107,13 @@ def test_llama3_frequencies_match_transformers():
     "change, message",
     [
         ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn' is not supported"),
-        ({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True}, "per-layer sliding windows"),
+        ({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True}, "use_sliding_window=true without"),
+        (
+            {"architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": 3, "sliding_window": 4}
+            | {"layer_types": ["full_attention", "sliding_attention", "sliding_attention"]},
+            "global layers are every k-th",
+        ),
+        ({"architectures": ["Gemma2ForCausalLM"], "hidden_activation": "gelu"}, "hidden_activation='gelu'"),
         ({"architectures": ["MistralForCausalLM"], "attention_bias": True}, "attention_bias=true"),
     ],
 )
