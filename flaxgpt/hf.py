@@ -706,12 +706,16 @@ def import_leaf(reader: SafetensorsReader, entry: Entry, shape: tuple, hf_vocab:
     return value.reshape(shape)
 
 
-def export_tensors(params: dict, cfg: ModelConfig, dtype: Any = np.float32) -> dict[str, np.ndarray]:
-    """Hugging Face tensors of (host, unrolled-layer, LoRA-merged) flaxgpt parameters."""
-    flat = {
+def _flatten(params: dict) -> dict[str, np.ndarray]:
+    return {
         ".".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
         for path, v in jax.tree_util.tree_leaves_with_path(params)
     }
+
+
+def export_tensors(params: dict, cfg: ModelConfig, dtype: Any = np.float32) -> dict[str, np.ndarray]:
+    """Hugging Face tensors of (host, unrolled-layer, LoRA-merged) flaxgpt parameters."""
+    flat = _flatten(params)
     grouped: dict[str, list[tuple[Entry, np.ndarray]]] = {}
     for entry in tensor_table(cfg):
         value = flat[entry.ours].astype(np.float32).reshape(_flat2(flat[entry.ours].shape, entry.n_in))
@@ -722,6 +726,43 @@ def export_tensors(params: dict, cfg: ModelConfig, dtype: Any = np.float32) -> d
         value = np.concatenate([v for _, v in parts], axis=-1) if len(parts) > 1 else parts[0][1]
         out[name] = np.ascontiguousarray(value.T if parts[0][0].layout == "torch" else value).astype(dtype)
     return out
+
+
+def export_adapter(params: dict, cfg: ModelConfig, dtype: Any = np.float32) -> tuple[dict[str, np.ndarray], dict]:
+    """(adapter_model.safetensors tensors, adapter_config.json) in PEFT's LoRA format, from the
+    (host, unrolled-layer, unmerged) parameters of a LoRA model of a rotary family: PEFT's
+    lora_A is our A transposed [rank, in], lora_B our B transposed [out, rank], and its
+    scaling lora_alpha / r is ours."""
+    if cfg.recipe != "llama" or not cfg.lora_rank:
+        raise HFFormatError(
+            "a PEFT adapter is exported from a LoRA run (model.lora_rank > 0) of a rotary family "
+            f"(model.recipe='llama'); this one has recipe={cfg.recipe!r}, lora_rank={cfg.lora_rank}"
+        )
+    flat, tensors, modules = _flatten(params), {}, set()
+    for entry in tensor_table(cfg):
+        ours = entry.ours.removesuffix(".kernel")
+        if f"{ours}.lora_a" not in flat:
+            continue
+        theirs = "base_model.model." + entry.hf.removesuffix(".weight")
+        a = flat[f"{ours}.lora_a"].astype(np.float32).reshape(-1, cfg.lora_rank)
+        b = flat[f"{ours}.lora_b"].astype(np.float32).reshape(cfg.lora_rank, -1)
+        tensors[f"{theirs}.lora_A.weight"] = np.ascontiguousarray(a.T).astype(dtype)
+        tensors[f"{theirs}.lora_B.weight"] = np.ascontiguousarray(b.T).astype(dtype)
+        modules.add(theirs.rsplit(".", 1)[1])
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": cfg.lora_rank,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout,
+        "target_modules": sorted(modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "inference_mode": True,
+        "base_model_name_or_path": None,
+    }
+    return tensors, config
 
 
 # ----------------------------------------------------------------------------- onto the mesh

@@ -96,6 +96,18 @@ def hf_logits(directory: str, ids: list[int]):
         return model(torch.tensor([ids])).logits[0].numpy()
 
 
+def peft_logits(base: str, adapter: str, ids: list[int]):
+    """Logits of a PEFT LoRA adapter loaded by peft onto a transformers base model."""
+    import peft
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(model, adapter).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
 def hf_greedy(directory: str, ids: list[int], new_tokens: int) -> list[int]:
     import torch
     import transformers

@@ -18,7 +18,7 @@ pytest.importorskip("transformers", reason="the hf extra (pip install -e '.[hf]'
 
 from flaxgpt import hf, inference, lora  # noqa: E402
 from flaxgpt.config import ConfigError, OptimizerConfig  # noqa: E402
-from flaxgpt.convert import export_hf, import_hf  # noqa: E402
+from flaxgpt.convert import export_hf, export_peft_adapter, import_hf  # noqa: E402
 from flaxgpt.model import Transformer  # noqa: E402
 from flaxgpt.optim import build_optimizer  # noqa: E402
 from tests import hf_fixtures  # noqa: E402
@@ -229,6 +229,13 @@ def test_imported_model_through_sft_and_ppo_then_exported(family, lora_rank, mod
     assert np.array_equal(query(sft), query(base)) == bool(lora_rank)
     if lora_rank:
         assert np.asarray(sft.params["layers_0"]["attn"]["query"]["lora_b"]).any()
+        # the LoRA run's adapters alone, in PEFT's format, onto the base model's export
+        adapter, base_hf = str(tmp_path / "adapter"), str(tmp_path / "base_hf")
+        export_peft_adapter(os.path.join(workdir, "sft"), adapter)
+        export_hf(str(tmp_path / "base"), base_hf)
+        ids = sft.tokenizer.encode("<|user|>What is two plus three?<|end|><|assistant|>", allow_special=True)
+        theirs = hf_fixtures.peft_logits(base_hf, adapter, ids)
+        np.testing.assert_allclose(theirs, hf_fixtures.flaxgpt_logits(sft, ids), atol=1e-4)
     out = str(tmp_path / "export")
     export_hf(os.path.join(workdir, "ppo"), out)
     policy = inference.load(os.path.join(workdir, "ppo"))

@@ -9,11 +9,14 @@ exported and reloaded by transformers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
+from flax.core import meta
 
 pytest.importorskip("transformers", reason="the hf extra (pip install -e '.[hf]') is not installed")
 
@@ -128,3 +131,39 @@ def test_unsupported_family_settings_are_named(change, message):
     }
     with pytest.raises(HFFormatError, match=message):
         hf.model_config_from_hf({**base, **change})
+
+
+def test_lora_adapter_exports_in_peft_format_with_the_same_logits(built, tmp_path):
+    """A LoRA model's adapters, exported alone, load through peft onto the base export and give
+    flaxgpt's logits; the adapter file holds nothing of the base."""
+    pytest.importorskip("peft")
+    from flaxgpt.convert import export_peft_adapter, write_peft_adapter
+    from flaxgpt.model import Transformer
+
+    _, run = built["qwen2"]
+    loaded = inference.load(run)
+    cfg = dataclasses.replace(loaded.cfg.model, lora_rank=2, lora_alpha=6.0, lora_targets=("query", "out", "down"))
+    model = Transformer(cfg.resolved())
+    ids = loaded.tokenizer.encode(PROMPT)
+    params = jax.tree.map(np.asarray, meta.unbox(model.init(jax.random.PRNGKey(1), np.array([ids]))["params"]))
+    for path, value in jax.tree_util.tree_leaves_with_path(loaded.params):
+        node = params
+        for key in path[:-1]:
+            node = node[key.key]
+        node[path[-1].key] = np.asarray(value)
+    rng = np.random.default_rng(0)  # non-zero adapters (B starts at 0)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, v: rng.normal(0, 0.2, v.shape).astype(v.dtype) if "lora_b" in jax.tree_util.keystr(p) else v, params
+    )
+    ours = np.asarray(model.apply({"params": params}, np.array([ids])))[0]
+
+    adapter = str(tmp_path / "adapter")
+    config = write_peft_adapter(adapter, params, model.cfg)
+    assert config["target_modules"] == ["down_proj", "o_proj", "q_proj"]
+    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
+    base = str(tmp_path / "base")
+    export_hf(run, base)
+    np.testing.assert_allclose(hf_fixtures.peft_logits(base, adapter, ids), ours, atol=1e-4)
+    assert not np.allclose(ours, hf_fixtures.flaxgpt_logits(loaded, ids), atol=1e-3)  # the adapters matter
+    with pytest.raises(HFFormatError, match="lora_rank > 0"):
+        export_peft_adapter(run, str(tmp_path / "none"))
