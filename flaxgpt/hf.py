@@ -1,6 +1,8 @@
-"""Hugging Face interoperability: GPT-2 (`GPT2LMHeadModel`) and Llama-family (`LlamaForCausalLM`)
-weights and configs in the Hugging Face layout (`config.json` + `*.safetensors`, one file or
-sharded with `model.safetensors.index.json`), to and from flaxgpt parameters.
+"""Hugging Face interoperability: GPT-2 (`GPT2LMHeadModel`) and the rotary families (Llama with
+its rope scaling, Qwen2, Qwen3, Mistral, Gemma, Gemma 2: see `SUPPORTED`), weights and configs
+in the Hugging Face layout (`config.json` + `*.safetensors`, one file or sharded with
+`model.safetensors.index.json`), to and from flaxgpt parameters, and LoRA adapters in PEFT's
+format.
 
 One table per family lists which Hugging Face tensor feeds which flaxgpt parameter and how it is
 laid out (torch `Linear` [out, in], GPT-2's `Conv1D` [in, out], or as is); import and export both

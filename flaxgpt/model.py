@@ -7,6 +7,12 @@ field by field):
   llama  rotary positions, RMSNorm, SwiGLU MLP, no biases, untied head,
          grouped-query attention (n_kv_heads <= n_head; 1 = multi-query)
 
+Fields of the config switch on what other open families add to the llama recipe: rotary
+frequency scaling (rope_scaling: Llama 3.x), q/k/v biases (qkv_bias: Qwen2), q/k norms
+(qk_norm: Qwen3), sliding-window attention on every layer or all but every k-th (sliding_window,
+global_every: Mistral, Gemma 2), and Gemma's GeGLU, (1 + w) norms, scaled embeddings,
+post-branch norms, soft-capping and query scale.
+
 Every parameter carries *logical* axis names ("embed", "mlp", "heads", ...)
 and activations are constrained by logical names too; `flaxgpt.sharding` maps
 them onto mesh axes. Nothing here places data on devices; the one question asked of the
