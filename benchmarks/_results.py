@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import os
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+# FLAXGPT_BENCH_RESULTS sends the sections elsewhere (benchmarks/gpu_session.py collects a device
+# session's sections in its output folder, to be appended here afterwards).
+RESULTS = os.environ.get("FLAXGPT_BENCH_RESULTS") or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"
+)
 
 
 def record(text: str, path: str = RESULTS) -> None:

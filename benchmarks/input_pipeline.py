@@ -36,7 +36,7 @@ from flaxgpt.optim import build_optimizer, learning_rate_schedule  # noqa: E402
 from flaxgpt.sharding import batch_sharding, local_batch_rows, logical_rules, make_mesh, place_batch  # noqa: E402
 from flaxgpt.state import create_train_state  # noqa: E402
 from flaxgpt.train import load_experiment  # noqa: E402
-from flaxgpt.trainers.lm import make_train_step  # noqa: E402
+from flaxgpt.trainers.step import make_train_step  # noqa: E402
 
 
 def measure(cfg: C.Config, workdir: str, steps: int = 50) -> dict:

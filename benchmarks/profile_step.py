@@ -3,6 +3,7 @@
 
     python benchmarks/profile_step.py --only gpt2_124m --dtype bfloat16        # on a GPU
     python benchmarks/profile_step.py --only shakespeare_char --top 15         # on a CPU
+    python benchmarks/profile_step.py --only llama_1b --dtype bfloat16 --steps 3  # on a GPU
 
 Prints, per device (its CUDA streams, or XLA:CPU's worker threads, added together), the
 busy time by category (matmuls, fused attention, copies and transposes, reductions,
@@ -24,7 +25,7 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from train_throughput import CONFIGS, FlaxgptTrainer  # noqa: E402
+from train_throughput import CONFIGS, FlaxgptTrainer, shape_for  # noqa: E402
 
 from flaxgpt import perf  # noqa: E402
 
@@ -124,6 +125,7 @@ def main() -> int:
     parser.add_argument("--only", choices=sorted(CONFIGS), default="gpt2_124m")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--batch", type=int)
+    parser.add_argument("--tiny", action="store_true", help="train_throughput.py's few-second shape of the recipe")
     parser.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"))
     parser.add_argument("--remat", default="none")
     parser.add_argument("--steps", type=int, default=5)
@@ -133,8 +135,7 @@ def main() -> int:
     args = parser.parse_args()
     perf.tune_host_allocator()  # as the CLIs and train_throughput.py: else page faults swell the elementwise ops
     on_cpu = jax.devices()[0].platform == "cpu"
-    shape = dict(CONFIGS[args.only]) if on_cpu else dict(CONFIGS[args.only], **CONFIGS[args.only]["accel"])
-    shape["batch"] = args.batch or shape["batch"]
+    shape = shape_for(args.only, on_cpu, args.tiny, args.batch)
     trainer = FlaxgptTrainer(shape, args.dtype, attention=args.attention, remat=args.remat)
     if args.hlo:
         with open(args.hlo, "w") as f:

@@ -31,7 +31,7 @@ from flaxgpt.model import Transformer  # noqa: E402
 from flaxgpt.optim import build_optimizer, learning_rate_schedule  # noqa: E402
 from flaxgpt.sharding import batch_sharding, logical_rules, make_mesh  # noqa: E402
 from flaxgpt.state import abstract_train_state  # noqa: E402
-from flaxgpt.trainers.lm import make_train_step  # noqa: E402
+from flaxgpt.trainers.step import make_train_step  # noqa: E402
 
 GIB = 1024**3
 # LLaMA-style ~1B: 18 layers, d_model 2048, 16 heads / 8 KV heads, SwiGLU 5632, vocab 32000.

@@ -5,7 +5,9 @@ It is nanoGPT's model.py in miniature: pre-norm blocks, causal self-attention th
 `scaled_dot_product_attention`, tanh-GELU MLP, tied embeddings, AdamW with decay on 2-D
 tensors, global-norm clipping. torch comes from the CPU wheel on disk (`pip install torch==2.13.0`).
 On a GPU (device="cuda") it runs as a PyTorch user would write it there: bfloat16 autocast,
-flash attention through `scaled_dot_product_attention`, fused AdamW.
+flash attention through `scaled_dot_product_attention`, fused AdamW. `compile=True` (`--compile`)
+wraps the model in `torch.compile` as nanoGPT does (the optimizer step stays eager); its
+compilation happens in the warm-up steps, which are not timed.
 """
 
 from __future__ import annotations
@@ -76,12 +78,15 @@ class Trainer:
         threads: int | None = None,
         device: str = "cpu",
         dtype: str = "float32",
+        compile: bool = False,
+        compile_backend: str = "inductor",
     ):
         if threads:
             torch.set_num_threads(threads)
         torch.manual_seed(0)
         self.device, self.dtype = torch.device(device), getattr(torch, dtype)
         self.model = GPT(vocab, block_size, n_layer, n_head, d_model).to(self.device)
+        self.forward = torch.compile(self.model, backend=compile_backend) if compile else self.model
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.opt = torch.optim.AdamW(
@@ -96,13 +101,13 @@ class Trainer:
         self.tokens_per_step = batch * block_size
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.calls = 0
-        self.time(warmup)
+        self.warmup_s = self.time(warmup)  # includes torch.compile's compilation when compiling
 
     def step(self) -> torch.Tensor:
         batch = self.data[self.calls % len(self.data)]
         self.calls += 1
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            loss = self.model(batch[:, :-1], batch[:, 1:])
+            loss = self.forward(batch[:, :-1], batch[:, 1:])
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -129,6 +134,8 @@ def main() -> None:
         parser.add_argument(f"--{name}", type=int, required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (nanoGPT's --compile)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: a quick dry run)")
     args = parser.parse_args()
     trainer = Trainer(
         args.vocab,
@@ -139,6 +146,8 @@ def main() -> None:
         args.batch,
         device=args.device,
         dtype=args.dtype,
+        compile=args.compile,
+        compile_backend=args.compile_backend,
     )
     best = min(trainer.time(args.steps) for _ in range(args.rounds))
     print(
@@ -147,6 +156,10 @@ def main() -> None:
                 "tokens_per_sec": args.steps * trainer.tokens_per_step / best,
                 "version": torch.__version__,
                 "threads": torch.get_num_threads(),
+                "warmup_s": trainer.warmup_s,
+                "compiled": args.compile,
+                "backend": args.compile_backend if args.compile else None,
+                "batch": args.batch,
             }
         )
     )

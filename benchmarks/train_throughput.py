@@ -4,6 +4,9 @@ PyTorch eager (benchmarks/torch_reference.py), side by side in one process.
     python benchmarks/train_throughput.py                    # shakespeare_char and GPT-2 124M
     python benchmarks/train_throughput.py --only shakespeare_char --rounds 10
     python benchmarks/train_throughput.py --only gpt2_124m --dtype bfloat16 --batch 16   # a GPU
+    python benchmarks/train_throughput.py --only gpt2_124m --dtype bfloat16 --torch-compile --profile-dir DIR
+    python benchmarks/train_throughput.py --only llama_1b --dtype bfloat16 --no-torch   # a GPU: MFU only
+    python benchmarks/train_throughput.py --tiny --only llama_1b --no-record           # seconds, any machine
 
 On a GPU or TPU the MFU column uses the datasheet peak and the next column a bf16/f32 matmul
 measured in the same process; the PyTorch reference runs in a process of its own on the same
@@ -15,13 +18,20 @@ tokens/s, MFU against a matmul peak measured here on the same device and dtype (
 peak on known accelerators), and the ratio flaxgpt / PyTorch. The process runs with flaxgpt's
 host-allocator tuning (`perf.tune_host_allocator`, as the CLIs do), which the in-process PyTorch
 reference then shares; a last column runs PyTorch as shipped, in a fresh process with the
-default allocator. Appends the table to benchmarks/RESULTS.md.
+default allocator, and `--torch-compile` adds one more fresh process with the model under
+`torch.compile` (nanoGPT's --compile). `--profile-dir` profiles a few more steps of the same
+jitted step (profile_step.py's tables, no second compilation) into DIR/profile_NAME.md; `--json`
+writes the rows for benchmarks/gpu_session.py. `llama_1b` (a Llama-3.2-1B-shaped model: GQA,
+SwiGLU, RoPE, tied 128256 vocabulary, sequence 2048) runs only when named, and only in flaxgpt
+(the PyTorch reference is GPT-2-shaped). `--tiny` shrinks every configuration to a few-second
+shape of the same recipe, to check the script itself. Appends the table to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -48,7 +58,7 @@ from flaxgpt.model import Transformer  # noqa: E402
 from flaxgpt.optim import build_optimizer, learning_rate_schedule  # noqa: E402
 from flaxgpt.sharding import logical_rules, make_mesh  # noqa: E402
 from flaxgpt.state import create_train_state  # noqa: E402
-from flaxgpt.trainers.lm import make_train_step  # noqa: E402
+from flaxgpt.trainers.step import make_train_step  # noqa: E402
 
 # (vocab, block, layers, heads, d_model, batch, steps per round, rounds): shakespeare_char is
 # nanoGPT's CPU configuration; GPT-2 124M at sequence 1024 takes seconds per step on a CPU.
@@ -76,14 +86,49 @@ CONFIGS = {
         rounds=2,
         accel=dict(batch=16, steps=20, rounds=5),
     ),
+    # Llama-3.2-1B's shape (1.24B parameters): 16 layers of 2048, 32 query / 8 KV heads, SwiGLU 8192,
+    # tied 128256 vocabulary, sequence 2048. Accelerators only (minutes per step on a CPU):
+    # `accel_only` keeps it out of the default list. `model` holds ModelConfig fields beyond the shape.
+    "llama_1b": dict(
+        vocab=128256,
+        block=2048,
+        n_layer=16,
+        n_head=32,
+        d_model=2048,
+        batch=1,
+        steps=1,
+        rounds=1,
+        accel=dict(batch=8, steps=10, rounds=3),
+        accel_only=True,
+        model=dict(recipe="llama", n_kv_heads=8, d_ff=8192, tie_embeddings=True),
+    ),
 }
+
+# --tiny: each configuration's recipe at a shape that builds, runs and profiles in seconds anywhere.
+TINY = dict(vocab=256, block=64, n_layer=2, n_head=4, d_model=64, batch=2, steps=2, rounds=2)
+
+
+def shape_for(name: str, on_cpu: bool, tiny: bool = False, batch: int | None = None) -> dict:
+    """The configuration's shape on this platform: CPU figures, `accel` on a GPU/TPU, or --tiny."""
+    shape = dict(CONFIGS[name])
+    if tiny:
+        shape.update(TINY)
+        model = dict(shape.get("model", {}))
+        if model.get("n_kv_heads"):
+            model["n_kv_heads"] = 2
+        model.pop("d_ff", None)
+        shape["model"] = model
+    elif not on_cpu:
+        shape.update(shape["accel"])
+    shape["batch"] = batch or shape["batch"]
+    return shape
 
 
 class FlaxgptTrainer:
     """The trainers' own `make_train_step`, jitted with the state donated; `time(steps)` runs it."""
 
     def __init__(self, shape: dict, dtype: str, warmup: int = 2, attention: str = "auto", remat: str = "none"):
-        cfg = C.ModelConfig(
+        fields = dict(
             recipe="gpt2",
             vocab_size=shape["vocab"],
             block_size=shape["block"],
@@ -94,7 +139,8 @@ class FlaxgptTrainer:
             dtype=dtype,
             attention=attention,
             remat=remat,
-        ).resolved()
+        )
+        cfg = C.ModelConfig(**{**fields, **shape.get("model", {})}).resolved()
         opt_cfg = C.OptimizerConfig(lr=1e-3, warmup_steps=10, b2=0.99, weight_decay=0.1, no_decay=("bias", "scale"))
         model, optimizer = Transformer(cfg), build_optimizer(opt_cfg, 1000)
         mesh, rules = make_mesh(C.MeshConfig(), jax.devices()[:1]), logical_rules(C.DEFAULT_LOGICAL_AXIS_RULES)
@@ -125,6 +171,7 @@ class FlaxgptTrainer:
         self._run(warmup)
         self.tokens_per_step = b * t
         self.n_params = sum(int(x.size) for x in jax.tree.leaves(self.state.params))
+        self.cfg = cfg
         self.flops_per_token = perf.flops_per_token(cfg, self.n_params)
 
     def _run(self, steps: int) -> float:
@@ -145,8 +192,18 @@ class FlaxgptTrainer:
         return seconds
 
 
-def pytorch_as_shipped(shape: dict, steps: int, rounds: int, device: str, dtype: str) -> dict | None:
-    """The PyTorch reference in a fresh process, untouched by flaxgpt's allocator tuning."""
+def pytorch_as_shipped(
+    shape: dict,
+    steps: int,
+    rounds: int,
+    device: str,
+    dtype: str,
+    compile_backend: str | None = None,
+    timeout: float | None = None,
+) -> dict | None:
+    """The PyTorch reference in a fresh process, untouched by flaxgpt's allocator tuning;
+    with `compile_backend`, its model under `torch.compile` with that backend. None if it
+    fails or outlasts `timeout` seconds (said on stderr): the flaxgpt row stands without it."""
     args = [
         f"--vocab={shape['vocab']}",
         f"--block_size={shape['block']}",
@@ -159,17 +216,67 @@ def pytorch_as_shipped(shape: dict, steps: int, rounds: int, device: str, dtype:
         f"--device={device}",
         f"--dtype={dtype}",
     ]
+    if compile_backend:
+        args += ["--compile", f"--compile-backend={compile_backend}"]
+    what = f"PyTorch {'compiled (' + compile_backend + ')' if compile_backend else 'as shipped'}"
     env = {k: v for k, v in os.environ.items() if k != "FLAXGPT_HOST_ALLOCATOR"}
-    done = subprocess.run(
-        [sys.executable, os.path.join(_ROOT, "benchmarks", "torch_reference.py"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    try:
+        done = subprocess.run(
+            [sys.executable, os.path.join(_ROOT, "benchmarks", "torch_reference.py"), *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        print(f"{what} did not finish in {timeout:.0f} s: left out", file=sys.stderr)
+        return None
     if done.returncode != 0:
-        print(f"PyTorch as shipped failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+        print(f"{what} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
         return None
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def profile(
+    trainer: FlaxgptTrainer, name: str, shape: dict, dtype: str, steps: int, out_dir: str, trace_dir: str | None
+) -> None:
+    """profile_step.py's tables for `steps` more steps of the same jitted step, into
+    out_dir/profile_NAME.md (and printed); the trace stays in trace_dir when given."""
+    import tempfile
+
+    from benchmarks.profile_step import summarize
+
+    trace_dir = trace_dir or tempfile.mkdtemp(prefix="flaxgpt-profile-")
+    with jax.profiler.trace(trace_dir):
+        seconds = trainer._run(steps)
+    text = (
+        f"# profile — {name} {shape['batch']}x{shape['block']} {dtype}, attention {trainer.cfg.attention}, "
+        f"remat {trainer.cfg.remat}, {jax.devices()[0].device_kind}, jax {jax.__version__}: "
+        f"{seconds / steps * 1e3:.2f} ms per step under the profiler ({steps} steps)\n"
+        + summarize(trace_dir, steps, 25)
+        + "\n"
+    )
+    print(text, flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"profile_{name}.md"), "w") as f:
+        f.write(text)
+
+
+def out_of_memory(error: BaseException) -> bool:
+    text = str(error).lower()
+    return "resource_exhausted" in text or "out of memory" in text
+
+
+def build_trainer(shape: dict, dtype: str, attention: str, remat: str, remat_on_oom: str | None) -> FlaxgptTrainer:
+    """FlaxgptTrainer, built (compiled, warmed up) again with `remat_on_oom` if it runs out of memory."""
+    try:
+        return FlaxgptTrainer(shape, dtype, attention=attention, remat=remat)
+    except Exception as e:  # noqa: BLE001 - XLA's errors have no narrower common class across versions
+        if not (remat_on_oom and out_of_memory(e)):
+            raise
+        print(f"out of device memory with remat {remat} ({str(e).splitlines()[0][:200]}): remat {remat_on_oom}")
+    gc.collect()  # the first attempt's buffers, now unreferenced
+    return FlaxgptTrainer(shape, dtype, attention=attention, remat=remat_on_oom)
 
 
 def main() -> int:
@@ -186,7 +293,20 @@ def main() -> int:
         choices=("none", "full", "dots", "dots_no_batch", "save_attention_out"),
         help="model.remat",
     )
+    parser.add_argument(
+        "--remat-on-oom",
+        choices=("full", "dots", "dots_no_batch", "save_attention_out"),
+        help="when the step runs out of device memory, build it again with this model.remat",
+    )
+    parser.add_argument("--tiny", action="store_true", help="a few-second shape of each recipe (checks the script)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference (no torch installed)")
+    parser.add_argument("--torch-compile", action="store_true", help="also time PyTorch under torch.compile")
+    parser.add_argument("--torch-compile-backend", default="inductor", help="torch.compile backend (eager: quick)")
+    parser.add_argument("--torch-timeout", type=float, default=600, help="seconds for each PyTorch subprocess")
+    parser.add_argument("--profile-dir", help="profile --profile-steps more steps into DIR/profile_NAME.md")
+    parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument("--trace-dir", help="keep each profile's trace in TRACE_DIR/NAME (TensorBoard / XProf)")
+    parser.add_argument("--json", help="write the rows and the run's conditions to this JSON file")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = parser.parse_args()
     allocator = perf.host_allocator_setting() if perf.tune_host_allocator() else "default"
@@ -196,14 +316,40 @@ def main() -> int:
     measured = perf.measured_peak(args.dtype) if on_cpu else perf.measured_peak(args.dtype, 8192)
     torch_device = "cpu" if on_cpu else "cuda" if "nvidia" in device.device_kind.lower() else None
     with_torch = not args.no_torch and torch_device is not None
+    names = args.only or [name for name in CONFIGS if not CONFIGS[name].get("accel_only")]
     rows = []
-    for name in args.only or list(CONFIGS):
-        shape = dict(CONFIGS[name]) if on_cpu else dict(CONFIGS[name], **CONFIGS[name]["accel"])
-        shape["batch"] = args.batch or shape["batch"]
+    command = " ".join(["python benchmarks/train_throughput.py", *sys.argv[1:]])
+
+    def dump(rows: list[dict], table: str | None = None) -> None:
+        """--json: the rows so far (written as each row is measured: a killed run keeps them)."""
+        if not args.json:
+            return
+        conditions = {
+            "device_kind": device.device_kind,
+            "platform": device.platform,
+            "jax": jax.__version__,
+            "torch": next((r["torch_version"] for r in rows if r.get("torch_version")), None),
+            "dtype": args.dtype,
+            "peak": peak,
+            "peak_source": peak_source,
+            "measured_peak": measured,
+            "attention": args.attention,
+            "remat": args.remat,
+            "command": command,
+        }
+        with open(args.json, "w") as f:
+            json.dump({"conditions": conditions, "rows": rows, "table": table}, f, indent=1)
+
+    for name in names:
+        shape = shape_for(name, on_cpu, args.tiny, args.batch)
         steps, rounds = args.steps or shape["steps"], args.rounds or shape["rounds"]
-        ours = FlaxgptTrainer(shape, args.dtype, attention=args.attention, remat=args.remat)
+        ours = build_trainer(shape, args.dtype, args.attention, args.remat, args.remat_on_oom)
+        # the reference is GPT-2-shaped (learned positions, LayerNorm, GELU): no Llama twin
+        torch_here = with_torch and ours.cfg.recipe == "gpt2"
+        if with_torch and not torch_here:
+            print(f"{name}: no PyTorch reference for recipe {ours.cfg.recipe!r}: flaxgpt only", flush=True)
         theirs = None
-        if with_torch and on_cpu:  # on a GPU, two frameworks' allocators in one process would contend
+        if torch_here and on_cpu:  # on a GPU, two frameworks' allocators in one process would contend
             from benchmarks.torch_reference import Trainer
 
             theirs = Trainer(
@@ -214,60 +360,92 @@ def main() -> int:
             ours_s.append(ours.time(steps))
             if theirs:
                 theirs_s.append(theirs.time(steps))
-        shipped = pytorch_as_shipped(shape, steps, rounds, torch_device, args.dtype) if with_torch else None
-        rate = lambda seconds: steps * ours.tokens_per_step / min(seconds)
+        tokens_per_round = steps * ours.tokens_per_step
+        rate = lambda seconds: tokens_per_round / min(seconds)
         row = {
             "name": name,
             "shape": shape,
             "steps": steps,
             "rounds": rounds,
             "params": ours.n_params,
+            "flops_per_token": ours.flops_per_token,
+            "remat": ours.cfg.remat,
             "compile_s": ours.compile_s,
             "faults": ours.page_faults / ours.timed_steps,
             "ours": rate(ours_s),
             "torch": rate(theirs_s) if theirs else None,
-            "shipped": shipped["tokens_per_sec"] if shipped else None,
-            "torch_version": shipped["version"] if shipped else None,
         }
         row["mfu"] = row["ours"] * ours.flops_per_token / peak
         row["mfu_measured"] = row["ours"] * ours.flops_per_token / measured
         row["torch_mfu"] = row["torch"] * ours.flops_per_token / peak if theirs else None
+        print(f"{name}: flaxgpt {row['ours']:,.0f} tok/s (MFU {row['mfu']:.1%})", flush=True)
+        dump([*rows, row])
+        if args.profile_dir:  # before PyTorch's processes, so a stuck compile there cannot lose it
+            trace = os.path.join(args.trace_dir, name) if args.trace_dir else None
+            try:
+                profile(ours, name, shape, args.dtype, args.profile_steps, args.profile_dir, trace)
+            except Exception as e:  # noqa: BLE001 - the figures stand without their profile
+                print(f"{name}: profile failed: {type(e).__name__}: {e}", file=sys.stderr)
+        del ours  # its state and batches: let the PyTorch processes have the memory
+        shipped = compiled = None
+        if torch_here:
+            shipped = pytorch_as_shipped(shape, steps, rounds, torch_device, args.dtype, timeout=args.torch_timeout)
+        if torch_here and args.torch_compile:
+            compiled = pytorch_as_shipped(
+                shape,
+                steps,
+                rounds,
+                torch_device,
+                args.dtype,
+                compile_backend=args.torch_compile_backend,
+                timeout=args.torch_timeout,
+            )
+        row["shipped"] = shipped["tokens_per_sec"] if shipped else None
+        row["compiled"] = compiled["tokens_per_sec"] if compiled else None
+        row["compiled_warmup_s"] = compiled["warmup_s"] if compiled else None
+        row["torch_version"] = (shipped or compiled or {}).get("version")
         rows.append(row)
-        print(
-            f"{name}: flaxgpt {row['ours']:,.0f} tok/s (MFU {row['mfu']:.1%})"
-            + (f", PyTorch {row['torch']:,.0f} tok/s, ratio {row['ours'] / row['torch']:.2f}x" if theirs else "")
-            + (f", PyTorch as shipped {row['shipped']:,.0f} tok/s" if shipped else ""),
-            flush=True,
-        )
+        if torch_here:
+            print(
+                f"{name}: flaxgpt {row['ours']:,.0f} tok/s (MFU {row['mfu']:.1%})"
+                + (f", PyTorch {row['torch']:,.0f} tok/s, ratio {row['ours'] / row['torch']:.2f}x" if theirs else "")
+                + (f", PyTorch as shipped {row['shipped']:,.0f} tok/s" if shipped else "")
+                + (f", PyTorch compiled {row['compiled']:,.0f} tok/s" if compiled else ""),
+                flush=True,
+            )
 
     torch_version = next((r["torch_version"] for r in rows if r["torch_version"]), "not run")
-    command = " ".join(["python benchmarks/train_throughput.py", *sys.argv[1:]])
+    compiled_note = f"; torch.compile backend {args.torch_compile_backend}" if args.torch_compile else ""
     header = (
         f"## train_throughput — {datetime.date.today()} — {platform.machine()}, {os.cpu_count()} cpus, "
         f"{device.platform} ({device.device_kind}), jax {jax.__version__}, torch {torch_version}, {args.dtype}\n"
         f"command: `{command}`; peak {peak / 1e9:,.0f} GFLOP/s ({peak_source}), measured matmul peak "
         f"{measured / 1e9:,.0f} GFLOP/s; attention {args.attention}, remat {args.remat}; host allocator "
-        f"{allocator}; best of alternating rounds\n"
+        f"{allocator}; best of alternating rounds{compiled_note}\n"
     )
     table = [
         "| model | batch x seq | params | steps x rounds | flaxgpt tok/s | MFU | MFU of measured peak | compile s "
         "| page faults/step | PyTorch tok/s "
-        "| PyTorch MFU | flaxgpt / PyTorch | PyTorch as shipped tok/s | flaxgpt / as shipped |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| PyTorch MFU | flaxgpt / PyTorch | PyTorch as shipped tok/s | flaxgpt / as shipped "
+        "| PyTorch compiled tok/s | flaxgpt / compiled |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda x, spec: format(x, spec) if x is not None else "—"
     ratio = lambda ours, theirs: f"{ours / theirs:.2f}x" if theirs else "—"
     for r in rows:
         table.append(
-            f"| {r['name']} | {r['shape']['batch']} x {r['shape']['block']} | {r['params'] / 1e6:.2f}M | "
+            f"| {r['name']}{'' if r['remat'] == args.remat else ' (remat ' + r['remat'] + ')'} | "
+            f"{r['shape']['batch']} x {r['shape']['block']} | {r['params'] / 1e6:.2f}M | "
             f"{r['steps']} x {r['rounds']} | {r['ours']:,.0f} | {r['mfu']:.1%} | {r['mfu_measured']:.1%} | "
             f"{r['compile_s']:.1f} | "
             f"{r['faults']:,.0f} | "
             f"{fmt(r['torch'], ',.0f')} | {fmt(r['torch_mfu'], '.1%')} | "
-            f"{ratio(r['ours'], r['torch'])} | {fmt(r['shipped'], ',.0f')} | {ratio(r['ours'], r['shipped'])} |"
+            f"{ratio(r['ours'], r['torch'])} | {fmt(r['shipped'], ',.0f')} | {ratio(r['ours'], r['shipped'])} | "
+            f"{fmt(r['compiled'], ',.0f')} | {ratio(r['ours'], r['compiled'])} |"
         )
     text = header + "\n" + "\n".join(table) + "\n"
     print("\n" + text)
+    dump(rows, text)
     if not args.no_record:
         record(text)
     return 0

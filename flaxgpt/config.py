@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -104,6 +105,7 @@ class ModelConfig:
 
     def resolved(self) -> ModelConfig:
         """A copy with every recipe-dependent field filled in and checked."""
+        check_ranges(self, "model.")
         gpt2 = self.recipe == "gpt2"
         head_dim = self.head_dim or (self.d_model // max(self.n_head, 1))
         if self.d_ff is not None:
@@ -232,12 +234,17 @@ class DataConfig:
     # world: the embedded generated corpus; text: one text file sampled in random windows
     # (nanoGPT); jsonl: {"text": ...} documents, packed or padded into rows, shuffled per epoch
     # tfds: a TFDS dataset by name and split (catalog or built by flaxgpt.data.tfds_source)
-    source: Literal["text", "world", "jsonl", "tfds"] = "world"
-    path: str = ""  # the text or JSONL file
+    # tokens: a directory written by `python -m flaxgpt.data.prepare`, streamed from disk
+    source: Literal["text", "world", "jsonl", "tfds", "tokens"] = "world"
+    path: str = ""  # the text or JSONL file, or the prepared token directory
+    # tokens: several prepared directories sampled by weight, e.g. [{"path": "web", "weight": 0.7},
+    # {"path": "code", "weight": 0.3}] (weights are normalised); replaces data.path
+    mixture: tuple = ()
     val_path: str = ""  # jsonl: a separate validation file; empty: hold out the last documents
     train_fraction: float = 0.9  # first part trains, the rest validates (nanoGPT split)
     packing: Literal["pack", "pad"] = "pack"  # jsonl: several documents per row, or one per row
-    on_error: Literal["raise", "skip"] = "raise"  # a malformed JSONL line stops the run, or is skipped
+    # a malformed JSONL line (or a missing / corrupt token shard) stops the run, or is skipped
+    on_error: Literal["raise", "skip"] = "raise"
     tfds_name: str = ""  # e.g. tiny_shakespeare, lm1b, c4/en, flaxgpt_text
     tfds_data_dir: str = ""  # local or gs:// directory holding prepared datasets
     tfds_train_split: str = "train"
@@ -270,11 +277,12 @@ class DataConfig:
     world_rankings: int = 800  # embedded world: prompts whose K sampled answers the labeler ranks
     world_ranking_k: int = 4
     world_ranking_temperature: float = 1.0
+    world_preferences: int = 2000  # embedded world: pairs (DPO, ORPO) or thumbs-up/down records (KTO)
 
 
 @dataclass
 class TrainConfig:
-    trainer: Literal["pretrain", "sft", "reward", "ppo"] = "pretrain"
+    trainer: Literal["pretrain", "sft", "reward", "ppo", "dpo", "kto", "orpo", "grpo"] = "pretrain"
     # Start from another run's parameters (its workdir, latest or `init_step` checkpoint).
     # The model's structure and tokenizer come from there; a conflicting model field is an error.
     init_from: str = ""
@@ -349,6 +357,47 @@ class PPOConfig:
     eval_prompts: int = 128  # held-out prompts answered at each evaluation (0: none)
 
 
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation on `pairs` or `rankings` (expanded to pairs)."""
+
+    beta: float = 0.1  # strength of the pull towards the reference (the SFT start)
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # DPO, or IPO (per-token mean log-ratios)
+    label_smoothing: float = 0.0  # conservative DPO: the share of labels assumed flipped, in [0, 0.5)
+
+
+@dataclass
+class KTOConfig:
+    """KTO on thumbs-up/down `feedback` records (unpaired)."""
+
+    beta: float = 0.1
+    desirable_weight: float = 1.0  # raise one of them when the labels are imbalanced
+    undesirable_weight: float = 1.0
+
+
+@dataclass
+class ORPOConfig:
+    """ORPO on `pairs`: SFT on the chosen answer plus the odds-ratio term, no reference model."""
+
+    beta: float = 0.1  # weight of the odds-ratio term (the paper's lambda)
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO / RLOO: group-relative advantages, no value model. Prompts, reward, max_new_tokens and
+    temperature come from the ppo section; train.batch_size counts prompts per step."""
+
+    group_size: int = 4  # answers sampled per prompt (G)
+    advantage: Literal["grpo", "rloo"] = "grpo"  # group mean (and std) baseline, or leave-one-out
+    scale_rewards: bool = True  # divide by the group's std (False: Dr. GRPO)
+    normalization: Literal["sequence", "token", "constant"] = "sequence"  # GRPO, DAPO, Dr. GRPO
+    clip_low: float = 0.2
+    clip_high: float = 0.2  # DAPO's clip-higher: 0.28
+    beta: float = 0.04  # weight of the k3 KL to the reference in the loss
+    dynamic_sampling: bool = False  # DAPO: groups whose answers all score the same do not train
+    epochs: int = 1  # updates per rollout
+
+
 INSTRUCTGPT_PTX_COEF = 27.8  # InstructGPT's PPO-ptx coefficient (their "gamma")
 
 
@@ -392,32 +441,36 @@ class Config:
     sft: SftConfig = field(default_factory=SftConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
+    orpo: ORPOConfig = field(default_factory=ORPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> Config:
-        """Cross-field checks; raises ConfigError naming the keys involved."""
+        """Types, then every numeric field against RANGES, then cross-field checks; raises
+        ConfigError naming the keys involved. Runs before any work starts."""
         _check_types(self, "")
+        check_ranges(self, "")
         self.model.resolved()
         t = self.train
-        if t.batch_size <= 0 or t.grad_accum_steps <= 0 or t.batch_size % t.grad_accum_steps:
+        if t.batch_size % t.grad_accum_steps:
             raise ConfigError(
-                f"train.batch_size={t.batch_size} must be a positive multiple of "
-                f"train.grad_accum_steps={t.grad_accum_steps}"
+                f"train.batch_size={t.batch_size} must be a multiple of train.grad_accum_steps={t.grad_accum_steps}"
             )
-        for key, value in (
-            ("train.max_steps", t.max_steps),
-            ("train.log_interval", t.log_interval),
-            ("eval.interval", self.eval.interval),
-            ("checkpoint.every_steps", self.checkpoint.every_steps),
-        ):
-            if value <= 0:
-                raise ConfigError(f"{key} must be positive, got {value}")
-        if not 0.0 < self.data.train_fraction < 1.0:
-            raise ConfigError(f"data.train_fraction must lie in (0, 1), got {self.data.train_fraction}")
+        _check_cross_fields(self)
         if self.data.source == "tfds" and not self.data.tfds_name:
             raise ConfigError("data.source='tfds' needs data.tfds_name")
+        if self.data.source == "tokens" and not (self.data.path or self.data.mixture):
+            raise ConfigError("data.source='tokens' needs data.path or data.mixture (prepared token directories)")
+        for i, m in enumerate(self.data.mixture):
+            ok = isinstance(m, dict) and set(m) == {"path", "weight"} and isinstance(m["path"], str) and m["path"]
+            if not ok or isinstance(m["weight"], bool) or not isinstance(m["weight"], (int, float)) or m["weight"] <= 0:
+                raise ConfigError(f'data.mixture[{i}] must be {{"path": DIR, "weight": W > 0}}, got {m!r}')
+        if self.data.mixture and self.data.source != "tokens":
+            raise ConfigError(f"data.mixture needs data.source='tokens', got '{self.data.source}'")
         if self.data.source in ("text", "jsonl") and not self.data.path:
             raise ConfigError(f"data.source='{self.data.source}' needs data.path (a {self.data.source} file)")
         if t.trainer in ("sft", "reward") and self.data.source not in ("world", "jsonl"):
@@ -439,13 +492,15 @@ class Config:
                 f"train.init_from_hf starts pretraining or SFT; train.trainer='{t.trainer}' starts "
                 "from a flaxgpt run (python -m flaxgpt.convert import makes one)"
             )
-        if t.trainer == "ppo":
+        if t.trainer in ("ppo", "grpo"):
             p = self.ppo
             if not t.init_from:
-                raise ConfigError("train.trainer='ppo' starts from a policy: set train.init_from to the SFT run")
+                raise ConfigError(
+                    f"train.trainer='{t.trainer}' starts from a policy: set train.init_from to the SFT run"
+                )
             if bool(p.reward_from) == bool(p.reward_function):
                 raise ConfigError(
-                    "train.trainer='ppo' needs exactly one of ppo.reward_from (a reward-model run) "
+                    f"train.trainer='{t.trainer}' needs exactly one of ppo.reward_from (a reward-model run) "
                     "and ppo.reward_function ('world' or 'module:function')"
                 )
             if t.batch_size % p.minibatches:
@@ -453,8 +508,8 @@ class Config:
                     f"train.batch_size={t.batch_size} (prompts per rollout) must be a multiple of "
                     f"ppo.minibatches={p.minibatches}"
                 )
-            if p.rounds < 1 or t.max_steps % p.rounds:
-                raise ConfigError(f"train.max_steps={t.max_steps} must be a positive multiple of ppo.rounds={p.rounds}")
+            if t.max_steps % p.rounds:
+                raise ConfigError(f"train.max_steps={t.max_steps} must be a multiple of ppo.rounds={p.rounds}")
             if p.rounds > 1 and (self.data.source != "world" or not p.reward_from):
                 raise ConfigError(
                     "ppo.rounds > 1 retrains the reward model on new comparisons ranked by the world's "
@@ -462,17 +517,264 @@ class Config:
                 )
             if not p.prompts_path and self.data.source != "world":
                 raise ConfigError(
-                    "train.trainer='ppo' needs ppo.prompts_path (JSONL prompts) unless data.source='world'"
+                    f"train.trainer='{t.trainer}' needs ppo.prompts_path (JSONL prompts) unless data.source='world'"
                 )
-            if p.temperature <= 0:
-                raise ConfigError(f"ppo.temperature must be positive (rollouts sample), got {p.temperature}")
-        if not 0.0 <= self.data.world_noise <= 1.0:
-            raise ConfigError(f"data.world_noise must lie in [0, 1], got {self.data.world_noise}")
-        if self.data.world_ranking_k < 2:
-            raise ConfigError(f"data.world_ranking_k must be at least 2, got {self.data.world_ranking_k}")
-        if self.optimizer.min_lr > self.optimizer.lr:
-            raise ConfigError(f"optimizer.min_lr={self.optimizer.min_lr} exceeds optimizer.lr={self.optimizer.lr}")
+        if t.trainer in ("dpo", "kto", "orpo"):
+            if self.data.source not in ("world", "jsonl"):
+                raise ConfigError(
+                    f"train.trainer='{t.trainer}' reads data.source 'world' or 'jsonl', got '{self.data.source}'"
+                )
+            if not t.init_from:
+                raise ConfigError(
+                    f"train.trainer='{t.trainer}' starts from a policy: set train.init_from to the SFT run"
+                )
         return self
+
+
+# ----------------------------------------------------------------------------- valid ranges
+
+INT_MAX = 2**31 - 1  # integers stay within int32, which JAX counts steps and seeds in
+
+# The valid values of every numeric field, checked by `Config.validate()` before any work starts
+# and stated in the error: "> 0", ">= 1" (integers: up to INT_MAX), "[0, 1)" or "(0, 1]"
+# (intervals), "any" (any finite number), "... or -1" (one special value). Floats are always finite.
+# Optional fields (None) are checked only when set. tests/test_config.py checks that every numeric
+# field has an entry.
+RANGES: dict[str, str] = {
+    # model
+    "model.vocab_size": ">= 0",
+    "model.vocab_multiple": ">= 1",
+    "model.valid_vocab": ">= 0",
+    "model.block_size": ">= 1",
+    "model.n_layer": ">= 1",
+    "model.n_head": ">= 1",
+    "model.n_kv_heads": ">= 1",
+    "model.d_model": ">= 1",
+    "model.head_dim": ">= 1",
+    "model.d_ff": ">= 1",
+    "model.norm_eps": "> 0",
+    "model.rope_theta": "> 0",
+    "model.dropout": "[0, 1)",
+    "model.init_std": "> 0",
+    "model.attention_block": ">= 0",
+    "model.rope_factor": ">= 1",
+    "model.rope_low_freq_factor": "> 0",
+    "model.rope_high_freq_factor": "> 0",
+    "model.rope_original_context": ">= 1",
+    "model.sliding_window": ">= 0",
+    "model.global_every": ">= 0",
+    "model.attn_softcap": ">= 0",
+    "model.logit_softcap": ">= 0",
+    "model.query_pre_attn_scalar": ">= 0",
+    "model.lora_rank": ">= 0",
+    "model.lora_alpha": "> 0",
+    "model.lora_dropout": "[0, 1)",
+    # mesh
+    "mesh.data": ">= 1 or -1",
+    "mesh.fsdp": ">= 1 or -1",
+    "mesh.tensor": ">= 1 or -1",
+    "mesh.dcn_data": ">= 1",
+    "mesh.dcn_fsdp": ">= 1",
+    "mesh.dcn_tensor": ">= 1",
+    # optimizer
+    "optimizer.lr": "> 0",
+    "optimizer.min_lr": ">= 0",
+    "optimizer.warmup_steps": ">= 0",
+    "optimizer.decay_steps": ">= 1",
+    "optimizer.b1": "[0, 1)",
+    "optimizer.b2": "[0, 1)",
+    "optimizer.eps": "> 0",
+    "optimizer.weight_decay": ">= 0",
+    "optimizer.grad_clip": ">= 0",
+    # data
+    "data.train_fraction": "(0, 1)",
+    "data.prefetch": ">= 0",
+    "data.spm_vocab_size": "> 256",  # byte fallback alone takes 256 pieces
+    "data.min_chars": ">= 0",
+    "data.max_chars": ">= 0",
+    "data.near_dedup_threshold": "(0, 1]",
+    "data.augment_copies": ">= 0",
+    "data.augment_rate": "[0, 1]",
+    "data.world_seed": ">= 0",
+    "data.world_documents": ">= 1",
+    "data.world_conversations": ">= 1",
+    "data.world_noise": "[0, 1]",
+    "data.world_rankings": ">= 1",
+    "data.world_ranking_k": ">= 2",
+    "data.world_ranking_temperature": "> 0",
+    "data.world_preferences": ">= 1",
+    # train
+    "train.init_step": ">= 0",
+    "train.batch_size": ">= 1",
+    "train.grad_accum_steps": ">= 1",
+    "train.max_steps": ">= 1",
+    "train.seed": ">= 0",
+    "train.log_interval": ">= 1",
+    "train.z_loss": ">= 0",
+    "train.max_skipped_steps": ">= 0",
+    # sft, reward
+    "sft.eval_examples": ">= 0",
+    "sft.max_new_tokens": ">= 1",
+    "reward.margin": ">= 0",
+    # ppo
+    "ppo.world_prompts": ">= 1",
+    "ppo.max_new_tokens": ">= 1",
+    "ppo.temperature": "> 0",  # rollouts sample
+    "ppo.epochs": ">= 1",
+    "ppo.minibatches": ">= 1",
+    "ppo.gamma": "[0, 1]",
+    "ppo.lam": "[0, 1]",
+    "ppo.clip": "> 0",
+    "ppo.value_clip": "> 0",
+    "ppo.value_coef": ">= 0",
+    "ppo.entropy_coef": ">= 0",
+    "ppo.kl_coef": ">= 0",
+    "ppo.kl_target": "> 0",
+    "ppo.kl_horizon": "> 0",
+    "ppo.missing_eos_penalty": ">= 0",
+    "ppo.ptx_coef": ">= 0",
+    "ppo.ptx_batch_size": ">= 1",
+    "ppo.rounds": ">= 1",
+    "ppo.round_rm_steps": ">= 1",
+    "ppo.eval_prompts": ">= 0",
+    "dpo.beta": "> 0",
+    "dpo.label_smoothing": "[0, 0.5)",
+    "kto.beta": "> 0",
+    "kto.desirable_weight": "> 0",
+    "kto.undesirable_weight": "> 0",
+    "orpo.beta": "> 0",
+    "grpo.group_size": ">= 2",
+    "grpo.clip_low": "(0, 1)",
+    "grpo.clip_high": "> 0",
+    "grpo.beta": ">= 0",
+    "grpo.epochs": ">= 1",
+    # eval
+    "eval.interval": ">= 1",
+    "eval.iters": ">= 0",
+    "eval.batch_size": ">= 0",
+    "eval.sample_tokens": ">= 0",
+    "eval.temperature": ">= 0",
+    "eval.top_k": ">= 0",
+    "eval.sample_seed": ">= 0",
+    # checkpoint
+    "checkpoint.every_steps": ">= 1",
+    "checkpoint.max_to_keep": ">= 1",  # 0 would delete the checkpoint just written
+}
+
+
+@dataclass(frozen=True)
+class Range:
+    """A set of valid numbers, read from a RANGES entry; `value in r` and `str(r)` ("a finite
+    number > 0", "an integer in [1, 2147483647]") are what checks and messages use."""
+
+    kind: type  # int or float
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = True
+    hi_open: bool = True
+    special: tuple = ()  # valid outside the interval, e.g. -1: all remaining devices
+
+    @classmethod
+    def parse(cls, spec: str, kind: type) -> Range:
+        interval, *special = (part.strip() for part in spec.split(" or "))
+        lo, hi, lo_open, hi_open = -math.inf, math.inf, True, True
+        if interval[0] in "[(":
+            lo, hi = (float(x) for x in interval[1:-1].split(","))
+            lo_open, hi_open = interval[0] == "(", interval[-1] == ")"
+        elif interval != "any":
+            op, number = interval.split()
+            lo, lo_open = float(number), op == ">"
+        if kind is int and hi > INT_MAX:
+            hi, hi_open = INT_MAX, False
+        return cls(kind, lo, hi, lo_open, hi_open, tuple(kind(s) for s in special))
+
+    def __contains__(self, value: float) -> bool:
+        if value in self.special:
+            return True
+        if not math.isfinite(value):
+            return False
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    def __str__(self) -> str:
+        show = (lambda x: str(int(x))) if self.kind is int else _show_float
+        if math.isfinite(self.lo) and math.isfinite(self.hi):
+            what = "an integer" if self.kind is int else "a number"
+            left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+            text = f"{what} in {left}{show(self.lo)}, {show(self.hi)}{right}"
+        elif math.isfinite(self.lo):
+            text = f"a finite number {'>' if self.lo_open else '>='} {show(self.lo)}"
+        else:
+            text = "a finite number"
+        return " or ".join([*(show(s) for s in self.special), text])
+
+
+def _show_float(x: float) -> str:
+    return str(int(x)) if x.is_integer() else repr(x)
+
+
+def show_value(value: Any) -> str:
+    """A value as an error message shows it (huge integers in short scientific form)."""
+    return f"{value:.3g}" if isinstance(value, int) and abs(value) > 10**12 else repr(value)
+
+
+def field_range(key: str, kind: type) -> Range:
+    return Range.parse(RANGES[key], kind)
+
+
+def check_ranges(node: Any, prefix: str) -> None:
+    """Every numeric field of a section tree against RANGES; ConfigError names the first offender."""
+    for key, ftype, value in _leaves(node, prefix):
+        kind = _numeric_kind(ftype)
+        if kind and value is not None and value not in field_range(key, kind):
+            raise ConfigError(f"{key}={show_value(value)}: expected {field_range(key, kind)}")
+
+
+def describe_keys(cfg: Config, prefix: str = "") -> list[str]:
+    """One line per key: its value and, for a number, its valid range (`train --list-keys`)."""
+    lines = []
+    for key, ftype, value in _leaves(cfg, ""):
+        kind = _numeric_kind(ftype)
+        choices = [typing.get_args(a) for a in (ftype, *typing.get_args(ftype)) if typing.get_origin(a) is Literal]
+        expected = field_range(key, kind) if kind else (f"one of {list(choices[0])}" if choices else "")
+        lines.append(f"{prefix}{key}={json.dumps(value)}" + (f"  # {expected}" if expected else ""))
+    return lines
+
+
+def _leaves(node: Any, prefix: str):
+    """(key, declared type, value) of every value field of a section tree."""
+    for name, ftype in typing.get_type_hints(type(node)).items():
+        if dataclasses.is_dataclass(ftype):
+            yield from _leaves(getattr(node, name), f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", ftype, getattr(node, name)
+
+
+def _numeric_kind(ftype: Any) -> type | None:
+    """int or float for a numeric (or Optional numeric) field type, else None."""
+    inner = [a for a in typing.get_args(ftype) if a is not type(None)] or [ftype]
+    return inner[0] if inner[0] in (int, float) and len(inner) == 1 else None
+
+
+def _check_cross_fields(cfg: Config) -> None:
+    """Checks between fields that would otherwise fail late, or silently."""
+    m, d, o = cfg.model, cfg.data, cfg.optimizer
+    if m.vocab_size and m.valid_vocab > m.vocab_size:
+        raise ConfigError(f"model.valid_vocab={m.valid_vocab} exceeds model.vocab_size={m.vocab_size}")
+    axes = {"mesh.data": cfg.mesh.data, "mesh.fsdp": cfg.mesh.fsdp, "mesh.tensor": cfg.mesh.tensor}
+    if list(axes.values()).count(-1) > 1:
+        raise ConfigError(f"at most one of {', '.join(f'{k}={v}' for k, v in axes.items())} may be -1")
+    if d.max_chars and d.max_chars < d.min_chars:
+        raise ConfigError(f"data.max_chars={d.max_chars} is below data.min_chars={d.min_chars} (0: no limit)")
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optimizer.min_lr={o.min_lr} exceeds optimizer.lr={o.lr}")
+    for key, new_tokens, generates in (  # answers generated after a prompt, within the context
+        ("sft.max_new_tokens", cfg.sft.max_new_tokens, cfg.train.trainer == "sft" and cfg.sft.eval_examples > 0),
+        ("ppo.max_new_tokens", cfg.ppo.max_new_tokens, cfg.train.trainer == "ppo"),
+    ):
+        if generates and new_tokens >= m.block_size:
+            raise ConfigError(f"{key}={new_tokens} leaves no room for a prompt in model.block_size={m.block_size}")
 
 
 # ----------------------------------------------------------------------------- (de)serialisation
@@ -616,11 +918,21 @@ def _parse(raw: str, ftype: Any, path: str) -> Any:
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
-        if ftype is tuple and "," in text:
+        if ftype is float and _is_float(text):  # nan, inf: parsed, then refused by the range check
+            value = float(text)
+        elif ftype is tuple and "," in text:
             value = [v.strip() for v in text.split(",")]
         else:
             value = text
     return _coerce(value, ftype, path)
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _coerce(value: Any, ftype: Any, path: str) -> Any:
@@ -645,7 +957,8 @@ def _coerce(value: Any, ftype: Any, path: str) -> Any:
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(f"{path} must be a bool (true/false), got {value!r}")
     if ftype is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not integral:
             raise ConfigError(f"{path} must be an integer, got {value!r}")
         return int(value)
     if ftype is float:

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -23,10 +22,10 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from flaxgpt import fileio, hf, inference, lora
+from flaxgpt import cli, fileio, hf, lora, runs
 from flaxgpt.chat_template import stop_tokens
 from flaxgpt.checkpoint import Checkpointer
-from flaxgpt.config import Config, ConfigError, apply_overrides, to_dict, to_json
+from flaxgpt.config import Config, apply_overrides, to_dict, to_json
 from flaxgpt.data.tokenizers import SPECIAL_TOKENS, ImportedTokenizer, SentencePieceTokenizer, Tokenizer, copy_file
 from flaxgpt.model import unstack_layers
 from flaxgpt.sharding import host_value, logical_rules, logical_shardings, make_mesh, unbox_shapes
@@ -92,9 +91,9 @@ def import_hf(hf_dir: str, workdir: str, overrides: Sequence[str] = (), force: b
         _refuse_non_empty(workdir, force, "the import", "--workdir", RUN_FILES)
     os.makedirs(workdir, exist_ok=True)
     mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh.rules)
-    boxed = inference._boxed_params(model_cfg)
+    boxed = runs._boxed_params(model_cfg)
     shardings = unbox_shapes(logical_shardings(boxed, mesh, rules))
-    params = inference.params_from_hf(hf_dir, model_cfg, hf_vocab, mesh, rules, cfg.train.seed)(shardings)
+    params = runs.params_from_hf(hf_dir, model_cfg, hf_vocab, mesh, rules, cfg.train.seed)(shardings)
 
     if jax.process_index() == 0:
         tokenizer.save(workdir)
@@ -138,7 +137,7 @@ def export_hf(
 
 def _host_model(workdir: str, step: int | None) -> tuple[Tokenizer, dict, Any]:
     """(tokenizer, parameters on the host with unrolled layers, their model config) of a run."""
-    loaded = inference.load(workdir, step)
+    loaded = runs.load(workdir, step)
     params = host_value(loaded.params)
     if loaded.model.cfg.scan_layers:
         params = unstack_layers(params)
@@ -259,11 +258,9 @@ def _special_ids(tok: Tokenizer) -> dict[str, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m flaxgpt.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(prog="python -m flaxgpt.convert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import", help="Hugging Face directory -> flaxgpt run")
+    imp = sub.add_parser("import", help="Hugging Face directory -> flaxgpt run", description=__doc__)
     imp.add_argument("--hf", required=True, help="directory with config.json and *.safetensors")
     imp.add_argument("--workdir", "-w", required=True)
     imp.add_argument(
@@ -274,33 +271,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="config overrides, e.g. model.scan_layers=true model.block_size=2048 mesh.fsdp=8",
     )
     imp.add_argument("--force", action="store_true", help="import into a non-empty workdir, replacing its run")
-    exp = sub.add_parser("export", help="flaxgpt run -> Hugging Face directory")
+    exp = sub.add_parser("export", help="flaxgpt run -> Hugging Face directory", description=__doc__)
     exp.add_argument("--workdir", "-w", required=True)
     exp.add_argument("--hf", required=True, help="output directory")
-    exp.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-    exp.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    exp.add_argument("--max-shard-gb", type=float, default=5.0)
+    exp.add_argument("--step", type=cli.ranged(int, ">= 0"), help="checkpoint step (default: the latest)")
+    exp.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="of the weights")
+    exp.add_argument("--max-shard-gb", type=cli.ranged(float, "> 0"), default=5.0, help="size of each weights file")
     exp.add_argument("--force", action="store_true", help="export into a non-empty directory, replacing its model")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "import":
-            cfg = import_hf(args.hf, args.workdir, args.set, args.force)
-            m = cfg.model
-            print(
-                f"imported {args.hf} ({m.recipe}: {m.n_layer} layers, d_model {m.d_model}, vocab {m.vocab_size}) "
-                f"-> {args.workdir}"
-            )
-        else:
-            hf_config = export_hf(args.workdir, args.hf, args.step, args.dtype, args.max_shard_gb, args.force)
-            print(
-                f"exported {args.workdir} -> {args.hf} ({hf_config['architectures'][0]}, "
-                f"vocab {hf_config['vocab_size']})"
-            )
-    except (hf.HFFormatError, ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "import":
+        cfg = import_hf(args.hf, args.workdir, args.set, args.force)
+        m = cfg.model
+        print(
+            f"imported {args.hf} ({m.recipe}: {m.n_layer} layers, d_model {m.d_model}, vocab {m.vocab_size}) "
+            f"-> {args.workdir}"
+        )
+    else:
+        hf_config = export_hf(args.workdir, args.hf, args.step, args.dtype, args.max_shard_gb, args.force)
+        print(
+            f"exported {args.workdir} -> {args.hf} ({hf_config['architectures'][0]}, vocab {hf_config['vocab_size']})"
+        )
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

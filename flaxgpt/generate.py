@@ -343,3 +343,83 @@ def sliding_window_sample(
     out = _sliding_loop(model, params, buffer, rng, prompt_len=len(prompt), max_new_tokens=n, cfg=cfg)
     new = [int(t) for t in host_value(out)[0, len(prompt) : len(prompt) + n]]
     return new[: new.index(stop_token)] if stop_token is not None and stop_token in new else new
+
+
+# Serving: continuous batching over a fixed number of cache rows ("slots"). All rows share the
+# cache's one write index (the model's cache design); each row's tokens occupy a contiguous run of
+# columns ending at that index, and the mask hides everything else. A request's prompt is
+# prefilled alone and rolled into its row so that it ends at the shared index; when the index
+# reaches the end, every row is rolled left together. Positions are explicit, so where a row's
+# columns lie does not change what it computes, and nothing is compiled per request.
+
+TOP_LOGPROBS = 20  # the most alternatives a served token reports (OpenAI's top_logprobs limit)
+
+
+def slot_cache(model: nn.Module, slots: int) -> Any:
+    """An empty KV cache of `slots` rows, each block_size long."""
+    return _empty_cache(model, slots, model.cfg.block_size)
+
+
+def _cache_axes(model: nn.Module) -> tuple[int, int]:
+    """(row axis, column axis) of the cache's key/value/valid leaves (scanned layers lead)."""
+    return (1, 2) if model.cfg.scan_layers else (0, 1)
+
+
+def _is_cache_index(path) -> bool:
+    return getattr(path[-1], "key", None) == "cache_index"
+
+
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache", "last"))
+def slot_prefill(model, params, cache, last, tokens, mask, slot, cursor):
+    """Prefill one left-padded prompt ([1, width] tokens and mask) into row `slot`, its last token
+    at column `cursor` - 1 (the shared write index; `cursor` >= the prompt's length). Returns
+    (cache, last logits of every row with `slot`'s replaced, the row's next position)."""
+    row_last, row, position = _prefill(model, params, tokens, mask, model.cfg.block_size)
+    row_axis, col_axis = _cache_axes(model)
+
+    def place(path, big, small):
+        if _is_cache_index(path):
+            return big
+        small = jnp.roll(small, cursor - tokens.shape[1], axis=col_axis)
+        return jax.lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), slot, axis=row_axis)
+
+    cache = jax.tree_util.tree_map_with_path(place, cache, row)
+    return cache, last.at[slot].set(row_last[0]), position[0]
+
+
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
+def slot_shift(model, cache, shift):
+    """Every row's columns moved `shift` to the left (right if negative), the write index with them."""
+    col_axis = _cache_axes(model)[1]
+    move = lambda path, leaf: leaf - shift if _is_cache_index(path) else jnp.roll(leaf, -shift, axis=col_axis)
+    return jax.tree_util.tree_map_with_path(move, cache)
+
+
+def choose_token_rows(logits: Array, keys: Array, temperature: Array, top_p: Array) -> Array:
+    """Like `choose_token`'s choice, with each row's own temperature (0: greedy) and top-p, and
+    its own key (so a row samples the same tokens whatever else is batched with it)."""
+    logits = logits.astype(jnp.float32)
+    greedy = temperature <= 0.0
+    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+    order = jnp.argsort(-scaled, axis=-1)
+    probs = jax.nn.softmax(jnp.take_along_axis(scaled, order, axis=-1), axis=-1)
+    keep_sorted = jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]  # always keeps the most likely
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    filtered = jnp.where(keep, scaled, jnp.finfo(jnp.float32).min)
+    sampled = jax.vmap(jax.random.categorical)(keys, filtered)
+    return jnp.where(greedy, jnp.argmax(logits, -1), sampled).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache", "last"))
+def slot_step(model, params, cache, last, position, keys, counts, temperature, top_p):
+    """One token for every row, fed back through the model at the shared write index.
+
+    Row r samples with key fold_in(keys[r], counts[r]). Returns (cache, next logits, tokens,
+    their log-probabilities under the raw model, the TOP_LOGPROBS most likely ids and theirs)."""
+    step_keys = jax.vmap(jax.random.fold_in)(keys, counts)
+    token = choose_token_rows(last, step_keys, temperature, top_p)
+    raw = jax.nn.log_softmax(last.astype(jnp.float32))
+    chosen = jnp.take_along_axis(raw, token[:, None], -1)[:, 0]
+    top_values, top_ids = jax.lax.top_k(raw, min(TOP_LOGPROBS, raw.shape[-1]))
+    last, cache = _step(model, params, cache, token, position)
+    return cache, last, token, chosen, top_ids, top_values

@@ -156,3 +156,211 @@ def adaptive_kl_coef(coef: Array, observed_kl: Array, target: float, horizon: fl
     """Ziegler et al. (2019): scale beta by 1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon."""
     error = jnp.clip(observed_kl / target - 1.0, -0.2, 0.2)
     return coef * (1.0 + error * n_steps / horizon)
+
+
+# ----------------------------------------------------------------------------- preference optimisation
+
+
+def sequence_logprobs(
+    logits: Array, targets: Array, weights: Array, segment_ids: Array | None = None, num_segments: int = 1
+) -> tuple[Array, Array]:
+    """(sum of the weighted targets' log-probabilities, number of weighted tokens) per sequence.
+
+    The log-probability of a response is the sum over its tokens only (weights 1 on the
+    response, 0 on prompt and padding), so rows of different lengths compare exactly; the
+    count lets IPO and ORPO use the per-token mean instead. Without segment_ids each row is
+    one sequence ([b]); with them (packed rows, segments numbered 1..num_segments, 0 padding)
+    the result is [b, num_segments].
+    """
+    weights = weights.astype(jnp.float32)
+    nll, _ = token_log_losses(logits, targets)
+    if segment_ids is None:
+        return -jnp.sum(nll * weights, axis=-1), jnp.sum(weights, axis=-1)
+    member = (segment_ids[..., None] == jnp.arange(1, num_segments + 1)).astype(jnp.float32) * weights[..., None]
+    return -jnp.einsum("bt,bts->bs", nll, member), jnp.sum(member, axis=1)
+
+
+def _implicit_ratios(chosen: Array, rejected: Array, chosen_logps: Array, rejected_logps: Array, valid: Array) -> dict:
+    """The metrics TRL logs for pairwise methods, as (sum, count) ratios over valid pairs."""
+    n = jnp.sum(valid)
+    total = lambda x: (jnp.sum(x * valid), n)
+    return {
+        "reward_accuracy": total((chosen > rejected).astype(jnp.float32)),
+        "reward_margin": total(chosen - rejected),
+        "chosen_reward": total(chosen),
+        "rejected_reward": total(rejected),
+        "chosen_logp": total(chosen_logps),
+        "rejected_logp": total(rejected_logps),
+    }
+
+
+def dpo_loss(
+    chosen_logps: Array,
+    rejected_logps: Array,
+    ref_chosen_logps: Array,
+    ref_rejected_logps: Array,
+    valid: Array,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> dict:
+    """DPO (Rafailov et al. 2023) over [b] sequence log-probabilities of the policy and reference.
+
+    h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)).
+    sigmoid: -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h); eps = label_smoothing > 0
+    is conservative DPO (cDPO: a share eps of the labels assumed flipped).
+    ipo: (h - 1 / (2 beta))^2 (Azar et al. 2023; pass per-token mean log-probs, as TRL does).
+    `valid` drops padding rows of a fixed-shape batch. The implicit rewards are beta * the
+    log-ratios; their accuracy and margin are the usual progress metrics.
+    """
+    valid = valid.astype(jnp.float32)
+    chosen_ratio, rejected_ratio = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+    h = (chosen_ratio - rejected_ratio).astype(jnp.float32)
+    if loss_type == "sigmoid":
+        losses = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h) - label_smoothing * jax.nn.log_sigmoid(
+            -beta * h
+        )
+    elif loss_type == "ipo":
+        losses = jnp.square(h - 1.0 / (2.0 * beta))
+    else:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected 'sigmoid' or 'ipo'")
+    chosen, rejected = beta * jax.lax.stop_gradient(chosen_ratio), beta * jax.lax.stop_gradient(rejected_ratio)
+    return {
+        "loss_sum": jnp.sum(losses * valid),
+        "weight_sum": jnp.sum(valid),
+        "ratios": _implicit_ratios(chosen, rejected, chosen_logps, rejected_logps, valid),
+    }
+
+
+def kto_reference_point(kl_logps: Array, kl_ref_logps: Array, valid: Array) -> Array:
+    """KTO's z0: the batch's mean log-ratio on mismatched (prompt, other record's response) pairs,
+    clamped at 0 and cut from the gradient (Ethayarajh et al. 2024; TRL's estimate)."""
+    mean = masked_mean((kl_logps - kl_ref_logps).astype(jnp.float32), valid)
+    return jax.lax.stop_gradient(jnp.maximum(mean, 0.0))
+
+
+def kto_loss(
+    logps: Array,
+    ref_logps: Array,
+    desirable: Array,
+    valid: Array,
+    reference_point: Array,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> dict:
+    """KTO over unpaired records [b]: thumbs-up rows lose w_d (1 - sigmoid(beta (r - z0))), thumbs-down
+    rows w_u (1 - sigmoid(beta (z0 - r))), r the policy/reference log-ratio and z0 the reference
+    point (`kto_reference_point`). Averaged over records, as TRL does."""
+    valid, desirable = valid.astype(jnp.float32), desirable.astype(jnp.float32)
+    ratio = (logps - ref_logps).astype(jnp.float32)
+    up = desirable_weight * (1.0 - jax.nn.sigmoid(beta * (ratio - reference_point)))
+    down = undesirable_weight * (1.0 - jax.nn.sigmoid(beta * (reference_point - ratio)))
+    losses = desirable * up + (1.0 - desirable) * down
+    reward = beta * jax.lax.stop_gradient(ratio)
+    good, bad = valid * desirable, valid * (1.0 - desirable)
+    return {
+        "loss_sum": jnp.sum(losses * valid),
+        "weight_sum": jnp.sum(valid),
+        "ratios": {
+            "chosen_reward": (jnp.sum(reward * good), jnp.sum(good)),
+            "rejected_reward": (jnp.sum(reward * bad), jnp.sum(bad)),
+            "chosen_logp": (jnp.sum(logps * good), jnp.sum(good)),
+            "rejected_logp": (jnp.sum(logps * bad), jnp.sum(bad)),
+            "kl_reference_point": (reference_point * jnp.sum(valid), jnp.sum(valid)),
+        },
+    }
+
+
+def orpo_loss(chosen_mean_logps: Array, rejected_mean_logps: Array, valid: Array, beta: float) -> dict:
+    """ORPO (Hong et al. 2024): SFT and preference in one loss, no reference model.
+
+    Inputs are per-token mean log-probabilities [b]. Per pair: -mean log p(y_w) (the SFT NLL)
+    - beta log sigmoid(log odds(y_w) - log odds(y_l)), odds(y) = p / (1 - p). The mean
+    log-probability is capped just below 0 so a certain answer's odds stay finite.
+    """
+    valid = valid.astype(jnp.float32)
+    cap = lambda x: jnp.minimum(x.astype(jnp.float32), -1e-6)
+    chosen, rejected = cap(chosen_mean_logps), cap(rejected_mean_logps)
+    log_odds = (chosen - rejected) - (jnp.log(-jnp.expm1(chosen)) - jnp.log(-jnp.expm1(rejected)))
+    odds_term = jax.nn.log_sigmoid(log_odds)
+    losses = -chosen - beta * odds_term
+    ratios = _implicit_ratios(
+        beta * jax.lax.stop_gradient(chosen), beta * jax.lax.stop_gradient(rejected), chosen, rejected, valid
+    )
+    ratios["nll"] = (jnp.sum(-chosen * valid), jnp.sum(valid))
+    ratios["log_odds_ratio"] = (jnp.sum(odds_term * valid), jnp.sum(valid))
+    return {"loss_sum": jnp.sum(losses * valid), "weight_sum": jnp.sum(valid), "ratios": ratios}
+
+
+# ----------------------------------------------------------------------------- critic-free RL (GRPO, RLOO)
+
+
+def group_advantages(rewards: Array, method: str = "grpo", scale: bool = True) -> tuple[Array, Array]:
+    """(advantages, informative) for rewards [prompts, G] of G sampled answers per prompt.
+
+    grpo: r - the group's mean, divided by its (unbiased) std when `scale` (Dr. GRPO: scale=False).
+    rloo: r - the mean of the other G - 1 answers (the leave-one-out baseline).
+    `informative` [prompts] is False for a group whose answers all score the same: it carries
+    no signal (DAPO's dynamic sampling drops it).
+    """
+    rewards = rewards.astype(jnp.float32)
+    g = rewards.shape[1]
+    mean = jnp.mean(rewards, axis=1, keepdims=True)
+    std = jnp.std(rewards, axis=1, keepdims=True, ddof=1)
+    if method == "grpo":
+        advantages = (rewards - mean) / (std + 1e-4) if scale else rewards - mean
+    elif method == "rloo":
+        advantages = rewards - (jnp.sum(rewards, axis=1, keepdims=True) - rewards) / (g - 1)
+    else:
+        raise ValueError(f"unknown advantage method {method!r}; expected 'grpo' or 'rloo'")
+    return advantages, std[:, 0] > 0
+
+
+def grpo_loss(
+    logprobs: Array,
+    old_logprobs: Array,
+    ref_logprobs: Array,
+    advantages: Array,
+    mask: Array,
+    clip_low: float,
+    clip_high: float,
+    beta: float,
+    normalization: str = "sequence",
+) -> dict:
+    """The GRPO objective over response tokens [b, T], advantages [b] (one per sequence).
+
+    Per token: -min(ratio A, clip(ratio, 1 - clip_low, 1 + clip_high) A) + beta k3, where
+    k3 = exp(ref - logp) - (ref - logp) - 1 >= 0 is the unbiased KL estimate of Shao et al.
+    (clip_high > clip_low is DAPO's clip-higher). normalization: `sequence` (GRPO: each
+    sequence's token mean, averaged over sequences), `token` (DAPO: over all tokens), or
+    `constant` (Dr. GRPO: each sequence's token sum / T, removing the length bias).
+    Returned as loss_sum / weight_sum so micro-batches average exactly.
+    """
+    mask = mask.astype(jnp.float32)
+    ratio = jnp.exp(logprobs - old_logprobs)
+    adv = advantages[:, None].astype(jnp.float32)
+    clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
+    surrogate = -jnp.minimum(ratio * adv, clipped)
+    delta = ref_logprobs - logprobs
+    k3 = jnp.exp(delta) - delta - 1.0
+    per_token = (surrogate + beta * k3) * mask
+    lengths = jnp.sum(mask, axis=1)
+    has_tokens = (lengths > 0).astype(jnp.float32)
+    if normalization == "sequence":
+        loss_sum, weight_sum = jnp.sum(jnp.sum(per_token, axis=1) / jnp.maximum(lengths, 1.0)), jnp.sum(has_tokens)
+    elif normalization == "token":
+        loss_sum, weight_sum = jnp.sum(per_token), jnp.sum(lengths)
+    elif normalization == "constant":
+        loss_sum, weight_sum = jnp.sum(per_token) / mask.shape[1], jnp.sum(has_tokens)
+    else:
+        raise ValueError(f"unknown normalization {normalization!r}; expected 'sequence', 'token' or 'constant'")
+    tokens = jnp.sum(mask)
+    return {
+        "loss_sum": loss_sum,
+        "weight_sum": weight_sum,
+        "ratios": {
+            "kl": (jnp.sum(k3 * mask), tokens),
+            "clip_fraction": (jnp.sum(((ratio * adv) > clipped).astype(jnp.float32) * mask), tokens),
+        },
+    }

@@ -76,6 +76,9 @@ def tune_host_allocator() -> bool:
 # A glibc thread arena's heap cannot grow past this (HEAP_MAX_SIZE on 64-bit): bigger blocks
 # that an XLA:CPU worker thread allocates are mapped afresh, and faulted in, on every step.
 THREAD_ARENA_LIMIT_BYTES = 64 << 20
+# Below this, faulting the buffers in costs too little per step to pay one arena's slower
+# compiles: the advice is for GPT-2-sized steps (gigabytes of buffers), not the tiny defaults.
+ADVICE_MIN_BYTES = 1 << 30
 
 
 def host_allocator_advice(jitted: Any, *args: Any) -> str | None:
@@ -90,7 +93,7 @@ def host_allocator_advice(jitted: Any, *args: Any) -> str | None:
         return None
     analysis = jitted.lower(*args).compile().memory_analysis()
     temp = getattr(analysis, "temp_size_in_bytes", 0) if analysis is not None else 0
-    if temp <= THREAD_ARENA_LIMIT_BYTES:
+    if temp <= max(THREAD_ARENA_LIMIT_BYTES, ADVICE_MIN_BYTES):
         return None
     return (
         f"this step's XLA buffers take {temp / 2**20:,.0f} MiB per run, more than a thread arena's "

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from flaxgpt import fileio
+from flaxgpt import cli, fileio
 from flaxgpt.errors import UserError
 from flaxgpt.logging import METRICS_FILE, read_metrics
 
@@ -469,14 +469,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", default=None, help="output folder (default: RUN_OR_PIPELINE_DIR/report)")
     args = parser.parse_args(argv)
-    try:
-        report = write(args.run_dir, args.out, args.compare)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    report = write(args.run_dir, args.out, args.compare)
     print(f"report: {report.page} ({len(report.plots)} plots)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

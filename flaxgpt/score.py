@@ -9,12 +9,11 @@ with "response" get "reward", with "responses" get "rewards", with "chosen"/"rej
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
 
-from flaxgpt import inference, perf
+from flaxgpt import cli, perf, runs
 from flaxgpt.config import ConfigError
 from flaxgpt.data.jsonl import DataError
 
@@ -27,64 +26,58 @@ def _prompt(record: dict, where: str) -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m flaxgpt.score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(prog="python -m flaxgpt.score", description=__doc__)
     parser.add_argument("--workdir", "-w", required=True, help="a reward-model run")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument("--step", type=cli.ranged(int, ">= 0"), help="checkpoint step (default: the latest)")
     parser.add_argument("--prompt", "-p")
     parser.add_argument("--system", default="", help="system message the prompt is asked under")
     parser.add_argument("--response", "-r", action="append", default=[], help="may be repeated")
     parser.add_argument("--jsonl", help="score every record of this file instead")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=cli.ranged(int, ">= 1"), default=16, help="responses scored at once")
     args = parser.parse_args(argv)
     if bool(args.jsonl) == bool(args.prompt):
         parser.error("give either --prompt with --response, or --jsonl")
     if args.prompt and not args.response:
         parser.error("--prompt needs at least one --response")
-    from flaxgpt.trainers.reward import score
+    from flaxgpt.rewards import score
 
-    try:
-        perf.tune_host_allocator()
-        loaded = inference.load(args.workdir, args.step)
-        if loaded.model.cfg.output != "scalar":
-            raise ConfigError(
-                f"{args.workdir} is a language model (model.output='{loaded.model.cfg.output}'), not a reward model"
-            )
-        if args.prompt:
-            records = [{"system": args.system, "prompt": args.prompt, "responses": args.response}]
-        else:
-            with open(args.jsonl, encoding="utf-8") as f:
-                records = []
-                for number, line in enumerate(f, start=1):
-                    if line.strip():
-                        try:
-                            records.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise DataError(f"{args.jsonl}:{number}: not valid JSON ({e.msg})") from e
-        keys = []  # (record index, output key, index in a list or None)
-        items = []
-        for i, record in enumerate(records):
-            where = f"{args.jsonl}: record {i + 1}" if args.jsonl else "--prompt"
-            prompt = _prompt(record, where)
-            fields = [("response", "reward"), ("chosen", "reward_chosen"), ("rejected", "reward_rejected")]
-            found = False
-            for field, out in fields:
-                if isinstance(record.get(field), str):
-                    keys.append((i, out, None))
-                    items.append((prompt, record[field]))
-                    found = True
-            for j, response in enumerate(record.get("responses") or []):
-                keys.append((i, "rewards", j))
-                items.append((prompt, response))
+    perf.tune_host_allocator()
+    loaded = runs.load(args.workdir, args.step)
+    if loaded.model.cfg.output != "scalar":
+        raise ConfigError(
+            f"{args.workdir} is a language model (model.output='{loaded.model.cfg.output}'), not a reward model"
+        )
+    if args.prompt:
+        records = [{"system": args.system, "prompt": args.prompt, "responses": args.response}]
+    else:
+        with open(args.jsonl, encoding="utf-8") as f:
+            records = []
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{args.jsonl}:{number}: not valid JSON ({e.msg})") from e
+    keys = []  # (record index, output key, index in a list or None)
+    items = []
+    for i, record in enumerate(records):
+        where = f"{args.jsonl}: record {i + 1}" if args.jsonl else "--prompt"
+        prompt = _prompt(record, where)
+        fields = [("response", "reward"), ("chosen", "reward_chosen"), ("rejected", "reward_rejected")]
+        found = False
+        for field, out in fields:
+            if isinstance(record.get(field), str):
+                keys.append((i, out, None))
+                items.append((prompt, record[field]))
                 found = True
-            if not found:
-                raise DataError(f"{where}: no 'response', 'responses' or 'chosen'/'rejected' to score")
-        with inference.logical_context(loaded):
-            rewards = score(loaded.model, loaded.params, loaded.tokenizer, items, args.batch_size)
-    except (FileNotFoundError, ConfigError, DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        for j, response in enumerate(record.get("responses") or []):
+            keys.append((i, "rewards", j))
+            items.append((prompt, response))
+            found = True
+        if not found:
+            raise DataError(f"{where}: no 'response', 'responses' or 'chosen'/'rejected' to score")
+    with runs.logical_context(loaded):
+        rewards = score(loaded.model, loaded.params, loaded.tokenizer, items, args.batch_size)
     for (i, out, j), reward in zip(keys, rewards):
         if j is None:
             records[i][out] = float(reward)
@@ -100,4 +93,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

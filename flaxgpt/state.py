@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from flaxgpt.sharding import logical_shardings, unbox_shapes
+from flaxgpt.sharding import logical_shardings, sharded_abstract, unbox_shapes
 
 
 @flax.struct.dataclass
@@ -71,12 +71,7 @@ def abstract_train_state(
     rules: tuple,
 ) -> tuple[Any, Any]:
     """(ShapeDtypeStructs with shardings, shardings): the target for a checkpoint restore."""
-    abstract = jax.eval_shape(_boxed_init(model, optimizer, example_tokens, 0))
-    shardings = unbox_shapes(logical_shardings(abstract, mesh, rules))
-    structs = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unbox_shapes(abstract), shardings
-    )
-    return structs, shardings
+    return sharded_abstract(jax.eval_shape(_boxed_init(model, optimizer, example_tokens, 0)), mesh, rules)
 
 
 def _boxed_init(model, optimizer, example_tokens, seed) -> Callable[[], TrainState]:

@@ -7,12 +7,16 @@ JSONL files in the "text" schema (one document per line). `encode` shows how a t
 
 from __future__ import annotations
 
-import argparse
+import errno
+import os
 import sys
 from collections.abc import Iterator, Sequence
 
-from flaxgpt.data.jsonl import DataError, read_jsonl
+from flaxgpt import cli
+from flaxgpt.config import RANGES
+from flaxgpt.data.jsonl import read_jsonl
 from flaxgpt.data.tokenizers import SentencePieceTokenizer, train_sentencepiece
+from flaxgpt.errors import UserError
 
 
 def _lines(paths: Sequence[str]) -> Iterator[str]:
@@ -26,34 +30,35 @@ def _lines(paths: Sequence[str]) -> Iterator[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m flaxgpt.tokenizer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(prog="python -m flaxgpt.tokenizer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train a SentencePiece model")
+    train = commands.add_parser("train", help="train a SentencePiece model", description=__doc__)
     train.add_argument("--input", nargs="+", required=True, help="text or .jsonl files")
-    train.add_argument("--vocab-size", type=int, required=True)
-    train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    train.add_argument(
+        "--vocab-size", type=cli.ranged(int, RANGES["data.spm_vocab_size"]), required=True, help="pieces, > 256"
+    )
+    train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="SentencePiece algorithm")
     train.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
-    encode = commands.add_parser("encode", help="show the pieces of a text")
+    encode = commands.add_parser("encode", help="show the pieces of a text", description=__doc__)
     encode.add_argument("--model", required=True, help="a .model file")
     encode.add_argument("text")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "train":
+    if args.command == "train":
+        try:
             model_file = train_sentencepiece(_lines(args.input), args.out, args.vocab_size, args.model_type)
-            tok = SentencePieceTokenizer(model_file)
-            print(f"wrote {model_file}: {tok.vocab_size} pieces ({args.model_type})")
-        else:
-            tok = SentencePieceTokenizer(args.model)
-            ids = tok.encode(args.text, allow_special=True)
-            print(" ".join(tok.sp.id_to_piece(i) for i in ids))
-            print(f"{len(ids)} tokens for {len(args.text)} characters")
-    except (FileNotFoundError, DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        except ValueError as e:  # SentencePiece refused this vocabulary size for this text
+            raise UserError(str(e)) from e
+        tok = SentencePieceTokenizer(model_file)
+        print(f"wrote {model_file}: {tok.vocab_size} pieces ({args.model_type})")
+    else:
+        if not os.path.isfile(args.model):
+            raise FileNotFoundError(errno.ENOENT, "no such SentencePiece model file", args.model)
+        tok = SentencePieceTokenizer(args.model)
+        ids = tok.encode(args.text, allow_special=True)
+        print(" ".join(tok.sp.id_to_piece(i) for i in ids))
+        print(f"{len(ids)} tokens for {len(args.text)} characters")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -8,14 +8,14 @@ overridden with --set STAGE.section.key=value, or section.key=value for all stag
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import importlib.util
 import os
 import sys
 from collections.abc import Sequence
 
-from flaxgpt.config import Config, ConfigError, apply_overrides, to_json
+from flaxgpt import cli
+from flaxgpt.config import Config, ConfigError, apply_overrides, describe_keys, to_json
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +54,10 @@ def load_experiment(name: str, overrides: Sequence[str] = ()) -> Config | list:
     stem = os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(f"flaxgpt_experiment_{stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:  # the user's file; other exceptions keep their traceback to debug it
+        raise ConfigError(f"{e.filename}:{e.lineno}: {e.msg}") from e
     if hasattr(module, "stages"):
         from flaxgpt import pipeline
 
@@ -77,16 +80,24 @@ def load_experiment(name: str, overrides: Sequence[str] = ()) -> Config | list:
 
 
 def run_trainer(cfg: Config, workdir: str) -> dict:
-    """Run `cfg` with the trainer it names; returns the run's final figures."""
+    """Run `cfg` with the trainer it names, holding the workdir's lock; returns the run's final
+    figures. A run stopped by SIGTERM or SIGINT (after saving) says so in one line and exits
+    143 or 130."""
     import importlib
 
-    return importlib.import_module(f"flaxgpt.trainers.{cfg.train.trainer}").run(cfg, workdir)
+    from flaxgpt.trainers.scaffold import Interrupted
+    from flaxgpt.workdir import WorkdirLock
+
+    try:
+        with WorkdirLock(workdir):  # one run per workdir, for the whole run
+            return importlib.import_module(f"flaxgpt.trainers.{cfg.train.trainer}").run(cfg, workdir)
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(e.code) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m flaxgpt.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(prog="python -m flaxgpt.train", description=__doc__)
     parser.add_argument("--experiment", "-e", help="experiment name (see --list) or path to a .py file")
     parser.add_argument("--workdir", "-w", help="where checkpoints and logs go (default: runs/NAME)")
     parser.add_argument(
@@ -96,28 +107,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="override config values, e.g. --set optimizer.lr=3e-4",
+        help="override config values, e.g. --set optimizer.lr=3e-4 (keys and valid ranges: --list-keys)",
     )
     parser.add_argument("--list", action="store_true", help="list the experiments and exit")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    parser.add_argument(
+        "--list-keys",
+        action="store_true",
+        help="list every config key (of --experiment, else the defaults) with its value and valid range, and exit",
+    )
     dist = parser.add_argument_group("multi-process runs (automatic on multi-host Cloud TPU VMs)")
     dist.add_argument("--coordinator-address", help="HOST:PORT of process 0 (or FLAXGPT_COORDINATOR_ADDRESS)")
-    dist.add_argument("--num-processes", type=int, help="processes in the run (or FLAXGPT_NUM_PROCESSES)")
-    dist.add_argument("--process-id", type=int, help="this process's index (or FLAXGPT_PROCESS_ID)")
+    dist.add_argument(
+        "--num-processes", type=cli.ranged(int, ">= 1"), help="processes in the run (or FLAXGPT_NUM_PROCESSES)"
+    )
+    dist.add_argument("--process-id", type=cli.ranged(int, ">= 0"), help="this process's index (or FLAXGPT_PROCESS_ID)")
     args = parser.parse_args(argv)
 
     if args.list:
         for name in list_experiments():
             print(name)
         return 0
+    if args.list_keys and not args.experiment:
+        print("\n".join(describe_keys(Config())))
+        return 0
     if not args.experiment:
         parser.error("--experiment is required (see --list)")
     overrides = [kv for group in args.overrides for kv in group]
-    try:
-        cfg = load_experiment(args.experiment, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_experiment(args.experiment, overrides)
+    if args.list_keys:
+        runs = [("", cfg)] if isinstance(cfg, Config) else [(f"{stage.name}.", stage.config) for stage in cfg]
+        print("\n".join(line for prefix, run in runs for line in describe_keys(run, prefix)))
+        return 0
     if args.print_config:
         if isinstance(cfg, Config):
             print(to_json(cfg))
@@ -127,32 +148,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(describe(cfg))
         return 0
 
-    from flaxgpt.checkpoint import CheckpointMismatch  # imported late: --list and --print-config stay fast
-    from flaxgpt.data.jsonl import DataError
-    from flaxgpt.perf import tune_host_allocator
+    from flaxgpt.perf import tune_host_allocator  # imported late: --list and --print-config stay fast
     from flaxgpt.sharding import initialize_distributed
 
-    try:
-        tune_host_allocator()
-        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
+    tune_host_allocator()
+    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     stem = os.path.splitext(os.path.basename(args.experiment))[0]
     workdir = args.workdir or os.path.join("runs", cfg.name if isinstance(cfg, Config) else stem)
-    try:
-        if isinstance(cfg, Config):
-            run_trainer(cfg, workdir)
-        else:
-            from flaxgpt.pipeline import run_pipeline
+    if isinstance(cfg, Config):
+        run_trainer(cfg, workdir)
+    else:
+        from flaxgpt.pipeline import run_pipeline
 
-            run_pipeline(cfg, workdir, run_trainer)
-    except (ConfigError, FileNotFoundError, CheckpointMismatch, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        run_pipeline(cfg, workdir, run_trainer)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def setup_script(repo: str | None, ref: str, extras: str) -> str:
             "python3 -m venv ~/flaxgpt-venv",
             "~/flaxgpt-venv/bin/pip install -q -U pip",
             "~/flaxgpt-venv/bin/pip install -q 'jax[tpu]>=0.10.2,<0.11'",
-            f"~/flaxgpt-venv/bin/pip install -q -e '.[{extras}]'",
+            f"~/flaxgpt-venv/bin/pip install -q -e {shlex.quote(f'.[{extras}]')}",
         ]
     )
 
@@ -200,26 +201,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("command", choices=("up", "create", "setup", "run", "logs", "status", "copy-back", "delete"))
     parser.add_argument("--name", required=True, help="TPU VM name")
-    parser.add_argument("--zone", required=True)
-    parser.add_argument("--project")
-    parser.add_argument("--accelerator-type", default="v4-8", help="e.g. v4-8 (one host), v4-32, v5litepod-16")
-    parser.add_argument("--runtime-version", default=DEFAULT_RUNTIME)
+    parser.add_argument("--zone", required=True, help="e.g. us-central2-b")
+    parser.add_argument("--project", help="Google Cloud project (default: gcloud's)")
+    parser.add_argument(
+        "--accelerator-type", default="v4-8", help="e.g. v4-8 (one host), v4-32, v5litepod-16 (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--runtime-version", default=DEFAULT_RUNTIME, help="TPU VM software version (default: %(default)s)"
+    )
     capacity = parser.add_mutually_exclusive_group()
     capacity.add_argument("--spot", action="store_true", help="spot capacity (cheaper, can be preempted)")
     capacity.add_argument("--preemptible", action="store_true")
     parser.add_argument("--repo", help="git URL the workers clone flaxgpt from (default: copy this checkout's HEAD)")
-    parser.add_argument("--ref", default="main", help="with --repo: branch, tag or commit to check out")
-    parser.add_argument("--extras", default="tfds,gcs", help="pip extras to install with flaxgpt")
-    parser.add_argument("--experiment", "-e", default="world")
+    parser.add_argument(
+        "--ref", default="main", help="with --repo: branch, tag or commit to check out (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--extras", default="tfds,gcs", help="pip extras to install with flaxgpt (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--experiment",
+        "-e",
+        default="world",
+        help="experiment name or file, as for flaxgpt.train (default: %(default)s)",
+    )
     parser.add_argument("--workdir", help="run directory; gs://bucket/path so checkpoints outlive the VM")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    parser.add_argument("--local", default="runs/from_tpu", help="copy-back destination")
+    parser.add_argument("--local", default="runs/from_tpu", help="copy-back destination (default: %(default)s)")
     parser.add_argument("--follow", action="store_true", help="logs: keep streaming")
-    parser.add_argument("--max-restarts", type=int, default=5)
-    parser.add_argument("--retry-wait", type=float, default=60.0, help="seconds between preemption retries")
+    parser.add_argument(
+        "--max-restarts", type=int, default=5, help="relaunches after preemption (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--retry-wait", type=float, default=60.0, help="seconds between preemption retries (default: %(default)s)"
+    )
     parser.add_argument("--delete-when-done", action="store_true")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args(argv)
+    if not re.fullmatch(r"[a-z0-9]+-[0-9]+", args.accelerator_type):
+        parser.error(f"--accelerator-type {args.accelerator_type!r}: expected TYPE-SIZE, e.g. v4-8 or v5litepod-16")
     t = Target(
         args.name, args.zone, args.project, args.accelerator_type, args.runtime_version, args.spot, args.preemptible
     )

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import tiny_run_config  # noqa: E402
 from test_ppo import ppo_config, write_policy_data  # noqa: E402
 
-from flaxgpt import inference  # noqa: E402
+from flaxgpt import runs  # noqa: E402
 from flaxgpt.logging import read_metrics  # noqa: E402
 from flaxgpt.trainers import ppo, sft  # noqa: E402
 
@@ -37,7 +37,7 @@ for name, mesh in {"data4": dict(data=4), "f2t2": dict(data=1, fsdp=2, tensor=2)
     workdir = os.path.join(base, name)
     ppo.run(cfg, workdir)
     rows = [r for r in read_metrics(workdir) if "score_mean" in r]
-    loaded = inference.load(workdir)
+    loaded = runs.load(workdir)
     specs = {
         jax.tree_util.keystr(p): [a if a is None or isinstance(a, str) else list(a) for a in x.sharding.spec]
         for p, x in jax.tree_util.tree_leaves_with_path(loaded.params)

@@ -15,7 +15,7 @@ from flaxgpt.model import Transformer
 from flaxgpt.optim import build_optimizer, learning_rate_schedule
 from flaxgpt.sharding import batch_sharding, host_value, local_batch_rows, logical_rules, make_mesh, place_batch
 from flaxgpt.state import create_train_state
-from flaxgpt.trainers.lm import make_train_step
+from flaxgpt.trainers.step import make_train_step
 
 MESHES = {
     "1dev": None,

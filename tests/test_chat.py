@@ -1,13 +1,16 @@
 """The chat template, and the sample / chat CLIs on a small trained workdir."""
 
+import os
+import signal
 import subprocess
 import sys
+import threading
 
 import jax
 import pytest
 
-from flaxgpt import chat_template, generate, inference
-from flaxgpt.chat import ChatSession
+from flaxgpt import chat, chat_template, cli, generate, runs, sample
+from flaxgpt.chat import ChatSession, repl
 from flaxgpt.data.tokenizers import ASSISTANT, END_OF_TURN, SYSTEM, USER, CharTokenizer
 from flaxgpt.trainers import pretrain
 from tests.conftest import REPO, tiny_run_config
@@ -63,10 +66,10 @@ def _cli(module, *args, stdin=None):
 
 
 def test_sample_cli_prints_the_engine_s_greedy_completions(workdir):
-    loaded = inference.load(workdir)
+    loaded = runs.load(workdir)
     prompts = ["Question: What", "Answer:"]
     ids = [loaded.tokenizer.encode(p) for p in prompts]
-    with inference.logical_context(loaded):
+    with runs.logical_context(loaded):
         out = generate.generate(
             loaded.model,
             loaded.params,
@@ -100,7 +103,7 @@ def test_sample_cli_prints_the_engine_s_greedy_completions(workdir):
 
 
 def test_chat_streams_remembers_and_obeys_commands(workdir):
-    loaded = inference.load(workdir)
+    loaded = runs.load(workdir)
     session = ChatSession(loaded, generate.DecodeConfig(max_new_tokens=10, temperature=0.0), system="Be brief.")
     pieces = []
     answer = session.reply("What is 2 plus 3?", on_text=pieces.append)
@@ -134,3 +137,87 @@ def test_chat_streams_remembers_and_obeys_commands(workdir):
     assert talk.returncode == 0, talk.stderr[-2000:]
     assert "(system message: 'Answer in one word.')" in talk.stdout and "(conversation forgotten)" in talk.stdout
     assert talk.stdout.count("assistant> ") == 2
+
+
+@pytest.fixture(scope="module")
+def loaded(workdir):
+    return runs.load(workdir)
+
+
+def _session(loaded):  # every REPL test answers "/hi" to an empty conversation: one compiled program
+    return ChatSession(loaded, generate.DecodeConfig(max_new_tokens=8, temperature=0.0))
+
+
+def _drive(session, lines, write=None):
+    """Run the REPL on `lines` (an exception in them is raised as the key the user pressed);
+    returns (what it wrote, the lines it never read)."""
+    out, feed = [], iter(lines)
+
+    def read(prompt):
+        item = next(feed, EOFError())
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    repl(session, read=read, write=write or out.append)
+    return "".join(out), list(feed)
+
+
+def test_chat_refuses_a_message_too_long_and_unknown_commands_and_goes_on(workdir, loaded, capsys):
+    session = _session(loaded)
+    out, unread = _drive(session, ["x" * 500, "/frobnicate now", "//hi", "/help", "/quit", "never"])
+    lines = out.splitlines()
+    too_long = [line for line in lines if line.startswith("(message not sent: ")]
+    assert len(too_long) == 1 and "more than the 56 available" in too_long[0]
+    assert "(unknown command /frobnicate, not sent; commands: /reset, /system TEXT, /help, /quit;" in out
+    assert "(commands: /reset" in out and unread == ["never"]
+    assert out.count("assistant> ") == 1  # the session went on; "//" sends a message starting with "/"
+    assert [m["content"] for m in session.messages if m["role"] == "user"] == ["/hi"]
+    # a one-shot --prompt too long is a user error: one line, exit 2
+    assert cli.run(chat.main, ["--workdir", workdir, "--prompt", "x" * 500]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: message not sent: ") and err.count("\n") == 1
+
+
+def test_ctrl_c_at_the_prompt_warns_once_and_twice_leaves(loaded):
+    session = _session(loaded)
+    out, unread = _drive(session, [KeyboardInterrupt(), "/reset", KeyboardInterrupt(), KeyboardInterrupt(), "never"])
+    assert out.count("(Ctrl-C again or Ctrl-D to leave)") == 2 and unread == ["never"]
+    out, unread = _drive(session, [EOFError(), "never"])  # Ctrl-D leaves at once
+    assert unread == ["never"]
+
+
+def test_ctrl_c_while_answering_stops_that_answer_and_returns_to_the_prompt(loaded):
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach only the main thread")
+    full = _session(loaded).reply("/hi", on_text=lambda piece: None)
+    session = _session(loaded)
+    out = []
+
+    def write(text):  # the first streamed piece (written from the engine's thread) presses Ctrl-C
+        out.append(text)
+        if threading.current_thread() is not threading.main_thread() and not session.stop.is_set():
+            os.kill(os.getpid(), signal.SIGINT)
+            assert session.stop.wait(10)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _, unread = _drive(session, ["//hi", "/quit", "never"], write=write)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    first = out[out.index("assistant> ") + 1]
+    assert len(full) > len(first) and full.startswith(first)
+    assert out[out.index("assistant> ") + 2] == " (stopped)\n" and unread == ["never"]
+    assert session.messages == [{"role": "user", "content": "/hi"}, {"role": "assistant", "content": first}]
+
+
+def test_line_editing_comes_from_readline():
+    assert chat._enable_line_editing() and "readline" in sys.modules
+
+
+def test_sample_refuses_a_prompt_that_leaves_no_room_in_one_line(workdir, capsys):
+    assert cli.run(sample.main, ["--workdir", workdir, "--prompt", "a" * 60, "--max-new-tokens", "8"]) == 2
+    assert capsys.readouterr().err == (
+        "error: the longest prompt (60 tokens) + --max-new-tokens 8 exceed the model's block_size 64: "
+        "shorten the prompt or lower --max-new-tokens\n"
+    )

@@ -32,16 +32,18 @@ TINY = [
     "checkpoint.async_save=false",
 ]
 
-# Runs the real CLI in-process, but SIGKILLs itself right after logging step KILL_AT.
-_KILLED_RUN = r"""
+# Runs the real CLI in-process, but sends itself KILL_SIGNAL (default SIGKILL) right after
+# logging step KILL_AT.
+KILLED_RUN = r"""
 import os, signal, sys
 from flaxgpt import logging as flog
 KILL_AT = int(os.environ["KILL_AT"])
+SIGNAL = getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL"))
 original = flog.MetricsLogger.log
 def log_then_die(self, step, metrics):
     original(self, step, metrics)
     if step == KILL_AT:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), SIGNAL)
 flog.MetricsLogger.log = log_then_die
 from flaxgpt.train import main
 sys.exit(main(sys.argv[1:]))
@@ -58,7 +60,7 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
     died = subprocess.run(
-        [sys.executable, "-c", _KILLED_RUN, *args, "--workdir", killed],
+        [sys.executable, "-c", KILLED_RUN, *args, "--workdir", killed],
         cwd=REPO,
         env={**os.environ, "KILL_AT": "17"},
         capture_output=True,

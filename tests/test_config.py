@@ -1,6 +1,8 @@
 """Config tree, --set overrides, error messages, and the CLI's --list / --print-config."""
 
+import dataclasses
 import json
+import typing
 
 import pytest
 
@@ -169,3 +171,57 @@ def test_cli_config_typo_exits_with_clear_message():
     assert result.returncode == 2
     assert "unknown config key 'optimizer.learning_rate'" in result.stderr
     assert "did you mean 'optimizer.lr'" in result.stderr
+
+
+def _numeric_keys(node, prefix=""):
+    for name, ftype in typing.get_type_hints(type(node)).items():
+        value = getattr(node, name)
+        if dataclasses.is_dataclass(value):
+            yield from _numeric_keys(value, f"{prefix}{name}.")
+        elif {int, float} & {ftype, *typing.get_args(ftype)}:
+            yield f"{prefix}{name}"
+
+
+def test_every_numeric_field_has_a_documented_range_its_default_meets():
+    assert sorted(_numeric_keys(C.Config())) == sorted(C.RANGES)
+    C.Config().validate()  # every default lies in its range
+
+
+@pytest.mark.parametrize(
+    "spec, kind, inside, outside, text",
+    [
+        ("> 0", float, [1e-9, 3.0], [0.0, -1.0, float("nan"), float("inf")], "a finite number > 0"),
+        (">= 1", int, [1, C.INT_MAX], [0, C.INT_MAX + 1], "an integer in [1, 2147483647]"),
+        ("[0, 1)", float, [0.0, 0.5], [1.0, -0.1], "a number in [0, 1)"),
+        ("(0, 1]", float, [1.0, 1e-6], [0.0, 1.5], "a number in (0, 1]"),
+        (">= 1 or -1", int, [-1, 4], [0, -2], "-1 or an integer in [1, 2147483647]"),
+        ("any", float, [-3.5, 0.0], [float("-inf")], "a finite number"),
+    ],
+)
+def test_range_notation(spec, kind, inside, outside, text):
+    allowed = C.Range.parse(spec, kind)
+    assert all(v in allowed for v in inside) and not any(v in allowed for v in outside)
+    assert str(allowed) == text
+
+
+def test_ranges_are_checked_when_a_model_config_is_resolved_outside_validate():
+    with pytest.raises(C.ConfigError, match=r"model.n_head=0: expected an integer in \[1, "):
+        C.ModelConfig(n_head=0).resolved()  # e.g. a config.json read back by inference.read_run
+
+
+def test_experiment_file_values_are_range_checked_too():
+    cfg = C.Config()
+    cfg.optimizer.lr = float("nan")  # written directly in an experiment file, not through --set
+    with pytest.raises(C.ConfigError, match="optimizer.lr=nan: expected a finite number > 0"):
+        cfg.validate()
+
+
+def test_cli_list_keys_states_each_value_and_its_valid_range(capsys):
+    assert main(["--list-keys"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(C.all_keys(C.Config()))
+    assert "optimizer.lr=0.001  # a finite number > 0" in lines
+    assert "checkpoint.max_to_keep=3  # an integer in [1, 2147483647]" in lines
+    assert "model.recipe=\"gpt2\"  # one of ['gpt2', 'llama']" in lines and 'data.path=""' in lines
+    assert main(["--experiment", "chat_demo", "--list-keys", "--set", "ppo.optimizer.lr=2e-4"]) == 0
+    assert "ppo.optimizer.lr=0.0002  # a finite number > 0" in capsys.readouterr().out.splitlines()

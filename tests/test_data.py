@@ -114,6 +114,7 @@ def test_world_corpus_states_only_true_facts():
 
 
 def test_tokenizer_cli_trains_from_text_and_jsonl(tmp_path, capsys):
+    from flaxgpt import cli
     from flaxgpt.tokenizer import main
 
     text = tmp_path / "a.txt"
@@ -124,4 +125,4 @@ def test_tokenizer_cli_trains_from_text_and_jsonl(tmp_path, capsys):
     assert "400 pieces (bpe)" in capsys.readouterr().out
     assert main(["encode", "--model", str(tmp_path / "sp.model"), f"{USER}What is 2 plus 2?"]) == 0
     assert capsys.readouterr().out.startswith(USER)
-    assert main(["train", "--input", str(tmp_path / "nope.txt"), "--vocab-size", "400", "--out", "x"]) == 2
+    assert cli.run(main, ["train", "--input", str(tmp_path / "nope.txt"), "--vocab-size", "400", "--out", "x"]) == 2

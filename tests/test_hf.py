@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("transformers", reason="the hf extra (pip install -e '.[hf]') is not installed")
 
-from flaxgpt import hf, inference, lora  # noqa: E402
+from flaxgpt import hf, lora, runs  # noqa: E402
 from flaxgpt.config import ConfigError, OptimizerConfig  # noqa: E402
 from flaxgpt.convert import export_hf, export_peft_adapter, import_hf  # noqa: E402
 from flaxgpt.model import Transformer  # noqa: E402
@@ -45,7 +45,7 @@ def imported(models, tmp_path_factory) -> dict[str, str]:
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_import_matches_transformers_logits_and_greedy_decoding(family, models, imported):
-    loaded = inference.load(imported[family])
+    loaded = runs.load(imported[family])
     ids = loaded.tokenizer.encode(PROMPT)
     theirs = hf_fixtures.hf_logits(models[family], ids)
     ours = hf_fixtures.flaxgpt_logits(loaded, ids)
@@ -59,7 +59,7 @@ def test_import_matches_transformers_logits_and_greedy_decoding(family, models, 
 def test_export_reloads_in_transformers_with_the_same_logits_and_tokens(family, imported, tmp_path):
     out = str(tmp_path / "export")
     export_hf(imported[family], out)
-    loaded = inference.load(imported[family])
+    loaded = runs.load(imported[family])
     ids = loaded.tokenizer.encode(PROMPT)
     np.testing.assert_allclose(hf_fixtures.hf_logits(out, ids), hf_fixtures.flaxgpt_logits(loaded, ids), atol=1e-4)
     import transformers
@@ -84,15 +84,15 @@ def test_sharded_checkpoint_scanned_layers_and_an_8_device_mesh_give_the_same_lo
         with open(os.path.join(models["llama"], name), "rb") as src, open(os.path.join(sharded, name), "wb") as dst:
             dst.write(src.read())
     assert os.path.exists(os.path.join(sharded, "model.safetensors.index.json"))
-    reference = inference.load(imported["llama"])
+    reference = runs.load(imported["llama"])
     ids = reference.tokenizer.encode(PROMPT)
     np.save(tmp_path / "reference.npy", hf_fixtures.flaxgpt_logits(reference, ids))
     script = f"""
 import numpy as np
-from flaxgpt import inference
+from flaxgpt import runs
 from flaxgpt.convert import import_hf
 import_hf({sharded!r}, {str(tmp_path / "run")!r}, ["model.scan_layers=true", "mesh.fsdp=4", "mesh.tensor=2"])
-loaded = inference.load({str(tmp_path / "run")!r})
+loaded = runs.load({str(tmp_path / "run")!r})
 kernel = loaded.params["layers"]["attn"]["query"]["kernel"]
 assert kernel.addressable_shards[0].data.shape == (2, 8, 2, 8), kernel.addressable_shards[0].data.shape
 ours = np.asarray(loaded.model.apply({{"params": loaded.params}}, np.array([{ids}])))[0]
@@ -145,17 +145,17 @@ def test_unsupported_architecture_missing_tensor_and_shape_mismatch_are_named(mo
 
 
 def test_lora_starts_as_the_base_model_trains_only_adapters_and_merges_exactly(imported, tmp_path):
-    loaded = inference.load(imported["llama"])
+    loaded = runs.load(imported["llama"])
     base_cfg = loaded.model.cfg
     lora_cfg = base_cfg.__class__(**{**base_cfg.__dict__, "lora_rank": 4, "lora_targets": ("query", "value", "up")})
     model = Transformer(lora_cfg.resolved())
     ids = np.array([loaded.tokenizer.encode(PROMPT)])
     from flaxgpt.sharding import logical_shardings, unbox_shapes
 
-    boxed = inference._boxed_params(model.cfg)
+    boxed = runs._boxed_params(model.cfg)
     shardings = unbox_shapes(logical_shardings(boxed, loaded.mesh, loaded.rules))
     known = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(loaded.params)}
-    params = inference.complete_params(known, model.cfg, shardings, loaded.mesh, loaded.rules, 0)
+    params = runs.complete_params(known, model.cfg, shardings, loaded.mesh, loaded.rules, 0)
     np.testing.assert_array_equal(
         model.apply({"params": params}, ids), hf_fixtures.flaxgpt_logits(loaded, ids[0])[None]
     )
@@ -220,10 +220,10 @@ def test_imported_model_through_sft_and_ppo_then_exported(family, lora_rank, mod
     summary = json.load(open(os.path.join(workdir, "summary.json")))
     assert set(summary) == {"sft", "ppo"} and "kl_end" in summary["ppo"]
 
-    sft = inference.load(os.path.join(workdir, "sft"))
+    sft = runs.load(os.path.join(workdir, "sft"))
     assert sft.model.cfg.lora_rank == lora_rank
     import_hf(models[family], str(tmp_path / "base"))
-    base = inference.load(str(tmp_path / "base"))
+    base = runs.load(str(tmp_path / "base"))
     query = lambda loaded: np.asarray(loaded.params["layers_0"]["attn"]["query"]["kernel"])
     # with LoRA the base weights stay exactly where the import put them; without, they train
     assert np.array_equal(query(sft), query(base)) == bool(lora_rank)
@@ -238,7 +238,7 @@ def test_imported_model_through_sft_and_ppo_then_exported(family, lora_rank, mod
         np.testing.assert_allclose(theirs, hf_fixtures.flaxgpt_logits(sft, ids), atol=1e-4)
     out = str(tmp_path / "export")
     export_hf(os.path.join(workdir, "ppo"), out)
-    policy = inference.load(os.path.join(workdir, "ppo"))
+    policy = runs.load(os.path.join(workdir, "ppo"))
     ids = policy.tokenizer.encode("<|user|>What is two plus three?<|end|><|assistant|>", allow_special=True)
     np.testing.assert_allclose(hf_fixtures.hf_logits(out, ids), hf_fixtures.flaxgpt_logits(policy, ids), atol=1e-4)
 

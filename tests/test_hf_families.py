@@ -20,7 +20,7 @@ from flax.core import meta
 
 pytest.importorskip("transformers", reason="the hf extra (pip install -e '.[hf]') is not installed")
 
-from flaxgpt import hf, inference  # noqa: E402
+from flaxgpt import hf, runs  # noqa: E402
 from flaxgpt.config import ModelConfig  # noqa: E402
 from flaxgpt.convert import export_hf, import_hf  # noqa: E402
 from flaxgpt.model import rope_frequencies  # noqa: E402
@@ -73,7 +73,7 @@ def built(tmp_path_factory) -> dict[str, tuple[str, str]]:
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_family_imports_decodes_and_exports_like_transformers(name, built, tmp_path):
     directory, run = built[name]
-    loaded = inference.load(run)
+    loaded = runs.load(run)
     for key, value in FAMILIES[name][2].items():  # the family's features reached the model config
         assert getattr(loaded.cfg.model, key) == value, key
     ids = loaded.tokenizer.encode(PROMPT)
@@ -141,7 +141,7 @@ def test_lora_adapter_exports_in_peft_format_with_the_same_logits(built, tmp_pat
     from flaxgpt.model import Transformer
 
     _, run = built["qwen2"]
-    loaded = inference.load(run)
+    loaded = runs.load(run)
     cfg = dataclasses.replace(loaded.cfg.model, lora_rank=2, lora_alpha=6.0, lora_targets=("query", "out", "down"))
     model = Transformer(cfg.resolved())
     ids = loaded.tokenizer.encode(PROMPT)

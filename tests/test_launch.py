@@ -148,3 +148,19 @@ def test_run_files_of_a_bucket_workdir_go_through_epath(tmp_path, monkeypatch):
     _write_json(workdir + "/summary.json", {"ok": 1})
     assert json.loads((tmp_path / "bucket" / "my-bucket" / "run" / "summary.json").read_text()) == {"ok": 1}
     assert all(p.startswith("gs://my-bucket/run") for p in seen)
+
+
+def test_user_values_reach_the_remote_shell_quoted():
+    hostile = "tfds]' ; rm -rf ~ ; echo '["  # closes the quotes the old script put around it
+    out = _launch(
+        "setup",
+        *("--name", "fg", "--zone", "z", "--extras", hostile, "--repo", "https://h/r.git; echo pwned"),
+        *("--ref", "main && touch owned", "--dry-run"),
+    )
+    assert out.returncode == 0, out.stderr
+    words = shlex.split(_remote(_commands(out.stdout)[-1]))  # as the workers' shell splits it
+    assert f".[{hostile}]" in words and "https://h/r.git; echo pwned" in words and "main && touch owned" in words
+    assert "rm" not in words and "touch" not in words and "echo" not in words
+    assert "pip extras to install with flaxgpt (default: tfds,gcs)" in " ".join(_launch("--help").stdout.split())
+    bad = _launch("status", "--name", "fg", "--zone", "z", "--accelerator-type", "v4-x; ls", "--dry-run")
+    assert bad.returncode == 2 and "expected TYPE-SIZE" in bad.stderr and "Traceback" not in bad.stderr

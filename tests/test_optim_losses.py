@@ -212,6 +212,8 @@ def test_host_allocator_advice_names_one_arena_when_buffers_outgrow_a_thread_are
     small = jax.jit(lambda x: jnp.tanh(x.T @ x))
     x = jax.ShapeDtypeStruct((4608, 64), jnp.float32)
     monkeypatch.setenv("FLAXGPT_HOST_ALLOCATOR", "tuned")
+    assert perf.host_allocator_advice(big, x) is None  # 81 MiB: too little to be worth one arena
+    monkeypatch.setattr(perf, "ADVICE_MIN_BYTES", 0)
     advice = perf.host_allocator_advice(big, x)
     assert advice is not None and "81 MiB" in advice and "FLAXGPT_HOST_ALLOCATOR=one-arena" in advice
     assert perf.host_allocator_advice(small, x) is None

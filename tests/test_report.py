@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("matplotlib", reason="flaxgpt.report draws with matplotlib")
 from matplotlib import image  # noqa: E402
 
-from flaxgpt import report  # noqa: E402
+from flaxgpt import cli, report  # noqa: E402
 
 LM_GROUPS = ("loss", "evaluation", "optimisation", "throughput")
 
@@ -161,12 +161,12 @@ def test_compare_pipelines_stage_by_stage(pipeline, tmp_path):
     ],
 )
 def test_errors_are_one_line_and_exit_2(tmp_path, capsys, make, message):
-    assert report.main([str(make(tmp_path))]) == 2
+    assert cli.run(report.main, [str(make(tmp_path))]) == 2
     err = capsys.readouterr().err
     assert re.match(message, err) and err.count("\n") == 1
 
 
 def test_comparing_a_pipeline_with_a_run_is_an_error(pipeline, tmp_path, capsys):
     run = _run(tmp_path / "run", _lm_rows())
-    assert report.main([pipeline, "--compare", run]) == 2
+    assert cli.run(report.main, [pipeline, "--compare", run]) == 2
     assert "not a pipeline directory" in capsys.readouterr().err

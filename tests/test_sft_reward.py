@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import REPO, init_params, tiny_model_config, tiny_run_config
 
+from flaxgpt import rewards
 from flaxgpt.chat_template import render
 from flaxgpt.checkpoint import CheckpointMismatch
 from flaxgpt.data import world as world_lib
@@ -128,10 +129,25 @@ def test_sft_from_pretrained_lowers_the_assistant_loss(pretrained, tmp_path):
     assert last < 0.8 * first, (first, last)
     for key in ("val_loss", "val_ppl", "val_exact_match", "val_bleu", "val_rougeL", "val_task_accuracy"):
         assert key in result and math.isfinite(result[key])
-    assert 0.0 <= result["val_task_accuracy"] <= 1.0
+    answered = sft_config(pretrained).sft.eval_examples  # accuracy is a count of correct answers out of these
+    assert abs(result["val_task_accuracy"] * answered - round(result["val_task_accuracy"] * answered)) < 1e-9
+    assert result["val_exact_match"] <= result["val_task_accuracy"]  # exactly the reference is always correct
+
     # the SFT run uses the pretrained run's tokenizer
     with open(os.path.join(pretrained, "tokenizer.json")) as a, open(tmp_path / "tokenizer.json") as b:
         assert json.load(a) == json.load(b)
+
+
+def test_text_metrics_on_known_answers():
+    from flaxgpt.metrics import text_metrics
+
+    same = text_metrics(["Paris", "the cat sat"], ["Paris", "the cat sat"])
+    assert same == {"exact_match": 1.0, "bleu": pytest.approx(100.0), "rouge1": 1.0, "rougeL": 1.0}
+    none = text_metrics(["red"], ["Vouron"])
+    assert none["exact_match"] == 0.0 and none["bleu"] == 0.0 and none["rouge1"] == 0.0
+    part = text_metrics(["the cat"], ["the cat sat"])  # ROUGE-1: precision 1, recall 2/3
+    assert part["exact_match"] == 0.0 and part["rouge1"] == pytest.approx(0.8) and part["rougeL"] == pytest.approx(0.8)
+    assert 0.0 < part["bleu"] < 100.0
 
 
 def test_init_from_a_different_shape_is_a_clear_error(pretrained, tmp_path):
@@ -199,7 +215,7 @@ def test_reward_is_read_at_the_last_real_token_under_padding():
     model, params = init_params(cfg)
     prompt = [{"role": "user", "content": "who?"}]
     responses = ["a", "a longer answer.", "mid size"]
-    got = reward.score(model, params, tok, [(prompt, r) for r in responses], batch_size=4)
+    got = rewards.score(model, params, tok, [(prompt, r) for r in responses], batch_size=4)
     apply = jax.jit(model.apply)
     for response, value in zip(responses, got):
         ids = render(prompt + [{"role": "assistant", "content": response}], tok, 48, add_generation_prompt=False).ids
@@ -238,14 +254,14 @@ def test_reward_model_beats_chance_on_held_out_pairs_and_is_centred(reward_run):
     assert result["val_accuracy"] > 0.8, result
     assert "reward_offset" in result
     # after training, the reference responses (the chosen ones) score mean 0
-    from flaxgpt import inference
+    from flaxgpt import runs
 
-    loaded = inference.load(workdir)
+    loaded = runs.load(workdir)
     records = [json.loads(line) for line in open(os.path.join(os.path.dirname(workdir), "train.jsonl"))]
     items = [([{"role": "user", "content": r["prompt"]}], r["chosen"]) for r in records]
-    with inference.logical_context(loaded):
-        rewards = reward.score(loaded.model, loaded.params, loaded.tokenizer, items, 16)
-    assert abs(float(np.mean(rewards))) < 1e-3
+    with runs.logical_context(loaded):
+        scores = rewards.score(loaded.model, loaded.params, loaded.tokenizer, items, 16)
+    assert abs(float(np.mean(scores))) < 1e-3
 
 
 def test_score_cli_prints_rewards(reward_run, tmp_path):

@@ -14,7 +14,7 @@ from flaxgpt.model import Transformer
 from flaxgpt.optim import build_optimizer, learning_rate_schedule
 from flaxgpt.sharding import logical_rules, make_mesh
 from flaxgpt.state import create_train_state
-from flaxgpt.trainers.lm import make_train_step
+from flaxgpt.trainers.step import make_train_step
 from tests.conftest import tiny_model_config
 
 

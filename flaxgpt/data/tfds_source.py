@@ -14,11 +14,13 @@ data.source=tfds data.tfds_name=flaxgpt_text data.tfds_data_dir=DIR.
 
 from __future__ import annotations
 
-import argparse
+import errno
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
+from flaxgpt import cli
 from flaxgpt.data.jsonl import DataError, ReadReport, lone_surrogate, read_jsonl, read_text
 
 
@@ -124,28 +126,25 @@ def _text_of(value) -> tuple[str | None, str | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m flaxgpt.data.tfds_source",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.ArgumentParser(prog="python -m flaxgpt.data.tfds_source", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build", help="turn local text / JSONL files into the TFDS dataset flaxgpt_text")
-    build.add_argument("--train", nargs="+", required=True)
-    build.add_argument("--validation", nargs="*", default=[])
-    build.add_argument("--data-dir", required=True)
+    build = commands.add_parser(
+        "build", help="turn local text / JSONL files into the TFDS dataset flaxgpt_text", description=__doc__
+    )
+    build.add_argument("--train", nargs="+", required=True, help="text or .jsonl files")
+    build.add_argument("--validation", nargs="*", default=[], help="text or .jsonl files")
+    build.add_argument("--data-dir", required=True, help="where the dataset is written")
     args = parser.parse_args(argv)
     # Under `python -m` this module is __main__; TFDS needs the builder's real package to find it.
     from flaxgpt.data.tfds_source import build_dataset as build
 
-    try:
-        name = build(args.train, args.validation, args.data_dir)
-    except (DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    for path in args.train + args.validation:  # before TFDS starts writing
+        if not os.path.isfile(path):
+            raise FileNotFoundError(errno.ENOENT, "no such file", path)
+    name = build(args.train, args.validation, args.data_dir)
     print(f"built TFDS dataset '{name}' in {args.data_dir}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -17,6 +17,8 @@ import dataclasses
 import random
 import re
 
+from flaxgpt.conversations import chat_prompt
+
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "tr", "st", "th"]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
 _CODAS = ["", "", "n", "r", "l", "s", "th"]
@@ -155,11 +157,6 @@ def corpus(world: World, n_documents: int, seed: int = 0) -> str:
     return "\n\n".join(docs) + "\n"
 
 
-def prompt_for(question: str) -> str:
-    """The prompt a pretrained world model completes with its answer."""
-    return f"{QUESTION}{question}\n{ANSWER}"
-
-
 # ----------------------------------------------------------------------------- chat data
 
 # Sloppy but not wrong: what a hurried human demonstrator writes. The labeler ranks these
@@ -220,3 +217,53 @@ def _same_kind(world: World, truth: str, text: str) -> bool:
         return text.isdigit()
     pools = (set(world.capitals.values()), set(world.capitals), set(PETS), set(COLORS))
     return any(truth in pool and text in pool for pool in pools)
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+class WorldTask:
+    """The embedded world as one task: its corpus, demonstrations, prompts and labeler, with
+    each random stream named once (a stream is a pure function of the world seed and its name,
+    so every stage of the chat demo draws the same questions wherever it runs)."""
+
+    STREAMS = {
+        "sft_train": 1,
+        "sft_val": 2,
+        "rankings": 3,
+        "ppo_train": 5,
+        "ppo_eval": 6,
+        "preference": 7,  # DPO / KTO / ORPO records
+        "preference_val": 8,
+    }
+
+    def __init__(self, seed: int = 0, system: str = ""):
+        self.seed, self.system = seed, system
+        self.world = make_world(seed)
+
+    @classmethod
+    def from_config(cls, cfg) -> WorldTask:
+        """The configured world (data.world_seed, data.world_system)."""
+        return cls(cfg.data.world_seed, cfg.data.world_system)
+
+    def rng(self, stream: str, offset: int = 0) -> random.Random:
+        return random.Random(self.seed * 1000 + self.STREAMS[stream] + offset)
+
+    def corpus(self, n_documents: int) -> str:
+        return corpus(self.world, n_documents, seed=self.seed)
+
+    def demonstrations(self, stream: str, n: int, noise: float) -> list[list[dict]]:
+        """n conversations (messages lists) with `noise` of their answers wrong or sloppy."""
+        rng = self.rng(stream)
+        return [conversation(self.world, rng, noise, self.system)["messages"] for _ in range(n)]
+
+    def questions(self, stream: str, n: int, offset: int = 0) -> list[str]:
+        rng = self.rng(stream, offset)
+        return [random_question(self.world, rng)[0] for _ in range(n)]
+
+    def prompt(self, question: str) -> list[dict]:
+        """The chat messages that ask `question` (after the task's system message, if any)."""
+        return chat_prompt(question, self.system)
+
+    def label(self, question: str, response: str) -> float:
+        return label(self.world, question, response)

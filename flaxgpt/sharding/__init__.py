@@ -11,8 +11,10 @@ from flaxgpt.sharding.rules import (
     local_batch_rows,
     logical_rules,
     logical_shardings,
+    mesh_context,
     place_batch,
     replicated,
+    sharded_abstract,
     unbox_shapes,
 )
 
@@ -26,7 +28,9 @@ __all__ = [
     "local_batch_rows",
     "logical_rules",
     "logical_shardings",
+    "mesh_context",
     "place_batch",
     "replicated",
+    "sharded_abstract",
     "unbox_shapes",
 ]

@@ -3,6 +3,7 @@ and the helpers that move data between the host and the mesh."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -109,6 +110,24 @@ def place_batch(
         return jax.make_array_from_callback((batch_size, *value.shape[1:]), sharding, shard)
 
     return {key: build(np.asarray(value)) for key, value in local.items()}
+
+
+def mesh_context(mesh: Mesh, rules: tuple) -> contextlib.ExitStack:
+    """The mesh and axis rules under which jitted code and sharding constraints resolve."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(rules))
+    return stack
+
+
+def sharded_abstract(boxed_tree: Any, mesh: Mesh, rules: tuple) -> tuple[Any, Any]:
+    """(ShapeDtypeStructs carrying their shardings, the shardings) of an abstract boxed tree:
+    the target of a checkpoint restore and the out_shardings of an init."""
+    shardings = unbox_shapes(logical_shardings(boxed_tree, mesh, rules))
+    structs = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unbox_shapes(boxed_tree), shardings
+    )
+    return structs, shardings
 
 
 def host_value(tree: Any) -> Any:

@@ -9,22 +9,24 @@ import numpy as np
 
 from flaxgpt import generate
 from flaxgpt.config import Config
+from flaxgpt.data.stream import build_token_data
 from flaxgpt.data.text import build_text_data
 from flaxgpt.data.tokenizers import Tokenizer
 from flaxgpt.model import Transformer
-from flaxgpt.trainers.lm import make_eval_step
-from flaxgpt.trainers.loop import Objective, Runtime, fit, resolve_vocab, starting_point
+from flaxgpt.trainers.scaffold import Runtime, fit, resolve_vocab, starting_point
+from flaxgpt.trainers.step import Objective, lm_run_spec, make_eval_step
 
 
 def run(cfg: Config, workdir: str) -> dict[str, Any]:
     """Train to `train.max_steps` (resuming if possible); returns the final figures."""
     rt = Runtime.create(cfg, workdir)
     init_params = None
+    build_data = build_token_data if cfg.data.source == "tokens" else build_text_data
     if cfg.train.init_from or cfg.train.init_from_hf:  # continued pretraining: that model and its tokenizer
         cfg, tokenizer, init_params = starting_point(cfg, rt, lambda: "")
-        _, data = build_text_data(cfg, workdir)  # finds the copied tokenizer in the workdir
+        _, data = build_data(cfg, workdir)  # finds the copied tokenizer in the workdir
     else:
-        tokenizer, data = build_text_data(cfg, workdir)
+        tokenizer, data = build_data(cfg, workdir)
         cfg = resolve_vocab(cfg, tokenizer)
     model = Transformer(cfg.model)
     block, batch = cfg.model.block_size, cfg.train.batch_size
@@ -34,7 +36,7 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
         figures = rt.validation(
             eval_step, params, lambda i, rows: data.batch("val", i, eval_batch, block, rows), cfg.eval.iters, eval_batch
         )
-        return {**figures, "val_ppl": float(np.exp(min(figures["val_loss"], 50.0)))}
+        return {**figures, "val_ppl": float(np.exp(min(figures["val_loss"], 50.0)))} if figures else {}
 
     eval_batch = cfg.eval.batch_size or batch
     objective = Objective(
@@ -50,7 +52,9 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
             logger.message(f"--- sample ---\n{cfg.eval.sample_prompt}{text}\n--------------")
         return {"sample": text}
 
-    return fit(cfg, rt, model, objective, init_params=init_params, report=report)
+    spec = lm_run_spec(cfg, rt, model, objective, init_params=init_params)
+    spec.report = report
+    return fit(cfg, rt, spec)
 
 
 def sample_text(model: Transformer, params: Any, tokenizer: Tokenizer, cfg: Config) -> str:

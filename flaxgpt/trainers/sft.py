@@ -10,7 +10,6 @@ the embedded world).
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,15 +18,16 @@ import numpy as np
 
 from flaxgpt import generate
 from flaxgpt.chat_template import render, stop_tokens
-from flaxgpt.config import Config
-from flaxgpt.data import world as world_lib
+from flaxgpt.config import Config, ConfigError
+from flaxgpt.conversations import prompt_and_reference
 from flaxgpt.data.jsonl import DataError, read_jsonl
 from flaxgpt.data.packing import Example, PackedRows, build_rows
 from flaxgpt.data.tokenizers import Tokenizer
+from flaxgpt.data.world import WorldTask
 from flaxgpt.metrics import text_metrics
 from flaxgpt.model import Transformer
-from flaxgpt.trainers.lm import make_eval_step
-from flaxgpt.trainers.loop import Objective, Runtime, fit, starting_point
+from flaxgpt.trainers.scaffold import Runtime, fit, starting_point
+from flaxgpt.trainers.step import Objective, lm_run_spec, make_eval_step
 
 Conversation = list[dict]
 # (prompt text, response) -> labeler score in [0, 1]: the embedded world's oracle, or None
@@ -54,31 +54,19 @@ def conversation_example(
     return ids[:-1], ids[1:], [float(m) for m in mask[1:]]
 
 
-def prompt_and_reference(messages: Sequence[dict]) -> tuple[list[dict], str]:
-    """Everything before the last assistant turn, and that turn's content (the reference answer)."""
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return list(messages[:last]), messages[last]["content"]
-
-
 def world_conversations(cfg: Config) -> tuple[list[Conversation], list[Conversation], Labeler]:
     """Demonstrations on the embedded world: imperfect for training (data.world_noise of them wrong
     or sloppy), perfect for validation (the references), and the world's labeler."""
-    data = cfg.data
-    world = world_lib.make_world(data.world_seed)
-    train_rng, val_rng = random.Random(data.world_seed * 1000 + 1), random.Random(data.world_seed * 1000 + 2)
-    train = [
-        world_lib.conversation(world, train_rng, data.world_noise, data.world_system)["messages"]
-        for _ in range(data.world_conversations)
-    ]
+    data, task = cfg.data, WorldTask(cfg.data.world_seed, cfg.data.world_system)
     n_val = max(cfg.sft.eval_examples, cfg.eval.iters * (cfg.eval.batch_size or cfg.train.batch_size), 1)
-    val = [world_lib.conversation(world, val_rng, 0.0, data.world_system)["messages"] for _ in range(n_val)]
-    return train, val, lambda question, response: world_lib.label(world, question, response)
+    train = task.demonstrations("sft_train", data.world_conversations, data.world_noise)
+    return train, task.demonstrations("sft_val", n_val, 0.0), task.label
 
 
-def jsonl_conversations(cfg: Config) -> tuple[list[Conversation], list[Conversation]]:
+def jsonl_conversations(cfg: Config, log: Callable[[str], None]) -> tuple[list[Conversation], list[Conversation]]:
     data = cfg.data
     records, report = read_jsonl(data.path, "conversations", data.on_error)
-    print(report.summary(), flush=True)
+    log(report.summary())
     conversations = [r["messages"] for r in records]
     if data.val_path:
         return conversations, [r["messages"] for r in read_jsonl(data.val_path, "conversations", data.on_error)[0]]
@@ -92,7 +80,7 @@ def jsonl_conversations(cfg: Config) -> tuple[list[Conversation], list[Conversat
 
 
 def conversation_rows(
-    conversations: list[Conversation], tokenizer: Tokenizer, cfg: Config, where: str, seed: int
+    conversations: list[Conversation], tokenizer: Tokenizer, cfg: Config, where: str, seed: int, log=print
 ) -> PackedRows:
     """Rendered, masked, and packed (never splitting a conversation) or padded into rows."""
     examples, skipped = [], []
@@ -104,10 +92,7 @@ def conversation_rows(
                 raise DataError(f"{where}: conversation {index}: {e} (data.on_error=skip skips it)") from e
             skipped.append(index)
     if skipped:
-        print(
-            f"{where}: {len(skipped)} conversation(s) too long for the context skipped (first: {skipped[0]})",
-            flush=True,
-        )
+        log(f"{where}: {len(skipped)} conversation(s) too long for the context skipped (first: {skipped[0]})")
     rows = build_rows(examples, cfg.model.block_size, cfg.data.packing, tokenizer.pad_id, keep_whole=True)
     return PackedRows(rows, seed)
 
@@ -148,31 +133,64 @@ def answer_metrics(
     return figures
 
 
+def answerable(
+    conversations: list[Conversation], tokenizer: Tokenizer, cfg: Config, log: Callable[[str], None]
+) -> list[Conversation]:
+    """The validation conversations whose prompt leaves sft.max_new_tokens for the answer; checked
+    before training, so the final evaluation cannot fail on them."""
+    room = cfg.model.block_size - cfg.sft.max_new_tokens
+    if conversations and room < 2:
+        raise ConfigError(
+            f"sft.max_new_tokens={cfg.sft.max_new_tokens} leaves no room for a prompt in model.block_size="
+            f"{cfg.model.block_size}: lower it (or set sft.eval_examples=0)"
+        )
+    fits = []
+    for messages in conversations:
+        try:
+            render(prompt_and_reference(messages)[0], tokenizer, room)
+            fits.append(messages)
+        except ValueError:
+            continue
+    if len(fits) < len(conversations):
+        log(
+            f"sft: {len(conversations) - len(fits)} of {len(conversations)} validation prompts leave less than "
+            f"sft.max_new_tokens={cfg.sft.max_new_tokens} for the answer: not answered"
+        )
+    if conversations and not fits:
+        raise ConfigError(
+            f"sft.max_new_tokens={cfg.sft.max_new_tokens}: no validation prompt fits in model.block_size="
+            f"{cfg.model.block_size} with room for the answer; lower it (or set sft.eval_examples=0)"
+        )
+    return fits
+
+
 def run(cfg: Config, workdir: str) -> dict[str, Any]:
     """Fine-tune to `train.max_steps` (resuming if possible); returns the final figures."""
     rt = Runtime.create(cfg, workdir)
     labeler: Labeler = None
+    notes: list[str] = []
     if cfg.data.source == "world":
         train_convs, val_convs, labeler = world_conversations(cfg)
         where = "world demonstrations"
     else:
-        train_convs, val_convs = jsonl_conversations(cfg)
+        train_convs, val_convs = jsonl_conversations(cfg, notes.append)
         where = cfg.data.path
     all_text = lambda: "".join(m["content"] for c in train_convs + val_convs for m in c)
     cfg, tokenizer, init_params = starting_point(cfg, rt, all_text)
     model = Transformer(cfg.model)
     batch, eval_batch = cfg.train.batch_size, cfg.eval.batch_size or cfg.train.batch_size
-    train_rows = conversation_rows(train_convs, tokenizer, cfg, where, cfg.train.seed)
-    val_rows = conversation_rows(val_convs, tokenizer, cfg, where + " (validation)", cfg.train.seed + 1)
+    train_rows = conversation_rows(train_convs, tokenizer, cfg, where, cfg.train.seed, notes.append)
+    val_rows = conversation_rows(val_convs, tokenizer, cfg, where + " (validation)", cfg.train.seed + 1, notes.append)
     eval_iters = min(cfg.eval.iters, -(-val_rows.n // eval_batch))
     eval_step = jax.jit(make_eval_step(model))
-    generated = val_convs[: cfg.sft.eval_examples]
+    generated = answerable(val_convs[: cfg.sft.eval_examples], tokenizer, cfg, notes.append)
 
     def evaluate(params: Any) -> dict[str, float]:
         figures = rt.validation(
             eval_step, params, lambda i, rows: val_rows.batch(i, eval_batch, rows), eval_iters, eval_batch
         )
-        figures["val_ppl"] = float(np.exp(min(figures["val_loss"], 50.0)))
+        if figures:
+            figures["val_ppl"] = float(np.exp(min(figures["val_loss"], 50.0)))
         if generated:
             figures.update(
                 {f"val_{k}": v for k, v in answer_metrics(model, params, tokenizer, generated, cfg, labeler).items()}
@@ -188,4 +206,6 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
     description = (
         f"{len(train_convs)} training conversations in {train_rows.n} rows, loss on {cfg.sft.loss_on} assistant turns"
     )
-    return fit(cfg, rt, model, objective, init_params=init_params, description=description)
+    spec = lm_run_spec(cfg, rt, model, objective, init_params=init_params, description=description)
+    spec.notes = notes
+    return fit(cfg, rt, spec)

@@ -1,4 +1,4 @@
-"""Reading a trained workdir: its config, tokenizer and checkpointed parameters, for
+"""Runs as a library: a trained workdir's config, tokenizer and checkpointed parameters, for
 inference (sample, chat, score) and as the start of a fine-tuning run (`train.init_from`)."""
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ import jax.numpy as jnp
 
 from flaxgpt import fileio, hf, lora
 from flaxgpt.checkpoint import STRUCTURAL_FIELDS, Checkpointer, CheckpointMismatch, check_model_compatible
+from flaxgpt.cli import ranged
 from flaxgpt.config import Config, ConfigError, ModelConfig, from_dict, to_dict
 from flaxgpt.data.tokenizers import Tokenizer, load_tokenizer
 from flaxgpt.generate import DecodeConfig
 from flaxgpt.lora import LORA_FIELDS, LORA_SETTINGS
 from flaxgpt.model import Transformer
-from flaxgpt.sharding import logical_rules, logical_shardings, make_mesh, unbox_shapes
+from flaxgpt.sharding import logical_rules, make_mesh, mesh_context, sharded_abstract, unbox_shapes
 
 
 @dataclass
@@ -61,11 +62,7 @@ def restore_params(
     step = max(steps) if step is None else step
     if step not in steps:
         raise ConfigError(f"{workdir} has no checkpoint at step {step}; it has {sorted(steps)}")
-    boxed = _boxed_params(model_cfg)
-    shardings = unbox_shapes(logical_shardings(boxed, mesh, rules))
-    abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unbox_shapes(boxed), shardings
-    )
+    abstract, _ = sharded_abstract(_boxed_params(model_cfg), mesh, rules)
     # a PPO run's checkpoint holds {"policy", "value"}: its model is the policy
     path = ("policy",) if cfg.train.trainer == "ppo" else ()
     params = checkpointer.restore_params(step, abstract, model_cfg, path)
@@ -186,22 +183,21 @@ def _boxed_params(model_cfg: ModelConfig) -> Any:
 
 def logical_context(loaded: LoadedModel) -> contextlib.ExitStack:
     """The mesh and axis rules under which the model's sharding constraints resolve."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(loaded.mesh))
-    stack.enter_context(nn.logical_axis_rules(loaded.rules))
-    return stack
+    return mesh_context(loaded.mesh, loaded.rules)
 
 
 def add_decode_flags(parser, *, temperature: float, top_p: float, max_new_tokens: int) -> None:
     """The decoding flags shared by the sample and chat CLIs."""
     group = parser.add_argument_group("decoding")
-    group.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    group.add_argument("--temperature", type=float, default=temperature, help="0: greedy")
-    group.add_argument("--top-k", type=int, default=0, help="0: off")
-    group.add_argument("--top-p", type=float, default=top_p, help="1: off")
-    group.add_argument("--num-beams", type=int, default=1, help="> 1: beam search")
-    group.add_argument("--length-penalty", type=float, default=1.0)
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument(
+        "--max-new-tokens", type=ranged(int, ">= 1"), default=max_new_tokens, help="tokens to generate, >= 1"
+    )
+    group.add_argument("--temperature", type=ranged(float, ">= 0"), default=temperature, help=">= 0; 0: greedy")
+    group.add_argument("--top-k", type=ranged(int, ">= 0"), default=0, help=">= 0; 0: off")
+    group.add_argument("--top-p", type=ranged(float, "(0, 1]"), default=top_p, help="in (0, 1]; 1: off")
+    group.add_argument("--num-beams", type=ranged(int, ">= 1"), default=1, help=">= 1; > 1: beam search")
+    group.add_argument("--length-penalty", type=ranged(float, "any"), default=1.0, help="beam score exponent")
+    group.add_argument("--seed", type=ranged(int, ">= 0"), default=0, help="sampling seed, >= 0")
 
 
 def decode_config(args) -> DecodeConfig:

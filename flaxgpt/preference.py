@@ -1,0 +1,317 @@
+"""Preference data and objectives for DPO, KTO and ORPO, as a library the trainers share.
+
+Records (`pairs`, `rankings` expanded to every better/worse pair, thumbs-up/down `feedback`)
+become fixed-shape rows: prompt + response rendered through the chat template (so text from
+users or data never becomes a special token), loss weights 1 on the response and its closing
+<|end|> only. A response's log-probability is the sum over those tokens
+(`losses.sequence_logprobs`).
+
+The reference model's log-probabilities are computed once, before training, from the
+starting parameters and stored in the rows (`add_reference_logprobs`): the run holds one copy
+of the weights, and with LoRA the adapters start at zero, so the start is the base model
+with adapters off.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from flaxgpt import fileio, losses
+from flaxgpt.config import Config
+from flaxgpt.conversations import chat_prompt
+from flaxgpt.data import world as world_lib
+from flaxgpt.data.jsonl import DataError, read_jsonl
+from flaxgpt.data.packing import PackedRows, build_rows
+from flaxgpt.data.tokenizers import Tokenizer
+from flaxgpt.data.world import WorldTask
+from flaxgpt.model import Transformer
+from flaxgpt.rewards import Ranking
+from flaxgpt.state import abstract_train_state
+from flaxgpt.trainers.scaffold import Runtime, fit, starting_point
+from flaxgpt.trainers.sft import answer_metrics, conversation_example
+from flaxgpt.trainers.step import Objective, lm_run_spec, make_eval_step
+
+Rows = dict[str, np.ndarray]
+_ROW = ("inputs", "targets", "loss_weights", "segment_ids", "positions")
+
+
+@dataclass
+class Pair:
+    prompt: list[dict]  # the messages before the answer
+    chosen: str
+    rejected: str
+
+
+@dataclass
+class Feedback:
+    prompt: list[dict]
+    response: str
+    desirable: bool  # thumbs up
+
+
+def pairs_of(prompt: list[dict], responses: Sequence[str], ranks: Sequence[int]) -> list[Pair]:
+    """Every (better, worse) pair of one prompt's ranked responses (equal ranks are ties: no pair)."""
+    return [
+        Pair(prompt, better, worse)
+        for better, rank_better in zip(responses, ranks)
+        for worse, rank_worse in zip(responses, ranks)
+        if rank_better < rank_worse
+    ]
+
+
+def response_example(prompt: Sequence[dict], response: str, tokenizer: Tokenizer, block_size: int):
+    """(inputs, targets, weights) of prompt + response, weighted on the response only; older
+    turns are dropped to fit, and a ValueError names a response that cannot fit at all."""
+    return conversation_example(
+        list(prompt) + [{"role": "assistant", "content": response}], tokenizer, block_size, "last"
+    )
+
+
+def _encode(examples: list, tokenizer: Tokenizer, width: int, prefix: str) -> Rows:
+    rows = build_rows(examples, width, "pad", tokenizer.pad_id)
+    return {f"{prefix}{key}": rows[key] for key in _ROW}
+
+
+def _width(examples: list, block_size: int) -> int:
+    """The longest example rounded up to a multiple of 16, at most block_size: each row holds one
+    response, and padding every row to the context would waste compute."""
+    longest = max((len(x) for x, _, _ in examples), default=1)
+    return min(block_size, -(-longest // 16) * 16)
+
+
+def pair_rows(pairs: Sequence[Pair], tokenizer: Tokenizer, block_size: int) -> Rows:
+    """chosen_* and rejected_* rows ([n, width]: inputs, targets, loss_weights, segment_ids,
+        positions) and `valid` [n, 1] (1: a real pair). Per-record values are [n, 1] columns, as the
+    batch sharding splits rows of rank 2 and more (`column` reads them back)."""
+    chosen = [response_example(p.prompt, p.chosen, tokenizer, block_size) for p in pairs]
+    rejected = [response_example(p.prompt, p.rejected, tokenizer, block_size) for p in pairs]
+    width = _width(chosen + rejected, block_size)
+    rows = {**_encode(chosen, tokenizer, width, "chosen_"), **_encode(rejected, tokenizer, width, "rejected_")}
+    rows["valid"] = np.ones((len(pairs), 1), np.float32)
+    return rows
+
+
+def feedback_rows(records: Sequence[Feedback], tokenizer: Tokenizer, block_size: int) -> Rows:
+    """Rows of each record (no prefix) and kl_* rows of its prompt with the next record's response:
+    the mismatched pairs KTO estimates its KL reference point on (as TRL does); `desirable` and
+    `valid` [n, 1]."""
+    n = len(records)
+    own = [response_example(r.prompt, r.response, tokenizer, block_size) for r in records]
+    mismatched = [
+        response_example(r.prompt, records[(i + 1) % n].response, tokenizer, block_size) for i, r in enumerate(records)
+    ]
+    width = _width(own + mismatched, block_size)
+    rows = {**_encode(own, tokenizer, width, ""), **_encode(mismatched, tokenizer, width, "kl_")}
+    rows["desirable"] = np.asarray([[r.desirable] for r in records], np.float32)
+    rows["valid"] = np.ones((n, 1), np.float32)
+    return rows
+
+
+# ----------------------------------------------------------------------------- log-probabilities
+
+
+def column(batch: dict, key: str) -> jax.Array:
+    """A per-record value [b] of a batch (stored as a [b, 1] column)."""
+    return batch[key][:, 0]
+
+
+def logprobs(
+    model: Any, params: Any, batch: dict, prefixes: Sequence[str], train: bool = False, rng: jax.Array | None = None
+) -> list[tuple[jax.Array, jax.Array]]:
+    """(sum, token count) of the response log-probabilities of each prefix's rows, [b] each, from
+    one forward pass over all of them stacked (one compiled program, one weight read)."""
+    stack = lambda key: jnp.concatenate([batch[p + key] for p in prefixes], axis=0)
+    logits = model.apply(
+        {"params": params},
+        stack("inputs"),
+        stack("positions"),
+        stack("segment_ids"),
+        train=train,
+        rngs={"dropout": rng} if train else None,
+    )
+    sums, counts = losses.sequence_logprobs(logits, stack("targets"), stack("loss_weights"))
+    return list(zip(jnp.split(sums, len(prefixes)), jnp.split(counts, len(prefixes))))
+
+
+def add_reference_logprobs(
+    model: Any, params: Any, rows: Rows, prefixes: Sequence[str], batch_size: int, log: Callable[[str], None] = print
+) -> Rows:
+    """`rows` with ref_<prefix>logp [n, 1] (summed response log-probabilities under `params`) added,
+    computed once in fixed-size chunks (the last padded: one compilation)."""
+    n = len(rows["valid"])
+    forward = jax.jit(lambda p, b: [s for s, _ in logprobs(model, p, b, prefixes)])
+    out = {p: np.zeros((n, 1), np.float32) for p in prefixes}
+    for start in range(0, n, batch_size):
+        index = np.minimum(np.arange(start, start + batch_size), n - 1)
+        chunk = {k: v[index] for k, v in rows.items()}
+        real = min(batch_size, n - start)
+        for prefix, sums in zip(prefixes, forward(params, chunk)):
+            out[prefix][start : start + real, 0] = np.asarray(jax.device_get(sums))[:real]
+    log(f"reference log-probabilities of {n} records computed once from the starting parameters")
+    return {**rows, **{f"ref_{p}logp": v for p, v in out.items()}}
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def pairs_from_records(records: Sequence[dict]) -> list[Pair]:
+    """`pairs` records, or `rankings` records expanded to every better/worse pair (ties: none)."""
+    out: list[Pair] = []
+    for record in records:
+        ranking = Ranking.from_record(record)
+        out += pairs_of(ranking.prompt, ranking.responses, ranking.ranks)
+    return out
+
+
+def _schema_of(path: str) -> str:
+    """'rankings' when the file's first record lists `responses`, else 'pairs'."""
+    if not fileio.exists(path):
+        return "pairs"  # read_jsonl names the missing file
+    with fileio.open_file(path, "rb") as f:
+        first = next((line for line in f if line.strip()), b"{}")
+    try:
+        return "rankings" if "responses" in json.loads(first.decode("utf-8-sig")) else "pairs"
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError):
+        return "pairs"  # read_jsonl names the line
+
+
+def _split(items: list, where: str, fraction: float) -> tuple[list, list]:
+    cut = int(len(items) * fraction)
+    if cut < 1 or cut >= len(items):
+        raise DataError(
+            f"{where}: {len(items)} record(s) cannot be split into train and validation; "
+            "add records or set data.val_path"
+        )
+    return items[:cut], items[cut:]
+
+
+def jsonl_items(cfg: Config, kind: str, log: Callable[[str], None]) -> tuple[list, list]:
+    """(train, validation) Pairs ('pairs') or Feedback ('feedback') from data.path (and data.val_path)."""
+    data = cfg.data
+
+    def read(path: str) -> list:
+        schema = "feedback" if kind == "feedback" else _schema_of(path)
+        records, report = read_jsonl(path, schema, data.on_error)
+        log(report.summary())
+        if kind == "feedback":
+            return [
+                Feedback(chat_prompt(r["prompt"], r.get("system") or ""), r["response"], r["label"]) for r in records
+            ]
+        return pairs_from_records(records)
+
+    items = read(data.path)
+    return (items, read(data.val_path)) if data.val_path else _split(items, data.path, data.train_fraction)
+
+
+def world_items(task: WorldTask, kind: str, n: int, stream: str) -> list:
+    """World questions with answers judged by the oracle: Pairs (the correct answer over a wrong
+    or sloppy one) or Feedback (a demonstration that is correct half of the time, thumbs up
+    when the labeler gives it full marks)."""
+    rng, items = task.rng(stream), []
+    for _ in range(n):
+        question, truth = world_lib.random_question(task.world, rng)
+        if kind == "pairs":
+            items.append(Pair(task.prompt(question), truth, world_lib.demonstration(task.world, question, rng, 1.0)))
+        else:
+            answer = world_lib.demonstration(task.world, question, rng, 0.5)
+            items.append(Feedback(task.prompt(question), answer, task.label(question, answer) == 1.0))
+    return items
+
+
+def encodable(items: list, rows: Callable, tokenizer: Tokenizer, cfg: Config, where: str, log) -> Rows:
+    """rows(items that fit the context); a record that does not is a DataError (or skipped and counted)."""
+    block, kept = cfg.model.block_size, []
+    for index, item in enumerate(items):
+        try:
+            rows([item], tokenizer, block)
+            kept.append(item)
+        except ValueError as e:
+            if cfg.data.on_error == "raise":
+                raise DataError(f"{where}: record {index}: {e} (data.on_error=skip skips it)") from e
+    if len(kept) < len(items):
+        log(f"{where}: {len(items) - len(kept)} record(s) too long for the context skipped")
+    if not kept:
+        raise DataError(f"{where}: no record fits model.block_size={block}")
+    return rows(kept, tokenizer, block)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Method:
+    """What a preference trainer hands `fit_preference`."""
+
+    kind: str  # "pairs" or "feedback": the records it learns from
+    objective: Callable[[Any], Callable]  # model -> LossSums (params, batch, rng, train) -> sums
+    reference: tuple[str, ...]  # row prefixes whose reference log-probabilities it needs ((): none)
+    describe: str
+
+
+def fit_preference(cfg: Config, workdir: str, method: Method) -> dict[str, Any]:
+    """Train the SFT policy of train.init_from with `method` to train.max_steps (resuming if
+    possible); validation: the loss and its ratios on held-out records, and on the world the
+    greedy answers' task accuracy on SFT's held-out questions."""
+    rt = Runtime.create(cfg, workdir)
+    notes: list[str] = []
+    eval_batch = cfg.eval.batch_size or cfg.train.batch_size
+    task = WorldTask.from_config(cfg) if cfg.data.source == "world" else None
+    if task is not None:
+        train = world_items(task, method.kind, cfg.data.world_preferences, "preference")
+        val = world_items(task, method.kind, max(cfg.eval.iters, 1) * eval_batch, "preference_val")
+    else:
+        train, val = jsonl_items(cfg, method.kind, notes.append)
+    cfg, tokenizer, init_params = starting_point(cfg, rt, lambda: "")
+    model = Transformer(cfg.model)
+    rows_of = pair_rows if method.kind == "pairs" else feedback_rows
+    where = "world records" if task is not None else cfg.data.path
+    train_rows = encodable(train, rows_of, tokenizer, cfg, where, notes.append)
+    val_rows = encodable(val, rows_of, tokenizer, cfg, where + " (validation)", notes.append)
+    if method.reference:
+        pair = [train_rows, val_rows]
+        train_rows, val_rows = _with_reference(cfg, rt, model, init_params, method.reference, pair, notes.append)
+    train_set, val_set = PackedRows(train_rows, cfg.train.seed), PackedRows(val_rows, cfg.train.seed + 1)
+    loss_sums = method.objective(model)
+    eval_step = jax.jit(make_eval_step(model, loss_sums))
+    eval_iters = min(cfg.eval.iters, -(-val_set.n // eval_batch))
+    questions = task.demonstrations("sft_val", cfg.sft.eval_examples, 0.0) if task is not None else []
+
+    def evaluate(params: Any) -> dict[str, float]:
+        figures = rt.validation(
+            eval_step, params, lambda i, rows: val_set.batch(i, eval_batch, rows), eval_iters, eval_batch
+        )
+        if questions:
+            answers = answer_metrics(model, params, tokenizer, questions, cfg, task.label)
+            figures.update({f"val_{k}": v for k, v in answers.items() if k in ("task_accuracy", "labeler_score")})
+        return figures
+
+    batch = cfg.train.batch_size
+    objective = Objective(
+        loss_sums=loss_sums,
+        train_batch=lambda step, rows: train_set.batch(step, batch, rows),
+        evaluate=evaluate,
+        position=lambda step: train_set.position(step, batch),
+    )
+    description = f"{method.describe} on {train_set.n} {method.kind} records"
+    spec = lm_run_spec(cfg, rt, model, objective, init_params=init_params, description=description)
+    spec.notes = notes
+    return fit(cfg, rt, spec)
+
+
+def _with_reference(cfg, rt, model, init_params, prefixes, row_sets, log) -> list[Rows]:
+    """Each row set with its reference log-probabilities, from the starting parameters (with LoRA:
+    the base, the adapters starting at zero), loaded once and dropped afterwards."""
+    example = jnp.zeros((1, cfg.model.block_size), jnp.int32)
+    shardings = abstract_train_state(model, optax.identity(), example, rt.mesh, rt.rules)[1].params
+    params = init_params(shardings)
+    size = cfg.eval.batch_size or cfg.train.batch_size
+    with rt.context():
+        return [add_reference_logprobs(model, params, rows, prefixes, size, log) for rows in row_sets]

@@ -1,0 +1,142 @@
+"""`python -m flaxgpt.serve --workdir RUN [--step N] [--host 127.0.0.1] [--port 8000]`
+
+Serves the run's checkpoint (default: the latest) over OpenAI's API (/v1/chat/completions,
+/v1/completions, /v1/models), /health, and a chat page at / whose answers, ratings,
+regenerations and edits are stored in RUN/feedback.sqlite (--db to choose).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+from collections.abc import Sequence
+
+from etils import epath
+
+from flaxgpt import cli, fileio, perf, runs
+from flaxgpt.errors import UserError
+from flaxgpt.serve.app import Service, create_app
+from flaxgpt.serve.engine import SlotEngine
+from flaxgpt.serve.store import FeedbackStore
+
+
+def build_service(
+    workdir: str,
+    step: int | None = None,
+    *,
+    db: str | None = None,
+    name: str | None = None,
+    api_key: str | None = None,
+    slots: int = 8,
+    max_queue: int = 64,
+) -> Service:
+    """The run's model behind a started engine, with its feedback database."""
+    cfg, _ = runs.read_run(workdir)
+    if cfg.model.output != "logits":
+        raise UserError(f"{workdir} holds a reward model (model.output={cfg.model.output!r}): serve a language model")
+    loaded = runs.load(workdir, step)
+    engine = SlotEngine(
+        loaded.model,
+        loaded.params,
+        pad_id=loaded.tokenizer.pad_id,
+        step=loaded.step,
+        slots=slots,
+        max_queue=max_queue,
+        context=lambda: runs.logical_context(loaded),
+    ).start()
+    store = FeedbackStore(db or os.path.join(workdir, "feedback.sqlite"))
+    name = name or os.path.basename(os.path.normpath(workdir))
+    return Service(engine, loaded.tokenizer, name, api_key=api_key, store=store, placement=(loaded.mesh, loaded.rules))
+
+
+def newest_checkpoint(workdir: str) -> int | None:
+    """The run's newest finished checkpoint step, found without opening a checkpoint manager (which
+    would clean up the temporary directory of a save in progress by a trainer on the same run)."""
+    directory = os.path.join(workdir, "checkpoints")
+    names = [p.name for p in epath.Path(directory).iterdir()] if fileio.exists(directory) else []
+    return max((int(n) for n in names if n.isdigit()), default=None)
+
+
+def reload_newer(service: Service, workdir: str) -> bool:
+    """Load the run's newest checkpoint into the engine if it is newer than the one served;
+    requests in flight finish on the old parameters, later ones get the new."""
+    newest = newest_checkpoint(workdir)
+    engine = service.engine
+    if newest is None or newest <= max(engine.step, engine.pending_step or -1):
+        return False
+    cfg, _ = runs.read_run(workdir)
+    params, step = runs.restore_params(workdir, cfg, newest, engine.model.cfg, *service.placement)
+    engine.reload(params, step)
+    print(f"flaxgpt serve: step {step} loaded; it answers from the next request on", flush=True)
+    return True
+
+
+def watch(service: Service, workdir: str, every: float, stop: threading.Event) -> None:
+    """Check for a newer checkpoint every `every` seconds until `stop` is set."""
+    while not stop.wait(every):
+        try:
+            reload_newer(service, workdir)
+        except Exception as e:  # a checkpoint being written, or a bad one: keep serving the current
+            print(f"flaxgpt serve: not reloaded ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m flaxgpt.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workdir", "-w", required=True)
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--db", help="feedback database (default: WORKDIR/feedback.sqlite)")
+    parser.add_argument("--name", help="the model's name in the API (default: the workdir's name)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("FLAXGPT_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $FLAXGPT_API_KEY; none: no key needed)",
+    )
+    parser.add_argument("--slots", type=int, default=8, help="requests decoded together")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the slots (more: 503)")
+    parser.add_argument(
+        "--reload-every",
+        type=float,
+        default=30.0,
+        help="seconds between checks for a newer checkpoint of the run, "
+        "served once found (0: never; never with --step)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.slots < 1 or args.max_queue < 0:
+        raise UserError("--slots must be at least 1 and --max-queue at least 0")
+    perf.tune_host_allocator()
+    service = build_service(
+        args.workdir,
+        args.step,
+        db=args.db,
+        name=args.name,
+        api_key=args.api_key,
+        slots=args.slots,
+        max_queue=args.max_queue,
+    )
+    import uvicorn
+
+    print(f"flaxgpt serve: {service.name} (step {service.engine.step}) on http://{args.host}:{args.port}", flush=True)
+    stop = threading.Event()
+    if args.reload_every > 0 and args.step is None:
+        threading.Thread(target=watch, args=(service, args.workdir, args.reload_every, stop), daemon=True).start()
+    try:
+        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+    finally:
+        stop.set()
+        service.engine.stop()
+        service.store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

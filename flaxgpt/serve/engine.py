@@ -1,0 +1,257 @@
+"""The serving engine: continuous batching on the one generation engine's slot functions.
+
+A thread owns the model and a KV cache of `slots` rows. Between decode steps it admits waiting
+requests into free rows (each prompt prefilled alone, into its row), then advances every active
+row one token; a request arriving while others decode joins them at the next step. Shapes
+never change, so nothing is compiled per request (prompts are padded to a few bucket widths).
+Each request samples with its own seed, temperature and top-p, so its tokens do not depend on
+what it was batched with.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from flaxgpt import generate
+from flaxgpt.errors import UserError
+from flaxgpt.sharding import host_value
+
+
+class RequestError(UserError):
+    """A request the engine cannot serve as asked (HTTP 400)."""
+
+
+class Overloaded(Exception):
+    """The waiting queue is full (HTTP 503)."""
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One completion. `sink(kind, payload)` receives ("token", (id, logprob, [(id, logprob)...]))
+    per generated token and finally ("done", reason: "stop" | "length" | "cancelled" | "error"),
+    from the engine's thread."""
+
+    prompt: list[int]
+    max_tokens: int
+    sink: Callable[[str, Any], None]
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_tokens: tuple[int, ...] = ()
+    generated: int = 0
+    step: int | None = None  # the checkpoint step that answers (set when admitted)
+    cancelled: bool = False
+
+
+def bucket(length: int, block_size: int) -> int:
+    """The padded prefill width of a prompt: a power of two (at least 8), at most block_size."""
+    width = 8
+    while width < length:
+        width *= 2
+    return min(width, block_size)
+
+
+class SlotEngine:
+    def __init__(
+        self,
+        model: Any,
+        params: Any,
+        *,
+        pad_id: int,
+        step: int = 0,
+        slots: int = 8,
+        max_queue: int = 64,
+        context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ):
+        self.model, self.params, self.step, self.pad_id = model, params, step, pad_id
+        self.block_size, self.slots, self.max_queue, self.context = model.cfg.block_size, slots, max_queue, context
+        self._rows: list[Request | None] = [None] * slots
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._pending: tuple[Any, int] | None = None
+        self._wake = threading.Condition()
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._reset_host_state()
+
+    def _reset_host_state(self) -> None:
+        s = self.slots
+        self.cursor = 0
+        self.starts, self.positions, self.counts = (np.zeros(s, np.int32) for _ in range(3))
+        self.keys = np.zeros((s, 2), np.uint32)
+        self.temperature, self.top_p = np.zeros(s, np.float32), np.ones(s, np.float32)
+
+    # ---- the API side (any thread) ----
+    def submit(self, request: Request) -> None:
+        """Queue a request; raises RequestError (does not fit the context) or Overloaded."""
+        n = len(request.prompt)
+        if n == 0:
+            raise RequestError("the prompt is empty")
+        if request.max_tokens < 1:
+            raise RequestError("max_tokens must be at least 1")
+        if n + request.max_tokens > self.block_size:
+            raise RequestError(
+                f"This model's maximum context length is {self.block_size} tokens. However, you requested "
+                f"{n + request.max_tokens} tokens ({n} in the messages, {request.max_tokens} in the completion)."
+            )
+        with self._wake:
+            if len(self._waiting) >= self.max_queue:
+                raise Overloaded(f"the server is busy ({len(self._waiting)} requests waiting); retry shortly")
+            self._waiting.append(request)
+            self._wake.notify()
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request (a stop string was seen, or its client left); its row frees at the next step."""
+        request.cancelled = True
+
+    def reload(self, params: Any, step: int) -> None:
+        """Serve `params` from now on: requests in flight finish on the old ones first."""
+        with self._wake:
+            self._pending = (params, step)
+            self._wake.notify()
+
+    @property
+    def pending_step(self) -> int | None:
+        """The step of parameters waiting to be swapped in, if any."""
+        pending = self._pending
+        return None if pending is None else pending[1]
+
+    def start(self) -> SlotEngine:
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="flaxgpt-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._wake:
+            self._running = False
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def stats(self) -> dict:
+        return {
+            "slots": self.slots,
+            "active": sum(r is not None for r in self._rows),
+            "waiting": len(self._waiting),
+            "step": self.step,
+        }
+
+    # ---- the engine's thread ----
+    def _loop(self) -> None:
+        with self.context():
+            self._empty_cache()
+            while True:
+                with self._wake:
+                    while self._running and not self._waiting and not self._active() and self._pending is None:
+                        self._wake.wait()
+                    if not self._running:
+                        break
+                try:
+                    self._swap_params()
+                    self._admit()
+                    if self._active():
+                        self._decode()
+                except Exception:  # a bug: fail what is in flight, keep serving
+                    traceback.print_exc(file=sys.stderr)
+                    self._fail_all()
+            self._fail_all("cancelled")
+
+    def _active(self) -> list[int]:
+        return [i for i, r in enumerate(self._rows) if r is not None]
+
+    def _swap_params(self) -> None:
+        if self._pending is not None and not self._active():
+            with self._wake:
+                (self.params, self.step), self._pending = self._pending, None
+
+    def _admit(self) -> None:
+        while self._pending is None and None in self._rows:
+            with self._wake:
+                if not self._waiting:
+                    return
+                request = self._waiting.popleft()
+            if request.cancelled:
+                request.sink("done", "cancelled")
+                continue
+            self._prefill(self._rows.index(None), request)
+
+    def _prefill(self, slot: int, request: Request) -> None:
+        n = len(request.prompt)
+        if self.cursor < n:  # make room to the left of the write index
+            self._shift(self.cursor - n)
+        tokens, mask = generate.left_pad([request.prompt], self.pad_id, bucket(n, self.block_size))
+        tokens, mask = generate.on_params_mesh(self.params, tokens, mask)
+        self.cache, self.last, _ = generate.slot_prefill(
+            self.model, self.params, self.cache, self.last, tokens, mask, slot, self.cursor
+        )
+        self.starts[slot], self.positions[slot], self.counts[slot] = self.cursor - n, n, 0
+        self.keys[slot] = np.asarray(jax.random.PRNGKey(request.seed))
+        self.temperature[slot], self.top_p[slot] = request.temperature, request.top_p
+        request.step = self.step
+        self._rows[slot] = request
+
+    def _shift(self, shift: int) -> None:
+        self.cache = generate.slot_shift(self.model, self.cache, shift)
+        self.cursor -= shift
+        self.starts -= shift
+
+    def _decode(self) -> None:
+        for i in self._active():
+            if self._rows[i].cancelled:
+                self._finish(i, "cancelled")
+        active = self._active()
+        if not active:
+            return
+        if self.cursor == self.block_size:  # the write index is at the end: move every row left
+            self._shift(int(min(self.starts[i] for i in active)))
+        live = np.zeros(self.slots, bool)
+        live[active] = True
+        inputs = generate.on_params_mesh(
+            self.params, np.where(live, self.positions, 0), self.keys, self.counts, self.temperature, self.top_p
+        )
+        self.cache, self.last, *out = generate.slot_step(self.model, self.params, self.cache, self.last, *inputs)
+        self.cursor += 1
+        tokens, logprobs, top_ids, top_values = (host_value(x) for x in out)
+        for i in active:
+            self._deliver(i, int(tokens[i]), float(logprobs[i]), top_ids[i], top_values[i])
+
+    def _deliver(self, slot: int, token: int, logprob: float, top_ids, top_values) -> None:
+        request = self._rows[slot]
+        self.positions[slot] += 1
+        self.counts[slot] += 1
+        if token in request.stop_tokens:
+            return self._finish(slot, "stop")
+        request.generated += 1
+        request.sink("token", (token, logprob, [(int(t), float(v)) for t, v in zip(top_ids, top_values)]))
+        if request.generated >= request.max_tokens:
+            self._finish(slot, "length")
+
+    def _finish(self, slot: int, reason: str) -> None:
+        request, self._rows[slot] = self._rows[slot], None
+        request.sink("done", reason)
+
+    def _fail_all(self, reason: str = "error") -> None:
+        for i in self._active():
+            self._finish(i, reason)
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for request in waiting:
+            request.sink("done", reason)
+        if reason == "error":  # the cache may be half-updated: start from an empty one
+            self._reset_host_state()
+            self._empty_cache()
+
+    def _empty_cache(self) -> None:
+        self.cache = generate.slot_cache(self.model, self.slots)
+        vocab = np.zeros((self.slots, self.model.cfg.vocab_size), np.float32)
+        self.last = generate.on_params_mesh(self.params, vocab)[0]

@@ -1,0 +1,167 @@
+"""The chat page at / and the endpoints it uses, each event stored in the feedback database.
+
+POST /api/chat   {conversation_id?, parent_id?, content, system?, regenerate?, edit_of?, settings...}
+                 streams {"type": "start" | "delta" | "done" | "error", ...} as server-sent events;
+                 the answer's row is committed before "done" reaches the browser
+POST /api/rate   {message_id, rating: 1 | -1, comment?} -> {"id": rating row}, after the commit
+GET  /api/conversations/{id} -> the branch ending at its newest message, with latest ratings
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, StreamingResponse
+
+from flaxgpt import chat_template
+from flaxgpt.serve import params
+from flaxgpt.serve.params import BadParam
+
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.html")
+
+
+def _id(body: dict, name: str, required: bool = False) -> int | None:
+    value = body.get(name)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadParam(name, f"'{name}' must be a message or conversation id (an integer)")
+    return value
+
+
+def _text(body: dict, name: str) -> str:
+    value = body.get(name, "")
+    if not isinstance(value, str):
+        raise BadParam(name, f"'{name}' must be a string")
+    return value
+
+
+def _turn(store, body: dict) -> tuple[int, int, str, int | None]:
+    """Store the user's turn the request makes (none for a regeneration): (conversation, user row,
+    answer kind, the answer it replaces)."""
+    regenerate, edit_of = _id(body, "regenerate"), _id(body, "edit_of")
+    if regenerate is not None:
+        answer = _row(store, regenerate, "assistant")
+        return answer["conversation_id"], answer["parent_id"], "regeneration", regenerate
+    content, system = _text(body, "content"), _text(body, "system")
+    if not content.strip():
+        raise BadParam("content", "the message is empty")
+    if edit_of is not None:
+        old = _row(store, edit_of, "user")
+        conversation, parent = old["conversation_id"], old["parent_id"]
+        user = store.add_message(conversation, parent, "user", content, system=system, kind="edit", revises_id=edit_of)
+        return conversation, user, "message", None
+    parent = _id(body, "parent_id")
+    conversation = _id(body, "conversation_id")
+    if parent is not None:
+        conversation = _row(store, parent, "assistant")["conversation_id"]
+    elif conversation is None:
+        conversation = store.new_conversation()
+    return conversation, store.add_message(conversation, parent, "user", content, system=system), "message", None
+
+
+def _row(store, message_id: int, role: str) -> dict:
+    row = store.message(message_id)
+    if row is None or row["role"] != role:
+        raise BadParam(None, f"no {role} message {message_id}", status=404)
+    return row
+
+
+def history(store, user_id: int) -> list[dict]:
+    """The conversation up to a user turn, as chat messages, under that turn's system message."""
+    path = store.path(user_id)
+    system = path[-1]["system"]
+    return ([{"role": "system", "content": system}] if system else []) + [
+        {"role": m["role"], "content": m["content"]} for m in path
+    ]
+
+
+async def _answer(service, store, body: dict, conversation: int, user_id: int, kind: str, revises: int | None):
+    from flaxgpt.serve.app import Job, sse
+
+    settings = params.settings({**body, "n": 1, "stream": True, "stop": None})
+    prompt = service.chat_prompt(history(store, user_id), settings)
+    job = Job(service, prompt, settings, tuple(chat_template.stop_tokens(service.tokenizer)))
+
+    async def events():
+        yield sse({"type": "start", "conversation_id": conversation, "user_id": user_id})
+        try:
+            async for _, what, payload in job.events():
+                if what == "text":
+                    yield sse({"type": "delta", "text": payload})
+                    continue
+                answer = await asyncio.to_thread(  # the commit waits for the disk, not the event loop
+                    store.add_message,
+                    conversation,
+                    user_id,
+                    "assistant",
+                    job.answers[0].text,
+                    kind=kind,
+                    revises_id=revises,
+                    step=job.step,
+                    settings=settings.record(),
+                    finish_reason=payload,
+                )
+                yield sse({"type": "done", "message_id": answer, "step": job.step, "finish_reason": payload})
+        except RuntimeError as e:
+            yield sse({"type": "error", "message": str(e)})
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def conversation(store, conversation_id: int) -> dict[str, Any]:
+    newest = store.query(
+        "SELECT id FROM messages WHERE conversation_id = ? ORDER BY id DESC LIMIT 1", (conversation_id,)
+    )
+    if not newest:
+        raise BadParam(None, f"no conversation {conversation_id}", status=404)
+    path = store.path(newest[0]["id"])
+    ratings = {
+        r["message_id"]: r
+        for r in store.query(
+            "SELECT r.* FROM ratings r JOIN messages m ON m.id = r.message_id WHERE m.conversation_id = ?"
+            " ORDER BY r.id",
+            (conversation_id,),
+        )
+    }
+    for m in path:
+        rating = ratings.get(m["id"])
+        m["rating"] = rating and rating["rating"]
+        m["comment"] = rating and rating["comment"]
+    system = next((m["system"] for m in reversed(path) if m["role"] == "user"), "")
+    return {"id": conversation_id, "system": system, "messages": path}
+
+
+def add_routes(app: FastAPI, service) -> None:
+    from flaxgpt.serve.app import read_body
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        with open(PAGE, encoding="utf-8") as f:
+            return f.read()
+
+    def store():
+        if service.store is None:
+            raise BadParam(None, "this server keeps no feedback database", status=404)
+        return service.store
+
+    @app.post("/api/chat")
+    async def chat(request: Request):
+        body = await read_body(request)
+        return await _answer(service, store(), body, *await asyncio.to_thread(_turn, store(), body))
+
+    @app.post("/api/rate")
+    async def rate(request: Request):
+        body = await read_body(request)
+        message = _row(store(), _id(body, "message_id", required=True), "assistant")
+        rating = body.get("rating")
+        if rating not in (1, -1) or isinstance(rating, bool):
+            raise BadParam("rating", "'rating' must be 1 (thumbs up) or -1 (thumbs down)")
+        return {"id": await asyncio.to_thread(store().rate, message["id"], rating, _text(body, "comment"))}
+
+    @app.get("/api/conversations/{conversation_id}")
+    async def get_conversation(conversation_id: int):
+        return conversation(store(), conversation_id)

@@ -1,0 +1,156 @@
+"""The feedback database: every chat turn, answer, rating, regeneration and edit, in SQLite.
+
+One transaction per event, committed before the browser is answered, in WAL mode with full
+synchronisation: an acknowledged row survives the server being killed. Messages form a tree
+(`parent_id`): a regenerated answer is a sibling of the answer it replaces, an edited user turn
+a sibling of the turn it revises (`revises_id` names the replaced row in both cases), and a
+follow-up is a child. The schema carries a version; `MIGRATIONS[v]` takes a database from
+version v to v + 1, each in its own transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from typing import Any
+
+from flaxgpt.errors import UserError
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE conversations (id INTEGER PRIMARY KEY, created REAL NOT NULL);
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        conversation_id INTEGER NOT NULL REFERENCES conversations(id),
+        parent_id INTEGER REFERENCES messages(id),
+        role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+        content TEXT NOT NULL,
+        system TEXT NOT NULL DEFAULT '',        -- user turns: the system message they were asked under
+        kind TEXT NOT NULL CHECK (kind IN ('message', 'regeneration', 'edit')),
+        revises_id INTEGER REFERENCES messages(id),
+        step INTEGER,                           -- answers: the checkpoint step that produced them
+        settings TEXT,                          -- answers: decoding settings (JSON)
+        finish_reason TEXT,
+        created REAL NOT NULL
+    );
+    CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
+    CREATE TABLE ratings (
+        id INTEGER PRIMARY KEY,
+        message_id INTEGER NOT NULL REFERENCES messages(id),
+        rating INTEGER NOT NULL CHECK (rating IN (-1, 1)),
+        comment TEXT NOT NULL DEFAULT '',
+        created REAL NOT NULL
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StoreError(UserError):
+    """The database cannot be used (a newer schema, or not a feedback database)."""
+
+
+class FeedbackStore:
+    """The database, shared by the server's threads (one connection, one lock)."""
+
+    def __init__(self, path: str):
+        self.file = path
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            migrate(self._db, path)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{path}: not a usable feedback database ({e})") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _write(self, sql: str, args: tuple) -> int:
+        with self._lock, self._db:  # one transaction
+            self._db.execute("BEGIN IMMEDIATE")
+            return self._db.execute(sql, args).lastrowid
+
+    def new_conversation(self) -> int:
+        return self._write("INSERT INTO conversations (created) VALUES (?)", (time.time(),))
+
+    def add_message(
+        self,
+        conversation_id: int,
+        parent_id: int | None,
+        role: str,
+        content: str,
+        *,
+        system: str = "",
+        kind: str = "message",
+        revises_id: int | None = None,
+        step: int | None = None,
+        settings: dict | None = None,
+        finish_reason: str | None = None,
+    ) -> int:
+        return self._write(
+            "INSERT INTO messages (conversation_id, parent_id, role, content, system, kind, revises_id, step,"
+            " settings, finish_reason, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                conversation_id,
+                parent_id,
+                role,
+                content,
+                system,
+                kind,
+                revises_id,
+                step,
+                None if settings is None else json.dumps(settings, sort_keys=True),
+                finish_reason,
+                time.time(),
+            ),
+        )
+
+    def rate(self, message_id: int, rating: int, comment: str = "") -> int:
+        return self._write(
+            "INSERT INTO ratings (message_id, rating, comment, created) VALUES (?, ?, ?, ?)",
+            (message_id, rating, comment, time.time()),
+        )
+
+    def query(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(row) for row in self._db.execute(sql, args)]
+
+    def message(self, message_id: int) -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM messages WHERE id = ?", (message_id,))
+        return rows[0] if rows else None
+
+    def path(self, message_id: int | None) -> list[dict[str, Any]]:
+        """The messages from the conversation's start down to `message_id`, oldest first."""
+        out = []
+        while message_id is not None:
+            row = self.message(message_id)
+            if row is None:
+                raise KeyError(message_id)
+            out.append(row)
+            message_id = row["parent_id"]
+        return out[::-1]
+
+
+def migrate(db: sqlite3.Connection, path: str) -> None:
+    """Bring the database to SCHEMA_VERSION, one migration per transaction."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"{path} has feedback schema version {version}; this flaxgpt reads up to {SCHEMA_VERSION}")
+    for v in range(version, SCHEMA_VERSION):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[v].split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {v + 1}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise

@@ -1,0 +1,182 @@
+"""GRPO (Shao et al. 2024) and RLOO (Ahmadian et al. 2024): RL from a reward without a value
+model. Each step samples grpo.group_size answers to each of train.batch_size prompts with the
+generation engine, scores them (the reward model of ppo.reward_from, or ppo.reward_function),
+and takes as advantage each answer's reward relative to its group (`losses.group_advantages`);
+grpo.epochs updates of the clipped objective with the k3 KL to the reference (`losses.grpo_loss`)
+follow. Prompts, reward, lengths and temperature are the ppo section's; the run state is PPO's
+(`rlhf.PPOState`, without a value model), so held-out evaluation is PPO's too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from flaxgpt import lora, rlhf
+from flaxgpt.config import Config, ConfigError
+from flaxgpt.data.packing import PackedRows
+from flaxgpt.data.world import WorldTask
+from flaxgpt.losses import group_advantages, grpo_loss
+from flaxgpt.model import Transformer
+from flaxgpt.optim import build_optimizer
+from flaxgpt.rewards import mask_positions, reward_function
+from flaxgpt.rlhf import PPO, Models, PPOState, evaluate, load_prompts, rollout, scores, sequences
+from flaxgpt.runs import inherit_model, params_from_run, read_run
+from flaxgpt.sharding import host_value
+from flaxgpt.trainers.scaffold import NonFiniteLoss, RunSpec, Runtime, fit
+
+
+def setup(cfg: Config, workdir: str) -> PPO:
+    rt = Runtime.create(cfg, workdir)
+    tc, p = cfg.train, cfg.ppo
+    _, tokenizer = read_run(tc.init_from)
+    if jax.process_index() == 0:
+        tokenizer.save(workdir)
+    source = read_run(tc.init_from)[0].model
+    policy_cfg = inherit_model(dataclasses.replace(cfg.model, output="logits"), source, tc.init_from)
+    cfg = dataclasses.replace(cfg, model=policy_cfg)
+    reward_cfg = read_run(p.reward_from)[0].model if p.reward_from else None
+    if reward_cfg is not None and reward_cfg.output != "scalar":
+        raise ConfigError(f"ppo.reward_from={p.reward_from} is not a reward model (output '{reward_cfg.output}')")
+    width = policy_cfg.block_size - p.max_new_tokens
+    if width < 2:
+        raise ConfigError(
+            f"ppo.max_new_tokens={p.max_new_tokens} leaves no room for a prompt in {policy_cfg.block_size}"
+        )
+    policy = Transformer(policy_cfg)
+    models = Models(policy, policy, Transformer(reward_cfg) if reward_cfg else None, False, width)
+    mask = lora.trainable_mask if policy_cfg.lora_rank else None
+    optimizer = build_optimizer(cfg.optimizer, tc.max_steps * cfg.grpo.epochs, mask)
+    labeler = WorldTask.from_config(cfg).label if cfg.data.source == "world" else None
+    sources = {"policy": tc.init_from, "reward": p.reward_from}
+    run = PPO(cfg, rt, tokenizer, models, sources, optimizer, reward_function(cfg), labeler, None, [])
+    run.prompts = load_prompts(cfg, run.notes.append)
+    return run
+
+
+def abstract_state(run: PPO) -> tuple[Any, Any]:
+    m = run.models
+    shape = lambda model: jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, model.cfg.block_size), jnp.int32))["params"]
+    )
+    trainable = {"policy": shape(m.policy)}
+    frozen = {"reference": shape(m.policy), **({"reward": shape(m.reward)} if m.reward is not None else {})}
+    return rlhf.abstract_state(run, trainable, frozen)
+
+
+def initial_state(run: PPO, shardings: Any) -> PPOState:
+    rt, tc, m = run.rt, run.cfg.train, run.models
+    load = lambda source, step, model, sh: params_from_run(source, step, model.cfg, rt.mesh, rt.rules, tc.seed)(sh)
+    policy = load(tc.init_from, tc.init_step, m.policy, shardings.params["policy"])
+    frozen = {"reference": load(tc.init_from, tc.init_step, m.policy, shardings.frozen["reference"])}
+    if m.reward is not None:
+        frozen["reward"] = load(run.sources["reward"], None, m.reward, shardings.frozen["reward"])
+
+    return rlhf.initial_state(run, {"policy": policy}, frozen, run.cfg.grpo.beta, shardings)
+
+
+def update(m: Models, cfg: Config, optimizer, state: PPOState, batch: dict) -> tuple[PPOState, dict]:
+    """grpo.epochs full-batch updates of the clipped objective; the ratio is to the rollout policy."""
+    g, q, temperature = cfg.grpo, m.query_width, cfg.ppo.temperature
+    inputs = (batch["tokens"], batch["positions"], batch["segments"])
+    logprobs = lambda params: rlhf.response_logprobs(m.policy, params, *inputs, q, temperature)[0]
+    old = jax.lax.stop_gradient(logprobs(state.params["policy"]))
+    ref = jax.lax.stop_gradient(logprobs(state.frozen["reference"]))
+    adapters_only = bool(m.policy.cfg.lora_rank)
+
+    def objective(params):
+        params = lora.freeze_base(params) if adapters_only else params
+        out = grpo_loss(
+            logprobs(params["policy"]),
+            old,
+            ref,
+            batch["advantages"][:, 0],
+            batch["resp_mask"],
+            g.clip_low,
+            g.clip_high,
+            g.beta,
+            g.normalization,
+        )
+        return out["loss_sum"] / jnp.maximum(out["weight_sum"], 1.0), out["ratios"]
+
+    def epoch(carry, _):
+        params, opt_state = carry
+        (loss, ratios), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        stats = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        stats.update({k: num / jnp.maximum(den, 1.0) for k, (num, den) in ratios.items()})
+        return (optax.apply_updates(params, updates), opt_state), stats
+
+    (params, opt_state), stats = jax.lax.scan(epoch, (state.params, state.opt_state), None, length=g.epochs)
+    stats = jax.tree.map(jnp.mean, stats)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), stats
+
+
+def make_step(run: PPO, order: PackedRows, shardings: Any):
+    tc, p, g, m = run.cfg.train, run.cfg.ppo, run.cfg.grpo, run.models
+    n = tc.batch_size * g.group_size
+    jitted = jax.jit(functools.partial(update, m, run.cfg, run.optimizer), donate_argnums=0)
+
+    def step_fn(state: PPOState, step: int) -> tuple[PPOState, dict]:
+        picked = [run.prompts[0][int(i)] for i in order.batch(step, tc.batch_size)["index"][:, 0]]
+        prompts = [prompt for prompt in picked for _ in range(g.group_size)]
+        key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
+        tokens, mask, gen = rollout(run, state.params["policy"], prompts, key, p.temperature)
+        full, full_mask, lengths, ended = sequences(run, tokens, mask, gen)
+        rewards = scores(run, state, prompts, tokens, mask, gen) - p.missing_eos_penalty * (1.0 - ended)
+        advantages, informative = group_advantages(
+            jnp.asarray(rewards.reshape(-1, g.group_size)), g.advantage, g.scale_rewards
+        )
+        keep = np.repeat(np.asarray(informative), g.group_size) if g.dynamic_sampling else np.ones(n, bool)
+        resp_mask = full_mask[:, m.query_width :] * keep[:, None]
+        host = {
+            "tokens": full,
+            "positions": mask_positions(full_mask),
+            "segments": full_mask.astype(np.int32),
+            "resp_mask": resp_mask.astype(np.float32),
+            "advantages": np.asarray(advantages, np.float32).reshape(-1, 1),
+        }
+        state, stats = jitted(state, run.rt.place(host, n))
+        stats = {k: float(v) for k, v in host_value(stats).items()}
+        if not all(np.isfinite(v) for v in stats.values()):
+            raise NonFiniteLoss(f"GRPO step {step + 1}: non-finite {stats}; stopping before this update is saved")
+        figures = {
+            **stats,
+            "reward_mean": float(np.mean(rewards)),
+            "reward_std": float(np.std(rewards)),
+            "response_length": float(np.mean(lengths)),
+            "informative_groups": float(np.mean(np.asarray(informative))),
+        }
+        if run.labeler is not None:
+            texts = rlhf.responses(run, gen)
+            figures["accuracy"] = float(np.mean([run.labeler(pr.text, a) == 1.0 for pr, a in zip(prompts, texts)]))
+        return state, figures
+
+    return step_fn
+
+
+def run(cfg: Config, workdir: str) -> dict[str, Any]:
+    """GRPO or RLOO to `train.max_steps` (resuming if possible); returns the final figures."""
+    grpo = setup(cfg, workdir)
+    cfg, tc, g = grpo.cfg, grpo.cfg.train, grpo.cfg.grpo
+    order = PackedRows({"index": np.arange(len(grpo.prompts[0]))[:, None]}, tc.seed)
+    spec = RunSpec(
+        describe=f"{g.advantage.upper()} (group {g.group_size}, beta {g.beta:g}, {g.normalization} normalisation), "
+        f"{len(grpo.prompts[0])} prompts, mesh {dict(grpo.rt.mesh.shape)}",
+        model_cfg=cfg.model,
+        abstract_state=lambda: abstract_state(grpo),
+        init_state=lambda shardings: initial_state(grpo, shardings),
+        make_step=lambda shardings, start, message: make_step(grpo, order, shardings),
+        row=lambda metrics: metrics,
+        evaluate=lambda state: evaluate(grpo, state),
+        position=lambda step: order.position(step, tc.batch_size),
+        origin=f"from {tc.init_from}",
+        notes=grpo.notes,
+    )
+    return fit(cfg, grpo.rt, spec)

@@ -1,0 +1,362 @@
+"""The run scaffold every trainer stands on (pretraining, SFT, the reward model, PPO).
+
+A trainer describes its run as a `RunSpec` (how to build and restore its state, one step,
+what a checkpoint records, how to evaluate, what to log) and calls `fit`, which owns what
+runs have in common: restore-or-initialise (the newest checkpoint that restores), the
+config written once the checkpoint agreed with it, the cadence of logging,
+evaluation and saving (`Hook`s run every N steps and after the last), the final save, one
+process-0 logging path, and preemption: SIGTERM or SIGINT saves a checkpoint at the
+current step and stops (a second SIGINT stops at once). Whatever leaves the loop, pending
+saves are finished or cleaned up. `fit` names no trainer. (The workdir lock is held
+around the whole run, tokenizer and data files included, by `flaxgpt.train.run_trainer`.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+
+from flaxgpt import fileio, hf, perf
+from flaxgpt.checkpoint import Checkpointer
+from flaxgpt.config import Config, ConfigError, to_dict, to_json
+from flaxgpt.data.text import build_tokenizer
+from flaxgpt.data.tokenizers import Tokenizer
+from flaxgpt.errors import UserError
+from flaxgpt.logging import MetricsLogger
+from flaxgpt.runs import inherit_model, params_from_hf, params_from_run, read_run
+from flaxgpt.sharding import (
+    batch_sharding,
+    host_value,
+    local_batch_rows,
+    logical_rules,
+    make_mesh,
+    mesh_context,
+    place_batch,
+)
+
+HostBatch = dict[str, np.ndarray]
+
+
+class NonFiniteLoss(UserError):
+    """Too many steps had a non-finite loss or gradient (or a PPO step went non-finite)."""
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT stopped the run after saving; `code` is the exit status to use."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Runtime:
+    """The mesh a run lives on, and how host batches get onto it."""
+
+    workdir: str
+    mesh: Mesh
+    rules: tuple
+    rows_sharding: NamedSharding  # batches: [batch, ...] split over the data-parallel axes
+
+    @classmethod
+    def create(cls, cfg: Config, workdir: str) -> Runtime:
+        cfg.validate()
+        fileio.makedirs(workdir)
+        mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh.rules)
+        return cls(workdir, mesh, rules, batch_sharding(mesh, rules))
+
+    def context(self) -> contextlib.ExitStack:
+        """The mesh and axis rules under which jitted code and sharding constraints resolve."""
+        return mesh_context(self.mesh, self.rules)
+
+    def rows(self, batch_size: int) -> np.ndarray:
+        """The rows of a global batch that this process loads."""
+        return local_batch_rows(self.rows_sharding, batch_size, 1)
+
+    def place(self, local: HostBatch, batch_size: int) -> dict[str, jax.Array]:
+        return place_batch(local, self.rows(batch_size), self.rows_sharding, batch_size)
+
+    def write_config(self, cfg: Config) -> None:
+        if jax.process_index() == 0:
+            fileio.write_atomic(os.path.join(self.workdir, "config.json"), to_json(cfg))
+
+    def validation(
+        self,
+        eval_step: Callable[[Any, dict], dict],
+        params: Any,
+        batches: Callable[[int, np.ndarray], HostBatch],
+        iters: int,
+        batch_size: int,
+    ) -> dict[str, float]:
+        """val_loss (and val_<ratio>) summed exactly over `iters` fixed batches of `eval_step`'s
+        sums; nothing when `iters` is 0."""
+        rows = self.rows(batch_size)
+        total: dict[str, Any] = {}
+        for i in range(iters):
+            out = jax.tree.map(float, host_value(eval_step(params, self.place(batches(i, rows), batch_size))))
+            total = out if not total else jax.tree.map(lambda a, b: a + b, total, out)
+        if not total:
+            return {}
+        figures = {"val_loss": total["loss_sum"] / max(total["weight_sum"], 1.0)}
+        figures.update({f"val_{k}": num / max(den, 1.0) for k, (num, den) in total.get("ratios", {}).items()})
+        return figures
+
+
+@dataclass
+class Hook:
+    """`fn(state, step)` after every `every` steps and after the last; the figures it returns
+    are logged with that step's row (None or {}: nothing to log)."""
+
+    every: int
+    fn: Callable[[Any, int], dict[str, float] | None]
+
+
+@dataclass
+class Throughput:
+    """What a step processes, for the logged rate: `unit`s per second (`per_row` of them in a
+    batch row), and MFU when `flops_per_item` is known."""
+
+    unit: str  # "tokens" or "examples"
+    per_row: int
+    flops_per_item: float = 0.0
+    dtype: str = "float32"  # the compute dtype whose peak MFU is relative to
+
+
+StepFn = Callable[[Any, int], tuple[Any, dict]]  # (state, step index) -> (state, device metrics)
+
+
+@dataclass
+class RunSpec:
+    """What a trainer hands `fit`."""
+
+    describe: str  # the first log line, after "flaxgpt NAME (TRAINER): "
+    model_cfg: Any  # recorded with each checkpoint; a restore must agree with it
+    abstract_state: Callable[[], tuple[Any, Any]]  # () -> (ShapeDtypeStructs, shardings)
+    init_state: Callable[[Any], Any]  # shardings -> a fresh state
+    make_step: Callable[[Any, int, Callable[[str], None]], StepFn]  # (shardings, start, message) -> step
+    row: Callable[[dict], dict[str, float]]  # a step's metrics -> its logged figures (host numbers)
+    evaluate: Callable[[Any], dict[str, float]]  # state -> validation figures
+    position: Callable[[int], dict] = lambda step: {"train_batches": step}  # recorded per checkpoint
+    origin: str = "from scratch"  # how a fresh state starts
+    throughput: Throughput | None = None
+    hooks: list[Hook] = field(default_factory=list)
+    begin: Callable[[Any, int, MetricsLogger], None] | None = None  # before the first step
+    finalize: Callable[[Any], tuple[Any, dict]] | None = None  # after the last step, before its save
+    report: Callable[[Any, MetricsLogger], dict] | None = None  # figures to return (also on a finished run)
+    notes: list[str] = field(default_factory=list)  # what the trainer found while setting up, said first
+    message: Callable[[str], None] = print  # the run's logger once `fit` has made it (process 0 only)
+
+
+def fit(cfg: Config, rt: Runtime, spec: RunSpec) -> dict[str, Any]:
+    """Train to `train.max_steps`, resuming from the workdir's newest checkpoint that restores.
+
+    Returns the last logged row plus what `finalize` recorded and `report` adds.
+    """
+    with _StopSignals() as stop:
+        checkpointer = Checkpointer(rt.workdir, cfg.checkpoint)
+        logger = None
+        try:
+            notes: list[str] = []
+            abstract, shardings = spec.abstract_state()
+            restored = checkpointer.restore_latest(abstract, spec.model_cfg, notes.append)
+            rt.write_config(cfg)  # only now: a refused resume leaves the run's config as it was
+            state = restored[0] if restored else spec.init_state(shardings)
+            start = int(host_value(state.step))
+            logger = MetricsLogger(rt.workdir, cfg.logging, cfg.train.max_steps, start, to_dict(cfg))
+            spec.message = stop.message = logger.message
+            for note in spec.notes + notes:
+                logger.message(note)
+            origin = f"resumed from step {start}" if restored else spec.origin
+            logger.message(f"flaxgpt {cfg.name} ({cfg.train.trainer}): {spec.describe}, {origin}")
+            with rt.context():
+                saved = restored[1] if restored else {}
+                return _run(cfg, spec, state, start, shardings, checkpointer, logger, stop, saved)
+        except NonFiniteLoss as e:
+            checkpointer.close()
+            last = checkpointer.latest_step()
+            kept = f"the last checkpoint is step {last}" if last is not None else "no checkpoint was saved"
+            raise NonFiniteLoss(f"{e}; {kept}. Lower optimizer.lr (now {cfg.optimizer.lr:g})") from None
+        finally:
+            checkpointer.close()
+            if logger is not None:
+                logger.close()
+
+
+def _run(cfg, spec, state, start, shardings, checkpointer, logger, stop, saved: dict) -> dict[str, Any]:
+    tc = cfg.train
+    record = lambda step, extra={}: {
+        "step": step,
+        "data": spec.position(step),
+        "model": to_dict(spec.model_cfg),
+        **extra,
+    }
+    if spec.begin is not None:
+        spec.begin(state, start, logger)
+    if start >= tc.max_steps:  # a finished run asked again: report its figures
+        extra = {k: v for k, v in saved.items() if k not in record(0)}
+        last_row = spec.evaluate(state)
+    else:
+        state, last_row = _loop(cfg, spec, state, start, shardings, checkpointer, logger, stop, record)
+        extra = {}
+        if spec.finalize is not None:
+            state, extra = spec.finalize(state)
+        checkpointer.save(tc.max_steps, state, record(tc.max_steps, extra), force=True)
+    reported = spec.report(state, logger) if spec.report is not None else {}
+    return {"step": tc.max_steps, **last_row, **extra, **reported}
+
+
+def _loop(cfg, spec, state, start, shardings, checkpointer, logger, stop, record) -> tuple[Any, dict]:
+    """Steps start..max_steps: hooks and logging on their cadence, a save whenever one is due,
+    and a save-and-stop when a stop signal arrived."""
+    tc = cfg.train
+    hooks = [Hook(cfg.eval.interval, lambda state, step: spec.evaluate(state)), *spec.hooks]
+    meter = _Meter(spec.throughput, tc.batch_size)
+    step_fn = spec.make_step(shardings, start, logger.message)
+    last_row: dict[str, Any] = {}
+    for step in range(start, tc.max_steps):
+        state, metrics = step_fn(state, step)
+        done = step + 1
+        meter.count()
+        due = [h for h in hooks if done % h.every == 0 or done == tc.max_steps]
+        figures = [f for h in due if (f := h.fn(state, done))]
+        if done % tc.log_interval == 0 or figures:
+            row = {**spec.row(metrics), **meter.figures()}
+            for f in figures:
+                row.update(f)
+            logger.log(done, row)
+            last_row = row
+            meter.reset()
+        if done < tc.max_steps:  # the last step is saved after `finalize`, signal or not
+            checkpointer.save(done, state, record(done))
+            if stop.agreed():
+                raise _interrupted(stop.signame, done, checkpointer, state, record)
+    return state, last_row
+
+
+def _interrupted(signame, done, checkpointer, state, record) -> Interrupted:
+    """Save at `done` (unless already saved), wait for the write, say so."""
+    checkpointer.save(done, state, record(done), force=True)
+    checkpointer.close()
+    saved = checkpointer.latest_step()
+    where = (
+        f"checkpoint saved at step {done}; run the same command to resume"
+        if saved == done
+        else "checkpointing is off: nothing saved"
+    )
+    return Interrupted(f"{signame} at step {done}: {where}", 130 if signame == "SIGINT" else 143)
+
+
+class _Meter:
+    def __init__(self, throughput: Throughput | None, batch_size: int):
+        self.throughput, self.batch_size = throughput, batch_size
+        self.peak = 0.0
+        if throughput is not None and throughput.flops_per_item:
+            self.peak = perf.peak_flops(throughput.dtype)[0] * jax.device_count()
+        self.reset()
+
+    def reset(self) -> None:
+        self.clock, self.items = time.time(), 0
+
+    def count(self) -> None:
+        self.items += self.batch_size
+
+    def figures(self) -> dict[str, float]:
+        t = self.throughput
+        if t is None:
+            return {}
+        rate = self.items * t.per_row / max(time.time() - self.clock, 1e-9)
+        out = {f"{t.unit}_per_sec": rate}
+        if self.peak:
+            out["mfu"] = rate * t.flops_per_item / self.peak
+        return out
+
+
+class _StopSignals:
+    """SIGTERM / SIGINT set a flag the loop checks after each step; a second SIGINT exits at
+    once. All processes of a multi-process run stop at the same step."""
+
+    def __init__(self):
+        self.signame: str | None = None
+        self.message: Callable[[str], None] = print  # the run's logger, once there is one
+        self._previous: dict = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signame == "SIGINT" and name == "SIGINT":
+            self.message("second interrupt: stopping now, without saving")
+            os._exit(130)
+        self.signame = self.signame or name
+        self.message(f"{name}: saving a checkpoint after this step, then stopping (Ctrl-C again: stop now)")
+
+    def agreed(self) -> bool:
+        local = self.signame is not None
+        if jax.process_count() == 1:
+            return local
+        agreed = bool(np.max(multihost_utils.process_allgather(np.int32(local))))
+        self.signame = self.signame or ("SIGTERM" if agreed else None)
+        return agreed
+
+
+def starting_point(
+    cfg: Config, rt: Runtime, tokenizer_text: Callable[[], str], output: str = "logits"
+) -> tuple[Config, Tokenizer, Callable[[Any], Any] | None]:
+    """(config with the model resolved, tokenizer, init_params) of a run.
+
+    With `train.init_from` the model's structure and the tokenizer are the source run's
+    (the tokenizer is copied into this workdir) and the parameters start from its
+    checkpoint; otherwise a tokenizer is built from `tokenizer_text()` and the model is
+    initialised at random. `output` is the head this trainer needs.
+    """
+    tc = cfg.train
+    if tc.init_from:
+        source_cfg, tokenizer = read_run(tc.init_from)
+        if jax.process_index() == 0:
+            tokenizer.save(rt.workdir)
+        own = dataclasses.replace(cfg.model, output=output)
+        model_cfg = inherit_model(own, source_cfg.model, tc.init_from)
+        init = params_from_run(tc.init_from, tc.init_step, model_cfg, rt.mesh, rt.rules, tc.seed)
+        return dataclasses.replace(cfg, model=model_cfg), tokenizer, init
+    if tc.init_from_hf:
+        model_cfg, tokenizer, hf_vocab = hf.import_model(tc.init_from_hf, dataclasses.replace(cfg.model, output=output))
+        if jax.process_index() == 0:
+            tokenizer.save(rt.workdir)
+        init = params_from_hf(tc.init_from_hf, model_cfg, hf_vocab, rt.mesh, rt.rules, tc.seed)
+        return dataclasses.replace(cfg, model=model_cfg), tokenizer, init
+    text = tokenizer_text()
+    tokenizer = build_tokenizer(cfg, text, text, rt.workdir)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, output=output))
+    return resolve_vocab(cfg, tokenizer), tokenizer, None
+
+
+def resolve_vocab(cfg: Config, tokenizer: Tokenizer) -> Config:
+    """The config with model.vocab_size filled from the tokenizer (rounded up to vocab_multiple)."""
+    multiple = max(cfg.model.vocab_multiple, 1)
+    vocab = cfg.model.vocab_size or -(-tokenizer.vocab_size // multiple) * multiple
+    if vocab < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} ids")
+    valid = tokenizer.vocab_size if vocab > tokenizer.vocab_size else 0
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab, valid_vocab=valid).resolved()
+    )

@@ -1,0 +1,195 @@
+"""Issue 20's user errors at the command line: each exits 2 with ONE line `error: ...` on stderr
+and no traceback. Run in-process through `cli.run(main, argv)` (what `__main__` runs); three
+subprocess runs prove the `__main__` wrappers themselves. Config checks build no model."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+
+from flaxgpt import chat, cli, convert, sample, score, tokenizer, train
+from flaxgpt.data import tfds_source
+from flaxgpt.errors import UserError
+from tests.conftest import REPO, run_cli
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- config values
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer.lr=-1", "optimizer.lr=-1.0: expected a finite number > 0"),
+        ("optimizer.lr=nan", "optimizer.lr=nan: expected a finite number > 0"),
+        ("optimizer.lr=NaN", "optimizer.lr=nan: expected a finite number > 0"),
+        ("optimizer.b2=inf", "optimizer.b2=inf: expected a number in [0, 1)"),
+        ("model.dropout=2", "model.dropout=2.0: expected a number in [0, 1)"),
+        ("model.n_layer=-1", "model.n_layer=-1: expected an integer in [1, 2147483647]"),
+        ("model.block_size=0", "model.block_size=0: expected an integer in [1, "),
+        ("model.d_model=0", "model.d_model=0: expected an integer in [1, "),
+        ("model.n_head=0", "model.n_head=0: expected an integer in [1, "),
+        ("train.seed=-1", "train.seed=-1: expected an integer in [0, 2147483647]"),
+        ("train.max_steps=1e30", "train.max_steps=1e+30: expected an integer in [1, 2147483647]"),
+        ("train.max_steps=Infinity", "train.max_steps must be an integer, got inf"),
+        ("train.max_steps=2.5", "train.max_steps must be an integer, got 2.5"),
+        ("checkpoint.max_to_keep=0", "checkpoint.max_to_keep=0: expected an integer in [1, "),
+        ("mesh.fsdp=0", "mesh.fsdp=0: expected -1 or an integer in [1, "),
+        ("optimizer.decay_steps=0", "optimizer.decay_steps=0: expected an integer in [1, "),
+        # cross-field checks that otherwise fail late
+        ("model.d_model=130", "model.d_model=130 is not divisible by model.n_head=4"),
+        ("model.n_kv_heads=3", "model.n_head=4 must be a multiple of model.n_kv_heads=3"),
+        ("mesh.fsdp=-1", "at most one of mesh.data=-1, mesh.fsdp=-1, mesh.tensor=1 may be -1"),
+        ("model.vocab_size=50 model.valid_vocab=100", "model.valid_vocab=100 exceeds model.vocab_size=50"),
+        ("data.min_chars=10 data.max_chars=5", "data.max_chars=5 is below data.min_chars=10"),
+        (
+            "train.trainer=sft model.block_size=32 sft.max_new_tokens=32",
+            "sft.max_new_tokens=32 leaves no room for a prompt in model.block_size=32",
+        ),
+    ],
+)
+def test_bad_config_values_are_one_line_before_any_work(override, message, capsys):
+    args = ["--experiment", "world", "--print-config", "--set", *override.split()]
+    assert cli.run(train.main, args) == 2
+    assert _one_error_line(capsys).startswith(f"error: {message}")
+
+
+# ----------------------------------------------------------------------------- the one error path
+
+
+def _raises(error: BaseException):
+    def main(argv=None):
+        raise error
+
+    return main
+
+
+@pytest.mark.parametrize(
+    "error, line",
+    [
+        (UserError("data.txt:3: bad\n  expected a string"), "error: data.txt:3: bad expected a string"),
+        (FileNotFoundError(errno.ENOENT, "No such file or directory", "x.jsonl"), "error: x.jsonl: No such file"),
+        (IsADirectoryError(errno.EISDIR, "Is a directory", "runs/"), "error: runs/: Is a directory"),
+        (PermissionError(errno.EACCES, "Permission denied", "/root/x"), "error: /root/x: Permission denied"),
+        (FileNotFoundError("run/ has no config.json"), "error: run/ has no config.json"),
+        (OSError(errno.ENOSPC, "No space left on device", "ckpt/7"), "error: ckpt/7: No space left on device"),
+    ],
+)
+def test_user_errors_and_file_errors_are_one_line_exit_2(error, line, capsys, monkeypatch):
+    monkeypatch.delenv("FLAXGPT_DEBUG", raising=False)
+    assert cli.run(_raises(error), []) == 2
+    assert _one_error_line(capsys).startswith(line)
+
+
+def test_ctrl_c_is_one_line_exit_130_and_debug_shows_the_traceback(capsys, monkeypatch):
+    monkeypatch.delenv("FLAXGPT_DEBUG", raising=False)
+    assert cli.run(_raises(KeyboardInterrupt()), []) == 130
+    assert _one_error_line(capsys) == "error: interrupted (Ctrl-C)"
+    monkeypatch.setenv("FLAXGPT_DEBUG", "1")
+    assert cli.run(_raises(UserError("bad key")), []) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.splitlines()[-1] == "error: bad key"
+
+
+def test_a_bug_keeps_its_traceback():
+    with pytest.raises(ZeroDivisionError):
+        cli.run(_raises(ZeroDivisionError("bug")), [])
+    with pytest.raises(ConnectionResetError):  # an OSError about no file is not the user's
+        cli.run(_raises(ConnectionResetError(errno.ECONNRESET, "reset")), [])
+
+
+# ----------------------------------------------------------------------------- flags and CLIs
+
+
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [
+        ("--max-new-tokens", "0", "argument --max-new-tokens: expected an integer in [1, 2147483647], got 0"),
+        ("--temperature", "-1", "argument --temperature: expected a finite number >= 0, got -1"),
+        ("--temperature", "nan", "argument --temperature: expected a finite number >= 0, got nan"),
+        ("--top-p", "2", "argument --top-p: expected a number in (0, 1], got 2"),
+        ("--top-p", "0", "argument --top-p: expected a number in (0, 1], got 0"),
+        ("--num-beams", "0", "argument --num-beams: expected an integer in [1, 2147483647], got 0"),
+        ("--top-k", "-3", "argument --top-k: expected an integer in [0, 2147483647], got -3"),
+        ("--seed", "x", "argument --seed: expected an integer in [0, 2147483647], got 'x'"),
+        ("--step", "-1", "argument --step: expected an integer in [0, 2147483647], got -1"),
+    ],
+)
+def test_sample_flags_out_of_range_are_one_argparse_line(flag, value, expected, capsys):
+    with pytest.raises(SystemExit) as exited:
+        sample.main(["--workdir", "nowhere", "--prompt", "hi", flag, value])
+    assert exited.value.code == 2
+    assert _one_error_line(capsys) == f"error: {expected} (see python -m flaxgpt.sample --help)"
+
+
+def test_every_cli_reports_a_missing_path_in_one_line(tmp_path, capsys):
+    missing = str(tmp_path / "missing")
+    cases = [
+        (train.main, ["--experiment", missing + ".py"], "experiment file not found"),
+        (sample.main, ["--workdir", missing, "--prompt", "x"], "has no config.json"),
+        (chat.main, ["--workdir", missing, "--prompt", "x"], "has no config.json"),
+        (score.main, ["--workdir", missing, "--prompt", "x", "--response", "y"], "has no config.json"),
+        (convert.main, ["export", "--workdir", missing, "--hf", str(tmp_path / "out")], "has no config.json"),
+        (tokenizer.main, ["encode", "--model", missing, "hi"], f"{missing}: no such SentencePiece model file"),
+        (tokenizer.main, ["train", "--input", missing, "--vocab-size", "300", "--out", missing], missing),
+        (tfds_source.main, ["build", "--train", missing, "--data-dir", str(tmp_path)], missing),
+    ]
+    for main, argv, fragment in cases:
+        assert cli.run(main, argv) == 2, (main.__module__, argv)
+        assert fragment in _one_error_line(capsys), main.__module__
+
+
+def test_every_cli_shows_its_defaults_in_help(capsys):
+    for main, argv, default in [
+        (sample.main, ["--help"], "(default: 0.8)"),
+        (chat.main, ["--help"], "(default: 128)"),
+        (score.main, ["--help"], "(default: 16)"),
+        (convert.main, ["export", "--help"], "(default: 5.0)"),
+        (tokenizer.main, ["train", "--help"], "(default: bpe)"),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 0 and default in capsys.readouterr().out, main.__module__
+
+
+# ----------------------------------------------------------------------------- the __main__ wrappers
+
+
+def test_main_wrappers_print_one_line_and_no_traceback(tmp_path):
+    config = run_cli("--experiment", "world", "--set", "model.dropout=2", "--print-config")
+    assert config.returncode == 2 and config.stderr == "error: model.dropout=2.0: expected a number in [0, 1)\n"
+    # a reader that goes away (`... | head`) ends the command quietly, without BrokenPipeError
+    listing = subprocess.Popen(
+        [sys.executable, "-m", "flaxgpt.train", "--list-keys"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    listing.stdout.close()  # before the child writes its first line
+    assert listing.wait(timeout=120) == 141 and listing.stderr.read() == b""
+    sampled = subprocess.run(
+        [sys.executable, "-m", "flaxgpt.sample", "--workdir", os.fspath(tmp_path), "--prompt", "x"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        sampled.returncode == 2
+        and sampled.stderr == f"error: {tmp_path} has no config.json: is it a flaxgpt workdir?\n"
+    )
+
+
+def test_an_experiment_file_with_a_syntax_error_is_named_with_its_line(tmp_path, capsys):
+    broken = tmp_path / "broken.py"
+    broken.write_text("from flaxgpt.config import Config\n\ndef config(:\n    return Config()\n")
+    assert cli.run(train.main, ["--experiment", str(broken), "--print-config"]) == 2
+    assert _one_error_line(capsys) == f"error: {broken}:3: invalid syntax"

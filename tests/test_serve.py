@@ -1,0 +1,581 @@
+"""The server: the slot engine against `generate`, the OpenAI API through the `openai` client,
+the chat page's feedback rows, and their export. One tiny run and one server for the file."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import pytest
+
+from flaxgpt import chat_template, generate
+from flaxgpt.serve.engine import Overloaded, Request, RequestError, SlotEngine
+from flaxgpt.trainers import pretrain
+from tests.conftest import REPO, init_params, tiny_model_config, tiny_run_config
+
+
+def _collect(engine: SlotEngine, prompts, max_tokens, **kw) -> list[tuple[list[int], str]]:
+    """Submit every prompt at once; wait for all answers."""
+    results, done = {}, threading.Semaphore(0)
+
+    def sink_for(i):
+        tokens = []
+
+        def sink(kind, payload):
+            if kind == "token":
+                tokens.append(payload[0])
+            else:
+                results[i] = (tokens, payload)
+                done.release()
+
+        return sink
+
+    for i, p in enumerate(prompts):
+        engine.submit(Request(p, max_tokens, sink_for(i), **kw))
+    for _ in prompts:
+        assert done.acquire(timeout=60)
+    return [results[i] for i in range(len(prompts))]
+
+
+PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [3], [4, 9, 4, 9, 4, 9, 4, 9, 4, 9, 4, 9], [7, 8], [9, 2, 9]]
+NEW = 14  # 6 requests one after another pass the end of the 32-long cache: rows are moved left
+
+
+def _greedy(model, params) -> list[list[int]]:
+    """`generate`'s greedy answers to PROMPTS."""
+    cfg = generate.DecodeConfig(max_new_tokens=NEW, temperature=0.0)
+    return generate.completions(generate.generate(model, params, PROMPTS, cfg, jax.random.PRNGKey(0), pad_id=0))
+
+
+@pytest.fixture(scope="module")
+def lone_model():
+    cfg = tiny_model_config(block_size=32, vocab_size=50, init_std=0.5)  # peaked logits: context-dependent tokens
+    return init_params(cfg)
+
+
+def test_batched_greedy_tokens_equal_alone_and_generate(lone_model):
+    model, params = lone_model
+    engine = SlotEngine(model, params, pad_id=0, slots=3).start()
+    try:
+        prompts = PROMPTS
+        alone = [_collect(engine, [p], NEW, temperature=0.0)[0] for p in prompts]
+        batched = _collect(engine, prompts, NEW, temperature=0.0)  # 6 requests on 3 rows: rows are reused
+        for one, many, expected in zip(alone, batched, _greedy(model, params)):
+            assert one == many == (expected, "length")
+        assert len({tuple(t) for t, _ in alone}) > 2  # the answers differ by prompt
+        # sampling: a seed gives the same tokens alone and in a batch; another seed others
+        sampled = _collect(engine, [prompts[0]] * 3, 12, temperature=1.0, seed=7)
+        assert sampled[0] == sampled[1] == sampled[2] == _collect(engine, [prompts[0]], 12, temperature=1.0, seed=7)[0]
+        assert _collect(engine, [prompts[0]], 12, temperature=1.0, seed=8)[0] != sampled[0]
+        # a stop token ends the request without being reported
+        first = alone[0][0]
+        stopped = _collect(engine, [prompts[0]], NEW, temperature=0.0, stop_tokens=(first[3],))[0]
+        assert stopped == (first[: first.index(first[3])], "stop")
+    finally:
+        engine.stop()
+
+
+def test_scanned_llama_layers_decode_like_generate():
+    """Rotary positions and a cache with a leading layer axis (rows and columns one axis further)."""
+    cfg = tiny_model_config("llama", block_size=32, vocab_size=50, init_std=0.5, scan_layers=True, n_kv_heads=2)
+    model, params = init_params(cfg)
+    engine = SlotEngine(model, params, pad_id=0, slots=3).start()
+    try:
+        got = _collect(engine, PROMPTS, NEW, temperature=0.0)
+        assert [tokens for tokens, _ in got] == _greedy(model, params)
+    finally:
+        engine.stop()
+
+
+def test_a_cancelled_request_frees_its_row(lone_model):
+    model, params = lone_model
+    engine = SlotEngine(model, params, pad_id=0, slots=3).start()
+    try:
+        events, cancelled = [], threading.Event()
+
+        def sink(kind, payload):  # on the engine's thread: the client leaves at its first token
+            events.append((kind, payload))
+            if kind == "token":
+                engine.cancel(gone)  # what a client that disconnects causes
+                cancelled.set()
+
+        gone = Request(PROMPTS[0], NEW, sink)
+        engine.submit(gone)
+        assert cancelled.wait(30)
+        later = _collect(engine, PROMPTS[:3], NEW, temperature=0.0)  # all three rows are free again
+        assert [k for k, _ in events] == ["token", "done"] and events[-1][1] == "cancelled" and len(later) == 3
+    finally:
+        engine.stop()
+
+
+def test_engine_refuses_too_long_and_overload(lone_model):
+    model, params = lone_model
+    engine = SlotEngine(model, params, pad_id=0, slots=1, max_queue=1)  # not started: the queue fills
+    with pytest.raises(RequestError, match="maximum context length is 32 tokens"):
+        engine.submit(Request([1] * 30, 3, lambda *a: None))
+    engine.submit(Request([1], 3, lambda *a: None))
+    with pytest.raises(Overloaded):
+        engine.submit(Request([1], 3, lambda *a: None))
+
+
+# ---- the HTTP server on a tiny trained run ----
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(base URL, Service) of a server on a free localhost port, over a tiny world run."""
+    pytest.importorskip("uvicorn")
+    import uvicorn
+
+    from flaxgpt.serve.__main__ import build_service
+    from flaxgpt.serve.app import create_app
+
+    workdir = str(tmp_path_factory.mktemp("serve") / "run")
+    overrides = dict(
+        model={"block_size": 64, "vocab_multiple": 8}, eval={"interval": 2, "iters": 1, "sample_tokens": 0}
+    )
+    pretrain.run(tiny_run_config(train={"max_steps": 2}, checkpoint={"every_steps": 2}, **overrides), workdir)
+    service = build_service(workdir, slots=4, max_queue=8)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive()
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}", service
+    server.should_exit = True
+    thread.join(timeout=10)
+    service.engine.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", timeout=60, max_retries=0)
+
+
+def test_chat_completions_through_the_openai_client(server, client):
+    _, service = server
+    (model,) = [m.id for m in client.models.list().data]
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Question: where is the key?"}]
+    greedy = dict(model=model, messages=messages, temperature=0, max_tokens=12, seed=1)
+    out = client.chat.completions.create(**greedy, logprobs=True, top_logprobs=3)
+    choice = out.choices[0]
+    assert choice.finish_reason in ("stop", "length") and out.usage.completion_tokens <= 12
+    # the same answer as the one generation engine's greedy decoding of the rendered chat
+    tok = service.tokenizer
+    prompt = chat_template.render(messages, tok, 64 - 12).ids
+    stops = chat_template.stop_tokens(tok)
+    engine = service.engine
+    ref = generate.generate(
+        engine.model,
+        engine.params,
+        [prompt],
+        generate.DecodeConfig(12, 0.0),
+        jax.random.PRNGKey(0),
+        pad_id=tok.pad_id,
+        stop_tokens=stops,
+    )
+    assert choice.message.content == tok.decode(generate.completions(ref, stops)[0])
+    lp = choice.logprobs.content
+    assert "".join(t.token for t in lp) == choice.message.content and len(lp[0].top_logprobs) == 3
+    assert all(t.logprob <= 0 and t.logprob >= t.top_logprobs[-1].logprob for t in lp)
+    # streaming gives the same text; n > 1 with a seed reproduces, and differs from another seed
+    chunks = client.chat.completions.create(**greedy, stream=True, stream_options={"include_usage": True})
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(pieces) == choice.message.content and len(pieces) > 2
+    sampled = dict(model=model, messages=messages, temperature=1.0, max_tokens=10, n=3)
+    a = client.chat.completions.create(**sampled, seed=5)
+    b = client.chat.completions.create(**sampled, seed=5)
+    c = client.chat.completions.create(**sampled, seed=6)
+    texts = lambda r: [ch.message.content for ch in r.choices]
+    assert texts(a) == texts(b) != texts(c) and len(set(texts(a))) > 1
+
+
+def test_stop_strings_completions_and_concurrency(server, client):
+    _, service = server
+    model = service.name
+    full = client.completions.create(model=model, prompt="Question:", max_tokens=20, temperature=0).choices[0].text
+    stop = full[5:7]
+    cut = client.completions.create(model=model, prompt="Question:", max_tokens=20, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    # several clients at once: each gets what it gets alone
+    prompts = [f"Question: {w}" for w in ("who", "where is", "what", "the", "a b c", "key")]
+    ask = lambda p: client.completions.create(model=model, prompt=p, max_tokens=15, temperature=0).choices[0].text
+    alone = [ask(p) for p in prompts]
+    results = [None] * len(prompts)
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(prompts[i]))) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == alone
+
+
+def test_errors_have_openais_shape_and_the_server_keeps_serving(server, client):
+    url, service = server
+    openai, httpx = pytest.importorskip("openai"), pytest.importorskip("httpx")
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4", messages=msgs)
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.chat.completions.create(model=service.name, messages=[{"role": "user", "content": "x" * 200}])
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model=service.name, messages=msgs, temperature=7)
+    with pytest.raises(openai.BadRequestError, match="last message must be the user"):
+        client.chat.completions.create(model=service.name, messages=[{"role": "assistant", "content": "x"}])
+    bad = httpx.post(url + "/v1/chat/completions", content=b"{not json", timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.post(url + "/v1/completions", content=b"x" * (2 << 20), timeout=10).status_code == 413
+    assert httpx.get(url + "/v1/nothing", timeout=10).json()["error"]["message"].startswith("no route")
+    assert httpx.get(url + "/v1/chat/completions", timeout=10).status_code == 405
+    assert httpx.get(url + "/api/conversations/abc", timeout=10).json()["error"]["type"] == "invalid_request_error"
+    assert httpx.get(url + "/health", timeout=10).json()["status"] == "ok"
+    assert client.chat.completions.create(model=service.name, messages=msgs, max_tokens=3).choices[0].message
+
+
+def _page_chat(url: str, **body) -> list[dict]:
+    """The events of one /api/chat call (server-sent events)."""
+    import httpx
+
+    with httpx.stream("POST", url + "/api/chat", json={"max_tokens": 8, "temperature": 0, **body}, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        text = "".join(r.iter_text())
+    return [json.loads(line[len("data: ") :]) for line in text.split("\n\n") if line]
+
+
+def test_chat_page_rows_and_export(server, tmp_path):
+    import httpx
+
+    from flaxgpt import feedback
+    from flaxgpt.data import jsonl
+
+    url, service = server
+    page = httpx.get(url + "/", timeout=10).text
+    assert "<script>" in page and "http://" not in page and "https://" not in page  # nothing from the network
+    first = _page_chat(url, content="Question: where?", system="be brief")
+    start, done = first[0], first[-1]
+    assert start["type"] == "start" and done["type"] == "done" and done["step"] == service.engine.step
+    answer = "".join(e["text"] for e in first if e["type"] == "delta")
+    cid, user, a1 = start["conversation_id"], start["user_id"], done["message_id"]
+    again = _page_chat(url, regenerate=a1, temperature=1.0, seed=3)
+    a2 = again[-1]["message_id"]
+    rate = lambda m, v, c="": httpx.post(url + "/api/rate", json={"message_id": m, "rating": v, "comment": c}).json()
+    rate(a1, 1)
+    rate(a1, -1, "<b>wrong</b>")  # the later click counts
+    rate(a2, 1)
+    follow = _page_chat(url, parent_id=a2, content="I tried it: not great", system="be brief")
+    edited = _page_chat(url, edit_of=user, content="Question: who?", system="")
+    bad = httpx.post(url + "/api/rate", json={"message_id": user, "rating": 1})  # a user turn is not rated
+    assert bad.status_code == 404 and bad.json()["error"]["message"] == f"no assistant message {user}"
+    # the rows: every answer, regeneration, edit, follow-up and rating
+    store = service.store
+    rows = store.query(
+        "SELECT id, parent_id, role, kind, revises_id, step, content FROM messages WHERE conversation_id = ?", (cid,)
+    )
+    kinds = [(r["role"], r["kind"]) for r in rows]
+    assert kinds == [
+        ("user", "message"),
+        ("assistant", "message"),
+        ("assistant", "regeneration"),
+        ("user", "message"),
+        ("assistant", "message"),
+        ("user", "edit"),
+        ("assistant", "message"),
+    ]
+    assert rows[1]["content"] == answer and rows[2]["revises_id"] == a1 and rows[5]["revises_id"] == user
+    assert rows[3]["parent_id"] == a2 and rows[5]["parent_id"] is None
+    assert len(store.query("SELECT * FROM ratings")) == 3
+    shown = httpx.get(f"{url}/api/conversations/{cid}").json()  # what a reload shows: the newest branch
+    assert [m["id"] for m in shown["messages"]] == [rows[5]["id"], edited[-1]["message_id"]]
+    assert follow[0]["user_id"] == rows[3]["id"]
+    # export: the project's schemas, with ids
+    counts = feedback.main(["export", "--db", store.file, "--out", str(tmp_path)])
+    assert counts == 0
+    fb, _ = jsonl.read_jsonl(str(tmp_path / "feedback.jsonl"), "feedback")
+    assert [(r["response"], r["label"], r["comment"]) for r in fb] == [
+        (answer, False, "<b>wrong</b>"),
+        (rows[2]["content"], True, ""),
+    ]
+    assert fb[0]["prompt"] == "Question: where?" and fb[0]["system"] == "be brief"
+    pairs, _ = jsonl.read_jsonl(str(tmp_path / "pairs.jsonl"), "pairs")
+    assert [(p["chosen_id"], p["rejected_id"]) for p in pairs] == [(a2, a1)]
+    convs, _ = jsonl.read_jsonl(str(tmp_path / "conversations.jsonl"), "conversations")
+    assert [c["id"] for c in convs] == [f"conversation-{a2}"]
+    assert convs[0]["messages"][0] == {"role": "system", "content": "be brief"}
+    assert len({r["id"] for r in fb + pairs + convs}) == len(fb + pairs + convs)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _serve_cli(workdir: str, db: str):
+    """`python -m flaxgpt.serve` in its own process; yields its URL once /health answers."""
+    import httpx
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "flaxgpt.serve", "--workdir", workdir, "--db", db, "--port", str(port), "--slots", "2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
+    try:
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.3)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_sigkill_after_an_acknowledged_rating_loses_nothing(server, tmp_path):
+    import httpx
+
+    from flaxgpt.serve.app import Service, create_app
+    from flaxgpt.serve.store import FeedbackStore
+
+    _, service = server
+    workdir, db = os.path.dirname(service.store.file), str(tmp_path / "feedback.sqlite")
+    with _serve_cli(workdir, db) as (url, proc):
+        events = _page_chat(url, content="Question: where?", max_tokens=3)
+        answer = events[-1]["message_id"]
+        assert (
+            httpx.post(url + "/api/rate", json={"message_id": answer, "rating": -1, "comment": "no"}).status_code == 200
+        )
+        proc.send_signal(signal.SIGKILL)  # right after the acknowledgement
+        proc.wait(timeout=30)
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT role FROM messages ORDER BY id").fetchall() == [("user",), ("assistant",)]
+        assert con.execute("SELECT message_id, rating, comment FROM ratings").fetchall() == [(answer, -1, "no")]
+    # a restarted server (here the app in this process, on that database) continues the conversation
+    restarted = Service(service.engine, service.tokenizer, service.name, store=FeedbackStore(db))
+
+    async def calls():
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_app(restarted)), base_url="http://t"
+        ) as c:
+            shown = (await c.get(f"/api/conversations/{events[0]['conversation_id']}")).json()
+            return shown, (await c.post("/api/rate", json={"message_id": answer, "rating": 1})).json()
+
+    shown, rated = asyncio.run(calls())
+    assert [m["rating"] for m in shown["messages"]] == [None, -1] and rated == {"id": 2}
+    restarted.store.close()
+
+
+_SHARDED = """
+import json, sys, threading
+import jax
+from flaxgpt import runs
+from flaxgpt.config import MeshConfig
+from flaxgpt.model import Transformer
+from flaxgpt.serve.engine import Request, SlotEngine
+from flaxgpt.sharding import logical_rules, make_mesh
+
+cfg, tok = runs.read_run(sys.argv[1])
+rules, mesh = logical_rules(cfg.mesh.rules), make_mesh(MeshConfig(data=1, fsdp=2, tensor=2))
+params, step = runs.restore_params(sys.argv[1], cfg, None, cfg.model, mesh, rules)
+loaded = runs.LoadedModel(cfg, Transformer(cfg.model), params, tok, step, rules, mesh)
+engine = SlotEngine(loaded.model, params, pad_id=tok.pad_id, slots=4, context=lambda: runs.logical_context(loaded))
+engine.start()
+got, left = {i: [] for i in range(3)}, threading.Semaphore(0)
+sink = lambda i: lambda kind, p: got[i].append(p[0]) if kind == "token" else left.release()
+for i, p in enumerate(json.loads(sys.argv[2])):
+    engine.submit(Request(p, 10, sink(i), temperature=0.0))
+for _ in range(3):
+    left.acquire(timeout=120)
+engine.stop()
+specs = sorted({str(leaf.sharding.spec) for leaf in jax.tree.leaves(params)})
+print(json.dumps({"tokens": [got[i] for i in range(3)], "specs": specs}))
+"""
+
+
+def test_engine_on_a_sharded_model(server):
+    """fsdp x tensor over 4 simulated devices: the same greedy tokens as generate on one device."""
+    _, service = server
+    tok, engine = service.tokenizer, service.engine
+    prompts = [tok.encode(p) for p in ("Where", "Q", "who is")]  # one prefill width: one compilation
+    ref = generate.generate(
+        engine.model, engine.params, prompts, generate.DecodeConfig(10, 0.0), jax.random.PRNGKey(0), pad_id=tok.pad_id
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": REPO}
+    args = [sys.executable, "-c", _SHARDED, os.path.dirname(service.store.file), json.dumps(prompts)]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["tokens"] == generate.completions(ref)
+    assert any("fsdp" in s for s in out["specs"]) and any("tensor" in s for s in out["specs"]), out["specs"]
+
+
+def test_reload_lets_requests_in_flight_finish_on_the_old_parameters(lone_model):
+    model, params = lone_model
+    new_params = init_params(model.cfg, seed=1)[1]
+    engine = SlotEngine(model, params, pad_id=0, slots=3, step=1).start()
+    try:
+        prompt, old, new = PROMPTS[0], _greedy(model, params)[0], _greedy(model, new_params)[0]
+        assert old != new
+        events, started = [], threading.Event()
+        sink = lambda kind, payload: (events.append((kind, payload)), started.set())
+        running = Request(prompt, NEW, sink, temperature=0.0)
+        engine.submit(running)
+        assert started.wait(30)
+        engine.reload(new_params, 2)  # while `running` decodes
+        after = _collect(engine, [prompt], NEW, temperature=0.0)[0]
+        assert [p[0] for k, p in events if k == "token"] == old and running.step == 1
+        assert after == (new, "length") and engine.step == 2 and engine.pending_step is None
+    finally:
+        engine.stop()
+
+
+def test_a_newer_checkpoint_is_served_once_found(server):
+    import httpx
+
+    from flaxgpt.serve.__main__ import reload_newer
+
+    url, service = server
+    workdir = os.path.dirname(service.store.file)
+    assert not reload_newer(service, workdir)  # nothing newer
+    served = service.engine.step
+    shutil.copytree(os.path.join(workdir, "checkpoints", str(served)), os.path.join(workdir, "checkpoints", "1000"))
+    assert reload_newer(service, workdir)
+    done = _page_chat(url, content="Question: where?", max_tokens=2)[-1]
+    assert done["step"] == 1000 and httpx.get(url + "/health").json()["step"] == 1000
+
+
+def test_api_key_schema_version_and_cli_errors(server, tmp_path):
+    import httpx
+
+    from flaxgpt import cli, feedback
+    from flaxgpt.serve.__main__ import main
+    from flaxgpt.serve.app import Service, create_app
+    from flaxgpt.serve.store import FeedbackStore, StoreError
+
+    _, service = server
+    guarded = Service(service.engine, service.tokenizer, service.name, api_key="sesame")
+    transport = httpx.ASGITransport(app=create_app(guarded))
+
+    async def calls():
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            no = await c.get("/v1/models")
+            yes = await c.get("/v1/models", headers={"Authorization": "Bearer sesame"})
+            page = await c.get("/")
+            return no, yes, page
+
+    no, yes, page = asyncio.run(calls())
+    full = SlotEngine(service.engine.model, service.engine.params, pad_id=0, max_queue=0)  # never started: no room
+    busy = httpx.ASGITransport(app=create_app(Service(full, service.tokenizer, service.name)))
+
+    async def overloaded():
+        async with httpx.AsyncClient(transport=busy, base_url="http://t") as c:
+            body = {"model": service.name, "messages": [{"role": "user", "content": "hi"}]}
+            return await c.post("/v1/chat/completions", json=body)
+
+    refused = asyncio.run(overloaded())
+    assert refused.status_code == 503 and refused.json()["error"]["type"] == "overloaded_error"
+    assert no.status_code == 401 and no.json()["error"]["code"] == "invalid_api_key"
+    assert yes.status_code == 200 and page.status_code == 200 and "innerHTML" not in page.text
+    # a database from a newer flaxgpt is refused, not rewritten
+    db = str(tmp_path / "f.sqlite")
+    with sqlite3.connect(db) as con:
+        con.execute("PRAGMA user_version = 99")
+    with pytest.raises(StoreError, match="schema version 99"):
+        FeedbackStore(db)
+    assert cli.run(main, ["--workdir", str(tmp_path / "nothing")]) == 2
+    run, reward = os.path.dirname(service.store.file), tmp_path / "reward"
+    reward.mkdir()
+    with open(os.path.join(run, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["model"]["output"] = "scalar"
+    (reward / "config.json").write_text(json.dumps(cfg))
+    shutil.copy(os.path.join(run, "tokenizer.json"), reward)
+    assert cli.run(main, ["--workdir", str(reward)]) == 2  # a reward model is not served
+    assert cli.run(feedback.main, ["export", "--db", str(tmp_path / "none.sqlite"), "--out", str(tmp_path)]) == 2
+    assert cli.run(main, ["--workdir", os.path.dirname(service.store.file), "--slots", "0"]) == 2
+
+
+def _browser():
+    """A headless Chromium under selenium, or a skip saying what is missing."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (binary and driver):
+        pytest.skip("no chromium / chromedriver (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,800"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+
+
+def test_chat_page_in_a_headless_browser(server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, service = server
+    browser = _browser()
+    wait = WebDriverWait(browser, 60)
+    answers = lambda: browser.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+    done = lambda n: wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".msg.assistant button.up")) == n)
+    try:
+        browser.get(url + "/")
+        browser.find_element(By.ID, "system").send_keys("brief")  # the context is 64
+        browser.find_element(By.ID, "input").send_keys("Where <b>is</b>?")
+        browser.find_element(By.ID, "send").click()
+        done(1)
+        first = answers()[0].find_element(By.CSS_SELECTOR, ".body").text
+        browser.find_element(By.CSS_SELECTOR, ".msg.assistant button.down").click()
+        alert = wait.until(expected_conditions.alert_is_present())
+        alert.send_keys("not <i>helpful</i>")
+        alert.accept()
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "button.down.on"))
+        browser.find_element(By.CSS_SELECTOR, ".msg.user button.edit").click()
+        box = browser.find_element(By.CSS_SELECTOR, "textarea.edit")
+        box.clear()
+        box.send_keys("Who?")
+        browser.find_element(By.CSS_SELECTOR, "button.resend").click()
+        done(1)
+        wait.until(lambda b: b.find_element(By.CSS_SELECTOR, ".msg.user .body").text == "Who?")
+        browser.refresh()  # the conversation comes back from the database
+        done(1)
+        users = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".msg.user .body")]
+        assert users == ["Who?"] and browser.find_element(By.ID, "system").get_attribute("value") == "brief"
+        browser.save_screenshot(str(tmp_path / "chat.png"))  # pytest --basetemp DIR keeps it to look at
+        assert (tmp_path / "chat.png").stat().st_size > 1000
+    finally:
+        browser.quit()
+    cid = service.store.query("SELECT MAX(conversation_id) AS c FROM messages")[0]["c"]
+    rows = service.store.query("SELECT role, kind, content FROM messages WHERE conversation_id = ? ORDER BY id", (cid,))
+    assert [(r["role"], r["kind"]) for r in rows] == [
+        ("user", "message"),
+        ("assistant", "message"),
+        ("user", "edit"),
+        ("assistant", "message"),
+    ]
+    assert rows[0]["content"] == "Where <b>is</b>?" and rows[1]["content"] == first
+    rated = service.store.query(
+        "SELECT rating, comment FROM ratings WHERE message_id = (SELECT id FROM messages "
+        "WHERE conversation_id = ? AND role = 'assistant' ORDER BY id LIMIT 1)",
+        (cid,),
+    )
+    assert rated == [{"rating": -1, "comment": "not <i>helpful</i>"}]
