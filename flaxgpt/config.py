@@ -51,11 +51,33 @@ class ModelConfig:
     d_ff: int | None = None  # None: 4*d_model (gpt2) or 8/3*d_model rounded to 64 (llama)
     position: Literal["learned", "rope"] | None = None
     norm: Literal["layernorm", "rmsnorm"] | None = None
-    mlp: Literal["gelu", "swiglu"] | None = None
+    mlp: Literal["gelu", "swiglu", "geglu"] | None = None
     use_bias: bool | None = None
     tie_embeddings: bool | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # rotary frequency scaling for contexts beyond pretraining (Llama 3.x and others): none;
+    # linear (every frequency / rope_factor); llama3 (low frequencies / rope_factor, high ones
+    # kept, a smooth ramp between, set by rope_low/high_freq_factor and rope_original_context)
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
+    qkv_bias: bool | None = None  # biases on query/key/value only (Qwen2); None: as use_bias
+    qk_norm: bool = False  # a norm over head_dim on each query and key head, before rotary (Qwen3)
+    sliding_window: int = 0  # > 0: a query sees only the last sliding_window keys (Mistral); 0: all
+    global_every: int = 0  # with sliding_window: every k-th layer attends globally (Gemma 2: 2); 0: none
+    # Gemma: norms scale by (1 + w) (w stored, starting at 0), embeddings times sqrt(d_model);
+    # Gemma 2 adds a norm after each attention and MLP branch (post_norms), soft-capped attention
+    # scores and logits (cap * tanh(x / cap); 0: none) and scores scaled by
+    # query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5 (0: head_dim)
+    norm_plus_one: bool = False
+    embed_scale: bool = False
+    post_norms: bool = False
+    attn_softcap: float = 0.0
+    logit_softcap: float = 0.0
+    query_pre_attn_scalar: int = 0
     dropout: float = 0.0
     init_std: float = 0.02
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
@@ -103,6 +125,8 @@ class ModelConfig:
             use_bias=gpt2 if self.use_bias is None else self.use_bias,
             tie_embeddings=gpt2 if self.tie_embeddings is None else self.tie_embeddings,
         )
+        out = dataclasses.replace(out, qkv_bias=out.use_bias if self.qkv_bias is None else self.qkv_bias)
+        _check_rope_and_window(out)
         if out.n_head % out.n_kv_heads:
             raise ConfigError(f"model.n_head={out.n_head} must be a multiple of model.n_kv_heads={out.n_kv_heads}")
         if self.head_dim is None and self.d_model % self.n_head:
@@ -121,6 +145,30 @@ class ModelConfig:
         if out.position == "rope" and out.head_dim % 2:
             raise ConfigError(f"rotary positions need an even model.head_dim, got {out.head_dim}")
         return out
+
+
+def _check_rope_and_window(cfg: ModelConfig) -> None:
+    negative = [
+        f"model.{k}={getattr(cfg, k)}"
+        for k in ("sliding_window", "global_every", "attn_softcap", "logit_softcap", "query_pre_attn_scalar")
+        if getattr(cfg, k) < 0
+    ]
+    if negative:
+        raise ConfigError(f"{', '.join(negative)} must be >= 0 (0: off)")
+    if cfg.rope_scaling == "none":
+        return
+    if cfg.position != "rope":
+        raise ConfigError(f"model.rope_scaling={cfg.rope_scaling!r} needs rotary positions (model.position='rope')")
+    if not cfg.rope_factor >= 1.0 or cfg.rope_original_context < 1:
+        raise ConfigError(
+            f"model.rope_factor={cfg.rope_factor} must be >= 1 and model.rope_original_context="
+            f"{cfg.rope_original_context} >= 1"
+        )
+    if cfg.rope_scaling == "llama3" and not 0 < cfg.rope_low_freq_factor < cfg.rope_high_freq_factor:
+        raise ConfigError(
+            f"model.rope_low_freq_factor={cfg.rope_low_freq_factor} and model.rope_high_freq_factor="
+            f"{cfg.rope_high_freq_factor} must satisfy 0 < low < high"
+        )
 
 
 DEFAULT_LOGICAL_AXIS_RULES: tuple = (
@@ -513,6 +561,15 @@ RANGES: dict[str, str] = {
     "model.dropout": "[0, 1)",
     "model.init_std": "> 0",
     "model.attention_block": ">= 0",
+    "model.rope_factor": ">= 1",
+    "model.rope_low_freq_factor": "> 0",
+    "model.rope_high_freq_factor": "> 0",
+    "model.rope_original_context": ">= 1",
+    "model.sliding_window": ">= 0",
+    "model.global_every": ">= 0",
+    "model.attn_softcap": ">= 0",
+    "model.logit_softcap": ">= 0",
+    "model.query_pre_attn_scalar": ">= 0",
     "model.lora_rank": ">= 0",
     "model.lora_alpha": "> 0",
     "model.lora_dropout": "[0, 1)",

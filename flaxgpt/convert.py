@@ -118,14 +118,8 @@ def export_hf(
     `out_dir` that already holds files is refused unless `force`."""
     if not force:
         _refuse_non_empty(out_dir, False, "the export", "--hf", HF_FILES)
-    loaded = runs.load(workdir, step)
-    model_cfg = loaded.model.cfg
-    params = host_value(loaded.params)
-    if model_cfg.scan_layers:
-        params = unstack_layers(params)
+    tok, params, model_cfg = _host_model(workdir, step)
     params, model_cfg = lora.merge(params, model_cfg)
-    model_cfg = dataclasses.replace(model_cfg, scan_layers=False)
-    tok = loaded.tokenizer
     hf_config = hf.hf_config_from_model(model_cfg, eos_id=tok.eos_id, pad_id=tok.pad_id)
     hf_config["torch_dtype"] = dtype
     np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
@@ -139,6 +133,34 @@ def export_hf(
     )
     _write_tokenizer(tok, out_dir)
     return hf_config
+
+
+def _host_model(workdir: str, step: int | None) -> tuple[Tokenizer, dict, Any]:
+    """(tokenizer, parameters on the host with unrolled layers, their model config) of a run."""
+    loaded = runs.load(workdir, step)
+    params = host_value(loaded.params)
+    if loaded.model.cfg.scan_layers:
+        params = unstack_layers(params)
+    return loaded.tokenizer, params, dataclasses.replace(loaded.model.cfg, scan_layers=False)
+
+
+def export_peft_adapter(workdir: str, out_dir: str, step: int | None = None, force: bool = False) -> dict:
+    """A LoRA run's adapters alone, as PEFT's adapter_model.safetensors + adapter_config.json
+    (`peft.PeftModel.from_pretrained` loads them onto the export of the run the LoRA run started
+    from); returns the adapter config written."""
+    _, params, model_cfg = _host_model(workdir, step)
+    return write_peft_adapter(out_dir, params, model_cfg, force)
+
+
+def write_peft_adapter(out_dir: str, params: dict, model_cfg: Any, force: bool = False) -> dict:
+    """`hf.export_adapter` of host parameters with unrolled layers, written into `out_dir`."""
+    owned = ("adapter_model.safetensors", "adapter_config.json")
+    _refuse_non_empty(out_dir, force, "the adapter export", "adapter directory", owned)
+    tensors, config = hf.export_adapter(params, model_cfg)
+    os.makedirs(out_dir, exist_ok=True)
+    hf.write_safetensors(os.path.join(out_dir, owned[0]), tensors)
+    _write_json(os.path.join(out_dir, owned[1]), config)
+    return config
 
 
 def _write_json(path: str, value: Any, **kwargs: Any) -> None:

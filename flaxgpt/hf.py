@@ -1,6 +1,8 @@
-"""Hugging Face interoperability: GPT-2 (`GPT2LMHeadModel`) and Llama-family (`LlamaForCausalLM`)
-weights and configs in the Hugging Face layout (`config.json` + `*.safetensors`, one file or
-sharded with `model.safetensors.index.json`), to and from flaxgpt parameters.
+"""Hugging Face interoperability: GPT-2 (`GPT2LMHeadModel`) and the rotary families (Llama with
+its rope scaling, Qwen2, Qwen3, Mistral, Gemma, Gemma 2: see `SUPPORTED`), weights and configs
+in the Hugging Face layout (`config.json` + `*.safetensors`, one file or sharded with
+`model.safetensors.index.json`), to and from flaxgpt parameters, and LoRA adapters in PEFT's
+format.
 
 One table per family lists which Hugging Face tensor feeds which flaxgpt parameter and how it is
 laid out (torch `Linear` [out, in], GPT-2's `Conv1D` [in, out], or as is); import and export both
@@ -35,9 +37,18 @@ import numpy as np
 
 from flaxgpt.config import ModelConfig
 from flaxgpt.data.tokenizers import ImportedTokenizer
+from flaxgpt.model import layer_windows
 from flaxgpt.modeldir import HFFormatError, inside, read_json, require_directory
 
-SUPPORTED = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
+SUPPORTED = {
+    "GPT2LMHeadModel": "gpt2",
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "MistralForCausalLM": "mistral",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
+}
 _DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
@@ -333,15 +344,15 @@ def model_config_from_hf(hf: dict, block_size: int | None = None, where: str = "
             norm_eps=f.number("layer_norm_epsilon", 0.0, 1.0, 1e-5),
             tie_embeddings=f.flag("tie_word_embeddings", True),
         ).resolved()
-    _require(hf, "hidden_act", ("silu",), "silu", where)
-    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-    if not isinstance(rope, dict):
-        raise HFFormatError(f"{where}: rope_scaling={rope!r} is not an object")
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise HFFormatError(f"{where}: rope scaling {rope!r} is not supported (plain RoPE only)")
-    use_bias = f.flag("attention_bias", False)
-    if use_bias != f.flag("mlp_bias", False):
-        raise HFFormatError(f"{where}: attention_bias and mlp_bias differ; flaxgpt's use_bias covers both")
+    if kind == "qwen2":  # q/k/v biases only
+        use_bias, qkv_bias = False, True
+    else:
+        use_bias = f.flag("attention_bias", False)
+        if kind == "llama" and use_bias != f.flag("mlp_bias", False):
+            raise HFFormatError(f"{where}: attention_bias and mlp_bias differ; flaxgpt's use_bias covers both")
+        if kind != "llama" and use_bias:
+            raise HFFormatError(f"{where}: attention_bias=true is not supported for {kind} (no MLP biases)")
+        qkv_bias = use_bias
     n_head = f.integer("num_attention_heads", 1, L["n_head"])
     n_kv = f.integer("num_key_value_heads", 1, n_head, n_head)
     if n_head % n_kv:
@@ -350,31 +361,112 @@ def model_config_from_hf(hf: dict, block_size: int | None = None, where: str = "
     if "head_dim" not in hf and d_model % n_head:
         raise HFFormatError(f"{where}: hidden_size={d_model} is not a multiple of num_attention_heads={n_head}")
     context = f.integer("max_position_embeddings", 1, L["context"], 2048)
-    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
-    _Fields({"rope_theta": theta}, where).number("rope_theta", 0.0, float("inf"), 10000.0)
+    n_layer = f.integer("num_hidden_layers", 1, L["n_layer"])
+    head_dim = f.integer("head_dim", 1, L["head_dim"], max(d_model // n_head, 1))
     return ModelConfig(
         recipe="llama",
         vocab_size=vocab,
         block_size=min(context, block_size or context),
-        n_layer=f.integer("num_hidden_layers", 1, L["n_layer"]),
+        n_layer=n_layer,
         n_head=n_head,
         n_kv_heads=n_kv,
         d_model=d_model,
-        head_dim=f.integer("head_dim", 1, L["head_dim"], max(d_model // n_head, 1)),
+        head_dim=head_dim,
         d_ff=f.integer("intermediate_size", 1, L["d_ff"]),
         norm_eps=f.number("rms_norm_eps", 0.0, 1.0, 1e-6),
-        rope_theta=float(theta),
         use_bias=use_bias,
-        tie_embeddings=f.flag("tie_word_embeddings", False),
+        qkv_bias=qkv_bias,
+        qk_norm=kind == "qwen3",
+        tie_embeddings=f.flag("tie_word_embeddings", kind.startswith("gemma")),
+        **_rope_fields(hf, where, context),
+        **_window_fields(hf, kind, n_layer, where),
+        **_gemma_fields(hf, kind, head_dim, where),
     ).resolved()
+
+
+def _window_fields(hf: dict, kind: str, n_layer: int, where: str) -> dict:
+    """sliding_window and global_every: Mistral's window on every layer, or `layer_types` whose
+    full-attention layers are every k-th (Gemma 2: sliding, full, sliding, ...)."""
+    f = _Fields(hf, where)
+    if kind == "mistral":
+        return {"sliding_window": f.integer("sliding_window", 1, HF_LIMITS["context"], 0)}
+    types = hf.get("layer_types")
+    if types is None:
+        if hf.get("use_sliding_window"):
+            raise HFFormatError(f"{where}: use_sliding_window=true without layer_types is not supported")
+        return {}
+    if not isinstance(types, list) or len(types) != n_layer:
+        raise HFFormatError(f"{where}: layer_types is not a list of num_hidden_layers={n_layer} names")
+    if any(t not in ("full_attention", "sliding_attention") for t in types):
+        raise HFFormatError(f"{where}: layer_types {types!r} has names other than full_attention, sliding_attention")
+    full = [i for i, t in enumerate(types) if t == "full_attention"]
+    if len(full) == n_layer:
+        return {}
+    every = full[0] + 1 if full else 0
+    if full != [i for i in range(n_layer) if every and i % every == every - 1]:
+        raise HFFormatError(f"{where}: layer_types {types!r}: flaxgpt's global layers are every k-th one")
+    return {"sliding_window": f.integer("sliding_window", 1, HF_LIMITS["context"]), "global_every": every}
+
+
+def _gemma_fields(hf: dict, kind: str, head_dim: int, where: str) -> dict:
+    """The activation, and Gemma's (1 + w) norms, embedding scale, GeGLU and (Gemma 2)
+    post-branch norms, soft-capping and query scale."""
+    act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+    if not kind.startswith("gemma"):
+        _require({"hidden_act": act}, "hidden_act", ("silu",), "silu", where)
+        return {}
+    _require({"hidden_activation": act}, "hidden_activation", ("gelu_pytorch_tanh",), None, where)
+    out: dict[str, Any] = dict(mlp="geglu", norm_plus_one=True, embed_scale=True)
+    if kind == "gemma2":
+        f = _Fields(hf, where)
+        out.update(
+            post_norms=True,
+            attn_softcap=f.number("attn_logit_softcapping", 0.0, 1e6, 0.0),
+            logit_softcap=f.number("final_logit_softcapping", 0.0, 1e6, 0.0),
+            query_pre_attn_scalar=f.integer("query_pre_attn_scalar", 1, 2**20, head_dim),
+        )
+    return out
+
+
+def _rope_fields(hf: dict, where: str, context: int) -> dict:
+    """rope_theta and rope scaling of a config.json. `dynamic` (NTK) scaling changes nothing
+    within max_position_embeddings, which caps a rotary model's block_size: it imports as plain."""
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise HFFormatError(f"{where}: rope_scaling={rope!r} is not an object")
+    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    out = {"rope_theta": _Fields({"rope_theta": theta}, where).number("rope_theta", 0.0, float("inf"), 10000.0)}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    f = _Fields(rope, f"{where}: rope_scaling")
+    if kind in ("default", "dynamic"):
+        return out
+    if kind not in ("linear", "llama3"):
+        raise HFFormatError(f"{where}: rope_type={kind!r} is not supported (default, linear, llama3, dynamic)")
+    out.update(rope_scaling=kind, rope_factor=f.number("factor", 0.0, 1e6, 1.0))
+    if kind == "llama3":
+        out.update(
+            rope_low_freq_factor=f.number("low_freq_factor", 0.0, 1e6, 1.0),
+            rope_high_freq_factor=f.number("high_freq_factor", 0.0, 1e6, 4.0),
+            rope_original_context=f.integer("original_max_position_embeddings", 1, HF_LIMITS["context"], context),
+        )
+    return out
 
 
 def hf_config_from_model(cfg: ModelConfig, eos_id: int, pad_id: int) -> dict:
     """config.json for an export; the model must be exactly one of the two families."""
     cfg = cfg.resolved()
     expect = {
-        "gpt2": dict(position="learned", norm="layernorm", mlp="gelu", use_bias=True, tie_embeddings=True),
-        "llama": dict(position="rope", norm="rmsnorm", mlp="swiglu"),
+        "gpt2": dict(
+            position="learned",
+            norm="layernorm",
+            mlp="gelu",
+            use_bias=True,
+            qkv_bias=True,
+            tie_embeddings=True,
+            qk_norm=False,
+            sliding_window=0,
+        ),
+        "llama": dict(position="rope", norm="rmsnorm"),
     }[cfg.recipe]
     wrong = [
         f"model.{k}={getattr(cfg, k)!r} (the {cfg.recipe} family has {v!r})"
@@ -409,9 +501,10 @@ def hf_config_from_model(cfg: ModelConfig, eos_id: int, pad_id: int) -> dict:
             "attn_pdrop": 0.0,
             **common,
         }
+    arch, extra = _rotary_architecture(cfg)
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [arch],
+        "model_type": arch.removesuffix("ForCausalLM").lower(),
         "hidden_size": cfg.d_model,
         "intermediate_size": cfg.d_ff,
         "num_hidden_layers": cfg.n_layer,
@@ -420,12 +513,70 @@ def hf_config_from_model(cfg: ModelConfig, eos_id: int, pad_id: int) -> dict:
         "head_dim": cfg.head_dim,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
+        "rope_parameters": _rope_parameters(cfg),
         "max_position_embeddings": cfg.block_size,
-        "hidden_act": "silu",
-        "attention_bias": cfg.use_bias,
-        "mlp_bias": cfg.use_bias,
+        **extra,
         **common,
     }
+
+
+def _rotary_architecture(cfg: ModelConfig) -> tuple[str, dict]:
+    """The Hugging Face architecture of a rotary model (Qwen3: q/k norm; Qwen2: q/k/v biases
+    only; Mistral: a sliding window; Gemma; Llama otherwise) and its own config keys."""
+    gemma = (cfg.mlp == "geglu", cfg.norm_plus_one, cfg.embed_scale, cfg.post_norms)
+    if any(gemma) or cfg.attn_softcap or cfg.logit_softcap or cfg.query_pre_attn_scalar or cfg.global_every:
+        return _gemma_architecture(cfg)
+    silu = {"hidden_act": "silu"}
+    if cfg.qk_norm or (cfg.qkv_bias and not cfg.use_bias) or cfg.sliding_window:
+        if cfg.use_bias or (cfg.qk_norm and cfg.qkv_bias) or (cfg.qkv_bias and cfg.sliding_window):
+            raise HFFormatError(
+                "this model has no Hugging Face counterpart: model.qk_norm, model.qkv_bias, model.use_bias and "
+                "model.sliding_window combine as Qwen3 (qk_norm only), Qwen2 (qkv_bias only) or Mistral "
+                "(sliding_window only)"
+            )
+        if cfg.qk_norm:
+            return "Qwen3ForCausalLM", {"attention_bias": False, "sliding_window": cfg.sliding_window or None, **silu}
+        if cfg.qkv_bias:
+            return "Qwen2ForCausalLM", silu
+        return "MistralForCausalLM", {"sliding_window": cfg.sliding_window, **silu}
+    return "LlamaForCausalLM", {"attention_bias": cfg.use_bias, "mlp_bias": cfg.use_bias, **silu}
+
+
+def _gemma_architecture(cfg: ModelConfig) -> tuple[str, dict]:
+    """Gemma (GeGLU, (1 + w) norms, scaled embeddings, no biases) or, with post_norms, Gemma 2."""
+    base = cfg.mlp == "geglu" and cfg.norm_plus_one and cfg.embed_scale and not (cfg.qkv_bias or cfg.qk_norm)
+    gemma2_only = cfg.attn_softcap or cfg.logit_softcap or cfg.sliding_window or cfg.global_every
+    scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+    if not base or (not cfg.post_norms and (gemma2_only or scalar != cfg.head_dim)):
+        raise HFFormatError(
+            "this model has no Hugging Face counterpart: Gemma needs model.mlp='geglu', norm_plus_one and "
+            "embed_scale without biases or qk_norm; soft-capping, query_pre_attn_scalar and sliding windows "
+            "need Gemma 2's post_norms"
+        )
+    act = {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh"}
+    if not cfg.post_norms:
+        return "GemmaForCausalLM", act
+    return "Gemma2ForCausalLM", {
+        **act,
+        "query_pre_attn_scalar": scalar,
+        "attn_logit_softcapping": cfg.attn_softcap or None,
+        "final_logit_softcapping": cfg.logit_softcap or None,
+        "sliding_window": cfg.sliding_window or cfg.block_size,
+        "layer_types": ["sliding_attention" if w else "full_attention" for w in layer_windows(cfg)],
+    }
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    if cfg.rope_scaling == "none":
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    out = {"rope_type": cfg.rope_scaling, "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor}
+    if cfg.rope_scaling == "llama3":
+        out.update(
+            low_freq_factor=cfg.rope_low_freq_factor,
+            high_freq_factor=cfg.rope_high_freq_factor,
+            original_max_position_embeddings=cfg.rope_original_context,
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------- the tensor tables
@@ -500,12 +651,22 @@ def tensor_table(cfg: ModelConfig, hf_names: set | None = None) -> list[Entry]:
         ]
         for ours, theirs, n_in in projections:
             entries.append(Entry(o + ours + ".kernel", h + theirs + ".weight", "torch", n_in))
-            if cfg.use_bias:
+            if cfg.qkv_bias if ours in ("attn.query", "attn.key", "attn.value") else cfg.use_bias:
                 entries.append(Entry(o + ours + ".bias", h + theirs + ".bias", n_in=0))
-        entries += [
-            Entry(o + "attn_norm.scale", h + "input_layernorm.weight", n_in=0),
-            Entry(o + "mlp_norm.scale", h + "post_attention_layernorm.weight", n_in=0),
-        ]
+        if cfg.qk_norm:
+            entries += [
+                Entry(o + "attn.query_norm.scale", h + "self_attn.q_norm.weight", n_in=0),
+                Entry(o + "attn.key_norm.scale", h + "self_attn.k_norm.weight", n_in=0),
+            ]
+        norms = [("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")]
+        if cfg.post_norms:  # Gemma 2: a norm before and after each branch
+            norms = [
+                ("attn_norm", "input_layernorm"),
+                ("attn_post_norm", "post_attention_layernorm"),
+                ("mlp_norm", "pre_feedforward_layernorm"),
+                ("mlp_post_norm", "post_feedforward_layernorm"),
+            ]
+        entries += [Entry(o + f"{ours}.scale", h + f"{theirs}.weight", n_in=0) for ours, theirs in norms]
     return entries
 
 
@@ -547,12 +708,16 @@ def import_leaf(reader: SafetensorsReader, entry: Entry, shape: tuple, hf_vocab:
     return value.reshape(shape)
 
 
-def export_tensors(params: dict, cfg: ModelConfig, dtype: Any = np.float32) -> dict[str, np.ndarray]:
-    """Hugging Face tensors of (host, unrolled-layer, LoRA-merged) flaxgpt parameters."""
-    flat = {
+def _flatten(params: dict) -> dict[str, np.ndarray]:
+    return {
         ".".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
         for path, v in jax.tree_util.tree_leaves_with_path(params)
     }
+
+
+def export_tensors(params: dict, cfg: ModelConfig, dtype: Any = np.float32) -> dict[str, np.ndarray]:
+    """Hugging Face tensors of (host, unrolled-layer, LoRA-merged) flaxgpt parameters."""
+    flat = _flatten(params)
     grouped: dict[str, list[tuple[Entry, np.ndarray]]] = {}
     for entry in tensor_table(cfg):
         value = flat[entry.ours].astype(np.float32).reshape(_flat2(flat[entry.ours].shape, entry.n_in))
@@ -563,6 +728,43 @@ def export_tensors(params: dict, cfg: ModelConfig, dtype: Any = np.float32) -> d
         value = np.concatenate([v for _, v in parts], axis=-1) if len(parts) > 1 else parts[0][1]
         out[name] = np.ascontiguousarray(value.T if parts[0][0].layout == "torch" else value).astype(dtype)
     return out
+
+
+def export_adapter(params: dict, cfg: ModelConfig, dtype: Any = np.float32) -> tuple[dict[str, np.ndarray], dict]:
+    """(adapter_model.safetensors tensors, adapter_config.json) in PEFT's LoRA format, from the
+    (host, unrolled-layer, unmerged) parameters of a LoRA model of a rotary family: PEFT's
+    lora_A is our A transposed [rank, in], lora_B our B transposed [out, rank], and its
+    scaling lora_alpha / r is ours."""
+    if cfg.recipe != "llama" or not cfg.lora_rank:
+        raise HFFormatError(
+            "a PEFT adapter is exported from a LoRA run (model.lora_rank > 0) of a rotary family "
+            f"(model.recipe='llama'); this one has recipe={cfg.recipe!r}, lora_rank={cfg.lora_rank}"
+        )
+    flat, tensors, modules = _flatten(params), {}, set()
+    for entry in tensor_table(cfg):
+        ours = entry.ours.removesuffix(".kernel")
+        if f"{ours}.lora_a" not in flat:
+            continue
+        theirs = "base_model.model." + entry.hf.removesuffix(".weight")
+        a = flat[f"{ours}.lora_a"].astype(np.float32).reshape(-1, cfg.lora_rank)
+        b = flat[f"{ours}.lora_b"].astype(np.float32).reshape(cfg.lora_rank, -1)
+        tensors[f"{theirs}.lora_A.weight"] = np.ascontiguousarray(a.T).astype(dtype)
+        tensors[f"{theirs}.lora_B.weight"] = np.ascontiguousarray(b.T).astype(dtype)
+        modules.add(theirs.rsplit(".", 1)[1])
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": cfg.lora_rank,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout,
+        "target_modules": sorted(modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "inference_mode": True,
+        "base_model_name_or_path": None,
+    }
+    return tensors, config
 
 
 # ----------------------------------------------------------------------------- onto the mesh
@@ -639,6 +841,8 @@ def hf_tensor_shapes(cfg: ModelConfig, hf_vocab: int, hf_names: set | None = Non
             "up_proj.weight": (ff, d),
             "up_proj.bias": (ff,),
             "down_proj.weight": (d, ff),
+            "q_norm.weight": (hd,),
+            "k_norm.weight": (hd,),
         }
     out: dict[str, tuple[Entry, tuple]] = {}
     for entry in tensor_table(cfg, hf_names):
@@ -694,6 +898,21 @@ def import_model(directory: str, own: ModelConfig) -> tuple[ModelConfig, Importe
         "tie_embeddings",
         "norm_eps",
         "rope_theta",
+        "rope_scaling",
+        "rope_factor",
+        "rope_low_freq_factor",
+        "rope_high_freq_factor",
+        "rope_original_context",
+        "qkv_bias",
+        "qk_norm",
+        "sliding_window",
+        "global_every",
+        "norm_plus_one",
+        "embed_scale",
+        "post_norms",
+        "attn_softcap",
+        "logit_softcap",
+        "query_pre_attn_scalar",
     )
     model_cfg = dataclasses.replace(
         own,

@@ -7,6 +7,12 @@ field by field):
   llama  rotary positions, RMSNorm, SwiGLU MLP, no biases, untied head,
          grouped-query attention (n_kv_heads <= n_head; 1 = multi-query)
 
+Fields of the config switch on what other open families add to the llama recipe: rotary
+frequency scaling (rope_scaling: Llama 3.x), q/k/v biases (qkv_bias: Qwen2), q/k norms
+(qk_norm: Qwen3), sliding-window attention on every layer or all but every k-th (sliding_window,
+global_every: Mistral, Gemma 2), and Gemma's GeGLU, (1 + w) norms, scaled embeddings,
+post-branch norms, soft-capping and query scale.
+
 Every parameter carries *logical* axis names ("embed", "mlp", "heads", ...)
 and activations are constrained by logical names too; `flaxgpt.sharding` maps
 them onto mesh axes. Nothing here places data on devices; the one question asked of the
@@ -28,6 +34,7 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from flaxgpt.config import ConfigError, ModelConfig
@@ -57,7 +64,7 @@ def _constrain(x: Array, names: tuple) -> Array:
 
 
 class Norm(nn.Module):
-    """LayerNorm (gpt2) or RMSNorm (llama); statistics in float32."""
+    """LayerNorm (gpt2) or RMSNorm (llama), scaled by w or (Gemma) 1 + w; statistics in float32."""
 
     cfg: ModelConfig
 
@@ -71,21 +78,43 @@ class Norm(nn.Module):
         else:
             centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
             y = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + cfg.norm_eps)
-        ones = nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",))
-        y = y * self.param("scale", ones, (x.shape[-1],), pdtype)
+        if cfg.norm_plus_one:  # Gemma: the parameter is stored as an offset from 1, starting at 0
+            y = y * (1.0 + self.param("scale", _zeros(("norm",)), (x.shape[-1],), pdtype).astype(jnp.float32))
+        else:
+            ones = nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",))
+            y = y * self.param("scale", ones, (x.shape[-1],), pdtype)
         if cfg.norm == "layernorm" and cfg.use_bias:
             y = y + self.param("bias", _zeros(("norm",)), (x.shape[-1],), pdtype)
         return y.astype(_DTYPES[cfg.dtype])
 
 
-def rotary(x: Array, positions: Array, theta: float) -> Array:
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """The rotary inverse frequencies [head_dim // 2] (float32, computed as transformers does),
+    with `rope_scaling` applied: linear divides all by rope_factor; llama3 divides the low
+    frequencies (wavelength > original context / low_freq_factor), keeps the high ones
+    (wavelength < original context / high_freq_factor) and ramps smoothly between."""
+    d = cfg.head_dim
+    inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / d))).astype(np.float32)
+    if cfg.rope_scaling == "linear":
+        return (inv / np.float32(cfg.rope_factor)).astype(np.float32)
+    if cfg.rope_scaling == "llama3":
+        factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        context = cfg.rope_original_context
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > context / low, inv / factor, inv)
+        smooth = (context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= context / high) & (wavelen <= context / low)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def rotary(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
     """Rotary position embedding, rotate-half convention (as Hugging Face Llama).
 
-    x: [batch, length, heads, head_dim]; positions: [batch, length].
+    x: [batch, length, heads, head_dim]; positions: [batch, length]; inv_freq from `rope_frequencies`.
     """
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, half]
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [b, t, half]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -146,6 +175,22 @@ class Linear(nn.Module):
         return y
 
 
+def layer_windows(cfg: ModelConfig) -> np.ndarray:
+    """Each layer's sliding window (0: it attends globally). With model.global_every = k, every
+    k-th layer is global (Gemma 2 alternates, k = 2); 0 keeps the window on every layer."""
+    k = cfg.global_every
+    return np.array([0 if k and i % k == k - 1 else cfg.sliding_window for i in range(cfg.n_layer)], np.int32)
+
+
+def within_window(cfg: ModelConfig, mask: Array, query_index: Array, key_index: Array, window: Array) -> Array:
+    """`mask` [b, q, k] where a query also sees only the last `window` keys (0: all). Index
+    distance is position distance: documents are contiguous, rows only left-padded."""
+    if not cfg.sliding_window:
+        return mask
+    distance = query_index[:, None] - key_index[None, :]
+    return mask & ((window == 0) | (distance < window))[None]
+
+
 def einsum_attention(
     q: Array,
     k: Array,
@@ -153,6 +198,8 @@ def einsum_attention(
     mask: Array,
     dropout: Callable[[Array], Array] = lambda probs: probs,
     query_block: int = 0,
+    scale: float | None = None,
+    softcap: float = 0.0,
 ) -> Array:
     """Attention in XLA einsums over [b, t, heads, d] queries, [b, s, kv_heads, d] keys and
     values and a [b, t, s] mask; softmax in float32, `dropout` applied to the probabilities.
@@ -160,23 +207,30 @@ def einsum_attention(
     query_block > 0 (for a causal mask: no query sees a later key) takes the queries in blocks
     of that many rows, each against the keys up to its last row only. The blocks skip the
     masked triangle above the diagonal (about half the work at long sequences) and keep the
-    scores cache-sized: GPT-2's T=1024 attention on a CPU runs 2.1x faster in blocks of 128."""
+    scores cache-sized: GPT-2's T=1024 attention on a CPU runs 2.1x faster in blocks of 128.
+
+    scale: of the scores (None: 1/sqrt(head_dim)); softcap > 0 bounds them as softcap * tanh(s / softcap)."""
     t = q.shape[1]
     if not 0 < query_block < t:
-        return _einsum_attention(q, k, v, mask, dropout)
+        return _einsum_attention(q, k, v, mask, dropout, scale, softcap)
     blocks = []
     for start in range(0, t, query_block):
         end = start + query_block  # this block's last row + 1: no later key is visible to it
-        blocks.append(_einsum_attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end], dropout))
+        rows = (q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end])
+        blocks.append(_einsum_attention(*rows, dropout, scale, softcap))
     return jnp.concatenate(blocks, axis=1)
 
 
-def _einsum_attention(q: Array, k: Array, v: Array, mask: Array, dropout: Callable[[Array], Array]) -> Array:
+def _einsum_attention(
+    q: Array, k: Array, v: Array, mask: Array, dropout: Callable[[Array], Array], scale: float | None, softcap: float
+) -> Array:
     b, t, h, d = q.shape
     kv = k.shape[2]
     # Group the query heads that share one key/value head: [b, t, kv, group, d].
-    q = q.reshape(b, t, kv, h // kv, d) / jnp.sqrt(d).astype(q.dtype)
+    q = q.reshape(b, t, kv, h // kv, d) * jnp.asarray(scale or 1 / math.sqrt(d), q.dtype)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32)
+    if softcap:
+        scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = dropout(jax.nn.softmax(scores, axis=-1).astype(q.dtype))
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
@@ -198,6 +252,8 @@ def fused_attention_obstacle(cfg: ModelConfig, train: bool) -> str | None:
         return f"it needs model.head_dim <= 128 and a multiple of 8, got {cfg.head_dim}"
     if train and cfg.dropout > 0:
         return f"it has no attention dropout, and model.dropout={cfg.dropout} while training"
+    if cfg.attn_softcap:
+        return f"it has no score soft-capping, and model.attn_softcap={cfg.attn_softcap}"
     return None
 
 
@@ -213,18 +269,28 @@ def use_fused_attention(cfg: ModelConfig, train: bool, decode: bool) -> bool:
 
 def use_tpu_attention(cfg: ModelConfig, train: bool, decode: bool, length: int) -> bool:
     """model.attention='auto' on a TPU: the Pallas splash kernel where it applies (not decoding)."""
-    return cfg.attention == "auto" and not decode and splash_obstacle(length, cfg.head_dim, cfg.dropout, train) is None
+    plain = not (cfg.sliding_window or cfg.attn_softcap or cfg.query_pre_attn_scalar)  # what the kernel computes
+    return (
+        cfg.attention == "auto"
+        and plain
+        and not decode
+        and splash_obstacle(length, cfg.head_dim, cfg.dropout, train) is None
+    )
 
 
-def fused_attention(q: Array, k: Array, v: Array, mask: Array, implementation: str = "cudnn") -> Array:
+def fused_attention(
+    q: Array, k: Array, v: Array, mask: Array, implementation: str = "cudnn", scale: float | None = None
+) -> Array:
     """jax.nn.dot_product_attention over [b, t, heads, d] queries and [b, s, kv_heads, d] keys and
     values, with the model's [b, t, s] mask. is_causal lets cuDNN skip the blocks above the
     diagonal. A batch of packed documents or padding needs the mask as well (cuDNN adds it as a
     bias: ~25% slower on GPT-2's shapes), so a batch whose mask is plain causal, the usual
     pretraining batch, takes the causal-only kernel; the choice is made on the device."""
-    causal_only = lambda: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+    causal_only = lambda: jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=True, implementation=implementation
+    )
     segmented = lambda: jax.nn.dot_product_attention(
-        q, k, v, mask=mask[:, None], is_causal=True, implementation=implementation
+        q, k, v, mask=mask[:, None], scale=scale, is_causal=True, implementation=implementation
     )
     plain = jnp.all(mask == jnp.tril(jnp.ones(mask.shape[-2:], bool)))
     return jax.lax.cond(plain, causal_only, segmented)
@@ -243,37 +309,46 @@ class Attention(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array, segment_ids: Array | None = None) -> Array:
+    def __call__(
+        self, x: Array, positions: Array, mask: Array, window: Array, segment_ids: Array | None = None
+    ) -> Array:
         """`segment_ids` [b, t] (what `mask` was built from) feed the TPU kernel, which builds its own."""
         cfg = self.cfg
         h, kv, d = cfg.n_head, cfg.n_kv_heads, cfg.head_dim
 
         def project(name: str, heads: int, axis_name: str) -> Array:
             return Linear(
-                (heads, d), ("embed",), (axis_name, "head_dim"), cfg, cfg.init_std, cfg.use_bias, self.train, name=name
+                (heads, d), ("embed",), (axis_name, "head_dim"), cfg, cfg.init_std, cfg.qkv_bias, self.train, name=name
             )(x)
 
         q = project("query", h, "heads")
         k = project("key", kv, "kv_heads")
         v = project("value", kv, "kv_heads")
+        if cfg.qk_norm:  # Qwen3: each head's query and key normalised over head_dim
+            q, k = Norm(cfg, name="query_norm")(q), Norm(cfg, name="key_norm")(k)
         if cfg.position == "rope":
-            q = rotary(q, positions, cfg.rope_theta)
-            k = rotary(k, positions, cfg.rope_theta)
+            inv_freq = rope_frequencies(cfg)
+            q, k = rotary(q, positions, inv_freq), rotary(k, positions, inv_freq)
         q = _constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
         k = _constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
         v = _constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
 
         if self.decode:
-            k, v, mask = self._update_cache(k, v, mask)
+            k, v, mask = self._update_cache(k, v, mask, window)
+        else:
+            index = jnp.arange(q.shape[1])
+            mask = within_window(cfg, mask, index, index, window)
 
+        scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else None
         if use_fused_attention(cfg, self.train, self.decode):
-            out = fused_attention(q, k, v, mask)
+            out = fused_attention(q, k, v, mask, scale=scale)
         elif segment_ids is not None and use_tpu_attention(cfg, self.train, self.decode, q.shape[1]):
             out = splash_attention(q, k, v, segment_ids)
         else:
             # KV-cache decoding: the cache's mask is not causal in the queries' rows, and one row has nothing to skip
             block = 0 if self.decode else attention_query_block(cfg, q.shape[1])
-            out = einsum_attention(q, k, v, mask, nn.Dropout(cfg.dropout, deterministic=not self.train), block)
+            dropout = nn.Dropout(cfg.dropout, deterministic=not self.train)
+            out = einsum_attention(q, k, v, mask, dropout, block, scale, cfg.attn_softcap)
         out = checkpoint_name(out, "attention_out")
 
         residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
@@ -281,7 +356,7 @@ class Attention(nn.Module):
             (cfg.d_model,), ("heads", "head_dim"), ("embed",), cfg, residual_std, cfg.use_bias, self.train, name="out"
         )(out)
 
-    def _update_cache(self, k: Array, v: Array, valid: Array) -> tuple[Array, Array, Array]:
+    def _update_cache(self, k: Array, v: Array, valid: Array, window: Array) -> tuple[Array, Array, Array]:
         """Write this chunk at the cache index; return all cached keys/values and the mask.
 
         Here `valid` is [batch, chunk]: which new tokens are real (left padding is not).
@@ -293,7 +368,9 @@ class Attention(nn.Module):
         cached_valid = self.variable("cache", "cached_valid", jnp.zeros, valid.shape, bool)
         index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
         if self.is_initializing():
-            return k, v, attention_mask(valid.astype(jnp.int32)) & valid[:, None, :]
+            index = jnp.arange(chunk)
+            mask = attention_mask(valid.astype(jnp.int32)) & valid[:, None, :]
+            return k, v, within_window(self.cfg, mask, index, index, window)
         i = index.value
         names = ("activation_batch", "activation_length", "activation_kv_heads", None)  # sharded like activations
         cached_k.value = _constrain(jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0)), names)
@@ -303,7 +380,7 @@ class Attention(nn.Module):
         slots = jnp.arange(cached_k.value.shape[1])
         query_slots = i + jnp.arange(chunk)
         mask = (slots[None, :] <= query_slots[:, None])[None] & cached_valid.value[:, None, :]
-        return cached_k.value, cached_v.value, mask
+        return cached_k.value, cached_v.value, within_window(self.cfg, mask, query_slots, slots, window)
 
 
 @jax.custom_vjp
@@ -328,7 +405,7 @@ gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 class Mlp(nn.Module):
-    """GELU MLP (gpt2) or SwiGLU (llama)."""
+    """GELU MLP (gpt2), SwiGLU (llama) or GeGLU (gemma: tanh-approximate GELU gate)."""
 
     cfg: ModelConfig
     train: bool = False
@@ -339,8 +416,8 @@ class Mlp(nn.Module):
         up = lambda name: Linear(
             (cfg.d_ff,), ("embed",), ("mlp",), cfg, cfg.init_std, cfg.use_bias, self.train, name=name
         )(x)
-        if cfg.mlp == "swiglu":
-            hidden = nn.silu(up("gate")) * up("up")
+        if cfg.mlp in ("swiglu", "geglu"):
+            hidden = (nn.silu if cfg.mlp == "swiglu" else gelu)(up("gate")) * up("up")
         else:
             hidden = gelu(up("up"))
         hidden = _constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
@@ -351,19 +428,23 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block. Signature (carry, *broadcast) -> (carry, None) so it can be scanned."""
+    """Pre-norm residual block (with post_norms, Gemma 2's, each branch's output normalised too).
+    Signature (carry, *inputs) -> (carry, None) so it can be scanned; `window` is this layer's."""
 
     cfg: ModelConfig
     train: bool = False
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array, segment_ids: Array) -> tuple[Array, None]:
+    def __call__(
+        self, x: Array, positions: Array, mask: Array, window: Array, segment_ids: Array
+    ) -> tuple[Array, None]:
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout, deterministic=not self.train)
+        post = lambda y, name: Norm(cfg, name=name)(y) if cfg.post_norms else y
         attn = Attention(cfg, self.train, self.decode, name="attn")
-        x = x + drop(attn(Norm(cfg, name="attn_norm")(x), positions, mask, segment_ids))
-        x = x + drop(Mlp(cfg, self.train, name="mlp")(Norm(cfg, name="mlp_norm")(x)))
+        x = x + drop(post(attn(Norm(cfg, name="attn_norm")(x), positions, mask, window, segment_ids), "attn_post_norm"))
+        x = x + drop(post(Mlp(cfg, self.train, name="mlp")(Norm(cfg, name="mlp_norm")(x)), "mlp_post_norm"))
         x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         return x, None
 
@@ -402,6 +483,8 @@ class Transformer(nn.Module):
             name="token_embed",
         )
         x = embed(tokens)
+        if cfg.embed_scale:  # Gemma: embeddings times sqrt(d_model)
+            x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype)
         if cfg.position == "learned":
             x = x + nn.Embed(
                 cfg.block_size,
@@ -414,6 +497,7 @@ class Transformer(nn.Module):
         x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
         x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         mask = (segment_ids != 0) if decode else attention_mask(segment_ids)
+        windows = jnp.asarray(layer_windows(cfg))
 
         block = Block
         if cfg.remat != "none":
@@ -423,14 +507,14 @@ class Transformer(nn.Module):
                 block,
                 variable_axes={"params": 0, "cache": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
                 length=cfg.n_layer,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, train, decode, name="layers")
-            x, _ = layers(x, positions, mask, segment_ids)
+            x, _ = layers(x, positions, mask, windows, segment_ids)
         else:
             for i in range(cfg.n_layer):
-                x, _ = block(cfg, train, decode, name=f"layers_{i}")(x, positions, mask, segment_ids)
+                x, _ = block(cfg, train, decode, name=f"layers_{i}")(x, positions, mask, windows[i], segment_ids)
 
         x = Norm(cfg, name="final_norm")(x)
         if cfg.output == "scalar":  # reward / value model: one number per position
@@ -442,6 +526,8 @@ class Transformer(nn.Module):
             logits = Linear((cfg.vocab_size,), ("embed",), ("vocab",), cfg, cfg.init_std, name="lm_head")(x)
         logits = _constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
         logits = logits.astype(jnp.float32)
+        if cfg.logit_softcap:  # Gemma 2: logits bounded as softcap * tanh(logits / softcap)
+            logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
         if 0 < cfg.valid_vocab < cfg.vocab_size:  # padding ids (vocab_multiple) are never produced
             logits = jnp.where(jnp.arange(cfg.vocab_size) < cfg.valid_vocab, logits, -1e9)
         return logits

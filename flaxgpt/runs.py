@@ -82,6 +82,17 @@ def load(workdir: str, step: int | None = None) -> LoadedModel:
 # their meaning); dropout, dtypes, remat, init_std and `output` stay the experiment's own.
 _INHERITED = tuple(f for f in STRUCTURAL_FIELDS if f not in ("output",) + LORA_FIELDS) + (
     "rope_theta",
+    "rope_scaling",
+    "rope_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_original_context",
+    "sliding_window",
+    "global_every",
+    "embed_scale",
+    "attn_softcap",
+    "logit_softcap",
+    "query_pre_attn_scalar",
     "norm_eps",
     "vocab_multiple",
     "valid_vocab",

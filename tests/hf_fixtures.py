@@ -43,8 +43,12 @@ def gpt2_dir(directory: str, n_layer: int = 2, seed: int = 0) -> str:
     return directory
 
 
-def llama_dir(directory: str, n_layer: int = 2, seed: int = 0, tie: bool = False) -> str:
-    """LlamaForCausalLM with grouped-query attention and a SentencePiece tokenizer.model."""
+def llama_dir(
+    directory: str, n_layer: int = 2, seed: int = 0, tie: bool = False, family: str = "Llama", **extra
+) -> str:
+    """`family`ForCausalLM (Llama, Qwen2, Qwen3, Mistral) with grouped-query attention, odd head
+    counts, the config keys in `extra` (rope_scaling, sliding_window...) and a SentencePiece
+    tokenizer.model."""
     import sentencepiece as spm
     import torch
     import transformers
@@ -58,24 +62,26 @@ def llama_dir(directory: str, n_layer: int = 2, seed: int = 0, tie: bool = False
         byte_fallback=True,
         minloglevel=2,
     )
-    config = transformers.LlamaConfig(
+    config = getattr(transformers, f"{family}Config")(
         vocab_size=300,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=n_layer,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=8,
         max_position_embeddings=128,
         rms_norm_eps=1e-5,
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=tie,
+        **extra,
     )
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # non-trivial norm scales, so a misplaced scale shows
+    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    with torch.no_grad():  # non-trivial norm scales and biases, so a misplaced one shows
         for name, param in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith(".bias"):
                 param.add_(0.1 * torch.randn_like(param))
     model.save_pretrained(directory, safe_serialization=True)
     return directory
@@ -86,6 +92,18 @@ def hf_logits(directory: str, ids: list[int]):
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def peft_logits(base: str, adapter: str, ids: list[int]):
+    """Logits of a PEFT LoRA adapter loaded by peft onto a transformers base model."""
+    import peft
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(model, adapter).eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy()
 
@@ -104,3 +122,29 @@ def hf_greedy(directory: str, ids: list[int], new_tokens: int) -> list[int]:
             pad_token_id=model.config.eos_token_id,
         )
     return out[0, len(ids) :].tolist()
+
+
+def flaxgpt_logits(loaded, ids: list[int]):
+    """flaxgpt's logits [length, vocab] of one sequence, from an `inference.load`ed model."""
+    import numpy as np
+
+    return np.asarray(loaded.model.apply({"params": loaded.params}, np.array([ids])))[0]
+
+
+def flaxgpt_greedy(loaded, ids: list[int], new_tokens: int) -> list[int]:
+    """flaxgpt's greedy continuation through the generation engine (KV cache), no stop tokens."""
+    import jax
+    import numpy as np
+
+    from flaxgpt import generate
+
+    out = generate.generate(
+        loaded.model,
+        loaded.params,
+        [ids],
+        generate.DecodeConfig(max_new_tokens=new_tokens, temperature=0),
+        jax.random.PRNGKey(0),
+        pad_id=loaded.tokenizer.pad_id,
+        stop_tokens=[],
+    )
+    return np.asarray(out.tokens)[0].tolist()

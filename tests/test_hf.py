@@ -16,14 +16,9 @@ import pytest
 
 pytest.importorskip("transformers", reason="the hf extra (pip install -e '.[hf]') is not installed")
 
-from flaxgpt import (  # noqa: E402
-    generate,
-    hf,
-    lora,
-    runs,  # noqa: E402
-)
+from flaxgpt import hf, lora, runs  # noqa: E402
 from flaxgpt.config import ConfigError, OptimizerConfig  # noqa: E402
-from flaxgpt.convert import export_hf, import_hf  # noqa: E402
+from flaxgpt.convert import export_hf, export_peft_adapter, import_hf  # noqa: E402
 from flaxgpt.model import Transformer  # noqa: E402
 from flaxgpt.optim import build_optimizer  # noqa: E402
 from tests import hf_fixtures  # noqa: E402
@@ -48,29 +43,16 @@ def imported(models, tmp_path_factory) -> dict[str, str]:
     return runs
 
 
-def _logits(loaded, ids) -> np.ndarray:
-    return np.asarray(loaded.model.apply({"params": loaded.params}, np.array([ids])))[0]
-
-
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_import_matches_transformers_logits_and_greedy_decoding(family, models, imported):
     loaded = runs.load(imported[family])
     ids = loaded.tokenizer.encode(PROMPT)
     theirs = hf_fixtures.hf_logits(models[family], ids)
-    ours = _logits(loaded, ids)
+    ours = hf_fixtures.flaxgpt_logits(loaded, ids)
     # the import appends flaxgpt's chat tokens after the model's vocabulary
     assert ours.shape[1] == theirs.shape[1] + 6
     assert np.abs(ours[:, : theirs.shape[1]] - theirs).max() <= 1e-4
-    out = generate.generate(
-        loaded.model,
-        loaded.params,
-        [ids],
-        generate.DecodeConfig(max_new_tokens=10, temperature=0),
-        jax.random.PRNGKey(0),
-        pad_id=loaded.tokenizer.pad_id,
-        stop_tokens=[],
-    )
-    assert np.asarray(out.tokens)[0].tolist() == hf_fixtures.hf_greedy(models[family], ids, 10)
+    assert hf_fixtures.flaxgpt_greedy(loaded, ids, 10) == hf_fixtures.hf_greedy(models[family], ids, 10)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -79,7 +61,7 @@ def test_export_reloads_in_transformers_with_the_same_logits_and_tokens(family, 
     export_hf(imported[family], out)
     loaded = runs.load(imported[family])
     ids = loaded.tokenizer.encode(PROMPT)
-    np.testing.assert_allclose(hf_fixtures.hf_logits(out, ids), _logits(loaded, ids), atol=1e-4)
+    np.testing.assert_allclose(hf_fixtures.hf_logits(out, ids), hf_fixtures.flaxgpt_logits(loaded, ids), atol=1e-4)
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -104,7 +86,7 @@ def test_sharded_checkpoint_scanned_layers_and_an_8_device_mesh_give_the_same_lo
     assert os.path.exists(os.path.join(sharded, "model.safetensors.index.json"))
     reference = runs.load(imported["llama"])
     ids = reference.tokenizer.encode(PROMPT)
-    np.save(tmp_path / "reference.npy", _logits(reference, ids))
+    np.save(tmp_path / "reference.npy", hf_fixtures.flaxgpt_logits(reference, ids))
     script = f"""
 import numpy as np
 from flaxgpt import runs
@@ -129,8 +111,8 @@ def test_unsupported_architecture_missing_tensor_and_shape_mismatch_are_named(mo
     broken.mkdir()
     with open(os.path.join(models["gpt2"], "config.json")) as f:
         config = json.load(f)
-    (broken / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"]}))
-    with pytest.raises(hf.HFFormatError, match="unsupported architecture.*MistralForCausalLM"):
+    (broken / "config.json").write_text(json.dumps({**config, "architectures": ["Phi3ForCausalLM"]}))
+    with pytest.raises(hf.HFFormatError, match="unsupported architecture.*Phi3ForCausalLM"):
         hf.family(hf.read_hf_config(str(broken)))
 
     reader = hf.SafetensorsReader(models["gpt2"])
@@ -174,7 +156,9 @@ def test_lora_starts_as_the_base_model_trains_only_adapters_and_merges_exactly(i
     shardings = unbox_shapes(logical_shardings(boxed, loaded.mesh, loaded.rules))
     known = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(loaded.params)}
     params = runs.complete_params(known, model.cfg, shardings, loaded.mesh, loaded.rules, 0)
-    np.testing.assert_array_equal(model.apply({"params": params}, ids), _logits(loaded, ids[0])[None])
+    np.testing.assert_array_equal(
+        model.apply({"params": params}, ids), hf_fixtures.flaxgpt_logits(loaded, ids[0])[None]
+    )
 
     optimizer = build_optimizer(OptimizerConfig(lr=1e-2, warmup_steps=0, weight_decay=0.1), 10, lora.trainable_mask)
     opt_state = optimizer.init(params)
@@ -245,11 +229,18 @@ def test_imported_model_through_sft_and_ppo_then_exported(family, lora_rank, mod
     assert np.array_equal(query(sft), query(base)) == bool(lora_rank)
     if lora_rank:
         assert np.asarray(sft.params["layers_0"]["attn"]["query"]["lora_b"]).any()
+        # the LoRA run's adapters alone, in PEFT's format, onto the base model's export
+        adapter, base_hf = str(tmp_path / "adapter"), str(tmp_path / "base_hf")
+        export_peft_adapter(os.path.join(workdir, "sft"), adapter)
+        export_hf(str(tmp_path / "base"), base_hf)
+        ids = sft.tokenizer.encode("<|user|>What is two plus three?<|end|><|assistant|>", allow_special=True)
+        theirs = hf_fixtures.peft_logits(base_hf, adapter, ids)
+        np.testing.assert_allclose(theirs, hf_fixtures.flaxgpt_logits(sft, ids), atol=1e-4)
     out = str(tmp_path / "export")
     export_hf(os.path.join(workdir, "ppo"), out)
     policy = runs.load(os.path.join(workdir, "ppo"))
     ids = policy.tokenizer.encode("<|user|>What is two plus three?<|end|><|assistant|>", allow_special=True)
-    np.testing.assert_allclose(hf_fixtures.hf_logits(out, ids), _logits(policy, ids), atol=1e-4)
+    np.testing.assert_allclose(hf_fixtures.hf_logits(out, ids), hf_fixtures.flaxgpt_logits(policy, ids), atol=1e-4)
 
 
 def test_convert_cli_imports_exports_and_names_bad_input(models, tmp_path):
