@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flaxgpt import lora, perf
+from flaxgpt import host_allocator, lora, mfu
 from flaxgpt.config import Config, TrainConfig
 from flaxgpt.data.prefetch import prefetch
 from flaxgpt.losses import token_cross_entropy
@@ -198,7 +198,7 @@ def lm_steps(
         placed = place_batch(local, rows, rt.rows_sharding, tc.batch_size)
         if step == start:
             guard.seen = int(host_value(state.skipped))
-            if advice := perf.host_allocator_advice(train_step, state, placed):
+            if advice := host_allocator.host_allocator_advice(train_step, state, placed):
                 message(advice)
         state, metrics = train_step(state, placed)
         if pending:  # the previous step has finished, or nearly: reading it costs no stall
@@ -246,7 +246,7 @@ def lm_run_spec(
     params = abstract[0].params
     origin = f"from {tc.init_from or tc.init_from_hf}" if init_params else "from scratch"
     if objective.loss_sums is None:  # a language model: every row is block_size tokens of compute
-        flops = perf.flops_per_token(model_cfg, count_params(params))
+        flops = mfu.flops_per_token(model_cfg, count_params(params))
         throughput = Throughput("tokens", model_cfg.block_size, flops, model_cfg.dtype)
     else:
         throughput = Throughput("examples", 1)
