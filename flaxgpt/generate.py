@@ -117,9 +117,14 @@ def _empty_cache(model: nn.Module, batch: int, length: int) -> Any:
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
+def mask_positions(mask: Any) -> Any:
+    """Positions of tokens under a (left- or right-) padded attention mask [B, T] (numpy or jax)."""
+    return (mask.astype(np.int32).cumsum(axis=1) - 1).clip(0)
+
+
 def _prefill(model, params, tokens, mask, total):
     cache = _empty_cache(model, tokens.shape[0], total)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    positions = mask_positions(mask)
     logits, variables = model.apply(
         {"params": params, "cache": cache}, tokens, positions, mask.astype(jnp.int32), decode=True, mutable=["cache"]
     )

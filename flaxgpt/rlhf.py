@@ -41,7 +41,7 @@ from flaxgpt.losses import (
     token_cross_entropy,
 )
 from flaxgpt.model import Transformer
-from flaxgpt.rewards import mask_positions, rewards_at_last, score_sequences
+from flaxgpt.rewards import rewards_at_last, score_sequences
 from flaxgpt.sharding import host_value
 
 Array = jax.Array
@@ -115,7 +115,7 @@ def score_rollout(m: Models, p: PPOConfig, state: PPOState, tokens, mask, length
     q = m.query_width
     lengths, ended, fn_scores = lengths[:, 0], ended[:, 0], scores[:, 0]
     segments = mask.astype(jnp.int32)
-    positions = mask_positions(mask)
+    positions = generate.mask_positions(mask)
     resp_mask = mask[:, q:].astype(jnp.float32)
     logp, _ = response_logprobs(m.policy, state.params["policy"], tokens, positions, segments, q, p.temperature)
     ref_logp, _ = response_logprobs(m.policy, state.frozen["reference"], tokens, positions, segments, q, p.temperature)
@@ -288,7 +288,9 @@ def scores(run: PPO, state: PPOState, prompts: list, tokens, mask, gen) -> np.nd
     full, full_mask, lengths, _ = sequences(run, tokens, mask, gen)
     last = run.models.query_width + np.maximum(lengths, 1) - 1
     segments = full_mask.astype(np.int32)
-    return score_sequences(run.models.reward, state.frozen["reward"], full, mask_positions(full_mask), segments, last)
+    return score_sequences(
+        run.models.reward, state.frozen["reward"], full, generate.mask_positions(full_mask), segments, last
+    )
 
 
 def evaluate(run: PPO, state: PPOState) -> dict[str, float]:
