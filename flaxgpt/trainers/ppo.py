@@ -31,7 +31,7 @@ from flaxgpt.model import Transformer
 from flaxgpt.optim import build_optimizer
 from flaxgpt.rewards import centered, rankings_of, reference_items, retrain, reward_function, score, world_rankings
 from flaxgpt.rlhf import PPO, Models, PPOState, evaluate, function_scores, load_prompts, ptx_batch, rollout, sequences
-from flaxgpt.runs import inherit_model, params_from_run, read_run
+from flaxgpt.runs import boxed_params, inherit_model, params_from_run, read_run
 from flaxgpt.sharding import host_value, sharded_abstract
 from flaxgpt.trainers.scaffold import NonFiniteLoss, RunSpec, Runtime, fit
 
@@ -91,14 +91,11 @@ def setup(cfg: Config, workdir: str) -> PPO:
 
 def _boxed_params(m: Models) -> tuple[dict, dict]:
     """Abstract (boxed) trainable and frozen parameter trees, for shardings."""
-    shape = lambda model: jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, model.cfg.block_size), jnp.int32))["params"]
-    )
-    value = shape(m.value)
-    trainable = {"policy": shape(m.policy), "value": {"score": value["score"]} if m.head_only_value else value}
-    frozen = {"reference": shape(m.policy)}
+    value = boxed_params(m.value)
+    trainable = {"policy": boxed_params(m.policy), "value": {"score": value["score"]} if m.head_only_value else value}
+    frozen = {"reference": boxed_params(m.policy)}
     if m.reward is not None:
-        frozen["reward"] = shape(m.reward)
+        frozen["reward"] = boxed_params(m.reward)
     return trainable, frozen
 
 
