@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from flaxgpt.conversations import padded_chunks
 from flaxgpt.sharding import host_value, replicated
 
 Array = jax.Array
@@ -291,16 +292,13 @@ def generate_batched(
     (`batch_size` rows, prompts padded to block_size - max_new_tokens), so it compiles once."""
     width = model.cfg.block_size - cfg.max_new_tokens
     out: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start : start + batch_size])
-        real = len(chunk)
-        chunk += [chunk[0]] * (batch_size - real)  # a full chunk keeps the compiled shape
+    for i, (chunk, real) in enumerate(padded_chunks(prompts, batch_size)):  # full chunks: one compiled shape
         gen = generate(
             model,
             params,
             chunk,
             cfg,
-            jax.random.fold_in(rng, start),
+            jax.random.fold_in(rng, i * batch_size),
             pad_id=pad_id,
             stop_tokens=stop_tokens,
             prompt_width=width,
