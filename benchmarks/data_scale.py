@@ -39,9 +39,9 @@ BATCH, BLOCK, BATCHES, WARMUP = 480, 1024, 30, 3  # nanoGPT's GPT-2 batch
 def _child(kind: str, path: str, workdir: str) -> None:
     """Read BATCHES batches the way a trainer does, then print peak RSS (MB) and tokens/s."""
     from flaxgpt import config as C
-    from flaxgpt import perf
+    from flaxgpt import host_allocator
 
-    perf.tune_host_allocator()  # as the training CLIs do: freed batch buffers reused, not faulted in anew
+    host_allocator.tune_host_allocator()  # as the training CLIs do: freed batch buffers reused, not faulted in anew
 
     source = "tokens" if kind == "tokens" else "text"
     cfg = C.Config(

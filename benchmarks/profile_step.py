@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from train_throughput import CONFIGS, FlaxgptTrainer, shape_for  # noqa: E402
 
-from flaxgpt import perf  # noqa: E402
+from flaxgpt import host_allocator  # noqa: E402
 
 # Lines of a device plane that restate the streams' events at a coarser grain (GPU traces).
 _SUMMARY_LINES = ("XLA Modules", "XLA Ops", "Steps", "Source", "Launch Stats", "XLA TraceMe")
@@ -133,7 +133,7 @@ def main() -> int:
     parser.add_argument("--trace-dir")
     parser.add_argument("--hlo", help="also write the compiled step's HLO text here (op names -> what they compute)")
     args = parser.parse_args()
-    perf.tune_host_allocator()  # as the CLIs and train_throughput.py: else page faults swell the elementwise ops
+    host_allocator.tune_host_allocator()  # as the CLIs do: else page faults swell the elementwise ops
     on_cpu = jax.devices()[0].platform == "cpu"
     shape = shape_for(args.only, on_cpu, args.tiny, args.batch)
     trainer = FlaxgptTrainer(shape, args.dtype, attention=args.attention, remat=args.remat)

@@ -127,10 +127,10 @@ def main() -> None:
 
     import openai
 
-    from flaxgpt import perf
+    from flaxgpt import host_allocator
     from flaxgpt.serve.__main__ import build_service
 
-    perf.tune_host_allocator()
+    host_allocator.tune_host_allocator()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or tiny_run(tmp)
         service = build_service(workdir, db=os.path.join(tmp, "feedback.sqlite"), slots=args.slots, max_queue=256)

@@ -42,8 +42,8 @@ import train_throughput  # noqa: E402
 from train_throughput import CONFIGS, FlaxgptTrainer  # noqa: E402
 
 from benchmarks._results import record  # noqa: E402
+from flaxgpt import host_allocator  # noqa: E402
 from flaxgpt import model as model_lib  # noqa: E402
-from flaxgpt import perf  # noqa: E402
 
 
 def _values_only(q, k, v, mask, dropout):
@@ -210,7 +210,7 @@ def main() -> int:
     parser.add_argument("--matmuls-only", action="store_true", help="time the matmuls alone, not the steps")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = parser.parse_args()
-    allocator = perf.host_allocator_setting() if perf.tune_host_allocator() else "default"
+    allocator = host_allocator.host_allocator_setting() if host_allocator.tune_host_allocator() else "default"
     shape = CONFIGS[args.only]
     sections = [] if args.matmuls_only else step_table(shape, args.rounds, args.steps) + [""]
     timed_matmuls = args.matmuls or args.matmuls_only

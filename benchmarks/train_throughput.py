@@ -16,7 +16,7 @@ Both steps are built first, then timed in alternating rounds of `steps` steps; e
 figure is its best round (a shared machine's noise only ever slows a round down). Each row:
 tokens/s, MFU against a matmul peak measured here on the same device and dtype (the datasheet
 peak on known accelerators), and the ratio flaxgpt / PyTorch. The process runs with flaxgpt's
-host-allocator tuning (`perf.tune_host_allocator`, as the CLIs do), which the in-process PyTorch
+host-allocator tuning (`host_allocator.tune_host_allocator`, as the CLIs do), which the in-process PyTorch
 reference then shares; a last column runs PyTorch as shipped, in a fresh process with the
 default allocator, and `--torch-compile` adds one more fresh process with the model under
 `torch.compile` (nanoGPT's --compile). `--profile-dir` profiles a few more steps of the same
@@ -53,7 +53,7 @@ sys.path.insert(0, _ROOT)
 
 from benchmarks._results import record  # noqa: E402
 from flaxgpt import config as C  # noqa: E402
-from flaxgpt import perf  # noqa: E402
+from flaxgpt import host_allocator, mfu  # noqa: E402
 from flaxgpt.model import Transformer  # noqa: E402
 from flaxgpt.optim import build_optimizer, learning_rate_schedule  # noqa: E402
 from flaxgpt.sharding import logical_rules, make_mesh  # noqa: E402
@@ -172,7 +172,7 @@ class FlaxgptTrainer:
         self.tokens_per_step = b * t
         self.n_params = sum(int(x.size) for x in jax.tree.leaves(self.state.params))
         self.cfg = cfg
-        self.flops_per_token = perf.flops_per_token(cfg, self.n_params)
+        self.flops_per_token = mfu.flops_per_token(cfg, self.n_params)
 
     def _run(self, steps: int) -> float:
         """Seconds for `steps` steps, up to the last step's metrics being ready."""
@@ -309,11 +309,11 @@ def main() -> int:
     parser.add_argument("--json", help="write the rows and the run's conditions to this JSON file")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = parser.parse_args()
-    allocator = perf.host_allocator_setting() if perf.tune_host_allocator() else "default"
-    peak, peak_source = perf.peak_flops(args.dtype)
+    allocator = host_allocator.host_allocator_setting() if host_allocator.tune_host_allocator() else "default"
+    peak, peak_source = mfu.peak_flops(args.dtype)
     device = jax.devices()[0]
     on_cpu = device.platform == "cpu"
-    measured = perf.measured_peak(args.dtype) if on_cpu else perf.measured_peak(args.dtype, 8192)
+    measured = mfu.measured_peak(args.dtype) if on_cpu else mfu.measured_peak(args.dtype, 8192)
     torch_device = "cpu" if on_cpu else "cuda" if "nvidia" in device.device_kind.lower() else None
     with_torch = not args.no_torch and torch_device is not None
     names = args.only or [name for name in CONFIGS if not CONFIGS[name].get("accel_only")]

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 
-from flaxgpt import chat_template, cli, generate, perf, runs
+from flaxgpt import chat_template, cli, generate, host_allocator, runs
 from flaxgpt.errors import UserError
 
 COMMANDS = ("/reset", "/system TEXT", "/help", "/quit")
@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompt", "-p", help="answer this once and exit")
     runs.add_decode_flags(parser, temperature=0.7, top_p=0.9, max_new_tokens=128)
     args = parser.parse_args(argv)
-    perf.tune_host_allocator()
+    host_allocator.tune_host_allocator()
     session = ChatSession(runs.load(args.workdir, args.step), runs.decode_config(args), args.system, args.seed)
     if args.prompt is not None:
         print(session.reply(args.prompt))

@@ -46,7 +46,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # The trainers' own step builders, compiled here exactly as the trainers jit them. Today's names:
 # this is the one place to follow them when they move.
-from flaxgpt import generate, lora, perf, rlhf
+from flaxgpt import generate, lora, mfu, rlhf
 from flaxgpt.config import Config, ConfigError, ModelConfig
 from flaxgpt.errors import UserError
 from flaxgpt.model import Transformer
@@ -93,15 +93,15 @@ def chip_of(device: Any, dtype: str) -> Chip:
     for name in sorted(CHIPS, key=len, reverse=True):  # "TPU v5 lite" before "TPU v5"
         if kind.startswith(name):
             chip = CHIPS[name]
-            known = perf.known_peak(device, dtype)  # the float32 figure on GPUs
+            known = mfu.known_peak(device, dtype)  # the float32 figure on GPUs
             return dataclasses.replace(chip, peak_flops=known or chip.peak_flops)
     if device.platform == "gpu":
         limit = (device.memory_stats() or {}).get("bytes_limit", 0)
-        return Chip(kind, float(limit), None, perf.peak_flops(dtype)[0])
+        return Chip(kind, float(limit), None, mfu.peak_flops(dtype)[0])
     # CPU devices (simulated ones included) share the host's memory and cores
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     n = len(jax.devices())
-    return Chip(f"{kind} (host memory / {n} devices)", host / n, None, perf.peak_flops(dtype)[0] / n)
+    return Chip(f"{kind} (host memory / {n} devices)", host / n, None, mfu.peak_flops(dtype)[0] / n)
 
 
 def topology_devices(name: str, slices: int = 1) -> list:
@@ -288,7 +288,7 @@ def lm_programs(cfg: Config, mesh: Mesh, rules: tuple) -> list[Program]:
         batch, eval_in = (_lm_batch(b, mc.block_size, rows) for b in (tc.batch_size, eval_batch))
         tokens, eval_tokens = tc.batch_size * mc.block_size, eval_batch * mc.block_size
     n = _n_params(state.params)
-    per_token = perf.flops_per_token(mc, n)
+    per_token = mfu.flops_per_token(mc, n)
     step = jax.jit(
         make_train_step(model, optimizer, schedule, tc, loss_sums),
         in_shardings=(shardings, rows),

@@ -465,18 +465,7 @@ class Config:
                 f"train.batch_size={t.batch_size} must be a multiple of train.grad_accum_steps={t.grad_accum_steps}"
             )
         _check_cross_fields(self)
-        if self.data.source == "tfds" and not self.data.tfds_name:
-            raise ConfigError("data.source='tfds' needs data.tfds_name")
-        if self.data.source == "tokens" and not (self.data.path or self.data.mixture):
-            raise ConfigError("data.source='tokens' needs data.path or data.mixture (prepared token directories)")
-        for i, m in enumerate(self.data.mixture):
-            ok = isinstance(m, dict) and set(m) == {"path", "weight"} and isinstance(m["path"], str) and m["path"]
-            if not ok or isinstance(m["weight"], bool) or not isinstance(m["weight"], (int, float)) or m["weight"] <= 0:
-                raise ConfigError(f'data.mixture[{i}] must be {{"path": DIR, "weight": W > 0}}, got {m!r}')
-        if self.data.mixture and self.data.source != "tokens":
-            raise ConfigError(f"data.mixture needs data.source='tokens', got '{self.data.source}'")
-        if self.data.source in ("text", "jsonl") and not self.data.path:
-            raise ConfigError(f"data.source='{self.data.source}' needs data.path (a {self.data.source} file)")
+        _check_data(self.data)
         if t.trainer in ("sft", "reward") and self.data.source not in ("world", "jsonl"):
             raise ConfigError(
                 f"train.trainer='{t.trainer}' reads data.source 'world' or 'jsonl', got '{self.data.source}'"
@@ -497,32 +486,7 @@ class Config:
                 "from a flaxgpt run (python -m flaxgpt.convert import makes one)"
             )
         if t.trainer in ("ppo", "grpo"):
-            p = self.ppo
-            if not t.init_from:
-                raise ConfigError(
-                    f"train.trainer='{t.trainer}' starts from a policy: set train.init_from to the SFT run"
-                )
-            if bool(p.reward_from) == bool(p.reward_function):
-                raise ConfigError(
-                    f"train.trainer='{t.trainer}' needs exactly one of ppo.reward_from (a reward-model run) "
-                    "and ppo.reward_function ('world' or 'module:function')"
-                )
-            if t.batch_size % p.minibatches:
-                raise ConfigError(
-                    f"train.batch_size={t.batch_size} (prompts per rollout) must be a multiple of "
-                    f"ppo.minibatches={p.minibatches}"
-                )
-            if t.max_steps % p.rounds:
-                raise ConfigError(f"train.max_steps={t.max_steps} must be a multiple of ppo.rounds={p.rounds}")
-            if p.rounds > 1 and (self.data.source != "world" or not p.reward_from):
-                raise ConfigError(
-                    "ppo.rounds > 1 retrains the reward model on new comparisons ranked by the world's "
-                    "labeler: it needs data.source='world' and ppo.reward_from"
-                )
-            if not p.prompts_path and self.data.source != "world":
-                raise ConfigError(
-                    f"train.trainer='{t.trainer}' needs ppo.prompts_path (JSONL prompts) unless data.source='world'"
-                )
+            _check_ppo(self)
         if t.trainer in ("dpo", "kto", "orpo"):
             if self.data.source not in ("world", "jsonl"):
                 raise ConfigError(
@@ -759,6 +723,50 @@ def _numeric_kind(ftype: Any) -> type | None:
     """int or float for a numeric (or Optional numeric) field type, else None."""
     inner = [a for a in typing.get_args(ftype) if a is not type(None)] or [ftype]
     return inner[0] if inner[0] in (int, float) and len(inner) == 1 else None
+
+
+def _check_data(data: DataConfig) -> None:
+    """The data source has what it reads (a path, a TFDS name, a well-formed mixture)."""
+    if data.source == "tfds" and not data.tfds_name:
+        raise ConfigError("data.source='tfds' needs data.tfds_name")
+    if data.source == "tokens" and not (data.path or data.mixture):
+        raise ConfigError("data.source='tokens' needs data.path or data.mixture (prepared token directories)")
+    for i, m in enumerate(data.mixture):
+        ok = isinstance(m, dict) and set(m) == {"path", "weight"} and isinstance(m["path"], str) and m["path"]
+        if not ok or isinstance(m["weight"], bool) or not isinstance(m["weight"], (int, float)) or m["weight"] <= 0:
+            raise ConfigError(f'data.mixture[{i}] must be {{"path": DIR, "weight": W > 0}}, got {m!r}')
+    if data.mixture and data.source != "tokens":
+        raise ConfigError(f"data.mixture needs data.source='tokens', got '{data.source}'")
+    if data.source in ("text", "jsonl") and not data.path:
+        raise ConfigError(f"data.source='{data.source}' needs data.path (a {data.source} file)")
+
+
+def _check_ppo(cfg: Config) -> None:
+    """PPO and GRPO start from a policy, have one reward source and split their rollouts evenly."""
+    t, p = cfg.train, cfg.ppo
+    if not t.init_from:
+        raise ConfigError(f"train.trainer='{t.trainer}' starts from a policy: set train.init_from to the SFT run")
+    if bool(p.reward_from) == bool(p.reward_function):
+        raise ConfigError(
+            f"train.trainer='{t.trainer}' needs exactly one of ppo.reward_from (a reward-model run) "
+            "and ppo.reward_function ('world' or 'module:function')"
+        )
+    if t.batch_size % p.minibatches:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} (prompts per rollout) must be a multiple of "
+            f"ppo.minibatches={p.minibatches}"
+        )
+    if t.max_steps % p.rounds:
+        raise ConfigError(f"train.max_steps={t.max_steps} must be a multiple of ppo.rounds={p.rounds}")
+    if p.rounds > 1 and (cfg.data.source != "world" or not p.reward_from):
+        raise ConfigError(
+            "ppo.rounds > 1 retrains the reward model on new comparisons ranked by the world's "
+            "labeler: it needs data.source='world' and ppo.reward_from"
+        )
+    if not p.prompts_path and cfg.data.source != "world":
+        raise ConfigError(
+            f"train.trainer='{t.trainer}' needs ppo.prompts_path (JSONL prompts) unless data.source='world'"
+        )
 
 
 def _check_cross_fields(cfg: Config) -> None:

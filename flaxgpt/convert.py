@@ -27,7 +27,7 @@ from flaxgpt.chat_template import stop_tokens
 from flaxgpt.checkpoint import Checkpointer
 from flaxgpt.config import Config, apply_overrides, to_dict, to_json
 from flaxgpt.data.tokenizers import SPECIAL_TOKENS, ImportedTokenizer, SentencePieceTokenizer, Tokenizer, copy_file
-from flaxgpt.model import unstack_layers
+from flaxgpt.model import Transformer, unstack_layers
 from flaxgpt.sharding import host_value, logical_rules, logical_shardings, make_mesh, unbox_shapes
 
 # The chat format of `flaxgpt.chat_template` as a Jinja template, for transformers' apply_chat_template.
@@ -91,7 +91,7 @@ def import_hf(hf_dir: str, workdir: str, overrides: Sequence[str] = (), force: b
         _refuse_non_empty(workdir, force, "the import", "--workdir", RUN_FILES)
     os.makedirs(workdir, exist_ok=True)
     mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh.rules)
-    boxed = runs._boxed_params(model_cfg)
+    boxed = runs.boxed_params(Transformer(model_cfg))
     shardings = unbox_shapes(logical_shardings(boxed, mesh, rules))
     params = runs.params_from_hf(hf_dir, model_cfg, hf_vocab, mesh, rules, cfg.train.seed)(shardings)
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from flaxgpt.conversations import padded_chunks
 from flaxgpt.sharding import host_value, replicated
 
 Array = jax.Array
@@ -117,9 +118,14 @@ def _empty_cache(model: nn.Module, batch: int, length: int) -> Any:
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
+def mask_positions(mask: Any) -> Any:
+    """Positions of tokens under a (left- or right-) padded attention mask [B, T] (numpy or jax)."""
+    return (mask.astype(np.int32).cumsum(axis=1) - 1).clip(0)
+
+
 def _prefill(model, params, tokens, mask, total):
     cache = _empty_cache(model, tokens.shape[0], total)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    positions = mask_positions(mask)
     logits, variables = model.apply(
         {"params": params, "cache": cache}, tokens, positions, mask.astype(jnp.int32), decode=True, mutable=["cache"]
     )
@@ -286,16 +292,13 @@ def generate_batched(
     (`batch_size` rows, prompts padded to block_size - max_new_tokens), so it compiles once."""
     width = model.cfg.block_size - cfg.max_new_tokens
     out: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start : start + batch_size])
-        real = len(chunk)
-        chunk += [chunk[0]] * (batch_size - real)  # a full chunk keeps the compiled shape
+    for i, (chunk, real) in enumerate(padded_chunks(prompts, batch_size)):  # full chunks: one compiled shape
         gen = generate(
             model,
             params,
             chunk,
             cfg,
-            jax.random.fold_in(rng, start),
+            jax.random.fold_in(rng, i * batch_size),
             pad_id=pad_id,
             stop_tokens=stop_tokens,
             prompt_width=width,

@@ -117,11 +117,6 @@ def rankings_of(
     return out
 
 
-def mask_positions(mask: Any) -> Any:
-    """Positions of tokens under a (left- or right-) padded attention mask [B, T] (numpy or jax)."""
-    return (mask.astype(np.int32).cumsum(axis=1) - 1).clip(0)
-
-
 def rewards_at_last(
     model: Transformer,
     params: Any,

@@ -41,7 +41,8 @@ from flaxgpt.losses import (
     token_cross_entropy,
 )
 from flaxgpt.model import Transformer
-from flaxgpt.rewards import mask_positions, rewards_at_last, score_sequences
+from flaxgpt.rewards import rewards_at_last, score_sequences
+from flaxgpt.runs import boxed_params as model_params
 from flaxgpt.sharding import host_value, sharded_abstract
 
 Array = jax.Array
@@ -115,7 +116,7 @@ def score_rollout(m: Models, p: PPOConfig, state: PPOState, tokens, mask, length
     q = m.query_width
     lengths, ended, fn_scores = lengths[:, 0], ended[:, 0], scores[:, 0]
     segments = mask.astype(jnp.int32)
-    positions = mask_positions(mask)
+    positions = generate.mask_positions(mask)
     resp_mask = mask[:, q:].astype(jnp.float32)
     logp, _ = response_logprobs(m.policy, state.params["policy"], tokens, positions, segments, q, p.temperature)
     ref_logp, _ = response_logprobs(m.policy, state.frozen["reference"], tokens, positions, segments, q, p.temperature)
@@ -253,14 +254,11 @@ class PPO:
 
 def boxed_params(m: Models) -> tuple[dict, dict]:
     """Abstract (boxed) trainable and frozen parameter trees, for shardings."""
-    shape = lambda model: jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, model.cfg.block_size), jnp.int32))["params"]
-    )
-    value = shape(m.value)
-    trainable = {"policy": shape(m.policy), "value": {"score": value["score"]} if m.head_only_value else value}
-    frozen = {"reference": shape(m.policy)}
+    value = model_params(m.value)
+    trainable = {"policy": model_params(m.policy), "value": {"score": value["score"]} if m.head_only_value else value}
+    frozen = {"reference": model_params(m.policy)}
     if m.reward is not None:
-        frozen["reward"] = shape(m.reward)
+        frozen["reward"] = model_params(m.reward)
     return trainable, frozen
 
 
@@ -333,7 +331,9 @@ def scores(run: PPO, state: PPOState, prompts: list, tokens, mask, gen) -> np.nd
     full, full_mask, lengths, _ = sequences(run, tokens, mask, gen)
     last = run.models.query_width + np.maximum(lengths, 1) - 1
     segments = full_mask.astype(np.int32)
-    return score_sequences(run.models.reward, state.frozen["reward"], full, mask_positions(full_mask), segments, last)
+    return score_sequences(
+        run.models.reward, state.frozen["reward"], full, generate.mask_positions(full_mask), segments, last
+    )
 
 
 def evaluate(run: PPO, state: PPOState) -> dict[str, float]:

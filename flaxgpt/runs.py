@@ -62,7 +62,7 @@ def restore_params(
     step = max(steps) if step is None else step
     if step not in steps:
         raise ConfigError(f"{workdir} has no checkpoint at step {step}; it has {sorted(steps)}")
-    abstract, _ = sharded_abstract(_boxed_params(model_cfg), mesh, rules)
+    abstract, _ = sharded_abstract(boxed_params(Transformer(model_cfg)), mesh, rules)
     # a PPO run's checkpoint holds {"policy", "value"}: its model is the policy
     path = ("policy",) if cfg.train.trainer == "ppo" else ()
     params = checkpointer.restore_params(step, abstract, model_cfg, path)
@@ -149,7 +149,7 @@ def params_from_hf(
     its shards; what it lacks (adapters, a score head) is initialised."""
 
     def init_params(shardings: Any) -> Any:
-        abstract = unbox_shapes(_boxed_params(model_cfg))
+        abstract = unbox_shapes(boxed_params(Transformer(model_cfg)))
         known = hf.place_from_host(hf.hf_leaf_sources(directory, model_cfg, hf_vocab), shardings, abstract)
         return complete_params(known, model_cfg, shardings, mesh, rules, seed)
 
@@ -174,10 +174,10 @@ def complete_params(
     return jax.tree_util.tree_map_with_path(pick, fresh if fresh is not None else shardings)
 
 
-def _boxed_params(model_cfg: ModelConfig) -> Any:
-    model = Transformer(model_cfg)
+def boxed_params(model: nn.Module) -> Any:
+    """The model's parameter tree as boxed shapes (no memory): what shardings are derived from."""
     return jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, model_cfg.block_size), jnp.int32))["params"]
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, model.cfg.block_size), jnp.int32))["params"]
     )
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import jax
 
-from flaxgpt import cli, generate, perf, runs
+from flaxgpt import cli, generate, host_allocator, runs
 from flaxgpt.errors import UserError
 
 
@@ -22,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompt", "-p", action="append", required=True, help="may be repeated")
     runs.add_decode_flags(parser, temperature=0.8, top_p=1.0, max_new_tokens=100)
     args = parser.parse_args(argv)
-    perf.tune_host_allocator()
+    host_allocator.tune_host_allocator()
     loaded = runs.load(args.workdir, args.step)
     tok = loaded.tokenizer
     prompts = [tok.encode_prompt(p) or [tok.eos_id] for p in args.prompt]

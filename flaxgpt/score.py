@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from flaxgpt import cli, perf, runs
+from flaxgpt import cli, host_allocator, runs
 from flaxgpt.config import ConfigError
 from flaxgpt.data.jsonl import DataError
 
@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--prompt needs at least one --response")
     from flaxgpt.rewards import score
 
-    perf.tune_host_allocator()
+    host_allocator.tune_host_allocator()
     loaded = runs.load(args.workdir, args.step)
     if loaded.model.cfg.output != "scalar":
         raise ConfigError(

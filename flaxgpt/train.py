@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(describe(cfg))
         return 0
 
-    from flaxgpt.perf import tune_host_allocator  # imported late: --list and --print-config stay fast
+    from flaxgpt.host_allocator import tune_host_allocator  # imported late: --list and --print-config stay fast
     from flaxgpt.sharding import initialize_distributed
 
     tune_host_allocator()

@@ -16,12 +16,12 @@ import jax.numpy as jnp
 import pytest
 
 from flaxgpt import config as C
-from flaxgpt import perf
+from flaxgpt import host_allocator
 from flaxgpt.model import Transformer
 
 # The in-process trainers run like the CLIs do: with XLA:CPU's per-step buffers reused rather
 # than faulted in anew each step (about a third of a small CPU step otherwise).
-perf.tune_host_allocator()
+host_allocator.tune_host_allocator()
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.abspath(os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt"))

@@ -115,7 +115,7 @@ def test_world_corpus_states_only_true_facts():
 
 def test_tokenizer_cli_trains_from_text_and_jsonl(tmp_path, capsys):
     from flaxgpt import cli
-    from flaxgpt.tokenizer import main
+    from flaxgpt.tokenize import main
 
     text = tmp_path / "a.txt"
     text.write_text(W.corpus(W.make_world(0), 200))

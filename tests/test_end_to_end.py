@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from flaxgpt import perf
+from flaxgpt import host_allocator
 from flaxgpt.logging import read_metrics
 from flaxgpt.trainers import pretrain
 from tests.conftest import run_cli, tiny_run_config
@@ -48,11 +48,11 @@ def test_sentencepiece_tokenizer_is_trained_into_the_workdir(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator tuning is Linux-only")
 def test_training_loop_logs_the_allocator_advice_before_its_first_step(tmp_path, monkeypatch, capsys):
-    """The loop's wiring of perf.host_allocator_advice (whose threshold logic has its own test):
+    """The loop's wiring of host_allocator.host_allocator_advice (whose threshold logic has its own test):
     with the thread-arena limit lowered to zero, even the tiny step's buffers are over it."""
     monkeypatch.setenv("FLAXGPT_HOST_ALLOCATOR", "tuned")
-    monkeypatch.setattr(perf, "THREAD_ARENA_LIMIT_BYTES", 0)
-    monkeypatch.setattr(perf, "ADVICE_MIN_BYTES", 0)
+    monkeypatch.setattr(host_allocator, "THREAD_ARENA_LIMIT_BYTES", 0)
+    monkeypatch.setattr(host_allocator, "ADVICE_MIN_BYTES", 0)
     cfg = tiny_run_config(train={"max_steps": 2}, eval={"interval": 2, "sample_tokens": 0})
     pretrain.run(cfg, str(tmp_path / "advised"))
     assert capsys.readouterr().out.count("FLAXGPT_HOST_ALLOCATOR=one-arena") == 1  # once, before step 1

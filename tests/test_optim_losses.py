@@ -137,22 +137,22 @@ def test_gradient_clipping_is_part_of_the_optimizer():
 def test_model_flops_and_peak_table():
     from types import SimpleNamespace
 
-    from flaxgpt import perf
+    from flaxgpt import mfu
 
     cfg = ModelConfig(recipe="gpt2", vocab_size=65, block_size=64, n_layer=4, n_head=4, d_model=128).resolved()
     # nanoGPT's estimate_mfu: 6N + 12 L H Q T per token
-    assert perf.flops_per_token(cfg, 800_000) == 6 * 800_000 + 12 * 4 * 4 * 32 * 64
-    assert perf.known_peak(SimpleNamespace(device_kind="TPU v5 lite"), "bfloat16") == 197e12
-    assert perf.known_peak(SimpleNamespace(device_kind="TPU v5p"), "bfloat16") == 459e12
-    assert perf.known_peak(SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3"), "bfloat16") == 989e12
-    assert perf.known_peak(SimpleNamespace(device_kind="cpu"), "float32") is None
-    assert 1e9 < perf.measured_peak("float32") < 1e14
+    assert mfu.flops_per_token(cfg, 800_000) == 6 * 800_000 + 12 * 4 * 4 * 32 * 64
+    assert mfu.known_peak(SimpleNamespace(device_kind="TPU v5 lite"), "bfloat16") == 197e12
+    assert mfu.known_peak(SimpleNamespace(device_kind="TPU v5p"), "bfloat16") == 459e12
+    assert mfu.known_peak(SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3"), "bfloat16") == 989e12
+    assert mfu.known_peak(SimpleNamespace(device_kind="cpu"), "float32") is None
+    assert 1e9 < mfu.measured_peak("float32") < 1e14
 
 
 _FAULTS_PER_STEP = """
 import sys
-from flaxgpt import perf
-applied = perf.tune_host_allocator()
+from flaxgpt import host_allocator, mfu
+applied = host_allocator.tune_host_allocator()
 from benchmarks.train_throughput import CONFIGS, FlaxgptTrainer
 trainer = FlaxgptTrainer({**CONFIGS["shakespeare_char"], "batch": int(sys.argv[1]), "steps": 4}, "float32", warmup=2)
 trainer.time(8)  # a first window can still grow the heap (~1,600 faults once, more beside a busy worker)
@@ -194,11 +194,11 @@ def test_tuned_host_allocator_stops_per_step_page_faults():
 
 
 def test_unknown_host_allocator_setting_is_named(monkeypatch):
-    from flaxgpt import perf
+    from flaxgpt import host_allocator
 
     monkeypatch.setenv("FLAXGPT_HOST_ALLOCATOR", "off")
     with pytest.raises(ConfigError, match="FLAXGPT_HOST_ALLOCATOR='off'"):
-        perf.tune_host_allocator()
+        host_allocator.tune_host_allocator()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator tuning is Linux-only")
@@ -206,17 +206,17 @@ def test_host_allocator_advice_names_one_arena_when_buffers_outgrow_a_thread_are
     """The training loop logs this before its first step: compiled ahead (nothing runs here), a
     step with a [4608, 4608] float32 temporary (81 MiB) gets the advice, a small one does not,
     nor does a process already on `one-arena` or opted out with `default`."""
-    from flaxgpt import perf
+    from flaxgpt import host_allocator
 
     big = jax.jit(lambda x: jnp.tanh(x @ x.T) @ x)
     small = jax.jit(lambda x: jnp.tanh(x.T @ x))
     x = jax.ShapeDtypeStruct((4608, 64), jnp.float32)
     monkeypatch.setenv("FLAXGPT_HOST_ALLOCATOR", "tuned")
-    assert perf.host_allocator_advice(big, x) is None  # 81 MiB: too little to be worth one arena
-    monkeypatch.setattr(perf, "ADVICE_MIN_BYTES", 0)
-    advice = perf.host_allocator_advice(big, x)
+    assert host_allocator.host_allocator_advice(big, x) is None  # 81 MiB: too little to be worth one arena
+    monkeypatch.setattr(host_allocator, "ADVICE_MIN_BYTES", 0)
+    advice = host_allocator.host_allocator_advice(big, x)
     assert advice is not None and "81 MiB" in advice and "FLAXGPT_HOST_ALLOCATOR=one-arena" in advice
-    assert perf.host_allocator_advice(small, x) is None
+    assert host_allocator.host_allocator_advice(small, x) is None
     for setting in ("one-arena", "default"):
         monkeypatch.setenv("FLAXGPT_HOST_ALLOCATOR", setting)
-        assert perf.host_allocator_advice(big, x) is None
+        assert host_allocator.host_allocator_advice(big, x) is None

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from etils import epath
 
-from flaxgpt import cli, fileio, perf, runs
+from flaxgpt import cli, fileio, host_allocator, runs
 from flaxgpt.errors import UserError
 from flaxgpt.serve.app import Service, create_app
 from flaxgpt.serve.engine import SlotEngine
@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.slots < 1 or args.max_queue < 0:
         raise UserError("--slots must be at least 1 and --max-queue at least 0")
-    perf.tune_host_allocator()
+    host_allocator.tune_host_allocator()
     service = build_service(
         args.workdir,
         args.step,

@@ -18,14 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flaxgpt import lora, rlhf
+from flaxgpt import generate, lora, rlhf
 from flaxgpt.config import Config, ConfigError
 from flaxgpt.data.packing import PackedRows
 from flaxgpt.data.world import WorldTask
 from flaxgpt.losses import group_advantages, grpo_loss
 from flaxgpt.model import Transformer
 from flaxgpt.optim import build_optimizer
-from flaxgpt.rewards import mask_positions, reward_function
+from flaxgpt.rewards import reward_function
 from flaxgpt.rlhf import PPO, Models, PPOState, evaluate, load_prompts, rollout, scores, sequences
 from flaxgpt.runs import inherit_model, params_from_run, read_run
 from flaxgpt.sharding import host_value
@@ -137,7 +137,7 @@ def make_step(run: PPO, order: PackedRows, shardings: Any):
         resp_mask = full_mask[:, m.query_width :] * keep[:, None]
         host = {
             "tokens": full,
-            "positions": mask_positions(full_mask),
+            "positions": generate.mask_positions(full_mask),
             "segments": full_mask.astype(np.int32),
             "resp_mask": resp_mask.astype(np.float32),
             "advantages": np.asarray(advantages, np.float32).reshape(-1, 1),

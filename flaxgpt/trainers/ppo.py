@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxgpt import lora, perf, rlhf
+from flaxgpt import host_allocator, lora, rlhf
 from flaxgpt.config import Config, ConfigError
 from flaxgpt.data.packing import PackedRows
 from flaxgpt.data.text import build_text_data
@@ -138,7 +138,7 @@ def make_step(run: PPO, order: PackedRows, shardings: Any, start: int, message: 
         roll = host_value(roll)
         rollout_time, clock = time.time() - clock, time.time()
         ptx = ptx_batch(run, step) if run.ptx is not None else None
-        if step == start and (advice := perf.host_allocator_advice(update, state, batch, ptx, roll["kl"])):
+        if step == start and (advice := host_allocator.host_allocator_advice(update, state, batch, ptx, roll["kl"])):
             message(advice)
         state, stats = update(state, batch, ptx, roll["kl"])
         stats = host_value(stats)

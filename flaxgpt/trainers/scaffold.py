@@ -28,7 +28,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from flaxgpt import fileio, hf, perf
+from flaxgpt import fileio, hf, mfu
 from flaxgpt.checkpoint import Checkpointer
 from flaxgpt.config import Config, ConfigError, to_dict, to_json
 from flaxgpt.data.text import build_tokenizer
@@ -297,7 +297,7 @@ class _Meter:
         self.throughput, self.batch_size = throughput, batch_size
         self.peak = 0.0
         if throughput is not None and throughput.flops_per_item:
-            self.peak = perf.peak_flops(throughput.dtype)[0] * jax.device_count()
+            self.peak = mfu.peak_flops(throughput.dtype)[0] * jax.device_count()
         self.reset()
 
     def reset(self) -> None:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flaxgpt import lora, perf
+from flaxgpt import host_allocator, lora, mfu
 from flaxgpt.config import Config, TrainConfig
 from flaxgpt.data.prefetch import prefetch
 from flaxgpt.losses import token_cross_entropy
@@ -61,6 +61,23 @@ def ratio_metrics(sums: dict[str, Any]) -> dict[str, jax.Array]:
     return {name: num / jnp.maximum(den, 1.0) for name, (num, den) in sums.get("ratios", {}).items()}
 
 
+def accumulated_grads(micro_grads: Callable, params: Any, batch: Batch, rng: jax.Array, accum: int) -> tuple:
+    """Summed (grads, sums) of `micro_grads` over `accum` equal slices of `batch`, one per scan step,
+    each with its own key folded from `rng` (one call when accum == 1)."""
+    if accum == 1:
+        return micro_grads(params, batch, rng)
+    micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+    def body(carry, inputs):
+        index, micro_batch = inputs
+        grads, sums = micro_grads(params, micro_batch, jax.random.fold_in(rng, index))
+        return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro_grads, params, jax.tree.map(lambda x: x[0], micro), rng))
+    (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+    return grads, sums
+
+
 def make_train_step(
     model: nn.Module,
     optimizer: optax.GradientTransformation,
@@ -85,21 +102,7 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state.rng, state.step)
-        if accum == 1:
-            grads, sums = micro_grads(state.params, batch, rng)
-        else:
-            micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
-
-            def body(carry, inputs):
-                index, micro_batch = inputs
-                grads, sums = micro_grads(state.params, micro_batch, jax.random.fold_in(rng, index))
-                return jax.tree.map(jnp.add, carry, (grads, sums)), None
-
-            zeros = jax.tree.map(
-                jnp.zeros_like, jax.eval_shape(micro_grads, state.params, jax.tree.map(lambda x: x[0], micro), rng)
-            )
-            (grads, sums), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
-
+        grads, sums = accumulated_grads(micro_grads, state.params, batch, rng, accum)
         weight = jnp.maximum(sums["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
         loss = sums["loss_sum"] / weight
@@ -198,7 +201,7 @@ def lm_steps(
         placed = place_batch(local, rows, rt.rows_sharding, tc.batch_size)
         if step == start:
             guard.seen = int(host_value(state.skipped))
-            if advice := perf.host_allocator_advice(train_step, state, placed):
+            if advice := host_allocator.host_allocator_advice(train_step, state, placed):
                 message(advice)
         state, metrics = train_step(state, placed)
         if pending:  # the previous step has finished, or nearly: reading it costs no stall
@@ -246,7 +249,7 @@ def lm_run_spec(
     params = abstract[0].params
     origin = f"from {tc.init_from or tc.init_from_hf}" if init_params else "from scratch"
     if objective.loss_sums is None:  # a language model: every row is block_size tokens of compute
-        flops = perf.flops_per_token(model_cfg, count_params(params))
+        flops = mfu.flops_per_token(model_cfg, count_params(params))
         throughput = Throughput("tokens", model_cfg.block_size, flops, model_cfg.dtype)
     else:
         throughput = Throughput("examples", 1)

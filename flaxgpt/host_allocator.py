@@ -1,27 +1,18 @@
-"""Model FLOPs and model FLOPs utilisation (MFU): what the training loop logs as `mfu`, and
-what `benchmarks/train_throughput.py` reports.
-
-MFU = (model FLOPs per token x tokens per second) / (peak FLOP/s of the devices). Model FLOPs
-count what the model needs, not what the hardware ran (remat's recomputation is not credited):
-6 N per token for the forward and backward matmuls of N parameters, plus attention's
-12 L T d (PaLM's appendix B; nanoGPT's `estimate_mfu`). The peak is the vendor's dense figure
-for the compute dtype where the device is known, and otherwise (CPUs, unknown devices) a
-matmul measured on the device itself.
+"""glibc host-allocator tuning for XLA:CPU: freed step buffers kept for reuse instead of being
+unmapped and faulted back in on every step (FLAXGPT_HOST_ALLOCATOR), and the advice the training
+loop prints when a CPU step's buffers outgrow a thread arena.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 import sys
-import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from flaxgpt.config import ConfigError, ModelConfig
+from flaxgpt.config import ConfigError
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
@@ -101,61 +92,3 @@ def host_allocator_advice(jitted: Any, *args: Any) -> str | None:
         "FLAXGPT_HOST_ALLOCATOR=one-arena to keep them (benchmarks/README.md: GPT-2 124M on a CPU "
         "13.0 -> 9.2 s per step)"
     )
-
-
-# Dense peak FLOP/s per device (one TPU chip / one GPU), bfloat16 (TPU v4+ and GPUs) and float32.
-PEAK_FLOPS: dict[str, dict[str, float]] = {
-    "TPU v4": {"bfloat16": 275e12, "float32": 275e12},
-    "TPU v5 lite": {"bfloat16": 197e12, "float32": 197e12},  # v5e
-    "TPU v5e": {"bfloat16": 197e12, "float32": 197e12},
-    "TPU v5p": {"bfloat16": 459e12, "float32": 459e12},
-    "TPU v5": {"bfloat16": 459e12, "float32": 459e12},
-    "TPU v6 lite": {"bfloat16": 918e12, "float32": 918e12},  # v6e (Trillium)
-    "TPU v6e": {"bfloat16": 918e12, "float32": 918e12},
-    "NVIDIA A100": {"bfloat16": 312e12, "float32": 19.5e12},
-    "NVIDIA H100": {"bfloat16": 989e12, "float32": 67e12},
-    "NVIDIA H200": {"bfloat16": 989e12, "float32": 67e12},
-}
-
-
-def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
-    """Training FLOPs per token: 6 N + 12 L T d (forward and backward, attention scores included)."""
-    return 6.0 * n_params + 12.0 * cfg.n_layer * cfg.block_size * cfg.n_head * cfg.head_dim
-
-
-def known_peak(device: Any, dtype: str) -> float | None:
-    kind = getattr(device, "device_kind", "")
-    for name in sorted(PEAK_FLOPS, key=len, reverse=True):  # "TPU v5 lite" before "TPU v5"
-        if kind.startswith(name) or kind.replace("-", " ").startswith(name):
-            return PEAK_FLOPS[name][dtype]
-    return None
-
-
-@functools.cache
-def measured_peak(dtype: str = "float32", size: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of a large square matmul on the default device: the attainable matmul peak.
-
-    Random operands: constant ones or zeros can run faster than real data (power, not speed)."""
-    jdtype = jnp.dtype(dtype)
-    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jdtype)
-    b = (jax.random.normal(jax.random.PRNGKey(1), (size, size)) / size**0.5).astype(jdtype)
-    mm = jax.jit(lambda a, b: (a @ b) @ b)
-    mm(a, b).block_until_ready()
-    warm_until = time.perf_counter() + 0.5  # an idle GPU clocks down: let it ramp up first
-    while time.perf_counter() < warm_until:
-        mm(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mm(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * 2 * size**3 / best
-
-
-def peak_flops(dtype: str = "float32") -> tuple[float, str]:
-    """(peak FLOP/s of one device, where the figure comes from)."""
-    device = jax.devices()[0]
-    known = known_peak(device, dtype)
-    if known is not None:
-        return known, f"{device.device_kind} {dtype} datasheet"
-    return measured_peak(dtype), f"measured {dtype} matmul on {device.device_kind or device.platform}"

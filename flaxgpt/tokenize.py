@@ -1,4 +1,4 @@
-"""`python -m flaxgpt.tokenizer train --input FILES --vocab-size N --model-type bpe|unigram --out PREFIX`
+"""`python -m flaxgpt.tokenize train --input FILES --vocab-size N --model-type bpe|unigram --out PREFIX`
 
 Trains a SentencePiece model with flaxgpt's special tokens (<|pad|>, <|eos|>, the chat
 role markers) reserved, exact round-trips and byte fallback. Inputs are text files, or
@@ -30,7 +30,7 @@ def _lines(paths: Sequence[str]) -> Iterator[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="python -m flaxgpt.tokenizer", description=__doc__)
+    parser = cli.ArgumentParser(prog="python -m flaxgpt.tokenize", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a SentencePiece model", description=__doc__)
     train.add_argument("--input", nargs="+", required=True, help="text or .jsonl files")
