@@ -21,6 +21,9 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks._results import record  # noqa: E402
 
 RECIPES = [  # (experiment, topology, extra --set overrides)
     ("llama3_70b_pretrain_v5p512", "v5p:8x8x8", []),
@@ -100,16 +103,13 @@ def main() -> int:
         today = datetime.date.today().isoformat()
         cores = os.cpu_count()
         load = os.getloadavg()[0]
-        with open(os.path.join(REPO, "benchmarks", "RESULTS.md"), "a") as f:
-            f.write(
-                f"\n## Ahead-of-time TPU compiles of the real-scale recipes ({today}, {cores} CPU cores, load "
-                f"average {load:.0f} at the end, jax 0.10.2, libtpu 0.0.42.1)\n\n"
-                "`JAX_PLATFORMS=cpu python benchmarks/compile_recipes.py`: "
-                "compile s is the training step's own compile (the run's programs and FLOP calibration in "
-                "brackets); MFU bound = model FLOPs / (peak x roofline time) of that step.\n\n"
-                + "\n".join(table)
-                + "\n"
-            )
+        record(
+            f"## Ahead-of-time TPU compiles of the real-scale recipes ({today}, {cores} CPU cores, load "
+            f"average {load:.0f} at the end, jax 0.10.2, libtpu 0.0.42.1)\n\n"
+            "`JAX_PLATFORMS=cpu python benchmarks/compile_recipes.py`: "
+            "compile s is the training step's own compile (the run's programs and FLOP calibration in "
+            "brackets); MFU bound = model FLOPs / (peak x roofline time) of that step.\n\n" + "\n".join(table)
+        )
     return 0
 
 

@@ -20,11 +20,16 @@ import datetime
 import os
 import platform
 import socket
+import sys
 import tempfile
 import threading
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._results import record  # noqa: E402
 
 
 def tiny_run(directory: str) -> str:
@@ -167,8 +172,7 @@ def main() -> None:
             print(lines[-1], flush=True)
         server.should_exit = True
         service.engine.stop()
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"), "a") as f:
-        f.write("\n".join(lines) + "\n\n")
+    record("\n".join(lines))
 
 
 if __name__ == "__main__":

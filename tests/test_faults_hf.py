@@ -344,7 +344,7 @@ def _special_ids(tok) -> set[int]:
 
 
 def test_markers_in_user_and_data_text_never_become_special_ids(tmp_path):
-    from flaxgpt.trainers.reward import response_ids
+    from flaxgpt.rewards import response_ids
     from flaxgpt.trainers.sft import conversation_example
 
     conversation = [
