@@ -1,10 +1,8 @@
 """The chat template, and the sample / chat CLIs on a small trained workdir."""
 
-import os
-import signal
+import json
 import subprocess
 import sys
-import threading
 
 import jax
 import pytest
@@ -187,28 +185,38 @@ def test_ctrl_c_at_the_prompt_warns_once_and_twice_leaves(loaded):
     assert unread == ["never"]
 
 
-def test_ctrl_c_while_answering_stops_that_answer_and_returns_to_the_prompt(loaded):
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("signals reach only the main thread")
-    full = _session(loaded).reply("/hi", on_text=lambda piece: None)
-    session = _session(loaded)
-    out = []
+_CTRL_C_SCRIPT = r"""
+import json, os, signal, sys, threading
+from flaxgpt import runs
+from tests.test_chat import _drive, _session
+loaded = runs.load(sys.argv[1])
+full = _session(loaded).reply("/hi", on_text=lambda piece: None)
+session = _session(loaded)
+out = []
+def write(text):  # the first streamed piece (written from the engine's thread) presses Ctrl-C
+    out.append(text)
+    if threading.current_thread() is not threading.main_thread() and not session.stop.is_set():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert session.stop.wait(10)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+_, unread = _drive(session, ["//hi", "/quit", "never"], write=write)
+print(json.dumps({"full": full, "out": out, "unread": unread, "messages": session.messages}))
+"""
 
-    def write(text):  # the first streamed piece (written from the engine's thread) presses Ctrl-C
-        out.append(text)
-        if threading.current_thread() is not threading.main_thread() and not session.stop.is_set():
-            os.kill(os.getpid(), signal.SIGINT)
-            assert session.stop.wait(10)
 
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        _, unread = _drive(session, ["//hi", "/quit", "never"], write=write)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+def test_ctrl_c_while_answering_stops_that_answer_and_returns_to_the_prompt(workdir):
+    """In a process of its own: SIGINT reaches a process's main thread, which a test worker's
+    main thread need not be."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_SCRIPT, workdir], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    out, full = got["out"], got["full"]
     first = out[out.index("assistant> ") + 1]
     assert len(full) > len(first) and full.startswith(first)
-    assert out[out.index("assistant> ") + 2] == " (stopped)\n" and unread == ["never"]
-    assert session.messages == [{"role": "user", "content": "/hi"}, {"role": "assistant", "content": first}]
+    assert out[out.index("assistant> ") + 2] == " (stopped)\n" and got["unread"] == ["never"]
+    assert got["messages"] == [{"role": "user", "content": "/hi"}, {"role": "assistant", "content": first}]
 
 
 def test_line_editing_comes_from_readline():

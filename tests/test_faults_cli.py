@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from flaxgpt import chat, cli, convert, sample, score, tokenizer, train
+from flaxgpt import chat, cli, convert, sample, score, tokenize, train
 from flaxgpt.data import tfds_source
 from flaxgpt.errors import UserError
 from tests.conftest import REPO, run_cli
@@ -141,8 +141,8 @@ def test_every_cli_reports_a_missing_path_in_one_line(tmp_path, capsys):
         (chat.main, ["--workdir", missing, "--prompt", "x"], "has no config.json"),
         (score.main, ["--workdir", missing, "--prompt", "x", "--response", "y"], "has no config.json"),
         (convert.main, ["export", "--workdir", missing, "--hf", str(tmp_path / "out")], "has no config.json"),
-        (tokenizer.main, ["encode", "--model", missing, "hi"], f"{missing}: no such SentencePiece model file"),
-        (tokenizer.main, ["train", "--input", missing, "--vocab-size", "300", "--out", missing], missing),
+        (tokenize.main, ["encode", "--model", missing, "hi"], f"{missing}: no such SentencePiece model file"),
+        (tokenize.main, ["train", "--input", missing, "--vocab-size", "300", "--out", missing], missing),
         (tfds_source.main, ["build", "--train", missing, "--data-dir", str(tmp_path)], missing),
     ]
     for main, argv, fragment in cases:
@@ -156,7 +156,7 @@ def test_every_cli_shows_its_defaults_in_help(capsys):
         (chat.main, ["--help"], "(default: 128)"),
         (score.main, ["--help"], "(default: 16)"),
         (convert.main, ["export", "--help"], "(default: 5.0)"),
-        (tokenizer.main, ["train", "--help"], "(default: bpe)"),
+        (tokenize.main, ["train", "--help"], "(default: bpe)"),
     ]:
         with pytest.raises(SystemExit) as exited:
             main(argv)

@@ -152,7 +152,7 @@ def test_lora_starts_as_the_base_model_trains_only_adapters_and_merges_exactly(i
     ids = np.array([loaded.tokenizer.encode(PROMPT)])
     from flaxgpt.sharding import logical_shardings, unbox_shapes
 
-    boxed = runs._boxed_params(model.cfg)
+    boxed = runs.boxed_params(model)
     shardings = unbox_shapes(logical_shardings(boxed, loaded.mesh, loaded.rules))
     known = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(loaded.params)}
     params = runs.complete_params(known, model.cfg, shardings, loaded.mesh, loaded.rules, 0)

@@ -18,8 +18,8 @@ from flaxgpt.trainers.step import make_train_step
 from tests.conftest import tiny_model_config
 
 
-def _setup(accum: int = 1, recipe: str = "gpt2", optimizer=None, donate: bool = False):
-    model_cfg = tiny_model_config(recipe)
+def _setup(accum: int = 1, recipe: str = "gpt2", optimizer=None, donate: bool = False, **model_fields):
+    model_cfg = tiny_model_config(recipe, **model_fields)
     train_cfg = C.TrainConfig(batch_size=8, grad_accum_steps=accum)
     opt_cfg = C.OptimizerConfig(lr=1e-2, min_lr=1e-3, warmup_steps=2)
     model = Transformer(model_cfg)
@@ -107,3 +107,13 @@ def test_donated_step_updates_parameters_and_moments_in_place():
     ]
     assert len(inputs) > 2 * len(jax.tree.leaves(state.params)), "expected parameters and moments as inputs"
     assert copied == []
+
+
+def test_bfloat16_parameters_train_and_keep_their_optimizer_state_dtypes():
+    """Adam's moments of bfloat16 parameters start bfloat16; the update must not turn them float32
+    (the non-finite guard's two branches would disagree and the step would not trace)."""
+    cfg, state, step = _setup(param_dtype="bfloat16")
+    before = [x.dtype for x in jax.tree.leaves(state.opt_state)]
+    new, metrics = step(state, _batch(cfg))
+    assert [x.dtype for x in jax.tree.leaves(new.opt_state)] == before and jnp.bfloat16 in before
+    assert np.isfinite(float(metrics["loss"])) and int(new.step) == 1

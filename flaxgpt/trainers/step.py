@@ -114,8 +114,11 @@ def make_train_step(
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def apply_update(params, opt_state):
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
+            updates, new_state = optimizer.update(grads, opt_state, params)
+            # Adam's moments of bfloat16 parameters start in bfloat16 and come back float32: keep the
+            # state's dtypes, so both branches of the cond (and the donated buffers) agree
+            new_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, opt_state)
+            return optax.apply_updates(params, updates), new_state
 
         params, opt_state = jax.lax.cond(
             finite, apply_update, lambda params, opt_state: (params, opt_state), state.params, state.opt_state
