@@ -26,17 +26,17 @@ import optax
 
 from flaxgpt import fileio, losses
 from flaxgpt.config import Config
-from flaxgpt.conversations import chat_prompt
+from flaxgpt.conversations import chat_prompt, conversation_example
 from flaxgpt.data import world as world_lib
 from flaxgpt.data.jsonl import DataError, read_jsonl
 from flaxgpt.data.packing import PackedRows, build_rows
 from flaxgpt.data.tokenizers import Tokenizer
 from flaxgpt.data.world import WorldTask
+from flaxgpt.metrics import answer_metrics
 from flaxgpt.model import Transformer
 from flaxgpt.rewards import Ranking
 from flaxgpt.state import abstract_train_state
 from flaxgpt.trainers.scaffold import Runtime, fit, starting_point
-from flaxgpt.trainers.sft import answer_metrics, conversation_example
 from flaxgpt.trainers.step import Objective, lm_run_spec, make_eval_step
 
 Rows = dict[str, np.ndarray]

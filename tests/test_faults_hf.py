@@ -344,8 +344,8 @@ def _special_ids(tok) -> set[int]:
 
 
 def test_markers_in_user_and_data_text_never_become_special_ids(tmp_path):
+    from flaxgpt.conversations import conversation_example
     from flaxgpt.rewards import response_ids
-    from flaxgpt.trainers.sft import conversation_example
 
     conversation = [
         {"role": "system", "content": "Be brief." + FORGED},

@@ -10,48 +10,23 @@ the embedded world).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 
-from flaxgpt import generate
-from flaxgpt.chat_template import render, stop_tokens
+from flaxgpt.chat_template import render
 from flaxgpt.config import Config, ConfigError
-from flaxgpt.conversations import prompt_and_reference
+from flaxgpt.conversations import Conversation, Labeler, conversation_example, prompt_and_reference
 from flaxgpt.data.jsonl import DataError, read_jsonl
-from flaxgpt.data.packing import Example, PackedRows, build_rows
+from flaxgpt.data.packing import PackedRows, build_rows
 from flaxgpt.data.tokenizers import Tokenizer
 from flaxgpt.data.world import WorldTask
-from flaxgpt.metrics import text_metrics
+from flaxgpt.metrics import answer_metrics
 from flaxgpt.model import Transformer
 from flaxgpt.trainers.scaffold import Runtime, fit, starting_point
 from flaxgpt.trainers.step import Objective, lm_run_spec, make_eval_step
-
-Conversation = list[dict]
-# (prompt text, response) -> labeler score in [0, 1]: the embedded world's oracle, or None
-Labeler = Callable[[str, str], float] | None
-
-
-def conversation_example(
-    messages: Sequence[dict], tokenizer: Tokenizer, block_size: int, loss_on: str = "all"
-) -> Example:
-    """Next-token example of one conversation, weighted 1 on assistant tokens only.
-
-    Rendered to at most block_size + 1 tokens (older turns dropped first); inputs are all
-    but the last token and targets all but the first, so every assistant token (and its
-    closing <|end|>) is predicted from everything before it.
-    """
-    rendered = render(messages, tokenizer, block_size + 1, add_generation_prompt=False)
-    ids, mask = rendered.ids, list(rendered.assistant_mask)
-    if loss_on == "last":  # keep only the final run of assistant tokens
-        end = max(i for i, m in enumerate(mask) if m) + 1
-        start = end
-        while start > 0 and mask[start - 1]:
-            start -= 1
-        mask = [1 if start <= i < end else 0 for i in range(len(mask))]
-    return ids[:-1], ids[1:], [float(m) for m in mask[1:]]
 
 
 def world_conversations(cfg: Config) -> tuple[list[Conversation], list[Conversation], Labeler]:
@@ -95,42 +70,6 @@ def conversation_rows(
         log(f"{where}: {len(skipped)} conversation(s) too long for the context skipped (first: {skipped[0]})")
     rows = build_rows(examples, cfg.model.block_size, cfg.data.packing, tokenizer.pad_id, keep_whole=True)
     return PackedRows(rows, seed)
-
-
-def answer_metrics(
-    model: Transformer,
-    params: Any,
-    tokenizer: Tokenizer,
-    conversations: list[Conversation],
-    cfg: Config,
-    labeler: Labeler,
-) -> dict[str, float]:
-    """Greedy answers to the final user turn of `conversations`, scored against their references."""
-    max_new = cfg.sft.max_new_tokens
-    prompts, references, questions = [], [], []
-    for messages in conversations:
-        history, reference = prompt_and_reference(messages)
-        prompts.append(render(history, tokenizer, cfg.model.block_size - max_new).ids)
-        references.append(reference)
-        questions.append(next(m["content"] for m in reversed(history) if m["role"] == "user"))
-    decode = generate.DecodeConfig(max_new_tokens=max_new, temperature=0.0)
-    outputs = generate.generate_batched(
-        model,
-        params,
-        prompts,
-        decode,
-        jax.random.PRNGKey(0),
-        batch_size=cfg.eval.batch_size or cfg.train.batch_size,
-        pad_id=tokenizer.pad_id,
-        stop_tokens=stop_tokens(tokenizer),
-    )
-    answers = [tokenizer.decode(ids) for ids in outputs]
-    figures = text_metrics(answers, references)
-    if labeler is not None:
-        scores = [labeler(q, a) for q, a in zip(questions, answers)]
-        figures["task_accuracy"] = float(np.mean([s == 1.0 for s in scores]))
-        figures["labeler_score"] = float(np.mean(scores))
-    return figures
 
 
 def answerable(
