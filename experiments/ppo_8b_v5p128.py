@@ -15,26 +15,18 @@ Differs from the defaults, and why:
              InstructGPT-style KL penalty steered to 6 nats
 """
 
+import dataclasses
+
 from flaxgpt import config as C
+from flaxgpt.train import load_experiment
 
 
 def config() -> C.Config:
+    sft = load_experiment("llama3_8b_sft_v5p64")  # the model this PPO run starts from
     return C.Config(
-        model=C.ModelConfig(
-            recipe="llama",
-            n_layer=32,
-            d_model=4096,
-            n_head=32,
-            n_kv_heads=8,
-            d_ff=14336,
-            vocab_size=128256,
-            rope_theta=500000.0,
-            block_size=2048,
-            dtype="bfloat16",
-            scan_layers=True,
-            remat="full",
-        ),
-        mesh=C.MeshConfig(data=1, fsdp=-1, tensor=1),
+        name="ppo_8b_v5p128",
+        model=dataclasses.replace(sft.model, block_size=2048),
+        mesh=sft.mesh,
         data=C.DataConfig(source="jsonl", path="data/chats.jsonl"),
         optimizer=C.OptimizerConfig(lr=1e-6, min_lr=1e-6, warmup_steps=10, decay="constant", weight_decay=0.0),
         train=C.TrainConfig(trainer="ppo", init_from="runs/llama3_8b_sft", batch_size=256, max_steps=200),
