@@ -198,23 +198,6 @@ class CharTokenizer(_Common):
         fileio.write_atomic(path, text)
 
 
-def _write_bytes_atomic(path: str, data: bytes) -> None:
-    """`data` at `path` through a temporary name and a rename: never half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with fileio.open_file(tmp, "wb") as f:
-            f.write(data)
-        if fileio.is_remote(path):
-            from etils import epath
-
-            epath.Path(tmp).replace(epath.Path(path))
-        else:
-            os.replace(tmp, path)
-    finally:
-        if not fileio.is_remote(tmp) and os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _spm_forbidden(sp: Any, specials: dict[str, int]) -> tuple[set[int], dict[int, str]]:
     """(ids plain text must not give, their text) for a SentencePiece model: flaxgpt's special
     tokens other than <|unk|> (its user-defined markers *are* matched in text by SentencePiece),
@@ -571,7 +554,7 @@ def _inside_run(directory: str, name: str) -> str:
 def copy_file(source: str, target: str) -> None:
     """`source`'s bytes at `target`, written atomically (a no-op onto itself)."""
     if fileio.absolute(source) != fileio.absolute(target):
-        _write_bytes_atomic(target, fileio.read_bytes(source))
+        fileio.write_atomic(target, fileio.read_bytes(source))
 
 
 def _local(path: str) -> str:
@@ -584,5 +567,5 @@ def _local(path: str) -> str:
     local = os.path.join(
         tempfile.gettempdir(), "flaxgpt-" + hashlib.sha1(path.encode()).hexdigest()[:16] + "-" + os.path.basename(path)
     )
-    _write_bytes_atomic(local, fileio.read_bytes(path))
+    fileio.write_atomic(local, fileio.read_bytes(path))
     return local
