@@ -47,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 # The trainers' own step builders, compiled here exactly as the trainers jit them. Today's names:
 # this is the one place to follow them when they move.
 from flaxgpt import generate, lora, mfu, rlhf
-from flaxgpt.config import Config, ConfigError, ModelConfig
+from flaxgpt.config import Config, ModelConfig
 from flaxgpt.errors import UserError
 from flaxgpt.model import Transformer
 from flaxgpt.optim import build_optimizer, learning_rate_schedule
@@ -314,11 +314,7 @@ def ppo_programs(cfg: Config, mesh: Mesh, rules: tuple) -> list[Program]:
     p, tc, mc = cfg.ppo, cfg.train, dataclasses.replace(cfg.model, output="logits")
     rt = Runtime("", mesh, rules, batch_sharding(mesh, rules))
     scalar = dataclasses.replace(mc, output="scalar", dropout=0.0)
-    query_width = mc.block_size - p.max_new_tokens
-    if query_width < 2:
-        raise ConfigError(
-            f"ppo.max_new_tokens={p.max_new_tokens} leaves no room for a prompt in block_size {mc.block_size}"
-        )
+    query_width = rlhf.query_width(p, mc.block_size)
     models = rlhf.Models(
         Transformer(mc), Transformer(scalar), Transformer(scalar), p.value_model == "head", query_width
     )

@@ -27,7 +27,7 @@ import optax
 
 from flaxgpt import generate, lora
 from flaxgpt.chat_template import render, stop_tokens
-from flaxgpt.config import Config, PPOConfig
+from flaxgpt.config import Config, ConfigError, PPOConfig
 from flaxgpt.conversations import chat_prompt, padded_chunks
 from flaxgpt.data.jsonl import DataError, read_jsonl
 from flaxgpt.data.world import WorldTask
@@ -66,6 +66,16 @@ class Models:
     reward: Transformer | None  # scalar; None with a reward function
     head_only_value: bool  # value params are just a head on the policy's trunk
     query_width: int  # prompts are left-padded to this; responses follow
+
+
+def query_width(p: PPOConfig, block_size: int) -> int:
+    """The width prompts are left-padded to: what the context leaves after ppo.max_new_tokens."""
+    width = block_size - p.max_new_tokens
+    if width < 2:
+        raise ConfigError(
+            f"ppo.max_new_tokens={p.max_new_tokens} leaves no room for a prompt in block_size {block_size}"
+        )
+    return width
 
 
 def response_logprobs(

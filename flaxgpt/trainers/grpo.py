@@ -44,11 +44,7 @@ def setup(cfg: Config, workdir: str) -> PPO:
     reward_cfg = read_run(p.reward_from)[0].model if p.reward_from else None
     if reward_cfg is not None and reward_cfg.output != "scalar":
         raise ConfigError(f"ppo.reward_from={p.reward_from} is not a reward model (output '{reward_cfg.output}')")
-    width = policy_cfg.block_size - p.max_new_tokens
-    if width < 2:
-        raise ConfigError(
-            f"ppo.max_new_tokens={p.max_new_tokens} leaves no room for a prompt in {policy_cfg.block_size}"
-        )
+    width = rlhf.query_width(p, policy_cfg.block_size)
     policy = Transformer(policy_cfg)
     models = Models(policy, policy, Transformer(reward_cfg) if reward_cfg else None, False, width)
     mask = lora.trainable_mask if policy_cfg.lora_rank else None

@@ -67,11 +67,7 @@ def setup(cfg: Config, workdir: str) -> PPO:
         dropout=0.0,
         **{k: getattr(policy_cfg, k) for k in LORA_SETTINGS},
     )
-    query_width = policy_cfg.block_size - p.max_new_tokens
-    if query_width < 2:
-        raise ConfigError(
-            f"ppo.max_new_tokens={p.max_new_tokens} leaves no room for a prompt in block_size {policy_cfg.block_size}"
-        )
+    query_width = rlhf.query_width(p, policy_cfg.block_size)
     models = Models(
         Transformer(policy_cfg),
         Transformer(value_cfg),
