@@ -121,7 +121,7 @@ def test_stream_epochs_cover_every_window_once(corpus):
         assert sorted(map(bytes, epoch.astype(np.int32))) == sorted(map(bytes, every))
     assert not np.array_equal(rows[:n], rows[n:])
     where = stream.position(3, n)  # what checkpoints record: per source rows, tokens, epoch
-    assert where["sources"][corpus] == {"rows": 3 * n, "tokens": 3 * n * 64, "epoch": 3}
+    assert where["sources"]["shakespeare"] == {"path": corpus, "rows": 3 * n, "tokens": 3 * n * 64, "epoch": 3}
 
 
 def test_missing_truncated_and_corrupt_shards(corpus, tmp_path):
@@ -202,8 +202,13 @@ def test_mixture_pretraining_resumes_bit_exact_after_sigkill(corpus, tmp_path):
     assert resumed.returncode == 0 and "resumed from step 12" in resumed.stdout, resumed.stderr[-3000:]
     a, b = read_metrics(straight), read_metrics(killed)
     assert [r["step"] for r in a] == list(range(1, 25)) == [r["step"] for r in b]
-    for key in ("loss", "grad_norm", "val_loss"):
+    for key in ("loss", "grad_norm", "val_loss", "tokens/shakespeare", "tokens/second"):
         assert [r.get(key) for r in a] == [r.get(key) for r in b], key
+    # each row counts the tokens every source has given so far, the resumed run's included
+    for r in b:
+        assert [r["tokens/shakespeare"], r["tokens/second"]] == (
+            Mixture([0.5, 0.5], 0).consumed(r["step"] * 8) * 32
+        ).tolist()
     # the killed run resumed inside the small source's third epoch (train.seed=0, 8 rows a step)
     assert Mixture([0.5, 0.5], seed=0).consumed(12 * 8)[1] > TokenSource(str(second), "train", 32).windows
 
@@ -251,6 +256,8 @@ def test_gpt2_124m_experiment_trains_from_a_stand_in_corpus(corpus, tmp_path):
     )
     result = pretrain.run(cfg, str(tmp_path / "run"))
     assert result["step"] == 2 and np.isfinite(result["val_loss"]) and result["val_loss"] < 6
+    rows = read_metrics(str(tmp_path / "run"))  # tokens consumed from the (one) source, cumulative
+    assert [r["tokens/shakespeare"] for r in rows] == [8 * 32, 2 * 8 * 32]
 
 
 def test_mixture_config_errors_are_one_line():

@@ -266,15 +266,23 @@ class TokenStream:
         return out
 
     def position(self, step: int, batch_size: int) -> dict:
-        """Per source: rows and tokens consumed before global batch `step`, and the epoch reached."""
+        """Per source (by its label): rows and tokens consumed before global batch `step`, and the
+        epoch reached; a pure function of the step, so right after any resume."""
         rows = self.mixture.consumed(step * batch_size)
         return {
             "train_batches": step,
             "sources": {
-                s.name: {"rows": int(n), "tokens": int(n) * s.block, "epoch": int(n) // s.windows}
-                for s, n in zip(self.sources, rows)
+                label: {"path": s.name, "rows": int(n), "tokens": int(n) * s.block, "epoch": int(n) // s.windows}
+                for label, s, n in zip(source_labels([s.name for s in self.sources]), self.sources, rows)
             },
         }
+
+
+def source_labels(paths: list[str]) -> list[str]:
+    """Short names of the mixture's sources for logs: each directory's base name, numbered
+    (#1, #2, ...) where two share one."""
+    names = [os.path.basename(os.path.normpath(p)) or p for p in paths]
+    return [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
 @dataclass

@@ -221,6 +221,9 @@ def closing_block(workdir: str, result: dict, spec: RunSpec, finished: bool, rep
     shown = [f"{k} {v:.4g}" for k in spec.figures if isinstance(v := result.get(k), (int, float))]
     head = "finished earlier" if finished else "done"
     lines = [f"{head}: step {result['step']}" + "".join(f" | {f}" for f in shown)]
+    consumed = [f"{k[len('tokens/') :]} {v:,}" for k, v in result.items() if k.startswith("tokens/")]
+    if consumed:
+        lines.append("  tokens:  " + " | ".join(consumed))
     lines.append(f"  workdir: {workdir} (metrics.jsonl, config.json, checkpoints)")
     if report:
         lines.append(f"  report:  {report}")
@@ -266,7 +269,7 @@ def _loop(cfg, spec, state, start, shardings, checkpointer, logger, stop, record
         due = [h for h in hooks if done % h.every == 0 or done == tc.max_steps]
         figures = [f for h in due if (f := h.fn(state, done))]
         if done % tc.log_interval == 0 or figures:
-            row = {**spec.row(metrics), **meter.figures()}
+            row = {**spec.row(metrics), **meter.figures(), **source_tokens(spec.position(done))}
             for f in figures:
                 row.update(f)
             logger.log(done, row)
@@ -277,6 +280,12 @@ def _loop(cfg, spec, state, start, shardings, checkpointer, logger, stop, record
             if stop.agreed():
                 raise _interrupted(stop.signame, done, checkpointer, state, record)
     return state, last_row
+
+
+def source_tokens(position: dict) -> dict[str, int]:
+    """tokens/LABEL: the tokens each mixture source has given so far (cumulative, from the data's
+    position at that step, so a resumed run continues the count)."""
+    return {f"tokens/{label}": int(s["tokens"]) for label, s in position.get("sources", {}).items()}
 
 
 def _interrupted(signame, done, checkpointer, state, record) -> Interrupted:
