@@ -466,9 +466,11 @@ class Config:
             )
         _check_cross_fields(self)
         _check_data(self.data)
-        if t.trainer in ("sft", "reward") and self.data.source not in ("world", "jsonl"):
+        sources = ("world", "jsonl", "tokens") if t.trainer == "sft" else ("world", "jsonl")
+        if t.trainer in ("sft", "reward") and self.data.source not in sources:
             raise ConfigError(
-                f"train.trainer='{t.trainer}' reads data.source 'world' or 'jsonl', got '{self.data.source}'"
+                f"train.trainer='{t.trainer}' reads data.source {' or '.join(map(repr, sources))}, "
+                f"got '{self.data.source}'"
             )
         if t.trainer == "reward" and self.data.source == "world" and not t.init_from:
             raise ConfigError(

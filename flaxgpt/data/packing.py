@@ -30,8 +30,8 @@ def document_example(tokens: Sequence[int], eos_id: int) -> Example:
     return tokens, tokens[1:] + [eos_id], [1.0] * len(tokens)
 
 
-_ROW_KEYS = ("inputs", "targets", "loss_weights", "segment_ids", "positions")
-_ROW_DTYPES = (np.int32, np.int32, np.float32, np.int32, np.int32)
+ROW_KEYS = ("inputs", "targets", "loss_weights", "segment_ids", "positions")
+ROW_DTYPES = (np.int32, np.int32, np.float32, np.int32, np.int32)
 
 
 def build_rows(
@@ -42,12 +42,12 @@ def build_rows(
     keep_whole (pack mode): an example that fits in a row never straddles two; it starts a
     new row instead (conversations for SFT keep their prompt with their answer)."""
     fill_values = {"inputs": pad_id, "targets": pad_id, "loss_weights": 0.0, "segment_ids": 0, "positions": 0}
-    out: dict[str, list] = {k: [] for k in _ROW_KEYS}
-    row: dict[str, list] = {k: [] for k in _ROW_KEYS}
+    out: dict[str, list] = {k: [] for k in ROW_KEYS}
+    row: dict[str, list] = {k: [] for k in ROW_KEYS}
 
     def flush() -> None:
         fill = length - len(row["inputs"])
-        for key in _ROW_KEYS:
+        for key in ROW_KEYS:
             out[key].append(row[key] + [fill_values[key]] * fill)
             row[key] = []
 
@@ -70,12 +70,35 @@ def build_rows(
                 flush()
     if row["inputs"]:
         flush()
-    return {k: np.asarray(out[k], dt).reshape(-1, length) for k, dt in zip(_ROW_KEYS, _ROW_DTYPES)}
+    return {k: np.asarray(out[k], dt).reshape(-1, length) for k, dt in zip(ROW_KEYS, ROW_DTYPES)}
+
+
+class ShuffledRows:
+    """Rows served in a fresh order every epoch, global batch `step` being running rows
+    step * batch_size onwards: what in-memory and streamed rows share. `take(running row
+    numbers)` gives the rows."""
+
+    n: int
+
+    def take(self, wanted: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def position(self, step: int, batch_size: int) -> dict[str, int]:
+        """Where global batch `step` starts: recorded in checkpoints for people to read."""
+        first = step * batch_size
+        return {"epoch": first // self.n, "index_in_epoch": first % self.n}
+
+    def batch(self, step: int, batch_size: int, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Rows `rows` (default all) of global batch number `step`."""
+        wanted = np.arange(step * batch_size, (step + 1) * batch_size)
+        if rows is not None:
+            wanted = wanted[rows]
+        return self.take(wanted)
 
 
 @dataclass
-class PackedRows:
-    """Fixed rows served in a fresh random order every epoch."""
+class PackedRows(ShuffledRows):
+    """Fixed rows, in memory, served in a fresh random order every epoch."""
 
     rows: dict[str, np.ndarray]
     seed: int
@@ -88,16 +111,7 @@ class PackedRows:
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.n)
 
-    def position(self, step: int, batch_size: int) -> dict[str, int]:
-        """Where global batch `step` starts: recorded in checkpoints for people to read."""
-        first = step * batch_size
-        return {"epoch": first // self.n, "index_in_epoch": first % self.n}
-
-    def batch(self, step: int, batch_size: int, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Rows `rows` (default all) of global batch number `step`."""
-        wanted = np.arange(step * batch_size, (step + 1) * batch_size)
-        if rows is not None:
-            wanted = wanted[rows]
+    def take(self, wanted: np.ndarray) -> dict[str, np.ndarray]:
         epochs = wanted // self.n
         picked = np.empty(len(wanted), np.int64)
         for epoch in np.unique(epochs):

@@ -1,6 +1,6 @@
 """Tokenize a corpus once into sharded token files that `data.source=tokens` streams from disk.
 
-    python -m flaxgpt.data.prepare --out DIR --text a.txt b.txt        (or --jsonl FILE..., or --tfds NAME)
+    python -m flaxgpt.data.prepare --out DIR --text a.txt b.txt   (or --jsonl / --conversations FILE..., --tfds NAME)
         [--val FILE...] [--val-fraction 0.01] [--tokenizer char|sentencepiece] [--spm-model M.model]
         [--tokenizer-from RUN_OR_DIR] [--workers N] [--shard-mb 256] [--chunk-mb 4] [--on-error skip]
 
@@ -10,6 +10,14 @@ on the worker count. JSONL and TFDS documents end in EOS; a text file is one str
 EOS. DIR receives flat little-endian uint16 token files (uint32 past 65,536 ids),
 `train-00000.bin`, ..., `val-00000.bin`, ..., the tokenizer, and manifest.json (each shard's
 token count, byte size and sha256), written last: its presence means the corpus is complete.
+
+--conversations FILE... (JSONL of {"messages": [...]}, with --tokenizer-from the run SFT starts
+from) writes SFT's rows instead: each conversation rendered by the chat template (special
+tokens only from the template, never from the text), weighted on assistant tokens
+(--loss-on), packed or padded (--packing) into rows of --block-size exactly as SFT does in
+memory (a chunk's last row is padded: a conversation never continues into another chunk's
+rows). Shards then hold whole rows of fixed width, and the manifest's "rows" records how they
+were made, which SFT with data.source=tokens checks against its config.
 
 Why flat token files rather than ArrayRecord: a training window is then one pread at a
 computed offset (no record index, no decoding, no per-record framing), the same files serve
@@ -29,13 +37,16 @@ import math
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from flaxgpt import cli, fileio
+from flaxgpt.conversations import conversation_example
 from flaxgpt.data.jsonl import DataError, _decode, _parse
+from flaxgpt.data.packing import ROW_DTYPES, ROW_KEYS, build_rows
 from flaxgpt.data.tokenizers import (
     CharTokenizer,
     SentencePieceTokenizer,
@@ -82,8 +93,13 @@ def tfds_chunks(name: str, split: str, data_dir: str, key: str, records: int) ->
     return [("tfds", name, split, data_dir, key, i, min(i + records, n)) for i in range(0, n, records)]
 
 
+_SCHEMAS = {"jsonl": "text", "conversations": "conversations"}  # a JSONL kind's schema, and its field
+_FIELDS = {"jsonl": "text", "conversations": "messages"}
+
+
 def chunk_documents(chunk: Chunk, on_error: str, report: dict) -> Iterator[tuple[str, bool]]:
-    """(text, ends a document) pieces of one chunk; bad lines or records raise DataError or are counted."""
+    """(text, ends a document) pieces of one chunk (a conversation's messages for that kind); bad
+    lines or records raise DataError or are counted."""
 
     def reject(where: str) -> None:
         if on_error == "raise":
@@ -120,14 +136,14 @@ def chunk_documents(chunk: Chunk, on_error: str, report: dict) -> Iterator[tuple
         text, problem = _decode(line, offset == 0)
         where = f"{path}: line at byte {offset}"
         offset += len(line)
-        if problem is None and kind == "jsonl":
+        if problem is None and kind != "text":
             if not text.strip():
                 continue
-            record, problem = _parse(text, "text")
-            text = None if problem else record["text"]
+            record, problem = _parse(text, _SCHEMAS[kind])
+            text = None if problem else record[_FIELDS[kind]]
         if problem is not None:
             reject(f"{where}: {problem}")
-        elif kind == "jsonl":
+        elif kind != "text":
             yield text, True
         else:
             yield text.replace("\r\n", "\n").replace("\r", "\n"), False
@@ -139,12 +155,15 @@ def chunk_documents(chunk: Chunk, on_error: str, report: dict) -> Iterator[tuple
 _WORKER: dict = {}
 
 
-def _init_worker(out: str, on_error: str) -> None:
-    _WORKER.update(tokenizer=load_tokenizer(out), on_error=on_error)
+def _init_worker(out: str, on_error: str, rows: dict | None = None) -> None:
+    _WORKER.update(tokenizer=load_tokenizer(out), on_error=on_error, rows=rows)
 
 
 def tokenize_chunk(chunk: Chunk) -> tuple[np.ndarray, dict]:
-    """The tokens of one chunk (EOS after every document) and its counts."""
+    """The tokens of one chunk (EOS after every document) and its counts; for conversations,
+    the bytes of its rows."""
+    if chunk[0] == "conversations":
+        return conversation_chunk(chunk)
     tokenizer: Tokenizer = _WORKER["tokenizer"]
     report = {"skipped": 0, "chars": 0, "documents": 0}
     ids: list[int] = []
@@ -161,6 +180,35 @@ def tokenize_chunk(chunk: Chunk) -> tuple[np.ndarray, dict]:
     if pending:
         ids.extend(tokenizer.encode("".join(pending)))
     return np.asarray(ids, np.int32), report
+
+
+def row_layout(block_size: int) -> list[list]:
+    """[key, dtype, shape] of each array of a packed row, in the order a row's bytes hold them."""
+    return [[k, np.dtype(dt).newbyteorder("<").str, [block_size]] for k, dt in zip(ROW_KEYS, ROW_DTYPES)]
+
+
+def conversation_chunk(chunk: Chunk) -> tuple[np.ndarray, dict]:
+    """The rows of one chunk of conversations as SFT builds them (rendered by the chat template,
+    weighted on assistant tokens, packed without splitting one), as bytes: row after row, each
+    the arrays of `row_layout` one after the other."""
+    tokenizer, opts = _WORKER["tokenizer"], _WORKER["rows"]
+    report = {"skipped": 0, "chars": 0, "documents": 0}
+    examples, block = [], opts["block_size"]
+    for n, (messages, _) in enumerate(m for m in chunk_documents(chunk, _WORKER["on_error"], report) if m[0]):
+        try:
+            examples.append(conversation_example(messages, tokenizer, block, opts["loss_on"]))
+        except ValueError as e:
+            where = f"{chunk[1]}: conversation {n} of the chunk at byte {chunk[2]}: {e}"
+            if _WORKER["on_error"] == "raise":
+                raise DataError(where + " (--on-error skip skips it)") from e
+            report["skipped"] += 1
+            report.setdefault("first", where)
+        report["chars"] += sum(len(m.get("content", "")) for m in messages)
+        report["documents"] += 1
+    rows = build_rows(examples, block, opts["packing"], tokenizer.pad_id, keep_whole=True)
+    n = len(rows["inputs"])
+    parts = [rows[k].astype(dt).reshape(n, -1).view(np.uint8) for k, dt, _ in row_layout(block)]
+    return np.concatenate(parts, axis=1).ravel(), report
 
 
 # ----------------------------------------------------------------------------- writing
@@ -210,11 +258,21 @@ def tokenizer_sha256(out: str) -> str:
     return digest.hexdigest()
 
 
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    """`tokenizer_sha256` of the files `tokenizer.save` writes: the same for the same tokenizer
+    wherever it is saved (a run's workdir holds other files too)."""
+    with tempfile.TemporaryDirectory() as directory:
+        tokenizer.save(directory)
+        return tokenizer_sha256(directory)
+
+
 def make_tokenizer(args: argparse.Namespace, train: list[Chunk]) -> Tokenizer:
     """The tokenizer saved in --out already (a resumed job), or the one asked for, saved there."""
     existing = load_tokenizer(args.out)
     if existing is not None:
         return existing
+    if args.conversations and not args.tokenizer_from:
+        raise DataError("--conversations needs --tokenizer-from: the run (or directory) whose tokenizer SFT uses")
     if args.tokenizer_from:
         tokenizer = load_tokenizer(args.tokenizer_from)
         if tokenizer is None:
@@ -252,7 +310,8 @@ def plan(args: argparse.Namespace) -> dict[str, list[Chunk]]:
         train = tfds_chunks(args.tfds, args.tfds_split, args.tfds_data_dir, args.tfds_text_key, per)
         val = tfds_chunks(args.tfds, args.tfds_val_split, args.tfds_data_dir, args.tfds_text_key, per)
         return {"train": train, "val": val}
-    kind, files = ("jsonl", args.jsonl) if args.jsonl else ("text", args.text)
+    kinds = (("jsonl", args.jsonl), ("conversations", args.conversations), ("text", args.text))
+    kind, files = next((k, f) for k, f in kinds if f)
     train = [c for path in files for c in file_chunks(kind, path, size)]
     if args.val:
         return {"train": train, "val": [c for path in args.val for c in file_chunks(kind, path, size)]}
@@ -274,8 +333,16 @@ def fingerprint(args: argparse.Namespace, chunks: dict[str, list[Chunk]]) -> str
         "shard_mb": args.shard_mb,
         "tokenizer": [args.tokenizer, args.spm_model, args.spm_vocab_size, args.tokenizer_from],
         "on_error": args.on_error,
+        "rows": row_options(args),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def row_options(args: argparse.Namespace) -> dict | None:
+    """How conversations become rows (what SFT's config must then agree with); None for text."""
+    if not args.conversations:
+        return None
+    return {"block_size": args.block_size, "loss_on": args.loss_on, "packing": args.packing}
 
 
 def _resume_state(out: str, key: str) -> dict:
@@ -298,9 +365,10 @@ def _resume_state(out: str, key: str) -> dict:
 def _write_splits(args: argparse.Namespace, chunks: dict, state: dict, dtype: np.dtype, workers: int, log) -> None:
     """Tokenize the chunks not yet done (in worker processes) into shards, recording progress
     in `state` (and progress.json) at every finished shard."""
-    pool = multiprocessing.Pool(workers, _init_worker, (args.out, args.on_error)) if workers > 0 else None
+    init = (args.out, args.on_error, row_options(args))
+    pool = multiprocessing.Pool(workers, _init_worker, init) if workers > 0 else None
     if pool is None:
-        _init_worker(args.out, args.on_error)
+        _init_worker(*init)
     totals = state["totals"]
     try:
         for split, todo in chunks.items():
@@ -338,6 +406,12 @@ def prepare(args: argparse.Namespace, log=print) -> dict:
     state = _resume_state(args.out, key)
     tokenizer = make_tokenizer(args, chunks["train"])
     dtype = np.dtype("<u2" if tokenizer.vocab_size <= 1 << 16 else "<u4")
+    rows = row_options(args)
+    if rows is not None:  # rows are bytes: shards end between rows, as chunks do
+        dtype = np.dtype("u1")
+        layout = row_layout(args.block_size)
+        width = sum(np.dtype(dt).itemsize * int(np.prod(shape)) for _, dt, shape in layout)
+        rows.update(kind="conversations", layout=layout, row_bytes=width, tokenizer=tokenizer_fingerprint(tokenizer))
     start = time.perf_counter()
     workers = args.workers if args.workers is not None else os.cpu_count() or 1
     _write_splits(args, chunks, state, dtype, workers, log)
@@ -352,6 +426,7 @@ def prepare(args: argparse.Namespace, log=print) -> dict:
         "fingerprint": key,
         "splits": state["splits"],
         "counts": {**totals, "seconds": round(seconds, 3), "workers": workers},
+        **({"rows": rows} if rows else {}),
     }
     fileio.write_atomic(manifest_path, json.dumps(manifest, indent=1))
     if os.path.exists(os.path.join(args.out, PROGRESS)):
@@ -373,6 +448,9 @@ def parser() -> argparse.ArgumentParser:
     inputs.add_argument("--text", nargs="+", help="UTF-8 text files (each one stream)")
     inputs.add_argument("--jsonl", nargs="+", help='JSONL files of {"text": ...} documents')
     inputs.add_argument("--tfds", help="a prepared TFDS dataset name (array_record)")
+    inputs.add_argument(
+        "--conversations", nargs="+", help='JSONL files of {"messages": [...]} for SFT (data.source=tokens)'
+    )
     p.add_argument("--val", nargs="+", help="validation files (default: the last --val-fraction of the chunks)")
     p.add_argument("--val-fraction", type=float, default=0.01)
     p.add_argument("--tfds-data-dir", default="")
@@ -388,6 +466,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-mb", type=float, default=256.0, help="shard size in MB of tokens")
     p.add_argument("--chunk-mb", type=float, default=4.0, help="input MB one worker tokenizes at a time")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+    rows = p.add_argument_group("conversations: SFT rows, as the SFT run's config must then say")
+    rows.add_argument("--block-size", type=int, default=1024, help="model.block_size")
+    rows.add_argument("--loss-on", choices=("all", "last"), default="all", help="sft.loss_on")
+    rows.add_argument("--packing", choices=("pack", "pad"), default="pack", help="data.packing")
     return p
 
 

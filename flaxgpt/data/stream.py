@@ -100,6 +100,17 @@ def _keys(*seed: int) -> np.ndarray:
     return np.random.default_rng(list(seed)).integers(0, 2**63, size=4, dtype=np.uint64)
 
 
+def epoch_order(index: np.ndarray, n: int, *seed: int) -> np.ndarray:
+    """Item of each running index over epochs of n items: epoch index // n, in that epoch's own
+    keyed permutation (every item once per epoch; nothing held but the asked indices)."""
+    epochs, within = np.divmod(index, n)
+    picked = np.empty(len(within), np.int64)
+    for e in np.unique(epochs):
+        at = epochs == e
+        picked[at] = permute(within[at], n, _keys(*seed, int(e)))
+    return picked
+
+
 # ----------------------------------------------------------------------------- one source
 
 
@@ -114,11 +125,19 @@ class Shard:
 class TokenSource:
     """One split of one prepared directory: numbered windows of block_size + 1 tokens."""
 
+    what = "window of block_size + 1 = {width} tokens"
+
     def __init__(self, directory: str, split: str, block_size: int, on_error: str = "raise"):
+        self.block = block_size
+        self._open(directory, split, on_error, stride=block_size, width=block_size + 1)
+
+    def _open(self, directory: str, split: str, on_error: str, stride: int, width: int) -> None:
+        """The split's shards (checked, or skipped and counted) cut into windows of `width`
+        items every `stride` items."""
         manifest = read_manifest(directory)
         if split not in manifest["splits"]:
             raise DataError(f"{os.path.join(directory, MANIFEST)}: no '{split}' split")
-        self.name, self.block = directory, block_size
+        self.name, self.stride, self.width = directory, stride, width
         self.dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
         self.skipped: list[str] = []
         self.shards = []
@@ -133,12 +152,12 @@ class TokenSource:
                 self.skipped.append(problem)
             else:
                 raise DataError(problem + " (data.on_error=skip skips it)")
-        per_shard = np.array([max((s.tokens - 1) // block_size, 0) for s in self.shards], np.int64)
+        per_shard = np.array([max((s.tokens - width) // stride + 1, 0) for s in self.shards], np.int64)
         self.starts = np.concatenate([[0], np.cumsum(per_shard)])
         self.windows = int(self.starts[-1])
         if self.windows == 0:
             raise DataError(
-                f"{directory}: the '{split}' split has no window of block_size + 1 = {block_size + 1} tokens"
+                f"{directory}: the '{split}' split has no {self.what.format(width=width)}"
                 + (f" ({len(self.skipped)} shard(s) skipped)" if self.skipped else "")
             )
         self._verified = [on_error == "skip"] * len(self.shards)
@@ -164,20 +183,33 @@ class TokenSource:
 
     def read(self, windows: np.ndarray) -> np.ndarray:
         """Windows (numbers in range(self.windows)) as an int32 array [len, block_size + 1]."""
+        return self.read_raw(windows).astype(np.int32)
+
+    def read_raw(self, windows: np.ndarray) -> np.ndarray:
+        """Windows as stored: [len, width] of the manifest's dtype."""
         shards = np.searchsorted(self.starts, windows, side="right") - 1
-        offsets = (windows - self.starts[shards]) * self.block
-        width = (self.block + 1) * self.dtype.itemsize
-        out = np.empty((len(windows), self.block + 1), self.dtype)
+        offsets = (windows - self.starts[shards]) * self.stride
+        width = self.width * self.dtype.itemsize
+        out = np.empty((len(windows), self.width), self.dtype)
         view = memoryview(out).cast("B")
         for i, (shard, offset) in enumerate(zip(shards.tolist(), offsets.tolist())):
             got = os.preadv(self._fd(shard), [view[i * width : (i + 1) * width]], offset * self.dtype.itemsize)
             if got != width:
                 raise DataError(f"{self.shards[shard].path}: shorter than the manifest says (truncated)")
-        return out.astype(np.int32)
+        return out
 
     def close(self) -> None:
         while self._files:
             os.close(self._files.popitem()[1])
+
+
+def say_skipped(source: TokenSource, split: str) -> TokenSource:
+    """The source, after one line (process 0) saying how many of its shards data.on_error=skip left out."""
+    if source.skipped and jax.process_index() == 0:
+        print(
+            f"{source.name} [{split}]: {len(source.skipped)} shard(s) skipped (first: {source.skipped[0]})", flush=True
+        )
+    return source
 
 
 def _size_problem(shard: Shard) -> str | None:
@@ -255,11 +287,7 @@ class TokenStream:
         out = None if len(self.sources) == 1 else np.empty((len(rows), self.sources[0].block + 1), np.int32)
         for k in np.unique(which):
             mask, source = which == k, self.sources[k]
-            epochs, within = np.divmod(index[mask], source.windows)
-            picked = np.empty(len(within), np.int64)
-            for e in np.unique(epochs):
-                at = epochs == e
-                picked[at] = permute(within[at], source.windows, _keys(self.seed, int(k), int(e)))
+            picked = epoch_order(index[mask], source.windows, self.seed, int(k))
             if out is None:  # one source: its rows are the batch
                 return source.read(picked)
             out[mask] = source.read(picked)
@@ -342,10 +370,7 @@ def build_token_data(cfg: Config, workdir: str) -> tuple[Tokenizer, TokenData]:
     block, weights = cfg.model.block_size, [w for _, w in entries]
 
     def stream(split: str, seed: int) -> TokenStream:
-        sources = [TokenSource(d, split, block, cfg.data.on_error) for d, _ in entries]
-        for s in sources:
-            if s.skipped and jax.process_index() == 0:
-                print(f"{s.name} [{split}]: {len(s.skipped)} shard(s) skipped (first: {s.skipped[0]})", flush=True)
+        sources = [say_skipped(TokenSource(d, split, block, cfg.data.on_error), split) for d, _ in entries]
         return TokenStream(sources, weights, seed)
 
     return tokenizer, TokenData(stream("train", cfg.train.seed), stream("val", cfg.train.seed + 1))

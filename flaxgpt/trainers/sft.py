@@ -21,6 +21,7 @@ from flaxgpt.config import Config, ConfigError
 from flaxgpt.conversations import Conversation, Labeler, conversation_example, prompt_and_reference
 from flaxgpt.data.jsonl import DataError, read_jsonl
 from flaxgpt.data.packing import PackedRows, build_rows
+from flaxgpt.data.rows import prepared_conversations, prepared_tokenizer
 from flaxgpt.data.tokenizers import Tokenizer
 from flaxgpt.data.world import WorldTask
 from flaxgpt.metrics import answer_metrics
@@ -108,18 +109,27 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
     rt = Runtime.create(cfg, workdir)
     labeler: Labeler = None
     notes: list[str] = []
+    train_convs, val_convs = [], []
     if cfg.data.source == "world":
         train_convs, val_convs, labeler = world_conversations(cfg)
         where = "world demonstrations"
-    else:
+    elif cfg.data.source == "jsonl":
         train_convs, val_convs = jsonl_conversations(cfg, notes.append)
         where = cfg.data.path
+    elif not (cfg.train.init_from or cfg.train.init_from_hf):
+        prepared_tokenizer(cfg, workdir)
     all_text = lambda: "".join(m["content"] for c in train_convs + val_convs for m in c)
     cfg, tokenizer, init_params = starting_point(cfg, rt, all_text)
     model = Transformer(cfg.model)
     batch, eval_batch = cfg.train.batch_size, cfg.eval.batch_size or cfg.train.batch_size
-    train_rows = conversation_rows(train_convs, tokenizer, cfg, where, cfg.train.seed, notes.append)
-    val_rows = conversation_rows(val_convs, tokenizer, cfg, where + " (validation)", cfg.train.seed + 1, notes.append)
+    if cfg.data.source == "tokens":  # rows prepared on disk, streamed (no text: no answers generated)
+        train_rows, val_rows = prepared_conversations(cfg, tokenizer)
+        if cfg.sft.eval_examples:
+            notes.append("sft: data.source='tokens' holds rows, not reference answers: no answers generated")
+    else:
+        train_rows = conversation_rows(train_convs, tokenizer, cfg, where, cfg.train.seed, notes.append)
+        val_where = where + " (validation)"
+        val_rows = conversation_rows(val_convs, tokenizer, cfg, val_where, cfg.train.seed + 1, notes.append)
     eval_iters = min(cfg.eval.iters, -(-val_rows.n // eval_batch))
     eval_step = jax.jit(make_eval_step(model))
     generated = answerable(val_convs[: cfg.sft.eval_examples], tokenizer, cfg, notes.append)
@@ -142,9 +152,8 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
         evaluate=evaluate,
         position=lambda step: train_rows.position(step, batch),
     )
-    description = (
-        f"{len(train_convs)} training conversations in {train_rows.n} rows, loss on {cfg.sft.loss_on} assistant turns"
-    )
+    counted = f"{len(train_convs)} training conversations in " if train_convs else f"{cfg.data.path}: "
+    description = f"{counted}{train_rows.n} rows, loss on {cfg.sft.loss_on} assistant turns"
     spec = lm_run_spec(cfg, rt, model, objective, init_params=init_params, description=description)
     spec.notes = notes
     spec.figures = ("loss", "val_loss", "val_task_accuracy", "val_exact_match", "val_bleu", "val_rougeL")

@@ -1,0 +1,126 @@
+"""SFT on the token path: conversations prepared into rows on disk, streamed like in-memory rows."""
+
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import pytest
+
+from flaxgpt.data import prepare as P
+from flaxgpt.data.jsonl import DataError
+from flaxgpt.data.rows import RowSource, StreamedRows, prepared_conversations
+from flaxgpt.data.tokenizers import CharTokenizer, load_tokenizer
+from flaxgpt.logging import read_metrics
+from flaxgpt.trainers import sft
+from tests.conftest import tiny_run_config
+
+BLOCK = 48
+
+
+def _conversations(n: int, seed: int) -> list[list[dict]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        turns = [{"role": "user", "content": f"{a}+{b}=?"}, {"role": "assistant", "content": f"{a + b}"}]
+        if rng.random() < 0.3:  # a second exchange, and text that looks like a special token
+            turns += [{"role": "user", "content": "<|end|> again"}, {"role": "assistant", "content": "ok"}]
+        out.append(([{"role": "system", "content": "Add."}] if rng.random() < 0.5 else []) + turns)
+    return out
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+    """(train.jsonl, val.jsonl, the tokenizer's directory, the prepared rows' directory)."""
+    root = tmp_path_factory.mktemp("chats")
+    train, val = _conversations(90, 0), _conversations(20, 1)
+    for name, convs in (("train.jsonl", train), ("val.jsonl", val)):
+        (root / name).write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    tokenizer = CharTokenizer.from_text("".join(m["content"] for c in train + val for m in c))
+    os.makedirs(root / "tok")
+    tokenizer.save(str(root / "tok"))
+    out = root / "rows"
+    _prepare(out, root, "--workers", "2")
+    return root / "train.jsonl", root / "val.jsonl", root / "tok", out
+
+
+def _prepare(out, root, *extra):
+    args = ["--out", str(out), "--conversations", str(root / "train.jsonl"), "--val", str(root / "val.jsonl")]
+    args += ["--tokenizer-from", str(root / "tok"), "--block-size", str(BLOCK), "--chunk-mb", "1", *extra]
+    return P.prepare(P.parser().parse_args(args), log=lambda _: None)
+
+
+def _cfg(source: str, path, val_path="", **train):
+    return tiny_run_config(
+        model={"block_size": BLOCK},
+        train={"trainer": "sft", "max_steps": 1, "log_interval": 1, **train},
+        data={"source": source, "path": str(path), "val_path": str(val_path), "packing": "pack"},
+        sft={"eval_examples": 0, "loss_on": "all"},
+        eval={"interval": 1, "iters": 1, "sample_tokens": 0},
+        checkpoint={"every_steps": 100},
+    )
+
+
+def test_prepared_rows_are_the_in_memory_rows_and_stream_by_epoch(chats):
+    train_path, val_path, tok, rows_dir = chats
+    cfg = _cfg("jsonl", train_path, val_path)
+    tokenizer = load_tokenizer(str(tok))
+    convs, _ = sft.jsonl_conversations(cfg, lambda _: None)
+    memory = sft.conversation_rows(convs, tokenizer, cfg, "x", 0).rows
+    source = RowSource(str(rows_dir), "train")
+    disk = source.rows(np.arange(source.windows))
+    assert set(disk) == set(memory)
+    for key in memory:  # row for row, bit for bit (one chunk: packed exactly as in memory)
+        assert disk[key].dtype == memory[key].dtype
+        np.testing.assert_array_equal(disk[key], memory[key], err_msg=key)
+    # the "<|end|>" users typed stays text (its "<" a character): special ids come from the template only
+    typed = sum(m["content"].startswith("<|end|>") for c in convs for m in c)
+    assert 1 <= (disk["inputs"] == tokenizer.encode("<")[0]).sum() <= typed
+    streamed = StreamedRows(source, seed=3)
+    n = streamed.n
+    epoch = streamed.batch(0, n)["inputs"]
+    assert sorted(map(bytes, epoch)) == sorted(map(bytes, memory["inputs"]))  # every row once an epoch
+    some = np.array([1, 4, 5])  # a process's rows of a batch are those rows of the whole batch
+    np.testing.assert_array_equal(streamed.batch(7, 6, some)["targets"], streamed.batch(7, 6)["targets"][some])
+    assert streamed.position(5, n) == {"epoch": 5, "index_in_epoch": 0}
+
+
+def test_sft_on_streamed_rows_has_the_in_memory_loss(chats, tmp_path):
+    """The whole training set in one batch: step 1's loss (before any update) and the validation
+    loss are the in-memory path's, up to the order of the sum."""
+    train_path, val_path, tok, rows_dir = chats
+    n = RowSource(str(rows_dir), "train").windows
+    n_val = RowSource(str(rows_dir), "val").windows
+    figures = []
+    for source, path in (("jsonl", train_path), ("tokens", rows_dir)):
+        cfg = _cfg(source, path, val_path if source == "jsonl" else "", batch_size=n)
+        cfg.eval.batch_size = n_val
+        sft.run(cfg, str(tmp_path / source))
+        figures.append(read_metrics(str(tmp_path / source))[-1])
+    for key in ("loss", "val_loss"):
+        np.testing.assert_allclose(figures[1][key], figures[0][key], rtol=1e-5, err_msg=key)
+
+
+def test_rows_that_disagree_with_the_run_are_one_line_errors(chats, tmp_path):
+    _, _, tok, rows_dir = chats
+    tokenizer = load_tokenizer(str(tok))
+    with pytest.raises(DataError, match=r"rows made with --block-size 48, but this run has 64"):
+        prepared_conversations(tiny_run_config(model={"block_size": 64}, data={"path": str(rows_dir)}), tokenizer)
+    cfg = _cfg("tokens", rows_dir)
+    with pytest.raises(DataError, match="another tokenizer"):
+        prepared_conversations(cfg, CharTokenizer.from_text("abc"))
+    bad = tmp_path / "bad"
+    shutil.copytree(rows_dir, bad)
+    name = json.load(open(bad / P.MANIFEST))["splits"]["train"][0]["file"]
+    os.remove(bad / name)
+    with pytest.raises(DataError, match=f"{name}: missing shard"):
+        prepared_conversations(_cfg("tokens", bad), tokenizer)
+    with pytest.raises(DataError, match="--conversations needs --tokenizer-from"):
+        P.prepare(
+            P.parser().parse_args(
+                ["--out", str(tmp_path / "x"), "--conversations", str(bad / P.MANIFEST), "--val", str(bad / P.MANIFEST)]
+            ),
+            log=lambda _: None,
+        )
