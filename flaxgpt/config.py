@@ -466,10 +466,9 @@ class Config:
             )
         _check_cross_fields(self)
         _check_data(self.data)
-        sources = ("world", "jsonl", "tokens") if t.trainer == "sft" else ("world", "jsonl")
-        if t.trainer in ("sft", "reward") and self.data.source not in sources:
+        if t.trainer in ("sft", "reward") and self.data.source not in ("world", "jsonl", "tokens"):
             raise ConfigError(
-                f"train.trainer='{t.trainer}' reads data.source {' or '.join(map(repr, sources))}, "
+                f"train.trainer='{t.trainer}' reads data.source 'world' or 'jsonl' or 'tokens', "
                 f"got '{self.data.source}'"
             )
         if t.trainer == "reward" and self.data.source == "world" and not t.init_from:

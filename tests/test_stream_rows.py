@@ -10,7 +10,7 @@ import pytest
 
 from flaxgpt.data import prepare as P
 from flaxgpt.data.jsonl import DataError
-from flaxgpt.data.rows import RowSource, StreamedRows, prepared_conversations
+from flaxgpt.data.rows import RowSource, StreamedRows, prepared_rows
 from flaxgpt.data.tokenizers import CharTokenizer, load_tokenizer
 from flaxgpt.logging import read_metrics
 from flaxgpt.trainers import sft
@@ -52,14 +52,15 @@ def _prepare(out, root, *extra):
     return P.prepare(P.parser().parse_args(args), log=lambda _: None)
 
 
-def _cfg(source: str, path, val_path="", **train):
+def _cfg(source: str, path, val_path="", block_size=BLOCK, **train):
     return tiny_run_config(
-        model={"block_size": BLOCK},
+        model={"n_layer": 1, "block_size": block_size},
         train={"trainer": "sft", "max_steps": 1, "log_interval": 1, **train},
         data={"source": source, "path": str(path), "val_path": str(val_path), "packing": "pack"},
         sft={"eval_examples": 0, "loss_on": "all"},
         eval={"interval": 1, "iters": 1, "sample_tokens": 0},
         checkpoint={"every_steps": 100},
+        optimizer={"lr": 1e-30, "min_lr": 1e-31},  # no update: Adam's first step would magnify rounding
     )
 
 
@@ -107,16 +108,16 @@ def test_rows_that_disagree_with_the_run_are_one_line_errors(chats, tmp_path):
     _, _, tok, rows_dir = chats
     tokenizer = load_tokenizer(str(tok))
     with pytest.raises(DataError, match=r"rows made with --block-size 48, but this run has 64"):
-        prepared_conversations(tiny_run_config(model={"block_size": 64}, data={"path": str(rows_dir)}), tokenizer)
+        prepared_rows(_cfg("tokens", rows_dir, block_size=64), tokenizer)
     cfg = _cfg("tokens", rows_dir)
     with pytest.raises(DataError, match="another tokenizer"):
-        prepared_conversations(cfg, CharTokenizer.from_text("abc"))
+        prepared_rows(cfg, CharTokenizer.from_text("abc"))
     bad = tmp_path / "bad"
     shutil.copytree(rows_dir, bad)
     name = json.load(open(bad / P.MANIFEST))["splits"]["train"][0]["file"]
     os.remove(bad / name)
     with pytest.raises(DataError, match=f"{name}: missing shard"):
-        prepared_conversations(_cfg("tokens", bad), tokenizer)
+        prepared_rows(_cfg("tokens", bad), tokenizer)
     with pytest.raises(DataError, match="--conversations needs --tokenizer-from"):
         P.prepare(
             P.parser().parse_args(
@@ -124,3 +125,46 @@ def test_rows_that_disagree_with_the_run_are_one_line_errors(chats, tmp_path):
             ),
             log=lambda _: None,
         )
+
+
+def _rankings(n: int, seed: int, pairs: bool) -> list[dict]:
+    """Pairs, or rankings of 2 or 3 responses (one file holds one schema, as the reward model reads it)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a = rng.randint(0, 99)
+        right, wrong = str(a + 1), str(a + rng.randint(2, 9))
+        if pairs:
+            out.append({"prompt": f"{a}+1=?", "chosen": right, "rejected": wrong})
+        else:
+            responses = [right, wrong, "no idea"][: rng.randint(2, 3)]
+            out.append({"prompt": f"{a}+1=?", "responses": responses, **({"system": "Add."} if a % 2 else {})})
+    return out
+
+
+def test_reward_model_on_streamed_rows_has_the_in_memory_loss_and_offset(tmp_path):
+    """Rankings (train) and pairs (validation) prepared into rows; with the whole set in one batch the reward model's
+    step-1 loss, validation loss and reference offset are the in-memory path's."""
+    train, val = _rankings(40, 0, pairs=False), _rankings(10, 1, pairs=True)
+    for name, records in (("train.jsonl", train), ("val.jsonl", val)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    texts = [r.get("system", "") + r["prompt"] + "".join(r["responses"]) for r in train]
+    os.makedirs(tmp_path / "tok")
+    CharTokenizer.from_text("".join(texts)).save(str(tmp_path / "tok"))
+    args = ["--out", str(tmp_path / "rows"), "--rankings", str(tmp_path / "train.jsonl")]
+    args += ["--val", str(tmp_path / "val.jsonl"), "--tokenizer-from", str(tmp_path / "tok"), "--workers", "0"]
+    P.prepare(P.parser().parse_args([*args, "--block-size", str(BLOCK), "--ranking-k", "3"]), log=lambda _: None)
+    figures = []
+    for source, path in (("jsonl", tmp_path / "train.jsonl"), ("tokens", tmp_path / "rows")):
+        cfg = _cfg(source, path, tmp_path / "val.jsonl" if source == "jsonl" else "", batch_size=40)
+        cfg.train.trainer, cfg.eval.batch_size = "reward", 10
+        figures.append(sft_or_reward(cfg, tmp_path / source))
+    for key in ("loss", "val_loss", "val_accuracy", "reward_offset"):
+        np.testing.assert_allclose(figures[1][key], figures[0][key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def sft_or_reward(cfg, workdir) -> dict:
+    from flaxgpt.trainers import reward
+
+    result = reward.run(cfg, str(workdir))
+    return {**read_metrics(str(workdir))[-1], "reward_offset": result["reward_offset"]}

@@ -30,8 +30,8 @@ def document_example(tokens: Sequence[int], eos_id: int) -> Example:
     return tokens, tokens[1:] + [eos_id], [1.0] * len(tokens)
 
 
-ROW_KEYS = ("inputs", "targets", "loss_weights", "segment_ids", "positions")
-ROW_DTYPES = (np.int32, np.int32, np.float32, np.int32, np.int32)
+_ROW_KEYS = ("inputs", "targets", "loss_weights", "segment_ids", "positions")
+_ROW_DTYPES = (np.int32, np.int32, np.float32, np.int32, np.int32)
 
 
 def build_rows(
@@ -42,12 +42,12 @@ def build_rows(
     keep_whole (pack mode): an example that fits in a row never straddles two; it starts a
     new row instead (conversations for SFT keep their prompt with their answer)."""
     fill_values = {"inputs": pad_id, "targets": pad_id, "loss_weights": 0.0, "segment_ids": 0, "positions": 0}
-    out: dict[str, list] = {k: [] for k in ROW_KEYS}
-    row: dict[str, list] = {k: [] for k in ROW_KEYS}
+    out: dict[str, list] = {k: [] for k in _ROW_KEYS}
+    row: dict[str, list] = {k: [] for k in _ROW_KEYS}
 
     def flush() -> None:
         fill = length - len(row["inputs"])
-        for key in ROW_KEYS:
+        for key in _ROW_KEYS:
             out[key].append(row[key] + [fill_values[key]] * fill)
             row[key] = []
 
@@ -70,7 +70,7 @@ def build_rows(
                 flush()
     if row["inputs"]:
         flush()
-    return {k: np.asarray(out[k], dt).reshape(-1, length) for k, dt in zip(ROW_KEYS, ROW_DTYPES)}
+    return {k: np.asarray(out[k], dt).reshape(-1, length) for k, dt in zip(_ROW_KEYS, _ROW_DTYPES)}
 
 
 class ShuffledRows:

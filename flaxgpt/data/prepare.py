@@ -17,7 +17,9 @@ tokens only from the template, never from the text), weighted on assistant token
 (--loss-on), packed or padded (--packing) into rows of --block-size exactly as SFT does in
 memory (a chunk's last row is padded: a conversation never continues into another chunk's
 rows). Shards then hold whole rows of fixed width, and the manifest's "rows" records how they
-were made, which SFT with data.source=tokens checks against its config.
+were made, which SFT with data.source=tokens checks against its config. --rankings FILE...
+(rankings or pairs JSONL) does the same for the reward model: rows of up to --ranking-k
+responses, each padded to --block-size.
 
 Why flat token files rather than ArrayRecord: a training window is then one pread at a
 computed offset (no record index, no decoding, no per-record framing), the same files serve
@@ -46,7 +48,7 @@ import numpy as np
 from flaxgpt import cli, fileio
 from flaxgpt.conversations import conversation_example
 from flaxgpt.data.jsonl import DataError, _decode, _parse
-from flaxgpt.data.packing import ROW_DTYPES, ROW_KEYS, build_rows
+from flaxgpt.data.packing import build_rows
 from flaxgpt.data.tokenizers import (
     CharTokenizer,
     SentencePieceTokenizer,
@@ -93,8 +95,18 @@ def tfds_chunks(name: str, split: str, data_dir: str, key: str, records: int) ->
     return [("tfds", name, split, data_dir, key, i, min(i + records, n)) for i in range(0, n, records)]
 
 
-_SCHEMAS = {"jsonl": "text", "conversations": "conversations"}  # a JSONL kind's schema, and its field
-_FIELDS = {"jsonl": "text", "conversations": "messages"}
+_SCHEMAS = {"jsonl": "text", "conversations": "conversations", "rankings": "rankings"}  # a JSONL kind's schema
+_FIELDS = {"jsonl": "text", "conversations": "messages", "rankings": None}  # ... and what it yields (None: all)
+
+
+def _parse_record(text: str, kind: str) -> tuple[object, str | None]:
+    """(what a record of this kind yields, problem or None); rankings may be pairs, line by line."""
+    record, problem = _parse(text, _SCHEMAS[kind])
+    if problem is not None and kind == "rankings" and '"chosen"' in text:
+        record, problem = _parse(text, "pairs")
+    if problem is not None:
+        return None, problem
+    return (record if _FIELDS[kind] is None else record[_FIELDS[kind]]), None
 
 
 def chunk_documents(chunk: Chunk, on_error: str, report: dict) -> Iterator[tuple[str, bool]]:
@@ -139,8 +151,7 @@ def chunk_documents(chunk: Chunk, on_error: str, report: dict) -> Iterator[tuple
         if problem is None and kind != "text":
             if not text.strip():
                 continue
-            record, problem = _parse(text, _SCHEMAS[kind])
-            text = None if problem else record[_FIELDS[kind]]
+            text, problem = _parse_record(text, kind)
         if problem is not None:
             reject(f"{where}: {problem}")
         elif kind != "text":
@@ -162,8 +173,8 @@ def _init_worker(out: str, on_error: str, rows: dict | None = None) -> None:
 def tokenize_chunk(chunk: Chunk) -> tuple[np.ndarray, dict]:
     """The tokens of one chunk (EOS after every document) and its counts; for conversations,
     the bytes of its rows."""
-    if chunk[0] == "conversations":
-        return conversation_chunk(chunk)
+    if chunk[0] in ROW_KINDS:
+        return rows_chunk(chunk)
     tokenizer: Tokenizer = _WORKER["tokenizer"]
     report = {"skipped": 0, "chars": 0, "documents": 0}
     ids: list[int] = []
@@ -182,32 +193,61 @@ def tokenize_chunk(chunk: Chunk) -> tuple[np.ndarray, dict]:
     return np.asarray(ids, np.int32), report
 
 
-def row_layout(block_size: int) -> list[list]:
-    """[key, dtype, shape] of each array of a packed row, in the order a row's bytes hold them."""
-    return [[k, np.dtype(dt).newbyteorder("<").str, [block_size]] for k, dt in zip(ROW_KEYS, ROW_DTYPES)]
+def _conversation_rows(opts: dict):
+    """(item of one conversation, rows of items) as SFT makes them: rendered by the chat template,
+    weighted on assistant tokens, packed without splitting one (or padded)."""
+    block = opts["block_size"]
+    item = lambda messages, tokenizer: conversation_example(messages, tokenizer, block, opts["loss_on"])
+    rows = lambda items, tokenizer: build_rows(items, block, opts["packing"], tokenizer.pad_id, keep_whole=True)
+    return item, rows
 
 
-def conversation_chunk(chunk: Chunk) -> tuple[np.ndarray, dict]:
-    """The rows of one chunk of conversations as SFT builds them (rendered by the chat template,
-    weighted on assistant tokens, packed without splitting one), as bytes: row after row, each
-    the arrays of `row_layout` one after the other."""
-    tokenizer, opts = _WORKER["tokenizer"], _WORKER["rows"]
+def _ranking_rows(opts: dict):
+    """(item of one ranking or pair, rows of items) as the reward model reads them: up to --ranking-k
+    responses a row, each padded to the block."""
+    from flaxgpt.rewards import Ranking, ranking_rows, response_ids
+
+    block, k = opts["block_size"], opts["k"]
+
+    def item(record: dict, tokenizer: Tokenizer):
+        ranking = Ranking.from_record(record)
+        if len(ranking.responses) > k:
+            raise ValueError(f"{len(ranking.responses)} responses, more than --ranking-k {k}")
+        for response in ranking.responses:
+            response_ids(ranking.prompt, response, tokenizer, block)  # (a ValueError if it cannot fit)
+        return ranking
+
+    return item, lambda items, tokenizer: ranking_rows(items, tokenizer, block, k, width=block)
+
+
+ROW_KINDS = {"conversations": _conversation_rows, "rankings": _ranking_rows}
+
+
+def row_layout(rows: dict[str, np.ndarray]) -> list[list]:
+    """[key, dtype, shape of one row] of each array of `rows`, in the order a row's bytes hold them."""
+    return [[k, v.dtype.newbyteorder("<").str, list(v.shape[1:])] for k, v in rows.items()]
+
+
+def rows_chunk(chunk: Chunk) -> tuple[np.ndarray, dict]:
+    """The rows of one chunk of records, as bytes: row after row, each the arrays of its
+    `row_layout` one after the other."""
+    tokenizer, on_error = _WORKER["tokenizer"], _WORKER["on_error"]
+    item, build = ROW_KINDS[chunk[0]](_WORKER["rows"])
     report = {"skipped": 0, "chars": 0, "documents": 0}
-    examples, block = [], opts["block_size"]
-    for n, (messages, _) in enumerate(m for m in chunk_documents(chunk, _WORKER["on_error"], report) if m[0]):
+    items = []
+    for n, (record, _) in enumerate(r for r in chunk_documents(chunk, on_error, report) if r[0]):
+        report["documents"] += 1
         try:
-            examples.append(conversation_example(messages, tokenizer, block, opts["loss_on"]))
+            items.append(item(record, tokenizer))
         except ValueError as e:
-            where = f"{chunk[1]}: conversation {n} of the chunk at byte {chunk[2]}: {e}"
-            if _WORKER["on_error"] == "raise":
+            where = f"{chunk[1]}: record {n} of the chunk at byte {chunk[2]}: {e}"
+            if on_error == "raise":
                 raise DataError(where + " (--on-error skip skips it)") from e
             report["skipped"] += 1
             report.setdefault("first", where)
-        report["chars"] += sum(len(m.get("content", "")) for m in messages)
-        report["documents"] += 1
-    rows = build_rows(examples, block, opts["packing"], tokenizer.pad_id, keep_whole=True)
+    rows = build(items, tokenizer)
     n = len(rows["inputs"])
-    parts = [rows[k].astype(dt).reshape(n, -1).view(np.uint8) for k, dt, _ in row_layout(block)]
+    parts = [rows[k].astype(dt).reshape(n, int(np.prod(shape))).view(np.uint8) for k, dt, shape in row_layout(rows)]
     return np.concatenate(parts, axis=1).ravel(), report
 
 
@@ -271,8 +311,9 @@ def make_tokenizer(args: argparse.Namespace, train: list[Chunk]) -> Tokenizer:
     existing = load_tokenizer(args.out)
     if existing is not None:
         return existing
-    if args.conversations and not args.tokenizer_from:
-        raise DataError("--conversations needs --tokenizer-from: the run (or directory) whose tokenizer SFT uses")
+    if (args.conversations or args.rankings) and not args.tokenizer_from:
+        which = "--conversations" if args.conversations else "--rankings"
+        raise DataError(f"{which} needs --tokenizer-from: the run (or directory) whose tokenizer the trainer uses")
     if args.tokenizer_from:
         tokenizer = load_tokenizer(args.tokenizer_from)
         if tokenizer is None:
@@ -310,7 +351,8 @@ def plan(args: argparse.Namespace) -> dict[str, list[Chunk]]:
         train = tfds_chunks(args.tfds, args.tfds_split, args.tfds_data_dir, args.tfds_text_key, per)
         val = tfds_chunks(args.tfds, args.tfds_val_split, args.tfds_data_dir, args.tfds_text_key, per)
         return {"train": train, "val": val}
-    kinds = (("jsonl", args.jsonl), ("conversations", args.conversations), ("text", args.text))
+    kinds = (("jsonl", args.jsonl), ("conversations", args.conversations), ("rankings", args.rankings))
+    kinds += (("text", args.text),)
     kind, files = next((k, f) for k, f in kinds if f)
     train = [c for path in files for c in file_chunks(kind, path, size)]
     if args.val:
@@ -339,10 +381,17 @@ def fingerprint(args: argparse.Namespace, chunks: dict[str, list[Chunk]]) -> str
 
 
 def row_options(args: argparse.Namespace) -> dict | None:
-    """How conversations become rows (what SFT's config must then agree with); None for text."""
-    if not args.conversations:
-        return None
-    return {"block_size": args.block_size, "loss_on": args.loss_on, "packing": args.packing}
+    """How records become rows (what the trainer's config must then agree with); None for text."""
+    if args.conversations:
+        return {
+            "kind": "conversations",
+            "block_size": args.block_size,
+            "loss_on": args.loss_on,
+            "packing": args.packing,
+        }
+    if args.rankings:
+        return {"kind": "rankings", "block_size": args.block_size, "k": args.ranking_k}
+    return None
 
 
 def _resume_state(out: str, key: str) -> dict:
@@ -409,9 +458,8 @@ def prepare(args: argparse.Namespace, log=print) -> dict:
     rows = row_options(args)
     if rows is not None:  # rows are bytes: shards end between rows, as chunks do
         dtype = np.dtype("u1")
-        layout = row_layout(args.block_size)
-        width = sum(np.dtype(dt).itemsize * int(np.prod(shape)) for _, dt, shape in layout)
-        rows.update(kind="conversations", layout=layout, row_bytes=width, tokenizer=tokenizer_fingerprint(tokenizer))
+        layout = row_layout(ROW_KINDS[rows["kind"]](rows)[1]([], tokenizer))  # (an empty set of rows)
+        rows.update(layout=layout, tokenizer=tokenizer_fingerprint(tokenizer))
     start = time.perf_counter()
     workers = args.workers if args.workers is not None else os.cpu_count() or 1
     _write_splits(args, chunks, state, dtype, workers, log)
@@ -451,6 +499,9 @@ def parser() -> argparse.ArgumentParser:
     inputs.add_argument(
         "--conversations", nargs="+", help='JSONL files of {"messages": [...]} for SFT (data.source=tokens)'
     )
+    inputs.add_argument(
+        "--rankings", nargs="+", help="JSONL rankings or pairs for the reward model (data.source=tokens)"
+    )
     p.add_argument("--val", nargs="+", help="validation files (default: the last --val-fraction of the chunks)")
     p.add_argument("--val-fraction", type=float, default=0.01)
     p.add_argument("--tfds-data-dir", default="")
@@ -466,8 +517,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-mb", type=float, default=256.0, help="shard size in MB of tokens")
     p.add_argument("--chunk-mb", type=float, default=4.0, help="input MB one worker tokenizes at a time")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise")
-    rows = p.add_argument_group("conversations: SFT rows, as the SFT run's config must then say")
+    rows = p.add_argument_group("conversations and rankings: rows, as the trainer's config must then say")
     rows.add_argument("--block-size", type=int, default=1024, help="model.block_size")
+    rows.add_argument("--ranking-k", type=int, default=2, help="responses a ranking row holds (pairs: 2)")
     rows.add_argument("--loss-on", choices=("all", "last"), default="all", help="sft.loss_on")
     rows.add_argument("--packing", choices=("pack", "pad"), default="pack", help="data.packing")
     return p

@@ -1,7 +1,8 @@
-"""SFT rows streamed from disk: what `python -m flaxgpt.data.prepare --conversations` wrote.
+"""SFT and reward-model rows streamed from disk: what `python -m flaxgpt.data.prepare
+--conversations` (or `--rankings`) wrote.
 
-The shards hold fixed-width rows (inputs, targets, loss_weights, segment_ids, positions, as
-`packing.build_rows` makes them), so row i is one pread at i x row_bytes. `StreamedRows` serves
+The shards hold fixed-width rows (the arrays `packing.build_rows` or `rewards.ranking_rows`
+make, their layout in the manifest), so row i is one pread at i x row_bytes. `StreamedRows` serves
 them like `packing.PackedRows` (the same `batch` / `position`), each epoch in its own keyed
 permutation (`stream.epoch_order`): a batch is a pure function of (seed, step), so a resume
 is bit-exact, and memory is a batch's rows whatever the corpus size. Shard checks (missing,
@@ -54,16 +55,20 @@ class StreamedRows(ShuffledRows):
         return self.source.rows(epoch_order(wanted, self.n, self.seed))
 
 
-def prepared_conversations(cfg: Config, tokenizer: Tokenizer) -> tuple[StreamedRows, StreamedRows]:
-    """Train and validation rows of data.path, once its manifest agrees with the run: the same
-    tokenizer, model.block_size, sft.loss_on and data.packing (else a one-line DataError)."""
+def prepared_rows(cfg: Config, tokenizer: Tokenizer) -> tuple[StreamedRows, StreamedRows]:
+    """Train and validation rows of data.path for this run's trainer (SFT: conversations, the
+    reward model: rankings), once the manifest agrees with the run: the same tokenizer,
+    model.block_size, and sft.loss_on and data.packing (SFT); else a one-line DataError."""
     if cfg.data.mixture:
-        raise ConfigError("data.mixture mixes pretraining corpora; SFT on prepared rows reads data.path")
+        raise ConfigError("data.mixture mixes pretraining corpora; a trainer of prepared rows reads data.path")
     path = os.path.join(cfg.data.path, MANIFEST)
+    kind = "conversations" if cfg.train.trainer == "sft" else "rankings"
     made = read_manifest(cfg.data.path).get("rows")
-    if made is None or made.get("kind") != "conversations":
-        raise DataError(f"{path}: holds no SFT rows; prepare it with python -m flaxgpt.data.prepare --conversations")
-    wanted = {"block_size": cfg.model.block_size, "loss_on": cfg.sft.loss_on, "packing": cfg.data.packing}
+    if made is None or made.get("kind") != kind:
+        raise DataError(f"{path}: holds no {kind} rows; prepare it with python -m flaxgpt.data.prepare --{kind}")
+    wanted = {"block_size": cfg.model.block_size}
+    if kind == "conversations":
+        wanted.update(loss_on=cfg.sft.loss_on, packing=cfg.data.packing)
     for key, value in wanted.items():
         if made[key] != value:
             flag = "--" + key.replace("_", "-")

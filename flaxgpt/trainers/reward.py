@@ -23,8 +23,10 @@ import numpy as np
 
 from flaxgpt import fileio
 from flaxgpt.config import Config
+from flaxgpt.conversations import padded_chunks
 from flaxgpt.data.jsonl import DataError, read_jsonl
 from flaxgpt.data.packing import PackedRows
+from flaxgpt.data.rows import StreamedRows, prepared_rows, prepared_tokenizer
 from flaxgpt.data.tokenizers import Tokenizer
 from flaxgpt.data.world import WorldTask
 from flaxgpt.model import Transformer
@@ -35,6 +37,7 @@ from flaxgpt.rewards import (
     rankings_of,
     reference_items,
     score,
+    score_sequences,
     world_rankings,
 )
 from flaxgpt.runs import read_run, restore_params
@@ -99,6 +102,34 @@ def _read_rankings(path: str, on_error: str):
     return read_jsonl(path, schema, on_error)
 
 
+def _ranking_sets(cfg: Config, rt: Runtime, tokenizer: Tokenizer, log) -> tuple[list, PackedRows, PackedRows, str]:
+    """(train rankings, train rows, validation rows, what they are) of JSONL files or the world."""
+    block = cfg.model.block_size
+    train_records, val_records, where = comparison_records(cfg, rt, tokenizer, log)
+    train = rankings_of(train_records, tokenizer, block, where, cfg.data.on_error, log)
+    val = rankings_of(val_records, tokenizer, block, where + " (validation)", cfg.data.on_error, log)
+    k = max(len(r.responses) for r in train + val)
+    train_rows = PackedRows(ranking_rows(train, tokenizer, block, k), cfg.train.seed)
+    val_rows = PackedRows(ranking_rows(val, tokenizer, block, k), cfg.train.seed + 1)
+    return (
+        train,
+        train_rows,
+        val_rows,
+        f"{len(train)} ranked prompts (K <= {k}) for training, {len(val)} for validation",
+    )
+
+
+def _best_of_first_rows(model: Transformer, params: Any, rows: StreamedRows, batch_size: int) -> np.ndarray:
+    """Rewards of the best (first) response of the first 512 streamed training rows: the
+    references `reference_items` takes from rankings in memory."""
+    rewards = []
+    for chunk, real in padded_chunks(range(min(rows.n, 512)), batch_size):
+        got = rows.source.rows(np.array(chunk))
+        inputs = (got[k][:, 0] for k in ("inputs", "positions", "segment_ids", "last"))
+        rewards.append(score_sequences(model, params, *inputs)[:real])
+    return np.concatenate(rewards)
+
+
 # ----------------------------------------------------------------------------- run
 
 
@@ -107,6 +138,8 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
     rt = Runtime.create(cfg, workdir)
 
     def all_text() -> str:  # for a tokenizer of a reward model trained from scratch
+        if cfg.data.source == "tokens":  # (the prepared rows' tokenizer is in the workdir by now)
+            return ""
         records = _read_rankings(cfg.data.path, "skip")[0]
         return "".join(
             r.get("system", "")
@@ -117,16 +150,16 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
             for r in records
         )
 
+    if cfg.data.source == "tokens" and not cfg.train.init_from:
+        prepared_tokenizer(cfg, workdir)
     cfg, tokenizer, init_params = starting_point(cfg, rt, all_text, output="scalar")
     model = Transformer(cfg.model)
-    block = cfg.model.block_size
     notes: list[str] = []
-    train_records, val_records, where = comparison_records(cfg, rt, tokenizer, notes.append)
-    train = rankings_of(train_records, tokenizer, block, where, cfg.data.on_error, notes.append)
-    val = rankings_of(val_records, tokenizer, block, where + " (validation)", cfg.data.on_error, notes.append)
-    k = max(len(r.responses) for r in train + val)
-    train_rows = PackedRows(ranking_rows(train, tokenizer, block, k), cfg.train.seed)
-    val_rows = PackedRows(ranking_rows(val, tokenizer, block, k), cfg.train.seed + 1)
+    if cfg.data.source == "tokens":  # rows prepared on disk, streamed
+        (train_rows, val_rows), train = prepared_rows(cfg, tokenizer), []
+        description = f"{cfg.data.path}: {train_rows.n} ranked prompts for training, {val_rows.n} for validation"
+    else:
+        train, train_rows, val_rows, description = _ranking_sets(cfg, rt, tokenizer, notes.append)
     batch, eval_batch = cfg.train.batch_size, cfg.eval.batch_size or cfg.train.batch_size
     eval_iters = min(cfg.eval.iters, -(-val_rows.n // eval_batch))
     loss_sums = ranking_objective(model, cfg.reward.margin)
@@ -141,15 +174,18 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
         """Shift the score bias so the reference responses score mean 0."""
         if not cfg.reward.normalize:
             return state, {}
-        items = reference_items(cfg, train)
-        offset = float(np.mean(score(model, state.params, tokenizer, items, eval_batch)))
+        if train or cfg.reward.reference_path or cfg.data.source == "world":
+            rewards = score(model, state.params, tokenizer, reference_items(cfg, train), eval_batch)
+        else:
+            rewards = _best_of_first_rows(model, state.params, train_rows, eval_batch)
+        offset = float(np.mean(rewards))
         spec.message(
-            f"reward offset: {len(items)} reference responses scored {offset:+.4f} on average; "
+            f"reward offset: {len(rewards)} reference responses scored {offset:+.4f} on average; "
             "the score bias now makes their mean 0"
         )
         return state.replace(params=centered(state.params, offset)), {
             "reward_offset": offset,
-            "reference_responses": len(items),
+            "reference_responses": len(rewards),
         }
 
     objective = Objective(
@@ -158,7 +194,6 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
         evaluate=evaluate,
         position=lambda step: train_rows.position(step, batch),
     )
-    description = f"{len(train)} ranked prompts (K <= {k}) for training, {len(val)} for validation"
     spec = lm_run_spec(cfg, rt, model, objective, init_params=init_params, description=description)
     spec.finalize, spec.notes = finalize, notes
     spec.figures = ("loss", "val_loss", "val_accuracy", "val_reward_margin")

@@ -21,7 +21,7 @@ from flaxgpt.config import Config, ConfigError
 from flaxgpt.conversations import Conversation, Labeler, conversation_example, prompt_and_reference
 from flaxgpt.data.jsonl import DataError, read_jsonl
 from flaxgpt.data.packing import PackedRows, build_rows
-from flaxgpt.data.rows import prepared_conversations, prepared_tokenizer
+from flaxgpt.data.rows import prepared_rows, prepared_tokenizer
 from flaxgpt.data.tokenizers import Tokenizer
 from flaxgpt.data.world import WorldTask
 from flaxgpt.metrics import answer_metrics
@@ -123,7 +123,7 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
     model = Transformer(cfg.model)
     batch, eval_batch = cfg.train.batch_size, cfg.eval.batch_size or cfg.train.batch_size
     if cfg.data.source == "tokens":  # rows prepared on disk, streamed (no text: no answers generated)
-        train_rows, val_rows = prepared_conversations(cfg, tokenizer)
+        train_rows, val_rows = prepared_rows(cfg, tokenizer)
         if cfg.sft.eval_examples:
             notes.append("sft: data.source='tokens' holds rows, not reference answers: no answers generated")
     else:
