@@ -284,22 +284,30 @@ from flaxgpt.trainers.scaffold import Runtime
 cfg = load_experiment("llama_1b_mixture", json.loads(sys.argv[3]))
 rt = Runtime.create(cfg, sys.argv[4])
 _, data = build_token_data(cfg, sys.argv[4])
-rows = rt.rows(8)
-placed = rt.place(data.batch("train", 5, 8, 32, rows), 8)
-with rt.context():
-    whole = multihost_utils.process_allgather(placed["targets"], tiled=True)
+wholes = []
+for step, size in ((5, 8), (85, 12)):  # (rows 1020-1031 of step 85 straddle a mixture block)
+    rows = rt.rows(size)
+    placed = rt.place(data.batch("train", step, size, 32, rows), size)
+    with rt.context():
+        wholes.append(np.asarray(multihost_utils.process_allgather(placed["targets"], tiled=True)))
+    print("ROWS", jax.process_index(), size, rows.tolist())
 if jax.process_index() == 0:
-    np.save(sys.argv[5], np.asarray(whole))
-print("ROWS", jax.process_index(), rows.tolist())
+    np.savez(sys.argv[5], *wholes)
 """
 
 
 def test_two_processes_each_read_only_their_rows(corpus, tmp_path):
+    """Across processes too, a batch is the pure function of the step the resume relies on: at
+    step 85 the small source is several epochs on and the rows (1020-1031) straddle a mixture block."""
     from tests.test_multihost import _free_port
 
-    mixture = json.dumps([{"path": corpus, "weight": 0.6}, {"path": corpus, "weight": 0.4}])
+    small = tmp_path / "small.txt"
+    small.write_text(open(SHAKESPEARE, encoding="utf-8").read()[:1500], encoding="utf-8")
+    second = tmp_path / "second"
+    _prepare(second, "--tokenizer-from", corpus, "--chunk-mb", "0.0003", text=str(small))
+    mixture = json.dumps([{"path": corpus, "weight": 0.6}, {"path": str(second), "weight": 0.4}])
     overrides = json.dumps([*TINY, f"data.mixture={mixture}", "mesh.data=2", "mesh.dcn_data=2"])
-    address, out = f"127.0.0.1:{_free_port()}", str(tmp_path / "whole.npy")
+    address, out = f"127.0.0.1:{_free_port()}", str(tmp_path / "whole.npz")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     procs = [
         subprocess.Popen(
@@ -314,8 +322,10 @@ def test_two_processes_each_read_only_their_rows(corpus, tmp_path):
     ]
     results = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
-    rows = [json.loads(line.split(" ", 2)[2]) for o, _ in results for line in o.splitlines() if line.startswith("ROWS")]
-    assert sorted(rows[0] + rows[1]) == list(range(8)) and len(rows[0]) == 4
+    rows = [line.split(" ", 3) for o, _ in results for line in o.splitlines() if line.startswith("ROWS")]
+    for size in (8, 12):  # each process loads its half of the rows, no more
+        mine = [json.loads(r[3]) for r in rows if r[2] == str(size)]
+        assert len(mine) == 2 and sorted(mine[0] + mine[1]) == list(range(size)) and len(mine[0]) == size // 2
     from flaxgpt.config import Config, DataConfig, ModelConfig, TrainConfig
     from flaxgpt.data.stream import build_token_data
 
@@ -326,7 +336,10 @@ def test_two_processes_each_read_only_their_rows(corpus, tmp_path):
     )
     os.makedirs(tmp_path / "alone")
     _, alone = build_token_data(cfg, str(tmp_path / "alone"))
-    np.testing.assert_array_equal(np.load(out), alone.batch("train", 5, 8, 32)["targets"])
+    whole = np.load(out)
+    np.testing.assert_array_equal(whole["arr_0"], alone.batch("train", 5, 8, 32)["targets"])
+    np.testing.assert_array_equal(whole["arr_1"], alone.batch("train", 85, 12, 32)["targets"])
+    assert alone.position(85, 12)["sources"]["second"]["epoch"] >= 5  # the small source, epochs on
 
 
 def test_a_missing_shard_stops_training_with_one_line(corpus, tmp_path, capsys):
@@ -340,3 +353,19 @@ def test_a_missing_shard_stops_training_with_one_line(corpus, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "val-00000.bin: missing shard" in err and "data.on_error=skip" in err
+
+
+def test_skipped_shards_are_counted_and_said_once(corpus, tmp_path, capsys):
+    from flaxgpt.config import Config, DataConfig, ModelConfig
+    from flaxgpt.data.stream import build_token_data
+
+    bad = tmp_path / "bad"
+    shutil.copytree(corpus, bad)
+    os.remove(bad / "train-00001.bin")
+    cfg = Config(model=ModelConfig(block_size=32), data=DataConfig(source="tokens", path=str(bad), on_error="skip"))
+    os.makedirs(tmp_path / "run")
+    _, data = build_token_data(cfg, str(tmp_path / "run"))
+    assert len(data.train.sources[0].skipped) == 1
+    said = capsys.readouterr().out.strip().splitlines()
+    assert said == [f"{bad} [train]: 1 shard(s) skipped (first: {bad}/train-00001.bin: missing shard)"]
+    assert data.batch("train", 3, 8, 32)["inputs"].shape == (8, 32)  # and training reads on without it
