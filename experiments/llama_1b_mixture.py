@@ -9,7 +9,8 @@ tokenizer), then the mixture samples rows by weight, deterministically from (see
     python -m flaxgpt.data.prepare --out data/chat --jsonl chat.jsonl --tokenizer-from data/web
     python -m flaxgpt.train -e llama_1b_mixture --set mesh.fsdp=-1 mesh.data=1
 
-Checkpoints record each source's rows, tokens and epoch so far.
+Checkpoints record each source's rows, tokens and epoch so far; metrics.jsonl rows (and the
+closing lines) carry the tokens each source has given: tokens/web, tokens/code, tokens/chat.
 """
 
 from flaxgpt import config as C

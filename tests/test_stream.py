@@ -238,7 +238,7 @@ def test_prepare_from_tfds_and_jsonl_documents_end_in_eos(tmp_path):
     assert from_jsonl["counts"]["documents"] == 80 and from_jsonl["vocab_size"] == tokenizer.vocab_size
 
 
-def test_gpt2_124m_experiment_trains_from_a_stand_in_corpus(corpus, tmp_path):
+def test_gpt2_124m_experiment_trains_from_a_stand_in_corpus(corpus, tmp_path, capsys):
     from flaxgpt.train import load_experiment
     from flaxgpt.trainers import pretrain
 
@@ -258,6 +258,7 @@ def test_gpt2_124m_experiment_trains_from_a_stand_in_corpus(corpus, tmp_path):
     assert result["step"] == 2 and np.isfinite(result["val_loss"]) and result["val_loss"] < 6
     rows = read_metrics(str(tmp_path / "run"))  # tokens consumed from the (one) source, cumulative
     assert [r["tokens/shakespeare"] for r in rows] == [8 * 32, 2 * 8 * 32]
+    assert "  tokens:  shakespeare 512\n" in capsys.readouterr().out  # the closing block says them too
 
 
 def test_mixture_config_errors_are_one_line():
