@@ -177,6 +177,28 @@ TINY = [
 ]
 
 
+def straight_and_killed(args: list[str], tmp_path, kill_at: int, resumed_from: int) -> tuple[list, list]:
+    """metrics.jsonl rows of a run straight through and of one SIGKILLed after step `kill_at`,
+    then resumed (from step `resumed_from`): the same steps."""
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    done = run_cli(*args, "--workdir", straight)
+    assert done.returncode == 0, done.stderr[-3000:]
+    died = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, *args, "--workdir", killed],
+        cwd=REPO,
+        env={**os.environ, "KILL_AT": str(kill_at)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert died.returncode == -9, died.stderr[-3000:]
+    resumed = run_cli(*args, "--workdir", killed)
+    assert resumed.returncode == 0 and f"resumed from step {resumed_from}" in resumed.stdout, resumed.stderr[-3000:]
+    a, b = read_metrics(straight), read_metrics(killed)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    return a, b
+
+
 @pytest.mark.slow
 def test_mixture_pretraining_resumes_bit_exact_after_sigkill(corpus, tmp_path):
     """Two sources (one tiny enough to pass several epochs) through the 1B mixture experiment."""
@@ -186,22 +208,8 @@ def test_mixture_pretraining_resumes_bit_exact_after_sigkill(corpus, tmp_path):
     _prepare(second, "--tokenizer-from", corpus, "--chunk-mb", "0.0003", text=str(small))
     mixture = json.dumps([{"path": corpus, "weight": 0.5}, {"path": str(second), "weight": 0.5}])
     args = ["--experiment", "llama_1b_mixture", "--set", *TINY, f"data.mixture={mixture}"]
-    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    done = run_cli(*args, "--workdir", straight)
-    assert done.returncode == 0, done.stderr[-3000:]
-    died = subprocess.run(
-        [sys.executable, "-c", KILLED_RUN, *args, "--workdir", killed],
-        cwd=REPO,
-        env={**os.environ, "KILL_AT": "17"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert died.returncode == -9, died.stderr[-3000:]
-    resumed = run_cli(*args, "--workdir", killed)
-    assert resumed.returncode == 0 and "resumed from step 12" in resumed.stdout, resumed.stderr[-3000:]
-    a, b = read_metrics(straight), read_metrics(killed)
-    assert [r["step"] for r in a] == list(range(1, 25)) == [r["step"] for r in b]
+    a, b = straight_and_killed(args, tmp_path, kill_at=17, resumed_from=12)
+    assert [r["step"] for r in a] == list(range(1, 25))
     for key in ("loss", "grad_norm", "val_loss", "tokens/shakespeare", "tokens/second"):
         assert [r.get(key) for r in a] == [r.get(key) for r in b], key
     # each row counts the tokens every source has given so far, the resumed run's included

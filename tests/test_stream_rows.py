@@ -15,6 +15,7 @@ from flaxgpt.data.tokenizers import CharTokenizer, load_tokenizer
 from flaxgpt.logging import read_metrics
 from flaxgpt.trainers import sft
 from tests.conftest import tiny_run_config
+from tests.test_stream import straight_and_killed
 
 BLOCK = 48
 
@@ -168,3 +169,19 @@ def sft_or_reward(cfg, workdir) -> dict:
 
     result = reward.run(cfg, str(workdir))
     return {**read_metrics(str(workdir))[-1], "reward_offset": result["reward_offset"]}
+
+
+@pytest.mark.slow
+def test_sft_on_streamed_rows_resumes_bit_exact_after_sigkill_across_an_epoch(chats, tmp_path):
+    _, _, _, rows_dir = chats
+    n = RowSource(str(rows_dir), "train").windows
+    assert 8 * 8 < 2 * n < 16 * 8  # the steps resumed (9-16, 8 rows each) cross from the 2nd epoch to the 3rd
+    args = ["--experiment", "sft_jsonl", "--set", "train.init_from=", "data.source=tokens", f"data.path={rows_dir}"]
+    args += [f"model.{k}" for k in ("n_layer=1", "n_head=2", "d_model=32", f"block_size={BLOCK}", "vocab_size=0")]
+    args += ["train.batch_size=8", "train.max_steps=16", "train.log_interval=1", "optimizer.warmup_steps=2"]
+    args += ["eval.interval=8", "eval.iters=1", "sft.eval_examples=0", "checkpoint.every_steps=8"]
+    args += ["checkpoint.async_save=false", "logging.progress=plain", "logging.tensorboard=false"]
+    a, b = straight_and_killed(args, tmp_path, kill_at=11, resumed_from=8)
+    assert [r["step"] for r in a] == list(range(1, 17))
+    for key in ("loss", "grad_norm", "val_loss"):
+        assert [r.get(key) for r in a] == [r.get(key) for r in b], key
