@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import queue
+import shlex
 import socket
 import subprocess
 import sys
@@ -230,7 +231,7 @@ def measure(args, client, model: str, hf: dict[str, HFGenerate], workdir: str) -
             flush=True,
         )
     loads.append(os.getloadavg()[0])
-    return {k: pooled(v) for k, v in rounds.items()}, loads
+    return {**{k: pooled(v) for k, v in rounds.items()}, "prompt tokens": np.mean([len(p) for p in prompts])}, loads
 
 
 def memory(client, model: str, pid: int, workdir: str, n: int, max_tokens: int) -> list[tuple[int, float]]:
@@ -246,6 +247,12 @@ def memory(client, model: str, pid: int, workdir: str, n: int, max_tokens: int) 
         points.append((done, rss_mib(pid)))
         print(f"RSS after {done} requests: {points[-1][1]:.1f} MiB", flush=True)
     return points
+
+
+def ratio(a: dict, b: dict) -> str:
+    """a's tokens/s over b's, pooled and (the range) round by round."""
+    rounds = [x / y for x, y in zip(a["per round"], b["per round"])]
+    return f"{a['tokens/s'] / b['tokens/s']:.1f}x (rounds {min(rounds):.1f}-{max(rounds):.1f}x)"
 
 
 def table(figures: dict, clients: list[int], hf: dict[str, HFGenerate]) -> list[str]:
@@ -312,8 +319,9 @@ def main() -> None:
         f"## serve vs transformers ({datetime.date.today()}, {platform.node()}, {len(os.sched_getaffinity(0))} cores, "
         f"{served}, {args.slots} slots)",
         "",
-        f"`python benchmarks/serve.py {' '.join(sys.argv[1:])}`: {args.requests} streamed chat requests (world "
-        f"questions, temperature 1, up to {args.max_tokens} tokens, ended by the model's end of turn) per round, "
+        f"`python benchmarks/serve.py {shlex.join(sys.argv[1:])}`: {args.requests} streamed chat requests (world "
+        f"questions of {figures['prompt tokens']:.0f} prompt tokens on average, temperature 1, up to "
+        f"{args.max_tokens} tokens, ended by the model's end of turn) per round, "
         f"{args.rounds} rounds alternating the configurations; load average {min(loads):.1f}-{max(loads):.1f} "
         f"on the shared machine (ratios within a round matter, not the absolute figures)."
         + (f" torch {next(iter(hf.values())).info['torch']}." if hf else ""),
@@ -321,17 +329,23 @@ def main() -> None:
         *table(figures, clients, hf),
     ]
     if len(clients) > 1:
-        lo, hi = figures[clients[0]], figures[clients[-1]]
         lines.append(
-            f"\n{clients[-1]} concurrent clients: {hi['tokens/s'] / lo['tokens/s']:.1f}x the generated tokens/s of "
-            f"{clients[0]} at a time."
+            f"\n{clients[-1]} concurrent clients: {ratio(figures[clients[-1]], figures[clients[0]])} the generated "
+            f"tokens/s of {clients[0]} at a time."
+        )
+    if hf:
+        fastest = max(hf, key=lambda k: figures[k]["tokens/s"])
+        lines.append(
+            f"Against transformers one request at a time ({fastest}): flaxgpt.serve with {clients[-1]} clients "
+            f"{ratio(figures[clients[-1]], figures[fastest])}, with {clients[0]} "
+            f"{ratio(figures[clients[0]], figures[fastest])}."
         )
     if len(points) > 1:
         (_, before), *after = points
         growth = (points[-1][1] - points[1][1]) * 1024 / max(points[-1][0] - points[1][0], 1)
         lines.append(
-            f"\nServer RSS over {points[-1][0]} more requests (16 clients): {before:.0f} MiB before, "
-            + ", ".join(f"{mib:.0f} MiB after {n}" for n, mib in after)
+            f"\nServer RSS over {points[-1][0]} more requests (16 clients): {before:.1f} MiB before, "
+            + ", ".join(f"{mib:.1f} MiB after {n}" for n, mib in after)
             + f" ({growth:+.1f} KiB per request after the first {points[1][0]})."
         )
     print("\n".join(lines), flush=True)
