@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -83,16 +84,32 @@ def start_server(workdir: str, tmp: str, slots: int) -> tuple[subprocess.Popen, 
         if process.poll() is not None:
             raise SystemExit(f"the server exited with {process.returncode}:\n" + open(log.name).read()[-3000:])
         try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                if json.load(r)["status"] == "ok":
-                    return process, url
+            if health(url)["status"] == "ok":
+                return process, url
         except OSError:
             pass
         time.sleep(0.5)
 
 
-def one_request(client, model: str, messages: list[dict], seed: int, max_tokens: int) -> tuple[float, float, int]:
-    """(time to first token, latency, generated tokens) of one streamed chat request."""
+def health(url: str) -> dict:
+    with urllib.request.urlopen(url + "/health", timeout=5) as r:
+        return json.load(r)
+
+
+def settled(url: str, seconds: float = 10) -> dict:
+    """/health once the engine holds no request (or after `seconds`): rows a finished or
+    abandoned request never freed would show here."""
+    deadline = time.monotonic() + seconds
+    while (state := health(url))["active"] + state["waiting"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return state
+
+
+def one_request(
+    client, model: str, messages: list[dict], seed: int, max_tokens: int, leave: bool = False
+) -> tuple[float, float, int]:
+    """(time to first token, latency, generated tokens) of one streamed chat request; `leave`:
+    the client hangs up after the first token (then the tokens are unknown: 0)."""
     start, first = time.perf_counter(), None
     stream = client.chat.completions.create(
         model=model,
@@ -107,14 +124,30 @@ def one_request(client, model: str, messages: list[dict], seed: int, max_tokens:
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content and first is None:
             first = time.perf_counter() - start
+            if leave:
+                stream.close()
+                break
         if chunk.usage:
             tokens = chunk.usage.completion_tokens
     return first or time.perf_counter() - start, time.perf_counter() - start, tokens
 
 
-def serve_load(client, model: str, jobs: list[tuple[list[dict], int]], clients: int, max_tokens: int) -> dict:
-    """`jobs` (messages, seed) sent by `clients` concurrent clients, each taking the next job
-    when its previous answer has streamed in; the figures of `summary`."""
+def refused_request(client, model: str, messages: list[dict], block_size: int) -> tuple[float, float, int]:
+    """A request asking for the whole context, which the server must refuse (400)."""
+    import openai
+
+    start = time.perf_counter()
+    try:
+        client.chat.completions.create(model=model, messages=messages, max_tokens=block_size, stream=True)
+    except openai.BadRequestError:
+        return 0.0, time.perf_counter() - start, 0
+    raise SystemExit(f"a request for max_tokens={block_size} was not refused")
+
+
+def serve_load(jobs: list, clients: int) -> dict:
+    """`jobs` (functions making one request: `one_request` or `refused_request` with their
+    arguments) run by `clients` concurrent clients, each taking the next job when its previous
+    answer has streamed in; the figures of `summary`."""
     todo: queue.Queue = queue.Queue()
     for job in jobs:
         todo.put(job)
@@ -123,10 +156,10 @@ def serve_load(client, model: str, jobs: list[tuple[list[dict], int]], clients: 
     def worker() -> None:
         while True:
             try:
-                messages, seed = todo.get_nowait()
+                job = todo.get_nowait()
             except queue.Empty:
                 return
-            results.append(one_request(client, model, messages, seed, max_tokens))
+            results.append(job())
 
     threads = [threading.Thread(target=worker) for _ in range(clients)]
     start = time.perf_counter()
@@ -211,10 +244,10 @@ def measure(args, client, model: str, hf: dict[str, HFGenerate], workdir: str) -
     """Each configuration's rounds (flaxgpt at each client count, then transformers at each
     thread count), alternating."""
     chats, prompts, stop = world_chats(workdir, args.requests, args.max_tokens)
-    jobs = list(zip(chats, range(len(chats))))
+    jobs = [functools.partial(one_request, client, model, m, i, args.max_tokens) for i, m in enumerate(chats)]
     clients = [int(c) for c in args.clients.split(",")]
     hf_run = lambda key: hf[key].run(prompts, list(range(len(prompts))), args.max_tokens, stop)
-    serve_load(client, model, jobs, max(clients), args.max_tokens)  # compile every prompt width
+    serve_load(jobs, max(clients))  # compile every prompt width
     for key in hf:
         hf_run(key)
     rounds: dict = {c: [] for c in clients + list(hf)}
@@ -222,7 +255,7 @@ def measure(args, client, model: str, hf: dict[str, HFGenerate], workdir: str) -
     for r in range(args.rounds):
         loads.append(os.getloadavg()[0])
         for c in clients:
-            rounds[c].append(serve_load(client, model, jobs, c, args.max_tokens))
+            rounds[c].append(serve_load(jobs, c))
         for key in hf:
             rounds[key].append(hf_run(key))
         print(
@@ -236,13 +269,23 @@ def measure(args, client, model: str, hf: dict[str, HFGenerate], workdir: str) -
 
 def memory(client, model: str, pid: int, workdir: str, n: int, max_tokens: int) -> list[tuple[int, float]]:
     """(requests served, server RSS in MiB) before n more requests through 16 clients and after
-    100, n/2 and n of them."""
+    100, n/2 and n of them. Of every 16 requests, one is refused (too long) and two clients hang
+    up after the first token, so that the paths that free a request early are counted too."""
+    from flaxgpt import runs
+
     chats, _, _ = world_chats(workdir, 64, max_tokens)
+    block_size = runs.read_run(workdir)[0].model.block_size
+
+    def job(i: int):
+        messages = chats[i % len(chats)]
+        if i % 16 == 15:
+            return functools.partial(refused_request, client, model, messages, block_size)
+        return functools.partial(one_request, client, model, messages, i, max_tokens, leave=i % 8 == 3)
+
     marks = sorted({m for m in (100, n // 2, n) if 0 < m <= n})
     points, done = [(0, rss_mib(pid))], 0
     for mark in marks:
-        jobs = [(chats[i % len(chats)], i) for i in range(done, mark)]
-        serve_load(client, model, jobs, 16, max_tokens)
+        serve_load([job(i) for i in range(done, mark)], 16)
         done = mark
         points.append((done, rss_mib(pid)))
         print(f"RSS after {done} requests: {points[-1][1]:.1f} MiB", flush=True)
@@ -309,6 +352,7 @@ def main() -> None:
             model = client.models.list().data[0].id
             figures, loads = measure(args, client, model, hf, workdir)
             points = memory(client, model, process.pid, workdir, args.memory_requests, args.max_tokens)
+            state = settled(url)
         finally:
             process.terminate()
             process.wait(timeout=60)
@@ -346,7 +390,9 @@ def main() -> None:
         lines.append(
             f"\nServer RSS over {points[-1][0]} more requests (16 clients): {before:.1f} MiB before, "
             + ", ".join(f"{mib:.1f} MiB after {n}" for n, mib in after)
-            + f" ({growth:+.1f} KiB per request after the first {points[1][0]})."
+            + f" ({growth:+.1f} KiB per request after the first {points[1][0]}); of each 16, one refused (too long) "
+            f"and two abandoned by their client after the first token. Afterwards the engine holds "
+            f"{state['active']} of {state['slots']} slots and {state['waiting']} waiting requests."
         )
     print("\n".join(lines), flush=True)
     record("\n".join(lines))
