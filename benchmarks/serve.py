@@ -340,14 +340,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or tiny_run(tmp)
         process, url = start_server(workdir, tmp, args.slots)
-        hf = {}
-        if args.hf_threads:
-            from flaxgpt import convert
-
-            convert.export_hf(workdir, os.path.join(tmp, "hf"))
-            threads = [int(t) for t in args.hf_threads.split(",")]
-            hf = {f"{t} thread{'s' * (t > 1)}": HFGenerate(os.path.join(tmp, "hf"), t) for t in threads}
+        hf: dict[str, HFGenerate] = {}
         try:
+            if args.hf_threads:
+                from flaxgpt import convert
+
+                convert.export_hf(workdir, os.path.join(tmp, "hf"))
+                for t in sorted({int(t) for t in args.hf_threads.split(",")}, reverse=True):
+                    hf[f"{t} thread{'s' * (t > 1)}"] = HFGenerate(os.path.join(tmp, "hf"), t)
             client = openai.OpenAI(base_url=url + "/v1", api_key="-", timeout=600, max_retries=0)
             model = client.models.list().data[0].id
             figures, loads = measure(args, client, model, hf, workdir)
