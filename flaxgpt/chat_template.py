@@ -14,8 +14,11 @@ always resumes at a user turn); the system message always stays.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from flaxgpt.data.tokenizers import ASSISTANT, END_OF_TURN, SYSTEM, USER, Tokenizer
 
@@ -34,39 +37,62 @@ def special_id(tokenizer: Tokenizer, token: str) -> int:
     return tokenizer.special_id(token)
 
 
-def _render_message(message: dict, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+def _check_message(message: Any) -> None:
     role = message.get("role") if isinstance(message, dict) else None
     if role not in _MARKERS:
         raise ValueError(f"unknown chat role {role!r}; roles are {sorted(_MARKERS)}")
     content = message.get("content")
     if not isinstance(content, str):
         raise ValueError(f"a {role} message's content is {type(content).__name__}, expected text")
+
+
+def _render_message(message: dict, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    _check_message(message)
+    role = message["role"]
     head = [special_id(tokenizer, _MARKERS[role])]
     # the content is text, whatever it holds: never a special token's id
-    body = tokenizer.encode(content, after_special=True) + [special_id(tokenizer, END_OF_TURN)]
+    body = tokenizer.encode(message["content"], after_special=True) + [special_id(tokenizer, END_OF_TURN)]
     learn = 1 if role == "assistant" else 0
     return head + body, [0] * len(head) + [learn] * len(body)
+
+
+def _native(
+    system: list, turns: list, tokenizer: Tokenizer, add_generation_prompt: bool
+) -> Callable[[int], tuple[list[int], list[int]]]:
+    """first kept turn -> (ids, mask) in flaxgpt's own format; each message encoded once."""
+    parts = [_render_message(m, tokenizer) for m in system + turns]
+    start = list(getattr(tokenizer, "prefix_ids", []))  # the model's BOS, where its tokenizer adds one
+    prompt = [special_id(tokenizer, ASSISTANT)] if add_generation_prompt else []
+
+    def whole(first: int) -> tuple[list[int], list[int]]:
+        kept = parts[: len(system)] + parts[len(system) + first :]
+        ids = start + [t for p in kept for t in p[0]] + prompt
+        return ids, [0] * len(start) + [t for p in kept for t in p[1]] + [0] * len(prompt)
+
+    return whole
 
 
 def render(
     messages: Sequence[dict], tokenizer: Tokenizer, max_tokens: int, add_generation_prompt: bool = True
 ) -> RenderedChat:
-    """Token ids (and the assistant mask) of a conversation, cut to `max_tokens` from the oldest turn."""
+    """Token ids (and the assistant mask) of a conversation, cut to `max_tokens` from the oldest
+    turn: in the model's own Jinja template where its tokenizer has one, else flaxgpt's."""
     system = [m for m in messages[:1] if isinstance(m, dict) and m.get("role") == "system"]
     turns = list(messages[len(system) :])
-    parts = [_render_message(m, tokenizer) for m in system + turns]
-    start = list(getattr(tokenizer, "prefix_ids", []))  # the model's BOS, where its tokenizer adds one
-    prompt = [special_id(tokenizer, ASSISTANT)] if add_generation_prompt else []
-    fixed = len(start) + sum(len(p[0]) for p in parts[: len(system)]) + len(prompt)
-    kept = parts[len(system) :]
+    if getattr(tokenizer, "chat_template", None):
+
+        def whole(first: int) -> tuple[list[int], list[int]]:
+            return _render_jinja(system + turns[first:], tokenizer, add_generation_prompt)
+
+    else:
+        whole = _native(system, turns, tokenizer, add_generation_prompt)
     dropped = 0
-    roles = [m["role"] for m in turns]
-    while fixed + sum(len(p[0]) for p in kept) > max_tokens and len(kept) > 1:
-        kept, roles, dropped = kept[1:], roles[1:], dropped + 1
-        while len(kept) > 1 and roles[0] != "user":  # resume history at a user turn
-            kept, roles, dropped = kept[1:], roles[1:], dropped + 1
-    ids = start + [t for p in parts[: len(system)] + kept for t in p[0]] + prompt
-    mask = [0] * len(start) + [t for p in parts[: len(system)] + kept for t in p[1]] + [0] * len(prompt)
+    ids, mask = whole(0)
+    while len(ids) > max_tokens and len(turns) - dropped > 1:
+        dropped += 1
+        while len(turns) - dropped > 1 and turns[dropped].get("role") != "user":  # resume at a user turn
+            dropped += 1
+        ids, mask = whole(dropped)
     if len(ids) > max_tokens:
         raise ValueError(
             f"the system message and the latest turn alone take {len(ids)} tokens, more than the "
@@ -76,5 +102,139 @@ def render(
 
 
 def stop_tokens(tokenizer: Tokenizer) -> list[int]:
-    """Ids that end an assistant reply."""
+    """Ids that end an assistant reply: the turn's end marker and the end of text."""
+    if getattr(tokenizer, "chat_template", None):
+        marker = _jinja_stop(tokenizer)
+        return [tokenizer.eos_id] if marker in (None, tokenizer.eos_id) else [marker, tokenizer.eos_id]
     return [special_id(tokenizer, END_OF_TURN), tokenizer.eos_id]
+
+
+# ----------------------------------------------------------------------------- an imported model's own template
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(source: str) -> Any:
+    """`source` compiled as transformers' `apply_chat_template` does: a sandboxed, immutable
+    environment (templates come from model directories: untrusted code), trim_blocks and
+    lstrip_blocks, loop controls, `raise_exception`, `strftime_now`, a `tojson` that does not
+    escape HTML, and the `{% generation %}` tag (rendered as its body)."""
+    import datetime
+    import json
+
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Any) -> str:
+            return caller()
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.datetime.now().strftime(f))
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ValueError(f"the model's chat_template is not valid Jinja (line {e.lineno}: {e.message})") from None
+
+
+def render_text(messages: Sequence[dict], tokenizer: Any, add_generation_prompt: bool) -> str:
+    """The conversation as the model's own Jinja template writes it (transformers'
+    `apply_chat_template(..., tokenize=False)`)."""
+    import jinja2
+
+    template = _compile(tokenizer.chat_template)
+    try:
+        return template.render(
+            messages=[dict(m) for m in messages],
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **tokenizer.template_tokens,
+        )
+    except jinja2.exceptions.TemplateError as e:
+        raise ValueError(f"the model's chat_template refused the conversation: {e}") from None
+
+
+_SENTINEL = re.compile("\ue000(\\d+)\ue001")  # private-use characters: no template writes them
+
+
+def _content_spans(messages: Sequence[dict], tokenizer: Any, add_generation_prompt: bool) -> tuple[str, list]:
+    """(the rendered text, [(start, end, message index)] of each message content in it). The
+    template is rendered twice, with the contents and with a sentinel in place of each: the
+    text around the sentinels is the template's own; a content may appear trimmed (`| trim`)."""
+    text = render_text(messages, tokenizer, add_generation_prompt)
+    marked = [dict(m, content=f"\ue000{i}\ue001") for i, m in enumerate(messages)]
+    parts = _SENTINEL.split(render_text(marked, tokenizer, add_generation_prompt))
+    if not text.startswith(parts[0]):
+        raise ValueError("the model's chat_template renders its own text differently with other message contents")
+    spans, pos = [], len(parts[0])
+    for index, after in zip(parts[1::2], parts[2::2]):
+        content = messages[int(index)]["content"]
+        forms = dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip()))
+        found = next((f for f in forms if text.startswith(f + after, pos)), None)
+        if found is None:
+            raise ValueError(
+                "the model's chat_template changes message contents in a way flaxgpt cannot separate from "
+                "the template's own text (only trimming is understood)"
+            )
+        spans.append((pos, pos + len(found), int(index)))
+        pos += len(found) + len(after)
+    return text, spans
+
+
+def _render_jinja(messages: Sequence[dict], tokenizer: Any, add_generation_prompt: bool) -> tuple[list[int], list[int]]:
+    """(ids, assistant mask) through the model's template. Template text is tokenized with the
+    model's special tokens parsed; every content as plain text (never a special id), so a user
+    typing `<|im_end|>` cannot close a turn. The mask covers assistant contents and the end
+    marker after each (template text up to its first special token): what SFT learns to produce."""
+    for m in messages:
+        _check_message(m)
+    text, spans = _content_spans(messages, tokenizer, add_generation_prompt)
+    ids: list[int] = []
+    mask: list[int] = []
+
+    def add(piece: str, is_content: bool, learn: int) -> None:
+        if piece:
+            encode = tokenizer.encode if is_content else tokenizer.encode_template
+            new = encode(piece, after_special=bool(ids))
+            ids.extend(new)
+            mask.extend([learn] * len(new))
+
+    pos = 0
+    for n, (start, end, index) in enumerate(spans):
+        add(text[pos:start], False, 0)
+        learn = int(messages[index]["role"] == "assistant")
+        add(text[start:end], True, learn)
+        pos = end
+        if learn:
+            following = spans[n + 1][0] if n + 1 < len(spans) else len(text)
+            hit = tokenizer.first_special(text[end:following])
+            pos = end + (hit[1] if hit else 0)
+            add(text[end:pos], False, 1)
+    add(text[pos:], False, 0)
+    return ids, mask
+
+
+def _jinja_stop(tokenizer: Any) -> int | None:
+    """The special token that closes an assistant turn in the model's template (ChatML's
+    <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>), found by rendering one exchange."""
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    text, spans = _content_spans(messages, tokenizer, False)
+    hit = tokenizer.first_special(text[spans[-1][1] :])
+    return hit[0] if hit else None

@@ -198,9 +198,10 @@ def _write_tokenizer(tok: Tokenizer, out_dir: str) -> None:
     names.update({i: t for i, t in own.items() if t is not None})
     added = {i: t for i, t in names.items() if own.get(i) is None}
     base_config: dict[str, Any] = {
+        **getattr(tok, "template_tokens", {}),  # what an imported template reads (bos_token...)
         "eos_token": names[tok.eos_id],
         "pad_token": names[tok.pad_id],
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": getattr(tok, "chat_template", None) or CHAT_TEMPLATE,
         "added_tokens_decoder": {
             str(i): {
                 "content": t,
