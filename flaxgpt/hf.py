@@ -438,18 +438,41 @@ def _rope_fields(hf: dict, where: str, context: int) -> dict:
     out = {"rope_theta": _Fields({"rope_theta": theta}, where).number("rope_theta", 0.0, float("inf"), 10000.0)}
     kind = rope.get("rope_type", rope.get("type", "default"))
     f = _Fields(rope, f"{where}: rope_scaling")
+    _require(rope, "partial_rotary_factor", (1.0, 1), 1.0, f"{where}: rope_scaling")
     if kind in ("default", "dynamic"):
         return out
-    if kind not in ("linear", "llama3"):
-        raise HFFormatError(f"{where}: rope_type={kind!r} is not supported (default, linear, llama3, dynamic)")
+    if kind not in ("linear", "llama3", "yarn"):
+        raise HFFormatError(f"{where}: rope_type={kind!r} is not supported (default, linear, llama3, dynamic, yarn)")
     out.update(rope_scaling=kind, rope_factor=f.number("factor", 0.0, 1e6, 1.0))
+    if kind != "linear":
+        out["rope_original_context"] = f.integer("original_max_position_embeddings", 1, HF_LIMITS["context"], context)
     if kind == "llama3":
         out.update(
             rope_low_freq_factor=f.number("low_freq_factor", 0.0, 1e6, 1.0),
             rope_high_freq_factor=f.number("high_freq_factor", 0.0, 1e6, 4.0),
-            rope_original_context=f.integer("original_max_position_embeddings", 1, HF_LIMITS["context"], context),
         )
+    if kind == "yarn":
+        out.update(_yarn_fields(rope, f, out["rope_factor"]))
     return out
+
+
+def _yarn_fields(rope: dict, f: _Fields, factor: float) -> dict:
+    """YaRN's ramp bounds and attention factor (given, or from mscale / mscale_all_dim as
+    transformers derives it)."""
+    _require(rope, "truncate", (True,), True, f.where)
+
+    def mscale(scale: float) -> float:
+        return 0.1 * scale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+    attention = f.number("attention_factor", 0.0, 1e6, 0.0)
+    m, m_all = f.number("mscale", 0.0, 1e6, 0.0), f.number("mscale_all_dim", 0.0, 1e6, 0.0)
+    if not attention and m and m_all:
+        attention = mscale(m) / mscale(m_all)
+    return dict(
+        rope_beta_fast=f.number("beta_fast", 0.0, 1e6, 32.0),
+        rope_beta_slow=f.number("beta_slow", 0.0, 1e6, 1.0),
+        rope_attention_factor=attention,
+    )
 
 
 def hf_config_from_model(cfg: ModelConfig, eos_id: int, pad_id: int) -> dict:
@@ -570,12 +593,14 @@ def _rope_parameters(cfg: ModelConfig) -> dict:
     if cfg.rope_scaling == "none":
         return {"rope_type": "default", "rope_theta": cfg.rope_theta}
     out = {"rope_type": cfg.rope_scaling, "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor}
+    if cfg.rope_scaling != "linear":
+        out["original_max_position_embeddings"] = cfg.rope_original_context
     if cfg.rope_scaling == "llama3":
-        out.update(
-            low_freq_factor=cfg.rope_low_freq_factor,
-            high_freq_factor=cfg.rope_high_freq_factor,
-            original_max_position_embeddings=cfg.rope_original_context,
-        )
+        out.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor)
+    if cfg.rope_scaling == "yarn":
+        out.update(beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow)
+        if cfg.rope_attention_factor:
+            out["attention_factor"] = cfg.rope_attention_factor
     return out
 
 
@@ -903,6 +928,9 @@ def import_model(directory: str, own: ModelConfig) -> tuple[ModelConfig, Importe
         "rope_low_freq_factor",
         "rope_high_freq_factor",
         "rope_original_context",
+        "rope_beta_fast",
+        "rope_beta_slow",
+        "rope_attention_factor",
         "qkv_bias",
         "qk_norm",
         "sliding_window",

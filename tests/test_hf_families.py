@@ -46,6 +46,11 @@ FAMILIES = {
         {"rope_parameters": {"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0}},
         dict(rope_scaling="linear", rope_theta=500.0),
     ),
+    "yarn": (  # original context 16 puts the ramp inside head_dim 8's four frequencies
+        "Qwen2",
+        {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}},
+        dict(rope_scaling="yarn", rope_factor=4.0),
+    ),
     "qwen2": ("Qwen2", {}, dict(qkv_bias=True, use_bias=False)),
     "qwen3": ("Qwen3", {}, dict(qk_norm=True)),
     "mistral": ("Mistral", {"sliding_window": 5}, dict(sliding_window=5)),
@@ -107,9 +112,49 @@ def test_llama3_frequencies_match_transformers():
 
 
 @pytest.mark.parametrize(
+    "rope",
+    [
+        {"factor": 4.0, "original_max_position_embeddings": 64},
+        {
+            "factor": 8.0,
+            "original_max_position_embeddings": 32,
+            "beta_fast": 16.0,
+            "mscale": 0.8,
+            "mscale_all_dim": 0.5,
+        },
+    ],
+)
+def test_yarn_frequencies_and_attention_factor_match_transformers(rope):
+    import torch
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from flaxgpt.model import rope_attention_factor
+
+    hf_config = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 100,
+        "hidden_size": 64,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 256,
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, **rope},
+    }
+    config = transformers.LlamaConfig(**{k: v for k, v in hf_config.items() if k != "architectures"})
+    theirs, attention = ROPE_INIT_FUNCTIONS["yarn"](config, torch.device("cpu"))
+    ours = hf.model_config_from_hf(hf_config)
+    np.testing.assert_allclose(rope_frequencies(ours), theirs.numpy(), rtol=1e-6)
+    assert rope_attention_factor(ours) == pytest.approx(attention, rel=1e-6) and attention != 1.0
+    plain = rope_frequencies(dataclasses.replace(ours, rope_scaling="none"))
+    assert not np.allclose(rope_frequencies(ours), plain) and np.isclose(rope_frequencies(ours)[0], plain[0])
+
+
+@pytest.mark.parametrize(
     "change, message",
     [
-        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn' is not supported"),
+        ({"rope_parameters": {"rope_type": "longrope", "factor": 4.0}}, "rope_type='longrope' is not supported"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "truncate": False}}, "truncate=False"),
         ({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True}, "use_sliding_window=true without"),
         (
             {"architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": 3, "sliding_window": 4}
