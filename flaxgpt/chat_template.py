@@ -10,6 +10,15 @@ a text (an imported Llama's BOS; nothing for flaxgpt's own tokenizers). A prompt
 generation ends with `<|assistant|>`; the model answers and closes with `<|end|>`, the stop
 token. When a conversation does not fit the context, the oldest exchanges go first (history
 always resumes at a user turn); the system message always stays.
+
+An imported model whose directory has a Jinja `chat_template` (tokenizer_config.json or
+chat_template.jinja) chats in that format instead, rendered as transformers'
+`apply_chat_template` renders it (sandboxed). The same safety holds: the template's own text is
+tokenized with the model's special tokens parsed, each message content as plain text, so a
+content holding `<|im_end|>` stays text. The contents are located in the render by rendering
+again with a sentinel in place of each; the turn's end marker (the template text after an
+assistant content, up to its first special token) is what SFT learns after each answer and
+what generation stops at.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from flax.core import meta
 
 pytest.importorskip("transformers", reason="the hf extra (pip install -e '.[hf]') is not installed")
 
-from flaxgpt import hf, runs  # noqa: E402
+from flaxgpt import cli, convert, hf, runs  # noqa: E402
 from flaxgpt.config import ModelConfig  # noqa: E402
 from flaxgpt.convert import export_hf, import_hf  # noqa: E402
 from flaxgpt.model import rope_frequencies  # noqa: E402
@@ -212,3 +212,61 @@ def test_lora_adapter_exports_in_peft_format_with_the_same_logits(built, tmp_pat
     assert not np.allclose(ours, hf_fixtures.flaxgpt_logits(loaded, ids), atol=1e-3)  # the adapters matter
     with pytest.raises(HFFormatError, match="lora_rank > 0"):
         export_peft_adapter(run, str(tmp_path / "none"))
+
+    # and back: the CLI imports the base with the adapter as a LoRA run with the same logits
+    directory, again = built["qwen2"][0], str(tmp_path / "again")
+    assert cli.run(convert.main, ["import", "--hf", directory, "--workdir", again, "--peft", adapter]) == 0
+    reloaded = runs.load(again)
+    assert (reloaded.cfg.model.lora_rank, reloaded.cfg.model.lora_alpha) == (2, 6.0)
+    assert reloaded.cfg.model.lora_targets == ("query", "out", "down")
+    np.testing.assert_allclose(hf_fixtures.flaxgpt_logits(reloaded, ids), ours, atol=1e-4)
+    out = str(tmp_path / "out")  # export --peft writes the same adapter again
+    assert cli.run(convert.main, ["export", "--workdir", again, "--peft", out]) == 0
+    np.testing.assert_allclose(hf_fixtures.peft_logits(base, out, ids), ours, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"use_dora": True}, "use_dora=True is not supported"),
+        ({"target_modules": ["q_proj", "lm_head"]}, "target_modules=['q_proj', 'lm_head'] is not a list of some of"),
+        ({"target_modules": "q_proj|v_proj"}, "target_modules='q_proj|v_proj'"),
+        ({"rank_pattern": {"q_proj": 4}}, "rank_pattern"),
+        ({"r": 3}, "does not fit flaxgpt's lora_a"),
+    ],
+)
+def test_unsupported_peft_adapters_are_refused_in_one_line(change, message, built, tmp_path, capsys):
+    directory = built["qwen2"][0]
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    rank = 2
+    tensors = {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((rank, 32), np.float32),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.zeros((32, rank), np.float32),
+        "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight": np.zeros((rank, 32), np.float32),
+        "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight": np.zeros((32, rank), np.float32),
+    }
+    hf.write_safetensors(str(adapter / "adapter_model.safetensors"), tensors)
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 4, "target_modules": ["q_proj"]} | change
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    argv = ["import", "--hf", directory, "--workdir", str(tmp_path / "run"), "--peft", str(adapter)]
+    assert cli.run(convert.main, argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_pytorch_model_bin_is_refused_as_an_unsafe_pickle(built, tmp_path, capsys):
+    """A directory with only pytorch_model.bin: one line saying why it is not read, nothing written."""
+    import shutil
+
+    directory = tmp_path / "pickled"
+    shutil.copytree(built["qwen2"][0], directory)
+    for name in os.listdir(directory):
+        if name.endswith(".safetensors"):
+            os.remove(directory / name)
+    (directory / "pytorch_model.bin").write_bytes(b"not unpickled")
+    argv = ["import", "--hf", str(directory), "--workdir", str(tmp_path / "run")]
+    assert cli.run(convert.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "only pytorch_model.bin, a pickle that could run any code" in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
