@@ -208,36 +208,56 @@ def _content_spans(messages: Sequence[dict], tokenizer: Any, add_generation_prom
 
 
 def _render_jinja(messages: Sequence[dict], tokenizer: Any, add_generation_prompt: bool) -> tuple[list[int], list[int]]:
-    """(ids, assistant mask) through the model's template. Template text is tokenized with the
-    model's special tokens parsed; every content as plain text (never a special id), so a user
-    typing `<|im_end|>` cannot close a turn. The mask covers assistant contents and the end
-    marker after each (template text up to its first special token): what SFT learns to produce."""
+    """(ids, assistant mask) through the model's template. Special tokens are parsed only in
+    the template's own text; the text between two of them (template text and contents alike)
+    is encoded whole, as transformers encodes it, but as text: a user typing `<|im_end|>`
+    cannot close a turn. The mask covers each assistant content and its end marker (the
+    template text after it up to its first special token): what SFT learns to produce."""
     for m in messages:
         _check_message(m)
     text, spans = _content_spans(messages, tokenizer, add_generation_prompt)
+    bounds = [(0, 0)] + [(s, e) for s, e, _ in spans] + [(len(text), len(text))]
+    cuts = [
+        (a + s, a + e, i)
+        for (_, a), (b, _) in zip(bounds, bounds[1:])
+        for s, e, i in tokenizer.find_specials(text[a:b])
+    ]
+    learned = []
+    for n, (start, end, index) in enumerate(spans):
+        if messages[index]["role"] == "assistant":
+            limit = spans[n + 1][0] if n + 1 < len(spans) else len(text)
+            learned.append((start, next((c[1] for c in cuts if end <= c[0] and c[1] <= limit), end)))
     ids: list[int] = []
     mask: list[int] = []
-
-    def add(piece: str, is_content: bool, learn: int) -> None:
-        if piece:
-            encode = tokenizer.encode if is_content else tokenizer.encode_template
-            new = encode(piece, after_special=bool(ids))
-            ids.extend(new)
-            mask.extend([learn] * len(new))
-
     pos = 0
-    for n, (start, end, index) in enumerate(spans):
-        add(text[pos:start], False, 0)
-        learn = int(messages[index]["role"] == "assistant")
-        add(text[start:end], True, learn)
+    for start, end, special in cuts + [(len(text), len(text), None)]:
+        _add_run(text, pos, start, learned, tokenizer, ids, mask)
+        if special is not None:
+            ids.append(special)
+            mask.append(int(any(a <= start < b for a, b in learned)))
         pos = end
-        if learn:
-            following = spans[n + 1][0] if n + 1 < len(spans) else len(text)
-            hit = tokenizer.first_special(text[end:following])
-            pos = end + (hit[1] if hit else 0)
-            add(text[end:pos], False, 1)
-    add(text[pos:], False, 0)
     return ids, mask
+
+
+def _add_run(text: str, a: int, b: int, learned: list, tokenizer: Any, ids: list, mask: list) -> None:
+    """text[a:b] (no template special token in it) appended to `ids` as text; its tokens inside a
+    learned range, located by encoding the run up to each range boundary, get mask 1."""
+    if a >= b:
+        return
+    after = bool(ids)
+    run = tokenizer.encode(text[a:b], after_special=after)
+
+    def count(point: int) -> int:
+        if point <= a:
+            return 0
+        return len(run) if point >= b else len(tokenizer.encode(text[a:point], after_special=after))
+
+    flags = [0] * len(run)
+    for start, end in learned:
+        for j in range(count(start), count(end)):
+            flags[j] = 1
+    ids.extend(run)
+    mask.extend(flags)
 
 
 def _jinja_stop(tokenizer: Any) -> int | None:
@@ -245,5 +265,5 @@ def _jinja_stop(tokenizer: Any) -> int | None:
     <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>), found by rendering one exchange."""
     messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     text, spans = _content_spans(messages, tokenizer, False)
-    hit = tokenizer.first_special(text[spans[-1][1] :])
-    return hit[0] if hit else None
+    hits = tokenizer.find_specials(text[spans[-1][1] :])
+    return hits[0][2] if hits else None

@@ -391,21 +391,10 @@ class ImportedTokenizer(_Common):
             "|".join(re.escape(t) for t in sorted(by_text, key=len, reverse=True)) or "(?!)"
         )
 
-    def encode_template(self, text: str, *, after_special: bool = False) -> list[int]:
-        """Ids of a chat template's own text (trusted): the model's special tokens in it are
-        their ids, the rest is text. Never for message contents."""
-        ids: list[int] = []
-        pos = 0
-        for match in self._special_pattern.finditer(text):
-            ids += self._plain(text[pos : match.start()], after_special or bool(ids))
-            ids.append(self._special_text[match.group()])
-            pos = match.end()
-        return ids + self._plain(text[pos:], after_special or bool(ids))
-
-    def first_special(self, text: str) -> tuple[int, int] | None:
-        """(id, end offset) of the first special token written in `text`, or None."""
-        match = self._special_pattern.search(text)
-        return (self._special_text[match.group()], match.end()) if match else None
+    def find_specials(self, text: str) -> list[tuple[int, int, int]]:
+        """(start, end, id) of each of the model's special tokens written in `text` (trusted
+        template text only)."""
+        return [(m.start(), m.end(), self._special_text[m.group()]) for m in self._special_pattern.finditer(text)]
 
     def _surface_of(self, i: int) -> str | None:
         if i in self.special_ids:
