@@ -447,9 +447,12 @@ def _rope_fields(hf: dict, where: str, context: int) -> dict:
         return out
     if kind not in ("linear", "llama3", "yarn"):
         raise HFFormatError(f"{where}: rope_type={kind!r} is not supported (default, linear, llama3, dynamic, yarn)")
-    out.update(rope_scaling=kind, rope_factor=f.number("factor", 0.0, 1e6, 1.0))
+    original = f.integer("original_max_position_embeddings", 1, HF_LIMITS["context"], context)
+    # YaRN without a factor stretches the original context to max_position_embeddings (DeepSeek-V3)
+    default = context / original if kind == "yarn" else 1.0
+    out.update(rope_scaling=kind, rope_factor=f.number("factor", 0.0, 1e6, default))
     if kind != "linear":
-        out["rope_original_context"] = f.integer("original_max_position_embeddings", 1, HF_LIMITS["context"], context)
+        out["rope_original_context"] = original
     if kind == "llama3":
         out.update(
             rope_low_freq_factor=f.number("low_freq_factor", 0.0, 1e6, 1.0),

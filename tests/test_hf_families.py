@@ -122,6 +122,7 @@ def test_llama3_frequencies_match_transformers():
             "mscale": 0.8,
             "mscale_all_dim": 0.5,
         },
+        {"factor": None, "original_max_position_embeddings": 32},  # max_position_embeddings / 32
     ],
 )
 def test_yarn_frequencies_and_attention_factor_match_transformers(rope):
