@@ -176,8 +176,8 @@ def render_text(messages: Sequence[dict], tokenizer: Any, add_generation_prompt:
             add_generation_prompt=add_generation_prompt,
             **tokenizer.template_tokens,
         )
-    except jinja2.exceptions.TemplateError as e:
-        raise ValueError(f"the model's chat_template refused the conversation: {e}") from None
+    except (jinja2.exceptions.TemplateError, TypeError, KeyError, IndexError) as e:  # its own or Python's
+        raise ValueError(f"the model's chat_template refused the conversation: {type(e).__name__}: {e}") from None
 
 
 _SENTINEL = re.compile("\ue000(\\d+)\ue001")  # private-use characters: no template writes them
