@@ -58,12 +58,18 @@ class ModelConfig:
     rope_theta: float = 10000.0
     # rotary frequency scaling for contexts beyond pretraining (Llama 3.x and others): none;
     # linear (every frequency / rope_factor); llama3 (low frequencies / rope_factor, high ones
-    # kept, a smooth ramp between, set by rope_low/high_freq_factor and rope_original_context)
-    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    # kept, a smooth ramp between, set by rope_low/high_freq_factor and rope_original_context);
+    # yarn (YaRN, Qwen and others: a ramp between the dimensions rotating more than
+    # rope_beta_fast and fewer than rope_beta_slow times over rope_original_context, and
+    # cos/sin scaled by rope_attention_factor; 0: YaRN's 0.1 ln(rope_factor) + 1)
+    rope_scaling: Literal["none", "linear", "llama3", "yarn"] = "none"
     rope_factor: float = 1.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_context: int = 8192
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_attention_factor: float = 0.0
     qkv_bias: bool | None = None  # biases on query/key/value only (Qwen2); None: as use_bias
     qk_norm: bool = False  # a norm over head_dim on each query and key head, before rotary (Qwen3)
     sliding_window: int = 0  # > 0: a query sees only the last sliding_window keys (Mistral); 0: all
@@ -168,6 +174,11 @@ def _check_rope_and_window(cfg: ModelConfig) -> None:
         raise ConfigError(
             f"model.rope_low_freq_factor={cfg.rope_low_freq_factor} and model.rope_high_freq_factor="
             f"{cfg.rope_high_freq_factor} must satisfy 0 < low < high"
+        )
+    if cfg.rope_scaling == "yarn" and not 0 < cfg.rope_beta_slow < cfg.rope_beta_fast:
+        raise ConfigError(
+            f"model.rope_beta_slow={cfg.rope_beta_slow} and model.rope_beta_fast={cfg.rope_beta_fast} "
+            "must satisfy 0 < slow < fast"
         )
 
 
@@ -530,6 +541,9 @@ RANGES: dict[str, str] = {
     "model.rope_low_freq_factor": "> 0",
     "model.rope_high_freq_factor": "> 0",
     "model.rope_original_context": ">= 1",
+    "model.rope_beta_fast": "> 0",
+    "model.rope_beta_slow": "> 0",
+    "model.rope_attention_factor": ">= 0",
     "model.sliding_window": ">= 0",
     "model.global_every": ">= 0",
     "model.attn_softcap": ">= 0",

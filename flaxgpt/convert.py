@@ -1,11 +1,14 @@
 """Hugging Face checkpoints in and out.
 
-`python -m flaxgpt.convert import --hf HF_DIR --workdir OUT [--set model.scan_layers=true ...]`
-    writes a flaxgpt run (config.json, the model's own tokenizer, a step-0 checkpoint of the
-    parameters) that `sample`, `chat` and `train.init_from` use like any other run.
+`python -m flaxgpt.convert import --hf HF_DIR --workdir OUT [--peft ADAPTER_DIR] [--set model.scan_layers=true ...]`
+    writes a flaxgpt run (config.json, the model's own tokenizer and chat template, a step-0
+    checkpoint of the parameters) that `sample`, `chat` and `train.init_from` use like any other
+    run; with --peft, a PEFT LoRA adapter on that base (a LoRA run with its rank and targets).
 `python -m flaxgpt.convert export --workdir RUN --hf OUT_DIR [--step N] [--dtype bfloat16]`
     writes config.json, model.safetensors (sharded with an index past --max-shard-gb) and the
     tokenizer, loadable by `transformers`. LoRA adapters are merged in; a PPO run exports its policy.
+    `--peft ADAPTER_DIR` (with or instead of --hf) writes a LoRA run's adapters alone in PEFT's
+    format, for `peft.PeftModel.from_pretrained` on the export of the model the run started from.
 """
 
 from __future__ import annotations
@@ -78,14 +81,21 @@ def _refuse_non_empty(directory: str, force: bool, what: str, flag: str, owned: 
                 os.remove(path)
 
 
-def import_hf(hf_dir: str, workdir: str, overrides: Sequence[str] = (), force: bool = False) -> Config:
-    """A Hugging Face model directory -> a flaxgpt run in `workdir` (parameters at step 0).
-    Everything is checked (the target directory, the config, every tensor header, the
-    tokenizer) before anything is written; a non-empty `workdir` is refused unless `force`."""
+def import_hf(
+    hf_dir: str, workdir: str, overrides: Sequence[str] = (), force: bool = False, peft: str | None = None
+) -> Config:
+    """A Hugging Face model directory -> a flaxgpt run in `workdir` (parameters at step 0); with
+    `peft`, a PEFT LoRA adapter directory whose adapters (and LoRA settings) the run carries on
+    that base. Everything is checked (the target directory, the config, every tensor header,
+    the tokenizer, the adapter) before anything is written; a non-empty `workdir` is refused
+    unless `force`."""
     if not force:
         _refuse_non_empty(workdir, False, "the import", "--workdir", RUN_FILES)
     cfg = apply_overrides(Config(name="imported"), list(overrides))
     model_cfg, tokenizer, hf_vocab = hf.import_model(hf_dir, cfg.model)
+    if peft is not None:
+        model_cfg = dataclasses.replace(model_cfg, **hf.adapter_settings(peft, model_cfg)).resolved()
+        adapters = hf.adapter_leaf_sources(peft, model_cfg)
     cfg = dataclasses.replace(cfg, model=model_cfg).validate()
     if jax.process_index() == 0:
         _refuse_non_empty(workdir, force, "the import", "--workdir", RUN_FILES)
@@ -94,14 +104,16 @@ def import_hf(hf_dir: str, workdir: str, overrides: Sequence[str] = (), force: b
     boxed = runs.boxed_params(Transformer(model_cfg))
     shardings = unbox_shapes(logical_shardings(boxed, mesh, rules))
     params = runs.params_from_hf(hf_dir, model_cfg, hf_vocab, mesh, rules, cfg.train.seed)(shardings)
+    if peft is not None:
+        placed = hf.place_from_host(adapters, shardings, unbox_shapes(boxed))
+        params = jax.tree_util.tree_map_with_path(lambda p, v: placed.get(jax.tree_util.keystr(p), v), params)
 
     if jax.process_index() == 0:
         tokenizer.save(workdir)
         fileio.write_atomic(os.path.join(workdir, "config.json"), to_json(cfg))
     checkpointer = Checkpointer(workdir, cfg.checkpoint)
-    checkpointer.save(
-        0, {"params": params}, {"step": 0, "model": to_dict(model_cfg), "imported_from": hf_dir}, force=True
-    )
+    meta = {"step": 0, "model": to_dict(model_cfg), "imported_from": hf_dir}
+    checkpointer.save(0, {"params": params}, meta | ({"adapter_from": peft} if peft else {}), force=True)
     checkpointer.close()
     return cfg
 
@@ -198,9 +210,10 @@ def _write_tokenizer(tok: Tokenizer, out_dir: str) -> None:
     names.update({i: t for i, t in own.items() if t is not None})
     added = {i: t for i, t in names.items() if own.get(i) is None}
     base_config: dict[str, Any] = {
+        **getattr(tok, "template_tokens", {}),  # what an imported template reads (bos_token...)
         "eos_token": names[tok.eos_id],
         "pad_token": names[tok.pad_id],
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": getattr(tok, "chat_template", None) or CHAT_TEMPLATE,
         "added_tokens_decoder": {
             str(i): {
                 "content": t,
@@ -270,23 +283,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="config overrides, e.g. model.scan_layers=true model.block_size=2048 mesh.fsdp=8",
     )
+    imp.add_argument("--peft", metavar="ADAPTER_DIR", help="a PEFT LoRA adapter to carry on the --hf base model")
     imp.add_argument("--force", action="store_true", help="import into a non-empty workdir, replacing its run")
     exp = sub.add_parser("export", help="flaxgpt run -> Hugging Face directory", description=__doc__)
     exp.add_argument("--workdir", "-w", required=True)
-    exp.add_argument("--hf", required=True, help="output directory")
+    exp.add_argument("--hf", help="output directory of the whole model (LoRA adapters merged in)")
+    exp.add_argument("--peft", metavar="ADAPTER_DIR", help="output directory of a LoRA run's adapters alone, for peft")
     exp.add_argument("--step", type=cli.ranged(int, ">= 0"), help="checkpoint step (default: the latest)")
     exp.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="of the weights")
     exp.add_argument("--max-shard-gb", type=cli.ranged(float, "> 0"), default=5.0, help="size of each weights file")
     exp.add_argument("--force", action="store_true", help="export into a non-empty directory, replacing its model")
     args = parser.parse_args(argv)
     if args.command == "import":
-        cfg = import_hf(args.hf, args.workdir, args.set, args.force)
+        cfg = import_hf(args.hf, args.workdir, args.set, args.force, args.peft)
         m = cfg.model
+        adapter = f" with the LoRA adapter {args.peft} (rank {m.lora_rank})" if args.peft else ""
         print(
-            f"imported {args.hf} ({m.recipe}: {m.n_layer} layers, d_model {m.d_model}, vocab {m.vocab_size}) "
-            f"-> {args.workdir}"
+            f"imported {args.hf}{adapter} ({m.recipe}: {m.n_layer} layers, d_model {m.d_model}, "
+            f"vocab {m.vocab_size}) -> {args.workdir}"
         )
-    else:
+        return 0
+    if not (args.hf or args.peft):
+        parser.error("export needs --hf OUT_DIR (the whole model), --peft ADAPTER_DIR (the adapters alone), or both")
+    if args.peft:
+        config = export_peft_adapter(args.workdir, args.peft, args.step, args.force)
+        print(
+            f"exported the adapters of {args.workdir} -> {args.peft} (rank {config['r']}, {config['target_modules']})"
+        )
+    if args.hf:
         hf_config = export_hf(args.workdir, args.hf, args.step, args.dtype, args.max_shard_gb, args.force)
         print(
             f"exported {args.workdir} -> {args.hf} ({hf_config['architectures'][0]}, vocab {hf_config['vocab_size']})"

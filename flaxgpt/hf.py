@@ -2,7 +2,7 @@
 its rope scaling, Qwen2, Qwen3, Mistral, Gemma, Gemma 2: see `SUPPORTED`), weights and configs
 in the Hugging Face layout (`config.json` + `*.safetensors`, one file or sharded with
 `model.safetensors.index.json`), to and from flaxgpt parameters, and LoRA adapters in PEFT's
-format.
+format (`adapter_config.json` + `adapter_model.safetensors`), both ways.
 
 One table per family lists which Hugging Face tensor feeds which flaxgpt parameter and how it is
 laid out (torch `Linear` [out, in], GPT-2's `Conv1D` [in, out], or as is); import and export both
@@ -35,7 +35,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from flaxgpt.config import ModelConfig
+from flaxgpt.config import LORA_TARGETS, ModelConfig
 from flaxgpt.data.tokenizers import ImportedTokenizer
 from flaxgpt.model import layer_windows
 from flaxgpt.modeldir import HFFormatError, inside, read_json, require_directory
@@ -112,9 +112,13 @@ class SafetensorsReader:
                 for f in sorted(glob.glob(os.path.join(glob.escape(directory), "*.safetensors")))
             ]
         if not files:
+            pickles = sorted(os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(directory), "*.bin")))
+            found = (
+                f"only {pickles[0]}, a pickle that could run any code when loaded: it is not read" if pickles else ""
+            )
             raise HFFormatError(
-                f"{directory} holds no *.safetensors weights (pytorch_model.bin is not read: "
-                "save the model with safe_serialization=True)"
+                f"{directory} holds no *.safetensors weights{' (' + found + ')' if found else ''}; convert it "
+                "where you trust it with transformers' save_pretrained(..., safe_serialization=True)"
             )
         self.entries: dict[str, tuple[str, dict, int]] = {}
         for file in files:
@@ -438,18 +442,44 @@ def _rope_fields(hf: dict, where: str, context: int) -> dict:
     out = {"rope_theta": _Fields({"rope_theta": theta}, where).number("rope_theta", 0.0, float("inf"), 10000.0)}
     kind = rope.get("rope_type", rope.get("type", "default"))
     f = _Fields(rope, f"{where}: rope_scaling")
+    _require(rope, "partial_rotary_factor", (1.0, 1), 1.0, f"{where}: rope_scaling")
     if kind in ("default", "dynamic"):
         return out
-    if kind not in ("linear", "llama3"):
-        raise HFFormatError(f"{where}: rope_type={kind!r} is not supported (default, linear, llama3, dynamic)")
-    out.update(rope_scaling=kind, rope_factor=f.number("factor", 0.0, 1e6, 1.0))
+    if kind not in ("linear", "llama3", "yarn"):
+        raise HFFormatError(f"{where}: rope_type={kind!r} is not supported (default, linear, llama3, dynamic, yarn)")
+    original = f.integer("original_max_position_embeddings", 1, HF_LIMITS["context"], context)
+    # YaRN without a factor stretches the original context to max_position_embeddings (DeepSeek-V3)
+    default = context / original if kind == "yarn" else 1.0
+    out.update(rope_scaling=kind, rope_factor=f.number("factor", 0.0, 1e6, default))
+    if kind != "linear":
+        out["rope_original_context"] = original
     if kind == "llama3":
         out.update(
             rope_low_freq_factor=f.number("low_freq_factor", 0.0, 1e6, 1.0),
             rope_high_freq_factor=f.number("high_freq_factor", 0.0, 1e6, 4.0),
-            rope_original_context=f.integer("original_max_position_embeddings", 1, HF_LIMITS["context"], context),
         )
+    if kind == "yarn":
+        out.update(_yarn_fields(rope, f, out["rope_factor"]))
     return out
+
+
+def _yarn_fields(rope: dict, f: _Fields, factor: float) -> dict:
+    """YaRN's ramp bounds and attention factor (given, or from mscale / mscale_all_dim as
+    transformers derives it)."""
+    _require(rope, "truncate", (True,), True, f.where)
+
+    def mscale(scale: float) -> float:
+        return 0.1 * scale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+    attention = f.number("attention_factor", 0.0, 1e6, 0.0)
+    m, m_all = f.number("mscale", 0.0, 1e6, 0.0), f.number("mscale_all_dim", 0.0, 1e6, 0.0)
+    if not attention and m and m_all:
+        attention = mscale(m) / mscale(m_all)
+    return dict(
+        rope_beta_fast=f.number("beta_fast", 0.0, 1e6, 32.0),
+        rope_beta_slow=f.number("beta_slow", 0.0, 1e6, 1.0),
+        rope_attention_factor=attention,
+    )
 
 
 def hf_config_from_model(cfg: ModelConfig, eos_id: int, pad_id: int) -> dict:
@@ -570,12 +600,14 @@ def _rope_parameters(cfg: ModelConfig) -> dict:
     if cfg.rope_scaling == "none":
         return {"rope_type": "default", "rope_theta": cfg.rope_theta}
     out = {"rope_type": cfg.rope_scaling, "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor}
+    if cfg.rope_scaling != "linear":
+        out["original_max_position_embeddings"] = cfg.rope_original_context
     if cfg.rope_scaling == "llama3":
-        out.update(
-            low_freq_factor=cfg.rope_low_freq_factor,
-            high_freq_factor=cfg.rope_high_freq_factor,
-            original_max_position_embeddings=cfg.rope_original_context,
-        )
+        out.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor)
+    if cfg.rope_scaling == "yarn":
+        out.update(beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow)
+        if cfg.rope_attention_factor:
+            out["attention_factor"] = cfg.rope_attention_factor
     return out
 
 
@@ -778,19 +810,115 @@ def hf_leaf_sources(directory: str, cfg: ModelConfig, hf_vocab: int) -> dict[str
     """keystr of each flaxgpt parameter the checkpoint provides -> (shape -> host value). With
     scanned layers, the per-layer tensors are stacked on a leading axis."""
     reader = SafetensorsReader(directory)
-    entries = tensor_table(cfg, set(reader.entries))
+    loaders = {
+        entry.ours: lambda shape, e=entry: import_leaf(reader, e, shape, hf_vocab, directory)
+        for entry in tensor_table(cfg, set(reader.entries))
+    }
+    return _stacked_sources(loaders, cfg)
+
+
+def _stacked_sources(
+    loaders: dict[str, Callable[[tuple], np.ndarray]], cfg: ModelConfig
+) -> dict[str, Callable[[tuple], np.ndarray]]:
+    """Loaders of unrolled-layer parameters (dotted names) as keystr -> loader of the model's
+    own tree: with scanned layers, each layer's loads stacked on a leading axis."""
     sources: dict[str, Callable[[tuple], np.ndarray]] = {}
-    by_stacked: dict[str, list[Entry]] = {}
-    for entry in entries:
-        if cfg.scan_layers and entry.ours.startswith("layers_"):
-            by_stacked.setdefault("layers." + entry.ours.split(".", 1)[1], []).append(entry)
+    by_stacked: dict[str, list[Callable[[tuple], np.ndarray]]] = {}
+    for ours, load in loaders.items():
+        if cfg.scan_layers and ours.startswith("layers_"):
+            by_stacked.setdefault("layers." + ours.split(".", 1)[1], []).append(load)
         else:
-            sources[_keystr(entry.ours)] = lambda shape, e=entry: import_leaf(reader, e, shape, hf_vocab, directory)
-    for stacked, layer_entries in by_stacked.items():
-        sources[_keystr(stacked)] = lambda shape, es=layer_entries: np.stack(
-            [import_leaf(reader, e, shape[1:], hf_vocab, directory) for e in es]
-        )
+            sources[_keystr(ours)] = load
+    for stacked, layer_loads in by_stacked.items():
+        sources[_keystr(stacked)] = lambda shape, ls=layer_loads: np.stack([load(shape[1:]) for load in ls])
     return sources
+
+
+# PEFT adapter_config.json settings flaxgpt's LoRA has no counterpart for, and their only accepted value
+_PEFT_FIXED = {
+    "peft_type": ("LORA",),
+    "bias": ("none",),
+    "fan_in_fan_out": (False,),
+    "use_rslora": (False,),
+    "use_dora": (False,),
+    "modules_to_save": (None, []),
+    "layers_to_transform": (None, []),
+    "rank_pattern": ({},),
+    "alpha_pattern": ({},),
+}
+
+
+def adapter_settings(directory: str, cfg: ModelConfig) -> dict:
+    """flaxgpt's LoRA settings (lora_rank, lora_alpha, lora_targets, lora_dropout) of a PEFT
+    adapter directory for a model of `cfg`'s family; HFFormatError naming the key for what
+    flaxgpt's LoRA cannot hold (DoRA, rsLoRA, per-module ranks, other target modules...)."""
+    where = os.path.join(directory, "adapter_config.json")
+    if not os.path.exists(where):
+        raise HFFormatError(f"{directory} has no adapter_config.json: is it a PEFT adapter directory?")
+    config = read_json(inside(directory, "adapter_config.json", where))
+    for key, allowed in _PEFT_FIXED.items():
+        value = config.get(key, allowed[0])
+        if not any(value == a and type(value) is type(a) for a in allowed):
+            raise HFFormatError(f"{where}: {key}={value!r} is not supported (flaxgpt's LoRA: {allowed[0]!r})")
+    f = _Fields(config, where)
+    targets = config.get("target_modules")
+    names = _adapter_modules(cfg)
+    if not isinstance(targets, list) or not targets or not set(targets) <= set(names):
+        raise HFFormatError(f"{where}: target_modules={targets!r} is not a list of some of {sorted(names)}")
+    ours = {names[t] for t in targets}
+    return dict(
+        lora_rank=f.integer("r", 1, 2**16),
+        lora_alpha=f.number("lora_alpha", 0.0, 1e9, 8.0),
+        lora_targets=tuple(t for t in LORA_TARGETS if t in ours),
+        lora_dropout=f.number("lora_dropout", -1e-9, 1.0, 0.0),
+    )
+
+
+def _adapter_modules(cfg: ModelConfig) -> dict[str, str]:
+    """Hugging Face module name (q_proj...) -> flaxgpt LoRA target (query...) of a rotary family."""
+    if cfg.recipe != "llama":
+        raise HFFormatError(
+            f"PEFT adapters are read for the rotary families (model.recipe='llama'), not {cfg.recipe!r}"
+        )
+    table = tensor_table(dataclasses.replace(cfg, n_layer=1))
+    return {
+        e.hf.split(".")[-2]: e.ours.split(".")[-2]
+        for e in table
+        if e.ours.endswith(".kernel") and e.ours.startswith("layers_")
+    }
+
+
+def adapter_leaf_sources(directory: str, cfg: ModelConfig) -> dict[str, Callable[[tuple], np.ndarray]]:
+    """keystr of each adapter leaf (lora_a, lora_b) of a LoRA model `cfg` -> (shape -> host
+    value) from a PEFT adapter_model.safetensors; every tensor checked for name and shape
+    first, and a tensor flaxgpt would not read (an adapter on another module) refused."""
+    reader = SafetensorsReader(directory)
+    loaders: dict[str, Callable[[tuple], np.ndarray]] = {}
+    expected = set()
+    for entry in tensor_table(cfg):
+        module = entry.ours.removesuffix(".kernel")
+        if module.split(".")[-1] not in cfg.lora_targets or not entry.ours.endswith(".kernel"):
+            continue
+        theirs = "base_model.model." + entry.hf.removesuffix(".weight")
+        for ours_leaf, suffix in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
+            name = f"{theirs}.{suffix}.weight"
+            expected.add(name)
+            if name not in reader:
+                raise HFFormatError(f"{directory}: tensor {name} is missing (flaxgpt parameter {module}.{ours_leaf})")
+            loaders[f"{module}.{ours_leaf}"] = lambda shape, n=name, a=ours_leaf: _adapter_leaf(reader, n, a, shape)
+    extra = sorted(set(reader.entries) - expected)
+    if extra:
+        raise HFFormatError(f"{directory}: tensor {extra[0]} is not an adapter flaxgpt's LoRA holds")
+    return _stacked_sources(loaders, cfg)
+
+
+def _adapter_leaf(reader: SafetensorsReader, name: str, leaf: str, shape: tuple) -> np.ndarray:
+    """PEFT's lora_A [rank, in] / lora_B [out, rank] as our lora_a [in.., rank] / lora_b [rank, out..]."""
+    value = reader.read(name).astype(np.float32).T
+    want = (math.prod(shape[:-1]), shape[-1]) if leaf == "lora_a" else (shape[0], math.prod(shape[1:]))
+    if value.shape != want:
+        raise HFFormatError(f"{name}: shape {reader.shape(name)} does not fit flaxgpt's {leaf} {tuple(shape)}")
+    return value.reshape(shape)
 
 
 def place_from_host(
@@ -903,6 +1031,9 @@ def import_model(directory: str, own: ModelConfig) -> tuple[ModelConfig, Importe
         "rope_low_freq_factor",
         "rope_high_freq_factor",
         "rope_original_context",
+        "rope_beta_fast",
+        "rope_beta_slow",
+        "rope_attention_factor",
         "qkv_bias",
         "qk_norm",
         "sliding_window",

@@ -106,17 +106,42 @@ def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= context / high) & (wavelen <= context / low)
         return np.where(medium, smoothed, scaled).astype(np.float32)
+    if cfg.rope_scaling == "yarn":
+        return _yarn_frequencies(cfg, inv)
     return inv
 
 
-def rotary(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+def _yarn_frequencies(cfg: ModelConfig, inv: np.ndarray) -> np.ndarray:
+    """YaRN: dimensions that rotate more than beta_fast times over the original context keep
+    their frequency, those rotating fewer than beta_slow times are divided by rope_factor, a
+    linear ramp between (the correction range rounded outwards, as transformers does)."""
+    d, base, context = cfg.head_dim, cfg.rope_theta, cfg.rope_original_context
+
+    def dim_of(rotations: float) -> float:
+        return d * math.log(context / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = max(math.floor(dim_of(cfg.rope_beta_fast)), 0), min(math.ceil(dim_of(cfg.rope_beta_slow)), d - 1)
+    ramp = np.clip((np.arange(d // 2, dtype=np.float32) - low) / ((high - low) or 0.001), 0, 1)
+    keep = (1 - ramp).astype(np.float32)
+    return ((inv / np.float32(cfg.rope_factor)) * (1 - keep) + inv * keep).astype(np.float32)
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """What YaRN multiplies cos and sin by (1 otherwise)."""
+    if cfg.rope_scaling != "yarn":
+        return 1.0
+    return cfg.rope_attention_factor or (0.1 * math.log(cfg.rope_factor) + 1.0 if cfg.rope_factor > 1 else 1.0)
+
+
+def rotary(x: Array, positions: Array, inv_freq: np.ndarray, scale: float = 1.0) -> Array:
     """Rotary position embedding, rotate-half convention (as Hugging Face Llama).
 
-    x: [batch, length, heads, head_dim]; positions: [batch, length]; inv_freq from `rope_frequencies`.
+    x: [batch, length, heads, head_dim]; positions: [batch, length]; inv_freq from `rope_frequencies`;
+    scale multiplies cos and sin (`rope_attention_factor`).
     """
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [b, t, half]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :] * scale
+    sin = jnp.sin(angles)[:, :, None, :] * scale
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)
@@ -327,8 +352,8 @@ class Attention(nn.Module):
         if cfg.qk_norm:  # Qwen3: each head's query and key normalised over head_dim
             q, k = Norm(cfg, name="query_norm")(q), Norm(cfg, name="key_norm")(k)
         if cfg.position == "rope":
-            inv_freq = rope_frequencies(cfg)
-            q, k = rotary(q, positions, inv_freq), rotary(k, positions, inv_freq)
+            inv_freq, scale = rope_frequencies(cfg), rope_attention_factor(cfg)
+            q, k = rotary(q, positions, inv_freq, scale), rotary(k, positions, inv_freq, scale)
         q = _constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
         k = _constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
         v = _constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))

@@ -236,6 +236,10 @@ def test_imported_model_through_sft_and_ppo_then_exported(family, lora_rank, mod
         ids = sft.tokenizer.encode("<|user|>What is two plus three?<|end|><|assistant|>", allow_special=True)
         theirs = hf_fixtures.peft_logits(base_hf, adapter, ids)
         np.testing.assert_allclose(theirs, hf_fixtures.flaxgpt_logits(sft, ids), atol=1e-4)
+        # and the adapter imported back onto the Hugging Face base is the same model again
+        import_hf(models[family], str(tmp_path / "again"), peft=adapter)
+        again = runs.load(str(tmp_path / "again"))
+        np.testing.assert_allclose(hf_fixtures.flaxgpt_logits(again, ids), theirs, atol=1e-4)
     out = str(tmp_path / "export")
     export_hf(os.path.join(workdir, "ppo"), out)
     policy = runs.load(os.path.join(workdir, "ppo"))

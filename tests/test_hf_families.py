@@ -20,7 +20,7 @@ from flax.core import meta
 
 pytest.importorskip("transformers", reason="the hf extra (pip install -e '.[hf]') is not installed")
 
-from flaxgpt import hf, runs  # noqa: E402
+from flaxgpt import cli, convert, hf, runs  # noqa: E402
 from flaxgpt.config import ModelConfig  # noqa: E402
 from flaxgpt.convert import export_hf, import_hf  # noqa: E402
 from flaxgpt.model import rope_frequencies  # noqa: E402
@@ -45,6 +45,11 @@ FAMILIES = {
         "Llama",
         {"rope_parameters": {"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0}},
         dict(rope_scaling="linear", rope_theta=500.0),
+    ),
+    "yarn": (  # original context 16 puts the ramp inside head_dim 8's four frequencies
+        "Qwen2",
+        {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}},
+        dict(rope_scaling="yarn", rope_factor=4.0),
     ),
     "qwen2": ("Qwen2", {}, dict(qkv_bias=True, use_bias=False)),
     "qwen3": ("Qwen3", {}, dict(qk_norm=True)),
@@ -107,9 +112,50 @@ def test_llama3_frequencies_match_transformers():
 
 
 @pytest.mark.parametrize(
+    "rope",
+    [
+        {"factor": 4.0, "original_max_position_embeddings": 64},
+        {
+            "factor": 8.0,
+            "original_max_position_embeddings": 32,
+            "beta_fast": 16.0,
+            "mscale": 0.8,
+            "mscale_all_dim": 0.5,
+        },
+        {"factor": None, "original_max_position_embeddings": 32},  # max_position_embeddings / 32
+    ],
+)
+def test_yarn_frequencies_and_attention_factor_match_transformers(rope):
+    import torch
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from flaxgpt.model import rope_attention_factor
+
+    hf_config = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 100,
+        "hidden_size": 64,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 256,
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, **rope},
+    }
+    config = transformers.LlamaConfig(**{k: v for k, v in hf_config.items() if k != "architectures"})
+    theirs, attention = ROPE_INIT_FUNCTIONS["yarn"](config, torch.device("cpu"))
+    ours = hf.model_config_from_hf(hf_config)
+    np.testing.assert_allclose(rope_frequencies(ours), theirs.numpy(), rtol=1e-6)
+    assert rope_attention_factor(ours) == pytest.approx(attention, rel=1e-6) and attention != 1.0
+    plain = rope_frequencies(dataclasses.replace(ours, rope_scaling="none"))
+    assert not np.allclose(rope_frequencies(ours), plain) and np.isclose(rope_frequencies(ours)[0], plain[0])
+
+
+@pytest.mark.parametrize(
     "change, message",
     [
-        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn' is not supported"),
+        ({"rope_parameters": {"rope_type": "longrope", "factor": 4.0}}, "rope_type='longrope' is not supported"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "truncate": False}}, "truncate=False"),
         ({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True}, "use_sliding_window=true without"),
         (
             {"architectures": ["Qwen2ForCausalLM"], "num_hidden_layers": 3, "sliding_window": 4}
@@ -167,3 +213,61 @@ def test_lora_adapter_exports_in_peft_format_with_the_same_logits(built, tmp_pat
     assert not np.allclose(ours, hf_fixtures.flaxgpt_logits(loaded, ids), atol=1e-3)  # the adapters matter
     with pytest.raises(HFFormatError, match="lora_rank > 0"):
         export_peft_adapter(run, str(tmp_path / "none"))
+
+    # and back: the CLI imports the base with the adapter as a LoRA run with the same logits
+    directory, again = built["qwen2"][0], str(tmp_path / "again")
+    assert cli.run(convert.main, ["import", "--hf", directory, "--workdir", again, "--peft", adapter]) == 0
+    reloaded = runs.load(again)
+    assert (reloaded.cfg.model.lora_rank, reloaded.cfg.model.lora_alpha) == (2, 6.0)
+    assert reloaded.cfg.model.lora_targets == ("query", "out", "down")
+    np.testing.assert_allclose(hf_fixtures.flaxgpt_logits(reloaded, ids), ours, atol=1e-4)
+    out = str(tmp_path / "out")  # export --peft writes the same adapter again
+    assert cli.run(convert.main, ["export", "--workdir", again, "--peft", out]) == 0
+    np.testing.assert_allclose(hf_fixtures.peft_logits(base, out, ids), ours, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"use_dora": True}, "use_dora=True is not supported"),
+        ({"target_modules": ["q_proj", "lm_head"]}, "target_modules=['q_proj', 'lm_head'] is not a list of some of"),
+        ({"target_modules": "q_proj|v_proj"}, "target_modules='q_proj|v_proj'"),
+        ({"rank_pattern": {"q_proj": 4}}, "rank_pattern"),
+        ({"r": 3}, "does not fit flaxgpt's lora_a"),
+    ],
+)
+def test_unsupported_peft_adapters_are_refused_in_one_line(change, message, built, tmp_path, capsys):
+    directory = built["qwen2"][0]
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    rank = 2
+    tensors = {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((rank, 32), np.float32),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.zeros((32, rank), np.float32),
+        "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight": np.zeros((rank, 32), np.float32),
+        "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight": np.zeros((32, rank), np.float32),
+    }
+    hf.write_safetensors(str(adapter / "adapter_model.safetensors"), tensors)
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 4, "target_modules": ["q_proj"]} | change
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    argv = ["import", "--hf", directory, "--workdir", str(tmp_path / "run"), "--peft", str(adapter)]
+    assert cli.run(convert.main, argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_pytorch_model_bin_is_refused_as_an_unsafe_pickle(built, tmp_path, capsys):
+    """A directory with only pytorch_model.bin: one line saying why it is not read, nothing written."""
+    import shutil
+
+    directory = tmp_path / "pickled"
+    shutil.copytree(built["qwen2"][0], directory)
+    for name in os.listdir(directory):
+        if name.endswith(".safetensors"):
+            os.remove(directory / name)
+    (directory / "pytorch_model.bin").write_bytes(b"not unpickled")
+    argv = ["import", "--hf", str(directory), "--workdir", str(tmp_path / "run")]
+    assert cli.run(convert.main, argv) == 2
+    err = capsys.readouterr().err
+    assert "only pytorch_model.bin, a pickle that could run any code" in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")

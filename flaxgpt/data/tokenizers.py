@@ -357,6 +357,8 @@ class ImportedTokenizer(_Common):
         vocab_size: int,
         prefix_ids: Sequence[int] = (),
         suffix_ids: Sequence[int] = (),
+        chat_template: str | None = None,
+        template_tokens: dict[str, str] | None = None,
     ):
         if kind not in ("tokenizers", "sentencepiece"):
             raise HFFormatError(f"unknown imported tokenizer kind {kind!r} (expected tokenizers or sentencepiece)")
@@ -379,6 +381,20 @@ class ImportedTokenizer(_Common):
             forbidden |= {i for i in range(base_size) if self._base.is_control(i)}
         self._forbidden = forbidden
         self._surface = {i: text for i in forbidden if (text := self._surface_of(i)) is not None}
+        # the model's own Jinja chat template (flaxgpt.chat_template renders with it) and the
+        # token strings it reads (bos_token, eos_token...)
+        self.chat_template, self.template_tokens = chat_template, dict(template_tokens or {})
+        # a template writes the model's own token text (<|im_end|>, not flaxgpt's <|eos|> alias)
+        by_text = {self.own_token(i) or text: i for i, text in sorted(self._surface.items(), reverse=True)}
+        self._special_text = by_text
+        self._special_pattern = re.compile(
+            "|".join(re.escape(t) for t in sorted(by_text, key=len, reverse=True)) or "(?!)"
+        )
+
+    def find_specials(self, text: str) -> list[tuple[int, int, int]]:
+        """(start, end, id) of each of the model's special tokens written in `text` (trusted
+        template text only)."""
+        return [(m.start(), m.end(), self._special_text[m.group()]) for m in self._special_pattern.finditer(text)]
 
     def _surface_of(self, i: int) -> str | None:
         if i in self.special_ids:
@@ -420,7 +436,7 @@ class ImportedTokenizer(_Common):
                 specials[token], next_id = next_id, next_id + 1
         if EOS not in specials:
             raise HFFormatError(f"{directory}: no end-of-text token (eos_token_id) in config.json")
-        return cls(kind, file, specials, next_id, prefix, suffix)
+        return cls(kind, file, specials, next_id, prefix, suffix, *_chat_template(directory))
 
     def own_token(self, i: int) -> str | None:
         """The model tokenizer's own text for id `i`, or None for an id the import appended."""
@@ -458,6 +474,8 @@ class ImportedTokenizer(_Common):
             "vocab_size": self.vocab_size,
             "prefix_ids": self.prefix_ids,
             "suffix_ids": self.suffix_ids,
+            "chat_template": self.chat_template,
+            "template_tokens": self.template_tokens,
         }
         fileio.write_atomic(os.path.join(directory, IMPORTED_META), json.dumps(meta, indent=2))
 
@@ -491,8 +509,41 @@ class ImportedTokenizer(_Common):
                 raise bad(key, "a short list of token ids below vocab_size")
         if meta.get("kind") not in ("tokenizers", "sentencepiece"):
             raise bad("kind", "'tokenizers' or 'sentencepiece'")
+        template, tokens = meta.get("chat_template"), meta.get("template_tokens", {})
+        if template is not None and not isinstance(template, str):
+            raise bad("chat_template", "a Jinja template (text) or null")
+        if not isinstance(tokens, dict) or not all(isinstance(v, str) for v in tokens.values()):
+            raise bad("template_tokens", "an object of token strings")
         file = inside(directory, meta.get("file"), f"{meta_file}: file")
-        return cls(meta["kind"], _local(file), specials, vocab, meta.get("prefix_ids", []), meta.get("suffix_ids", []))
+        around = meta.get("prefix_ids", []), meta.get("suffix_ids", [])
+        return cls(meta["kind"], _local(file), specials, vocab, *around, template, tokens)
+
+
+TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _chat_template(directory: str) -> tuple[str | None, dict[str, str]]:
+    """(the Jinja chat template, the token strings it reads) of a model directory, as
+    transformers finds them: `chat_template.jinja`, else `tokenizer_config.json`'s
+    `chat_template` (a string, or a list of named templates of which "default" is used)."""
+    config_file, jinja_file = (os.path.join(directory, n) for n in ("tokenizer_config.json", "chat_template.jinja"))
+    config = read_json(inside(directory, "tokenizer_config.json", config_file)) if os.path.exists(config_file) else {}
+    tokens = {}
+    for key in TEMPLATE_TOKENS:
+        value = config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            tokens[key] = value
+    if os.path.exists(jinja_file):
+        with open(inside(directory, "chat_template.jinja", jinja_file), encoding="utf-8") as f:
+            return f.read(), tokens
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise HFFormatError(f"{config_file}: chat_template is not a Jinja template (text), nor names a 'default' one")
+    return template or None, tokens
 
 
 def _spm_ids_around(directory: str, sp: Any, eos_id: int | None) -> tuple[list[int], list[int]]:
