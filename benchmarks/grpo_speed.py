@@ -26,6 +26,7 @@ process; the trainer itself is unchanged.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import numpy as np
 
@@ -173,8 +175,9 @@ def flax_side(args, run_dir: str) -> dict:
     return {"side": "flax", "step_s": step_s, "generated_tokens": generated, "versions": {"jax": jax.__version__}}
 
 
-def timed_in(module, name: str, spent: dict, key: str) -> None:
-    """Replace module.name by a wrapper adding its seconds (to block_until_ready) to spent[key]."""
+def timed(module, name: str, spent: dict, key: str):
+    """A context in which module.name is wrapped to add its seconds (to block_until_ready) to
+    spent[key]; the module is as it was afterwards."""
     import jax
 
     inner = getattr(module, name)
@@ -186,7 +189,7 @@ def timed_in(module, name: str, spent: dict, key: str) -> None:
         spent[key] = spent.get(key, 0.0) + time.perf_counter() - start
         return out
 
-    setattr(module, name, wrapper)
+    return mock.patch.object(module, name, wrapper)
 
 
 def flax_profile(args, run_dir: str) -> dict:
@@ -196,13 +199,13 @@ def flax_profile(args, run_dir: str) -> dict:
     from flaxgpt.trainers import grpo
 
     spent: dict[str, float] = {}
-    for name, key in (("rollout", "generation"), ("sequences", "host"), ("scores", "scoring")):
-        timed_in(grpo, name, spent, key)
-    with tempfile.TemporaryDirectory() as workdir:
+    with tempfile.TemporaryDirectory() as workdir, contextlib.ExitStack() as patches:
+        for name, key in (("rollout", "generation"), ("sequences", "host"), ("scores", "scoring")):
+            patches.enter_context(timed(grpo, name, spent, key))
         run, state, step_fn = flax_trainer(args, run_dir, workdir)
-        placed: list = []
+        placed: list = [None]
         place = run.rt.place
-        run.rt.place = lambda host, n: placed.append(place(host, n)) or placed[-1]
+        run.rt.place = lambda host, n: placed.__setitem__(0, place(host, n)) or placed[0]
         total = 0.0
         with run.rt.context():
             for step in range(args.warmup + args.steps):
@@ -213,7 +216,7 @@ def flax_profile(args, run_dir: str) -> dict:
                 jax.block_until_ready(state)
                 total += (time.perf_counter() - start) * (step >= args.warmup)
             update, logprobs = update_pieces(run)
-            batch = placed[-1]
+            batch = placed[0]
             spent["update"] = mean_time(lambda: update(state, batch), args.steps) * args.steps
             spent["old + reference log-probs"] = mean_time(lambda: logprobs(state, batch), args.steps) * args.steps
     spent = {k: v / args.steps for k, v in spent.items()}
@@ -282,6 +285,19 @@ def summary(result: dict) -> tuple[float, float]:
     return len(result["step_s"]) / seconds, float(np.sum(result["generated_tokens"])) / seconds
 
 
+def busy_warning(threads: int) -> list[str]:
+    """A warning (and a blank line) when the machine is oversubscribed and sides run threaded:
+    PyTorch's OpenMP threads then collapse while XLA's degrade gently, which flatters flaxgpt."""
+    if threads == 1 or os.getloadavg()[0] <= os.cpu_count():
+        return []
+    return [
+        f"**Load exceeds the {os.cpu_count()} CPUs**: PyTorch's OpenMP threads collapse under it "
+        "while XLA's degrade gently, so this ratio flatters flaxgpt; on a busy machine compare "
+        "at `--threads 1`.",
+        "",
+    ]
+
+
 def table(args, rounds: dict[str, list[dict]], profile: dict | None, load: str, origin: str) -> str:
     best = {side: max((summary(r) for r in results), key=lambda s: s[0]) for side, results in rounds.items()}
     lines = [
@@ -295,6 +311,7 @@ def table(args, rounds: dict[str, list[dict]], profile: dict | None, load: str, 
         f"best of {args.rounds} alternating rounds. Load average (1, 5, 15 min) at the start: {load} "
         "(a shared machine: the ratio, measured side by side, is the figure to read).",
         "",
+        *busy_warning(args.threads),
         "| side | steps/s | generated tokens/s | every round's steps/s |",
         "|---|---|---|---|",
     ]

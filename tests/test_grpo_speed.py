@@ -40,6 +40,14 @@ def test_flax_side_runs_the_trainer_step(bench, tiny_run):
     assert tokens_per_s == pytest.approx(result["generated_tokens"][0] * steps_per_s)
 
 
+def test_profile_splits_the_step(bench, tiny_run):
+    seconds = bench.flax_profile(ARGS, tiny_run)["seconds"]
+    pieces = ("generation", "host", "scoring", "update", "old + reference log-probs")
+    assert all(seconds[k] > 0 for k in pieces)
+    # the pieces timed inside the step (not its compiling warm-up) fit in the step's time
+    assert seconds["generation"] + seconds["host"] + seconds["scoring"] < seconds["total"]
+
+
 def test_trl_gets_flaxgpt_prompt_ids_and_reward(bench, tiny_run, tmp_path):
     pytest.importorskip("transformers")
     hf_dir = str(tmp_path / "hf")
