@@ -42,8 +42,11 @@ def test_flax_side_runs_the_trainer_step(bench, tiny_run):
 
 def test_profile_splits_the_step(bench, tiny_run):
     seconds = bench.flax_profile(ARGS, tiny_run)["seconds"]
-    pieces = ("generation", "host", "scoring", "update", "old + reference log-probs")
-    assert all(seconds[k] > 0 for k in pieces)
+    # timed directly (the update proper is the whole update less the log-probs, each timed apart:
+    # on a tiny model under load their difference is noise)
+    pieces = ("generation", "host", "scoring", "old + reference log-probs")
+    assert all(seconds[k] > 0 for k in (*pieces, "update at the used columns (not in the step)"))
+    assert seconds["update"] + seconds["old + reference log-probs"] > 0
     # the pieces timed inside the step (not its compiling warm-up) fit in the step's time
     assert seconds["generation"] + seconds["host"] + seconds["scoring"] < seconds["total"]
 
