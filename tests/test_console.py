@@ -119,3 +119,31 @@ def test_pretraining_suggests_sampling_its_own_prompt_and_the_sft_stage(tmp_path
     out = capsys.readouterr().out
     assert f"python -m flaxgpt.sample --workdir {tmp_path} --prompt Question:" in out
     assert f"-e sft_world --set train.init_from={tmp_path}  # next stage: SFT" in out
+
+
+def test_print_config_shows_the_model_as_the_run_writes_it(tmp_path, capsys):
+    """Recipe-derived fields resolved (config.json's values), a pipeline's stages from the stage they
+    start from, and a fine-tuning run's structure from its source run's config.json."""
+    from flaxgpt.data.tokenizers import CharTokenizer
+    from flaxgpt.train import main
+
+    assert main(["-e", "world", "--print-config"]) == 0
+    model = json.loads(capsys.readouterr().out)["model"]
+    expected = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "d_ff": 384, "head_dim": 32}
+    assert {k: model[k] for k in expected} == expected and model["tie_embeddings"] is False
+    assert main(["-e", "chat_demo", "--print-config", "--set", "pretrain.model.recipe=gpt2"]) == 0
+    stages = json.loads(capsys.readouterr().out)
+    assert [stages[s]["model"]["position"] for s in stages] == ["learned"] * 4  # the recipe travels down
+    assert stages["rm"]["model"]["output"] == "scalar" and stages["sft"]["model"]["d_ff"] == 512
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "config.json").write_text(C.to_json(C.Config(model=C.ModelConfig(recipe="gpt2", vocab_size=72))))
+    CharTokenizer("abc").save(str(source))
+    assert main(["-e", "sft_world", "--print-config", "--set", f"train.init_from={source}"]) == 0
+    model = json.loads(capsys.readouterr().out)["model"]
+    assert (model["recipe"], model["vocab_size"], model["mlp"], model["tie_embeddings"]) == ("gpt2", 72, "gelu", True)
+    assert main(["-e", "sft_world", "--print-config", "--set", f"train.init_from={tmp_path / 'none'}"]) == 0
+    assert (
+        capsys.readouterr().err
+        == f"note: {tmp_path / 'none'} is not there yet: the model printed is the experiment's own\n"
+    )
