@@ -1,6 +1,7 @@
 """What a run shows on the console: the trainer's figures, the closing block, the report at the end."""
 
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -147,3 +148,28 @@ def test_print_config_shows_the_model_as_the_run_writes_it(tmp_path, capsys):
         capsys.readouterr().err
         == f"note: {tmp_path / 'none'} is not there yet: the model printed is the experiment's own\n"
     )
+
+
+def test_every_cli_parser_shows_its_defaults_and_errs_in_one_line(capsys):
+    """The CLIs that test_faults_cli does not cover: defaults in --help (also of a flag without help
+    text), a bad flag in one line; and no CLI builds a plain argparse parser."""
+    from flaxgpt import compile, feedback, report
+    from flaxgpt.data import prepare
+
+    cases = [(lambda a: prepare.parser().parse_args(a), "(default: 4096)"), (report.main, None), (compile.main, None)]
+    if importlib.util.find_spec("fastapi"):  # the serve extra
+        from flaxgpt.serve.__main__ import parse_args
+
+        cases.append((parse_args, "--port PORT           (default: 8000)"))
+    for main, default in [*cases, (lambda a: feedback.main(["export", *a]), None)]:
+        with pytest.raises(SystemExit) as exited:
+            main(["--help"])
+        out = capsys.readouterr().out
+        assert exited.value.code == 0 and (default is None or default in out), out
+        with pytest.raises(SystemExit) as exited:
+            main(["--no-such-flag"])
+        err = capsys.readouterr().err.splitlines()
+        assert exited.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and "--help)" in err[0]
+    sources = [os.path.join(d, f) for d, _, fs in os.walk(os.path.dirname(report.__file__)) for f in fs]
+    plain = [f for f in sources if f.endswith(".py") and "argparse.ArgumentParser(" in open(f).read()]
+    assert plain == [], "use flaxgpt.cli.ArgumentParser"
