@@ -173,3 +173,31 @@ def test_every_cli_parser_shows_its_defaults_and_errs_in_one_line(capsys):
     sources = [os.path.join(d, f) for d, _, fs in os.walk(os.path.dirname(report.__file__)) for f in fs]
     plain = [f for f in sources if f.endswith(".py") and "argparse.ArgumentParser(" in open(f).read()]
     assert plain == [], "use flaxgpt.cli.ArgumentParser"
+
+
+def test_the_suite_prints_a_line_per_test_file_as_its_last_test_finishes():
+    from types import SimpleNamespace
+
+    from conftest import FileProgress
+
+    written = []
+    reporter = SimpleNamespace(
+        _tw=SimpleNamespace(width_of_current_line=5),
+        write=written.append,
+        write_line=lambda t: written.append(t + "\n"),
+    )
+    progress = FileProgress(SimpleNamespace(pluginmanager=SimpleNamespace(get_plugin=lambda name: reporter)))
+    progress.pytest_xdist_node_collection_finished(None, ["tests/a.py::x", "tests/a.py::y", "tests/b.py::z"])
+
+    def run(nodeid, *phases):  # (duration, outcome) of setup, call, teardown
+        for duration, outcome in phases:
+            progress.pytest_runtest_logreport(
+                SimpleNamespace(nodeid=nodeid, duration=duration, failed=outcome == "f", skipped=outcome == "s")
+            )
+        progress.pytest_runtest_logfinish(nodeid)
+
+    run("tests/a.py::x", (1.0, "p"), (10.0, "f"), (0.2, "p"))
+    run("tests/b.py::z", (0.5, "s"), (0.0, "p"))
+    assert written == ["\n", "tests/b.py: 1 skipped (0 s)\n"]
+    run("tests/a.py::y", (1.0, "p"), (2.4, "p"), (0.0, "p"))
+    assert written[2:] == ["\n", "tests/a.py: 1 failed, 1 passed (15 s)\n"]
