@@ -4,7 +4,7 @@ of the context get what room there is (or slide past it with --sliding-window)."
 import jax
 import pytest
 
-from flaxgpt import cli, generate, runs, sample
+from flaxgpt import chat_template, cli, generate, runs, sample
 from flaxgpt.data.tokenizers import END_OF_TURN
 from flaxgpt.trainers import pretrain
 from tests.conftest import tiny_run_config
@@ -29,12 +29,14 @@ def loaded(workdir):
 
 
 def _greedy(loaded, prompt: str, n: int) -> list[int]:
-    """The engine's greedy continuation with no stop token."""
-    ids = loaded.tokenizer.encode_prompt(prompt)
+    """The engine's greedy continuation, stopped where sample stops (one compiled program for both)."""
+    ids, stops = loaded.tokenizer.encode_prompt(prompt), chat_template.stop_tokens(loaded.tokenizer)
     cfg = generate.DecodeConfig(max_new_tokens=n, temperature=0)
     with runs.logical_context(loaded):
-        out = generate.generate(loaded.model, loaded.params, [ids], cfg, jax.random.PRNGKey(0), pad_id=0)
-    return generate.completions(out)[0]
+        out = generate.generate(
+            loaded.model, loaded.params, [ids], cfg, jax.random.PRNGKey(0), pad_id=0, stop_tokens=stops
+        )
+    return generate.completions(out, stops)[0]
 
 
 def _sample(workdir, capsys, *args: str) -> tuple[int, list[str], str]:
@@ -70,13 +72,11 @@ def test_a_prompt_near_the_context_gets_the_room_left_with_a_note(workdir, loade
 
 
 def test_sliding_window_continues_past_the_context(workdir, loaded, capsys):
-    prompt = "Question: What is 3 plus"  # 24 tokens: 8 fit in the context, 30 are asked
-    fits = BLOCK - len(loaded.tokenizer.encode_prompt(prompt))
-    status, printed, _ = _sample(workdir, capsys, "--prompt", prompt, "--max-new-tokens", "30", "--sliding-window")
+    status, printed, _ = _sample(workdir, capsys, "--prompt", PROMPT, "--max-new-tokens", "40", "--sliding-window")
     assert status == 0
-    new = printed[0][len(prompt) :]
+    new = printed[0][len(PROMPT) :]
     # inside the context the recomputed window predicts what the cache does; then it goes on
-    assert new[:fits] == loaded.tokenizer.decode(_greedy(loaded, prompt, fits)) and len(new) > fits
+    assert new.startswith(loaded.tokenizer.decode(_greedy(loaded, PROMPT, 8))) and len(new) > BLOCK - len(PROMPT)
     long = "Question: " + "b" * 40  # longer than the context: its last 32 tokens are kept
     assert _sample(workdir, capsys, "--prompt", long, "--max-new-tokens", "3", "--sliding-window")[0] == 0
 
