@@ -14,6 +14,7 @@ written as in `flaxgpt.config.RANGES` (e.g. ranged(float, "(0, 1]")).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import traceback
@@ -70,13 +71,25 @@ def _report(message: str, status: int) -> int:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and each flag's default (when it has one worth showing)."""
+    """The module docstring as written, and each flag's default (when it has one worth showing),
+    also for a flag without help text."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and _worth_showing(action):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        unset = action.default is None or action.default is False or action.default == []
-        if unset or action.default is argparse.SUPPRESS or "%(default)" in (action.help or ""):
+        said = "%(default)" in (action.help or "") or "(default:" in (action.help or "")  # in the help's words
+        if said or not _worth_showing(action):
             return action.help or ""
         return super()._get_help_string(action)
+
+
+def _worth_showing(action: argparse.Action) -> bool:
+    unset = action.default is None or action.default is False or action.default in ("", [])  # 0 is a value
+    return not unset and action.default is not argparse.SUPPRESS
 
 
 class ArgumentParser(argparse.ArgumentParser):

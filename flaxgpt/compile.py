@@ -27,7 +27,6 @@ prints the same report for the run's own devices (CPU, GPU) and exits without tr
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -46,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # The trainers' own step builders, compiled here exactly as the trainers jit them. Today's names:
 # this is the one place to follow them when they move.
-from flaxgpt import generate, lora, mfu, rlhf
+from flaxgpt import cli, generate, lora, mfu, rlhf
 from flaxgpt.config import Config, ModelConfig
 from flaxgpt.errors import UserError
 from flaxgpt.model import Transformer
@@ -694,9 +693,7 @@ def compile_only(cfg: Config) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m flaxgpt.compile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(prog="python -m flaxgpt.compile", description=__doc__)
     parser.add_argument("--experiment", "-e", required=True, help="experiment name or path (as flaxgpt.train)")
     parser.add_argument(
         "--topology", "-t", help="TPU topology, e.g. v5e:2x2, v5p:8x8x8 (default: this process's devices)"

@@ -15,7 +15,6 @@ from (stable across exports), and those rows' ids, so a consumer never uses an e
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -138,9 +137,7 @@ def export(db: str, out_dir: str) -> dict[str, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m flaxgpt.feedback", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(prog="python -m flaxgpt.feedback", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     cmd = commands.add_parser("export", help="write feedback, pairs and conversations JSONL files")
     cmd.add_argument("--db", required=True, help="the feedback database (RUN/feedback.sqlite)")

@@ -85,7 +85,9 @@ class MetricsLogger:
                 if not fileio.is_remote(workdir)
                 else os.path.join("/tmp", "flaxgpt-tb", workdir.replace("://", "/"))
             )
-            self._tb = SummaryWriter(tb_dir, purge_step=start_step + 1)
+            # the file is named by the second it is opened in: a run resumed within that second would
+            # truncate the previous run's file, so the resumed step is in the name too
+            self._tb = SummaryWriter(tb_dir, purge_step=start_step + 1, filename_suffix=f".{start_step}")
         if cfg.wandb:
             try:
                 import wandb

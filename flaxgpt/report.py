@@ -19,7 +19,6 @@ which leaves out evaluation and checkpointing, and the axis says so.
 
 from __future__ import annotations
 
-import argparse
 import html
 import io
 import json
@@ -459,7 +458,7 @@ def write(run_dir: str, out_dir: str | None = None, compare: Sequence[str] = ())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m flaxgpt.report",
         description=__doc__.split("\n\n")[0],
     )

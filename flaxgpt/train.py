@@ -8,6 +8,7 @@ overridden with --set STAGE.section.key=value, or section.key=value for all stag
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.util
 import os
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from flaxgpt import cli
-from flaxgpt.config import Config, ConfigError, apply_overrides, describe_keys, to_json
+from flaxgpt.config import Config, ConfigError, ModelConfig, apply_overrides, describe_keys, to_json
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,6 +99,54 @@ def run_trainer(cfg: Config, workdir: str) -> dict:
         raise SystemExit(e.code) from None
 
 
+def resolved(cfg: Config, source: ModelConfig | None = None) -> Config:
+    """`cfg` with its model as the run writes it to config.json: recipe-derived fields (position,
+    norm, mlp, d_ff, head_dim, tie_embeddings...) filled in, the reward model's scalar head, and
+    the structure of `source`, the model a fine-tuning run starts from, where given."""
+    own = dataclasses.replace(cfg.model, output="scalar" if cfg.train.trainer == "reward" else cfg.model.output)
+    if source is None:
+        return dataclasses.replace(cfg, model=own.resolved())
+    from flaxgpt.runs import inherit_model
+
+    return dataclasses.replace(cfg, model=inherit_model(own, source, cfg.train.init_from or "the earlier stage"))
+
+
+def _source_model(cfg: Config) -> ModelConfig | None:
+    """The model of the run or Hugging Face directory `cfg` starts from, where it exists already;
+    otherwise a note on stderr says the printed structure is the experiment's own."""
+    tc = cfg.train
+    start = tc.init_from or tc.init_from_hf
+    if not start:
+        return None
+    if tc.init_from and os.path.isfile(os.path.join(tc.init_from, "config.json")):
+        from flaxgpt.runs import read_run
+
+        return read_run(tc.init_from)[0].model
+    if tc.init_from_hf and os.path.isdir(tc.init_from_hf):
+        from flaxgpt.hf import import_model
+
+        return import_model(tc.init_from_hf, cfg.model)[0]
+    print(f"note: {start} is not there yet: the model printed is the experiment's own", file=sys.stderr)
+    return None
+
+
+def print_config(cfg: Config | list) -> None:
+    """The config as the run will write it (model fields resolved; a pipeline's stages each from
+    the stage they start from); model.vocab_size stays 0 where the tokenizer sets it."""
+    if isinstance(cfg, Config):
+        print(to_json(resolved(cfg, _source_model(cfg))))
+        return
+    from flaxgpt.pipeline import describe
+
+    models: dict[str, ModelConfig] = {}
+    stages = []
+    for stage in cfg:
+        source = models[stage.init_from] if stage.init_from else _source_model(stage.config)
+        stages.append(dataclasses.replace(stage, config=resolved(stage.config, source)))
+        models[stage.name] = stages[-1].config.model
+    print(describe(stages))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = cli.ArgumentParser(prog="python -m flaxgpt.train", description=__doc__)
     parser.add_argument("--experiment", "-e", help="experiment name (see --list) or path to a .py file")
@@ -112,7 +161,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="override config values, e.g. --set optimizer.lr=3e-4 (keys and valid ranges: --list-keys)",
     )
     parser.add_argument("--list", action="store_true", help="list the experiments and exit")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the config as the run writes it to config.json (recipe-derived model fields filled in) and exit",
+    )
     parser.add_argument(
         "--list-keys",
         action="store_true",
@@ -142,12 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(line for prefix, run in runs for line in describe_keys(run, prefix)))
         return 0
     if args.print_config:
-        if isinstance(cfg, Config):
-            print(to_json(cfg))
-        else:
-            from flaxgpt.pipeline import describe
-
-            print(describe(cfg))
+        print_config(cfg)
         return 0
 
     from flaxgpt.host_allocator import tune_host_allocator  # imported late: --list and --print-config stay fast

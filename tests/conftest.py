@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections import Counter
 
 # JAX computes on the CPU in every test process (and its subprocesses), also where libtpu is
 # installed for the ahead-of-time TPU compile tests: that only compiles for topologies
@@ -25,6 +26,52 @@ host_allocator.tune_host_allocator()
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.abspath(os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt"))
+
+
+class FileProgress:
+    """One line per test file as its last test finishes (`tests/test_x.py: 12 passed (34 s)`: the
+    seconds its tests took), so a run on xdist workers is not minutes of bare dots."""
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self.expected: Counter = Counter()  # tests per file
+        self.outcomes: dict[str, Counter] = {}
+        self.seconds: Counter = Counter()
+        self.worst: dict[str, str] = {}  # test -> its outcome so far
+
+    def count(self, nodeids) -> None:
+        if not self.expected:  # every xdist worker collects the same tests
+            self.expected.update(n.split("::")[0] for n in nodeids)
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self.count(item.nodeid for item in session.items)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node, ids) -> None:
+        self.count(ids)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.seconds[report.nodeid.split("::")[0]] += report.duration
+        now = "failed" if report.failed else "skipped" if report.skipped else "passed"
+        if self.worst.get(report.nodeid, "passed") == "passed":
+            self.worst[report.nodeid] = now
+
+    @pytest.hookimpl(trylast=True)  # after the reporter's own dots and percentage
+    def pytest_runtest_logfinish(self, nodeid: str) -> None:
+        file = nodeid.split("::")[0]
+        self.outcomes.setdefault(file, Counter())[self.worst.pop(nodeid, "passed")] += 1
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")  # registered after conftest
+        if reporter is not None and sum(self.outcomes[file].values()) == self.expected[file]:
+            counts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(self.outcomes[file].items()))
+            if reporter._tw.width_of_current_line:  # after the workers' dots
+                reporter.write("\n")
+            reporter.write_line(f"{file}: {counts} ({self.seconds[file]:.0f} s)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Per-file lines where xdist runs the files (its dots name none); `-n 0` names each file itself."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):  # the controller
+        config.pluginmanager.register(FileProgress(config), "flaxgpt-file-progress")
 
 
 def tiny_model_config(recipe: str = "gpt2", **overrides) -> C.ModelConfig:

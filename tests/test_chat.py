@@ -224,8 +224,8 @@ def test_line_editing_comes_from_readline():
 
 
 def test_sample_refuses_a_prompt_that_leaves_no_room_in_one_line(workdir, capsys):
-    assert cli.run(sample.main, ["--workdir", workdir, "--prompt", "a" * 60, "--max-new-tokens", "8"]) == 2
+    assert cli.run(sample.main, ["--workdir", workdir, "--prompt", "a" * 64, "--max-new-tokens", "8"]) == 2
     assert capsys.readouterr().err == (
-        "error: the longest prompt (60 tokens) + --max-new-tokens 8 exceed the model's block_size 64: "
-        "shorten the prompt or lower --max-new-tokens\n"
+        "error: the longest prompt (64 tokens) fills the model's block_size 64: shorten it, "
+        "or pass --sliding-window to continue from its last 64 tokens\n"
     )

@@ -1,6 +1,7 @@
 """What a run shows on the console: the trainer's figures, the closing block, the report at the end."""
 
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -119,3 +120,84 @@ def test_pretraining_suggests_sampling_its_own_prompt_and_the_sft_stage(tmp_path
     out = capsys.readouterr().out
     assert f"python -m flaxgpt.sample --workdir {tmp_path} --prompt Question:" in out
     assert f"-e sft_world --set train.init_from={tmp_path}  # next stage: SFT" in out
+
+
+def test_print_config_shows_the_model_as_the_run_writes_it(tmp_path, capsys):
+    """Recipe-derived fields resolved (config.json's values), a pipeline's stages from the stage they
+    start from, and a fine-tuning run's structure from its source run's config.json."""
+    from flaxgpt.data.tokenizers import CharTokenizer
+    from flaxgpt.train import main
+
+    assert main(["-e", "world", "--print-config"]) == 0
+    model = json.loads(capsys.readouterr().out)["model"]
+    expected = {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "d_ff": 384, "head_dim": 32}
+    assert {k: model[k] for k in expected} == expected and model["tie_embeddings"] is False
+    assert main(["-e", "chat_demo", "--print-config", "--set", "pretrain.model.recipe=gpt2"]) == 0
+    stages = json.loads(capsys.readouterr().out)
+    assert [stages[s]["model"]["position"] for s in stages] == ["learned"] * 4  # the recipe travels down
+    assert stages["rm"]["model"]["output"] == "scalar" and stages["sft"]["model"]["d_ff"] == 512
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "config.json").write_text(C.to_json(C.Config(model=C.ModelConfig(recipe="gpt2", vocab_size=72))))
+    CharTokenizer("abc").save(str(source))
+    assert main(["-e", "sft_world", "--print-config", "--set", f"train.init_from={source}"]) == 0
+    model = json.loads(capsys.readouterr().out)["model"]
+    assert (model["recipe"], model["vocab_size"], model["mlp"], model["tie_embeddings"]) == ("gpt2", 72, "gelu", True)
+    assert main(["-e", "sft_world", "--print-config", "--set", f"train.init_from={tmp_path / 'none'}"]) == 0
+    assert (
+        capsys.readouterr().err
+        == f"note: {tmp_path / 'none'} is not there yet: the model printed is the experiment's own\n"
+    )
+
+
+def test_every_cli_parser_shows_its_defaults_and_errs_in_one_line(capsys):
+    """The CLIs that test_faults_cli does not cover: defaults in --help (also of a flag without help
+    text), a bad flag in one line; and no CLI builds a plain argparse parser."""
+    from flaxgpt import compile, feedback, report
+    from flaxgpt.data import prepare
+
+    cases = [(lambda a: prepare.parser().parse_args(a), "(default: 4096)"), (report.main, None), (compile.main, None)]
+    if importlib.util.find_spec("fastapi"):  # the serve extra
+        from flaxgpt.serve.__main__ import parse_args
+
+        cases.append((parse_args, "--port PORT           (default: 8000)"))
+    for main, default in [*cases, (lambda a: feedback.main(["export", *a]), None)]:
+        with pytest.raises(SystemExit) as exited:
+            main(["--help"])
+        out = capsys.readouterr().out
+        assert exited.value.code == 0 and (default is None or default in out), out
+        with pytest.raises(SystemExit) as exited:
+            main(["--no-such-flag"])
+        err = capsys.readouterr().err.splitlines()
+        assert exited.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and "--help)" in err[0]
+    sources = [os.path.join(d, f) for d, _, fs in os.walk(os.path.dirname(report.__file__)) for f in fs]
+    plain = [f for f in sources if f.endswith(".py") and "argparse.ArgumentParser(" in open(f).read()]
+    assert plain == [], "use flaxgpt.cli.ArgumentParser"
+
+
+def test_the_suite_prints_a_line_per_test_file_as_its_last_test_finishes():
+    from types import SimpleNamespace
+
+    from conftest import FileProgress
+
+    written = []
+    reporter = SimpleNamespace(
+        _tw=SimpleNamespace(width_of_current_line=5),
+        write=written.append,
+        write_line=lambda t: written.append(t + "\n"),
+    )
+    progress = FileProgress(SimpleNamespace(pluginmanager=SimpleNamespace(get_plugin=lambda name: reporter)))
+    progress.pytest_xdist_node_collection_finished(None, ["tests/a.py::x", "tests/a.py::y", "tests/b.py::z"])
+
+    def run(nodeid, *phases):  # (duration, outcome) of setup, call, teardown
+        for duration, outcome in phases:
+            progress.pytest_runtest_logreport(
+                SimpleNamespace(nodeid=nodeid, duration=duration, failed=outcome == "f", skipped=outcome == "s")
+            )
+        progress.pytest_runtest_logfinish(nodeid)
+
+    run("tests/a.py::x", (1.0, "p"), (10.0, "f"), (0.2, "p"))
+    run("tests/b.py::z", (0.5, "s"), (0.0, "p"))
+    assert written == ["\n", "tests/b.py: 1 skipped (0 s)\n"]
+    run("tests/a.py::y", (1.0, "p"), (2.4, "p"), (0.0, "p"))
+    assert written[2:] == ["\n", "tests/a.py: 1 failed, 1 passed (15 s)\n"]

@@ -170,3 +170,24 @@ def test_comparing_a_pipeline_with_a_run_is_an_error(pipeline, tmp_path, capsys)
     run = _run(tmp_path / "run", _lm_rows())
     assert cli.run(report.main, [pipeline, "--compare", run]) == 2
     assert "not a pipeline directory" in capsys.readouterr().err
+
+
+def test_the_logger_s_tensorboard_events_load_in_tensorboard(tmp_path):
+    """What `pip install 'flaxgpt[tensorboard]'` reads: every figure the logger writes, at its step,
+    including after a resume that drops the steps past the checkpoint (purge_step)."""
+    accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator", reason="the tensorboard extra is not installed"
+    )
+    from flaxgpt.config import LoggingConfig
+    from flaxgpt.logging import MetricsLogger
+
+    for start, steps in ((0, (1, 2, 3)), (2, (3, 4))):  # the second run resumes from step 2
+        logger = MetricsLogger(str(tmp_path), LoggingConfig(progress="none", tensorboard=True), 4, start, {})
+        for step in steps:
+            logger.log(step, {"loss": 10.0 - step - start, "val_accuracy": 0.1 * step, "note": "text"})
+        logger.close()
+    events = accumulator.EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["loss", "val_accuracy"]
+    loss = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert loss == [(1, 9.0), (2, 8.0), (3, 5.0), (4, 4.0)]

@@ -488,9 +488,7 @@ def prepare(args: argparse.Namespace, log=print) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m flaxgpt.data.prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = cli.ArgumentParser(prog="python -m flaxgpt.data.prepare", description=__doc__)
     p.add_argument("--out", required=True, help="directory to write (resumed if interrupted)")
     inputs = p.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--text", nargs="+", help="UTF-8 text files (each one stream)")

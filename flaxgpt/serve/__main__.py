@@ -83,9 +83,7 @@ def watch(service: Service, workdir: str, every: float, stop: threading.Event) -
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m flaxgpt.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(prog="python -m flaxgpt.serve", description=__doc__)
     parser.add_argument("--workdir", "-w", required=True)
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
