@@ -16,7 +16,7 @@ def config() -> C.Config:
     return C.Config(
         data=C.DataConfig(source="world", world_seed=0, world_system="Answer briefly."),
         optimizer=C.OptimizerConfig(
-            lr=5e-5, min_lr=5e-5, warmup_steps=0, decay="constant", b2=0.99, weight_decay=0.0, grad_clip=1.0
+            lr=1e-4, min_lr=1e-4, warmup_steps=0, decay="constant", b2=0.99, weight_decay=0.0, grad_clip=1.0
         ),
         train=C.TrainConfig(trainer="online", init_from="runs/chat_demo/sft", batch_size=16, log_interval=1),
         kto=C.KTOConfig(beta=0.1),

@@ -409,7 +409,7 @@ class OnlineConfig:
 
     db: str = ""  # the feedback database ("": WORKDIR/feedback.sqlite, where the server keeps it)
     min_events: int = 32  # new ratings needed before an update
-    steps_per_update: int = 20  # optimizer steps of one update (from the promoted parameters)
+    steps_per_update: int = 20  # at most this many optimizer steps per update (one pass over its events)
     max_updates: int = 0  # updates before the learner exits (0: until stopped)
     poll_seconds: float = 5.0  # wait between looks at the database
     guard_questions: int = 64  # world: held-out questions whose greedy accuracy guards promotion

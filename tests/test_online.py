@@ -140,15 +140,16 @@ def test_feedback_through_the_page_trains_a_promoted_step_the_server_switches_to
     user = _user(url, 1)
     _ask_until(user, lambda: first.poll() is not None)  # the learner updates once, then exits
     out = finish(first)
-    assert "step 2: promoted" in out, out
-    assert online.promoted_step(workdir) == 2
+    new = online.decisions(workdir)[-1]["step"]
+    assert new > 0 and f"step {new}: promoted" in out, out
+    assert online.promoted_step(workdir) == new
     # the server switches between requests; every request meanwhile succeeded
-    _ask_until(user, lambda: service.engine.step == 2)
+    _ask_until(user, lambda: service.engine.step == new)
     user.ask()
     steps = service.store.query("SELECT DISTINCT step FROM messages WHERE role = 'assistant' ORDER BY step")
-    assert [r["step"] for r in steps] == [0, 2] and user.tally.steps.get(2)
+    assert [r["step"] for r in steps] == [0, new] and user.tally.steps.get(new)
     assert _used_once(workdir, service) >= 6
-    record = _records(workdir)[2]
+    record = _records(workdir)[new]
     assert record["base_step"] == 0 and record["from_cursor"] == 0
 
 
@@ -158,31 +159,33 @@ def test_a_learner_killed_mid_update_resumes_with_no_row_lost_or_counted_twice(l
     proc = learner(workdir, start, "online.max_updates=2", "online.max_regression=1")
     checkpoints = os.path.join(workdir, "checkpoints")
     before = set(os.listdir(checkpoints))
-    _ask_until(user, lambda: online.count_new(service.store.file, _records(workdir)[2]["cursor"]) >= 6)
+    served = service.engine.step
+    _ask_until(user, lambda: online.count_new(service.store.file, _records(workdir)[served]["cursor"]) >= 6)
     # kill it as soon as its save appears (half-written or just finished, undecided)
     wait_for(lambda: set(os.listdir(checkpoints)) - before or proc.poll() is not None, 120, "a save")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    assert service.engine.step == 2  # nothing undecided is served
+    assert service.engine.step == served  # nothing undecided is served
     out = finish(learner(workdir, start, "online.max_updates=2", "online.max_regression=1"))
-    assert online.promoted_step(workdir) == 4 and "step 4: promoted" in out, out
-    assert not [n for n in os.listdir(checkpoints) if not n.isdigit()]
     decided = [d["step"] for d in online.decisions(workdir)]
-    assert decided == [0, 2, 4]
+    assert decided[:2] == [0, served] and len(decided) == 3 and decided[2] > served
+    assert online.promoted_step(workdir) == decided[2] and f"step {decided[2]}: promoted" in out, out
+    assert not [n for n in os.listdir(checkpoints) if not n.isdigit()]
     _used_once(workdir, service)
 
 
 def test_the_guard_keeps_a_worse_checkpoint_unpromoted(loop):
     workdir, start, url, service, _ = loop
     user = _user(url, 3)
-    _ask_until(user, lambda: online.count_new(service.store.file, _records(workdir)[4]["cursor"]) >= 6)
+    served = service.engine.step
+    _ask_until(user, lambda: online.count_new(service.store.file, _records(workdir)[served]["cursor"]) >= 6)
     # a learning rate that wrecks the model: the held-out thumbs-up answers' loss soars
-    out = finish(learner(workdir, start, "online.max_updates=3", "optimizer.lr=1.0", "online.steps_per_update=4"))
+    out = finish(learner(workdir, start, "online.max_updates=3", "optimizer.lr=1.0"))
     last = online.decisions(workdir)[-1]
-    assert last["step"] == 8 and not last["promoted"] and "kept, not promoted" in out, out
+    assert last["step"] > served and not last["promoted"] and "kept, not promoted" in out, out
     assert last["score"]["up_loss"] > 1.05 * last["base_score"]["up_loss"]
-    assert online.promoted_step(workdir) == 4 and 8 in _records(workdir)  # kept, not served
+    assert online.promoted_step(workdir) == served and last["step"] in _records(workdir)  # kept, not served
     time.sleep(0.5)  # a reload check passes
     user.ask()
-    assert service.engine.step == 4
+    assert service.engine.step == served
     _used_once(workdir, service)

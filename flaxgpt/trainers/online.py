@@ -6,11 +6,13 @@
 The first start saves train.init_from's parameters as step 0 and promotes them. Then, whenever
 the feedback database holds at least online.min_events ratings newer than the cursor, one
 update: KTO on the rated answers plus DPO on the new up-vs-down / regenerated pairs
-(`flaxgpt.online`), online.steps_per_update steps from the promoted parameters, which are also
-the reference of both losses (the KL anchor: a few bad clicks move the model a bounded way from
-what is served). The candidate is saved with the cursor and the rows it used, then held-out
-questions' greedy accuracy decides: more than online.max_regression below the promoted model's
-and it is kept but not promoted. A kill at any point resumes from the newest checkpoint's cursor.
+(`flaxgpt.online`), one pass over them (at most online.steps_per_update steps) from the
+promoted parameters, which are also the reference of both losses (the KL anchor: a few bad
+clicks move the model a bounded way from what is served). The candidate is saved with the
+cursor and the rows it used; then the guard compares it with the promoted model (greedy
+accuracy on held-out world questions, loss on held-out thumbs-up answers, accuracy on held-out
+pairs): more than online.max_regression worse and it is kept but not promoted. A kill at any
+point resumes from the newest checkpoint's cursor.
 """
 
 from __future__ import annotations
@@ -188,8 +190,8 @@ def update(learner: Learner, latest: int, stop: _StopSignals) -> int | None:
     base = online.promoted_step(learner.workdir)
     with learner.rt.context():
         rows = training_rows(learner, events, learner.params(base))
-        state, loss = train(learner, rows, latest, stop)
-        step = latest + cfg.online.steps_per_update
+        state, loss, steps = train(learner, rows, latest, stop)
+        step = latest + steps
         ck.save(step, state, learner.record(step, events.record(), base), force=True)
     figures = {"loss": loss, "events": len(events.rating_ids), "records": len(events.records)}
     learner.logger.log(step, {**figures, "pairs": len(events.pairs), "cursor": events.hi})
@@ -211,20 +213,23 @@ def training_rows(learner: Learner, events: online.Events, reference: Any) -> li
     return out
 
 
-def train(learner: Learner, rows: list[dict], latest: int, stop: _StopSignals) -> tuple[Any, float]:
-    """online.steps_per_update steps from the promoted parameters; (state, mean loss)."""
+def train(learner: Learner, rows: list[dict], latest: int, stop: _StopSignals) -> tuple[Any, float, int]:
+    """One pass over the update's records (at most online.steps_per_update steps: more passes
+    over a few events would fit their noise) from the promoted parameters; (state, mean loss,
+    steps)."""
     cfg, rt = learner.cfg, learner.rt
     size, seed = cfg.train.batch_size, cfg.train.seed + latest
     sets = [PackedRows(r, seed + i) for i, r in enumerate(rows)]
     state = learner.fresh_state(learner.params(online.promoted_step(learner.workdir)), seed)
     local, losses = rt.rows(size), []
-    for i in range(cfg.online.steps_per_update):
+    steps = min(cfg.online.steps_per_update, -(-max(s.n for s in sets) // size))
+    for i in range(steps):
         if stop.signame is not None:
             raise Interrupted(f"{stop.signame} during an update: abandoned; its events are read again on restart", 143)
         batch = {k: v for s in sets for k, v in s.batch(i, size, local).items()}
         state, metrics = learner.train_step(state, rt.place(batch, size))
         losses.append(metrics["loss"])
-    return state, float(sum(host_value(x) for x in losses) / len(losses))
+    return state, float(sum(host_value(x) for x in losses) / len(losses)), steps
 
 
 def run(cfg: Config, workdir: str) -> dict[str, Any]:
