@@ -2,7 +2,8 @@
 
 Serves the run's checkpoint (default: the latest) over OpenAI's API (/v1/chat/completions,
 /v1/completions, /v1/models), /health, and a chat page at / whose answers, ratings,
-regenerations and edits are stored in RUN/feedback.sqlite (--db to choose).
+regenerations and edits are stored in RUN/feedback.sqlite (--db to choose). In a run that
+promotes checkpoints (the online learner's, RUN/promoted.json), only promoted ones are served.
 """
 
 from __future__ import annotations
