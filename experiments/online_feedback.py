@@ -4,8 +4,9 @@
     python -m flaxgpt.serve --workdir runs/online --reload-every 5          # serves promoted steps
     python -m flaxgpt.simuser --url http://127.0.0.1:8000 --noise 0.1       # or real people
 
-Every 32 new ratings: 20 steps of KTO (thumbs) + DPO (up-vs-down and regenerated answers),
-anchored to the served model; promoted unless the greedy accuracy on 64 held-out questions falls
+Every 32 new ratings: one pass (at most 20 steps of 16) of KTO (thumbs) + DPO (up-vs-down and
+regenerated answers) at lr 2e-5 (higher rates raised the held-out thumbs-up loss), anchored to the
+served model; promoted unless the greedy accuracy on 64 held-out questions falls
 more than 5 points below the served model's.
 """
 
@@ -16,7 +17,7 @@ def config() -> C.Config:
     return C.Config(
         data=C.DataConfig(source="world", world_seed=0, world_system="Answer briefly."),
         optimizer=C.OptimizerConfig(
-            lr=1e-4, min_lr=1e-4, warmup_steps=0, decay="constant", b2=0.99, weight_decay=0.0, grad_clip=1.0
+            lr=2e-5, min_lr=2e-5, warmup_steps=0, decay="constant", b2=0.99, weight_decay=0.0, grad_clip=1.0
         ),
         train=C.TrainConfig(trainer="online", init_from="runs/chat_demo/sft", batch_size=16, log_interval=1),
         kto=C.KTOConfig(beta=0.1),
