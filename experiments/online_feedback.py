@@ -6,8 +6,8 @@
 
 Every 32 new ratings: one pass (at most 20 steps of 16) of KTO (thumbs) + DPO (up-vs-down and
 regenerated answers) at lr 2e-5 (higher rates raised the held-out thumbs-up loss), anchored to the
-served model; promoted unless the greedy accuracy on 64 held-out questions falls
-more than 5 points below the served model's.
+served model; promoted unless the guard finds it more than 5 points (accuracy on 64 held-out
+questions, on held-out pairs) or 5 % (loss of held-out thumbs-up answers) worse than the served model.
 """
 
 from flaxgpt import config as C
