@@ -79,7 +79,9 @@ class Checkpointer:
     on every exit (try/finally): it finishes the pending save or removes what it left.
     """
 
-    def __init__(self, workdir: str, cfg: CheckpointConfig):
+    def __init__(self, workdir: str, cfg: CheckpointConfig, read_only: bool = False):
+        """`read_only`: a reader beside the run that writes (a server, a fine-tuning start) neither
+        creates nor cleans up anything, so a save in progress there is left alone."""
         self.directory = fileio.absolute(os.path.join(workdir, "checkpoints"))
         self.cfg = cfg
         self._pending: int | None = None  # the step of a save that may still be running
@@ -88,9 +90,10 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             # below 1, orbax would delete the checkpoint just written (config.py rejects it too)
             max_to_keep=max(cfg.max_to_keep, 1),
-            create=True,
+            create=not read_only,
+            read_only=read_only,
             enable_async_checkpointing=cfg.async_save,
-            cleanup_tmp_directories=True,  # what a killed save left behind
+            cleanup_tmp_directories=not read_only,  # what a killed save left behind
         )
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=options)

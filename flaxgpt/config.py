@@ -293,7 +293,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    trainer: Literal["pretrain", "sft", "reward", "ppo", "dpo", "kto", "orpo", "grpo"] = "pretrain"
+    trainer: Literal["pretrain", "sft", "reward", "ppo", "dpo", "kto", "orpo", "grpo", "online"] = "pretrain"
     # Start from another run's parameters (its workdir, latest or `init_step` checkpoint).
     # The model's structure and tokenizer come from there; a conflicting model field is an error.
     init_from: str = ""
@@ -412,6 +412,21 @@ class GRPOConfig:
     epochs: int = 1  # updates per rollout
 
 
+@dataclass
+class OnlineConfig:
+    """The online learner (trainer "online"): updates from the served model's feedback database.
+    Thumbs become KTO records (kto.*), up-vs-down and regenerated answers DPO pairs (dpo.*), both
+    anchored to the promoted model; optimizer.* and train.batch_size shape each update."""
+
+    db: str = ""  # the feedback database ("": WORKDIR/feedback.sqlite, where the server keeps it)
+    min_events: int = 32  # new ratings needed before an update
+    steps_per_update: int = 20  # at most this many optimizer steps per update (one pass over its events)
+    max_updates: int = 0  # updates before the learner exits (0: until stopped)
+    poll_seconds: float = 5.0  # wait between looks at the database
+    guard_questions: int = 64  # world: held-out questions whose greedy accuracy guards promotion
+    max_regression: float = 0.05  # a candidate scoring more than this below the promoted model is kept, not promoted
+
+
 INSTRUCTGPT_PTX_COEF = 27.8  # InstructGPT's PPO-ptx coefficient (their "gamma")
 
 
@@ -460,6 +475,7 @@ class Config:
     kto: KTOConfig = field(default_factory=KTOConfig)
     orpo: ORPOConfig = field(default_factory=ORPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -499,7 +515,7 @@ class Config:
             )
         if t.trainer in ("ppo", "grpo"):
             _check_ppo(self)
-        if t.trainer in ("dpo", "kto", "orpo"):
+        if t.trainer in ("dpo", "kto", "orpo", "online"):
             if self.data.source not in ("world", "jsonl"):
                 raise ConfigError(
                     f"train.trainer='{t.trainer}' reads data.source 'world' or 'jsonl', got '{self.data.source}'"
@@ -631,6 +647,12 @@ RANGES: dict[str, str] = {
     "grpo.clip_high": "> 0",
     "grpo.beta": ">= 0",
     "grpo.epochs": ">= 1",
+    "online.min_events": ">= 1",
+    "online.steps_per_update": ">= 1",
+    "online.max_updates": ">= 0",
+    "online.poll_seconds": "> 0",
+    "online.guard_questions": ">= 1",
+    "online.max_regression": ">= 0",
     # eval
     "eval.interval": ">= 1",
     "eval.iters": ">= 0",

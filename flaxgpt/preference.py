@@ -14,6 +14,7 @@ with adapters off.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -141,13 +142,20 @@ def logprobs(
     return list(zip(jnp.split(sums, len(prefixes)), jnp.split(counts, len(prefixes))))
 
 
+@functools.cache
+def _summed_logprobs(model: Any, prefixes: tuple[str, ...]) -> Callable:
+    """The jitted forward of `add_reference_logprobs`, one per model and prefixes: a caller that
+    scores many row sets (the online learner, every update) compiles it once per shape."""
+    return jax.jit(lambda p, b: [s for s, _ in logprobs(model, p, b, prefixes)])
+
+
 def add_reference_logprobs(
     model: Any, params: Any, rows: Rows, prefixes: Sequence[str], batch_size: int, log: Callable[[str], None] = print
 ) -> Rows:
     """`rows` with ref_<prefix>logp [n, 1] (summed response log-probabilities under `params`) added,
     computed once in fixed-size chunks (the last padded: one compilation)."""
     n = len(rows["valid"])
-    forward = jax.jit(lambda p, b: [s for s, _ in logprobs(model, p, b, prefixes)])
+    forward = _summed_logprobs(model, tuple(prefixes))
     out = {p: np.zeros((n, 1), np.float32) for p in prefixes}
     for start in range(0, n, batch_size):
         index = np.minimum(np.arange(start, start + batch_size), n - 1)

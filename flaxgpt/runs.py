@@ -54,8 +54,9 @@ def restore_params(
     workdir: str, cfg: Config, step: int | None, model_cfg: ModelConfig, mesh: Any, rules: tuple
 ) -> tuple[Any, int]:
     """(params of `model_cfg`'s shape sharded over `mesh`, step) from a run's checkpoint (default:
-    the latest). Only the parameters are read, never the optimizer state."""
-    checkpointer = Checkpointer(workdir, cfg.checkpoint)
+    the latest). Only the parameters are read, never the optimizer state, and nothing in the run's
+    directory is written or removed (a trainer may be saving there)."""
+    checkpointer = Checkpointer(workdir, cfg.checkpoint, read_only=True)
     steps = checkpointer.manager.all_steps()
     if not steps:
         raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")

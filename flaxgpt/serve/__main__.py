@@ -2,7 +2,8 @@
 
 Serves the run's checkpoint (default: the latest) over OpenAI's API (/v1/chat/completions,
 /v1/completions, /v1/models), /health, and a chat page at / whose answers, ratings,
-regenerations and edits are stored in RUN/feedback.sqlite (--db to choose).
+regenerations and edits are stored in RUN/feedback.sqlite (--db to choose). In a run that
+promotes checkpoints (the online learner's, RUN/promoted.json), only promoted ones are served.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 
 from etils import epath
 
-from flaxgpt import cli, fileio, host_allocator, runs
+from flaxgpt import cli, fileio, host_allocator, online, runs
 from flaxgpt.errors import UserError
 from flaxgpt.serve.app import Service, create_app
 from flaxgpt.serve.engine import SlotEngine
@@ -36,7 +37,7 @@ def build_service(
     cfg, _ = runs.read_run(workdir)
     if cfg.model.output != "logits":
         raise UserError(f"{workdir} holds a reward model (model.output={cfg.model.output!r}): serve a language model")
-    loaded = runs.load(workdir, step)
+    loaded = runs.load(workdir, step if step is not None else online.promoted_step(workdir))
     engine = SlotEngine(
         loaded.model,
         loaded.params,
@@ -52,15 +53,18 @@ def build_service(
 
 
 def newest_checkpoint(workdir: str) -> int | None:
-    """The run's newest finished checkpoint step, found without opening a checkpoint manager (which
-    would clean up the temporary directory of a save in progress by a trainer on the same run)."""
+    """The run's newest finished checkpoint step, found without opening a checkpoint manager; in
+    a run that promotes checkpoints (the online learner), its newest promoted one."""
+    promoted = online.promoted_step(workdir)
+    if promoted is not None:
+        return promoted
     directory = os.path.join(workdir, "checkpoints")
     names = [p.name for p in epath.Path(directory).iterdir()] if fileio.exists(directory) else []
     return max((int(n) for n in names if n.isdigit()), default=None)
 
 
 def reload_newer(service: Service, workdir: str) -> bool:
-    """Load the run's newest checkpoint into the engine if it is newer than the one served;
+    """Load the run's newest (promoted) checkpoint into the engine if it is newer than the one served;
     requests in flight finish on the old parameters, later ones get the new."""
     newest = newest_checkpoint(workdir)
     engine = service.engine

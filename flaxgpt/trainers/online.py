@@ -1,0 +1,266 @@
+"""The online learner: the served model keeps learning from its users' thumbs while it serves.
+
+    python -m flaxgpt.train -e online_feedback --workdir runs/online     # from runs/chat_demo/sft
+    python -m flaxgpt.serve --workdir runs/online --reload-every 5       # beside it
+
+The first start saves train.init_from's parameters as step 0 and promotes them. Then, whenever
+the feedback database holds at least online.min_events ratings newer than the cursor, one
+update: KTO on the rated answers plus DPO on the new up-vs-down / regenerated pairs
+(`flaxgpt.online`), one pass over them (at most online.steps_per_update steps) from the
+promoted parameters, which are also the reference of both losses (the KL anchor: a few bad
+clicks move the model a bounded way from what is served). The candidate is saved with the
+cursor and the rows it used; then the guard compares it with the promoted model (greedy
+accuracy on held-out world questions, loss on held-out thumbs-up answers, accuracy on held-out
+pairs): more than online.max_regression worse and it is kept but not promoted. A kill at any
+point resumes from the newest checkpoint's cursor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxgpt import lora, online
+from flaxgpt.checkpoint import Checkpointer
+from flaxgpt.config import Config, to_dict
+from flaxgpt.data.packing import PackedRows
+from flaxgpt.data.world import WorldTask
+from flaxgpt.logging import MetricsLogger
+from flaxgpt.metrics import answer_metrics
+from flaxgpt.model import Transformer
+from flaxgpt.optim import build_optimizer, learning_rate_schedule
+from flaxgpt.preference import add_reference_logprobs, encodable, feedback_rows, pair_rows
+from flaxgpt.runs import boxed_params, restore_params
+from flaxgpt.sharding import host_value, sharded_abstract
+from flaxgpt.state import create_train_state
+from flaxgpt.trainers.dpo import dpo_objective
+from flaxgpt.trainers.kto import kto_objective
+from flaxgpt.trainers.scaffold import Interrupted, Runtime, _StopSignals, starting_point
+from flaxgpt.trainers.step import make_train_step
+
+
+def online_objective(model: Any, cfg: Config):
+    """KTO on the batch's feedback rows plus DPO on its pair rows (when the update has pairs)."""
+    kto = kto_objective(model, cfg.kto.beta, cfg.kto.desirable_weight, cfg.kto.undesirable_weight)
+    dpo = dpo_objective(model, cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.label_smoothing)
+
+    def loss_sums(params, batch, rng, train):
+        sums = kto(params, batch, rng, train)
+        if "chosen_inputs" in batch:
+            pairs = dpo(params, {**batch, "valid": batch["pair_valid"]}, rng, train)
+            sums = {
+                "loss_sum": sums["loss_sum"] + pairs["loss_sum"],
+                "weight_sum": sums["weight_sum"] + pairs["weight_sum"],
+                "ratios": {**sums["ratios"], **{f"pair_{k}": v for k, v in pairs["ratios"].items()}},
+            }
+        return sums
+
+    return loss_sums
+
+
+class Learner:
+    """The learner's run: its model, checkpoints, guard questions and logs."""
+
+    def __init__(self, cfg: Config, workdir: str):
+        # a candidate is judged only once its save has finished
+        cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, async_save=False))
+        self.rt = Runtime.create(cfg, workdir)
+        self.cfg, self.tokenizer, self.init_params = starting_point(cfg, self.rt, lambda: "")
+        self.workdir, self.model = workdir, Transformer(self.cfg.model)
+        self.db = cfg.online.db or os.path.join(workdir, "feedback.sqlite")
+        self.checkpointer = Checkpointer(workdir, cfg.checkpoint)
+        task = WorldTask.from_config(cfg) if cfg.data.source == "world" else None
+        self.guard = task.demonstrations("ppo_eval", cfg.online.guard_questions, 0.0) if task else []
+        self.task = task
+        self.shardings = sharded_abstract(boxed_params(self.model), self.rt.mesh, self.rt.rules)[1]
+        n = cfg.online.steps_per_update
+        self.optimizer = build_optimizer(cfg.optimizer, n, lora.trainable_mask if self.cfg.model.lora_rank else None)
+        step = make_train_step(
+            self.model,
+            self.optimizer,
+            learning_rate_schedule(cfg.optimizer, n),
+            cfg.train,
+            online_objective(self.model, cfg),
+        )
+        self.train_step = jax.jit(step, donate_argnums=0)
+        self.logger = MetricsLogger(workdir, cfg.logging, 0, 0, to_dict(self.cfg))
+        self.logger.shown = ("loss", "events", "pairs", "accuracy", "up_loss", "promoted")
+
+    def scores(self, params: Any, held: tuple[list, list]) -> dict[str, float]:
+        """The guard's figures: greedy task accuracy on held-out world questions (on the world),
+        the loss (per token) of held-out thumbs-up answers and the share of held-out pairs whose
+        chosen answer is the likelier."""
+        out, size = {}, self.cfg.train.batch_size
+        if self.task is not None:
+            metrics = answer_metrics(self.model, params, self.tokenizer, self.guard, self.cfg, self.task.label)
+            out["accuracy"] = metrics["task_accuracy"]
+        records, pairs = held
+        if records:
+            rows = feedback_rows(records, self.tokenizer, self.cfg.model.block_size)
+            sums = add_reference_logprobs(self.model, params, rows, ("",), size, lambda _: None)["ref_logp"]
+            out["up_loss"] = float(-sums.sum() / max(rows["loss_weights"].sum(), 1.0))
+        if pairs:
+            rows = pair_rows(pairs, self.tokenizer, self.cfg.model.block_size)
+            rows = add_reference_logprobs(self.model, params, rows, ("chosen_", "rejected_"), size, lambda _: None)
+            out["pair_accuracy"] = float(np.mean(rows["ref_chosen_logp"] > rows["ref_rejected_logp"]))
+        return out
+
+    def params(self, step: int) -> Any:
+        """A checkpoint's parameters, read as the server reads them (a manager of its own)."""
+        rt = self.rt
+        return restore_params(self.workdir, self.cfg, step, self.cfg.model, rt.mesh, rt.rules)[0]
+
+    def record(self, step: int, used: dict, base: int) -> dict:
+        return {"step": step, "model": to_dict(self.cfg.model), "online": {**used, "base_step": base}}
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        self.logger.close()
+
+    def fresh_state(self, params: Any, seed: int) -> Any:
+        """A train state on `params` (taken over: donated) with a fresh optimizer."""
+        example = jnp.zeros((1, self.cfg.model.block_size), jnp.int32)
+        rt = self.rt
+        return create_train_state(self.model, self.optimizer, example, rt.mesh, rt.rules, seed, lambda _: params)[0]
+
+
+def start(learner: Learner) -> int:
+    """The newest checkpoint's step, after saving train.init_from's parameters as step 0 on a
+    first start and deciding on a candidate that a kill left undecided."""
+    ck = learner.checkpointer
+    if ck.latest_step() is None:
+        learner.rt.write_config(learner.cfg)
+        with learner.rt.context():
+            state = learner.fresh_state(learner.init_params(learner.shardings), learner.cfg.train.seed)
+        used = {"cursor": 0, "from_cursor": 0, "rating_ids": [], "pairs": []}
+        ck.save(0, state, learner.record(0, used, 0), force=True)
+    latest = ck.latest_step()
+    decide(learner, latest)
+    return latest
+
+
+def decide(learner: Learner, step: int) -> None:
+    """Log whether checkpoint `step` is promoted (once: a decision already logged stands)."""
+    workdir = learner.workdir
+    if any(d["step"] == step for d in online.decisions(workdir)):
+        online.sync_marker(workdir)
+        return
+    record = learner.checkpointer.read_record(step)["online"]
+    held = online.held_out(learner.db, record["cursor"], learner.cfg.online.guard_questions)
+    with learner.rt.context():
+        score = learner.scores(learner.params(step), held)
+        base = record["base_step"]
+        before = learner.scores(learner.params(base), held) if step else score
+    worse = regression(before, score)
+    limit = learner.cfg.online.max_regression
+    promoted = step == 0 or worse <= limit
+    shown = ", ".join(f"{k} {score[k]:.4f} (served {before[k]:.4f})" for k in score)
+    reason = "the starting model" if step == 0 else f"regression {worse:.4f} vs max {limit:g}: {shown or 'no figures'}"
+    decision = {"step": step, "base_step": base, "promoted": promoted, "score": score, "base_score": before}
+    decision.update(reason=reason, time=time.time())
+    online.log_decision(workdir, decision)
+    learner.logger.log(step, {**score, "regression": worse, "promoted": float(promoted)})
+    learner.logger.message(f"step {step}: {'promoted' if promoted else 'kept, not promoted'}; {reason}")
+
+
+def regression(before: dict[str, float], after: dict[str, float]) -> float:
+    """How much worse `after` is: the largest drop in accuracy or pair accuracy (points), or rise
+    in thumbs-up loss (relative)."""
+    drops = [before[k] - after[k] for k in ("accuracy", "pair_accuracy") if k in after]
+    if "up_loss" in after:
+        drops.append((after["up_loss"] - before["up_loss"]) / max(before["up_loss"], 1e-6))
+    return max(drops, default=0.0)
+
+
+def update(learner: Learner, latest: int, stop: _StopSignals) -> int | None:
+    """One update from the events after the newest checkpoint's cursor, saved and decided; its
+    step, or None when there are too few events. A stop signal abandons it (nothing is lost:
+    the cursor has not moved)."""
+    cfg, ck = learner.cfg, learner.checkpointer
+    cursor = ck.read_record(latest)["online"]["cursor"]
+    if online.count_new(learner.db, cursor) < cfg.online.min_events:
+        return None
+    events = online.read_events(learner.db, cursor)
+    base = online.promoted_step(learner.workdir)
+    with learner.rt.context():
+        rows = training_rows(learner, events, learner.params(base))
+        state, loss, steps = train(learner, rows, latest, stop)
+        step = latest + steps
+        ck.save(step, state, learner.record(step, events.record(), base), force=True)
+    figures = {"loss": loss, "events": len(events.rating_ids), "records": len(events.records)}
+    learner.logger.log(step, {**figures, "pairs": len(events.pairs), "cursor": events.hi})
+    decide(learner, step)
+    return step
+
+
+def training_rows(learner: Learner, events: online.Events, reference: Any) -> list[dict]:
+    """[feedback rows] (+ [pair rows], `valid` renamed `pair_valid`), each with the reference
+    log-probabilities of `reference` (the promoted parameters)."""
+    cfg, tok, size = learner.cfg, learner.tokenizer, learner.cfg.train.batch_size
+    note = learner.logger.message
+    out = [encodable(events.records, feedback_rows, tok, cfg, learner.db, note)]
+    out[0] = add_reference_logprobs(learner.model, reference, out[0], ("", "kl_"), size, lambda _: None)
+    if events.pairs:
+        pairs = encodable(events.pairs, pair_rows, tok, cfg, learner.db, note)
+        pairs = add_reference_logprobs(learner.model, reference, pairs, ("chosen_", "rejected_"), size, lambda _: None)
+        out.append({("pair_valid" if k == "valid" else k): v for k, v in pairs.items()})
+    return out
+
+
+def train(learner: Learner, rows: list[dict], latest: int, stop: _StopSignals) -> tuple[Any, float, int]:
+    """One pass over the update's records (at most online.steps_per_update steps: more passes
+    over a few events would fit their noise) from the promoted parameters; (state, mean loss,
+    steps)."""
+    cfg, rt = learner.cfg, learner.rt
+    size, seed = cfg.train.batch_size, cfg.train.seed + latest
+    sets = [PackedRows(r, seed + i) for i, r in enumerate(rows)]
+    state = learner.fresh_state(learner.params(online.promoted_step(learner.workdir)), seed)
+    local, losses = rt.rows(size), []
+    steps = min(cfg.online.steps_per_update, -(-max(s.n for s in sets) // size))
+    for i in range(steps):
+        if stop.signame is not None:
+            raise Interrupted(f"{stop.signame} during an update: abandoned; its events are read again on restart", 143)
+        batch = {k: v for s in sets for k, v in s.batch(i, size, local).items()}
+        state, metrics = learner.train_step(state, rt.place(batch, size))
+        losses.append(metrics["loss"])
+    return state, float(sum(host_value(x) for x in losses) / len(losses)), steps
+
+
+def run(cfg: Config, workdir: str) -> dict[str, Any]:
+    """Update whenever enough feedback arrived, until online.max_updates (0: until stopped)."""
+    with _StopSignals() as stop:
+        learner = Learner(cfg, workdir)
+        try:
+            stop.message = learner.logger.message
+            latest = start(learner)
+            learner.logger.message(
+                f"flaxgpt {cfg.name} (online): learning from {learner.db} from step {latest} "
+                f"(served: step {online.promoted_step(workdir)}); an update every {cfg.online.min_events} ratings"
+            )
+            while not done(cfg, workdir):
+                step = update(learner, latest, stop)
+                latest = step if step is not None else latest
+                if step is None and not wait(cfg.online.poll_seconds, stop):
+                    raise Interrupted(f"{stop.signame} while waiting for feedback: nothing was pending", 143)
+            return {"step": latest, "promoted_step": online.promoted_step(workdir)}
+        finally:
+            learner.close()
+
+
+def done(cfg: Config, workdir: str) -> bool:
+    limit = cfg.online.max_updates
+    return bool(limit) and sum(d["step"] > 0 for d in online.decisions(workdir)) >= limit
+
+
+def wait(seconds: float, stop: _StopSignals) -> bool:
+    """Sleep `seconds` unless a stop signal comes; False when one came."""
+    end = time.time() + seconds
+    while stop.signame is None and time.time() < end:
+        time.sleep(min(0.2, seconds))
+    return stop.signame is None

@@ -1,0 +1,191 @@
+"""The online learner end to end on a tiny world model: the real server on a free localhost port,
+the simulated user on the page's endpoints, the learner in its own process (SIGKILLed once), the
+feedback database in between. One server and one starting model for the file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from flaxgpt import online
+from flaxgpt.trainers import pretrain
+from tests.conftest import REPO, tiny_run_config
+
+pytestmark = pytest.mark.slow
+
+LEARNER = (
+    "train.batch_size=4",
+    "online.min_events=6",
+    "online.steps_per_update=2",
+    "online.guard_questions=4",
+    "online.poll_seconds=0.2",
+    "sft.max_new_tokens=6",
+    "eval.batch_size=4",
+    "logging.progress=plain",
+    "logging.report=false",
+    "logging.tensorboard=false",
+)
+
+
+def learner(workdir: str, start: str, *sets: str) -> subprocess.Popen:
+    """`python -m flaxgpt.train -e online_feedback` on `workdir`, in its own process."""
+    cmd = [sys.executable, "-m", "flaxgpt.train", "-e", "online_feedback", "--workdir", workdir]
+    cmd += ["--set", f"train.init_from={start}", *LEARNER, *sets]
+    # restarts reuse the first process's compiled programs
+    cache = os.path.join(os.path.dirname(workdir), "jax-cache")
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+def wait_for(condition, timeout: float = 120, what: str = "") -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory):
+    """(learner workdir, starting run, server URL, Service): a learner's step 0 served."""
+    import uvicorn
+
+    from flaxgpt.serve.__main__ import build_service, watch
+    from flaxgpt.serve.app import create_app
+
+    root = tmp_path_factory.mktemp("online")
+    start, workdir = str(root / "start"), str(root / "learn")
+    overrides = dict(
+        model={"block_size": 128, "vocab_multiple": 8}, eval={"interval": 20, "iters": 1, "sample_tokens": 0}
+    )
+    pretrain.run(tiny_run_config(train={"max_steps": 20}, checkpoint={"every_steps": 20}, **overrides), start)
+    first = learner(workdir, start, "online.max_updates=1", "online.max_regression=1")
+    wait_for(lambda: online.promoted_step(workdir) == 0 or first.poll() is not None, 300, "step 0 promoted")
+    assert first.poll() is None, first.communicate()[0]
+    service = build_service(workdir, slots=2, max_queue=16)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    stop = threading.Event()
+    threading.Thread(target=watch, args=(service, workdir, 0.2, stop), daemon=True).start()
+    wait_for(lambda: server.started, 30, "the server")
+    yield workdir, start, f"http://127.0.0.1:{sock.getsockname()[1]}", service, first
+    stop.set()
+    server.should_exit = True
+    thread.join(timeout=10)
+    service.engine.stop()
+
+
+def _user(url: str, seed: int):
+    import httpx
+
+    from flaxgpt.data.world import WorldTask
+    from flaxgpt.simuser import Behaviour, SimUser
+
+    http = httpx.Client(base_url=url, timeout=120)
+    behaviour = Behaviour(noise=0.1, regenerate=0.5, follow_up=0.5, max_tokens=6)
+    return SimUser(http, WorldTask(0, "Answer briefly."), behaviour, seed)
+
+
+def _ask_until(user, done, timeout: float = 300) -> None:
+    """Ask questions (every request must succeed), a few a second, until done()."""
+    deadline = time.time() + timeout
+    while not done():
+        assert time.time() < deadline, "the condition never came"
+        user.ask()
+        time.sleep(0.1)
+
+
+def _records(workdir: str) -> dict[int, dict]:
+    """Each learner checkpoint's online record, by step."""
+    from flaxgpt.checkpoint import Checkpointer
+    from flaxgpt.config import CheckpointConfig
+
+    ck = Checkpointer(workdir, CheckpointConfig(), read_only=True)
+    try:
+        return {s: ck.read_record(s)["online"] for s in ck.manager.all_steps()}
+    finally:
+        ck.close()
+
+
+def _all_ratings(service, upto: int) -> list[int]:
+    return [r["id"] for r in service.store.query("SELECT id FROM ratings WHERE id <= ? ORDER BY id", (upto,))]
+
+
+def _used_once(workdir: str, service) -> int:
+    """Every ratings row up to the newest cursor used by exactly one checkpoint; the cursor."""
+    records = _records(workdir)
+    used = [i for r in records.values() for i in r["rating_ids"]]
+    cursor = records[max(records)]["cursor"]
+    assert sorted(used) == _all_ratings(service, cursor) and len(used) == len(set(used))
+    return cursor
+
+
+def test_feedback_through_the_page_trains_a_promoted_step_the_server_switches_to(loop):
+    workdir, _, url, service, first = loop
+    user = _user(url, 1)
+    _ask_until(user, lambda: first.poll() is not None)  # the learner updates once, then exits
+    out = finish(first)
+    new = online.decisions(workdir)[-1]["step"]
+    assert new > 0 and f"step {new}: promoted" in out, out
+    assert online.promoted_step(workdir) == new
+    # the server switches between requests; every request meanwhile succeeded
+    _ask_until(user, lambda: service.engine.step == new)
+    user.ask()
+    steps = service.store.query("SELECT DISTINCT step FROM messages WHERE role = 'assistant' ORDER BY step")
+    assert [r["step"] for r in steps] == [0, new] and user.tally.steps.get(new)
+    assert _used_once(workdir, service) >= 6
+    record = _records(workdir)[new]
+    assert record["base_step"] == 0 and record["from_cursor"] == 0
+
+
+def test_a_learner_killed_mid_update_resumes_with_no_row_lost_or_counted_twice(loop):
+    workdir, start, url, service, _ = loop
+    user = _user(url, 2)
+    proc = learner(workdir, start, "online.max_updates=2", "online.max_regression=1")
+    checkpoints = os.path.join(workdir, "checkpoints")
+    before = set(os.listdir(checkpoints))
+    served = service.engine.step
+    _ask_until(user, lambda: online.count_new(service.store.file, _records(workdir)[served]["cursor"]) >= 6)
+    # kill it as soon as its save appears (half-written or just finished, undecided)
+    wait_for(lambda: set(os.listdir(checkpoints)) - before or proc.poll() is not None, 120, "a save")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert service.engine.step == served  # nothing undecided is served
+    out = finish(learner(workdir, start, "online.max_updates=2", "online.max_regression=1"))
+    decided = [d["step"] for d in online.decisions(workdir)]
+    assert decided[:2] == [0, served] and len(decided) == 3 and decided[2] > served
+    assert online.promoted_step(workdir) == decided[2] and f"step {decided[2]}: promoted" in out, out
+    assert not [n for n in os.listdir(checkpoints) if not n.isdigit()]
+    _used_once(workdir, service)
+
+
+def test_the_guard_keeps_a_worse_checkpoint_unpromoted(loop):
+    workdir, start, url, service, _ = loop
+    user = _user(url, 3)
+    served = service.engine.step
+    _ask_until(user, lambda: online.count_new(service.store.file, _records(workdir)[served]["cursor"]) >= 6)
+    # a learning rate that wrecks the model: the held-out thumbs-up answers' loss soars
+    out = finish(learner(workdir, start, "online.max_updates=3", "optimizer.lr=1.0"))
+    last = online.decisions(workdir)[-1]
+    assert last["step"] > served and not last["promoted"] and "kept, not promoted" in out, out
+    assert last["score"]["up_loss"] > 1.05 * last["base_score"]["up_loss"]
+    assert online.promoted_step(workdir) == served and last["step"] in _records(workdir)  # kept, not served
+    time.sleep(0.5)  # a reload check passes
+    user.ask()
+    assert service.engine.step == served
+    _used_once(workdir, service)
