@@ -6,11 +6,11 @@ format (`adapter_config.json` + `adapter_model.safetensors`), both ways.
 
 One table per family lists which Hugging Face tensor feeds which flaxgpt parameter and how it is
 laid out (torch `Linear` [out, in], GPT-2's `Conv1D` [in, out], or as is); import and export both
-read it, so they cannot disagree. Safetensors files are read through memory maps, one tensor at a
-time, and each parameter goes straight onto its shards of the mesh
-(`jax.make_array_from_callback`): no device ever holds more than its own shards. Safetensors is a
-documented, trivially simple format (8-byte header length, JSON header, raw little-endian data);
-reading it here keeps torch out of the core install and handles bfloat16 through ml_dtypes.
+read it, so they cannot disagree. Safetensors files are read and written with the safetensors
+library (the format's reference implementation, numpy API: no torch in the core install),
+lazily through memory maps, one tensor at a time, and each parameter goes straight onto its
+shards of the mesh (`jax.make_array_from_callback`): no device ever holds more than its own
+shards.
 
 Nothing in a model directory is trusted: config.json's fields are typed and bounded
 (`HF_LIMITS`), every safetensors header is checked against its file (offsets inside the data,
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import math
 import os
 from collections.abc import Callable
@@ -32,8 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
-import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 from flaxgpt.config import LORA_TARGETS, ModelConfig
 from flaxgpt.data.tokenizers import ImportedTokenizer
@@ -49,24 +49,10 @@ SUPPORTED = {
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
 }
-_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-_DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
-
-# The largest safetensors header read: the format's own reference reader refuses headers over
-# 100 MB (a real header is ~100 bytes per tensor: tens of kilobytes).
-MAX_HEADER_BYTES = 100_000_000
-MAX_TENSOR_DIMS = 8
+# The dtypes flaxgpt reads (safetensors' names): every one numpy holds, bfloat16 through
+# ml_dtypes, which safetensors' numpy API uses for it. Others (float8, complex...) are refused
+# by name before any tensor is read.
+_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
 
 # Upper bounds of config.json sizes, so that a lying config fails at once instead of building a
 # model for minutes: each is several times the largest public model of the family (Llama 3.1
@@ -89,151 +75,93 @@ HF_LIMITS = {
 
 
 class SafetensorsReader:
-    """Every tensor of a Hugging Face directory, by name, read lazily through memory maps. Every
-    header is checked when the reader is made (sizes, dtypes, offsets inside the file, element
-    counts matching shapes), so that a later read only ever maps bytes of its own tensor."""
+    """Every tensor of a Hugging Face directory, by name, read lazily (one tensor at a time)
+    through the safetensors library, which validates each header against its file (offsets
+    inside the data, byte counts matching shapes and dtypes, no overlaps) when it is opened."""
 
     def __init__(self, directory: str):
-        require_directory(directory)
-        index_file = os.path.join(directory, "model.safetensors.index.json")
-        if os.path.exists(index_file):
-            index = read_json(inside(directory, "model.safetensors.index.json", index_file))
-            weight_map = index.get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise HFFormatError(f"{index_file}: weight_map is missing or empty (expected tensor name -> file)")
-            names = sorted(set(weight_map.values()), key=str)
-            files = [inside(directory, name, f"{index_file}: weight_map") for name in names]
-            for name, file in zip(names, files):
-                if not os.path.isfile(file):
-                    raise HFFormatError(f"{index_file}: weight_map names {name!r}, which is not a file in {directory}")
-        else:
-            files = [
-                inside(directory, os.path.basename(f), f)
-                for f in sorted(glob.glob(os.path.join(glob.escape(directory), "*.safetensors")))
-            ]
-        if not files:
-            pickles = sorted(os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(directory), "*.bin")))
-            found = (
-                f"only {pickles[0]}, a pickle that could run any code when loaded: it is not read" if pickles else ""
-            )
-            raise HFFormatError(
-                f"{directory} holds no *.safetensors weights{' (' + found + ')' if found else ''}; convert it "
-                "where you trust it with transformers' save_pretrained(..., safe_serialization=True)"
-            )
-        self.entries: dict[str, tuple[str, dict, int]] = {}
-        for file in files:
-            for name, info in _read_header(file).items():
+        self.entries: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+        self._files: dict[str, Any] = {}
+        for file in _weight_files(directory):
+            handle = _open_safetensors(file)
+            self._files[file] = handle
+            for name in handle.keys():
                 if name in self.entries:
                     raise HFFormatError(f"{file}: tensor {name} is also in {self.entries[name][0]}")
-                self.entries[name] = info
+                part = handle.get_slice(name)
+                if part.get_dtype() not in _DTYPES:
+                    raise HFFormatError(
+                        f"{file}: tensor {name}: dtype {part.get_dtype()!r}, which flaxgpt does not read "
+                        f"(it reads {sorted(_DTYPES)})"
+                    )
+                self.entries[name] = (file, part.get_dtype(), tuple(part.get_shape()))
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.entries[name][1]["shape"])
+        return self.entries[name][2]
 
     def read(self, name: str) -> np.ndarray:
-        file, info, data_start = self.entries[name]
-        begin, _ = info["data_offsets"]
-        dtype = np.dtype(_DTYPES[info["dtype"]])
-        count = math.prod(info["shape"])
-        if count == 0:
-            return np.zeros(info["shape"], dtype)
-        data = np.memmap(file, dtype=dtype, mode="r", offset=data_start + begin, shape=(count,))
-        return np.asarray(data).reshape(info["shape"])
+        return self._files[self.entries[name][0]].get_tensor(name)
+
+
+def _weight_files(directory: str) -> list[str]:
+    """The safetensors files of a model directory: those its index names, else every
+    *.safetensors in it, each resolved inside the directory."""
+    require_directory(directory)
+    index_file = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index_file):
+        index = read_json(inside(directory, "model.safetensors.index.json", index_file))
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise HFFormatError(f"{index_file}: weight_map is missing or empty (expected tensor name -> file)")
+        names = sorted(set(weight_map.values()), key=str)
+        files = [inside(directory, name, f"{index_file}: weight_map") for name in names]
+        for name, file in zip(names, files):
+            if not os.path.isfile(file):
+                raise HFFormatError(f"{index_file}: weight_map names {name!r}, which is not a file in {directory}")
+        return files
+    files = [
+        inside(directory, os.path.basename(f), f)
+        for f in sorted(glob.glob(os.path.join(glob.escape(directory), "*.safetensors")))
+    ]
+    if not files:
+        pickles = sorted(os.path.basename(f) for f in glob.glob(os.path.join(glob.escape(directory), "*.bin")))
+        found = f"only {pickles[0]}, a pickle that could run any code when loaded: it is not read" if pickles else ""
+        raise HFFormatError(
+            f"{directory} holds no *.safetensors weights{' (' + found + ')' if found else ''}; convert it "
+            "where you trust it with transformers' save_pretrained(..., safe_serialization=True)"
+        )
+    return files
+
+
+def _open_safetensors(file: str) -> Any:
+    """safe_open of one file (numpy, memory-mapped), its validation errors as one line naming
+    the file."""
+    if os.path.isdir(file):
+        raise HFFormatError(f"{file}: is a directory, expected a safetensors file")
+    try:
+        return safetensors.safe_open(file, framework="numpy")
+    except safetensors.SafetensorError as e:
+        detail = str(e).removeprefix("Error while deserializing header: ")
+        raise HFFormatError(f"{file}: not a valid safetensors file: {detail}") from None
+    except OSError as e:
+        raise HFFormatError(f"{file}: cannot be read ({e.strerror or e})") from None
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _read_header(file: str) -> dict[str, tuple[str, dict, int]]:
-    """name -> (file, {dtype, shape, data_offsets}, data start) of one safetensors file, every
-    field checked against the file's real size."""
-    try:
-        with open(file, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise HFFormatError(f"{file}: {size} bytes, too short for a safetensors file (8-byte header length)")
-            header_len = int.from_bytes(prefix, "little")
-            if header_len > min(MAX_HEADER_BYTES, size - 8):
-                raise HFFormatError(
-                    f"{file}: header length {header_len} is more than the file's remaining {size - 8} bytes "
-                    f"(or the {MAX_HEADER_BYTES} a safetensors header may have): not a safetensors file, or truncated"
-                )
-            raw = f.read(header_len)
-    except IsADirectoryError:
-        raise HFFormatError(f"{file}: is a directory, expected a safetensors file") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise HFFormatError(f"{file}: the safetensors header is not valid JSON ({type(e).__name__})") from None
-    if not isinstance(header, dict):
-        raise HFFormatError(f"{file}: the safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
-    data_size = size - 8 - header_len
-    spans = []
-    entries = {}
-    for name, info in header.items():
-        where = f"{file}: tensor {name}"
-        if not isinstance(info, dict):
-            raise HFFormatError(f"{where}: header entry is not an object with dtype, shape and data_offsets")
-        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in _DTYPES:
-            raise HFFormatError(f"{where}: dtype {dtype!r}, which flaxgpt does not read (it reads {sorted(_DTYPES)})")
-        if (
-            not isinstance(shape, list)
-            or len(shape) > MAX_TENSOR_DIMS
-            or not all(_is_int(d) and 0 <= d < 2**40 for d in shape)
-        ):
-            raise HFFormatError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
-            raise HFFormatError(f"{where}: data_offsets {offsets!r} is not [begin, end]")
-        begin, end = offsets
-        if not 0 <= begin <= end <= data_size:
-            raise HFFormatError(
-                f"{where}: data_offsets [{begin}, {end}] are not 0 <= begin <= end <= {data_size} "
-                "(the data bytes after the header)"
-            )
-        nbytes = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
-        if end - begin != nbytes:
-            raise HFFormatError(
-                f"{where}: data_offsets [{begin}, {end}] hold {end - begin} bytes, but shape {shape} of "
-                f"{dtype} needs {nbytes}"
-            )
-        if nbytes:
-            spans.append((begin, end, name))
-        entries[name] = (file, {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}, 8 + header_len)
-    spans.sort()
-    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
-        if begin < end:
-            raise HFFormatError(f"{file}: tensors {first} and {second} overlap in the data (data_offsets)")
-    return entries
-
-
 def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
-    """A safetensors file, written under a temporary name and renamed: never half a file."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, value in tensors.items():
-        nbytes = value.size * value.dtype.itemsize
-        header[name] = {
-            "dtype": _DTYPE_NAMES[value.dtype],
-            "shape": list(value.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
+    """A safetensors file (the library's numpy writer, bfloat16 included), written under a
+    temporary name and renamed: never half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            f.write(len(encoded).to_bytes(8, "little"))
-            f.write(encoded)
-            for value in tensors.values():
-                f.write(np.ascontiguousarray(value).tobytes())
+        safetensors.numpy.save_file(
+            {name: np.ascontiguousarray(value) for name, value in tensors.items()}, tmp, metadata={"format": "pt"}
+        )
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -142,14 +142,14 @@ def test_a_missing_init_from_hf_directory_is_named(tmp_path):
 @pytest.mark.parametrize(
     "entry,header_len,expected",
     [
-        ({"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, 2**62, "header length 4611686018427387904"),
-        ({"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}, None, r"data_offsets \[8, 16\]"),
-        ({"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}, None, r"data_offsets \[-8, 0\]"),
-        ({"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}, None, r"data_offsets \[8, 0\]"),
-        ({"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 8]}, None, "hold 8 bytes, but shape"),
-        ({"dtype": "F8_E4M3", "shape": [8], "data_offsets": [0, 8]}, None, "dtype 'F8_E4M3'"),
-        ({"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}, None, "shape"),
-        ({"dtype": "F32", "shape": "big", "data_offsets": [0, 8]}, None, "shape 'big'"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, 2**62, "header too large"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}, None, "invalid offset for tensor `w`"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}, None, "integer `-8`"),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}, None, "invalid offset for tensor `w`"),
+        ({"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 8]}, None, "invalid shape, data type, or offset"),
+        ({"dtype": "F8_E4M3", "shape": [8], "data_offsets": [0, 8]}, None, "tensor w: dtype 'F8_E4M3'"),
+        ({"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}, None, "integer `-2`"),
+        ({"dtype": "F32", "shape": "big", "data_offsets": [0, 8]}, None, 'string "big", expected a sequence'),
     ],
 )
 def test_a_lying_safetensors_header_is_refused_before_reading(tmp_path, entry, header_len, expected):
@@ -165,15 +165,26 @@ def test_a_lying_safetensors_header_is_refused_before_reading(tmp_path, entry, h
 def test_overlapping_tensors_and_a_truncated_file_are_refused(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
+    file = model / "model.safetensors"
     header = {
         "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
         "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
     }
-    _raw_safetensors(model / "model.safetensors", header, b"\0" * 12)
-    with pytest.raises(HFFormatError, match="overlap"):
+    _raw_safetensors(file, header, b"\0" * 12)
+    with pytest.raises(HFFormatError, match="invalid offset for tensor `b`"):
         hf.SafetensorsReader(str(model))
-    (model / "model.safetensors").write_bytes(b"\x05\0")
-    with pytest.raises(HFFormatError, match="too short"):
+    hf.write_safetensors(str(file), {"a": np.ones(4, np.float32), "b": np.ones(3, np.float32)})
+    assert hf.SafetensorsReader(str(model)).read("b").tolist() == [1, 1, 1]
+    file.write_bytes(file.read_bytes()[:-4])
+    with pytest.raises(HFFormatError, match="not fully covered") as caught:
+        hf.SafetensorsReader(str(model))
+    assert str(file) in _one_line(caught.value)
+    file.write_bytes(b"\x05\0")
+    with pytest.raises(HFFormatError, match="header too small"):
+        hf.SafetensorsReader(str(model))
+    file.unlink()
+    file.mkdir()
+    with pytest.raises(HFFormatError, match="is a directory"):
         hf.SafetensorsReader(str(model))
 
 

@@ -267,3 +267,48 @@ def test_convert_cli_imports_exports_and_names_bad_input(models, tmp_path):
     refused = convert("import", "--hf", str(broken), "--workdir", str(tmp_path / "never"))
     assert refused.returncode == 2 and "error: unsupported architecture ['BertModel']" in refused.stderr
     assert not os.path.exists(tmp_path / "never" / "checkpoints")
+
+
+def test_safetensors_files_cross_between_flaxgpt_torch_and_transformers_bfloat16_included(models, tmp_path):
+    import shutil
+
+    import ml_dtypes
+    import safetensors.torch
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    def bits(value) -> np.ndarray:
+        if isinstance(value, torch.Tensor):
+            value = value.view(torch.int16) if value.dtype == torch.bfloat16 else value
+            return value.numpy()
+        return value.view(np.int16) if value.dtype == ml_dtypes.bfloat16 else value
+
+    rng = np.random.default_rng(0)
+    ours = {
+        "bf16": rng.normal(size=(3, 5)).astype(ml_dtypes.bfloat16),
+        "f16": rng.normal(size=(4,)).astype(np.float16),
+        "f32": rng.normal(size=(2, 3)).astype(np.float32),
+        "i64": np.arange(5, dtype=np.int64),
+    }
+    hf.write_safetensors(str(tmp_path / "ours.safetensors"), ours)
+    theirs = safetensors.torch.load_file(str(tmp_path / "ours.safetensors"))
+    assert theirs["bf16"].dtype == torch.bfloat16 and set(theirs) == set(ours)
+    for name, value in ours.items():
+        np.testing.assert_array_equal(bits(theirs[name]), bits(value))
+
+    # transformers writes bfloat16 weights; flaxgpt reads the same bits, writes them back, and
+    # transformers loads flaxgpt's file as its own
+    source = AutoModelForCausalLM.from_pretrained(models["llama"]).to(torch.bfloat16)
+    source.save_pretrained(str(tmp_path / "bf16"))
+    reader = hf.SafetensorsReader(str(tmp_path / "bf16"))
+    state = source.state_dict()
+    assert reader.read("lm_head.weight").dtype == ml_dtypes.bfloat16
+    for name in reader.entries:
+        np.testing.assert_array_equal(bits(reader.read(name)), bits(state[name]))
+    again = tmp_path / "again"
+    again.mkdir()
+    shutil.copy(tmp_path / "bf16" / "config.json", again / "config.json")
+    hf.write_safetensors(str(again / "model.safetensors"), {name: reader.read(name) for name in reader.entries})
+    reloaded = AutoModelForCausalLM.from_pretrained(str(again), dtype=torch.bfloat16).state_dict()
+    for name in reader.entries:
+        assert torch.equal(reloaded[name], state[name]), name
