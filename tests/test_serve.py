@@ -107,10 +107,13 @@ def test_slot_prefill_writes_each_prompt_into_its_row_and_drops_filler(lone_mode
     cache, last = generate.slot_cache(model, 3), jax.numpy.full((3, 50), 7.0)
     slots = jax.numpy.asarray([2, 0, 3])  # 3 is out of range: the filler row must not land anywhere
     cache, last, position = generate.slot_prefill(model, params, cache, last, tokens, mask, slots, 20)
-    expected = jax.jit(generate._prefill, static_argnums=(0, 4))(model, params, tokens, mask, 32)[0]
+    expected, rows, _ = jax.jit(generate._prefill, static_argnums=(0, 4))(model, params, tokens, mask, 32)
     assert (last[2] == expected[0]).all() and (last[0] == expected[1]).all()
     assert (last[1] == 7.0).all() and list(position[:2]) == [len(a), len(b)]
-    assert not any(bool(leaf[1].any()) for leaf in jax.tree.leaves(cache) if leaf.ndim > 1)  # row 1 untouched
+    for got, want in zip(jax.tree.leaves(cache), jax.tree.leaves(rows)):
+        if got.ndim > 1:  # key/value/valid leaves [rows, columns, ...]: each prompt ends at column 19
+            want = jax.numpy.roll(want, 20 - 16, axis=1)
+            assert (got[2] == want[0]).all() and (got[0] == want[1]).all() and not got[1].any()
 
 
 def test_scanned_llama_layers_decode_like_generate():
