@@ -350,8 +350,8 @@ def sliding_window_sample(
 
 # Serving: continuous batching over a fixed number of cache rows ("slots"). All rows share the
 # cache's one write index (the model's cache design); each row's tokens occupy a contiguous run of
-# columns ending at that index, and the mask hides everything else. A request's prompt is
-# prefilled alone and rolled into its row so that it ends at the shared index; when the index
+# columns ending at that index, and the mask hides everything else. Waiting prompts are
+# prefilled together and each rolled into its row so that it ends at the shared index; when the index
 # reaches the end, every row is rolled left together. Positions are explicit, so where a row's
 # columns lie does not change what it computes, and nothing is compiled per request.
 
@@ -373,21 +373,24 @@ def _is_cache_index(path) -> bool:
 
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache", "last"))
-def slot_prefill(model, params, cache, last, tokens, mask, slot, cursor):
-    """Prefill one left-padded prompt ([1, width] tokens and mask) into row `slot`, its last token
-    at column `cursor` - 1 (the shared write index; `cursor` >= the prompt's length). Returns
-    (cache, last logits of every row with `slot`'s replaced, the row's next position)."""
-    row_last, row, position = _prefill(model, params, tokens, mask, model.cfg.block_size)
+def slot_prefill(model, params, cache, last, tokens, mask, slots, cursor):
+    """Prefill P left-padded prompts ([P, width] tokens and mask) in one call, prompt p into row
+    `slots[p]`, each ending at column `cursor` - 1 (the shared write index; `cursor` >= every
+    prompt's length). A slot index out of range (>= the cache's rows) drops its prompt: the filler
+    that pads P to a fixed size. Returns (cache, last logits of every row with the prefilled rows'
+    replaced, each prompt's next position)."""
+    rows_last, rows, position = _prefill(model, params, tokens, mask, model.cfg.block_size)
     row_axis, col_axis = _cache_axes(model)
+    at_rows = (slice(None),) * row_axis + (slots,)
 
     def place(path, big, small):
         if _is_cache_index(path):
             return big
         small = jnp.roll(small, cursor - tokens.shape[1], axis=col_axis)
-        return jax.lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), slot, axis=row_axis)
+        return big.at[at_rows].set(small.astype(big.dtype), mode="drop")
 
-    cache = jax.tree_util.tree_map_with_path(place, cache, row)
-    return cache, last.at[slot].set(row_last[0]), position[0]
+    cache = jax.tree_util.tree_map_with_path(place, cache, rows)
+    return cache, last.at[slots].set(rows_last.astype(last.dtype), mode="drop"), position
 
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))

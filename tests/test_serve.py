@@ -25,8 +25,8 @@ from flaxgpt.trainers import pretrain
 from tests.conftest import REPO, init_params, tiny_model_config, tiny_run_config
 
 
-def _collect(engine: SlotEngine, prompts, max_tokens, **kw) -> list[tuple[list[int], str]]:
-    """Submit every prompt at once; wait for all answers."""
+def _collect(engine: SlotEngine, prompts, max_tokens, start=False, **kw) -> list[tuple[list[int], str]]:
+    """Submit every prompt at once (then start the engine if `start`: they all wait); wait for all answers."""
     results, done = {}, threading.Semaphore(0)
 
     def sink_for(i):
@@ -43,6 +43,8 @@ def _collect(engine: SlotEngine, prompts, max_tokens, **kw) -> list[tuple[list[i
 
     for i, p in enumerate(prompts):
         engine.submit(Request(p, max_tokens, sink_for(i), **kw))
+    if start:
+        engine.start()
     for _ in prompts:
         assert done.acquire(timeout=60)
     return [results[i] for i in range(len(prompts))]
@@ -84,6 +86,34 @@ def test_batched_greedy_tokens_equal_alone_and_generate(lone_model):
         assert stopped == (first[: first.index(first[3])], "stop")
     finally:
         engine.stop()
+
+
+def test_waiting_prompts_prefilled_together_keep_their_own_answers(lone_model):
+    """Six queued requests on four rows: four different prompts share one prefill call, each must
+    get its own answer (a wrong slot mapping swaps them), the rest follow as rows free."""
+    model, params = lone_model
+    engine = SlotEngine(model, params, pad_id=0, slots=4)
+    try:
+        got = _collect(engine, PROMPTS, NEW, start=True, temperature=0.0)  # the first admission takes four
+        assert got == [(expected, "length") for expected in _greedy(model, params)]
+    finally:
+        engine.stop()
+
+
+def test_slot_prefill_writes_each_prompt_into_its_row_and_drops_filler(lone_model):
+    model, params = lone_model
+    a, b, filler = PROMPTS[1], PROMPTS[3], PROMPTS[0]
+    tokens, mask = generate.left_pad([a, b, filler], 0, 16)
+    cache, last = generate.slot_cache(model, 3), jax.numpy.full((3, 50), 7.0)
+    slots = jax.numpy.asarray([2, 0, 3])  # 3 is out of range: the filler row must not land anywhere
+    cache, last, position = generate.slot_prefill(model, params, cache, last, tokens, mask, slots, 20)
+    expected, rows, _ = jax.jit(generate._prefill, static_argnums=(0, 4))(model, params, tokens, mask, 32)
+    assert (last[2] == expected[0]).all() and (last[0] == expected[1]).all()
+    assert (last[1] == 7.0).all() and list(position[:2]) == [len(a), len(b)]
+    for got, want in zip(jax.tree.leaves(cache), jax.tree.leaves(rows)):
+        if got.ndim > 1:  # key/value/valid leaves [rows, columns, ...]: each prompt ends at column 19
+            want = jax.numpy.roll(want, 20 - 16, axis=1)
+            assert (got[2] == want[0]).all() and (got[0] == want[1]).all() and not got[1].any()
 
 
 def test_scanned_llama_layers_decode_like_generate():

@@ -1,9 +1,10 @@
 """The serving engine: continuous batching on the one generation engine's slot functions.
 
 A thread owns the model and a KV cache of `slots` rows. Between decode steps it admits waiting
-requests into free rows (each prompt prefilled alone, into its row), then advances every active
-row one token; a request arriving while others decode joins them at the next step. Shapes
-never change, so nothing is compiled per request (prompts are padded to a few bucket widths).
+requests into free rows (all waiting prompts that fit prefilled in one call, each into its row),
+then advances every active row one token; a request arriving while others decode joins them at
+the next step. Shapes never change, so nothing is compiled per request (prompts are padded to a
+few bucket widths, and their number to a few bucket counts).
 Each request samples with its own seed, temperature and top-p, so its tokens do not depend on
 what it was batched with.
 """
@@ -59,6 +60,14 @@ def bucket(length: int, block_size: int) -> int:
     while width < length:
         width *= 2
     return min(width, block_size)
+
+
+def batch_bucket(count: int, slots: int) -> int:
+    """The padded number of prompts prefilled in one call: 1, 4, 16, ... (at most `slots`)."""
+    size = 1
+    while size < count:
+        size *= 4
+    return min(size, slots)
 
 
 class SlotEngine:
@@ -175,30 +184,37 @@ class SlotEngine:
                 (self.params, self.step), self._pending = self._pending, None
 
     def _admit(self) -> None:
-        while self._pending is None and None in self._rows:
-            with self._wake:
-                if not self._waiting:
-                    return
+        free = [i for i, r in enumerate(self._rows) if r is None]
+        admitted, cancelled = [], []
+        with self._wake:
+            while self._pending is None and self._waiting and len(admitted) < len(free):
                 request = self._waiting.popleft()
-            if request.cancelled:
-                request.sink("done", "cancelled")
-                continue
-            self._prefill(self._rows.index(None), request)
+                (cancelled if request.cancelled else admitted).append(request)
+        for request in cancelled:
+            request.sink("done", "cancelled")
+        if admitted:
+            self._prefill(free[: len(admitted)], admitted)
 
-    def _prefill(self, slot: int, request: Request) -> None:
-        n = len(request.prompt)
-        if self.cursor < n:  # make room to the left of the write index
-            self._shift(self.cursor - n)
-        tokens, mask = generate.left_pad([request.prompt], self.pad_id, bucket(n, self.block_size))
-        tokens, mask = generate.on_params_mesh(self.params, tokens, mask)
+    def _prefill(self, slots: list[int], requests: list[Request]) -> None:
+        """One call for every admitted prompt; filler rows (a slot out of range) are dropped."""
+        longest = max(len(r.prompt) for r in requests)
+        if self.cursor < longest:  # make room to the left of the write index
+            self._shift(self.cursor - longest)
+        filler = batch_bucket(len(requests), self.slots) - len(requests)
+        prompts = [r.prompt for r in requests] + [requests[-1].prompt] * filler
+        tokens, mask = generate.left_pad(prompts, self.pad_id, bucket(longest, self.block_size))
+        rows = np.asarray(slots + [self.slots] * filler, np.int32)
+        tokens, mask, rows = generate.on_params_mesh(self.params, tokens, mask, rows)
         self.cache, self.last, _ = generate.slot_prefill(
-            self.model, self.params, self.cache, self.last, tokens, mask, slot, self.cursor
+            self.model, self.params, self.cache, self.last, tokens, mask, rows, self.cursor
         )
-        self.starts[slot], self.positions[slot], self.counts[slot] = self.cursor - n, n, 0
-        self.keys[slot] = np.asarray(jax.random.PRNGKey(request.seed))
-        self.temperature[slot], self.top_p[slot] = request.temperature, request.top_p
-        request.step = self.step
-        self._rows[slot] = request
+        for slot, request in zip(slots, requests):
+            n = len(request.prompt)
+            self.starts[slot], self.positions[slot], self.counts[slot] = self.cursor - n, n, 0
+            self.keys[slot] = np.asarray(jax.random.PRNGKey(request.seed))
+            self.temperature[slot], self.top_p[slot] = request.temperature, request.top_p
+            request.step = self.step
+            self._rows[slot] = request
 
     def _shift(self, shift: int) -> None:
         self.cache = generate.slot_shift(self.model, self.cache, shift)
