@@ -53,7 +53,7 @@ class PPOState:
     step: Array  # PPO steps done
     params: Any  # {"policy": ..., "value": ...}: what the optimizer trains
     opt_state: Any
-    frozen: Any  # {"reference": ..., "reward": ... (absent with a reward function)}
+    frozen: Any  # {"reference": ... (absent with LoRA), "reward": ... (absent with a reward function)}
     kl_coef: Array  # beta
     rng: Array
     round: Array  # iterated RLHF: reward-model retrainings done
@@ -93,6 +93,19 @@ def response_logprobs(
     return picked, entropy
 
 
+def adapters_off(params: Any) -> Any:
+    """The parameters with every LoRA adapter's B set to zero: the base model's function. A LoRA
+    policy's reference is its own base this way (the adapters start at zero), not a second copy."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.zeros_like(x) if str(getattr(path[-1], "key", "")) == "lora_b" else x, params
+    )
+
+
+def reference_params(m: Models, state: PPOState) -> Any:
+    """The frozen reference's parameters: the policy with adapters off under LoRA, else the stored copy."""
+    return adapters_off(state.params["policy"]) if m.policy.cfg.lora_rank else state.frozen["reference"]
+
+
 def value_params(params: dict, head_only: bool) -> Any:
     """The value model's parameters: its own, or the policy's trunk with the value head."""
     return {**params["policy"], **params["value"]} if head_only else params["value"]
@@ -129,7 +142,8 @@ def score_rollout(m: Models, p: PPOConfig, state: PPOState, tokens, mask, length
     positions = generate.mask_positions(mask)
     resp_mask = mask[:, q:].astype(jnp.float32)
     logp, _ = response_logprobs(m.policy, state.params["policy"], tokens, positions, segments, q, p.temperature)
-    ref_logp, _ = response_logprobs(m.policy, state.frozen["reference"], tokens, positions, segments, q, p.temperature)
+    ref_params = jax.lax.stop_gradient(reference_params(m, state))
+    ref_logp, _ = response_logprobs(m.policy, ref_params, tokens, positions, segments, q, p.temperature)
     values = values_of(m, state.params, tokens, positions, segments) * resp_mask
     if m.reward is not None:
         last = q + jnp.maximum(lengths, 1) - 1
@@ -266,7 +280,7 @@ def boxed_params(m: Models) -> tuple[dict, dict]:
     """Abstract (boxed) trainable and frozen parameter trees, for shardings."""
     value = model_params(m.value)
     trainable = {"policy": model_params(m.policy), "value": {"score": value["score"]} if m.head_only_value else value}
-    frozen = {"reference": model_params(m.policy)}
+    frozen = {} if m.policy.cfg.lora_rank else {"reference": model_params(m.policy)}
     if m.reward is not None:
         frozen["reward"] = model_params(m.reward)
     return trainable, frozen

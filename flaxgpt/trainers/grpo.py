@@ -62,7 +62,9 @@ def abstract_state(run: PPO) -> tuple[Any, Any]:
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, model.cfg.block_size), jnp.int32))["params"]
     )
     trainable = {"policy": shape(m.policy)}
-    frozen = {"reference": shape(m.policy), **({"reward": shape(m.reward)} if m.reward is not None else {})}
+    frozen = {} if m.policy.cfg.lora_rank else {"reference": shape(m.policy)}
+    if m.reward is not None:
+        frozen["reward"] = shape(m.reward)
     return rlhf.abstract_state(run, trainable, frozen)
 
 
@@ -70,7 +72,9 @@ def initial_state(run: PPO, shardings: Any) -> PPOState:
     rt, tc, m = run.rt, run.cfg.train, run.models
     load = lambda source, step, model, sh: params_from_run(source, step, model.cfg, rt.mesh, rt.rules, tc.seed)(sh)
     policy = load(tc.init_from, tc.init_step, m.policy, shardings.params["policy"])
-    frozen = {"reference": load(tc.init_from, tc.init_step, m.policy, shardings.frozen["reference"])}
+    frozen = {}
+    if "reference" in shardings.frozen:  # with LoRA the reference is the policy with adapters off
+        frozen["reference"] = load(tc.init_from, tc.init_step, m.policy, shardings.frozen["reference"])
     if m.reward is not None:
         frozen["reward"] = load(run.sources["reward"], None, m.reward, shardings.frozen["reward"])
 
@@ -83,7 +87,7 @@ def update(m: Models, cfg: Config, optimizer, state: PPOState, batch: dict) -> t
     inputs = (batch["tokens"], batch["positions"], batch["segments"])
     logprobs = lambda params: rlhf.response_logprobs(m.policy, params, *inputs, q, temperature)[0]
     old = jax.lax.stop_gradient(logprobs(state.params["policy"]))
-    ref = jax.lax.stop_gradient(logprobs(state.frozen["reference"]))
+    ref = jax.lax.stop_gradient(logprobs(rlhf.reference_params(m, state)))
     adapters_only = bool(m.policy.cfg.lora_rank)
 
     def objective(params):

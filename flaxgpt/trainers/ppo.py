@@ -100,7 +100,9 @@ def initial_state(run: PPO, shardings: Any) -> PPOState:
         value = {"score": load(src["value"], tc.init_step, m.value, full)["score"]}
     else:
         value = load(src["value"], None, m.value, shardings.params["value"])
-    frozen = {"reference": load(src["policy"], tc.init_step, m.policy, shardings.frozen["reference"])}
+    frozen = {}
+    if "reference" in shardings.frozen:  # with LoRA the reference is the policy with adapters off
+        frozen["reference"] = load(src["policy"], tc.init_step, m.policy, shardings.frozen["reference"])
     if m.reward is not None:
         frozen["reward"] = load(src["reward"], None, m.reward, shardings.frozen["reward"])
 
