@@ -16,6 +16,7 @@ with the adaptive controller of Ziegler et al. Dropout is off throughout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,7 @@ from flaxgpt.config import Config, ConfigError, PPOConfig
 from flaxgpt.conversations import chat_prompt, padded_chunks
 from flaxgpt.data.jsonl import DataError, read_jsonl
 from flaxgpt.data.world import WorldTask
+from flaxgpt.logging import read_metrics
 from flaxgpt.losses import (
     adaptive_kl_coef,
     generalized_advantages,
@@ -360,23 +362,58 @@ def scores(run: PPO, state: PPOState, prompts: list, tokens, mask, gen) -> np.nd
     )
 
 
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def sequence_kl(model: Transformer, params, ref_params, tokens: Array, mask: Array, start: int, temperature: float):
+    """Per sequence, sum over response tokens of log pi - log pi_ref: the KL estimate PPO penalises."""
+    positions, segments = generate.mask_positions(mask), mask.astype(jnp.int32)
+    logp, _ = response_logprobs(model, params, tokens, positions, segments, start, temperature)
+    ref, _ = response_logprobs(model, ref_params, tokens, positions, segments, start, temperature)
+    return jnp.sum((logp - ref) * mask[:, start:], axis=1)
+
+
 def evaluate(run: PPO, state: PPOState) -> dict[str, float]:
-    """Held-out prompts: labeler accuracy (sampled at the rollout temperature and greedy) and reward."""
+    """Held-out prompts: labeler accuracy (sampled at the rollout temperature and greedy), reward,
+    and the sampled answers' mean KL to the reference (the SFT start)."""
     held_out, batch, figures = run.prompts[1], run.cfg.train.batch_size, {}
     if not held_out:  # ppo.eval_prompts=0: no evaluation
         return figures
+    m, policy, temperature_kl = run.models, state.params["policy"], run.cfg.ppo.temperature
     for name, temperature in (("", run.cfg.ppo.temperature), ("_greedy", 0.0)):
-        answers, rewards = [], []
+        answers, rewards, kls = [], [], []
         for i, (chunk, real) in enumerate(padded_chunks(held_out, batch)):
             key = jax.random.PRNGKey(1000 + i * batch)
-            tokens, mask, gen = rollout(run, state.params["policy"], chunk, key, temperature)
+            tokens, mask, gen = rollout(run, policy, chunk, key, temperature)
             answers += responses(run, gen)[:real]
             rewards += list(scores(run, state, chunk, tokens, mask, gen))[:real]
+            if not name:
+                full, full_mask = sequences(run, tokens, mask, gen)[:2]
+                kl = sequence_kl(
+                    m.policy, policy, reference_params(m, state), full, full_mask, m.query_width, temperature_kl
+                )
+                kls += list(np.asarray(host_value(kl)))[:real]
         figures[f"val_eval_reward{name}"] = float(np.mean(rewards))
+        if kls:
+            figures["val_kl"] = float(np.mean(kls))
         if run.labeler is not None:
             correct = [run.labeler(pr.text, a) == 1.0 for pr, a in zip(held_out, answers)]
             figures[f"val_task_accuracy{name}"] = float(np.mean(correct))
     return figures
+
+
+def begin(run: PPO, first: dict, state: PPOState, start: int, logger: Any) -> None:
+    """The held-out figures before training into `first`, logged as step 0 (read back on a resume)."""
+    if start == 0 and run.cfg.train.max_steps > 0:
+        first.update(evaluate(run, state))
+        if first:
+            logger.log(0, first)
+    else:
+        first.update({k: v for r in read_metrics(run.rt.workdir) if r.get("step") == 0 for k, v in r.items()})
+        first.pop("step", None)
+
+
+def start_figures(first: dict) -> dict[str, float]:
+    """`begin`'s figures as the run reports them: start_task_accuracy, start_task_accuracy_greedy..."""
+    return {f"start_{k[4:]}": v for k, v in first.items()}
 
 
 def ptx_batch(run: PPO, step: int) -> dict[str, np.ndarray]:

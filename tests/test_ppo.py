@@ -165,6 +165,8 @@ def test_ppo_raises_a_toy_reward_with_bounded_kl(policy_run, tmp_path):
     kl_coefs = [r["kl_coef"] for r in rows]
     assert kl_coefs[0] != kl_coefs[-1]  # the adaptive controller moved beta (from 0.05)
     assert result["val_eval_reward"] > result["start_eval_reward"]  # held-out prompts, before vs after
+    # held-out KL to the reference: none at the start (the policy is the reference), some after
+    assert abs(result["start_kl"]) < 1e-4 and result["val_kl"] > 1e-3, (result["start_kl"], result["val_kl"])
     # the trained policy loads like any model (sample / chat)
     loaded = runs.load(workdir)
     assert loaded.model.cfg.output == "logits"

@@ -166,6 +166,7 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
     grpo = setup(cfg, workdir)
     cfg, tc, g = grpo.cfg, grpo.cfg.train, grpo.cfg.grpo
     order = PackedRows({"index": np.arange(len(grpo.prompts[0]))[:, None]}, tc.seed)
+    first: dict[str, float] = {}
     spec = RunSpec(
         describe=f"{g.advantage.upper()} (group {g.group_size}, beta {g.beta:g}, {g.normalization} normalisation), "
         f"{len(grpo.prompts[0])} prompts, mesh {dict(grpo.rt.mesh.shape)}",
@@ -177,6 +178,8 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
         evaluate=lambda state: evaluate(grpo, state),
         position=lambda step: order.position(step, tc.batch_size),
         origin=f"from {tc.init_from}",
+        begin=functools.partial(rlhf.begin, grpo, first),
+        report=lambda state, logger: rlhf.start_figures(first),
         notes=grpo.notes,
     )
     return fit(cfg, grpo.rt, spec)
