@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from conftest import tiny_run_config
 
+from flaxgpt import runs
 from flaxgpt.config import ConfigError
 from flaxgpt.data.jsonl import DataError
 from flaxgpt.train import load_experiment, run_trainer
@@ -118,6 +120,8 @@ def test_grpo_and_rloo_raise_a_reward_function(data, tmp_path, advantage):
     first, last = np.mean([r["reward_mean"] for r in rows[:3]]), np.mean([r["reward_mean"] for r in rows[-3:]])
     assert last > first + 0.2, (first, last)
     assert all(np.isfinite(r["kl"]) and r["kl"] >= 0 for r in rows)
+    # the trained policy loads like any model (chat, serve, sample)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(runs.load(workdir).params))
 
 
 @pytest.mark.parametrize(
