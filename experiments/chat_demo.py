@@ -59,6 +59,7 @@ def stages() -> list[Stage]:
                 "task_accuracy": "val_task_accuracy",
                 "sft_task_accuracy_greedy": "start_task_accuracy_greedy",
                 "task_accuracy_greedy": "val_task_accuracy_greedy",
+                "kl_held_out": "val_kl",
             },
         ),
     ]

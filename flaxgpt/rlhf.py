@@ -16,6 +16,7 @@ with the adaptive controller of Ziegler et al. Dropout is off throughout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,7 @@ from flaxgpt.config import Config, ConfigError, PPOConfig
 from flaxgpt.conversations import chat_prompt, padded_chunks
 from flaxgpt.data.jsonl import DataError, read_jsonl
 from flaxgpt.data.world import WorldTask
+from flaxgpt.logging import read_metrics
 from flaxgpt.losses import (
     adaptive_kl_coef,
     generalized_advantages,
@@ -53,7 +55,7 @@ class PPOState:
     step: Array  # PPO steps done
     params: Any  # {"policy": ..., "value": ...}: what the optimizer trains
     opt_state: Any
-    frozen: Any  # {"reference": ..., "reward": ... (absent with a reward function)}
+    frozen: Any  # {"reference": ... (absent with LoRA), "reward": ... (absent with a reward function)}
     kl_coef: Array  # beta
     rng: Array
     round: Array  # iterated RLHF: reward-model retrainings done
@@ -93,6 +95,19 @@ def response_logprobs(
     return picked, entropy
 
 
+def adapters_off(params: Any) -> Any:
+    """The parameters with every LoRA adapter's B set to zero: the base model's function. A LoRA
+    policy's reference is its own base this way (the adapters start at zero), not a second copy."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.zeros_like(x) if str(getattr(path[-1], "key", "")) == "lora_b" else x, params
+    )
+
+
+def reference_params(m: Models, state: PPOState) -> Any:
+    """The frozen reference's parameters: the policy with adapters off under LoRA, else the stored copy."""
+    return adapters_off(state.params["policy"]) if m.policy.cfg.lora_rank else state.frozen["reference"]
+
+
 def value_params(params: dict, head_only: bool) -> Any:
     """The value model's parameters: its own, or the policy's trunk with the value head."""
     return {**params["policy"], **params["value"]} if head_only else params["value"]
@@ -129,7 +144,8 @@ def score_rollout(m: Models, p: PPOConfig, state: PPOState, tokens, mask, length
     positions = generate.mask_positions(mask)
     resp_mask = mask[:, q:].astype(jnp.float32)
     logp, _ = response_logprobs(m.policy, state.params["policy"], tokens, positions, segments, q, p.temperature)
-    ref_logp, _ = response_logprobs(m.policy, state.frozen["reference"], tokens, positions, segments, q, p.temperature)
+    ref_params = jax.lax.stop_gradient(reference_params(m, state))
+    ref_logp, _ = response_logprobs(m.policy, ref_params, tokens, positions, segments, q, p.temperature)
     values = values_of(m, state.params, tokens, positions, segments) * resp_mask
     if m.reward is not None:
         last = q + jnp.maximum(lengths, 1) - 1
@@ -266,7 +282,7 @@ def boxed_params(m: Models) -> tuple[dict, dict]:
     """Abstract (boxed) trainable and frozen parameter trees, for shardings."""
     value = model_params(m.value)
     trainable = {"policy": model_params(m.policy), "value": {"score": value["score"]} if m.head_only_value else value}
-    frozen = {"reference": model_params(m.policy)}
+    frozen = {} if m.policy.cfg.lora_rank else {"reference": model_params(m.policy)}
     if m.reward is not None:
         frozen["reward"] = model_params(m.reward)
     return trainable, frozen
@@ -346,23 +362,58 @@ def scores(run: PPO, state: PPOState, prompts: list, tokens, mask, gen) -> np.nd
     )
 
 
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def sequence_kl(model: Transformer, params, ref_params, tokens: Array, mask: Array, start: int, temperature: float):
+    """Per sequence, sum over response tokens of log pi - log pi_ref: the KL estimate PPO penalises."""
+    positions, segments = generate.mask_positions(mask), mask.astype(jnp.int32)
+    logp, _ = response_logprobs(model, params, tokens, positions, segments, start, temperature)
+    ref, _ = response_logprobs(model, ref_params, tokens, positions, segments, start, temperature)
+    return jnp.sum((logp - ref) * mask[:, start:], axis=1)
+
+
 def evaluate(run: PPO, state: PPOState) -> dict[str, float]:
-    """Held-out prompts: labeler accuracy (sampled at the rollout temperature and greedy) and reward."""
+    """Held-out prompts: labeler accuracy (sampled at the rollout temperature and greedy), reward,
+    and the sampled answers' mean KL to the reference (the SFT start)."""
     held_out, batch, figures = run.prompts[1], run.cfg.train.batch_size, {}
     if not held_out:  # ppo.eval_prompts=0: no evaluation
         return figures
+    m, policy, temperature_kl = run.models, state.params["policy"], run.cfg.ppo.temperature
     for name, temperature in (("", run.cfg.ppo.temperature), ("_greedy", 0.0)):
-        answers, rewards = [], []
+        answers, rewards, kls = [], [], []
         for i, (chunk, real) in enumerate(padded_chunks(held_out, batch)):
             key = jax.random.PRNGKey(1000 + i * batch)
-            tokens, mask, gen = rollout(run, state.params["policy"], chunk, key, temperature)
+            tokens, mask, gen = rollout(run, policy, chunk, key, temperature)
             answers += responses(run, gen)[:real]
             rewards += list(scores(run, state, chunk, tokens, mask, gen))[:real]
+            if not name:
+                full, full_mask = sequences(run, tokens, mask, gen)[:2]
+                kl = sequence_kl(
+                    m.policy, policy, reference_params(m, state), full, full_mask, m.query_width, temperature_kl
+                )
+                kls += list(np.asarray(host_value(kl)))[:real]
         figures[f"val_eval_reward{name}"] = float(np.mean(rewards))
+        if kls:
+            figures["val_kl"] = float(np.mean(kls))
         if run.labeler is not None:
             correct = [run.labeler(pr.text, a) == 1.0 for pr, a in zip(held_out, answers)]
             figures[f"val_task_accuracy{name}"] = float(np.mean(correct))
     return figures
+
+
+def begin(run: PPO, first: dict, state: PPOState, start: int, logger: Any) -> None:
+    """The held-out figures before training into `first`, logged as step 0 (read back on a resume)."""
+    if start == 0 and run.cfg.train.max_steps > 0:
+        first.update(evaluate(run, state))
+        if first:
+            logger.log(0, first)
+    else:
+        first.update({k: v for r in read_metrics(run.rt.workdir) if r.get("step") == 0 for k, v in r.items()})
+        first.pop("step", None)
+
+
+def start_figures(first: dict) -> dict[str, float]:
+    """`begin`'s figures as the run reports them: start_task_accuracy, start_task_accuracy_greedy..."""
+    return {f"start_{k[4:]}": v for k, v in first.items()}
 
 
 def ptx_batch(run: PPO, step: int) -> dict[str, np.ndarray]:

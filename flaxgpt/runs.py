@@ -64,8 +64,8 @@ def restore_params(
     if step not in steps:
         raise ConfigError(f"{workdir} has no checkpoint at step {step}; it has {sorted(steps)}")
     abstract, _ = sharded_abstract(boxed_params(Transformer(model_cfg)), mesh, rules)
-    # a PPO run's checkpoint holds {"policy", "value"}: its model is the policy
-    path = ("policy",) if cfg.train.trainer == "ppo" else ()
+    # a PPO (or GRPO) run's checkpoint holds {"policy", "value"} ({"policy"}): its model is the policy
+    path = ("policy",) if cfg.train.trainer in ("ppo", "grpo") else ()
     params = checkpointer.restore_params(step, abstract, model_cfg, path)
     checkpointer.close()
     return params, step

@@ -16,7 +16,8 @@ from conftest import REPO, tiny_run_config
 
 from flaxgpt import rlhf, runs
 from flaxgpt.losses import adaptive_kl_coef, generalized_advantages, ppo_policy_loss, ppo_value_loss
-from flaxgpt.trainers import ppo, sft
+from flaxgpt.model import count_params
+from flaxgpt.trainers import grpo, ppo, sft
 from flaxgpt.trainers.scaffold import NonFiniteLoss
 
 
@@ -164,6 +165,8 @@ def test_ppo_raises_a_toy_reward_with_bounded_kl(policy_run, tmp_path):
     kl_coefs = [r["kl_coef"] for r in rows]
     assert kl_coefs[0] != kl_coefs[-1]  # the adaptive controller moved beta (from 0.05)
     assert result["val_eval_reward"] > result["start_eval_reward"]  # held-out prompts, before vs after
+    # held-out KL to the reference: none at the start (the policy is the reference), some after
+    assert abs(result["start_kl"]) < 1e-4 and result["val_kl"] > 1e-3, (result["start_kl"], result["val_kl"])
     # the trained policy loads like any model (sample / chat)
     loaded = runs.load(workdir)
     assert loaded.model.cfg.output == "logits"
@@ -184,6 +187,35 @@ def test_ppo_resumes_exactly(policy_run, tmp_path):
         dict(r, rollout_seconds=s["rollout_seconds"], update_seconds=s["update_seconds"])
         for r, s in zip(rows(resumed), rows(straight))
     ]
+
+
+@pytest.mark.parametrize("trainer", [ppo, grpo], ids=["ppo", "grpo"])
+def test_with_lora_the_reference_is_the_base_with_adapters_off(policy_run, tmp_path, trainer):
+    cfg = ppo_config(policy_run, "test_ppo:reward_letter_x", 2, eval_prompts=0)
+    cfg.train.trainer, cfg.model.lora_rank = trainer.__name__.rsplit(".", 1)[1], 4
+    run = trainer.setup(cfg, str(tmp_path / "lora"))
+    m, shardings = run.models, trainer.abstract_state(run)[1]
+    state = trainer.initial_state(run, shardings)
+    # adapters moved away from zero, as after some updates: the reference must not move with them
+    moved = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.05 if str(path[-1].key) == "lora_b" else x, state.params["policy"]
+    )
+    state = state.replace(params={**state.params, "policy": moved})
+    base = runs.load(policy_run)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(1, 20, (3, m.query_width + 4)), jnp.int32)
+    inputs = (tokens, jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape), jnp.ones_like(tokens))
+    ref = rlhf.response_logprobs(m.policy, rlhf.reference_params(m, state), *inputs, m.query_width, 1.0)[0]
+    want = rlhf.response_logprobs(base.model, base.params, *inputs, m.query_width, 1.0)[0]
+    policy = rlhf.response_logprobs(m.policy, moved, *inputs, m.query_width, 1.0)[0]
+    np.testing.assert_allclose(np.asarray(ref), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(policy), np.asarray(want), atol=1e-3)
+    # one copy of the base weights in the whole state: no frozen reference beside the policy
+    assert "reference" not in state.frozen
+    no_adapters = lambda tree: {k: v for k, v in tree.items() if not k.startswith("lora_")}
+    strip = lambda tree: {k: strip(v) if isinstance(v, dict) else v for k, v in no_adapters(tree).items()}
+    held = count_params(strip(jax.tree.map(np.asarray, {**state.params, **state.frozen})))
+    value_head = count_params(state.params.get("value", {}))
+    assert held - value_head == count_params(base.params)
 
 
 def test_non_finite_reward_stops_before_any_checkpoint(policy_run, tmp_path):

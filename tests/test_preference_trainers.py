@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from conftest import tiny_run_config
 
+from flaxgpt import runs
 from flaxgpt.config import ConfigError
 from flaxgpt.data.jsonl import DataError
+from flaxgpt.train import load_experiment, run_trainer
 from flaxgpt.trainers import dpo, grpo, kto, orpo, sft
 
 RNG = np.random.default_rng(0)
@@ -117,3 +120,24 @@ def test_grpo_and_rloo_raise_a_reward_function(data, tmp_path, advantage):
     first, last = np.mean([r["reward_mean"] for r in rows[:3]]), np.mean([r["reward_mean"] for r in rows[-3:]])
     assert last > first + 0.2, (first, last)
     assert all(np.isfinite(r["kl"]) and r["kl"] >= 0 for r in rows)
+    # the trained policy loads like any model (chat, serve, sample)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(runs.load(workdir).params))
+
+
+@pytest.mark.parametrize(
+    "name, records, extra",
+    [
+        ("kto_jsonl", "feedback", []),
+        ("orpo_jsonl", "pairs", []),
+        ("grpo_jsonl", "prompts", ["ppo.reward_function=test_preference_trainers:reward_letter_x"]),
+    ],
+)
+def test_jsonl_experiments_train_on_user_files(data, tmp_path, name, records, extra):
+    """Each *_jsonl experiment, pointed at a user's file and SFT run, parses and trains a couple of steps."""
+    where = "ppo.prompts_path" if records == "prompts" else "data.path"
+    settings = [f"{where}={data[records]}", f"train.init_from={data['policy']}", "train.max_steps=2"]
+    settings += ["train.batch_size=8", "eval.interval=1000", "eval.iters=1", "logging.progress=none"]
+    settings += ["ppo.max_new_tokens=6", "ppo.eval_prompts=4", "grpo.group_size=2", *extra]
+    cfg = load_experiment(name, settings)
+    result = run_trainer(cfg, str(tmp_path / name))
+    assert result["step"] == 2 and np.isfinite(result["loss"]), result

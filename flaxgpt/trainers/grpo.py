@@ -62,7 +62,9 @@ def abstract_state(run: PPO) -> tuple[Any, Any]:
         lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, model.cfg.block_size), jnp.int32))["params"]
     )
     trainable = {"policy": shape(m.policy)}
-    frozen = {"reference": shape(m.policy), **({"reward": shape(m.reward)} if m.reward is not None else {})}
+    frozen = {} if m.policy.cfg.lora_rank else {"reference": shape(m.policy)}
+    if m.reward is not None:
+        frozen["reward"] = shape(m.reward)
     return rlhf.abstract_state(run, trainable, frozen)
 
 
@@ -70,7 +72,9 @@ def initial_state(run: PPO, shardings: Any) -> PPOState:
     rt, tc, m = run.rt, run.cfg.train, run.models
     load = lambda source, step, model, sh: params_from_run(source, step, model.cfg, rt.mesh, rt.rules, tc.seed)(sh)
     policy = load(tc.init_from, tc.init_step, m.policy, shardings.params["policy"])
-    frozen = {"reference": load(tc.init_from, tc.init_step, m.policy, shardings.frozen["reference"])}
+    frozen = {}
+    if "reference" in shardings.frozen:  # with LoRA the reference is the policy with adapters off
+        frozen["reference"] = load(tc.init_from, tc.init_step, m.policy, shardings.frozen["reference"])
     if m.reward is not None:
         frozen["reward"] = load(run.sources["reward"], None, m.reward, shardings.frozen["reward"])
 
@@ -83,7 +87,7 @@ def update(m: Models, cfg: Config, optimizer, state: PPOState, batch: dict) -> t
     inputs = (batch["tokens"], batch["positions"], batch["segments"])
     logprobs = lambda params: rlhf.response_logprobs(m.policy, params, *inputs, q, temperature)[0]
     old = jax.lax.stop_gradient(logprobs(state.params["policy"]))
-    ref = jax.lax.stop_gradient(logprobs(state.frozen["reference"]))
+    ref = jax.lax.stop_gradient(logprobs(rlhf.reference_params(m, state)))
     adapters_only = bool(m.policy.cfg.lora_rank)
 
     def objective(params):
@@ -162,6 +166,7 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
     grpo = setup(cfg, workdir)
     cfg, tc, g = grpo.cfg, grpo.cfg.train, grpo.cfg.grpo
     order = PackedRows({"index": np.arange(len(grpo.prompts[0]))[:, None]}, tc.seed)
+    first: dict[str, float] = {}
     spec = RunSpec(
         describe=f"{g.advantage.upper()} (group {g.group_size}, beta {g.beta:g}, {g.normalization} normalisation), "
         f"{len(grpo.prompts[0])} prompts, mesh {dict(grpo.rt.mesh.shape)}",
@@ -173,6 +178,8 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
         evaluate=lambda state: evaluate(grpo, state),
         position=lambda step: order.position(step, tc.batch_size),
         origin=f"from {tc.init_from}",
+        begin=functools.partial(rlhf.begin, grpo, first),
+        report=lambda state, logger: rlhf.start_figures(first),
         notes=grpo.notes,
     )
     return fit(cfg, grpo.rt, spec)

@@ -25,7 +25,6 @@ from flaxgpt.config import Config, ConfigError
 from flaxgpt.data.packing import PackedRows
 from flaxgpt.data.text import build_text_data
 from flaxgpt.data.world import WorldTask
-from flaxgpt.logging import read_metrics
 from flaxgpt.lora import LORA_SETTINGS
 from flaxgpt.model import Transformer
 from flaxgpt.optim import build_optimizer
@@ -100,7 +99,9 @@ def initial_state(run: PPO, shardings: Any) -> PPOState:
         value = {"score": load(src["value"], tc.init_step, m.value, full)["score"]}
     else:
         value = load(src["value"], None, m.value, shardings.params["value"])
-    frozen = {"reference": load(src["policy"], tc.init_step, m.policy, shardings.frozen["reference"])}
+    frozen = {}
+    if "reference" in shardings.frozen:  # with LoRA the reference is the policy with adapters off
+        frozen["reference"] = load(src["policy"], tc.init_step, m.policy, shardings.frozen["reference"])
     if m.reward is not None:
         frozen["reward"] = load(src["reward"], None, m.reward, shardings.frozen["reward"])
 
@@ -184,17 +185,6 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
     cfg, tc, p = ppo.cfg, ppo.cfg.train, ppo.cfg.ppo
     order = PackedRows({"index": np.arange(len(ppo.prompts[0]))[:, None]}, tc.seed)
     first: dict[str, float] = {}
-
-    def begin(state, start, logger) -> None:
-        """The held-out figures before training, logged as step 0 (read back on a resume)."""
-        if start == 0 and tc.max_steps > 0:
-            first.update(evaluate(ppo, state))
-            if first:
-                logger.log(0, first)
-        else:
-            first.update({k: v for r in read_metrics(ppo.rt.workdir) if r.get("step") == 0 for k, v in r.items()})
-            first.pop("step", None)
-
     reward = f"model {p.reward_from}" if p.reward_from else f"function {p.reward_function}"
     spec = RunSpec(
         describe=f"policy + value {lora.describe_size(abstract_state(ppo)[0].params, cfg.model.lora_rank)}, "
@@ -207,8 +197,8 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
         evaluate=lambda state: evaluate(ppo, state),
         position=lambda step: order.position(step, tc.batch_size),
         origin=f"from {tc.init_from}",
-        begin=begin,
-        report=lambda state, logger: {"kl_target": p.kl_target, **{f"start_{k[4:]}": v for k, v in first.items()}},
+        begin=functools.partial(rlhf.begin, ppo, first),
+        report=lambda state, logger: {"kl_target": p.kl_target, **rlhf.start_figures(first)},
         notes=ppo.notes,
         figures=("reward_total", "kl", "response_length", "val_eval_reward", "val_task_accuracy"),
         next_commands=("python -m flaxgpt.chat --workdir {workdir}", "python -m flaxgpt.serve --workdir {workdir}"),
