@@ -147,8 +147,9 @@ class Program:
     jitted: Any  # jax.jit(...) with the shardings the run uses
     args: tuple  # ShapeDtypeStructs carrying NamedShardings (pytrees)
     roles: tuple  # per argument: "params", "opt_state", "state" (params + optimizer state) or "inputs"
-    model_flops: float  # what the model needs per call (6N per trained token, 2N per forward token)
+    model_flops: float  # what the model needs per call (mfu.flops_per_token; 2N per forward token)
     trips: int = 1  # iterations of an outer loop XLA counts once (micro-batches, PPO minibatches)
+    hardware_flops: float = 0.0  # the least the chip runs per call: model FLOPs + remat's recompute
     compiled: Any = None  # set once compiled (the decode step takes the prefill's cache shardings)
     compile_cpu_s: float = 0.0
 
@@ -162,9 +163,9 @@ class Report:
     temp_gib: float
     total_gib: float
     capacity_gib: float
-    flops: float  # per device per call, loops corrected
+    flops: float  # hardware FLOPs per device per call, loops corrected, remat included
     bytes_accessed: float
-    model_flops: float  # per device per call
+    model_flops: float  # per device per call: the MFU convention (no remat credit)
     bound_s: float  # roofline lower bound on one call
     mfu_bound: float
     compile_s: float
@@ -267,6 +268,14 @@ class _LazyProgram(Program):
             self.args = self._make_args()
 
 
+def _train_flops_per_token(mc: ModelConfig, params: Any) -> tuple[float, float]:
+    """(model FLOPs, remat's extra hardware FLOPs) of one trained token of `params`'s model: with
+    LoRA only the adapters get weight gradients."""
+    n = _n_params(params)
+    trained = lora.count_trained(params) if mc.lora_rank else None
+    return mfu.flops_per_token(mc, n, trained), mfu.remat_flops_per_token(mc, n)
+
+
 def lm_programs(cfg: Config, mesh: Mesh, rules: tuple) -> list[Program]:
     """Pretraining, SFT and the reward model: the loop's train step, the eval step, generation."""
     tc, mc = cfg.train, cfg.model
@@ -287,8 +296,7 @@ def lm_programs(cfg: Config, mesh: Mesh, rules: tuple) -> list[Program]:
         loss_sums = None
         batch, eval_in = (_lm_batch(b, mc.block_size, rows) for b in (tc.batch_size, eval_batch))
         tokens, eval_tokens = tc.batch_size * mc.block_size, eval_batch * mc.block_size
-    n = _n_params(state.params)
-    per_token = mfu.flops_per_token(mc, n)
+    per_token, recompute = _train_flops_per_token(mc, state.params)
     step = jax.jit(
         make_train_step(model, optimizer, schedule, tc, loss_sums),
         in_shardings=(shardings, rows),
@@ -297,8 +305,22 @@ def lm_programs(cfg: Config, mesh: Mesh, rules: tuple) -> list[Program]:
     )
     evaluate = jax.jit(make_eval_step(model, loss_sums))
     progs = [
-        Program("train_step", step, (state, batch), ("state", "inputs"), per_token * tokens, tc.grad_accum_steps),
-        Program("eval_step", evaluate, (state.params, eval_in), ("params", "inputs"), per_token / 3 * eval_tokens),
+        Program(
+            "train_step",
+            step,
+            (state, batch),
+            ("state", "inputs"),
+            per_token * tokens,
+            tc.grad_accum_steps,
+            (per_token + recompute) * tokens,
+        ),
+        Program(
+            "eval_step",
+            evaluate,
+            (state.params, eval_in),
+            ("params", "inputs"),
+            mfu.forward_flops_per_token(mc, _n_params(state.params)) * eval_tokens,
+        ),
     ]
     if not reward:
         new = cfg.sft.max_new_tokens if tc.trainer == "sft" else min(cfg.eval.sample_tokens, mc.block_size // 2)
@@ -350,8 +372,12 @@ def ppo_programs(cfg: Config, mesh: Mesh, rules: tuple) -> list[Program]:
         },
     }
     kl = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
-    minibatch_tokens = b // p.minibatches * t
-    update_flops = 3 * forward(n_policy + n_value, minibatch_tokens) * p.epochs * p.minibatches
+    trained = [_train_flops_per_token(mc, state.params["policy"])]
+    if p.value_model == "separate":
+        trained.append(_train_flops_per_token(scalar, state.params["value"]))
+    update_tokens = b * t * p.epochs  # every row once an epoch, in minibatches
+    update_flops = sum(model for model, _ in trained) * update_tokens
+    update_hardware = sum(model + extra for model, extra in trained) * update_tokens
     progs = generation_programs(models.policy, state.params["policy"], b, q, p.max_new_tokens, mesh, "rollout_")
     progs.append(Program("ppo_score", score_rollout, score_args, ("state",) + ("inputs",) * 5, score_flops))
     update_args = (state, batch, None, kl)  # no pretraining mix (ptx) batch
@@ -363,6 +389,7 @@ def ppo_programs(cfg: Config, mesh: Mesh, rules: tuple) -> list[Program]:
             ("state",) + ("inputs",) * 3,
             update_flops,
             p.epochs * p.minibatches,
+            update_hardware,
         )
     )
     return progs
@@ -468,7 +495,11 @@ def measure(prog: Program, chip: Chip, dtype: str, calibration: dict | None = No
     else:
         flops, accessed = (x * prog.trips for x in _cost(compiled))
         source = "cost_analysis" + (f" x {prog.trips} trips" if prog.trips > 1 else "")
-    model_flops = prog.model_flops / len(jax.tree.leaves(prog.args)[0].sharding.device_set)
+    devices = len(jax.tree.leaves(prog.args)[0].sharding.device_set)
+    model_flops = prog.model_flops / devices
+    floor = max(prog.hardware_flops, prog.model_flops) / devices
+    if flops < floor:  # XLA counts a Pallas kernel (TPU splash attention) as no FLOPs
+        flops, source = floor, source + " < model FLOPs + remat recompute: that instead"
     compute_s = flops / chip.peak_flops if chip.peak_flops else 0.0
     memory_s = accessed / chip.hbm_bandwidth if chip.hbm_bandwidth else 0.0
     bound = max(compute_s, memory_s)
@@ -670,8 +701,10 @@ def format_report(run: RunReport) -> str:
             f"{r.mfu_bound:7.1%}{r.compile_s:11.1f}{r.compile_cpu_s:9.1f}" + ("" if r.fits else "  DOES NOT FIT")
         )
     lines.append(
-        "GiB and FLOPs per device per call; bound = max(FLOPs / peak, bytes accessed / bandwidth); "
-        f"MFU<= = model FLOPs / (peak x bound); {run.compile_s:.0f} s of compiling in all"
+        "GiB and FLOPs per device per call; TFLOP: what the hardware runs (XLA's count, remat's recompute "
+        "included); bound = max(TFLOP / peak, bytes accessed / bandwidth); MFU<= = model FLOPs (6N + attention "
+        "per trained token, 4N + 2N_trained with LoRA; remat not credited) / (peak x bound); "
+        f"{run.compile_s:.0f} s of compiling in all"
     )
     lines += [f"note: {n}" for n in run.notes]
     return "\n".join(lines)

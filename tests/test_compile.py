@@ -17,7 +17,8 @@ import pytest
 
 from flaxgpt import compile as aot
 from flaxgpt import config as C
-from flaxgpt import train
+from flaxgpt import lora, train
+from flaxgpt.model import Transformer, count_params
 from flaxgpt.sharding import logical_rules, make_mesh
 
 GiB = 2**30
@@ -156,3 +157,30 @@ def test_auto_attention_compiles_the_splash_kernel_for_tpu():
             kernels[attention] = lowered.as_text().count("tpu_custom_call")
     assert kernels["auto"] >= 1 and kernels["xla"] == 0, kernels  # the layers share one kernel function
     assert lowered.compile().memory_analysis() is not None
+
+
+def test_lora_and_remat_model_flops_keep_the_mfu_bound_below_one():
+    """Model FLOPs of a LoRA step skip the frozen base's weight gradients (4N + 2N_trained, not 6N,
+    which gave bounds over 100 %); remat's recomputed forward is hardware work, not model FLOPs."""
+    cfg = tiny_llama()
+    cfg.model.lora_rank, cfg.model.remat = 4, "full"
+    report = aot.compile_run(cfg, jax.devices()[:1], "cpu", only=["train_step"]).reports[0]
+    m = aot.resolve_for_compile(cfg)[0].model
+    params = jax.eval_shape(lambda: Transformer(m).init(jax.random.PRNGKey(0), jnp.zeros((1, 64), jnp.int32)))
+    n, trained = (f(params["params"]) for f in (count_params, lora.count_trained))
+    assert 0 < 20 * trained < n
+    attention = 4 * m.n_layer * m.block_size * m.n_head * m.head_dim
+    assert report.model_flops == pytest.approx((4 * n + 2 * trained + 3 * attention) * 8 * 64, rel=1e-6)
+    recompute = (2 * n + attention) * 8 * 64
+    assert report.flops >= 0.9 * (report.model_flops + recompute)
+    assert 0.5 < report.mfu_bound < 0.85  # compute-bound on the CPU: model / (model + recompute)
+
+
+def test_hardware_flops_never_below_the_model_and_remat_floor():
+    """XLA counts a Pallas kernel as no FLOPs: the roofline takes the analytic floor instead."""
+    x = jax.ShapeDtypeStruct((64, 64), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    prog = aot.Program("kernel", jax.jit(lambda a: a @ a), (x,), ("inputs",), 1e6, hardware_flops=3e9)
+    chip = aot.Chip("test", 16 * GiB, None, 1e12)
+    report = aot.measure(prog, chip, "float32")
+    assert report.flops == 3e9 and report.bound_s == pytest.approx(3e-3)
+    assert report.mfu_bound == pytest.approx(1e6 / 3e9) and "remat" in report.flops_source
