@@ -46,14 +46,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # The trainers' own step builders, compiled here exactly as the trainers jit them. Today's names:
 # this is the one place to follow them when they move.
-from flaxgpt import generate, lora, mfu, rlhf
+from flaxgpt import generate, lora, mfu, preference, rlhf
 from flaxgpt.config import Config, ModelConfig
 from flaxgpt.errors import UserError
 from flaxgpt.model import Transformer
 from flaxgpt.optim import build_optimizer, learning_rate_schedule
-from flaxgpt.rewards import ranking_objective
+from flaxgpt.rewards import ranking_objective, rewards_at_last
 from flaxgpt.sharding import batch_sharding, logical_rules, make_mesh
 from flaxgpt.state import abstract_train_state
+from flaxgpt.trainers import dpo, grpo, kto, orpo
 from flaxgpt.trainers.scaffold import Runtime
 from flaxgpt.trainers.step import make_eval_step, make_train_step
 
@@ -276,8 +277,41 @@ def _train_flops_per_token(mc: ModelConfig, params: Any) -> tuple[float, float]:
     return mfu.flops_per_token(mc, n, trained), mfu.remat_flops_per_token(mc, n)
 
 
+# the preference trainers' objectives and the row prefixes of their records (preference.pair_rows,
+# feedback_rows): a pair is a chosen and a rejected row, a feedback record its own and a mismatched one
+PREFERENCE = {"dpo": dpo.method, "kto": kto.method, "orpo": orpo.method}
+ROW_PREFIXES = {"pairs": ("chosen_", "rejected_"), "feedback": ("", "kl_")}
+
+
+def _objective(cfg: Config, model: Transformer, sharding: NamedSharding) -> tuple[Any, Callable, int]:
+    """(loss sums, None for next-token; b -> the abstract batch of b examples; rows of block_size
+    tokens per example). Preference rows are padded to the longest record, at most block_size:
+    compiled at block_size, the most a run can meet."""
+    tc, block = cfg.train, cfg.model.block_size
+    if tc.trainer == "reward":
+        k = cfg.data.world_ranking_k
+        return ranking_objective(model, cfg.reward.margin), lambda b: _ranking_batch(b, k, block, sharding), k
+    if tc.trainer not in PREFERENCE:
+        return None, lambda b: _lm_batch(b, block, sharding), 1
+    method = PREFERENCE[tc.trainer](cfg)
+    prefixes = ROW_PREFIXES[method.kind]
+    columns = [
+        "valid",
+        *(["desirable"] if method.kind == "feedback" else []),
+        *(f"ref_{p}logp" for p in method.reference),
+    ]
+
+    def batch(b: int) -> dict:
+        rows = {p + k: v for p in prefixes for k, v in _lm_batch(b, block, sharding).items()}
+        return rows | {c: jax.ShapeDtypeStruct((b, 1), jnp.float32, sharding=sharding) for c in columns}
+
+    return method.objective(model), batch, len(prefixes)
+
+
 def lm_programs(cfg: Config, mesh: Mesh, rules: tuple) -> list[Program]:
-    """Pretraining, SFT and the reward model: the loop's train step, the eval step, generation."""
+    """Pretraining, SFT, the reward model and the preference trainers (DPO, KTO, ORPO): the loop's
+    train step, the eval step, the reference log-probabilities computed once before training (DPO,
+    KTO), generation (SFT answers, samples, the preference runs' world answers)."""
     tc, mc = cfg.train, cfg.model
     reward = tc.trainer == "reward"
     model = Transformer(dataclasses.replace(mc, output="scalar") if reward else mc)
@@ -287,16 +321,10 @@ def lm_programs(cfg: Config, mesh: Mesh, rules: tuple) -> list[Program]:
     state, shardings = abstract_train_state(model, optimizer, example, mesh, rules)
     rows = batch_sharding(mesh, rules)
     eval_batch = cfg.eval.batch_size or tc.batch_size
-    if reward:
-        k = cfg.data.world_ranking_k
-        loss_sums = ranking_objective(model, cfg.reward.margin)
-        batch, eval_in = (_ranking_batch(b, k, mc.block_size, rows) for b in (tc.batch_size, eval_batch))
-        tokens, eval_tokens = tc.batch_size * k * mc.block_size, eval_batch * k * mc.block_size
-    else:
-        loss_sums = None
-        batch, eval_in = (_lm_batch(b, mc.block_size, rows) for b in (tc.batch_size, eval_batch))
-        tokens, eval_tokens = tc.batch_size * mc.block_size, eval_batch * mc.block_size
+    loss_sums, batch_of, per_example = _objective(cfg, model, rows)
+    tokens, eval_tokens = (b * per_example * mc.block_size for b in (tc.batch_size, eval_batch))
     per_token, recompute = _train_flops_per_token(mc, state.params)
+    forward = mfu.forward_flops_per_token(mc, _n_params(state.params))
     step = jax.jit(
         make_train_step(model, optimizer, schedule, tc, loss_sums),
         in_shardings=(shardings, rows),
@@ -304,26 +332,26 @@ def lm_programs(cfg: Config, mesh: Mesh, rules: tuple) -> list[Program]:
         donate_argnums=0,
     )
     evaluate = jax.jit(make_eval_step(model, loss_sums))
+    eval_args = (state.params, batch_of(eval_batch))
     progs = [
         Program(
             "train_step",
             step,
-            (state, batch),
+            (state, batch_of(tc.batch_size)),
             ("state", "inputs"),
             per_token * tokens,
             tc.grad_accum_steps,
             (per_token + recompute) * tokens,
         ),
-        Program(
-            "eval_step",
-            evaluate,
-            (state.params, eval_in),
-            ("params", "inputs"),
-            mfu.forward_flops_per_token(mc, _n_params(state.params)) * eval_tokens,
-        ),
+        Program("eval_step", evaluate, eval_args, ("params", "inputs"), forward * eval_tokens),
     ]
-    if not reward:
-        new = cfg.sft.max_new_tokens if tc.trainer == "sft" else min(cfg.eval.sample_tokens, mc.block_size // 2)
+    reference = PREFERENCE[tc.trainer](cfg).reference if tc.trainer in PREFERENCE else ()
+    if reference:
+        ref_forward = preference.reference_forward(model, reference)
+        progs.append(Program("reference_logprobs", ref_forward, eval_args, ("params", "inputs"), forward * eval_tokens))
+    answers = tc.trainer == "sft" or (tc.trainer in PREFERENCE and cfg.data.source == "world")  # SFT's metrics
+    if answers or tc.trainer == "pretrain":
+        new = cfg.sft.max_new_tokens if answers else min(cfg.eval.sample_tokens, mc.block_size // 2)
         new = max(1, min(new, mc.block_size - 1))
         progs += generation_programs(model, state.params, eval_batch, mc.block_size - new, new, mesh)
     return progs
@@ -395,8 +423,50 @@ def ppo_programs(cfg: Config, mesh: Mesh, rules: tuple) -> list[Program]:
     return progs
 
 
+def grpo_programs(cfg: Config, mesh: Mesh, rules: tuple) -> list[Program]:
+    """GRPO: the rollout's prefill and decode step for batch_size x group_size answers, the reward
+    model's scores (ppo.reward_from, shaped like the policy as for PPO) and the update (grpo.epochs
+    full-batch steps; the rollout policy's and the reference's log-probabilities inside it)."""
+    p, g, tc = cfg.ppo, cfg.grpo, cfg.train
+    mc = dataclasses.replace(cfg.model, output="logits")
+    rt = Runtime("", mesh, rules, batch_sharding(mesh, rules))
+    q = rlhf.query_width(p, mc.block_size)
+    policy = Transformer(mc)
+    scorer = Transformer(dataclasses.replace(mc, output="scalar", dropout=0.0)) if p.reward_from else None
+    models = rlhf.Models(policy, policy, scorer, False, q)
+    optimizer = build_optimizer(cfg.optimizer, tc.max_steps * g.epochs, lora.trainable_mask if mc.lora_rank else None)
+    run = rlhf.PPO(dataclasses.replace(cfg, model=mc), rt, None, models, {}, optimizer, None, None, None, [])
+    state, shardings = grpo.abstract_state(run)
+    n, t, rows = tc.batch_size * g.group_size, q + p.max_new_tokens, rt.rows_sharding
+    ints = jax.ShapeDtypeStruct((n, t), jnp.int32, sharding=rows)
+    batch = {"tokens": ints, "positions": ints, "segments": ints}
+    batch["resp_mask"] = jax.ShapeDtypeStruct((n, t - q), jnp.float32, sharding=rows)
+    batch["advantages"] = jax.ShapeDtypeStruct((n, 1), jnp.float32, sharding=rows)
+    per_token, recompute = _train_flops_per_token(mc, state.params["policy"])
+    forward = mfu.forward_flops_per_token(mc, _n_params(state.params["policy"]))
+    update = jax.jit(functools.partial(grpo.update, models, run.cfg, optimizer), donate_argnums=0)
+    update_flops = (g.epochs * per_token + 2 * forward) * n * t  # + old and reference log-probabilities
+    progs = generation_programs(policy, state.params["policy"], n, q, p.max_new_tokens, mesh, "rollout_")
+    if scorer is not None:
+        rep = NamedSharding(mesh, PartitionSpec())
+        last = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=rep)
+        inputs = (*(jax.ShapeDtypeStruct((n, t), jnp.int32, sharding=rep) for _ in range(3)), last)
+        score = jax.jit(functools.partial(rewards_at_last, scorer))
+        reward_flops = mfu.forward_flops_per_token(mc, _n_params(state.frozen["reward"])) * n * t
+        progs.append(
+            Program(
+                "reward_score", score, (state.frozen["reward"], *inputs), ("params",) + ("inputs",) * 4, reward_flops
+            )
+        )
+    hardware = update_flops + g.epochs * recompute * n * t
+    progs.append(Program("grpo_update", update, (state, batch), ("state", "inputs"), update_flops, 1, hardware))
+    return progs
+
+
 def build_programs(cfg: Config, mesh: Mesh, rules: tuple) -> list[Program]:
-    return (ppo_programs if cfg.train.trainer == "ppo" else lm_programs)(cfg, mesh, rules)
+    """Every jitted program the run of `cfg.train.trainer` executes, with abstract arguments."""
+    builders = {"ppo": ppo_programs, "grpo": grpo_programs}
+    return builders.get(cfg.train.trainer, lm_programs)(cfg, mesh, rules)
 
 
 # ----------------------------------------------------------------------------- compiling and measuring

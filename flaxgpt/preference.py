@@ -141,13 +141,18 @@ def logprobs(
     return list(zip(jnp.split(sums, len(prefixes)), jnp.split(counts, len(prefixes))))
 
 
+def reference_forward(model: Any, prefixes: Sequence[str]) -> Callable:
+    """(params, batch) -> summed response log-probabilities [b] of each prefix's rows, jitted."""
+    return jax.jit(lambda p, b: [s for s, _ in logprobs(model, p, b, prefixes)])
+
+
 def add_reference_logprobs(
     model: Any, params: Any, rows: Rows, prefixes: Sequence[str], batch_size: int, log: Callable[[str], None] = print
 ) -> Rows:
     """`rows` with ref_<prefix>logp [n, 1] (summed response log-probabilities under `params`) added,
     computed once in fixed-size chunks (the last padded: one compilation)."""
     n = len(rows["valid"])
-    forward = jax.jit(lambda p, b: [s for s, _ in logprobs(model, p, b, prefixes)])
+    forward = reference_forward(model, prefixes)
     out = {p: np.zeros((n, 1), np.float32) for p in prefixes}
     for start in range(0, n, batch_size):
         index = np.minimum(np.arange(start, start + batch_size), n - 1)

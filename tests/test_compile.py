@@ -184,3 +184,57 @@ def test_hardware_flops_never_below_the_model_and_remat_floor():
     report = aot.measure(prog, chip, "float32")
     assert report.flops == 3e9 and report.bound_s == pytest.approx(3e-3)
     assert report.mfu_bound == pytest.approx(1e6 / 3e9) and "remat" in report.flops_source
+
+
+PROGRAMS = {
+    "dpo": ["train_step", "eval_step", "reference_logprobs", "prefill", "decode_step"],
+    "kto": ["train_step", "eval_step", "reference_logprobs", "prefill", "decode_step"],
+    "orpo": ["train_step", "eval_step", "prefill", "decode_step"],
+    "grpo": ["rollout_prefill", "rollout_decode_step", "reward_score", "grpo_update"],
+}
+
+
+def trainer_config(trainer: str, **mesh) -> C.Config:
+    cfg = tiny_llama(**mesh)
+    cfg.train.trainer, cfg.data.source = trainer, "world"
+    cfg.ppo.reward_from, cfg.ppo.max_new_tokens, cfg.grpo.group_size = "runs/rm", 16, 2
+    return cfg
+
+
+def test_preference_and_grpo_runs_have_their_own_programs_and_batches():
+    """Traced (not compiled) on the CPU: each trainer's programs, with its records' real rows."""
+    mesh, rules = make_mesh(C.MeshConfig(), jax.devices()[:1]), logical_rules(C.MeshConfig().rules)
+    for trainer, names in PROGRAMS.items():
+        cfg = aot.resolve_for_compile(trainer_config(trainer))[0]
+        with jax.set_mesh(mesh), aot._axis_rules(rules):
+            progs = {p.name: p for p in aot.build_programs(cfg, mesh, rules)}
+            assert list(progs) == names, trainer
+            step = progs["grpo_update" if trainer == "grpo" else "train_step"]
+            batch = step.args[1]
+            jax.eval_shape(step.jitted, *step.args)  # the trainer's own loss runs on these rows
+        if trainer == "grpo":  # 8 prompts x 2 answers of 48 prompt + 16 response tokens
+            assert batch["tokens"].shape == (16, 64) and batch["resp_mask"].shape == (16, 16)
+            assert set(step.args[0].frozen) == {"reference", "reward"}
+            continue
+        rows = {"dpo": "chosen_", "kto": "kl_", "orpo": "rejected_"}[trainer] + "inputs"
+        assert batch[rows].shape == (8, 64), sorted(batch)
+        assert ("ref_chosen_logp" in batch) == (trainer == "dpo") and ("desirable" in batch) == (trainer == "kto")
+
+
+@needs_libtpu
+def test_dpo_and_grpo_steps_compile_for_v5e_with_their_state_sharded():
+    """The steps that differ from the LM loop's (the CPU test above traces every program)."""
+    devices = aot.topology_devices("v5e:2x2")
+    full = n_params(tiny_llama()) * 4 / GiB  # float32
+    compiled = lambda trainer, only: (
+        aot.compile_run(trainer_config(trainer, data=1, fsdp=4), devices, "v5e:2x2", only, calibrate=False).reports
+    )
+    step, reference = compiled("dpo", ["train_step", "reference_logprobs"])
+    assert step.params_gib == pytest.approx(full / 4, rel=0.03) and reference.params_gib == step.params_gib
+    rows = 2 * 5 * 8 * 64 * 4 + 3 * 8 * 4  # chosen and rejected rows; valid and the two reference columns
+    assert step.inputs_gib * GiB == pytest.approx(rows / 4, abs=64)
+    (update,) = compiled("grpo", ["grpo_update"])
+    reward = full - (256 - 1) * 128 * 4 / GiB  # the reward model's score head replaces the output head
+    assert update.params_gib == pytest.approx((2 * full + reward) / 4, rel=0.03)  # policy, reference, reward
+    assert update.opt_state_gib == pytest.approx(2 * full / 4, rel=0.03)  # Adam of the policy only
+    assert all(r.fits and 0 < r.mfu_bound <= 1 for r in (step, reference, update))
