@@ -627,14 +627,18 @@ def suggestions(cfg: Config, rep: Report, mesh: Mesh) -> list[str]:
         tips.append(f"more fsdp (mesh.fsdp={n // mesh.shape['tensor']} mesh.data=1)")
     if cfg.model.remat == "none":
         tips.append("model.remat=full")
-    if tc.trainer != "ppo" and tc.batch_size // tc.grad_accum_steps > 1:
+    if tc.trainer == "ppo":
+        tips.append(
+            f"smaller minibatches (ppo.minibatches={2 * cfg.ppo.minibatches}) or train.batch_size={tc.batch_size // 2}"
+        )
+    elif tc.trainer == "grpo":  # one full-batch update: no micro-batches
+        tips.append(
+            f"fewer answers a step (train.batch_size={max(tc.batch_size // 2, 1)} or a smaller grpo.group_size)"
+        )
+    elif tc.batch_size // tc.grad_accum_steps > 1:
         tips.append(
             f"a smaller batch (train.grad_accum_steps={2 * tc.grad_accum_steps}"
             f" or train.batch_size={tc.batch_size // 2})"
-        )
-    elif tc.trainer == "ppo":
-        tips.append(
-            f"smaller minibatches (ppo.minibatches={2 * cfg.ppo.minibatches}) or train.batch_size={tc.batch_size // 2}"
         )
     if not cfg.model.lora_rank and rep.opt_state_gib > rep.temp_gib:
         tips.append("LoRA (model.lora_rank=16: no optimizer state for the base)")

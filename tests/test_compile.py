@@ -238,3 +238,12 @@ def test_dpo_and_grpo_steps_compile_for_v5e_with_their_state_sharded():
     assert update.params_gib == pytest.approx((2 * full + reward) / 4, rel=0.03)  # policy, reference, reward
     assert update.opt_state_gib == pytest.approx(2 * full / 4, rel=0.03)  # Adam of the policy only
     assert all(r.fits and 0 < r.mfu_bound <= 1 for r in (step, reference, update))
+
+
+def test_a_grpo_run_that_does_not_fit_is_told_to_sample_fewer_answers():
+    """GRPO updates on the whole batch at once: micro-batches (grad_accum_steps) do not apply to it."""
+    mesh = make_mesh(C.MeshConfig(), jax.devices()[:1])
+    report = aot.Report("grpo_update", 1, 2, 0, 30, 33, 16, 0, 0, 0, 0, 0, 0)
+    tips = aot.suggestions(trainer_config("grpo"), report, mesh)
+    assert "fewer answers a step (train.batch_size=4 or a smaller grpo.group_size)" in tips
+    assert not any("grad_accum_steps" in tip for tip in tips)
