@@ -5,20 +5,26 @@ program a run executes, for the devices of a TPU topology (libtpu compiles for p
 machine: `pip install -e '.[tpu]'`) or, without --topology, for this process's own devices:
 
   train_step   the optimizer step with its real state, shardings and donation (pretrain, SFT,
-               reward model; `train.grad_accum_steps` micro-batches scanned inside)
+               reward model, DPO/KTO/ORPO on their record rows; `train.grad_accum_steps`
+               micro-batches scanned inside)
   eval_step    the validation loss
+  reference_logprobs  DPO, KTO: the reference log-probabilities computed once before training
   prefill      generation's prompt pass, which fills the KV cache (sampling, serving, SFT answers,
-               PPO rollouts)
+               PPO and GRPO rollouts: rollout_prefill)
   decode_step  one generated token for the whole batch against the cache
   ppo_score    PPO: log-probs of policy and reference, values, rewards and advantages of a rollout
   ppo_update   PPO: epochs x minibatches of clipped policy and value updates
+  reward_score GRPO with ppo.reward_from: the reward model on the rollout
+  grpo_update  GRPO: grpo.epochs updates on the whole rollout, with its reference log-probs
 
 For each: per-device memory of parameters, optimizer state, inputs, temporaries and the total
-against the device's capacity (XLA's `memory_analysis`); FLOPs per call (XLA's `cost_analysis`,
-which counts a loop's body once: with scanned layers or micro-batches the FLOPs come from two
-calibration compiles of the same program unrolled at 1 and 2 layers, scaled to the real depth
-and trip count); a roofline lower bound on the call's time from the chip's datasheet peak
-FLOP/s and HBM bandwidth, hence an upper bound on MFU; and the compile time.
+against the device's capacity (XLA's `memory_analysis`); hardware FLOPs per call (XLA's
+`cost_analysis`, which counts a loop's body once: with scanned layers or micro-batches the FLOPs
+come from two calibration compiles of the same program unrolled at 1 and 2 layers, scaled to the
+real depth and trip count; remat's recomputation is in it; never taken below the model FLOPs
+plus that recomputation, as XLA counts a Pallas kernel as nothing); a roofline lower bound on the
+call's time from the chip's datasheet peak FLOP/s and HBM bandwidth, hence an upper bound on MFU
+(model FLOPs, `flaxgpt.mfu`'s convention: remat is not credited); and the compile time.
 
 A program that does not fit ends the command with exit status 1 and one line
 `does not fit: ...; try ...`. `--set train.compile_only=true` on `python -m flaxgpt.train`
