@@ -63,6 +63,10 @@ def run(name: str, topology: str, overrides: list[str]) -> tuple[list[dict], flo
         return [], wall, err[-1] if err else f"exit {done.returncode}"
 
 
+def _size(params: int) -> str:
+    return f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.2f}M"
+
+
 def rows(name, topology, overrides, runs, wall, error) -> list[str]:
     cmd = " ".join(command(name, topology, overrides))
     if not runs:
@@ -73,7 +77,7 @@ def rows(name, topology, overrides, runs, wall, error) -> list[str]:
         worst = max(r["reports"], key=lambda p: p["total_gib"])
         fits = "yes" if r["fits"] else f"no: {error}"
         out.append(
-            f"| {r['name']} | {topology} ({r['devices']} x {r['chip']['kind']}) | {r['params'] / 1e9:.2f}B "
+            f"| {r['name']} | {topology} ({r['devices']} x {r['chip']['kind']}) | {_size(r['params'])} "
             f"| {worst['total_gib']:.2f} of {worst['capacity_gib']:.0f} ({worst['program']}) "
             f"| {main['compile_s']:.0f} ({main.get('compile_cpu_s', 0):.0f} CPU s; "
             f"{r['compile_s']:.0f} all, {wall:.0f} wall) "
