@@ -31,18 +31,22 @@ RECIPES = [  # (experiment, topology, extra --set overrides)
     ("llama3_8b_sft_v5p64", "v5p:4x4x4", []),
     ("llama3_8b_lora_v5e16", "v5e:4x4", []),
     ("ppo_8b_v5p128", "v5p:4x4x8", []),
-    ("chat_demo", "v5e:1x1", ["model.vocab_size=128"]),  # the Colab notebook's pipeline, free-tier TPU
-    ("chat_demo", "v2:2x2", ["model.vocab_size=128"]),  # Colab's older TPU v2-8 (8 cores)
+    # the Colab notebook's pipeline (launch/colab/flaxgpt_demo.ipynb, FAST = False) on Colab's TPUs:
+    # a v5e-1 and the older v2-8 (2x2 chips, 8 cores); 65: the vocabulary its character tokenizer
+    # finds in the embedded world (runs/chat_demo/pretrain/config.json)
+    ("chat_demo", "v5e:1x1", ["model.vocab_size=65"]),
+    ("chat_demo", "v2:2x2", ["model.vocab_size=65"]),
 ]
 
 
 STEP_ONLY = False  # set by main
+MAIN = {"ppo": "ppo_update", "grpo": "grpo_update"}  # the step that trains, by the recipe's first word
 
 
 def command(name: str, topology: str, overrides: list[str]) -> list[str]:
     cmd = ["python", "-m", "flaxgpt.compile", "-e", name, "--topology", topology]
     if STEP_ONLY and name != "chat_demo":
-        cmd += ["--programs", "ppo_update" if name.startswith("ppo") else "train_step"]
+        cmd += ["--programs", MAIN.get(name.split("_")[0], "train_step")]
     return cmd + (["--set", *overrides] if overrides else [])
 
 
@@ -59,17 +63,21 @@ def run(name: str, topology: str, overrides: list[str]) -> tuple[list[dict], flo
         return [], wall, err[-1] if err else f"exit {done.returncode}"
 
 
+def _size(params: int) -> str:
+    return f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.2f}M"
+
+
 def rows(name, topology, overrides, runs, wall, error) -> list[str]:
     cmd = " ".join(command(name, topology, overrides))
     if not runs:
         return [f"| {name} | {topology} | | | | | | {error} | `{cmd}` |"]
     out = []
     for r in runs:
-        main = next((p for p in r["reports"] if p["program"] in ("train_step", "ppo_update")), r["reports"][0])
+        main = next((p for p in r["reports"] if p["program"] in ("train_step", *MAIN.values())), r["reports"][0])
         worst = max(r["reports"], key=lambda p: p["total_gib"])
         fits = "yes" if r["fits"] else f"no: {error}"
         out.append(
-            f"| {r['name']} | {topology} ({r['devices']} x {r['chip']['kind']}) | {r['params'] / 1e9:.2f}B "
+            f"| {r['name']} | {topology} ({r['devices']} x {r['chip']['kind']}) | {_size(r['params'])} "
             f"| {worst['total_gib']:.2f} of {worst['capacity_gib']:.0f} ({worst['program']}) "
             f"| {main['compile_s']:.0f} ({main.get('compile_cpu_s', 0):.0f} CPU s; "
             f"{r['compile_s']:.0f} all, {wall:.0f} wall) "
@@ -108,7 +116,9 @@ def main() -> int:
             f"average {load:.0f} at the end, jax 0.10.2, libtpu 0.0.42.1)\n\n"
             "`JAX_PLATFORMS=cpu python benchmarks/compile_recipes.py`: "
             "compile s is the training step's own compile (the run's programs and FLOP calibration in "
-            "brackets); MFU bound = model FLOPs / (peak x roofline time) of that step.\n\n" + "\n".join(table)
+            "brackets); MFU bound = model FLOPs (6N + attention per trained token, 4N + 2N_trained with LoRA; "
+            "remat not credited) / (peak x roofline time), the roofline taking hardware FLOPs (XLA's count, "
+            "remat's recompute included, never below model FLOPs + recompute).\n\n" + "\n".join(table)
         )
     return 0
 

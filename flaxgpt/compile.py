@@ -5,20 +5,26 @@ program a run executes, for the devices of a TPU topology (libtpu compiles for p
 machine: `pip install -e '.[tpu]'`) or, without --topology, for this process's own devices:
 
   train_step   the optimizer step with its real state, shardings and donation (pretrain, SFT,
-               reward model; `train.grad_accum_steps` micro-batches scanned inside)
+               reward model, DPO/KTO/ORPO on their record rows; `train.grad_accum_steps`
+               micro-batches scanned inside)
   eval_step    the validation loss
+  reference_logprobs  DPO, KTO: the reference log-probabilities computed once before training
   prefill      generation's prompt pass, which fills the KV cache (sampling, serving, SFT answers,
-               PPO rollouts)
+               PPO and GRPO rollouts: rollout_prefill)
   decode_step  one generated token for the whole batch against the cache
   ppo_score    PPO: log-probs of policy and reference, values, rewards and advantages of a rollout
   ppo_update   PPO: epochs x minibatches of clipped policy and value updates
+  reward_score GRPO with ppo.reward_from: the reward model on the rollout
+  grpo_update  GRPO: grpo.epochs updates on the whole rollout, with its reference log-probs
 
 For each: per-device memory of parameters, optimizer state, inputs, temporaries and the total
-against the device's capacity (XLA's `memory_analysis`); FLOPs per call (XLA's `cost_analysis`,
-which counts a loop's body once: with scanned layers or micro-batches the FLOPs come from two
-calibration compiles of the same program unrolled at 1 and 2 layers, scaled to the real depth
-and trip count); a roofline lower bound on the call's time from the chip's datasheet peak
-FLOP/s and HBM bandwidth, hence an upper bound on MFU; and the compile time.
+against the device's capacity (XLA's `memory_analysis`); hardware FLOPs per call (XLA's
+`cost_analysis`, which counts a loop's body once: with scanned layers or micro-batches the FLOPs
+come from two calibration compiles of the same program unrolled at 1 and 2 layers, scaled to the
+real depth and trip count; remat's recomputation is in it; never taken below the model FLOPs
+plus that recomputation, as XLA counts a Pallas kernel as nothing); a roofline lower bound on the
+call's time from the chip's datasheet peak FLOP/s and HBM bandwidth, hence an upper bound on MFU
+(model FLOPs, `flaxgpt.mfu`'s convention: remat is not credited); and the compile time.
 
 A program that does not fit ends the command with exit status 1 and one line
 `does not fit: ...; try ...`. `--set train.compile_only=true` on `python -m flaxgpt.train`
@@ -45,14 +51,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # The trainers' own step builders, compiled here exactly as the trainers jit them. Today's names:
 # this is the one place to follow them when they move.
-from flaxgpt import cli, generate, lora, mfu, rlhf
+from flaxgpt import cli, generate, lora, mfu, preference, rlhf
 from flaxgpt.config import Config, ModelConfig
 from flaxgpt.errors import UserError
 from flaxgpt.model import Transformer
 from flaxgpt.optim import build_optimizer, learning_rate_schedule
-from flaxgpt.rewards import ranking_objective
+from flaxgpt.rewards import ranking_objective, rewards_at_last
 from flaxgpt.sharding import batch_sharding, logical_rules, make_mesh
 from flaxgpt.state import abstract_train_state
+from flaxgpt.trainers import dpo, grpo, kto, orpo
 from flaxgpt.trainers.scaffold import Runtime
 from flaxgpt.trainers.step import make_eval_step, make_train_step
 
@@ -146,8 +153,9 @@ class Program:
     jitted: Any  # jax.jit(...) with the shardings the run uses
     args: tuple  # ShapeDtypeStructs carrying NamedShardings (pytrees)
     roles: tuple  # per argument: "params", "opt_state", "state" (params + optimizer state) or "inputs"
-    model_flops: float  # what the model needs per call (6N per trained token, 2N per forward token)
+    model_flops: float  # what the model needs per call (mfu.flops_per_token; 2N per forward token)
     trips: int = 1  # iterations of an outer loop XLA counts once (micro-batches, PPO minibatches)
+    hardware_flops: float = 0.0  # the least the chip runs per call: model FLOPs + remat's recompute
     compiled: Any = None  # set once compiled (the decode step takes the prefill's cache shardings)
     compile_cpu_s: float = 0.0
 
@@ -161,9 +169,9 @@ class Report:
     temp_gib: float
     total_gib: float
     capacity_gib: float
-    flops: float  # per device per call, loops corrected
+    flops: float  # hardware FLOPs per device per call, loops corrected, remat included
     bytes_accessed: float
-    model_flops: float  # per device per call
+    model_flops: float  # per device per call: the MFU convention (no remat credit)
     bound_s: float  # roofline lower bound on one call
     mfu_bound: float
     compile_s: float
@@ -266,8 +274,49 @@ class _LazyProgram(Program):
             self.args = self._make_args()
 
 
+def _train_flops_per_token(mc: ModelConfig, params: Any) -> tuple[float, float]:
+    """(model FLOPs, remat's extra hardware FLOPs) of one trained token of `params`'s model: with
+    LoRA only the adapters get weight gradients."""
+    n = _n_params(params)
+    trained = lora.count_trained(params) if mc.lora_rank else None
+    return mfu.flops_per_token(mc, n, trained), mfu.remat_flops_per_token(mc, n)
+
+
+# the preference trainers' objectives and the row prefixes of their records (preference.pair_rows,
+# feedback_rows): a pair is a chosen and a rejected row, a feedback record its own and a mismatched one
+PREFERENCE = {"dpo": dpo.method, "kto": kto.method, "orpo": orpo.method}
+ROW_PREFIXES = {"pairs": ("chosen_", "rejected_"), "feedback": ("", "kl_")}
+
+
+def _objective(cfg: Config, model: Transformer, sharding: NamedSharding) -> tuple[Any, Callable, int]:
+    """(loss sums, None for next-token; b -> the abstract batch of b examples; rows of block_size
+    tokens per example). Preference rows are padded to the longest record, at most block_size:
+    compiled at block_size, the most a run can meet."""
+    tc, block = cfg.train, cfg.model.block_size
+    if tc.trainer == "reward":
+        k = cfg.data.world_ranking_k
+        return ranking_objective(model, cfg.reward.margin), lambda b: _ranking_batch(b, k, block, sharding), k
+    if tc.trainer not in PREFERENCE:
+        return None, lambda b: _lm_batch(b, block, sharding), 1
+    method = PREFERENCE[tc.trainer](cfg)
+    prefixes = ROW_PREFIXES[method.kind]
+    columns = [
+        "valid",
+        *(["desirable"] if method.kind == "feedback" else []),
+        *(f"ref_{p}logp" for p in method.reference),
+    ]
+
+    def batch(b: int) -> dict:
+        rows = {p + k: v for p in prefixes for k, v in _lm_batch(b, block, sharding).items()}
+        return rows | {c: jax.ShapeDtypeStruct((b, 1), jnp.float32, sharding=sharding) for c in columns}
+
+    return method.objective(model), batch, len(prefixes)
+
+
 def lm_programs(cfg: Config, mesh: Mesh, rules: tuple) -> list[Program]:
-    """Pretraining, SFT and the reward model: the loop's train step, the eval step, generation."""
+    """Pretraining, SFT, the reward model and the preference trainers (DPO, KTO, ORPO): the loop's
+    train step, the eval step, the reference log-probabilities computed once before training (DPO,
+    KTO), generation (SFT answers, samples, the preference runs' world answers)."""
     tc, mc = cfg.train, cfg.model
     reward = tc.trainer == "reward"
     model = Transformer(dataclasses.replace(mc, output="scalar") if reward else mc)
@@ -277,17 +326,10 @@ def lm_programs(cfg: Config, mesh: Mesh, rules: tuple) -> list[Program]:
     state, shardings = abstract_train_state(model, optimizer, example, mesh, rules)
     rows = batch_sharding(mesh, rules)
     eval_batch = cfg.eval.batch_size or tc.batch_size
-    if reward:
-        k = cfg.data.world_ranking_k
-        loss_sums = ranking_objective(model, cfg.reward.margin)
-        batch, eval_in = (_ranking_batch(b, k, mc.block_size, rows) for b in (tc.batch_size, eval_batch))
-        tokens, eval_tokens = tc.batch_size * k * mc.block_size, eval_batch * k * mc.block_size
-    else:
-        loss_sums = None
-        batch, eval_in = (_lm_batch(b, mc.block_size, rows) for b in (tc.batch_size, eval_batch))
-        tokens, eval_tokens = tc.batch_size * mc.block_size, eval_batch * mc.block_size
-    n = _n_params(state.params)
-    per_token = mfu.flops_per_token(mc, n)
+    loss_sums, batch_of, per_example = _objective(cfg, model, rows)
+    tokens, eval_tokens = (b * per_example * mc.block_size for b in (tc.batch_size, eval_batch))
+    per_token, recompute = _train_flops_per_token(mc, state.params)
+    forward = mfu.forward_flops_per_token(mc, _n_params(state.params))
     step = jax.jit(
         make_train_step(model, optimizer, schedule, tc, loss_sums),
         in_shardings=(shardings, rows),
@@ -295,12 +337,26 @@ def lm_programs(cfg: Config, mesh: Mesh, rules: tuple) -> list[Program]:
         donate_argnums=0,
     )
     evaluate = jax.jit(make_eval_step(model, loss_sums))
+    eval_args = (state.params, batch_of(eval_batch))
     progs = [
-        Program("train_step", step, (state, batch), ("state", "inputs"), per_token * tokens, tc.grad_accum_steps),
-        Program("eval_step", evaluate, (state.params, eval_in), ("params", "inputs"), per_token / 3 * eval_tokens),
+        Program(
+            "train_step",
+            step,
+            (state, batch_of(tc.batch_size)),
+            ("state", "inputs"),
+            per_token * tokens,
+            tc.grad_accum_steps,
+            (per_token + recompute) * tokens,
+        ),
+        Program("eval_step", evaluate, eval_args, ("params", "inputs"), forward * eval_tokens),
     ]
-    if not reward:
-        new = cfg.sft.max_new_tokens if tc.trainer == "sft" else min(cfg.eval.sample_tokens, mc.block_size // 2)
+    reference = PREFERENCE[tc.trainer](cfg).reference if tc.trainer in PREFERENCE else ()
+    if reference:
+        ref_forward = preference.reference_forward(model, reference)
+        progs.append(Program("reference_logprobs", ref_forward, eval_args, ("params", "inputs"), forward * eval_tokens))
+    answers = tc.trainer == "sft" or (tc.trainer in PREFERENCE and cfg.data.source == "world")  # SFT's metrics
+    if answers or tc.trainer == "pretrain":
+        new = cfg.sft.max_new_tokens if answers else min(cfg.eval.sample_tokens, mc.block_size // 2)
         new = max(1, min(new, mc.block_size - 1))
         progs += generation_programs(model, state.params, eval_batch, mc.block_size - new, new, mesh)
     return progs
@@ -349,8 +405,12 @@ def ppo_programs(cfg: Config, mesh: Mesh, rules: tuple) -> list[Program]:
         },
     }
     kl = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
-    minibatch_tokens = b // p.minibatches * t
-    update_flops = 3 * forward(n_policy + n_value, minibatch_tokens) * p.epochs * p.minibatches
+    trained = [_train_flops_per_token(mc, state.params["policy"])]
+    if p.value_model == "separate":
+        trained.append(_train_flops_per_token(scalar, state.params["value"]))
+    update_tokens = b * t * p.epochs  # every row once an epoch, in minibatches
+    update_flops = sum(model for model, _ in trained) * update_tokens
+    update_hardware = sum(model + extra for model, extra in trained) * update_tokens
     progs = generation_programs(models.policy, state.params["policy"], b, q, p.max_new_tokens, mesh, "rollout_")
     progs.append(Program("ppo_score", score_rollout, score_args, ("state",) + ("inputs",) * 5, score_flops))
     update_args = (state, batch, None, kl)  # no pretraining mix (ptx) batch
@@ -362,13 +422,56 @@ def ppo_programs(cfg: Config, mesh: Mesh, rules: tuple) -> list[Program]:
             ("state",) + ("inputs",) * 3,
             update_flops,
             p.epochs * p.minibatches,
+            update_hardware,
         )
     )
     return progs
 
 
+def grpo_programs(cfg: Config, mesh: Mesh, rules: tuple) -> list[Program]:
+    """GRPO: the rollout's prefill and decode step for batch_size x group_size answers, the reward
+    model's scores (ppo.reward_from, shaped like the policy as for PPO) and the update (grpo.epochs
+    full-batch steps; the rollout policy's and the reference's log-probabilities inside it)."""
+    p, g, tc = cfg.ppo, cfg.grpo, cfg.train
+    mc = dataclasses.replace(cfg.model, output="logits")
+    rt = Runtime("", mesh, rules, batch_sharding(mesh, rules))
+    q = rlhf.query_width(p, mc.block_size)
+    policy = Transformer(mc)
+    scorer = Transformer(dataclasses.replace(mc, output="scalar", dropout=0.0)) if p.reward_from else None
+    models = rlhf.Models(policy, policy, scorer, False, q)
+    optimizer = build_optimizer(cfg.optimizer, tc.max_steps * g.epochs, lora.trainable_mask if mc.lora_rank else None)
+    run = rlhf.PPO(dataclasses.replace(cfg, model=mc), rt, None, models, {}, optimizer, None, None, None, [])
+    state, shardings = grpo.abstract_state(run)
+    n, t, rows = tc.batch_size * g.group_size, q + p.max_new_tokens, rt.rows_sharding
+    ints = jax.ShapeDtypeStruct((n, t), jnp.int32, sharding=rows)
+    batch = {"tokens": ints, "positions": ints, "segments": ints}
+    batch["resp_mask"] = jax.ShapeDtypeStruct((n, t - q), jnp.float32, sharding=rows)
+    batch["advantages"] = jax.ShapeDtypeStruct((n, 1), jnp.float32, sharding=rows)
+    per_token, recompute = _train_flops_per_token(mc, state.params["policy"])
+    forward = mfu.forward_flops_per_token(mc, _n_params(state.params["policy"]))
+    update = jax.jit(functools.partial(grpo.update, models, run.cfg, optimizer), donate_argnums=0)
+    update_flops = (g.epochs * per_token + 2 * forward) * n * t  # + old and reference log-probabilities
+    progs = generation_programs(policy, state.params["policy"], n, q, p.max_new_tokens, mesh, "rollout_")
+    if scorer is not None:
+        rep = NamedSharding(mesh, PartitionSpec())
+        last = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=rep)
+        inputs = (*(jax.ShapeDtypeStruct((n, t), jnp.int32, sharding=rep) for _ in range(3)), last)
+        score = jax.jit(functools.partial(rewards_at_last, scorer))
+        reward_flops = mfu.forward_flops_per_token(mc, _n_params(state.frozen["reward"])) * n * t
+        progs.append(
+            Program(
+                "reward_score", score, (state.frozen["reward"], *inputs), ("params",) + ("inputs",) * 4, reward_flops
+            )
+        )
+    hardware = update_flops + g.epochs * recompute * n * t
+    progs.append(Program("grpo_update", update, (state, batch), ("state", "inputs"), update_flops, 1, hardware))
+    return progs
+
+
 def build_programs(cfg: Config, mesh: Mesh, rules: tuple) -> list[Program]:
-    return (ppo_programs if cfg.train.trainer == "ppo" else lm_programs)(cfg, mesh, rules)
+    """Every jitted program the run of `cfg.train.trainer` executes, with abstract arguments."""
+    builders = {"ppo": ppo_programs, "grpo": grpo_programs}
+    return builders.get(cfg.train.trainer, lm_programs)(cfg, mesh, rules)
 
 
 # ----------------------------------------------------------------------------- compiling and measuring
@@ -467,7 +570,11 @@ def measure(prog: Program, chip: Chip, dtype: str, calibration: dict | None = No
     else:
         flops, accessed = (x * prog.trips for x in _cost(compiled))
         source = "cost_analysis" + (f" x {prog.trips} trips" if prog.trips > 1 else "")
-    model_flops = prog.model_flops / len(jax.tree.leaves(prog.args)[0].sharding.device_set)
+    devices = len(jax.tree.leaves(prog.args)[0].sharding.device_set)
+    model_flops = prog.model_flops / devices
+    floor = max(prog.hardware_flops, prog.model_flops) / devices
+    if flops < floor:  # XLA counts a Pallas kernel (TPU splash attention) as no FLOPs
+        flops, source = floor, source + " < model FLOPs + remat recompute: that instead"
     compute_s = flops / chip.peak_flops if chip.peak_flops else 0.0
     memory_s = accessed / chip.hbm_bandwidth if chip.hbm_bandwidth else 0.0
     bound = max(compute_s, memory_s)
@@ -525,14 +632,18 @@ def suggestions(cfg: Config, rep: Report, mesh: Mesh) -> list[str]:
         tips.append(f"more fsdp (mesh.fsdp={n // mesh.shape['tensor']} mesh.data=1)")
     if cfg.model.remat == "none":
         tips.append("model.remat=full")
-    if tc.trainer != "ppo" and tc.batch_size // tc.grad_accum_steps > 1:
+    if tc.trainer == "ppo":
+        tips.append(
+            f"smaller minibatches (ppo.minibatches={2 * cfg.ppo.minibatches}) or train.batch_size={tc.batch_size // 2}"
+        )
+    elif tc.trainer == "grpo":  # one full-batch update: no micro-batches
+        tips.append(
+            f"fewer answers a step (train.batch_size={max(tc.batch_size // 2, 1)} or a smaller grpo.group_size)"
+        )
+    elif tc.batch_size // tc.grad_accum_steps > 1:
         tips.append(
             f"a smaller batch (train.grad_accum_steps={2 * tc.grad_accum_steps}"
             f" or train.batch_size={tc.batch_size // 2})"
-        )
-    elif tc.trainer == "ppo":
-        tips.append(
-            f"smaller minibatches (ppo.minibatches={2 * cfg.ppo.minibatches}) or train.batch_size={tc.batch_size // 2}"
         )
     if not cfg.model.lora_rank and rep.opt_state_gib > rep.temp_gib:
         tips.append("LoRA (model.lora_rank=16: no optimizer state for the base)")
@@ -669,8 +780,10 @@ def format_report(run: RunReport) -> str:
             f"{r.mfu_bound:7.1%}{r.compile_s:11.1f}{r.compile_cpu_s:9.1f}" + ("" if r.fits else "  DOES NOT FIT")
         )
     lines.append(
-        "GiB and FLOPs per device per call; bound = max(FLOPs / peak, bytes accessed / bandwidth); "
-        f"MFU<= = model FLOPs / (peak x bound); {run.compile_s:.0f} s of compiling in all"
+        "GiB and FLOPs per device per call; TFLOP: what the hardware runs (XLA's count, remat's recompute "
+        "included); bound = max(TFLOP / peak, bytes accessed / bandwidth); MFU<= = model FLOPs (6N + attention "
+        "per trained token, 4N + 2N_trained with LoRA; remat not credited) / (peak x bound); "
+        f"{run.compile_s:.0f} s of compiling in all"
     )
     lines += [f"note: {n}" for n in run.notes]
     return "\n".join(lines)

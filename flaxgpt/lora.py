@@ -9,6 +9,7 @@ optimizer (`optim.build_optimizer(..., trainable=...)`) keeps moments only for w
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -65,11 +66,16 @@ def merge(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
     return fold(params), dataclasses.replace(cfg, lora_rank=0)
 
 
+def count_trained(params: Any) -> int:
+    """Parameters a LoRA run trains (adapters and new heads): what gets weight gradients."""
+    mask = jax.tree.leaves(trainable_mask(params))
+    return sum(math.prod(x.shape) for x, train in zip(jax.tree.leaves(params), mask) if train)
+
+
 def describe_size(params: Any, rank: int) -> str:
     """ "1.23M parameters", or with adapters how many of them train."""
     total = count_params(params)
     if not rank:
         return f"{total / 1e6:.2f}M parameters"
-    mask = jax.tree.leaves(trainable_mask(params))
-    trained = sum(int(x.size) for x, train in zip(jax.tree.leaves(params), mask) if train)
+    trained = count_trained(params)
     return f"{total / 1e6:.2f}M parameters, {trained / 1e6:.3f}M trained (LoRA rank {rank})"

@@ -4,9 +4,11 @@ what `benchmarks/train_throughput.py` reports.
 MFU = (model FLOPs per token x tokens per second) / (peak FLOP/s of the devices). Model FLOPs
 count what the model needs, not what the hardware ran (remat's recomputation is not credited):
 6 N per token for the forward and backward matmuls of N parameters, plus attention's
-12 L T d (PaLM's appendix B; nanoGPT's `estimate_mfu`). The peak is the vendor's dense figure
-for the compute dtype where the device is known, and otherwise (CPUs, unknown devices) a
-matmul measured on the device itself.
+12 L T d (PaLM's appendix B; nanoGPT's `estimate_mfu`). When only N_trained of them train
+(LoRA), the frozen weights' gradients are never computed: 4 N + 2 N_trained. Hardware FLOPs
+(what `flaxgpt.compile`'s roofline divides by the peak) add remat's recomputed forward. The
+peak is the vendor's dense figure for the compute dtype where the device is known, and
+otherwise (CPUs, unknown devices) a matmul measured on the device itself.
 """
 
 from __future__ import annotations
@@ -35,9 +37,31 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
 }
 
 
-def flops_per_token(cfg: ModelConfig, n_params: int) -> float:
-    """Training FLOPs per token: 6 N + 12 L T d (forward and backward, attention scores included)."""
-    return 6.0 * n_params + 12.0 * cfg.n_layer * cfg.block_size * cfg.n_head * cfg.head_dim
+def _attention_per_token(cfg: ModelConfig) -> float:
+    """Forward FLOPs of attention's scores and weighted values per token (2 matmuls of T x H d)."""
+    return 4.0 * cfg.n_layer * cfg.block_size * cfg.n_head * cfg.head_dim
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int, n_trained: int | None = None) -> float:
+    """Model FLOPs of one trained token: forward 2 N; backward 2 N for the activation gradients (they
+    flow through every layer, frozen or not) and 2 N_trained for the weight gradients (all N by
+    default: 6 N); attention 3 x its forward (12 L T d)."""
+    trained = n_params if n_trained is None else n_trained
+    return 3 * forward_flops_per_token(cfg, n_params) - 2.0 * (n_params - trained)
+
+
+def forward_flops_per_token(cfg: ModelConfig, n_params: int) -> float:
+    """Model FLOPs of one token's forward pass: 2 N + attention's 4 L T d."""
+    return 2.0 * n_params + _attention_per_token(cfg)
+
+
+def remat_flops_per_token(cfg: ModelConfig, n_params: int) -> float:
+    """Hardware FLOPs remat adds to a trained token, never model FLOPs: `full` runs the forward
+    again in the backward pass; `save_attention_out` keeps attention's output but recomputes the
+    projections; the `dots` policies keep every matmul's output (no matmul runs twice)."""
+    if cfg.remat == "full":
+        return forward_flops_per_token(cfg, n_params)
+    return 2.0 * n_params if cfg.remat == "save_attention_out" else 0.0
 
 
 def known_peak(device: Any, dtype: str) -> float | None:

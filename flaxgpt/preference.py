@@ -142,10 +142,15 @@ def logprobs(
     return list(zip(jnp.split(sums, len(prefixes)), jnp.split(counts, len(prefixes))))
 
 
+def reference_forward(model: Any, prefixes: Sequence[str]) -> Callable:
+    """(params, batch) -> summed response log-probabilities [b] of each prefix's rows, jitted; one
+    per model and prefixes, so a caller scoring many row sets (the online learner, every update)
+    compiles it once per shape."""
+    return _reference_forward(model, tuple(prefixes))
+
+
 @functools.cache
-def _summed_logprobs(model: Any, prefixes: tuple[str, ...]) -> Callable:
-    """The jitted forward of `add_reference_logprobs`, one per model and prefixes: a caller that
-    scores many row sets (the online learner, every update) compiles it once per shape."""
+def _reference_forward(model: Any, prefixes: tuple[str, ...]) -> Callable:
     return jax.jit(lambda p, b: [s for s, _ in logprobs(model, p, b, prefixes)])
 
 
@@ -155,7 +160,7 @@ def add_reference_logprobs(
     """`rows` with ref_<prefix>logp [n, 1] (summed response log-probabilities under `params`) added,
     computed once in fixed-size chunks (the last padded: one compilation)."""
     n = len(rows["valid"])
-    forward = _summed_logprobs(model, tuple(prefixes))
+    forward = reference_forward(model, prefixes)
     out = {p: np.zeros((n, 1), np.float32) for p in prefixes}
     for start in range(0, n, batch_size):
         index = np.minimum(np.arange(start, start + batch_size), n - 1)

@@ -17,7 +17,8 @@ import pytest
 
 from flaxgpt import compile as aot
 from flaxgpt import config as C
-from flaxgpt import train
+from flaxgpt import lora, train
+from flaxgpt.model import Transformer, count_params
 from flaxgpt.sharding import logical_rules, make_mesh
 
 GiB = 2**30
@@ -156,3 +157,93 @@ def test_auto_attention_compiles_the_splash_kernel_for_tpu():
             kernels[attention] = lowered.as_text().count("tpu_custom_call")
     assert kernels["auto"] >= 1 and kernels["xla"] == 0, kernels  # the layers share one kernel function
     assert lowered.compile().memory_analysis() is not None
+
+
+def test_lora_and_remat_model_flops_keep_the_mfu_bound_below_one():
+    """Model FLOPs of a LoRA step skip the frozen base's weight gradients (4N + 2N_trained, not 6N,
+    which gave bounds over 100 %); remat's recomputed forward is hardware work, not model FLOPs."""
+    cfg = tiny_llama()
+    cfg.model.lora_rank, cfg.model.remat = 4, "full"
+    report = aot.compile_run(cfg, jax.devices()[:1], "cpu", only=["train_step"]).reports[0]
+    m = aot.resolve_for_compile(cfg)[0].model
+    params = jax.eval_shape(lambda: Transformer(m).init(jax.random.PRNGKey(0), jnp.zeros((1, 64), jnp.int32)))
+    n, trained = (f(params["params"]) for f in (count_params, lora.count_trained))
+    assert 0 < 20 * trained < n
+    attention = 4 * m.n_layer * m.block_size * m.n_head * m.head_dim
+    assert report.model_flops == pytest.approx((4 * n + 2 * trained + 3 * attention) * 8 * 64, rel=1e-6)
+    recompute = (2 * n + attention) * 8 * 64
+    assert report.flops >= 0.9 * (report.model_flops + recompute)
+    assert 0.5 < report.mfu_bound < 0.85  # compute-bound on the CPU: model / (model + recompute)
+
+
+def test_hardware_flops_never_below_the_model_and_remat_floor():
+    """XLA counts a Pallas kernel as no FLOPs: the roofline takes the analytic floor instead."""
+    x = jax.ShapeDtypeStruct((64, 64), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    prog = aot.Program("kernel", jax.jit(lambda a: a @ a), (x,), ("inputs",), 1e6, hardware_flops=3e9)
+    chip = aot.Chip("test", 16 * GiB, None, 1e12)
+    report = aot.measure(prog, chip, "float32")
+    assert report.flops == 3e9 and report.bound_s == pytest.approx(3e-3)
+    assert report.mfu_bound == pytest.approx(1e6 / 3e9) and "remat" in report.flops_source
+
+
+PROGRAMS = {
+    "dpo": ["train_step", "eval_step", "reference_logprobs", "prefill", "decode_step"],
+    "kto": ["train_step", "eval_step", "reference_logprobs", "prefill", "decode_step"],
+    "orpo": ["train_step", "eval_step", "prefill", "decode_step"],
+    "grpo": ["rollout_prefill", "rollout_decode_step", "reward_score", "grpo_update"],
+}
+
+
+def trainer_config(trainer: str, **mesh) -> C.Config:
+    cfg = tiny_llama(**mesh)
+    cfg.train.trainer, cfg.data.source = trainer, "world"
+    cfg.ppo.reward_from, cfg.ppo.max_new_tokens, cfg.grpo.group_size = "runs/rm", 16, 2
+    return cfg
+
+
+def test_preference_and_grpo_runs_have_their_own_programs_and_batches():
+    """Traced (not compiled) on the CPU: each trainer's programs, with its records' real rows."""
+    mesh, rules = make_mesh(C.MeshConfig(), jax.devices()[:1]), logical_rules(C.MeshConfig().rules)
+    for trainer, names in PROGRAMS.items():
+        cfg = aot.resolve_for_compile(trainer_config(trainer))[0]
+        with jax.set_mesh(mesh), aot._axis_rules(rules):
+            progs = {p.name: p for p in aot.build_programs(cfg, mesh, rules)}
+            assert list(progs) == names, trainer
+            step = progs["grpo_update" if trainer == "grpo" else "train_step"]
+            batch = step.args[1]
+            jax.eval_shape(step.jitted, *step.args)  # the trainer's own loss runs on these rows
+        if trainer == "grpo":  # 8 prompts x 2 answers of 48 prompt + 16 response tokens
+            assert batch["tokens"].shape == (16, 64) and batch["resp_mask"].shape == (16, 16)
+            assert set(step.args[0].frozen) == {"reference", "reward"}
+            continue
+        rows = {"dpo": "chosen_", "kto": "kl_", "orpo": "rejected_"}[trainer] + "inputs"
+        assert batch[rows].shape == (8, 64), sorted(batch)
+        assert ("ref_chosen_logp" in batch) == (trainer == "dpo") and ("desirable" in batch) == (trainer == "kto")
+
+
+@needs_libtpu
+def test_dpo_and_grpo_steps_compile_for_v5e_with_their_state_sharded():
+    """The steps that differ from the LM loop's (the CPU test above traces every program)."""
+    devices = aot.topology_devices("v5e:2x2")
+    full = n_params(tiny_llama()) * 4 / GiB  # float32
+    compiled = lambda trainer, only: (
+        aot.compile_run(trainer_config(trainer, data=1, fsdp=4), devices, "v5e:2x2", only, calibrate=False).reports
+    )
+    (step,) = compiled("dpo", ["train_step"])
+    assert step.params_gib == pytest.approx(full / 4, rel=0.03)
+    rows = 2 * 5 * 8 * 64 * 4 + 3 * 8 * 4  # chosen and rejected rows; valid and the two reference columns
+    assert step.inputs_gib * GiB == pytest.approx(rows / 4, abs=64)
+    (update,) = compiled("grpo", ["grpo_update"])
+    reward = full - (256 - 1) * 128 * 4 / GiB  # the reward model's score head replaces the output head
+    assert update.params_gib == pytest.approx((2 * full + reward) / 4, rel=0.03)  # policy, reference, reward
+    assert update.opt_state_gib == pytest.approx(2 * full / 4, rel=0.03)  # Adam of the policy only
+    assert all(r.fits and 0 < r.mfu_bound <= 1 for r in (step, update))
+
+
+def test_a_grpo_run_that_does_not_fit_is_told_to_sample_fewer_answers():
+    """GRPO updates on the whole batch at once: micro-batches (grad_accum_steps) do not apply to it."""
+    mesh = make_mesh(C.MeshConfig(), jax.devices()[:1])
+    report = aot.Report("grpo_update", 1, 2, 0, 30, 33, 16, 0, 0, 0, 0, 0, 0)
+    tips = aot.suggestions(trainer_config("grpo"), report, mesh)
+    assert "fewer answers a step (train.batch_size=4 or a smaller grpo.group_size)" in tips
+    assert not any("grad_accum_steps" in tip for tip in tips)

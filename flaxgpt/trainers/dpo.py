@@ -33,14 +33,18 @@ def dpo_objective(model: Any, beta: float, loss_type: str, label_smoothing: floa
     return loss_sums
 
 
-def run(cfg: Config, workdir: str) -> dict[str, Any]:
+def method(cfg: Config) -> preference.Method:
+    """What fit_preference trains (also what flaxgpt.compile compiles)."""
     d = cfg.dpo
     name = "IPO" if d.loss_type == "ipo" else ("conservative DPO" if d.label_smoothing else "DPO")
-    method = preference.Method(
+    return preference.Method(
         kind="pairs",
         objective=lambda model: dpo_objective(model, d.beta, d.loss_type, d.label_smoothing),
         reference=("chosen_", "rejected_"),
         describe=f"{name} (beta {d.beta:g}"
         + (f", label smoothing {d.label_smoothing:g})" if d.label_smoothing else ")"),
     )
-    return preference.fit_preference(cfg, workdir, method)
+
+
+def run(cfg: Config, workdir: str) -> dict[str, Any]:
+    return preference.fit_preference(cfg, workdir, method(cfg))

@@ -25,12 +25,16 @@ def kto_objective(model: Any, beta: float, desirable_weight: float, undesirable_
     return loss_sums
 
 
-def run(cfg: Config, workdir: str) -> dict[str, Any]:
+def method(cfg: Config) -> preference.Method:
+    """What fit_preference trains (also what flaxgpt.compile compiles)."""
     k = cfg.kto
-    method = preference.Method(
+    return preference.Method(
         kind="feedback",
         objective=lambda model: kto_objective(model, k.beta, k.desirable_weight, k.undesirable_weight),
         reference=("", "kl_"),
         describe=f"KTO (beta {k.beta:g}, weights {k.desirable_weight:g}/{k.undesirable_weight:g})",
     )
-    return preference.fit_preference(cfg, workdir, method)
+
+
+def run(cfg: Config, workdir: str) -> dict[str, Any]:
+    return preference.fit_preference(cfg, workdir, method(cfg))

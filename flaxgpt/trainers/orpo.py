@@ -25,12 +25,16 @@ def orpo_objective(model: Any, beta: float):
     return loss_sums
 
 
-def run(cfg: Config, workdir: str) -> dict[str, Any]:
+def method(cfg: Config) -> preference.Method:
+    """What fit_preference trains (also what flaxgpt.compile compiles)."""
     beta = cfg.orpo.beta
-    method = preference.Method(
+    return preference.Method(
         kind="pairs",
         objective=lambda model: orpo_objective(model, beta),
         reference=(),
         describe=f"ORPO (beta {beta:g})",
     )
-    return preference.fit_preference(cfg, workdir, method)
+
+
+def run(cfg: Config, workdir: str) -> dict[str, Any]:
+    return preference.fit_preference(cfg, workdir, method(cfg))

@@ -252,7 +252,8 @@ def lm_run_spec(
     params = abstract[0].params
     origin = f"from {tc.init_from or tc.init_from_hf}" if init_params else "from scratch"
     if objective.loss_sums is None:  # a language model: every row is block_size tokens of compute
-        flops = mfu.flops_per_token(model_cfg, count_params(params))
+        trained = lora.count_trained(params) if model_cfg.lora_rank else None  # LoRA: no frozen weight grads
+        flops = mfu.flops_per_token(model_cfg, count_params(params), trained)
         throughput = Throughput("tokens", model_cfg.block_size, flops, model_cfg.dtype)
     else:
         throughput = Throughput("examples", 1)
