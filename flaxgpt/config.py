@@ -516,9 +516,11 @@ class Config:
         if t.trainer in ("ppo", "grpo"):
             _check_ppo(self)
         if t.trainer in ("dpo", "kto", "orpo", "online"):
-            if self.data.source not in ("world", "jsonl"):
+            sources = ("world", "jsonl") + (("tokens",) if t.trainer != "online" else ())
+            if self.data.source not in sources:
                 raise ConfigError(
-                    f"train.trainer='{t.trainer}' reads data.source 'world' or 'jsonl', got '{self.data.source}'"
+                    f"train.trainer='{t.trainer}' reads data.source {' or '.join(map(repr, sources))}, "
+                    f"got '{self.data.source}'"
                 )
             if not t.init_from:
                 raise ConfigError(

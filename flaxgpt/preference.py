@@ -31,6 +31,7 @@ from flaxgpt.conversations import chat_prompt, conversation_example
 from flaxgpt.data import world as world_lib
 from flaxgpt.data.jsonl import DataError, read_jsonl
 from flaxgpt.data.packing import PackedRows, build_rows
+from flaxgpt.data.rows import StreamedRows, prepared_rows
 from flaxgpt.data.tokenizers import Tokenizer
 from flaxgpt.data.world import WorldTask
 from flaxgpt.metrics import answer_metrics
@@ -88,19 +89,20 @@ def _width(examples: list, block_size: int) -> int:
     return min(block_size, -(-longest // 16) * 16)
 
 
-def pair_rows(pairs: Sequence[Pair], tokenizer: Tokenizer, block_size: int) -> Rows:
+def pair_rows(pairs: Sequence[Pair], tokenizer: Tokenizer, block_size: int, width: int = 0) -> Rows:
     """chosen_* and rejected_* rows ([n, width]: inputs, targets, loss_weights, segment_ids,
         positions) and `valid` [n, 1] (1: a real pair). Per-record values are [n, 1] columns, as the
-    batch sharding splits rows of rank 2 and more (`column` reads them back)."""
+    batch sharding splits rows of rank 2 and more (`column` reads them back). width 0: the
+    longest response's (rows on disk are all block_size wide)."""
     chosen = [response_example(p.prompt, p.chosen, tokenizer, block_size) for p in pairs]
     rejected = [response_example(p.prompt, p.rejected, tokenizer, block_size) for p in pairs]
-    width = _width(chosen + rejected, block_size)
+    width = width or _width(chosen + rejected, block_size)
     rows = {**_encode(chosen, tokenizer, width, "chosen_"), **_encode(rejected, tokenizer, width, "rejected_")}
     rows["valid"] = np.ones((len(pairs), 1), np.float32)
     return rows
 
 
-def feedback_rows(records: Sequence[Feedback], tokenizer: Tokenizer, block_size: int) -> Rows:
+def feedback_rows(records: Sequence[Feedback], tokenizer: Tokenizer, block_size: int, width: int = 0) -> Rows:
     """Rows of each record (no prefix) and kl_* rows of its prompt with the next record's response:
     the mismatched pairs KTO estimates its KL reference point on (as TRL does); `desirable` and
     `valid` [n, 1]."""
@@ -109,9 +111,9 @@ def feedback_rows(records: Sequence[Feedback], tokenizer: Tokenizer, block_size:
     mismatched = [
         response_example(r.prompt, records[(i + 1) % n].response, tokenizer, block_size) for i, r in enumerate(records)
     ]
-    width = _width(own + mismatched, block_size)
+    width = width or _width(own + mismatched, block_size)
     rows = {**_encode(own, tokenizer, width, ""), **_encode(mismatched, tokenizer, width, "kl_")}
-    rows["desirable"] = np.asarray([[r.desirable] for r in records], np.float32)
+    rows["desirable"] = np.asarray([r.desirable for r in records], np.float32).reshape(n, 1)
     rows["valid"] = np.ones((n, 1), np.float32)
     return rows
 
@@ -157,19 +159,26 @@ def _reference_forward(model: Any, prefixes: tuple[str, ...]) -> Callable:
 def add_reference_logprobs(
     model: Any, params: Any, rows: Rows, prefixes: Sequence[str], batch_size: int, log: Callable[[str], None] = print
 ) -> Rows:
-    """`rows` with ref_<prefix>logp [n, 1] (summed response log-probabilities under `params`) added,
-    computed once in fixed-size chunks (the last padded: one compilation)."""
-    n = len(rows["valid"])
+    """`rows` with ref_<prefix>logp [n, 1] (summed response log-probabilities under `params`) added."""
+    fetch = lambda index: {k: v[index] for k, v in rows.items()}
+    return {**rows, **reference_columns(model, params, len(rows["valid"]), fetch, prefixes, batch_size, log)}
+
+
+def reference_columns(
+    model: Any, params: Any, n: int, fetch: Callable, prefixes: Sequence[str], batch_size: int, log: Callable
+) -> Rows:
+    """ref_<prefix>logp [n, 1] of the n rows fetch(index) gives, computed once in fixed-size chunks
+    (the last padded: one compilation); streamed rows are read a chunk at a time, so memory is a
+    chunk's rows plus 4 bytes per record and prefix."""
     forward = reference_forward(model, prefixes)
     out = {p: np.zeros((n, 1), np.float32) for p in prefixes}
     for start in range(0, n, batch_size):
         index = np.minimum(np.arange(start, start + batch_size), n - 1)
-        chunk = {k: v[index] for k, v in rows.items()}
         real = min(batch_size, n - start)
-        for prefix, sums in zip(prefixes, forward(params, chunk)):
+        for prefix, sums in zip(prefixes, forward(params, fetch(index))):
             out[prefix][start : start + real, 0] = np.asarray(jax.device_get(sums))[:real]
     log(f"reference log-probabilities of {n} records computed once from the starting parameters")
-    return {**rows, **{f"ref_{p}logp": v for p, v in out.items()}}
+    return {f"ref_{p}logp": v for p, v in out.items()}
 
 
 # ----------------------------------------------------------------------------- records
@@ -182,6 +191,11 @@ def pairs_from_records(records: Sequence[dict]) -> list[Pair]:
         ranking = Ranking.from_record(record)
         out += pairs_of(ranking.prompt, ranking.responses, ranking.ranks)
     return out
+
+
+def feedback_of(record: dict) -> Feedback:
+    """The Feedback of one `feedback` record."""
+    return Feedback(chat_prompt(record["prompt"], record.get("system") or ""), record["response"], record["label"])
 
 
 def _schema_of(path: str) -> str:
@@ -214,11 +228,7 @@ def jsonl_items(cfg: Config, kind: str, log: Callable[[str], None]) -> tuple[lis
         schema = "feedback" if kind == "feedback" else _schema_of(path)
         records, report = read_jsonl(path, schema, data.on_error)
         log(report.summary())
-        if kind == "feedback":
-            return [
-                Feedback(chat_prompt(r["prompt"], r.get("system") or ""), r["response"], r["label"]) for r in records
-            ]
-        return pairs_from_records(records)
+        return list(map(feedback_of, records)) if kind == "feedback" else pairs_from_records(records)
 
     items = read(data.path)
     return (items, read(data.val_path)) if data.val_path else _split(items, data.path, data.train_fraction)
@@ -277,21 +287,15 @@ def fit_preference(cfg: Config, workdir: str, method: Method) -> dict[str, Any]:
     notes: list[str] = []
     eval_batch = cfg.eval.batch_size or cfg.train.batch_size
     task = WorldTask.from_config(cfg) if cfg.data.source == "world" else None
+    items, where = None, "world records"
     if task is not None:
         train = world_items(task, method.kind, cfg.data.world_preferences, "preference")
-        val = world_items(task, method.kind, max(cfg.eval.iters, 1) * eval_batch, "preference_val")
-    else:
-        train, val = jsonl_items(cfg, method.kind, notes.append)
+        items = (train, world_items(task, method.kind, max(cfg.eval.iters, 1) * eval_batch, "preference_val"))
+    elif cfg.data.source == "jsonl":
+        items, where = jsonl_items(cfg, method.kind, notes.append), cfg.data.path
     cfg, tokenizer, init_params = starting_point(cfg, rt, lambda: "")
     model = Transformer(cfg.model)
-    rows_of = pair_rows if method.kind == "pairs" else feedback_rows
-    where = "world records" if task is not None else cfg.data.path
-    train_rows = encodable(train, rows_of, tokenizer, cfg, where, notes.append)
-    val_rows = encodable(val, rows_of, tokenizer, cfg, where + " (validation)", notes.append)
-    if method.reference:
-        pair = [train_rows, val_rows]
-        train_rows, val_rows = _with_reference(cfg, rt, model, init_params, method.reference, pair, notes.append)
-    train_set, val_set = PackedRows(train_rows, cfg.train.seed), PackedRows(val_rows, cfg.train.seed + 1)
+    train_set, val_set = _row_sets(cfg, rt, model, init_params, method, tokenizer, items, where, notes.append)
     loss_sums = method.objective(model)
     eval_step = jax.jit(make_eval_step(model, loss_sums))
     eval_iters = min(cfg.eval.iters, -(-val_set.n // eval_batch))
@@ -319,12 +323,33 @@ def fit_preference(cfg: Config, workdir: str, method: Method) -> dict[str, Any]:
     return fit(cfg, rt, spec)
 
 
-def _with_reference(cfg, rt, model, init_params, prefixes, row_sets, log) -> list[Rows]:
-    """Each row set with its reference log-probabilities, from the starting parameters (with LoRA:
-    the base, the adapters starting at zero), loaded once and dropped afterwards."""
+def _row_sets(cfg, rt, model, init_params, method, tokenizer, items, where, log) -> list:
+    """(train, validation) rows with their reference log-probabilities: the records' `items` (in
+    memory), or with items None data.path's prepared rows (data.source=tokens, streamed; the
+    reference columns, 4 bytes per record and prefix, are all they add to memory)."""
+    if items is None:
+        sets = prepared_rows(cfg, tokenizer)
+        sizes = [(s.n, s.source.rows) for s in sets]
+    else:
+        rows_of = pair_rows if method.kind == "pairs" else feedback_rows
+        rows = [encodable(x, rows_of, tokenizer, cfg, w, log) for x, w in zip(items, (where, where + " (validation)"))]
+        sizes = [(len(r["valid"]), lambda index, r=r: {k: v[index] for k, v in r.items()}) for r in rows]
+    columns = (
+        _with_reference(cfg, rt, model, init_params, method.reference, sizes, log) if method.reference else [{}] * 2
+    )
+    if items is None:
+        return [StreamedRows(s.source, s.seed, c) for s, c in zip(sets, columns)]
+    return [PackedRows({**r, **c}, cfg.train.seed + i) for i, (r, c) in enumerate(zip(rows, columns))]
+
+
+def _with_reference(cfg, rt, model, init_params, prefixes, sizes, log) -> list[Rows]:
+    """The reference log-probability columns of each (n, fetch) row set, from the starting
+    parameters (with LoRA: the base, the adapters starting at zero), loaded once and dropped
+    afterwards. Computed once per start rather than per step: the run then holds one copy of the
+    weights, and a resumed run recomputes the same columns from the same start."""
     example = jnp.zeros((1, cfg.model.block_size), jnp.int32)
     shardings = abstract_train_state(model, optax.identity(), example, rt.mesh, rt.rules)[1].params
     params = init_params(shardings)
     size = cfg.eval.batch_size or cfg.train.batch_size
     with rt.context():
-        return [add_reference_logprobs(model, params, rows, prefixes, size, log) for rows in row_sets]
+        return [reference_columns(model, params, n, fetch, prefixes, size, log) for n, fetch in sizes]

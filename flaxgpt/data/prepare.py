@@ -19,7 +19,9 @@ memory (a chunk's last row is padded: a conversation never continues into anothe
 rows). Shards then hold whole rows of fixed width, and the manifest's "rows" records how they
 were made, which SFT with data.source=tokens checks against its config. --rankings FILE...
 (rankings or pairs JSONL) does the same for the reward model: rows of up to --ranking-k
-responses, each padded to --block-size.
+responses, each padded to --block-size. --pairs FILE... (pairs, or rankings expanded to every
+better/worse pair) and --feedback FILE... write the rows DPO / ORPO and KTO read
+(`flaxgpt.preference`), each response padded to --block-size.
 
 Why flat token files rather than ArrayRecord: a training window is then one pread at a
 computed offset (no record index, no decoding, no per-record framing), the same files serve
@@ -95,14 +97,16 @@ def tfds_chunks(name: str, split: str, data_dir: str, key: str, records: int) ->
     return [("tfds", name, split, data_dir, key, i, min(i + records, n)) for i in range(0, n, records)]
 
 
-_SCHEMAS = {"jsonl": "text", "conversations": "conversations", "rankings": "rankings"}  # a JSONL kind's schema
-_FIELDS = {"jsonl": "text", "conversations": "messages", "rankings": None}  # ... and what it yields (None: all)
+# a JSONL kind's schema, and what a record of it yields (None: the whole record)
+_SCHEMAS = {"jsonl": "text", "conversations": "conversations", "rankings": "rankings", "pairs": "rankings"}
+_SCHEMAS["feedback"] = "feedback"
+_FIELDS = {"jsonl": "text", "conversations": "messages", "rankings": None, "pairs": None, "feedback": None}
 
 
 def _parse_record(text: str, kind: str) -> tuple[object, str | None]:
     """(what a record of this kind yields, problem or None); rankings may be pairs, line by line."""
     record, problem = _parse(text, _SCHEMAS[kind])
-    if problem is not None and kind == "rankings" and '"chosen"' in text:
+    if problem is not None and kind in ("rankings", "pairs") and '"chosen"' in text:
         record, problem = _parse(text, "pairs")
     if problem is not None:
         return None, problem
@@ -220,7 +224,36 @@ def _ranking_rows(opts: dict):
     return item, lambda items, tokenizer: ranking_rows(items, tokenizer, block, k, width=block)
 
 
-ROW_KINDS = {"conversations": _conversation_rows, "rankings": _ranking_rows}
+def _preference_rows(opts: dict):
+    """(item of one record, rows of items) as DPO / ORPO (pairs; a ranking expanded to every
+    better/worse pair) or KTO (feedback) read them, each response padded to the block. A KTO
+    row's mismatched (kl_) response is the next record's within the same chunk."""
+    from flaxgpt import preference
+
+    block, pairs = opts["block_size"], opts["kind"] == "pairs"
+
+    def item(record: dict, tokenizer: Tokenizer):
+        if pairs:
+            out = preference.pairs_from_records([record])
+        else:
+            out = [preference.feedback_of(record)]
+        build(out, tokenizer)  # (a ValueError if a response cannot fit)
+        return out
+
+    def build(items: list, tokenizer: Tokenizer) -> dict:
+        flat = [x for one in items for x in one] if items and isinstance(items[0], list) else items
+        rows_of = preference.pair_rows if pairs else preference.feedback_rows
+        return rows_of(flat, tokenizer, block, width=block)
+
+    return item, build
+
+
+ROW_KINDS = {
+    "conversations": _conversation_rows,
+    "rankings": _ranking_rows,
+    "pairs": _preference_rows,
+    "feedback": _preference_rows,
+}
 
 
 def row_layout(rows: dict[str, np.ndarray]) -> list[list]:
@@ -246,7 +279,7 @@ def rows_chunk(chunk: Chunk) -> tuple[np.ndarray, dict]:
             report["skipped"] += 1
             report.setdefault("first", where)
     rows = build(items, tokenizer)
-    n = len(rows["inputs"])
+    n = len(next(iter(rows.values())))
     parts = [rows[k].astype(dt).reshape(n, int(np.prod(shape))).view(np.uint8) for k, dt, shape in row_layout(rows)]
     return np.concatenate(parts, axis=1).ravel(), report
 
@@ -311,8 +344,9 @@ def make_tokenizer(args: argparse.Namespace, train: list[Chunk]) -> Tokenizer:
     existing = load_tokenizer(args.out)
     if existing is not None:
         return existing
-    if (args.conversations or args.rankings) and not args.tokenizer_from:
-        which = "--conversations" if args.conversations else "--rankings"
+    rows = row_options(args)
+    if rows is not None and not args.tokenizer_from:
+        which = "--" + rows["kind"]
         raise DataError(f"{which} needs --tokenizer-from: the run (or directory) whose tokenizer the trainer uses")
     if args.tokenizer_from:
         tokenizer = load_tokenizer(args.tokenizer_from)
@@ -352,7 +386,7 @@ def plan(args: argparse.Namespace) -> dict[str, list[Chunk]]:
         val = tfds_chunks(args.tfds, args.tfds_val_split, args.tfds_data_dir, args.tfds_text_key, per)
         return {"train": train, "val": val}
     kinds = (("jsonl", args.jsonl), ("conversations", args.conversations), ("rankings", args.rankings))
-    kinds += (("text", args.text),)
+    kinds += (("pairs", args.pairs), ("feedback", args.feedback), ("text", args.text))
     kind, files = next((k, f) for k, f in kinds if f)
     train = [c for path in files for c in file_chunks(kind, path, size)]
     if args.val:
@@ -391,6 +425,8 @@ def row_options(args: argparse.Namespace) -> dict | None:
         }
     if args.rankings:
         return {"kind": "rankings", "block_size": args.block_size, "k": args.ranking_k}
+    if args.pairs or args.feedback:
+        return {"kind": "pairs" if args.pairs else "feedback", "block_size": args.block_size}
     return None
 
 
@@ -500,6 +536,10 @@ def parser() -> argparse.ArgumentParser:
     inputs.add_argument(
         "--rankings", nargs="+", help="JSONL rankings or pairs for the reward model (data.source=tokens)"
     )
+    inputs.add_argument(
+        "--pairs", nargs="+", help="JSONL pairs or rankings (expanded to pairs) for DPO / ORPO (data.source=tokens)"
+    )
+    inputs.add_argument("--feedback", nargs="+", help="JSONL thumbs-up/down feedback for KTO (data.source=tokens)")
     p.add_argument("--val", nargs="+", help="validation files (default: the last --val-fraction of the chunks)")
     p.add_argument("--val-fraction", type=float, default=0.01)
     p.add_argument("--tfds-data-dir", default="")

@@ -1,5 +1,5 @@
-"""SFT and reward-model rows streamed from disk: what `python -m flaxgpt.data.prepare
---conversations` (or `--rankings`) wrote.
+"""SFT, reward-model and preference rows streamed from disk: what `python -m flaxgpt.data.prepare
+--conversations` (or `--rankings`, `--pairs`, `--feedback`) wrote.
 
 The shards hold fixed-width rows (the arrays `packing.build_rows` or `rewards.ranking_rows`
 make, their layout in the manifest), so row i is one pread at i x row_bytes. `StreamedRows` serves
@@ -48,21 +48,28 @@ class RowSource(TokenSource):
 class StreamedRows(ShuffledRows):
     """`PackedRows`' interface over a `RowSource`: each epoch in its own keyed permutation."""
 
-    def __init__(self, source: RowSource, seed: int):
-        self.source, self.seed, self.n = source, seed, source.windows
+    def __init__(self, source: RowSource, seed: int, columns: dict[str, np.ndarray] | None = None):
+        """columns: per-row arrays held in memory beside the streamed ones (DPO's and KTO's
+        reference log-probabilities, [n, 1])."""
+        self.source, self.seed, self.n, self.columns = source, seed, source.windows, columns or {}
 
     def take(self, wanted: np.ndarray) -> dict[str, np.ndarray]:
-        return self.source.rows(epoch_order(wanted, self.n, self.seed))
+        index = epoch_order(wanted, self.n, self.seed)
+        return {**self.source.rows(index), **{k: v[index] for k, v in self.columns.items()}}
+
+
+_ROW_KINDS = {"sft": "conversations", "reward": "rankings", "dpo": "pairs", "orpo": "pairs", "kto": "feedback"}
 
 
 def prepared_rows(cfg: Config, tokenizer: Tokenizer) -> tuple[StreamedRows, StreamedRows]:
     """Train and validation rows of data.path for this run's trainer (SFT: conversations, the
-    reward model: rankings), once the manifest agrees with the run: the same tokenizer,
-    model.block_size, and sft.loss_on and data.packing (SFT); else a one-line DataError."""
+    reward model: rankings, DPO and ORPO: pairs, KTO: feedback), once the manifest agrees with the
+    run: the same tokenizer, model.block_size, and sft.loss_on and data.packing (SFT); else a
+    one-line DataError."""
     if cfg.data.mixture:
         raise ConfigError("data.mixture mixes pretraining corpora; a trainer of prepared rows reads data.path")
     path = os.path.join(cfg.data.path, MANIFEST)
-    kind = "conversations" if cfg.train.trainer == "sft" else "rankings"
+    kind = _ROW_KINDS[cfg.train.trainer]
     made = read_manifest(cfg.data.path).get("rows")
     if made is None or made.get("kind") != kind:
         raise DataError(f"{path}: holds no {kind} rows; prepare it with python -m flaxgpt.data.prepare --{kind}")
