@@ -9,7 +9,10 @@ users or data never becomes a special token), loss weights 1 on the response and
 The reference model's log-probabilities are computed once, before training, from the
 starting parameters and stored in the rows (`add_reference_logprobs`): the run holds one copy
 of the weights, and with LoRA the adapters start at zero, so the start is the base model
-with adapters off.
+with adapters off. With data.source=tokens (rows written by `python -m flaxgpt.data.prepare
+--pairs` or `--feedback`) the rows stream from disk and the reference columns are computed at
+every start over them, a chunk at a time: a resumed run recomputes the same columns from the
+same start, and memory holds 4 bytes per record and prefix, not the rows.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from flaxgpt.data import prepare as P
-from flaxgpt.data.rows import RowSource
+from flaxgpt.data.jsonl import DataError
+from flaxgpt.data.rows import RowSource, prepared_rows
 from flaxgpt.data.stream import Mixture, TokenSource
 from flaxgpt.logging import read_metrics
 from flaxgpt.trainers import dpo, kto, orpo, sft
@@ -86,6 +87,11 @@ def test_preference_on_streamed_rows_has_the_in_memory_loss(policy, tmp_path, tr
     args += ["--tokenizer-from", str(policy / "sft"), "--block-size", str(BLOCK), "--chunk-mb", "1"]
     manifest = P.prepare(P.parser().parse_args(args), log=lambda _: None)
     assert manifest["rows"]["kind"] == kind
+    other = "dpo" if kind == "feedback" else "kto"  # rows of the other kind: one line naming the directory
+    with pytest.raises(
+        DataError, match=f"rows/manifest.json: holds no {'pairs' if other == 'dpo' else 'feedback'} rows"
+    ):
+        prepared_rows(_cfg(other, policy, "tokens", tmp_path / "rows", "", 1, 1), None)
     n, n_val = (RowSource(str(tmp_path / "rows"), split).windows for split in ("train", "val"))
     assert (n, n_val) == (24, 8) if kind == "feedback" else n > 24  # rankings: expanded to pairs
     figures = []
