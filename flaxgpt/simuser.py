@@ -9,7 +9,6 @@ with a correction. Its ratings reach the feedback database exactly as a person's
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -119,9 +118,7 @@ def api_accuracy(http, model: str, conversations: list[list[dict]], task: WorldT
 def main(argv: Sequence[str] | None = None) -> int:
     import httpx
 
-    parser = argparse.ArgumentParser(
-        prog="python -m flaxgpt.simuser", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(prog="python -m flaxgpt.simuser", description=__doc__)
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--api-key", help="the server's --api-key, if it has one")
     parser.add_argument("--questions", type=cli.ranged(int, ">= 1"), default=100)

@@ -94,6 +94,8 @@ def _signal_after(monkeypatch, step: int, sig: int) -> None:
 def test_ppo_sigint_saves_and_the_resume_is_bit_exact(policy_run, tmp_path, monkeypatch):  # noqa: F811
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
     config = lambda: ppo_config(policy_run, "test_ppo:reward_letter_x", 4, value_model="separate", eval_prompts=0)
+    # the handler the process had (a background shell's worker inherits SIG_IGN, a terminal's the default)
+    before = signal.getsignal(signal.SIGINT)
     ppo.run(config(), straight)
     with monkeypatch.context() as m:
         _signal_after(m, 3, signal.SIGINT)
@@ -103,7 +105,7 @@ def test_ppo_sigint_saves_and_the_resume_is_bit_exact(policy_run, tmp_path, monk
     assert _steps(stopped) == [2, 3]
     ppo.run(config(), stopped)
     assert _rows(stopped) == _rows(straight)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the scaffold put it back
+    assert signal.getsignal(signal.SIGINT) is before  # the scaffold put it back
 
 
 def test_non_finite_stop_keeps_the_last_checkpoint_complete(tmp_path):
