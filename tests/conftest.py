@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 
 # JAX computes on the CPU in every test process (and its subprocesses), also where libtpu is
@@ -123,3 +127,35 @@ def shakespeare_path() -> str:
     if not os.path.exists(SHAKESPEARE):
         pytest.skip(f"tiny shakespeare not found at {SHAKESPEARE} (it lives in ../shared/data beside the repo)")
     return SHAKESPEARE
+
+
+def free_port() -> int:
+    """A localhost port free now (for jax.distributed coordinators and servers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(service, timeout: float = 30):
+    """The app over `service` on a free localhost port (uvicorn in a thread); yields its URL and
+    stops the server and the service's engine on exit."""
+    import uvicorn
+
+    from flaxgpt.serve.app import create_app
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + timeout
+    try:
+        while not server.started:
+            assert time.time() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        service.engine.stop()

@@ -30,7 +30,7 @@ from flaxgpt.config import CheckpointConfig, LoggingConfig, ModelConfig
 from flaxgpt.errors import UserError
 from flaxgpt.logging import MetricsLogger, read_metrics
 from flaxgpt.workdir import WorkdirBusy, WorkdirLock
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 STEPS = (100, 200, 300, 400)
 
@@ -249,9 +249,7 @@ print("restored", step, float(np.asarray(state["w"].addressable_data(0))[0, 0]),
 
 @pytest.mark.slow
 def test_two_processes_skip_the_same_unreadable_checkpoint(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _TWO_PROCESS_RESUME, str(tmp_path), str(port), str(i)],

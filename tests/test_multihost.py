@@ -2,7 +2,6 @@
 exactly like one process with 8 devices, and save and restore checkpoints together."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 
 from flaxgpt.logging import read_metrics
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, free_port, run_cli
 
 TINY = [
     "model.recipe=llama",
@@ -37,14 +36,8 @@ TINY = [
 SINGLE_MESH, HYBRID_MESH = ["mesh.data=2"], ["mesh.data=1", "mesh.dcn_data=2"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_processes(workdir: str, max_steps: int) -> list[subprocess.CompletedProcess]:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     procs = [
         subprocess.Popen(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ import pytest
 
 from flaxgpt import online
 from flaxgpt.trainers import pretrain
-from tests.conftest import REPO, tiny_run_config
+from tests.conftest import REPO, serving, tiny_run_config
 
 pytestmark = pytest.mark.slow
 
@@ -60,10 +59,7 @@ def wait_for(condition, timeout: float = 120, what: str = "") -> None:
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
     """(learner workdir, starting run, server URL, Service): a learner's step 0 served."""
-    import uvicorn
-
     from flaxgpt.serve.__main__ import build_service, watch
-    from flaxgpt.serve.app import create_app
 
     root = tmp_path_factory.mktemp("online")
     start, workdir = str(root / "start"), str(root / "learn")
@@ -75,19 +71,11 @@ def loop(tmp_path_factory):
     wait_for(lambda: online.promoted_step(workdir) == 0 or first.poll() is not None, 300, "step 0 promoted")
     assert first.poll() is None, first.communicate()[0]
     service = build_service(workdir, slots=2, max_queue=16)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
     stop = threading.Event()
-    threading.Thread(target=watch, args=(service, workdir, 0.2, stop), daemon=True).start()
-    wait_for(lambda: server.started, 30, "the server")
-    yield workdir, start, f"http://127.0.0.1:{sock.getsockname()[1]}", service, first
-    stop.set()
-    server.should_exit = True
-    thread.join(timeout=10)
-    service.engine.stop()
+    with serving(service) as url:
+        threading.Thread(target=watch, args=(service, workdir, 0.2, stop), daemon=True).start()
+        yield workdir, start, url, service, first
+        stop.set()
 
 
 def _user(url: str, seed: int):

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import pytest
 from flaxgpt import chat_template, generate
 from flaxgpt.serve.engine import Overloaded, Request, RequestError, SlotEngine
 from flaxgpt.trainers import pretrain
-from tests.conftest import REPO, init_params, tiny_model_config, tiny_run_config
+from tests.conftest import REPO, free_port, init_params, serving, tiny_model_config, tiny_run_config
 
 
 def _collect(engine: SlotEngine, prompts, max_tokens, start=False, **kw) -> list[tuple[list[int], str]]:
@@ -166,10 +165,7 @@ def test_engine_refuses_too_long_and_overload(lone_model):
 def server(tmp_path_factory):
     """(base URL, Service) of a server on a free localhost port, over a tiny world run."""
     pytest.importorskip("uvicorn")
-    import uvicorn
-
     from flaxgpt.serve.__main__ import build_service
-    from flaxgpt.serve.app import create_app
 
     workdir = str(tmp_path_factory.mktemp("serve") / "run")
     overrides = dict(
@@ -177,19 +173,8 @@ def server(tmp_path_factory):
     )
     pretrain.run(tiny_run_config(train={"max_steps": 2}, checkpoint={"every_steps": 2}, **overrides), workdir)
     service = build_service(workdir, slots=4, max_queue=8)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive()
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", service
-    server.should_exit = True
-    thread.join(timeout=10)
-    service.engine.stop()
+    with serving(service) as url:
+        yield url, service
 
 
 @pytest.fixture(scope="module")
@@ -351,18 +336,12 @@ def test_chat_page_rows_and_export(server, tmp_path):
     assert len({r["id"] for r in fb + pairs + convs}) == len(fb + pairs + convs)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _serve_cli(workdir: str, db: str):
     """`python -m flaxgpt.serve` in its own process; yields its URL once /health answers."""
     import httpx
 
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "flaxgpt.serve", "--workdir", workdir, "--db", db, "--port", str(port), "--slots", "2"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url, deadline = f"http://127.0.0.1:{port}", time.time() + 120

@@ -308,7 +308,7 @@ if jax.process_index() == 0:
 def test_two_processes_each_read_only_their_rows(corpus, tmp_path):
     """Across processes too, a batch is the pure function of the step the resume relies on: at
     step 85 the small source is several epochs on and the rows (1020-1031) straddle a mixture block."""
-    from tests.test_multihost import _free_port
+    from tests.conftest import free_port
 
     small = tmp_path / "small.txt"
     small.write_text(open(SHAKESPEARE, encoding="utf-8").read()[:1500], encoding="utf-8")
@@ -316,7 +316,7 @@ def test_two_processes_each_read_only_their_rows(corpus, tmp_path):
     _prepare(second, "--tokenizer-from", corpus, "--chunk-mb", "0.0003", text=str(small))
     mixture = json.dumps([{"path": corpus, "weight": 0.6}, {"path": str(second), "weight": 0.4}])
     overrides = json.dumps([*TINY, f"data.mixture={mixture}", "mesh.data=2", "mesh.dcn_data=2"])
-    address, out = f"127.0.0.1:{_free_port()}", str(tmp_path / "whole.npz")
+    address, out = f"127.0.0.1:{free_port()}", str(tmp_path / "whole.npz")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     procs = [
         subprocess.Popen(

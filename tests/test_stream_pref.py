@@ -16,9 +16,8 @@ from flaxgpt.data.rows import RowSource, prepared_rows
 from flaxgpt.data.stream import Mixture, TokenSource
 from flaxgpt.logging import read_metrics
 from flaxgpt.trainers import dpo, kto, orpo, sft
-from tests.conftest import REPO, SHAKESPEARE, tiny_run_config
+from tests.conftest import REPO, SHAKESPEARE, free_port, tiny_run_config
 from tests.test_checkpoint_resume import KILLED_RUN
-from tests.test_multihost import _free_port
 from tests.test_stream import TINY
 from tests.test_stream import _prepare as prepare_text
 
@@ -109,7 +108,7 @@ def _two_processes(args: list[str], workdir, kill_at: int = 0) -> None:
     process 0 SIGKILLs itself after logging that step and process 1 is SIGKILLed then."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "KILL_AT": str(kill_at)}
     command = [sys.executable, "-c", KILLED_RUN] if kill_at else [sys.executable, "-m", "flaxgpt.train"]
-    command += [*args, "--workdir", str(workdir), "--coordinator-address", f"127.0.0.1:{_free_port()}"]
+    command += [*args, "--workdir", str(workdir), "--coordinator-address", f"127.0.0.1:{free_port()}"]
     logs = [open(os.path.join(workdir.parent, f"{workdir.name}-{i}-{kill_at}.log"), "w") for i in range(2)]
     procs = [
         subprocess.Popen(
