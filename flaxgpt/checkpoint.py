@@ -177,12 +177,14 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
 
     def restore(self, step: int, abstract_state: Any, model_cfg: ModelConfig) -> tuple[Any, dict]:
-        """Restore onto the shardings in `abstract_state`, after checking the model agrees."""
+        """Restore onto the shardings in `abstract_state`, after checking the model agrees.
+        `abstract_state` may be a function of the step's record (what that checkpoint holds)."""
         record = self.read_record(step)
         check_model_compatible(record.get("model", {}), model_cfg, f"{self.directory} step {step}")
+        target = abstract_state(record) if callable(abstract_state) else abstract_state
         restored = self.manager.restore(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(target), record=ocp.args.JsonRestore()),
         )
         return restored["state"], restored["record"]
 
@@ -245,13 +247,14 @@ class Checkpointer:
     def restore_params(self, step: int, abstract_params: Any, model_cfg: ModelConfig, path: tuple = ()) -> Any:
         """Only the parameters of a saved train state (no optimizer state is read), or the
         subtree of them at `path` (e.g. ("policy",) of a PPO state). A checkpoint that cannot
-        be read is a `CheckpointUnreadable` naming the steps there are to choose instead."""
-        target = abstract_params
-        for key in reversed(("params",) + tuple(path)):
-            target = {key: target}
+        be read is a `CheckpointUnreadable` naming the steps there are to choose instead.
+        `abstract_params` may be a function of the step's record, as in `restore`."""
         try:
             record = self.read_record(step)
             check_model_compatible(record.get("model", {}), model_cfg, f"{self.directory} step {step}")
+            target = abstract_params(record) if callable(abstract_params) else abstract_params
+            for key in reversed(("params",) + tuple(path)):
+                target = {key: target}
             restored = self.manager.restore(
                 step,
                 args=ocp.args.Composite(

@@ -448,6 +448,9 @@ class CheckpointConfig:
     every_steps: int = 500
     max_to_keep: int = 3
     async_save: bool = True
+    # a LoRA run from train.init_from / init_from_hf saves its adapters, their optimizer state and
+    # a record of the base (source, fingerprint); false: the whole tree (stands alone without the base)
+    adapters_only: bool = True
 
 
 @dataclass

@@ -17,11 +17,12 @@ import jax.numpy as jnp
 
 from flaxgpt import fileio, hf, lora
 from flaxgpt.checkpoint import STRUCTURAL_FIELDS, Checkpointer, CheckpointMismatch, check_model_compatible
-from flaxgpt.cli import ranged
+from flaxgpt.cli import one_line, ranged
 from flaxgpt.config import Config, ConfigError, ModelConfig, from_dict, to_dict
 from flaxgpt.data.tokenizers import Tokenizer, load_tokenizer
+from flaxgpt.errors import UserError
 from flaxgpt.generate import DecodeConfig
-from flaxgpt.lora import LORA_FIELDS, LORA_SETTINGS
+from flaxgpt.lora import BASE_RECORD, LORA_FIELDS, LORA_SETTINGS
 from flaxgpt.model import Transformer
 from flaxgpt.sharding import logical_rules, make_mesh, mesh_context, sharded_abstract, unbox_shapes
 
@@ -55,20 +56,57 @@ def restore_params(
 ) -> tuple[Any, int]:
     """(params of `model_cfg`'s shape sharded over `mesh`, step) from a run's checkpoint (default:
     the latest). Only the parameters are read, never the optimizer state, and nothing in the run's
-    directory is written or removed (a trainer may be saving there)."""
+    directory is written or removed (a trainer may be saving there). An adapter-only checkpoint
+    gets its base rebuilt from the source it records (`with_base`)."""
     checkpointer = Checkpointer(workdir, cfg.checkpoint, read_only=True)
+    step = _checkpoint_step(checkpointer, workdir, step)
+    abstract, shardings = sharded_abstract(boxed_params(Transformer(model_cfg)), mesh, rules)
+    # a PPO (or GRPO) run's checkpoint holds {"policy", "value"} ({"policy"}): its model is the policy
+    path = ("policy",) if cfg.train.trainer in ("ppo", "grpo") else ()
+    target = lambda record: lora.trained_part(abstract) if record.get(BASE_RECORD) else abstract
+    params = checkpointer.restore_params(step, target, model_cfg, path)
+    base = checkpointer.read_record(step).get(BASE_RECORD)
+    checkpointer.close()
+    if base:
+        params = with_base(params, base, model_cfg, shardings, mesh, rules, f"{checkpointer.directory} step {step}")
+    return params, step
+
+
+def _checkpoint_step(checkpointer: Checkpointer, workdir: str, step: int | None) -> int:
+    """`step` (default: the latest) after checking the run has a checkpoint there."""
     steps = checkpointer.manager.all_steps()
     if not steps:
         raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
     step = max(steps) if step is None else step
     if step not in steps:
         raise ConfigError(f"{workdir} has no checkpoint at step {step}; it has {sorted(steps)}")
-    abstract, _ = sharded_abstract(boxed_params(Transformer(model_cfg)), mesh, rules)
-    # a PPO (or GRPO) run's checkpoint holds {"policy", "value"} ({"policy"}): its model is the policy
-    path = ("policy",) if cfg.train.trainer in ("ppo", "grpo") else ()
-    params = checkpointer.restore_params(step, abstract, model_cfg, path)
-    checkpointer.close()
-    return params, step
+    return step
+
+
+def with_base(
+    trained: Any, base: dict, model_cfg: ModelConfig, shardings: Any, mesh: Any, rules: tuple, where: str
+) -> Any:
+    """The whole parameters of an adapter-only checkpoint at `where`: the frozen base rebuilt
+    from the source `base` records (a run and step, or a Hugging Face directory), checked
+    against the fingerprint recorded with it, with the `trained` leaves put in. A base that went
+    missing or changed is a `CheckpointMismatch`: never a silently different model."""
+    source = base.get("init_from") or base.get("init_from_hf")
+    what = f"run {source} step {base['step']}" if "init_from" in base else f"Hugging Face model {source}"
+    fix = "put that base back there (or train with checkpoint.adapters_only=false for checkpoints that stand alone)"
+    try:
+        full = base_params(base, model_cfg, mesh, rules)(shardings)
+    except (OSError, UserError) as e:
+        raise CheckpointMismatch(
+            f"checkpoint {where} holds LoRA adapters only, and its base, the {what}, cannot be read "
+            f"({one_line(e)}): {fix}"
+        ) from None
+    found = lora.base_fingerprint(full)
+    if found != base["fingerprint"]:
+        raise CheckpointMismatch(
+            f"checkpoint {where} holds LoRA adapters only, trained on the {what} with fingerprint "
+            f"{base['fingerprint']}; that base now has fingerprint {found} (it changed since): {fix}"
+        )
+    return lora.with_trained(full, trained)
 
 
 def load(workdir: str, step: int | None = None) -> LoadedModel:
@@ -118,9 +156,28 @@ def inherit_model(own: ModelConfig, source: ModelConfig, source_dir: str) -> Mod
     return dataclasses.replace(own, **{k: getattr(source, k) for k in _INHERITED}).resolved()
 
 
+@dataclass(frozen=True)
+class BaseParams:
+    """A fine-tuning run's `init_params` (param shardings -> params) with `source`, the pinned
+    record of where they come from (JSON): an adapter-only checkpoint rebuilds its base from it."""
+
+    source: dict
+    build: Callable[[Any], Any]
+
+    def __call__(self, shardings: Any) -> Any:
+        return self.build(shardings)
+
+
+def base_params(source: dict, model_cfg: ModelConfig, mesh: Any, rules: tuple) -> BaseParams:
+    """The `BaseParams` a `BaseParams.source` record describes, again."""
+    if "init_from" in source:
+        return params_from_run(source["init_from"], source["step"], model_cfg, mesh, rules, source["seed"])
+    return params_from_hf(source["init_from_hf"], model_cfg, source["hf_vocab"], mesh, rules, source["seed"])
+
+
 def params_from_run(
     source_dir: str, step: int | None, model_cfg: ModelConfig, mesh: Any, rules: tuple, seed: int
-) -> Callable[[Any], Any]:
+) -> BaseParams:
     """For `fit(init_params=...)`: the source run's parameters in `model_cfg`'s tree. A source's
     LoRA adapters are folded into its weights first (a run's model is its merged model).
     Parameters the source lacks (a new `score` head, new adapters) are initialised; ones it has
@@ -133,6 +190,9 @@ def params_from_run(
         **{k: getattr(source_cfg.model, k) for k in LORA_SETTINGS},
     )
     check_model_compatible(to_dict(source_cfg.model), source_model, source_dir)
+    checkpointer = Checkpointer(source_dir, source_cfg.checkpoint, read_only=True)
+    step = _checkpoint_step(checkpointer, source_dir, step)  # pinned: the source may train on
+    checkpointer.close()
 
     def init_params(shardings: Any) -> Any:
         source, _ = restore_params(source_dir, source_cfg, step, source_model, mesh, rules)
@@ -140,12 +200,12 @@ def params_from_run(
         known = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(source)}
         return complete_params(known, model_cfg, shardings, mesh, rules, seed)
 
-    return init_params
+    return BaseParams({"init_from": fileio.absolute(source_dir), "step": step, "seed": seed}, init_params)
 
 
 def params_from_hf(
     directory: str, model_cfg: ModelConfig, hf_vocab: int, mesh: Any, rules: tuple, seed: int
-) -> Callable[[Any], Any]:
+) -> BaseParams:
     """For `fit(init_params=...)`: a Hugging Face checkpoint's weights, each placed straight onto
     its shards; what it lacks (adapters, a score head) is initialised."""
 
@@ -154,7 +214,8 @@ def params_from_hf(
         known = hf.place_from_host(hf.hf_leaf_sources(directory, model_cfg, hf_vocab), shardings, abstract)
         return complete_params(known, model_cfg, shardings, mesh, rules, seed)
 
-    return init_params
+    source = {"init_from_hf": fileio.absolute(directory), "hf_vocab": hf_vocab, "seed": seed}
+    return BaseParams(source, init_params)
 
 
 def complete_params(

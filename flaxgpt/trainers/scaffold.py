@@ -7,8 +7,10 @@ config written once the checkpoint agreed with it, the cadence of logging,
 evaluation and saving (`Hook`s run every N steps and after the last), the final save, one
 process-0 logging path, and preemption: SIGTERM or SIGINT saves a checkpoint at the
 current step and stops (a second SIGINT stops at once). Whatever leaves the loop, pending
-saves are finished or cleaned up. `fit` names no trainer. (The workdir lock is held
-around the whole run, tokenizer and data files included, by `flaxgpt.train.run_trainer`.)
+saves are finished or cleaned up. A LoRA run from a pinned base (`RunSpec.lora_base`) saves
+adapter-only checkpoints and rebuilds the base on resume. `fit` names no trainer. (The
+workdir lock is held around the whole run, tokenizer and data files included, by
+`flaxgpt.train.run_trainer`.)
 """
 
 from __future__ import annotations
@@ -28,14 +30,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from flaxgpt import fileio, hf, mfu
+from flaxgpt import fileio, hf, lora, mfu
 from flaxgpt.checkpoint import Checkpointer
 from flaxgpt.config import Config, ConfigError, to_dict, to_json
 from flaxgpt.data.text import build_tokenizer
 from flaxgpt.data.tokenizers import Tokenizer
 from flaxgpt.errors import UserError
 from flaxgpt.logging import MetricsLogger
-from flaxgpt.runs import inherit_model, params_from_hf, params_from_run, read_run
+from flaxgpt.runs import BaseParams, inherit_model, params_from_hf, params_from_run, read_run, with_base
 from flaxgpt.sharding import (
     batch_sharding,
     host_value,
@@ -159,6 +161,9 @@ class RunSpec:
     message: Callable[[str], None] = print  # the run's logger once `fit` has made it (process 0 only)
     figures: tuple[str, ...] = ("loss", "val_loss")  # the key figures: progress line and closing block
     next_commands: tuple[str, ...] = ("python -m flaxgpt.sample --workdir {workdir} --prompt 'Question:'",)
+    # a LoRA run's pinned base (`BaseParams.source`): its checkpoints hold only the trained part of
+    # the state's `params` (and the optimizer state), with this record and the base's fingerprint
+    lora_base: dict | None = None
 
 
 def fit(cfg: Config, rt: Runtime, spec: RunSpec) -> dict[str, Any]:
@@ -172,9 +177,10 @@ def fit(cfg: Config, rt: Runtime, spec: RunSpec) -> dict[str, Any]:
         try:
             notes: list[str] = []
             abstract, shardings = spec.abstract_state()
-            restored = checkpointer.restore_latest(abstract, spec.model_cfg, notes.append)
+            restored = _restore(checkpointer, spec, rt, abstract, shardings, notes.append)
             rt.write_config(cfg)  # only now: a refused resume leaves the run's config as it was
             state = restored[0] if restored else spec.init_state(shardings)
+            spec.lora_base = _pinned_base(spec, state, restored)
             start = int(host_value(state.step))
             logger = MetricsLogger(rt.workdir, cfg.logging, cfg.train.max_steps, start, to_dict(cfg))
             spec.message = stop.message = logger.message
@@ -205,6 +211,43 @@ def fit(cfg: Config, rt: Runtime, spec: RunSpec) -> dict[str, Any]:
                 logger.close()
 
 
+def adapter_base(cfg: Config, init_params: Any) -> dict | None:
+    """`RunSpec.lora_base` of a run: the pinned source of a LoRA run's base when it has one (a
+    run or a Hugging Face model; a base drawn at random is saved whole) and
+    checkpoint.adapters_only is on."""
+    pinned = isinstance(init_params, BaseParams) and cfg.model.lora_rank and cfg.checkpoint.adapters_only
+    return init_params.source if pinned else None
+
+
+def _restore(checkpointer, spec, rt, abstract, shardings, log) -> tuple[Any, dict, int] | None:
+    """`restore_latest`, with an adapter-only checkpoint's base rebuilt from its record."""
+    held = lambda record: _adapters_only(abstract) if record.get(lora.BASE_RECORD) else abstract
+    restored = checkpointer.restore_latest(held, spec.model_cfg, log)
+    if not restored or not restored[1].get(lora.BASE_RECORD):
+        return restored
+    state, record, step = restored
+    where = f"{checkpointer.directory} step {step}"
+    params = with_base(
+        state.params, record[lora.BASE_RECORD], spec.model_cfg, shardings.params, rt.mesh, rt.rules, where
+    )
+    return state.replace(params=params), record, step
+
+
+def _adapters_only(state: Any) -> Any:
+    """What an adapter-only checkpoint holds of a state: all but the frozen base parameters."""
+    return state.replace(params=lora.trained_part(state.params))
+
+
+def _pinned_base(spec: RunSpec, state: Any, restored: tuple | None) -> dict | None:
+    """The base record new checkpoints carry: the one the resumed checkpoint had, or the spec's
+    source with the fingerprint of the base now in `state`; None for whole checkpoints."""
+    if not spec.lora_base:
+        return None
+    if restored and restored[1].get(lora.BASE_RECORD):
+        return restored[1][lora.BASE_RECORD]
+    return {**spec.lora_base, "fingerprint": lora.base_fingerprint(state.params)}
+
+
 def write_report(workdir: str, message: Callable[[str], None]) -> str:
     """WORKDIR/report (plots and report.html); its page, or "" after one line saying why not."""
     from flaxgpt import report
@@ -233,28 +276,32 @@ def closing_block(workdir: str, result: dict, spec: RunSpec, finished: bool, rep
 
 def _run(cfg, spec, state, start, shardings, checkpointer, logger, stop, saved: dict) -> dict[str, Any]:
     tc = cfg.train
+    base = {lora.BASE_RECORD: spec.lora_base} if spec.lora_base else {}
     record = lambda step, extra={}: {
         "step": step,
         "data": spec.position(step),
         "model": to_dict(spec.model_cfg),
+        **base,
         **extra,
     }
+    held = _adapters_only if spec.lora_base else lambda state: state
+    save = lambda step, state, extra={}, force=False: checkpointer.save(step, held(state), record(step, extra), force)
     if spec.begin is not None:
         spec.begin(state, start, logger)
     if start >= tc.max_steps:  # a finished run asked again: report its figures
         extra = {k: v for k, v in saved.items() if k not in record(0)}
         last_row = spec.evaluate(state)
     else:
-        state, last_row = _loop(cfg, spec, state, start, shardings, checkpointer, logger, stop, record)
+        state, last_row = _loop(cfg, spec, state, start, shardings, checkpointer, logger, stop, save)
         extra = {}
         if spec.finalize is not None:
             state, extra = spec.finalize(state)
-        checkpointer.save(tc.max_steps, state, record(tc.max_steps, extra), force=True)
+        save(tc.max_steps, state, extra, force=True)
     reported = spec.report(state, logger) if spec.report is not None else {}
     return {"step": tc.max_steps, **last_row, **extra, **reported}
 
 
-def _loop(cfg, spec, state, start, shardings, checkpointer, logger, stop, record) -> tuple[Any, dict]:
+def _loop(cfg, spec, state, start, shardings, checkpointer, logger, stop, save) -> tuple[Any, dict]:
     """Steps start..max_steps: hooks and logging on their cadence, a save whenever one is due,
     and a save-and-stop when a stop signal arrived."""
     tc = cfg.train
@@ -276,9 +323,9 @@ def _loop(cfg, spec, state, start, shardings, checkpointer, logger, stop, record
             last_row = row
             meter.reset()
         if done < tc.max_steps:  # the last step is saved after `finalize`, signal or not
-            checkpointer.save(done, state, record(done))
+            save(done, state)
             if stop.agreed():
-                raise _interrupted(stop.signame, done, checkpointer, state, record)
+                raise _interrupted(stop.signame, done, checkpointer, state, save)
     return state, last_row
 
 
@@ -288,9 +335,9 @@ def source_tokens(position: dict) -> dict[str, int]:
     return {f"tokens/{label}": int(s["tokens"]) for label, s in position.get("sources", {}).items()}
 
 
-def _interrupted(signame, done, checkpointer, state, record) -> Interrupted:
+def _interrupted(signame, done, checkpointer, state, save) -> Interrupted:
     """Save at `done` (unless already saved), wait for the write, say so."""
-    checkpointer.save(done, state, record(done), force=True)
+    save(done, state, force=True)
     checkpointer.close()
     saved = checkpointer.latest_step()
     where = (

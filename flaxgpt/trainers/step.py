@@ -32,7 +32,7 @@ from flaxgpt.model import count_params
 from flaxgpt.optim import build_optimizer, learning_rate_schedule
 from flaxgpt.sharding import host_value, place_batch
 from flaxgpt.state import TrainState, abstract_train_state, create_train_state
-from flaxgpt.trainers.scaffold import NonFiniteLoss, RunSpec, Runtime, StepFn, Throughput
+from flaxgpt.trainers.scaffold import NonFiniteLoss, RunSpec, Runtime, StepFn, Throughput, adapter_base
 
 Batch = dict[str, jax.Array]
 LossSums = Callable[[Any, Batch, jax.Array | None, bool], dict[str, Any]]
@@ -273,4 +273,5 @@ def lm_run_spec(
         position=objective.position,
         origin=origin,
         throughput=throughput,
+        lora_base=adapter_base(cfg, init_params),
     )
