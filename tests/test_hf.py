@@ -23,6 +23,7 @@ from flaxgpt.model import Transformer  # noqa: E402
 from flaxgpt.optim import build_optimizer  # noqa: E402
 from tests import hf_fixtures  # noqa: E402
 from tests.conftest import REPO, run_cli  # noqa: E402
+from tests.test_lora_checkpoint import stored_base  # noqa: E402
 
 PROMPT = "What is two plus three? Five. The cat"
 
@@ -229,6 +230,11 @@ def test_imported_model_through_sft_and_ppo_then_exported(family, lora_rank, mod
     assert np.array_equal(query(sft), query(base)) == bool(lora_rank)
     if lora_rank:
         assert np.asarray(sft.params["layers_0"]["attn"]["query"]["lora_b"]).any()
+        # its checkpoint holds the adapters alone, and names the Hugging Face base they go onto
+        step_dir = os.path.join(workdir, "sft", "checkpoints", str(sft.step))
+        base_record = json.load(open(os.path.join(step_dir, "record", "metadata")))[lora.BASE_RECORD]
+        assert base_record["init_from_hf"] == os.path.abspath(models[family])
+        assert stored_base(step_dir) == []
         # the LoRA run's adapters alone, in PEFT's format, onto the base model's export
         adapter, base_hf = str(tmp_path / "adapter"), str(tmp_path / "base_hf")
         export_peft_adapter(os.path.join(workdir, "sft"), adapter)
