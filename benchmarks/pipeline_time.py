@@ -2,12 +2,13 @@
 
     python benchmarks/pipeline_time.py [-e chat_demo] --workdir DIR [--set KEY=VALUE ...]
 
-Runs `python -m flaxgpt.train -e EXPERIMENT --workdir DIR` in its own process (DIR must hold no
-finished stage: a skipped stage would report an earlier run's time), then reads DIR/summary.json,
-where the pipeline records each stage's wall seconds and CPU seconds (user + system, all threads),
-beside the stage's key figures. The CPU seconds are the figure to compare across machines that
-other work shares: the load inflates wall time many times over, CPU time much less. The load
-average at the start and the end goes into the header. Appends the table to benchmarks/RESULTS.md.
+Runs `python -m flaxgpt.train -e EXPERIMENT --workdir DIR` in its own process (DIR must be new or
+empty: a stage finished or resumed there would report only part of its time; the run's output
+goes to DIR.log), then reads DIR/summary.json, where the pipeline records each stage's wall
+seconds and CPU seconds (user + system, all threads), beside the stage's key figures. The CPU
+seconds are the figure to compare across machines that other work shares: the load inflates
+wall time many times over, CPU time much less. The load average at the start and the end goes
+into the header. Appends the table to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     args.workdir = os.path.abspath(args.workdir)
-    if os.path.exists(os.path.join(args.workdir, "summary.json")):
-        raise SystemExit(f"--workdir {args.workdir} holds finished stages: give a new directory")
+    if os.path.isdir(args.workdir) and os.listdir(args.workdir):
+        raise SystemExit(f"--workdir {args.workdir} is not empty: give a new directory")
     loads = [os.getloadavg()[0]]
     total = run(args)
     loads.append(os.getloadavg()[0])

@@ -48,3 +48,11 @@ def test_a_stage_row_with_wall_and_cpu_seconds(bench, tmp_path):
     assert 0 < stage["cpu_seconds"] <= cpu
     assert f"| pretrain | {stage['wall_seconds']:.0f} | {stage['cpu_seconds']:.0f} | val_loss " in text
     assert f"| whole process | {wall:.0f} | {cpu:.0f} |" in text and "load average 1.0 at the start" in text
+
+
+def test_a_used_workdir_is_refused(bench, tmp_path, monkeypatch):
+    """A stage finished or resumed there would report only part of its time."""
+    (tmp_path / "pretrain").mkdir()
+    monkeypatch.setattr("sys.argv", ["pipeline_time.py", "--workdir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not empty"):
+        bench.main()
