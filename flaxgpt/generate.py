@@ -287,10 +287,13 @@ def generate_batched(
     batch_size: int,
     pad_id: int,
     stop_tokens: Sequence[int] = (),
+    prompt_width: int | None = None,
 ) -> list[list[int]]:
     """Completions (without the stop token) of any number of prompts, in chunks of one fixed shape
-    (`batch_size` rows, prompts padded to block_size - max_new_tokens), so it compiles once."""
-    width = model.cfg.block_size - cfg.max_new_tokens
+    (`batch_size` rows, prompts padded to `prompt_width`, by default block_size - max_new_tokens),
+    so it compiles once. A caller that knows its prompts are short passes a narrower width: every
+    chunk's prefill and attention then cost less."""
+    width = prompt_width or model.cfg.block_size - cfg.max_new_tokens
     out: list[list[int]] = []
     for i, (chunk, real) in enumerate(padded_chunks(prompts, batch_size)):  # full chunks: one compiled shape
         gen = generate(

@@ -4,7 +4,9 @@ An experiment file defines `stages() -> list[Stage]` instead of `config()`. Each
 ordinary run with its own workdir (WORKDIR/<stage name>), so it can be inspected, sampled
 from, or rerun alone. A finished stage leaves WORKDIR/<stage>/result.json and is skipped
 when the pipeline is started again; an interrupted one resumes from its checkpoint.
-WORKDIR/summary.json collects each stage's key figures as it finishes.
+WORKDIR/summary.json collects each stage's key figures as it finishes, with its wall time and
+the CPU seconds its process spent (user + system, all threads: a figure that other work on a
+shared machine inflates far less than the wall time).
 
 Overrides name a stage first (`--set sft.train.max_steps=100`) or apply to every stage
 (`--set train.seed=1`).
@@ -16,6 +18,7 @@ import dataclasses
 import difflib
 import json
 import os
+import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -108,19 +111,27 @@ def run_pipeline(
             _log(f"=== stage {stage.name}: finished earlier ({result_file})")
         else:
             _log(f"=== stage {stage.name} ({cfg.train.trainer}) -> {stage_dir}")
-            started = time.time()
+            started, cpu = time.time(), cpu_seconds()
             result = {k: v for k, v in run_stage(cfg, stage_dir).items() if _jsonable(v)}
             result["wall_seconds"] = round(time.time() - started, 1)
+            result["cpu_seconds"] = round(cpu_seconds() - cpu, 1)
             _write_json(result_file, result)
         missing = [k for k in stage.summary.values() if k not in result]
         if missing:
             raise KeyError(f"stage '{stage.name}' reported no {missing}; it reported {sorted(result)}")
         summary[stage.name] = {k: result[v] for k, v in stage.summary.items()} if stage.summary else result
-        summary[stage.name]["wall_seconds"] = result.get("wall_seconds")
+        for key in ("wall_seconds", "cpu_seconds"):
+            summary[stage.name][key] = result.get(key)
         _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
     _log(f"=== summary ({os.path.join(workdir, SUMMARY_FILE)})\n{json.dumps(summary, indent=2)}")
     _close(stages, workdir)
     return summary
+
+
+def cpu_seconds() -> float:
+    """CPU time this process has used so far (user + system, every thread)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _close(stages: Sequence[Stage], workdir: str) -> None:

@@ -39,7 +39,7 @@ from flaxgpt.data.tokenizers import Tokenizer
 from flaxgpt.data.world import WorldTask
 from flaxgpt.metrics import answer_metrics
 from flaxgpt.model import Transformer
-from flaxgpt.rewards import Ranking
+from flaxgpt.rewards import Ranking, padded_width
 from flaxgpt.state import abstract_train_state
 from flaxgpt.trainers.scaffold import Runtime, fit, starting_point
 from flaxgpt.trainers.step import Objective, lm_run_spec, make_eval_step
@@ -88,8 +88,7 @@ def _encode(examples: list, tokenizer: Tokenizer, width: int, prefix: str) -> Ro
 def _width(examples: list, block_size: int) -> int:
     """The longest example rounded up to a multiple of 16, at most block_size: each row holds one
     response, and padding every row to the context would waste compute."""
-    longest = max((len(x) for x, _, _ in examples), default=1)
-    return min(block_size, -(-longest // 16) * 16)
+    return padded_width(max((len(x) for x, _, _ in examples), default=1), block_size)
 
 
 def pair_rows(pairs: Sequence[Pair], tokenizer: Tokenizer, block_size: int, width: int = 0) -> Rows:

@@ -67,6 +67,13 @@ def response_ids(prompt: Sequence[dict], response: str, tokenizer: Tokenizer, bl
     return rendered.ids
 
 
+def padded_width(longest: int, limit: int) -> int:
+    """`longest` rounded up to a multiple of 16, at most `limit`: sequences padded to the longest
+    of their set rather than to the context (short world prompts and answers would otherwise
+    spend most of the compute on padding), with few distinct widths to compile."""
+    return min(limit, -(-longest // 16) * 16)
+
+
 def ranking_rows(
     rankings: list[Ranking], tokenizer: Tokenizer, block_size: int, k: int, width: int | None = None
 ) -> dict[str, np.ndarray]:
@@ -78,7 +85,7 @@ def ranking_rows(
     n = len(rankings)
     encoded = [[response_ids(r.prompt, response, tokenizer, block_size) for response in r.responses] for r in rankings]
     longest = max((len(ids) for row in encoded for ids in row), default=1)
-    width = width or min(block_size, -(-longest // 16) * 16)
+    width = width or padded_width(longest, block_size)
     out = {
         "inputs": np.full((n, k, width), tokenizer.pad_id, np.int32),
         "segment_ids": np.zeros((n, k, width), np.int32),
@@ -169,7 +176,7 @@ def score(
     """Rewards of (prompt messages, response) pairs, in fixed-shape batches (one compilation)."""
     block = model.cfg.block_size
     longest = max((len(response_ids(p, r, tokenizer, block)) for p, r in items), default=1)
-    width = min(block, -(-longest // 16) * 16)  # one padded width for every chunk: one compilation
+    width = padded_width(longest, block)  # one padded width for every chunk: one compilation
     rewards = []
     for chunk, real in padded_chunks(items, batch_size):
         rows = ranking_rows([Ranking(p, [r], [0]) for p, r in chunk], tokenizer, block, 1, width=width)
@@ -217,6 +224,7 @@ def world_rankings(
         batch_size=64,
         pad_id=tokenizer.pad_id,
         stop_tokens=stop_tokens(tokenizer),
+        prompt_width=padded_width(max(map(len, prompts), default=1), policy.cfg.block_size - max_new),
     )
     records, ties = [], 0
     for i, question in enumerate(questions):

@@ -16,6 +16,7 @@ from flaxgpt.generate import (
     choose_token,
     completions,
     generate,
+    generate_batched,
     left_pad,
     process_logits,
     sliding_window_sample,
@@ -166,6 +167,25 @@ def test_rows_stop_independently_at_stop_tokens():
             np.asarray(out.logprobs)[row, len(expected) :] == 0
         )
     assert completions(out, [stop])[0] == free[0][:2]
+
+
+def test_batched_generation_pads_prompts_to_the_width_asked_for_with_the_same_answers(monkeypatch):
+    cfg = tiny_model_config("llama", vocab_size=40, block_size=24)
+    model, params = init_params(cfg)
+    prompts = [[5, 6, 7], [9, 9], [20], [3, 4, 5, 6]]
+    decode = DecodeConfig(max_new_tokens=6, temperature=0.0)
+    default = generate_batched(model, params, prompts, decode, jax.random.PRNGKey(0), batch_size=3, pad_id=PAD)
+    widths = []
+
+    def spy(*args, prompt_width=None, **kwargs):
+        widths.append(prompt_width)
+        return generate(*args, prompt_width=prompt_width, **kwargs)
+
+    monkeypatch.setattr("flaxgpt.generate.generate", spy)
+    narrow = generate_batched(
+        model, params, prompts, decode, jax.random.PRNGKey(0), batch_size=3, pad_id=PAD, prompt_width=4
+    )
+    assert widths == [4, 4] and narrow == default  # two chunks, each 4 wide, not block - max_new = 18
 
 
 def test_beam_search_finds_the_most_likely_sequence():

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, tiny_run_config
 
 from flaxgpt.config import ConfigError
+from flaxgpt.pipeline import Stage, run_pipeline
 from flaxgpt.train import load_experiment
 
 NOTEBOOK = os.path.join(REPO, "launch", "colab", "flaxgpt_demo.ipynb")
@@ -31,6 +33,26 @@ def test_print_config_of_a_pipeline():
     described = json.loads(out.stdout)
     assert described["rm"]["init_from"] == "sft" and described["rm"]["reward"]["margin"] == 0.5
     assert described["sft"]["train"]["trainer"] == "sft" and described["ppo"]["reward_from"] == "rm"
+
+
+def test_summary_has_each_stages_wall_and_cpu_seconds(tmp_path):
+    """A stage that computes spends CPU seconds; one that waits spends wall time only."""
+
+    def run_stage(cfg, stage_dir):
+        os.makedirs(stage_dir)
+        if stage_dir.endswith("busy"):
+            deadline = time.process_time() + 0.4
+            while time.process_time() < deadline:
+                sum(range(1000))
+        else:
+            time.sleep(0.4)
+        return {"loss": 1.0}
+
+    stages = [Stage("busy", tiny_run_config()), Stage("idle", tiny_run_config(), init_from="busy")]
+    summary = run_pipeline(stages, str(tmp_path), run_stage)
+    assert summary["busy"]["cpu_seconds"] >= 0.4 and summary["busy"]["wall_seconds"] >= 0.4
+    assert summary["idle"]["cpu_seconds"] < 0.2 <= summary["idle"]["wall_seconds"]
+    assert json.load(open(tmp_path / "idle" / "result.json"))["cpu_seconds"] == summary["idle"]["cpu_seconds"]
 
 
 @pytest.mark.slow

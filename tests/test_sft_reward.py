@@ -20,9 +20,11 @@ from flaxgpt import rewards
 from flaxgpt.chat_template import render
 from flaxgpt.checkpoint import CheckpointMismatch
 from flaxgpt.data import world as world_lib
+from flaxgpt.data.jsonl import DataError
 from flaxgpt.data.tokenizers import CharTokenizer
 from flaxgpt.logging import read_metrics
 from flaxgpt.losses import ranking_loss, token_cross_entropy
+from flaxgpt.model import Transformer
 from flaxgpt.trainers import pretrain, reward, sft
 
 SYSTEM = "Answer briefly."
@@ -247,6 +249,23 @@ def reward_run(tmp_path_factory) -> tuple[str, dict]:
     )
     workdir = str(base / "run")
     return workdir, reward.run(cfg, workdir)
+
+
+def test_world_comparisons_sample_with_prompts_padded_to_their_length_not_the_context(monkeypatch):
+    """world_rankings pads the prompts it samples from to the longest one (rounded up to 16)."""
+    task = world_lib.WorldTask(0, SYSTEM)
+    tokenizer = CharTokenizer.from_text(task.corpus(2000) + SYSTEM)
+    seen = {}
+
+    def sample(model, params, prompts, decode, rng, **kwargs):
+        seen.update(kwargs, longest=max(map(len, prompts)))
+        return [[] for _ in prompts]  # empty answers: all tied, so no comparisons follow
+
+    monkeypatch.setattr("flaxgpt.generate.generate_batched", sample)
+    policy = Transformer(tiny_model_config(vocab_size=tokenizer.vocab_size, block_size=128))
+    with pytest.raises(DataError, match="tied"):
+        rewards.world_rankings(task, tokenizer, policy, None, n=4, k=2, max_new=32, temperature=1.0, seed=0)
+    assert seen["longest"] <= seen["prompt_width"] < seen["longest"] + 16 and seen["prompt_width"] < 128 - 32
 
 
 def test_reward_model_beats_chance_on_held_out_pairs_and_is_centred(reward_run):
