@@ -3,7 +3,7 @@
   1. pretrain  next-token prediction on the generated world corpus      (experiments/world.py)
   2. sft       fine-tune on imperfect chat demonstrations                (experiments/sft_world.py)
   3. rm        rank K sampled answers with the labeler; train the RM     (experiments/rm_world.py)
-  4. rl        RLHF: RLOO against the RM with a KL term to the SFT model  (this file, from rloo_world)
+  4. rl        RLHF: RLOO against the RM with a KL term to the SFT model  (experiments/rloo_rm_world.py)
 
     python -m flaxgpt.train -e chat_demo [--workdir runs/chat_demo] [--set sft.train.max_steps=100]
 
@@ -11,9 +11,6 @@ Each stage runs in WORKDIR/<stage> and starts from the previous one; WORKDIR/sum
 holds each stage's key figures. Rerunning skips finished stages and resumes the rest.
 """
 
-import dataclasses
-
-from flaxgpt import config as C
 from flaxgpt.pipeline import Stage
 from flaxgpt.train import load_experiment
 
@@ -46,7 +43,7 @@ def stages() -> list[Stage]:
                 "reward_offset": "reward_offset",
             },
         ),
-        Stage("rl", rl_config(), init_from="sft", reward_from="rm", summary=RL_SUMMARY),
+        Stage("rl", load_experiment("rloo_rm_world"), init_from="sft", reward_from="rm", summary=RL_SUMMARY),
     ]
 
 
@@ -62,14 +59,3 @@ RL_SUMMARY = {
     "kl_held_out": "val_kl",
     "kl_target": "kl_target",
 }
-
-
-def rl_config() -> C.Config:
-    """RLOO on the reward model: each answer is judged against the other answers to its question."""
-    cfg = load_experiment("rloo_world")
-    cfg.name = "chat_demo_rl"
-    # 30 steps: by 60 the policy has over-optimised the RM (held-out KL past 1, greedy accuracy down)
-    cfg.train = dataclasses.replace(cfg.train, max_steps=30)
-    cfg.ppo = dataclasses.replace(cfg.ppo, reward_function="", kl_target=1.0)
-    cfg.eval = dataclasses.replace(cfg.eval, interval=cfg.train.max_steps)
-    return cfg
