@@ -2,10 +2,11 @@
 the embedded world, each given the same wall-time budget, judged on the same held-out questions.
 
     python benchmarks/alignment_table.py [--sft runs/chat_demo/sft] [--rm runs/chat_demo/rm] \
-        [--budget 150] [--workdir runs/alignment_table] [--methods ppo,grpo,rloo,dpo,kto,orpo]
+        [--budget 150] [--workdir runs/alignment_table] [--methods ppo,rloo_rm,grpo,rloo,dpo,kto,orpo] [--seeds 0,1]
 
-Each method is its world experiment (ppo_world, grpo_world, rloo_world, dpo_world, kto_world,
-orpo_world) started from --sft (PPO's reward model: --rm) in its own process; after --budget
+Each method is its world experiment (ppo_world, rloo_rm_world, grpo_world, rloo_world, dpo_world,
+kto_world, orpo_world) started from --sft (PPO's and RLOO_RM's reward model: --rm; GRPO and RLOO
+learn from the labeler itself) in its own process, once per --seeds; after --budget
 seconds of wall time (start-up and compilation included, as a user waits for them) it gets
 SIGTERM, saves its checkpoint and stops, unless it finished its experiment's steps first; a run
 stopped before its first checkpoint is judged as its start (0 steps). Then every final policy
@@ -31,25 +32,30 @@ sys.path.insert(0, REPO)
 
 from benchmarks._results import record  # noqa: E402
 
-EXPERIMENTS = {m: f"{m}_world" for m in ("ppo", "grpo", "rloo", "dpo", "kto", "orpo")}
+# rloo_rm: RLOO on the reward model, the chat demo's RL stage; grpo and rloo learn from the labeler
+EXPERIMENTS = {m: f"{m}_world" for m in ("ppo", "rloo_rm", "grpo", "rloo", "dpo", "kto", "orpo")}
+ON_THE_RM = ("ppo", "rloo_rm")
 # in-run evaluation off: the budget goes to training, and every method is judged the same way afterwards
 NO_EVAL = {
     "ppo": ["ppo.eval_prompts=0"],
     "grpo": ["ppo.eval_prompts=0"],
     "rloo": ["ppo.eval_prompts=0"],
+    "rloo_rm": ["ppo.eval_prompts=0"],
     **{m: ["eval.interval=100000", "sft.eval_examples=0"] for m in ("dpo", "kto", "orpo")},
 }
 
 
-def train(method: str, args: argparse.Namespace) -> dict:
-    """Run one method's experiment for at most args.budget seconds; its wall time and steps."""
-    workdir = os.path.join(args.workdir, method)
+def train(method: str, seed: int, args: argparse.Namespace) -> dict:
+    """Run one method's experiment (train.seed=seed: prompt order and sampling) for at most
+    args.budget seconds; its wall time and steps."""
+    workdir = os.path.join(args.workdir, f"{method}_seed{seed}")
     settings = [f"train.init_from={args.sft}", "logging.progress=none", "logging.report=false", *NO_EVAL[method]]
-    if method == "ppo":
+    settings.append(f"train.seed={seed}")
+    if method in ON_THE_RM:
         settings.append(f"ppo.reward_from={args.rm}")
     command = [sys.executable, "-m", "flaxgpt.train", "-e", EXPERIMENTS[method], "--workdir", workdir, "--set"]
     start = time.time()
-    with open(os.path.join(args.workdir, f"{method}.log"), "w") as log:
+    with open(f"{workdir}.log", "w") as log:
         proc = subprocess.Popen(command + settings, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         try:
             proc.wait(timeout=args.budget)
@@ -92,7 +98,7 @@ def table(trained: dict, judged: dict, args: argparse.Namespace, load: float) ->
         f"## alignment_table — {datetime.date.today()} — {platform.machine()}, {os.cpu_count()} CPUs, "
         f"load average {load:.1f} at the start (shared machine: wall times are inflated by other work)",
         f"command: `python benchmarks/alignment_table.py --sft {args.sft} --rm {args.rm} --budget {args.budget:g} "
-        f"--methods {','.join(trained)}`",
+        f"--methods {args.methods} --seeds {args.seeds}`",
         "",
         f"Same SFT start, at most {args.budget:g} s of wall time each (compilation included), "
         f"{args.eval_prompts} held-out world questions; KL: the sampled answers' mean sum over tokens of "
@@ -103,8 +109,11 @@ def table(trained: dict, judged: dict, args: argparse.Namespace, load: float) ->
     ]
     for name, f in judged.items():
         t = trained.get(name, {"steps": 0, "wall_seconds": 0.0})
+        label = (
+            "SFT (start)" if name == "sft" else name.upper().replace("_RM", " on the RM").replace("_SEED", ", seed ")
+        )
         lines.append(
-            f"| {name.upper() if name != 'sft' else 'SFT (start)'} | {f['val_task_accuracy_greedy']:.3f} | "
+            f"| {label} | {f['val_task_accuracy_greedy']:.3f} | "
             f"{f['val_task_accuracy']:.3f} | {f['val_kl']:.2f} | {t['steps']} | {t['wall_seconds']:.0f} |"
         )
     return "\n".join(lines)
@@ -116,7 +125,8 @@ def main() -> None:
     parser.add_argument("--rm", default="runs/chat_demo/rm")
     parser.add_argument("--budget", type=float, default=150.0, help="wall seconds per method")
     parser.add_argument("--workdir", default="runs/alignment_table")
-    parser.add_argument("--methods", default="ppo,grpo,rloo,dpo,kto,orpo")
+    parser.add_argument("--methods", default="ppo,rloo_rm,grpo,rloo,dpo,kto,orpo")
+    parser.add_argument("--seeds", default="0", help="train.seed of each method's runs, e.g. 0,1")
     parser.add_argument("--eval-prompts", type=int, default=128)
     args = parser.parse_args()
     args.sft, args.rm, args.workdir = (os.path.abspath(p) for p in (args.sft, args.rm, args.workdir))
@@ -125,8 +135,10 @@ def main() -> None:
         raise SystemExit(f"--methods: unknown {unknown}; expected some of {','.join(EXPERIMENTS)}")
     os.makedirs(args.workdir, exist_ok=True)
     load = os.getloadavg()[0]
-    trained = {m: train(m, args) for m in methods}  # one after another: they share the cores
-    judged = judge({"sft": args.sft, **{m: trained[m]["policy"] for m in methods}}, args)
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    # one after another: they share the cores
+    trained = {f"{m}_seed{s}": train(m, s, args) for m in methods for s in seeds}
+    judged = judge({"sft": args.sft, **{name: t["policy"] for name, t in trained.items()}}, args)
     text = table(trained, judged, args, load)
     print(text)
     record(text)

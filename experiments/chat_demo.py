@@ -3,7 +3,7 @@
   1. pretrain  next-token prediction on the generated world corpus      (experiments/world.py)
   2. sft       fine-tune on imperfect chat demonstrations                (experiments/sft_world.py)
   3. rm        rank K sampled answers with the labeler; train the RM     (experiments/rm_world.py)
-  4. ppo       RLHF: PPO against the RM with a KL penalty to the SFT model (experiments/ppo_world.py)
+  4. rl        RLHF: RLOO against the RM with a KL term to the SFT model  (experiments/rloo_rm_world.py)
 
     python -m flaxgpt.train -e chat_demo [--workdir runs/chat_demo] [--set sft.train.max_steps=100]
 
@@ -43,23 +43,19 @@ def stages() -> list[Stage]:
                 "reward_offset": "reward_offset",
             },
         ),
-        # held-out questions answered at the rollout temperature (the policy's own distribution),
-        # before PPO (= the SFT model) and after; greedy figures alongside
-        Stage(
-            "ppo",
-            load_experiment("ppo_world"),
-            init_from="sft",
-            reward_from="rm",
-            summary={
-                "reward_start": "start_eval_reward",
-                "reward_end": "val_eval_reward",
-                "kl_end": "kl",
-                "kl_target": "kl_target",
-                "sft_task_accuracy": "start_task_accuracy",
-                "task_accuracy": "val_task_accuracy",
-                "sft_task_accuracy_greedy": "start_task_accuracy_greedy",
-                "task_accuracy_greedy": "val_task_accuracy_greedy",
-                "kl_held_out": "val_kl",
-            },
-        ),
+        Stage("rl", load_experiment("rloo_rm_world"), init_from="sft", reward_from="rm", summary=RL_SUMMARY),
     ]
+
+
+# held-out questions answered at the rollout temperature (the policy's own distribution) and
+# greedily (what a chat user gets), before RL (= the SFT model) and after
+RL_SUMMARY = {
+    "reward_start": "start_eval_reward",
+    "reward_end": "val_eval_reward",
+    "sft_task_accuracy": "start_task_accuracy",
+    "task_accuracy": "val_task_accuracy",
+    "sft_task_accuracy_greedy": "start_task_accuracy_greedy",
+    "task_accuracy_greedy": "val_task_accuracy_greedy",
+    "kl_held_out": "val_kl",
+    "kl_target": "kl_target",
+}

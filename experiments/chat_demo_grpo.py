@@ -14,15 +14,8 @@ small learned reward model of chat_demo is; held-out questions are judged before
 from flaxgpt.pipeline import Stage
 from flaxgpt.train import load_experiment
 
-RL_SUMMARY = {
-    "sft_task_accuracy": "start_task_accuracy",
-    "task_accuracy": "val_task_accuracy",
-    "sft_task_accuracy_greedy": "start_task_accuracy_greedy",
-    "task_accuracy_greedy": "val_task_accuracy_greedy",
-    "kl_held_out": "val_kl",
-}
-
 
 def stages() -> list[Stage]:
-    first = load_experiment("chat_demo")[:2]  # pretrain and sft, as in the chat demo
-    return [*first, Stage("grpo", load_experiment("grpo_world"), init_from="sft", summary=RL_SUMMARY)]
+    demo = load_experiment("chat_demo")  # pretrain and sft as in the chat demo; its RL stage's summary
+    grpo = Stage("grpo", load_experiment("grpo_world"), init_from="sft", summary=demo[-1].summary)
+    return [*demo[:2], grpo]

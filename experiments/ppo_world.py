@@ -1,4 +1,4 @@
-"""PPO on the embedded world (chat demo stage 4): RLHF against the learned reward model.
+"""PPO on the embedded world (stage 4 of chat_demo_ppo): RLHF against the learned reward model.
 
     python -m flaxgpt.train -e ppo_world      # policy from runs/sft_world, reward and value from runs/rm_world
 
@@ -10,7 +10,9 @@ ranked by the labeler, and the reward model is retrained on them for 60 steps.
 
 beta starts at 1.0, well above InstructGPT's 0.02: this reward model is small and learned
 from ~900 rankings, and with a weak KL penalty PPO finds answers it overrates ("white"
-for every colour question: reward up, accuracy down). One round only: --set ppo.rounds=1.
+for every colour question: reward up, accuracy down). Even so greedy accuracy falls: the RM shares
+the SFT model's wrong beliefs, and the chat demo uses RLOO on the RM instead (rloo_rm_world).
+One round only: --set ppo.rounds=1.
 PPO-ptx (InstructGPT's coefficient): --set ppo.ptx_coef=27.8.
 """
 

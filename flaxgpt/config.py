@@ -358,7 +358,7 @@ class PPOConfig:
     whiten_rewards: bool = False  # whiten per-token rewards before GAE (advantages are always whitened)
     kl_coef: float = 0.15  # beta; the initial value when adaptive
     adaptive_kl: bool = True  # Ziegler et al.: steer KL(policy || reference) towards kl_target
-    kl_target: float = 6.0
+    kl_target: float = 6.0  # PPO steers towards it; GRPO / RLOO report it beside the held-out KL (val_kl)
     kl_horizon: float = 10000.0
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response that never ends
     # PPO-ptx: + ptx_coef * pretraining loss on the data section's corpus (InstructGPT: 27.8)

@@ -223,5 +223,5 @@ def test_cli_list_keys_states_each_value_and_its_valid_range(capsys):
     assert "optimizer.lr=0.001  # a finite number > 0" in lines
     assert "checkpoint.max_to_keep=3  # an integer in [1, 2147483647]" in lines
     assert "model.recipe=\"gpt2\"  # one of ['gpt2', 'llama']" in lines and 'data.path=""' in lines
-    assert main(["--experiment", "chat_demo", "--list-keys", "--set", "ppo.optimizer.lr=2e-4"]) == 0
+    assert main(["--experiment", "chat_demo_ppo", "--list-keys", "--set", "ppo.optimizer.lr=2e-4"]) == 0
     assert "ppo.optimizer.lr=0.0002  # a finite number > 0" in capsys.readouterr().out.splitlines()

@@ -18,7 +18,7 @@ NOTEBOOK = os.path.join(REPO, "launch", "colab", "flaxgpt_demo.ipynb")
 
 def test_stage_overrides_and_their_errors():
     stages = load_experiment("chat_demo", ["sft.train.max_steps=7", "train.seed=3"])
-    assert [s.name for s in stages] == ["pretrain", "sft", "rm", "ppo"]
+    assert [s.name for s in stages] == ["pretrain", "sft", "rm", "rl"]
     assert stages[1].config.train.max_steps == 7 and stages[0].config.train.max_steps != 7
     assert {s.config.train.seed for s in stages} == {3}
     with pytest.raises(ConfigError, match="did you mean 'sft'"):
@@ -32,7 +32,9 @@ def test_print_config_of_a_pipeline():
     assert out.returncode == 0, out.stderr
     described = json.loads(out.stdout)
     assert described["rm"]["init_from"] == "sft" and described["rm"]["reward"]["margin"] == 0.5
-    assert described["sft"]["train"]["trainer"] == "sft" and described["ppo"]["reward_from"] == "rm"
+    assert described["sft"]["train"]["trainer"] == "sft" and described["rl"]["reward_from"] == "rm"
+    assert described["rl"]["train"]["trainer"] == "grpo" and described["rl"]["grpo"]["advantage"] == "rloo"
+    assert described["rl"]["ppo"]["reward_function"] == ""  # the reward model, not the labeler
 
 
 def test_summary_has_each_stages_wall_and_cpu_seconds(tmp_path):
@@ -86,5 +88,5 @@ def test_colab_notebook_runs_the_tiny_chat_demo_top_to_bottom(tmp_path):
     assert "round 1:" in out and "reward model retrained" in out  # iterated RLHF happened
     rows = [json.loads(line) for line in open(os.path.join(workdir, "ppo", "metrics.jsonl"))]
     assert rows[-1]["round"] == 1 and "ptx_loss" in rows[-1]  # PPO-ptx mixed in
-    again = run_cli("-e", "chat_demo", "--workdir", workdir)
+    again = run_cli("-e", "chat_demo_ppo", "--workdir", workdir)
     assert again.returncode == 0 and again.stdout.count("finished earlier") == 4, again.stdout

@@ -17,7 +17,9 @@ from conftest import REPO, tiny_run_config
 from flaxgpt import rlhf, runs
 from flaxgpt.losses import adaptive_kl_coef, generalized_advantages, ppo_policy_loss, ppo_value_loss
 from flaxgpt.model import count_params
-from flaxgpt.trainers import grpo, ppo, sft
+from flaxgpt.pipeline import stage_config
+from flaxgpt.train import load_experiment, run_trainer
+from flaxgpt.trainers import grpo, ppo, reward, sft
 from flaxgpt.trainers.scaffold import NonFiniteLoss
 
 
@@ -216,6 +218,34 @@ def test_with_lora_the_reference_is_the_base_with_adapters_off(policy_run, tmp_p
     held = count_params(strip(jax.tree.map(np.asarray, {**state.params, **state.frozen})))
     value_head = count_params(state.params.get("value", {}))
     assert held - value_head == count_params(base.params)
+
+
+def test_chat_demo_rl_stage_runs_rloo_against_a_reward_model(policy_run, tmp_path):
+    """The chat demo's RL stage on tiny settings: RLOO scored by a reward model (not a function),
+    two steps, the held-out KL reported beside kl_target for summary.json."""
+    rng = np.random.default_rng(1)
+    word = lambda letters: "".join(rng.choice(list(letters), size=3))
+    pairs = [{"prompt": "say", "chosen": word("xyz"), "rejected": word("abc")} for _ in range(40)]
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in pairs)
+    rm_cfg = tiny_run_config(
+        train={"trainer": "reward", "init_from": policy_run, "max_steps": 2, "batch_size": 8},
+        data={"source": "jsonl", "path": str(tmp_path / "pairs.jsonl")},
+        eval={"interval": 1000, "iters": 1, "sample_tokens": 0},
+    )
+    reward.run(rm_cfg, str(tmp_path / "rm"))
+    prompts = os.path.join(os.path.dirname(policy_run), "prompts.jsonl")
+    tiny = ["train.max_steps=2", "train.batch_size=4", "grpo.group_size=2", "ppo.max_new_tokens=6"]
+    tiny += ["ppo.eval_prompts=4", "data.source=jsonl", f"data.path={prompts}", f"ppo.prompts_path={prompts}"]
+    stage = load_experiment("chat_demo", [f"rl.{s}" for s in tiny])[-1]
+    assert (stage.name, stage.reward_from, stage.config.grpo.advantage) == ("rl", "rm", "rloo")
+    cfg = stage_config(stage, str(tmp_path))
+    cfg.train.init_from = policy_run
+    result = run_trainer(cfg, str(tmp_path / "rl"))
+    assert result["step"] == 2 and result["kl_target"] == stage.config.ppo.kl_target
+    figures = {k: result[k] for k in ("start_eval_reward", "val_eval_reward", "val_kl", "start_kl")}
+    assert all(np.isfinite(v) for v in figures.values()) and figures["start_kl"] == 0.0, figures
+    assert figures["start_eval_reward"] != 0.0  # the reward model's scores (centred, not a constant)
 
 
 def test_non_finite_reward_stops_before_any_checkpoint(policy_run, tmp_path):

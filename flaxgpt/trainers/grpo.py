@@ -179,7 +179,7 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
         position=lambda step: order.position(step, tc.batch_size),
         origin=f"from {tc.init_from}",
         begin=functools.partial(rlhf.begin, grpo, first),
-        report=lambda state, logger: rlhf.start_figures(first),
+        report=lambda state, logger: {"kl_target": cfg.ppo.kl_target, **rlhf.start_figures(first)},
         notes=grpo.notes,
     )
     return fit(cfg, grpo.rt, spec)

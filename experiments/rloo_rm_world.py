@@ -1,0 +1,23 @@
+"""RLOO against the learned reward model on the embedded world (the chat demo's RL stage).
+
+    python -m flaxgpt.train -e rloo_rm_world   # policy from runs/sft_world, reward from runs/rm_world
+
+rloo_world with the reward model of ppo.reward_from in place of the labeler: 4 answers to each of
+16 questions a step, each judged against the mean reward of the other 3. The group baseline
+cancels what the small RM gets wrong about a question as a whole (it shares the SFT model's
+beliefs: it scores the SFT model's confident wrong answers above its right ones), leaving its
+ranking of answers within a question, which is mostly right; PPO's value model does not.
+30 steps: by 60 the policy over-optimises the RM (held-out KL past kl_target, greedy accuracy
+falls). The held-out KL to the SFT model is reported beside ppo.kl_target.
+"""
+
+from flaxgpt import config as C
+from flaxgpt.train import load_experiment
+
+
+def config() -> C.Config:
+    cfg = load_experiment("rloo_world")
+    cfg.name = "rloo_rm_world"
+    cfg.train.max_steps, cfg.eval.interval = 30, 30
+    cfg.ppo.reward_function, cfg.ppo.reward_from, cfg.ppo.kl_target = "", "runs/rm_world", 1.0
+    return cfg
