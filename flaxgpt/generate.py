@@ -124,6 +124,7 @@ def mask_positions(mask: Any) -> Any:
 
 
 def _prefill(model, params, tokens, mask, total):
+    """(last position's logits, the cache of `total` columns holding the prompt, next position)."""
     cache = _empty_cache(model, tokens.shape[0], total)
     positions = mask_positions(mask)
     logits, variables = model.apply(
@@ -370,6 +371,13 @@ def _cache_axes(model: nn.Module) -> tuple[int, int]:
 
 def _is_cache_index(path) -> bool:
     return getattr(path[-1], "key", None) == "cache_index"
+
+
+def repeat_cache_rows(model: nn.Module, cache: Any, times: int) -> Any:
+    """Each cache row `times` times in a row: one prefilled prompt shared by several continuations."""
+    row_axis = _cache_axes(model)[0]
+    rep = lambda path, leaf: leaf if _is_cache_index(path) else jnp.repeat(leaf, times, axis=row_axis)
+    return jax.tree_util.tree_map_with_path(rep, cache)
 
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache", "last"))

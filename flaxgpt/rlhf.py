@@ -95,6 +95,27 @@ def response_logprobs(
     return picked, entropy
 
 
+def grouped_response_logprobs(
+    model: Transformer, params: Any, tokens: Array, segments: Array, start: int, group: int, temperature: float
+) -> Array:
+    """Log-probabilities of tokens[:, start:] as `response_logprobs` gives them, for rows in runs
+    of `group` sharing one left-padded prompt tokens[:, :start] (GRPO's layout; segments is the
+    0/1 mask). Each prompt is computed once: its KV cache is prefilled, repeated for its group,
+    and the responses run as one chunk against it, so the prompt columns cost 1/group of a
+    full forward and backward."""
+    resp = tokens[:, start:]
+    last, cache, position = generate._prefill(
+        model, params, tokens[::group, :start], segments[::group, :start], tokens.shape[1]
+    )
+    cache = generate.repeat_cache_rows(model, cache, group)
+    positions = jnp.repeat(position, group)[:, None] + jnp.arange(resp.shape[1])
+    variables = {"params": params, "cache": cache}
+    logits = model.apply(variables, resp, positions, segments[:, start:], decode=True, mutable=["cache"])[0]
+    logits = jnp.concatenate([jnp.repeat(last[:, None], group, axis=0), logits[:, :-1]], axis=1) / temperature
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, resp[..., None], axis=-1)[..., 0]
+
+
 def adapters_off(params: Any) -> Any:
     """The parameters with every LoRA adapter's B set to zero: the base model's function. A LoRA
     policy's reference is its own base this way (the adapters start at zero), not a second copy."""
