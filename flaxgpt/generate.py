@@ -133,6 +133,15 @@ def _prefill(model, params, tokens, mask, total):
     return logits[:, -1], variables["cache"], positions[:, -1] + 1
 
 
+def group_prefill(model, params, tokens, mask, total, group: int = 1):
+    """`_prefill` for rows in runs of `group` copies of one prompt (GRPO's answers to a question):
+    each prompt is computed once and its cache row, last logits and position repeated."""
+    if group == 1:
+        return _prefill(model, params, tokens, mask, total)
+    last, cache, position = _prefill(model, params, tokens[::group], mask[::group], total)
+    return jnp.repeat(last, group, axis=0), repeat_cache_rows(model, cache, group), jnp.repeat(position, group)
+
+
 def _step(model, params, cache, token, position):
     ones = jnp.ones_like(token)[:, None]
     logits, variables = model.apply(
@@ -141,12 +150,22 @@ def _step(model, params, cache, token, position):
     return logits[:, 0], variables["cache"]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "cfg", "stop_tokens", "pad_id", "stream"))
+@functools.partial(jax.jit, static_argnames=("model", "cfg", "stop_tokens", "pad_id", "stream", "group"))
 def _sample(
-    model, params, tokens, mask, rng, *, cfg: DecodeConfig, stop_tokens: tuple, pad_id: int, stream: bool = False
+    model,
+    params,
+    tokens,
+    mask,
+    rng,
+    *,
+    cfg: DecodeConfig,
+    stop_tokens: tuple,
+    pad_id: int,
+    stream: bool = False,
+    group: int = 1,
 ):
     batch, n = tokens.shape[0], cfg.max_new_tokens
-    last, cache, position = _prefill(model, params, tokens, mask, tokens.shape[1] + n)
+    last, cache, position = group_prefill(model, params, tokens, mask, tokens.shape[1] + n, group)
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
     out = Generation(
         tokens=jnp.full((batch, n), pad_id, jnp.int32),
@@ -244,12 +263,14 @@ def generate(
     stop_tokens: Sequence[int] = (),
     on_tokens: Callable[[np.ndarray], None] | None = None,
     prompt_width: int | None = None,
+    group: int = 1,
 ) -> Generation:
     """Continue each prompt (token ids) under `cfg`; rows stop at any of `stop_tokens`.
 
     `on_tokens`, if given, receives each step's [batch] tokens as the loop produces them
     (streaming; sampling only), from inside the same compiled loop. `prompt_width` pads
-    prompts to a fixed width, so calls with different prompts share one compilation."""
+    prompts to a fixed width, so calls with different prompts share one compilation. `group` > 1
+    says the prompts come in runs of that many copies (sampling; see `group_prefill`)."""
     tokens, mask = left_pad(prompts, pad_id, prompt_width)
     if tokens.shape[1] + cfg.max_new_tokens > model.cfg.block_size:
         raise ValueError(
@@ -261,7 +282,7 @@ def generate(
     if cfg.num_beams > 1:
         return _beam_search(model, params, tokens, mask, **kwargs)
     if on_tokens is None:
-        return _sample(model, params, tokens, mask, rng, **kwargs)
+        return _sample(model, params, tokens, mask, rng, group=group, **kwargs)
     _Stream.callback = on_tokens
     try:
         return jax.block_until_ready(_sample(model, params, tokens, mask, rng, stream=True, **kwargs))

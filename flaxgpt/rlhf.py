@@ -103,15 +103,12 @@ def grouped_response_logprobs(
     0/1 mask). Each prompt is computed once: its KV cache is prefilled, repeated for its group,
     and the responses run as one chunk against it, so the prompt columns cost 1/group of a
     full forward and backward."""
-    resp = tokens[:, start:]
-    last, cache, position = generate._prefill(
-        model, params, tokens[::group, :start], segments[::group, :start], tokens.shape[1]
-    )
-    cache = generate.repeat_cache_rows(model, cache, group)
-    positions = jnp.repeat(position, group)[:, None] + jnp.arange(resp.shape[1])
+    resp, prompts = tokens[:, start:], (tokens[:, :start], segments[:, :start])
+    last, cache, position = generate.group_prefill(model, params, *prompts, tokens.shape[1], group)
+    positions = position[:, None] + jnp.arange(resp.shape[1])
     variables = {"params": params, "cache": cache}
     logits = model.apply(variables, resp, positions, segments[:, start:], decode=True, mutable=["cache"])[0]
-    logits = jnp.concatenate([jnp.repeat(last[:, None], group, axis=0), logits[:, :-1]], axis=1) / temperature
+    logits = jnp.concatenate([last[:, None], logits[:, :-1]], axis=1) / temperature
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(logp, resp[..., None], axis=-1)[..., 0]
 
@@ -341,15 +338,17 @@ def initial_state(run: PPO, params: dict, frozen: dict, kl_coef: float, sharding
         return jax.jit(build, out_shardings=shardings)(params, frozen)
 
 
-def rollout(run: PPO, params: Any, prompts: list, key: jax.Array, temperature: float):
-    """(query tokens, query mask, generation) for `prompts`, sampled from the policy `params`."""
+def rollout(run: PPO, params: Any, prompts: list, key: jax.Array, temperature: float, group: int = 1):
+    """(query tokens, query mask, generation) for `prompts`, sampled from the policy `params`.
+    `group` > 1: the prompts come in runs of that many copies (GRPO), each computed once. The
+    generation pads prompts to the longest rounded up to 32 (few compiles), not to query_width."""
     width = run.models.query_width
     ids = [render(pr.messages, run.tokenizer, width).ids for pr in prompts]
     tokens, mask = generate.left_pad(ids, run.tokenizer.pad_id, width)
     decode = generate.DecodeConfig(max_new_tokens=run.cfg.ppo.max_new_tokens, temperature=temperature)
-    pad = run.tokenizer.pad_id
+    pad, used = run.tokenizer.pad_id, min(width, -(-max(map(len, ids)) // 32) * 32)
     gen = generate.generate(
-        run.models.policy, params, ids, decode, key, pad_id=pad, stop_tokens=run.stops, prompt_width=width
+        run.models.policy, params, ids, decode, key, pad_id=pad, stop_tokens=run.stops, prompt_width=used, group=group
     )
     return tokens, mask, gen
 

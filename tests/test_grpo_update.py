@@ -17,7 +17,7 @@ import optax
 import pytest
 from conftest import REPO
 
-from flaxgpt import rlhf
+from flaxgpt import generate, rlhf
 from flaxgpt.losses import grpo_loss
 from flaxgpt.trainers import grpo
 
@@ -106,3 +106,24 @@ def test_update_matches_the_straightforward_one(setup, beta, normalization, cut)
     close = jax.tree.map(lambda x, y: np.allclose(x, y, rtol=1e-4, atol=1e-6), new_state.params, want_params)
     assert all(jax.tree.leaves(close))
     assert float(want["loss"]) != 0.0 and float(want["grad_norm"]) > 0.0
+
+
+def test_grouped_rollout_samples_what_the_full_width_one_does(setup):
+    """GRPO's rollout prefills each question once, at the longest prompt's width rounded up to 32
+    (not query_width): the same tokens as every copy padded to query_width, for the same key."""
+    run, shardings, _ = setup
+    params, q = grpo.initial_state(run, shardings).params["policy"], run.models.query_width
+    prompts = [pr for pr in run.prompts[0][: ARGS.batch] for _ in range(ARGS.group)]
+    key = jax.random.PRNGKey(3)
+    tokens, mask, got = rlhf.rollout(run, params, prompts, key, 1.0, ARGS.group)
+    decode = generate.DecodeConfig(max_new_tokens=ARGS.new_tokens, temperature=1.0)
+    ids = [[int(t) for t, m in zip(row, mask_row) if m] for row, mask_row in zip(tokens, mask)]
+    pad = run.tokenizer.pad_id
+    want = generate.generate(
+        run.models.policy, params, ids, decode, key, pad_id=pad, stop_tokens=run.stops, prompt_width=q
+    )
+    assert max(map(len, ids)) <= 64 < q  # the rollout's prompt width was cut
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
+    np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), rtol=1e-5, atol=1e-5)
+    assert len({tuple(r) for r in np.asarray(got.tokens)[: ARGS.group]}) > 1  # a group's answers differ

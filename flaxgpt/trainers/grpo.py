@@ -147,7 +147,7 @@ def make_step(run: PPO, order: PackedRows, shardings: Any):
         picked = [run.prompts[0][int(i)] for i in order.batch(step, tc.batch_size)["index"][:, 0]]
         prompts = [prompt for prompt in picked for _ in range(g.group_size)]
         key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
-        tokens, mask, gen = rollout(run, state.params["policy"], prompts, key, p.temperature)
+        tokens, mask, gen = rollout(run, state.params["policy"], prompts, key, p.temperature, g.group_size)
         full, full_mask, lengths, ended = sequences(run, tokens, mask, gen)
         rewards = scores(run, state, prompts, tokens, mask, gen) - p.missing_eos_penalty * (1.0 - ended)
         advantages, informative = group_advantages(
