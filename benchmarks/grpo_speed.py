@@ -2,7 +2,7 @@
 
     python benchmarks/grpo_speed.py                              # random weights, world model shape
     python benchmarks/grpo_speed.py --init-from runs/sft_world   # the SFT model: real answer lengths
-    python benchmarks/grpo_speed.py --profile                    # + where flaxgpt's step time goes
+    python benchmarks/grpo_speed.py --threads 2,1 --profile      # both thread counts, + where the step goes
     python benchmarks/grpo_speed.py --tiny --no-trl --steps 1    # checks the script in seconds
 
 Both sides train the same model (the flaxgpt run, exported with `flaxgpt.convert`'s Hugging Face
@@ -20,9 +20,10 @@ prompts x group answers) and its updates; the first `--warmup` steps (compilatio
 
 `--profile` adds, in a further flaxgpt process, where a step's time goes: generation, the host's
 part of the rollout (padding, sequences), scoring (decoding + the reward function), and the jitted
-update, split into the old and reference log-probabilities and the epochs of forward, backward and
-Adam. Each piece is timed to `block_until_ready` by wrapping the trainer's functions in that
-process; the trainer itself is unchanged.
+update, split into the reference log-probabilities and the epochs of forward, backward and Adam
+(the old log-probabilities come from the first epoch's forward). Each piece is timed to
+`block_until_ready` by wrapping the trainer's functions in that process; the trainer itself is
+unchanged.
 """
 
 from __future__ import annotations
