@@ -243,6 +243,11 @@ def _beam_search(model, params, tokens, mask, *, cfg: DecodeConfig, stop_tokens:
     return Generation(tokens=pick(history), logprobs=raw, raw_logprobs=raw, lengths=pick(lengths))
 
 
+def take_cache_rows(model: nn.Module, cache: Any, rows: Array) -> Any:
+    """The cache's `rows` (indices stay): some rows' continuation, the others dropped."""
+    return _reorder_cache(cache, rows, _cache_axes(model)[0])
+
+
 def _reorder_cache(cache: Any, rows: Array, axis: int) -> Any:
     """Pick cache rows (beam search follows each surviving beam's parent); indices stay."""
 

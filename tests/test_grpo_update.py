@@ -92,14 +92,20 @@ def test_used_columns_cut_only_padding_to_bucketed_widths(setup):
 
 # beta 0 and Dr. GRPO's constant normalisation on the batch cut to 4 answer columns (the constant
 # stays new_tokens): no reference pass, so no kl figure; beta > 0 on the full width
-@pytest.mark.parametrize("beta, normalization, cut", [(0.04, "sequence", False), (0.0, "constant", True)])
-def test_update_matches_the_straightforward_one(setup, beta, normalization, cut):
+# and the answers' tail (past 1 token) for the 4 longest rows only: those longer than 2 are fewer
+@pytest.mark.parametrize(
+    "beta, normalization, cut, split", [(0.04, "sequence", False, None), (0.0, "constant", True, (1, 4))]
+)
+def test_update_matches_the_straightforward_one(setup, beta, normalization, cut, split):
     run, shardings, host = setup
     cfg = dataclasses.replace(run.cfg, grpo=dataclasses.replace(run.cfg.grpo, beta=beta, normalization=normalization))
     state = grpo.initial_state(run, shardings)
     want_params, want = jax.jit(functools.partial(straightforward_update, run.models, cfg, run.optimizer))(state, host)
     b = grpo.used_columns(host, run.models.query_width, (32, 2)) if cut else host
-    new_state, got = jax.jit(functools.partial(grpo.update, run.models, cfg, run.optimizer))(state, b)
+    if split:
+        lengths = host["resp_mask"].sum(1)
+        assert 0 < np.sum(lengths > 2) <= 4 < len(lengths) and grpo.answer_split(lengths, 4, 1, 4) == split
+    new_state, got = jax.jit(functools.partial(grpo.update, run.models, cfg, run.optimizer, split=split))(state, b)
     assert set(got) == set(want) - ({"kl"} if beta == 0 else set())
     for key in got:
         np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=2e-4, atol=1e-6, err_msg=key)

@@ -81,16 +81,19 @@ def initial_state(run: PPO, shardings: Any) -> PPOState:
     return rlhf.initial_state(run, {"policy": policy}, frozen, run.cfg.grpo.beta, shardings)
 
 
-def update(m: Models, cfg: Config, optimizer, state: PPOState, batch: dict) -> tuple[PPOState, dict]:
+def update(
+    m: Models, cfg: Config, optimizer, state: PPOState, batch: dict, split: tuple[int, int] | None = None
+) -> tuple[PPOState, dict]:
     """grpo.epochs full-batch updates of the clipped objective; the ratio is to the rollout policy.
 
     The batch may be cut to fewer columns than block_size (`used_columns`): its prompt width is
-    tokens' less resp_mask's. The rollout policy is the state's, so the first epoch's own forward
-    gives the old log-probabilities (no separate pass), and beta = 0 needs no reference pass (nor
-    reports a kl figure)."""
+    tokens' less resp_mask's; `split` (`answer_split`) runs the tail of the answers for the
+    longest rows only (`rlhf.grouped_response_logprobs`). The rollout policy is the state's, so
+    the first epoch's own forward gives the old log-probabilities (no separate pass), and beta = 0
+    needs no reference pass (nor reports a kl figure)."""
     g, temperature = cfg.grpo, cfg.ppo.temperature
     start = batch["tokens"].shape[1] - batch["resp_mask"].shape[1]
-    inputs = (batch["tokens"], batch["segments"], start, g.group_size, temperature)
+    inputs = (batch["tokens"], batch["segments"], start, g.group_size, temperature, split)
     logprobs = lambda params: rlhf.grouped_response_logprobs(m.policy, params, *inputs)
     ref = jax.lax.stop_gradient(logprobs(rlhf.reference_params(m, state))) if g.beta else None
     adapters_only = bool(m.policy.cfg.lora_rank)
@@ -137,11 +140,20 @@ def used_columns(host: dict, query_width: int, buckets: tuple[int, int] = (32, 1
     return {**cut, "resp_mask": host["resp_mask"][:, : hi - query_width], "advantages": host["advantages"]}
 
 
+def answer_split(lengths: np.ndarray, width: int, first: int = 8, rows: int = 16) -> tuple[int, int] | None:
+    """(S, K) for `update`: every answer's first `first` tokens, the rest for the rows longer
+    than first + 1 only, their count rounded up to a multiple of `rows` (few compiles); None
+    when that would be every row."""
+    longer = int(np.sum(lengths > first + 1))
+    k = -(-longer // rows) * rows
+    return None if width <= first + 1 or k >= len(lengths) else (first, k)
+
+
 def make_step(run: PPO, order: PackedRows, shardings: Any):
     tc, p, g, m = run.cfg.train, run.cfg.ppo, run.cfg.grpo, run.models
     n = tc.batch_size * g.group_size
-    jitted = jax.jit(functools.partial(update, m, run.cfg, run.optimizer), donate_argnums=0)
-    widths: set[tuple[int, ...]] = set()  # the update's compiled shapes (one compile each)
+    jitted = jax.jit(functools.partial(update, m, run.cfg, run.optimizer), donate_argnums=0, static_argnames=("split",))
+    widths: set[tuple] = set()  # the update's compiled shapes (one compile each)
 
     def step_fn(state: PPOState, step: int) -> tuple[PPOState, dict]:
         picked = [run.prompts[0][int(i)] for i in order.batch(step, tc.batch_size)["index"][:, 0]]
@@ -162,8 +174,9 @@ def make_step(run: PPO, order: PackedRows, shardings: Any):
             "advantages": np.asarray(advantages, np.float32).reshape(-1, 1),
         }
         host = used_columns(host, m.query_width)
-        widths.add(host["tokens"].shape[1:] + host["resp_mask"].shape[1:])
-        state, stats = jitted(state, run.rt.place(host, n))
+        split = answer_split(lengths, host["resp_mask"].shape[1])
+        widths.add((host["tokens"].shape[1], host["resp_mask"].shape[1], split))
+        state, stats = jitted(state, run.rt.place(host, n), split=split)
         stats = {k: float(v) for k, v in host_value(stats).items()}
         if not all(np.isfinite(v) for v in stats.values()):
             raise NonFiniteLoss(f"GRPO step {step + 1}: non-finite {stats}; stopping before this update is saved")
