@@ -2,7 +2,7 @@
 
     python benchmarks/grpo_speed.py                              # random weights, world model shape
     python benchmarks/grpo_speed.py --init-from runs/sft_world   # the SFT model: real answer lengths
-    python benchmarks/grpo_speed.py --profile                    # + where flaxgpt's step time goes
+    python benchmarks/grpo_speed.py --threads 2,1 --profile      # both thread counts, + where the step goes
     python benchmarks/grpo_speed.py --tiny --no-trl --steps 1    # checks the script in seconds
 
 Both sides train the same model (the flaxgpt run, exported with `flaxgpt.convert`'s Hugging Face
@@ -12,15 +12,18 @@ clipping, k3 KL weight and updates per rollout (`experiments/grpo_world.py`'s se
 world's labeler as the reward, a Python callable on both sides. flaxgpt runs its real trainer
 step (`trainers/grpo.make_step`); TRL runs `benchmarks/trl_grpo_reference.py` (PyTorch eager on
 the CPU, transformers' `generate`, no vLLM). Each side runs in its own process, pinned to the same
-`--threads` CPUs, and the processes alternate (flax, trl, flax, trl, ...) so that load from other
-work falls on both; the best round of each side counts. A step is one rollout batch (batch
+`--threads` CPUs (a list: each round runs every count), and the processes alternate (flax, trl,
+flax, trl, ...) so that load from other work falls on both; the best round of each side counts.
+Both sides report the GRPO settings they ran (KL weight, updates per rollout, loss normalisation,
+reward scaling, clip range) and the script stops if they differ. A step is one rollout batch (batch
 prompts x group answers) and its updates; the first `--warmup` steps (compilation) are not timed.
 
 `--profile` adds, in a further flaxgpt process, where a step's time goes: generation, the host's
 part of the rollout (padding, sequences), scoring (decoding + the reward function), and the jitted
-update, split into the old and reference log-probabilities and the epochs of forward, backward and
-Adam. Each piece is timed to `block_until_ready` by wrapping the trainer's functions in that
-process; the trainer itself is unchanged.
+update, split into the reference log-probabilities and the epochs of forward, backward and Adam
+(the old log-probabilities come from the first epoch's forward). Each piece is timed to
+`block_until_ready` by wrapping the trainer's functions in that process; the trainer itself is
+unchanged.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import functools
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -172,7 +176,27 @@ def flax_side(args, run_dir: str) -> dict:
                 if step >= args.warmup:
                     step_s.append(time.perf_counter() - start)
                     generated.append(figures["response_length"] * n)
-    return {"side": "flax", "step_s": step_s, "generated_tokens": generated, "versions": {"jax": jax.__version__}}
+        algo = algorithm(run.cfg)
+    return {
+        "side": "flax",
+        "step_s": step_s,
+        "generated_tokens": generated,
+        "versions": {"jax": jax.__version__},
+        "algorithm": algo,
+    }
+
+
+def algorithm(cfg) -> dict:
+    """flaxgpt's GRPO settings, as trl_grpo_reference.py reports TRL's."""
+    g = cfg.grpo
+    return {
+        "beta": g.beta,
+        "updates_per_rollout": g.epochs,
+        "normalization": g.normalization,
+        "scale_rewards": g.scale_rewards,
+        "clip": [g.clip_low, g.clip_high],
+        "mask_truncated": False,  # both sides: ppo.missing_eos_penalty in the reward instead
+    }
 
 
 def timed(module, name: str, spent: dict, key: str):
@@ -215,56 +239,37 @@ def flax_profile(args, run_dir: str) -> dict:
                 state, _ = step_fn(state, step)
                 jax.block_until_ready(state)
                 total += (time.perf_counter() - start) * (step >= args.warmup)
-            update, logprobs = update_pieces(run)
+            update, reference = update_pieces(run)
             batch = placed[0]
             spent["update"] = mean_time(lambda: update(state, batch), args.steps) * args.steps
-            spent["old + reference log-probs"] = mean_time(lambda: logprobs(state, batch), args.steps) * args.steps
-            trimmed, narrow = used_columns(run, batch)
-            spent["update at the used columns (not in the step)"] = (
-                mean_time(lambda: trimmed(state, narrow), args.steps) * args.steps
-            )
+            if run.cfg.grpo.beta:
+                spent["reference log-probs"] = mean_time(lambda: reference(state, batch), args.steps) * args.steps
     spent = {k: v / args.steps for k, v in spent.items()}
-    spent["update"] -= spent["old + reference log-probs"]
+    spent["update"] -= spent.get("reference log-probs", 0.0)
     spent["total"] = total / args.steps
     # what is left: the accuracy figure's decoding, batch placement, and the update's in-step timing
     # differing from its separate one (load on a shared machine shows here)
-    inside = [k for k in spent if k != "total" and "not in the step" not in k]
-    spent["remainder"] = spent["total"] - sum(spent[k] for k in inside)
-    return {"side": "profile", "seconds": spent}
+    spent["remainder"] = spent["total"] - sum(v for k, v in spent.items() if k != "total")
+    width = tuple(batch["tokens"].shape[1:]) + tuple(batch["resp_mask"].shape[1:])
+    return {"side": "profile", "seconds": spent, "update_width": width}
 
 
 def update_pieces(run):
-    """(the trainer's jitted update, without donation; the old and reference log-probabilities
-    it starts with, jitted alone), for timing on a captured batch."""
+    """(the trainer's jitted update, without donation; the reference log-probabilities it starts
+    with, jitted alone), for timing on a captured batch."""
     import jax
 
     from flaxgpt import rlhf
     from flaxgpt.trainers import grpo
 
-    m, q, temperature = run.models, run.models.query_width, run.cfg.ppo.temperature
+    m, g, temperature = run.models, run.cfg.grpo, run.cfg.ppo.temperature
 
-    def logprobs(state, batch):
-        inputs = (batch["tokens"], batch["positions"], batch["segments"])
-        lp = lambda params: rlhf.response_logprobs(m.policy, params, *inputs, q, temperature)[0]
-        return lp(state.params["policy"]), lp(state.frozen["reference"])
+    def reference(state, batch):
+        start = batch["tokens"].shape[1] - batch["resp_mask"].shape[1]
+        inputs = (batch["tokens"], batch["segments"], start, g.group_size, temperature)
+        return rlhf.grouped_response_logprobs(m.policy, rlhf.reference_params(m, state), *inputs)
 
-    return jax.jit(functools.partial(grpo.update, m, run.cfg, run.optimizer)), jax.jit(logprobs)
-
-
-def used_columns(run, batch: dict):
-    """(the update jitted for narrower rows, the batch cut to the columns some row uses): the
-    padding left of the longest prompt and right of the longest answer, which the trainer's update
-    computes on (one compiled shape) and TRL's, padding to the batch's longest, does not."""
-    import jax
-
-    from flaxgpt.trainers import grpo
-
-    used = np.asarray(batch["segments"]).any(axis=0)
-    lo, hi, q = int(np.argmax(used)), len(used) - int(np.argmax(used[::-1])), run.models.query_width
-    m = dataclasses.replace(run.models, query_width=q - lo)
-    narrow = {k: batch[k][:, lo:hi] for k in ("tokens", "positions", "segments")}
-    narrow.update(resp_mask=batch["resp_mask"][:, : hi - q], advantages=batch["advantages"])
-    return jax.jit(functools.partial(grpo.update, m, run.cfg, run.optimizer)), narrow
+    return jax.jit(functools.partial(grpo.update, m, run.cfg, run.optimizer)), jax.jit(reference)
 
 
 def mean_time(fn, repeats: int) -> float:
@@ -281,23 +286,38 @@ def mean_time(fn, repeats: int) -> float:
 # ----------------------------------------------------------------------------- the comparison
 
 
-def child(args, side: str, run_dir: str, hf_dir: str, prompts: str) -> dict:
-    """One side in a process of its own (which pins itself to the first --threads CPUs); its JSON line."""
-    common = ["--batch", args.batch, "--group", args.group, "--epochs", args.epochs]
-    common += ["--steps", args.steps, "--warmup", args.warmup, "--threads", args.threads]
+def child(args, side: str, threads: int, run_dir: str, hf_dir: str, prompts: str) -> dict:
+    """One side in a process of its own (which pins itself to the first `threads` CPUs); its JSON
+    line, with the CPU seconds the whole process used (compilation and loading included)."""
     if side == "trl":
-        cfg = grpo_config(args, run_dir)
-        cmd = [TRL_SCRIPT, "--hf-dir", hf_dir, "--prompts", prompts, "--new-tokens", args.new_tokens]
-        cmd += ["--world-seed", cfg.data.world_seed, "--world-system", cfg.data.world_system]
-        cmd += ["--beta", cfg.grpo.beta, "--lr", cfg.optimizer.lr, "--temperature", cfg.ppo.temperature]
-        cmd += ["--missing-eos-penalty", cfg.ppo.missing_eos_penalty]
+        cmd = [TRL_SCRIPT, *trl_args(args, threads, run_dir, hf_dir, prompts)]
     else:
         cmd = [os.path.abspath(__file__), "--side", side, "--init-from", run_dir, "--new-tokens", args.new_tokens]
+        cmd += ["--batch", args.batch, "--group", args.group, "--epochs", args.epochs]
+        cmd += ["--steps", args.steps, "--warmup", args.warmup, "--threads", threads]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, *map(str, cmd + common)], env=env, capture_output=True, text=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run([sys.executable, *map(str, cmd)], env=env, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if out.returncode != 0:
         raise SystemExit(f"the {side} side failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["cpu_s"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return result
+
+
+def trl_args(args, threads: int, run_dir: str, hf_dir: str, prompts: str) -> list[str]:
+    """trl_grpo_reference.py's arguments: the sizes, and flaxgpt's GRPO settings for TRL to run."""
+    cfg = grpo_config(args, run_dir)
+    g = cfg.grpo
+    out = ["--hf-dir", hf_dir, "--prompts", prompts, "--new-tokens", args.new_tokens, "--threads", threads]
+    out += ["--batch", args.batch, "--group", args.group, "--epochs", args.epochs]
+    out += ["--steps", args.steps, "--warmup", args.warmup]
+    out += ["--world-seed", cfg.data.world_seed, "--world-system", cfg.data.world_system]
+    out += ["--beta", g.beta, "--lr", cfg.optimizer.lr, "--temperature", cfg.ppo.temperature]
+    out += ["--missing-eos-penalty", cfg.ppo.missing_eos_penalty, "--normalization", g.normalization]
+    out += ["--scale-rewards", "group" if g.scale_rewards else "none"]
+    return [str(a) for a in out + ["--clip-low", g.clip_low, "--clip-high", g.clip_high]]
 
 
 def summary(result: dict) -> tuple[float, float]:
@@ -306,50 +326,67 @@ def summary(result: dict) -> tuple[float, float]:
     return len(result["step_s"]) / seconds, float(np.sum(result["generated_tokens"])) / seconds
 
 
-def busy_warning(threads: int) -> list[str]:
+def same_algorithm(rounds: dict) -> dict:
+    """The GRPO settings both sides report; exits if they differ (then the comparison is void)."""
+    seen = {json.dumps(r["algorithm"], sort_keys=True) for results in rounds.values() for r in results}
+    if len(seen) != 1:
+        raise SystemExit(f"flaxgpt and TRL ran different GRPO settings: {sorted(seen)}")
+    return json.loads(seen.pop())
+
+
+def busy_warning(threads: list[int]) -> list[str]:
     """A warning (and a blank line) when the machine is oversubscribed and sides run threaded:
     PyTorch's OpenMP threads then collapse while XLA's degrade gently, which flatters flaxgpt."""
-    if threads == 1 or os.getloadavg()[0] <= os.cpu_count():
+    if max(threads) == 1 or os.getloadavg()[0] <= os.cpu_count():
         return []
     return [
         f"**Load exceeds the {os.cpu_count()} CPUs**: PyTorch's OpenMP threads collapse under it "
-        "while XLA's degrade gently, so this ratio flatters flaxgpt; on a busy machine compare "
-        "at `--threads 1`.",
+        "while XLA's degrade gently, so the threaded ratio flatters flaxgpt; on a busy machine read "
+        "the 1-thread one.",
         "",
     ]
 
 
-def table(args, rounds: dict[str, list[dict]], profile: dict | None, load: str, origin: str) -> str:
-    best = {side: max((summary(r) for r in results), key=lambda s: s[0]) for side, results in rounds.items()}
+def table(args, rounds: dict, profile: dict | None, load: str, origin: str) -> str:
+    """The RESULTS.md section: one row per side and thread count, the ratios, the profile."""
+    algo = same_algorithm(rounds)
     lines = [
         f"## GRPO speed: flaxgpt vs TRL GRPOTrainer ({platform.processor() or platform.machine()}, "
-        f"{datetime.date.today()}, {args.threads} threads each)",
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+        f"{' and '.join(map(str, args.threads))} threads each)",
         "",
         "    python " + " ".join(["benchmarks/grpo_speed.py", *sys.argv[1:]]),
         "",
-        f"{origin}; {args.batch} prompts x group {args.group}, up to {args.new_tokens} new tokens, "
-        f"{args.epochs} updates per rollout; {args.steps} timed steps after {args.warmup} per process, "
-        f"best of {args.rounds} alternating rounds. Load average (1, 5, 15 min) at the start: {load} "
-        "(a shared machine: the ratio, measured side by side, is the figure to read).",
+        f"{origin}; {args.batch} prompts x group {args.group}, up to {args.new_tokens} new tokens; "
+        f"{args.steps} timed steps after {args.warmup} per process, best of {args.rounds} alternating "
+        f"rounds. The same algorithm on both sides (TRL's GRPOConfig set to it): {json.dumps(algo)}. "
+        f"Load average (1, 5, 15 min) at the start: {load} (a shared machine: the ratio, measured "
+        "side by side, is the figure to read; CPU seconds are the whole process's, loading and "
+        "compilation included, which load inflates little).",
         "",
         *busy_warning(args.threads),
-        "| side | steps/s | generated tokens/s | every round's steps/s |",
-        "|---|---|---|---|",
+        "| side | threads | steps/s | generated tokens/s | every round's steps/s | CPU s per process |",
+        "|---|---|---|---|---|---|",
     ]
-    for side, (steps, tokens) in best.items():
-        each = ", ".join(f"{summary(r)[0]:.3g}" for r in rounds[side])
-        name = "flaxgpt (jax " + rounds[side][0]["versions"].get("jax", "") + ")" if side == "flax" else side
-        if side == "trl":
-            v = rounds[side][0]["versions"]
-            name = f"TRL {v['trl']} (torch {v['torch']}, eager)"
-        lines.append(f"| {name} | {steps:.3g} | {tokens:.4g} | {each} |")
-    if "trl" in best and "flax" in best:
-        lines += ["", f"flaxgpt / TRL steps/s: **{best['flax'][0] / best['trl'][0]:.2f}x**"]
+    best = {key: max((summary(r) for r in results), key=lambda s: s[0]) for key, results in rounds.items()}
+    for (side, threads), (steps, tokens) in best.items():
+        results = rounds[side, threads]
+        each = ", ".join(f"{summary(r)[0]:.3g}" for r in results)
+        v = results[0]["versions"]
+        name = f"flaxgpt (jax {v['jax']})" if side == "flax" else f"TRL {v['trl']} (torch {v['torch']}, eager)"
+        cpu = ", ".join(f"{r['cpu_s']:.0f}" for r in results)
+        lines.append(f"| {name} | {threads} | {steps:.3g} | {tokens:.4g} | {each} | {cpu} |")
+    for threads in args.threads:
+        if ("trl", threads) in best:
+            ratio = best["flax", threads][0] / best["trl", threads][0]
+            lines += ["", f"flaxgpt / TRL steps/s at {threads} thread(s): **{ratio:.2f}x**"]
     if profile:
-        total = profile["total"]
-        lines += ["", "Where a flaxgpt step goes (a separate profiling process):", ""]
-        lines += ["| piece | ms/step | share |", "|---|---|---|"]
-        lines += [f"| {k} | {1e3 * v:.1f} | {100 * v / total:.0f}% |" for k, v in profile.items() if k != "total"]
+        seconds, total = profile["seconds"], profile["seconds"]["total"]
+        lines += ["", f"Where a flaxgpt step goes ({args.threads[0]} thread(s), a separate profiling process; "]
+        lines[-1] += f"the update's batch was cut to {profile['update_width'][0]} columns, "
+        lines[-1] += f"{profile['update_width'][1]} of them answer):"
+        lines += ["", "| piece | ms/step | share |", "|---|---|---|"]
+        lines += [f"| {k} | {1e3 * v:.1f} | {100 * v / total:.0f}% |" for k, v in seconds.items() if k != "total"]
         lines.append(f"| total | {1e3 * total:.1f} | 100% |")
     return "\n".join(lines)
 
@@ -364,15 +401,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per process")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--profile", action="store_true")
+    cpus = len(os.sched_getaffinity(0))
+    parser.add_argument(
+        "--threads",
+        type=lambda v: [int(t) for t in v.split(",")],
+        default=sorted({1, cpus}),
+        help="CPUs per side, a comma list (each round runs every count)",
+    )
+    parser.add_argument("--profile", action="store_true", help="+ where flaxgpt's step goes (at the first --threads)")
     parser.add_argument("--no-trl", action="store_true", help="flaxgpt's side only")
     parser.add_argument("--tiny", action="store_true", help="a 1-layer model (checks the script)")
     parser.add_argument("--no-record", action="store_true", help="print, do not append to RESULTS.md")
     parser.add_argument("--side", choices=("flax", "profile"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
-        os.sched_setaffinity(0, range(args.threads))  # before JAX starts its threads
+        os.sched_setaffinity(0, range(args.threads[0]))  # before JAX starts its threads
         from flaxgpt.host_allocator import tune_host_allocator
 
         tune_host_allocator()  # as the training CLI does
@@ -387,11 +430,11 @@ def main() -> None:
         if not args.no_trl:
             export_for_trl(run_dir, hf_dir)
             trl_prompts(args, run_dir, prompts)
-        rounds: dict[str, list[dict]] = {side: [] for side in sides}
+        rounds: dict[tuple[str, int], list[dict]] = {(s, t): [] for t in args.threads for s in sides}
         for _ in range(args.rounds):
-            for side in sides:
-                rounds[side].append(child(args, side, run_dir, hf_dir, prompts))
-        profile = child(args, "profile", run_dir, hf_dir, prompts)["seconds"] if args.profile else None
+            for side, threads in rounds:
+                rounds[side, threads].append(child(args, side, threads, run_dir, hf_dir, prompts))
+        profile = child(args, "profile", args.threads[0], run_dir, hf_dir, prompts) if args.profile else None
     origin = f"weights of {args.init_from}" if args.init_from else "random weights of the world model's shape"
     text = table(args, rounds, profile, load, origin)
     print(text)

@@ -7,9 +7,11 @@ template's rendering of the same world questions, and the reward is the world's 
 ppo.missing_eos_penalty for an answer that never ends), a Python callable as on flaxgpt's side.
 TRL runs as shipped on the CPU: eager PyTorch in float32, transformers' `generate` (no vLLM),
 except that gradient checkpointing (on by default in TRL 1.16) is off, as it is in flaxgpt: at
-this size it only costs time. One GRPO step is one generation batch (batch prompts x group
-answers) and its `epochs` optimizer steps (TRL's num_iterations); only whole steps are timed,
-after `warmup` untimed ones. Prints one JSON line.
+this size it only costs time. The algorithm is set explicitly from flaxgpt's grpo section (TRL's
+defaults differ: beta 0, one iteration, loss_type "dapo") and reported back in the JSON line as
+`algorithm`, in flaxgpt's terms, for grpo_speed.py to check. One GRPO step is one generation
+batch (batch prompts x group answers) and its `epochs` optimizer steps (TRL's num_iterations);
+only whole steps are timed, after `warmup` untimed ones. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -33,19 +35,73 @@ def reward(task, stops: set[int], penalty: float, counts: list[int]):
     return world_reward
 
 
-def main() -> None:
+LOSS_TYPES = {"sequence": "grpo", "token": "dapo", "constant": "dr_grpo"}  # flaxgpt's normalization -> TRL's
+
+
+def algorithm(config) -> dict:
+    """The GRPO settings TRL ran with, in flaxgpt's grpo.* terms."""
+    return {
+        "beta": config.beta,
+        "updates_per_rollout": config.num_iterations * config.steps_per_generation,
+        "normalization": {v: k for k, v in LOSS_TYPES.items()}[config.loss_type],
+        "scale_rewards": config.scale_rewards != "none",
+        "clip": [config.epsilon, config.epsilon_high],
+        "mask_truncated": config.mask_truncated_completions,
+    }
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hf-dir", required=True)
     parser.add_argument("--prompts", required=True, help="JSON list of {prompt, question}")
     for name in ("batch", "group", "new_tokens", "epochs", "steps", "warmup", "threads", "world_seed"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, required=True)
-    for name in ("beta", "lr", "temperature", "missing_eos_penalty"):
+    for name in ("beta", "lr", "temperature", "missing_eos_penalty", "clip_low", "clip_high"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, required=True)
+    parser.add_argument("--normalization", choices=sorted(LOSS_TYPES), required=True)
+    parser.add_argument("--scale-rewards", choices=("group", "none"), required=True)
     parser.add_argument("--world-system", default="")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.warmup < 1:
         parser.error("--warmup must be >= 1 (the first step's end starts the clock)")
+    return args
 
+
+def grpo_config(args: argparse.Namespace, out: str):
+    """TRL's GRPOConfig for the run: flaxgpt's algorithm and optimizer, TRL's CPU settings."""
+    import trl
+
+    return trl.GRPOConfig(
+        output_dir=out,
+        per_device_train_batch_size=args.batch * args.group,
+        num_generations=args.group,
+        max_completion_length=args.new_tokens,
+        num_iterations=args.epochs,
+        beta=args.beta,
+        temperature=args.temperature,
+        loss_type=LOSS_TYPES[args.normalization],
+        scale_rewards=args.scale_rewards,
+        epsilon=args.clip_low,
+        epsilon_high=args.clip_high,
+        mask_truncated_completions=False,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        adam_beta2=0.99,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        max_steps=(args.warmup + args.steps) * args.epochs,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        bf16=False,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+    )
+
+
+def main() -> None:
+    args = parse()
     os.sched_setaffinity(0, range(args.threads))  # the CPUs flaxgpt's side is pinned to
     import torch
     import transformers
@@ -61,33 +117,8 @@ def main() -> None:
     model = transformers.AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
     stops = set(model.generation_config.eos_token_id)
     task = WorldTask(args.world_seed, args.world_system)
-    steps = args.warmup + args.steps
     with tempfile.TemporaryDirectory() as out:
-        config = trl.GRPOConfig(
-            output_dir=out,
-            per_device_train_batch_size=args.batch * args.group,
-            num_generations=args.group,
-            max_completion_length=args.new_tokens,
-            num_iterations=args.epochs,
-            beta=args.beta,
-            temperature=args.temperature,
-            loss_type="grpo",
-            scale_rewards="group",
-            epsilon=0.2,
-            learning_rate=args.lr,
-            lr_scheduler_type="constant",
-            adam_beta2=0.99,
-            weight_decay=0.0,
-            max_grad_norm=1.0,
-            max_steps=steps * args.epochs,
-            gradient_checkpointing=False,
-            use_cpu=True,
-            bf16=False,
-            logging_steps=1,
-            report_to="none",
-            save_strategy="no",
-            seed=0,
-        )
+        config = grpo_config(args, out)
         times: list[float] = []
         tokens: list[int] = []
 
@@ -114,6 +145,7 @@ def main() -> None:
                 "step_s": step_s,
                 "generated_tokens": generated,
                 "versions": {"trl": trl.__version__, "torch": torch.__version__},
+                "algorithm": algorithm(config),
                 "threads": torch.get_num_threads(),
             }
         )

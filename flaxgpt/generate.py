@@ -124,12 +124,22 @@ def mask_positions(mask: Any) -> Any:
 
 
 def _prefill(model, params, tokens, mask, total):
+    """(last position's logits, the cache of `total` columns holding the prompt, next position)."""
     cache = _empty_cache(model, tokens.shape[0], total)
     positions = mask_positions(mask)
     logits, variables = model.apply(
         {"params": params, "cache": cache}, tokens, positions, mask.astype(jnp.int32), decode=True, mutable=["cache"]
     )
     return logits[:, -1], variables["cache"], positions[:, -1] + 1
+
+
+def group_prefill(model, params, tokens, mask, total, group: int = 1):
+    """`_prefill` for rows in runs of `group` copies of one prompt (GRPO's answers to a question):
+    each prompt is computed once and its cache row, last logits and position repeated."""
+    if group == 1:
+        return _prefill(model, params, tokens, mask, total)
+    last, cache, position = _prefill(model, params, tokens[::group], mask[::group], total)
+    return jnp.repeat(last, group, axis=0), repeat_cache_rows(model, cache, group), jnp.repeat(position, group)
 
 
 def _step(model, params, cache, token, position):
@@ -140,12 +150,22 @@ def _step(model, params, cache, token, position):
     return logits[:, 0], variables["cache"]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "cfg", "stop_tokens", "pad_id", "stream"))
+@functools.partial(jax.jit, static_argnames=("model", "cfg", "stop_tokens", "pad_id", "stream", "group"))
 def _sample(
-    model, params, tokens, mask, rng, *, cfg: DecodeConfig, stop_tokens: tuple, pad_id: int, stream: bool = False
+    model,
+    params,
+    tokens,
+    mask,
+    rng,
+    *,
+    cfg: DecodeConfig,
+    stop_tokens: tuple,
+    pad_id: int,
+    stream: bool = False,
+    group: int = 1,
 ):
     batch, n = tokens.shape[0], cfg.max_new_tokens
-    last, cache, position = _prefill(model, params, tokens, mask, tokens.shape[1] + n)
+    last, cache, position = group_prefill(model, params, tokens, mask, tokens.shape[1] + n, group)
     stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
     out = Generation(
         tokens=jnp.full((batch, n), pad_id, jnp.int32),
@@ -223,6 +243,11 @@ def _beam_search(model, params, tokens, mask, *, cfg: DecodeConfig, stop_tokens:
     return Generation(tokens=pick(history), logprobs=raw, raw_logprobs=raw, lengths=pick(lengths))
 
 
+def take_cache_rows(model: nn.Module, cache: Any, rows: Array) -> Any:
+    """The cache's `rows` (indices stay): some rows' continuation, the others dropped."""
+    return _reorder_cache(cache, rows, _cache_axes(model)[0])
+
+
 def _reorder_cache(cache: Any, rows: Array, axis: int) -> Any:
     """Pick cache rows (beam search follows each surviving beam's parent); indices stay."""
 
@@ -243,12 +268,14 @@ def generate(
     stop_tokens: Sequence[int] = (),
     on_tokens: Callable[[np.ndarray], None] | None = None,
     prompt_width: int | None = None,
+    group: int = 1,
 ) -> Generation:
     """Continue each prompt (token ids) under `cfg`; rows stop at any of `stop_tokens`.
 
     `on_tokens`, if given, receives each step's [batch] tokens as the loop produces them
     (streaming; sampling only), from inside the same compiled loop. `prompt_width` pads
-    prompts to a fixed width, so calls with different prompts share one compilation."""
+    prompts to a fixed width, so calls with different prompts share one compilation. `group` > 1
+    says the prompts come in runs of that many copies (sampling; see `group_prefill`)."""
     tokens, mask = left_pad(prompts, pad_id, prompt_width)
     if tokens.shape[1] + cfg.max_new_tokens > model.cfg.block_size:
         raise ValueError(
@@ -260,7 +287,7 @@ def generate(
     if cfg.num_beams > 1:
         return _beam_search(model, params, tokens, mask, **kwargs)
     if on_tokens is None:
-        return _sample(model, params, tokens, mask, rng, **kwargs)
+        return _sample(model, params, tokens, mask, rng, group=group, **kwargs)
     _Stream.callback = on_tokens
     try:
         return jax.block_until_ready(_sample(model, params, tokens, mask, rng, stream=True, **kwargs))
@@ -373,6 +400,13 @@ def _cache_axes(model: nn.Module) -> tuple[int, int]:
 
 def _is_cache_index(path) -> bool:
     return getattr(path[-1], "key", None) == "cache_index"
+
+
+def repeat_cache_rows(model: nn.Module, cache: Any, times: int) -> Any:
+    """Each cache row `times` times in a row: one prefilled prompt shared by several continuations."""
+    row_axis = _cache_axes(model)[0]
+    rep = lambda path, leaf: leaf if _is_cache_index(path) else jnp.repeat(leaf, times, axis=row_axis)
+    return jax.tree_util.tree_map_with_path(rep, cache)
 
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache", "last"))

@@ -327,6 +327,7 @@ def grpo_loss(
     clip_high: float,
     beta: float,
     normalization: str = "sequence",
+    horizon: int | None = None,
 ) -> dict:
     """The GRPO objective over response tokens [b, T], advantages [b] (one per sequence).
 
@@ -334,7 +335,8 @@ def grpo_loss(
     k3 = exp(ref - logp) - (ref - logp) - 1 >= 0 is the unbiased KL estimate of Shao et al.
     (clip_high > clip_low is DAPO's clip-higher). normalization: `sequence` (GRPO: each
     sequence's token mean, averaged over sequences), `token` (DAPO: over all tokens), or
-    `constant` (Dr. GRPO: each sequence's token sum / T, removing the length bias).
+    `constant` (Dr. GRPO: each sequence's token sum / T, removing the length bias; T is `horizon`,
+    the longest answer allowed, when the columns are cut to the longest answer sampled).
     Returned as loss_sum / weight_sum so micro-batches average exactly.
     """
     mask = mask.astype(jnp.float32)
@@ -352,7 +354,7 @@ def grpo_loss(
     elif normalization == "token":
         loss_sum, weight_sum = jnp.sum(per_token), jnp.sum(lengths)
     elif normalization == "constant":
-        loss_sum, weight_sum = jnp.sum(per_token) / mask.shape[1], jnp.sum(has_tokens)
+        loss_sum, weight_sum = jnp.sum(per_token) / (horizon or mask.shape[1]), jnp.sum(has_tokens)
     else:
         raise ValueError(f"unknown normalization {normalization!r}; expected 'sequence', 'token' or 'constant'")
     tokens = jnp.sum(mask)

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
+from unittest import mock
 
 import pytest
 from conftest import REPO
@@ -32,6 +34,19 @@ def tiny_run(bench, tmp_path_factory):
 ARGS = argparse.Namespace(batch=4, group=2, new_tokens=8, epochs=1, steps=1, warmup=1)
 
 
+def test_trl_is_set_to_flaxgpt_algorithm(bench, tiny_run, tmp_path):
+    pytest.importorskip("trl")
+    ref = _load("trl_grpo_reference")
+    for settings in ({}, {"beta": 0.0, "normalization": "constant", "clip_high": 0.28, "scale_rewards": False}):
+        cfg = bench.grpo_config(ARGS, tiny_run)
+        cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, **settings))
+        with mock.patch.object(bench, "grpo_config", lambda *_: cfg):
+            argv = bench.trl_args(ARGS, 1, tiny_run, "hf", "prompts.json")
+        trl_config = ref.grpo_config(ref.parse(argv), str(tmp_path))
+        assert ref.algorithm(trl_config) == bench.algorithm(cfg)
+        assert trl_config.num_iterations == ARGS.epochs and trl_config.num_generations == ARGS.group
+
+
 def test_flax_side_runs_the_trainer_step(bench, tiny_run):
     result = bench.flax_side(ARGS, tiny_run)
     assert len(result["step_s"]) == 1 and result["step_s"][0] > 0
@@ -41,12 +56,15 @@ def test_flax_side_runs_the_trainer_step(bench, tiny_run):
 
 
 def test_profile_splits_the_step(bench, tiny_run):
-    seconds = bench.flax_profile(ARGS, tiny_run)["seconds"]
-    # timed directly (the update proper is the whole update less the log-probs, each timed apart:
-    # on a tiny model under load their difference is noise)
-    pieces = ("generation", "host", "scoring", "old + reference log-probs")
-    assert all(seconds[k] > 0 for k in (*pieces, "update at the used columns (not in the step)"))
-    assert seconds["update"] + seconds["old + reference log-probs"] > 0
+    profile = bench.flax_profile(ARGS, tiny_run)
+    seconds = profile["seconds"]
+    # timed directly (the update proper is the whole update less the reference log-probs, each
+    # timed apart: on a tiny model under load their difference is noise)
+    pieces = ("generation", "host", "scoring", "reference log-probs")
+    assert all(seconds[k] > 0 for k in pieces)
+    assert seconds["update"] + seconds["reference log-probs"] > 0
+    # the update ran on the used columns: prompts under 64 tokens, answers of at most 8
+    assert profile["update_width"] == (64 + ARGS.new_tokens, ARGS.new_tokens)
     # the pieces timed inside the step (not its compiling warm-up) fit in the step's time
     assert seconds["generation"] + seconds["host"] + seconds["scoring"] < seconds["total"]
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flaxgpt import generate, lora, rlhf
+from flaxgpt import lora, rlhf
 from flaxgpt.config import Config, ConfigError
 from flaxgpt.data.packing import PackedRows
 from flaxgpt.data.world import WorldTask
@@ -81,53 +81,85 @@ def initial_state(run: PPO, shardings: Any) -> PPOState:
     return rlhf.initial_state(run, {"policy": policy}, frozen, run.cfg.grpo.beta, shardings)
 
 
-def update(m: Models, cfg: Config, optimizer, state: PPOState, batch: dict) -> tuple[PPOState, dict]:
-    """grpo.epochs full-batch updates of the clipped objective; the ratio is to the rollout policy."""
-    g, q, temperature = cfg.grpo, m.query_width, cfg.ppo.temperature
-    inputs = (batch["tokens"], batch["positions"], batch["segments"])
-    logprobs = lambda params: rlhf.response_logprobs(m.policy, params, *inputs, q, temperature)[0]
-    old = jax.lax.stop_gradient(logprobs(state.params["policy"]))
-    ref = jax.lax.stop_gradient(logprobs(rlhf.reference_params(m, state)))
+def update(
+    m: Models, cfg: Config, optimizer, state: PPOState, batch: dict, split: tuple[int, int] | None = None
+) -> tuple[PPOState, dict]:
+    """grpo.epochs full-batch updates of the clipped objective; the ratio is to the rollout policy.
+
+    The batch may be cut to fewer columns than block_size (`used_columns`): its prompt width is
+    tokens' less resp_mask's; `split` (`answer_split`) runs the tail of the answers for the
+    longest rows only (`rlhf.grouped_response_logprobs`). The rollout policy is the state's, so
+    the first epoch's own forward gives the old log-probabilities (no separate pass), and beta = 0
+    needs no reference pass (nor reports a kl figure)."""
+    g, temperature = cfg.grpo, cfg.ppo.temperature
+    start = batch["tokens"].shape[1] - batch["resp_mask"].shape[1]
+    inputs = (batch["tokens"], batch["segments"], start, g.group_size, temperature, split)
+    logprobs = lambda params: rlhf.grouped_response_logprobs(m.policy, params, *inputs)
+    ref = jax.lax.stop_gradient(logprobs(rlhf.reference_params(m, state))) if g.beta else None
     adapters_only = bool(m.policy.cfg.lora_rank)
 
-    def objective(params):
+    def objective(params, old):
         params = lora.freeze_base(params) if adapters_only else params
-        out = grpo_loss(
-            logprobs(params["policy"]),
-            old,
-            ref,
-            batch["advantages"][:, 0],
-            batch["resp_mask"],
-            g.clip_low,
-            g.clip_high,
-            g.beta,
-            g.normalization,
-        )
-        return out["loss_sum"] / jnp.maximum(out["weight_sum"], 1.0), out["ratios"]
+        logp = logprobs(params["policy"])
+        old = jax.lax.stop_gradient(logp) if old is None else old
+        kl_to = jax.lax.stop_gradient(logp) if ref is None else ref
+        args = (batch["advantages"][:, 0], batch["resp_mask"], g.clip_low, g.clip_high, g.beta, g.normalization)
+        out = grpo_loss(logp, old, kl_to, *args, horizon=cfg.ppo.max_new_tokens)
+        return out["loss_sum"] / jnp.maximum(out["weight_sum"], 1.0), (out["ratios"], old)
 
-    def epoch(carry, _):
+    def epoch(carry, old):
         params, opt_state = carry
-        (loss, ratios), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        (loss, (ratios, old)), grads = jax.value_and_grad(objective, has_aux=True)(params, old)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         stats = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-        stats.update({k: num / jnp.maximum(den, 1.0) for k, (num, den) in ratios.items()})
-        return (optax.apply_updates(params, updates), opt_state), stats
+        stats.update(
+            {k: num / jnp.maximum(den, 1.0) for k, (num, den) in ratios.items() if ref is not None or k != "kl"}
+        )
+        return (optax.apply_updates(params, updates), opt_state), stats, old
 
-    (params, opt_state), stats = jax.lax.scan(epoch, (state.params, state.opt_state), None, length=g.epochs)
-    stats = jax.tree.map(jnp.mean, stats)
+    def again(carry, _):
+        carry, stats, _ = epoch(carry, old)
+        return carry, stats
+
+    carry, first, old = epoch((state.params, state.opt_state), None)
+    (params, opt_state), rest = jax.lax.scan(again, carry, None, length=g.epochs - 1)
+    stats = jax.tree.map(lambda a, b: (a + jnp.sum(b)) / g.epochs, first, rest)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), stats
+
+
+def used_columns(host: dict, query_width: int, buckets: tuple[int, int] = (32, 16)) -> dict:
+    """The batch cut to the columns some row uses, the prompt and answer widths rounded up to
+    multiples of `buckets` (so few widths compile): left padding before the longest prompt and
+    right padding after the longest answer cost the update as much as real tokens."""
+    used = host["segments"].any(axis=0)
+    prompt = query_width - int(np.argmax(used))
+    answer = len(used) - query_width - int(np.argmax(used[::-1]))
+    lo = query_width - min(query_width, -(-prompt // buckets[0]) * buckets[0])
+    hi = query_width + min(len(used) - query_width, -(-max(answer, 1) // buckets[1]) * buckets[1])
+    cut = {k: host[k][:, lo:hi] for k in ("tokens", "segments")}
+    return {**cut, "resp_mask": host["resp_mask"][:, : hi - query_width], "advantages": host["advantages"]}
+
+
+def answer_split(lengths: np.ndarray, width: int, first: int = 8, rows: int = 16) -> tuple[int, int] | None:
+    """(S, K) for `update`: every answer's first `first` tokens, the rest for the rows longer
+    than first + 1 only, their count rounded up to a multiple of `rows` (few compiles); None
+    when that would be every row."""
+    longer = int(np.sum(lengths > first + 1))
+    k = -(-longer // rows) * rows
+    return None if width <= first + 1 or k >= len(lengths) else (first, k)
 
 
 def make_step(run: PPO, order: PackedRows, shardings: Any):
     tc, p, g, m = run.cfg.train, run.cfg.ppo, run.cfg.grpo, run.models
     n = tc.batch_size * g.group_size
-    jitted = jax.jit(functools.partial(update, m, run.cfg, run.optimizer), donate_argnums=0)
+    jitted = jax.jit(functools.partial(update, m, run.cfg, run.optimizer), donate_argnums=0, static_argnames=("split",))
+    widths: set[tuple] = set()  # the update's compiled shapes (one compile each)
 
     def step_fn(state: PPOState, step: int) -> tuple[PPOState, dict]:
         picked = [run.prompts[0][int(i)] for i in order.batch(step, tc.batch_size)["index"][:, 0]]
         prompts = [prompt for prompt in picked for _ in range(g.group_size)]
         key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
-        tokens, mask, gen = rollout(run, state.params["policy"], prompts, key, p.temperature)
+        tokens, mask, gen = rollout(run, state.params["policy"], prompts, key, p.temperature, g.group_size)
         full, full_mask, lengths, ended = sequences(run, tokens, mask, gen)
         rewards = scores(run, state, prompts, tokens, mask, gen) - p.missing_eos_penalty * (1.0 - ended)
         advantages, informative = group_advantages(
@@ -137,12 +169,14 @@ def make_step(run: PPO, order: PackedRows, shardings: Any):
         resp_mask = full_mask[:, m.query_width :] * keep[:, None]
         host = {
             "tokens": full,
-            "positions": generate.mask_positions(full_mask),
             "segments": full_mask.astype(np.int32),
             "resp_mask": resp_mask.astype(np.float32),
             "advantages": np.asarray(advantages, np.float32).reshape(-1, 1),
         }
-        state, stats = jitted(state, run.rt.place(host, n))
+        host = used_columns(host, m.query_width)
+        split = answer_split(lengths, host["resp_mask"].shape[1])
+        widths.add((host["tokens"].shape[1], host["resp_mask"].shape[1], split))
+        state, stats = jitted(state, run.rt.place(host, n), split=split)
         stats = {k: float(v) for k, v in host_value(stats).items()}
         if not all(np.isfinite(v) for v in stats.values()):
             raise NonFiniteLoss(f"GRPO step {step + 1}: non-finite {stats}; stopping before this update is saved")
@@ -152,6 +186,7 @@ def make_step(run: PPO, order: PackedRows, shardings: Any):
             "reward_std": float(np.std(rewards)),
             "response_length": float(np.mean(lengths)),
             "informative_groups": float(np.mean(np.asarray(informative))),
+            "update_compiles": float(len(widths)),
         }
         if run.labeler is not None:
             texts = rlhf.responses(run, gen)
