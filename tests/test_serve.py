@@ -95,6 +95,10 @@ def test_waiting_prompts_prefilled_together_keep_their_own_answers(lone_model):
     try:
         got = _collect(engine, PROMPTS, NEW, start=True, temperature=0.0)  # the first admission takes four
         assert got == [(expected, "length") for expected in _greedy(model, params)]
+        # the last two share a prefill of two rows (no filler), each request is in NEW decode steps
+        work = engine.stats()
+        assert (work["prefills"], work["prefill_rows"], work["prompts"]) == (2, 6, 6)
+        assert (work["steps"], work["step_rows"]) == (2 * NEW, 6 * NEW) and work["busy_s"] > 0
     finally:
         engine.stop()
 
@@ -211,8 +215,10 @@ def test_chat_completions_through_the_openai_client(server, client):
     assert all(t.logprob <= 0 and t.logprob >= t.top_logprobs[-1].logprob for t in lp)
     # streaming gives the same text; n > 1 with a seed reproduces, and differs from another seed
     chunks = client.chat.completions.create(**greedy, stream=True, stream_options={"include_usage": True})
+    chunks = list(chunks)
     pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert "".join(pieces) == choice.message.content and len(pieces) > 2
+    assert chunks[-1].usage == out.usage and len({c.id for c in chunks}) == 1 and chunks[0].id != out.id
     sampled = dict(model=model, messages=messages, temperature=1.0, max_tokens=10, n=3)
     a = client.chat.completions.create(**sampled, seed=5)
     b = client.chat.completions.create(**sampled, seed=5)
