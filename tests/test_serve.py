@@ -478,6 +478,31 @@ def test_a_newer_checkpoint_is_served_once_found(server):
     assert done["step"] == 1000 and httpx.get(url + "/health").json()["step"] == 1000
 
 
+def test_stores_opening_a_new_database_at_once_migrate_it_once(tmp_path):
+    """The server and the online learner may create the database together: each migration must
+    run once (not fail with "table already exists" in the second)."""
+    from flaxgpt.serve.store import SCHEMA_VERSION, FeedbackStore
+
+    for trial in range(5):
+        db, start, failed = str(tmp_path / f"{trial}.sqlite"), threading.Barrier(4), []
+
+        def open_store():
+            start.wait()
+            try:
+                FeedbackStore(db).close()
+            except Exception as e:
+                failed.append(e)
+
+        threads = [threading.Thread(target=open_store) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not failed
+        with sqlite3.connect(db) as con:
+            assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
 def test_api_key_schema_version_and_cli_errors(server, tmp_path):
     import httpx
 
