@@ -1,21 +1,27 @@
 """Serving throughput against transformers' `generate`, and the server's memory over many requests.
 
-    python benchmarks/serve.py [--workdir RUN] [--clients 1,16] [--requests 32] [--rounds 3]
-                               [--max-tokens 48] [--slots 16] [--memory-requests 1000] [--hf-threads 2,1]
+    python benchmarks/serve.py [--workdir RUN] [--clients 1,16] [--requests 32] [--per-client 8]
+                               [--rounds 3] [--max-tokens 48] [--slots 16] [--memory-requests 1000]
+                               [--hf-threads 2,1]
 
 The server is the real one (`python -m flaxgpt.serve` in a process of its own, on a free
-127.0.0.1 port); its clients are `openai` clients, one thread each, streaming chat completions.
-The workload is --requests chat requests asking the run's world questions (as the chat demo's
-users would; temperature 1, request i with seed i, up to --max-tokens tokens, ended by the
-model's end of turn), dealt to 1, then 16 concurrent clients; transformers' `generate` answers
-the same prompts (the same token ids) one at a time, in a process of its own per torch thread
-count (benchmarks/hf_generate.py, on the run exported with `flaxgpt.convert`; by default as many
-threads as this process has cores, and 1, since torch's OpenMP threads collapse when other jobs
-share the cores); the ratio is to the faster of them.
+127.0.0.1 port); its clients are `openai` clients, one thread each, streaming chat completions,
+in a process of their own (so that the CPU time of server and clients can be told apart). A
+round is max(--requests, --per-client x the most clients) chat requests asking the run's world
+questions (as the chat demo's users would; temperature 1, request i with seed i, up to
+--max-tokens tokens, ended by the model's end of turn), so that 16 clients are all busy most of
+the round rather than starting up and draining; it is dealt to 1, then 16 concurrent clients;
+transformers' `generate` answers the same prompts (the same token ids) one at a time, in a
+process of its own per torch thread count (benchmarks/hf_generate.py, on the run exported with
+`flaxgpt.convert`; by default as many threads as this process has cores, and 1, since torch's
+OpenMP threads collapse when other jobs share the cores); the ratio is to the faster of them.
 The three alternate within each of --rounds rounds, so that load from other jobs on the machine
-falls on all of them; the load average is printed beside the figures. Compilation and warm-up
-are excluded (the whole workload runs once before timing). Without --workdir a randomly
-initialised run (4 layers, 256 wide, context 256) is made in a temporary directory.
+falls on all of them; the load average is printed beside the figures. Beside the tokens/s, the
+CPU milliseconds per request of the server's main thread (uvicorn's event loop: HTTP, JSON,
+SSE), of its other threads (the engine's loop and XLA's compute threads) and of the client
+process, and the engine's decode steps per request and rows per step (from /health). Compilation
+and warm-up are excluded (the whole workload runs once before timing). Without --workdir a
+randomly initialised run (4 layers, 256 wide, context 256) is made in a temporary directory.
 
 --memory-requests N then sends N more requests through 16 clients and reads the server's RSS
 before them and after 100, N/2 and N. Prints the tables and appends them to benchmarks/RESULTS.md.
@@ -30,6 +36,7 @@ import json
 import os
 import platform
 import queue
+import resource
 import shlex
 import socket
 import subprocess
@@ -132,22 +139,48 @@ def one_request(
     return first or time.perf_counter() - start, time.perf_counter() - start, tokens
 
 
-def refused_request(client, model: str, messages: list[dict], block_size: int) -> tuple[float, float, int]:
-    """A request asking for the whole context, which the server must refuse (400)."""
+def refused_request(client, model: str, messages: list[dict], max_tokens: int) -> tuple[float, float, int]:
+    """A request asking for `max_tokens` (the whole context), which the server must refuse (400)."""
     import openai
 
     start = time.perf_counter()
     try:
-        client.chat.completions.create(model=model, messages=messages, max_tokens=block_size, stream=True)
+        client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, stream=True)
     except openai.BadRequestError:
         return 0.0, time.perf_counter() - start, 0
-    raise SystemExit(f"a request for max_tokens={block_size} was not refused")
+    raise SystemExit(f"a request for max_tokens={max_tokens} was not refused")
 
 
-def serve_load(jobs: list, clients: int) -> dict:
-    """`jobs` (functions making one request: `one_request` or `refused_request` with their
-    arguments) run by `clients` concurrent clients, each taking the next job when its previous
-    answer has streamed in; the figures of `summary`."""
+def drive(url: str) -> None:
+    """The client process (`--drive URL`): each stdin line a JSON job {"clients": C, "requests":
+    [[kind ("ask" | "leave" | "refuse"), messages, seed, max_tokens]...]}, answered on stdout by
+    {"requests": [[time to first token, latency, tokens]...], "wall": s, "cpu": this process's CPU s}."""
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="-", timeout=600, max_retries=0)
+    model = client.models.list().data[0].id
+    kinds = {
+        "ask": functools.partial(one_request, client, model),
+        "leave": functools.partial(one_request, client, model, leave=True),
+        "refuse": lambda messages, seed, max_tokens: refused_request(client, model, messages, max_tokens),
+    }
+    print(json.dumps({"model": model}), flush=True)
+    for line in sys.stdin:
+        job = json.loads(line)
+        jobs = [functools.partial(kinds[kind], *args) for kind, *args in job["requests"]]
+        cpu = process_cpu()
+        results, wall = serve_load(jobs, job["clients"])
+        print(json.dumps({"requests": results, "wall": wall, "cpu": process_cpu() - cpu}), flush=True)
+
+
+def process_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def serve_load(jobs: list, clients: int) -> tuple[list[tuple[float, float, int]], float]:
+    """`jobs` (functions making one request) run by `clients` concurrent threads, each taking the
+    next job when its previous answer has streamed in; (their results, wall seconds)."""
     todo: queue.Queue = queue.Queue()
     for job in jobs:
         todo.put(job)
@@ -167,58 +200,108 @@ def serve_load(jobs: list, clients: int) -> dict:
         t.start()
     for t in threads:
         t.join()
-    return summary(results, time.perf_counter() - start)
+    return results, time.perf_counter() - start
 
 
-def summary(results: list[tuple[float, float, int]], wall: float) -> dict:
+def summary(results: list, wall: float) -> dict:
     ttft, latency, tokens = (np.array(x, dtype=float) for x in zip(*results))
     return {"requests": len(results), "wall": wall, "tokens": tokens.sum(), "ttft": ttft, "latency": latency}
+
+
+CPU = ("server loop", "server engine", "client")  # CPU seconds of a round, summed by `pooled`
+WORK = ("steps", "step_rows")  # the engine's decode steps in a round and the rows they advanced
 
 
 def pooled(rounds: list[dict]) -> dict:
     """The rounds of one configuration as one measurement (tokens/s: all tokens over all walls)."""
     wall, tokens = sum(r["wall"] for r in rounds), sum(r["tokens"] for r in rounds)
+    requests = sum(r["requests"] for r in rounds)
     ttft, latency = (np.concatenate([r[k] for r in rounds]) for k in ("ttft", "latency"))
     pct = lambda x, q: float(np.percentile(x, q))
+    total = lambda k: sum(r[k] for r in rounds) if all(k in r for r in rounds) else None
     return {
-        "requests/s": sum(r["requests"] for r in rounds) / wall,
+        "requests/s": requests / wall,
         "tokens/s": tokens / wall,
         "ttft": (pct(ttft, 50), pct(ttft, 99)),
         "latency": (pct(latency, 50), pct(latency, 99)),
-        "tokens/request": tokens / sum(r["requests"] for r in rounds),
+        "tokens/request": tokens / requests,
         "per round": [r["tokens"] / r["wall"] for r in rounds],
+        "requests": requests,
+        **{k: total(k) for k in CPU + WORK},
     }
 
 
-class HFGenerate:
-    """benchmarks/hf_generate.py on the run exported to Hugging Face's format, kept running."""
+class LineProcess:
+    """A helper process kept running between rounds: a JSON job per line on its stdin, a JSON
+    answer per line on its stdout (and one line when it is ready)."""
 
-    def __init__(self, hf_dir: str, threads: int):
-        script = os.path.join(ROOT, "benchmarks", "hf_generate.py")
-        self.process = subprocess.Popen(
-            [sys.executable, script, hf_dir, "--threads", str(threads)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+    def __init__(self, command: list[str]):
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.info = self._answer()
 
     def _answer(self) -> dict:
         line = self.process.stdout.readline()
         if not line:
-            raise SystemExit(f"benchmarks/hf_generate.py exited with {self.process.wait()}")
+            raise SystemExit(f"{shlex.join(self.process.args)} exited with {self.process.wait()}")
         return json.loads(line)
 
-    def run(self, prompts: list[list[int]], seeds: list[int], max_tokens: int, stop: list[int]) -> dict:
-        job = {"prompts": prompts, "seeds": seeds, "max_tokens": max_tokens, "temperature": 1.0, "top_p": 1.0}
-        self.process.stdin.write(json.dumps({**job, "stop": stop}) + "\n")
+    def ask(self, job: dict) -> dict:
+        self.process.stdin.write(json.dumps(job) + "\n")
         self.process.stdin.flush()
-        answer = self._answer()
-        return summary([tuple(r) for r in answer["requests"]], answer["wall"])
+        return self._answer()
 
     def close(self) -> None:
         self.process.stdin.close()
         self.process.wait(timeout=60)
+
+
+class HFGenerate(LineProcess):
+    """benchmarks/hf_generate.py on the run exported to Hugging Face's format."""
+
+    def __init__(self, hf_dir: str, threads: int):
+        super().__init__(
+            [sys.executable, os.path.join(ROOT, "benchmarks", "hf_generate.py"), hf_dir, "--threads", str(threads)]
+        )
+
+    def run(self, prompts: list[list[int]], seeds: list[int], max_tokens: int, stop: list[int]) -> dict:
+        job = {"prompts": prompts, "seeds": seeds, "max_tokens": max_tokens, "temperature": 1.0, "top_p": 1.0}
+        answer = self.ask({**job, "stop": stop})
+        return summary([tuple(r) for r in answer["requests"]], answer["wall"])
+
+
+class Clients(LineProcess):
+    """The `openai` clients, in a process of their own (`drive`), against the server at `url`
+    (process `pid`); `run` measures one round, with the CPU time of server and clients."""
+
+    def __init__(self, url: str, pid: int):
+        super().__init__([sys.executable, os.path.abspath(__file__), "--drive", url])
+        self.url, self.server_pid, self.model = url, pid, self.info["model"]
+
+    def run(self, requests: list[list], clients: int) -> dict:
+        (loop, engine), work = server_cpu(self.server_pid), health(self.url)
+        answer = self.ask({"clients": clients, "requests": requests})
+        (loop_after, engine_after), work_after = server_cpu(self.server_pid), health(self.url)
+        figures = summary([tuple(r) for r in answer["requests"]], answer["wall"])
+        cpu = dict(zip(CPU, (loop_after - loop, engine_after - engine, answer["cpu"])))
+        return {**figures, **cpu, **{k: work_after[k] - work[k] for k in WORK}}
+
+
+def server_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds so far of the server's main thread (uvicorn's event loop) and of its other
+    threads together (the engine's loop, XLA's compute threads)."""
+    main = others = 0.0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # a thread that just ended
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if tid == str(pid):
+            main += seconds
+        else:
+            others += seconds
+    return main, others
 
 
 def rss_mib(pid: int) -> float:
@@ -240,22 +323,28 @@ def world_chats(workdir: str, n: int, max_tokens: int) -> tuple[list[list[dict]]
     return chats, prompts, chat_template.stop_tokens(tokenizer)
 
 
-def measure(args, client, model: str, hf: dict[str, HFGenerate], workdir: str) -> tuple[dict, list[float]]:
+def round_size(args) -> int:
+    """Requests per round: enough that the most concurrent clients are all busy most of it."""
+    return max(args.requests, args.per_client * max(int(c) for c in args.clients.split(",")))
+
+
+def measure(args, clients: Clients, hf: dict[str, HFGenerate], workdir: str) -> tuple[dict, list[float]]:
     """Each configuration's rounds (flaxgpt at each client count, then transformers at each
     thread count), alternating."""
-    chats, prompts, stop = world_chats(workdir, args.requests, args.max_tokens)
-    jobs = [functools.partial(one_request, client, model, m, i, args.max_tokens) for i, m in enumerate(chats)]
-    clients = [int(c) for c in args.clients.split(",")]
+    counts = [int(c) for c in args.clients.split(",")]
+    chats, prompts, stop = world_chats(workdir, round_size(args), args.max_tokens)
+    work = [["ask", m, i, args.max_tokens] for i, m in enumerate(chats)]
     hf_run = lambda key: hf[key].run(prompts, list(range(len(prompts))), args.max_tokens, stop)
-    serve_load(jobs, max(clients))  # compile every prompt width
+    for c in sorted(counts, reverse=True):  # compile every prompt width and prefill batch
+        clients.run(work, c)
     for key in hf:
         hf_run(key)
-    rounds: dict = {c: [] for c in clients + list(hf)}
+    rounds: dict = {c: [] for c in counts + list(hf)}
     loads = []
     for r in range(args.rounds):
         loads.append(os.getloadavg()[0])
-        for c in clients:
-            rounds[c].append(serve_load(jobs, c))
+        for c in counts:
+            rounds[c].append(clients.run(work, c))
         for key in hf:
             rounds[key].append(hf_run(key))
         print(
@@ -267,7 +356,7 @@ def measure(args, client, model: str, hf: dict[str, HFGenerate], workdir: str) -
     return {**{k: pooled(v) for k, v in rounds.items()}, "prompt tokens": np.mean([len(p) for p in prompts])}, loads
 
 
-def memory(client, model: str, pid: int, workdir: str, n: int, max_tokens: int) -> list[tuple[int, float]]:
+def memory(clients: Clients, workdir: str, n: int, max_tokens: int) -> list[tuple[int, float]]:
     """(requests served, server RSS in MiB) before n more requests through 16 clients and after
     100, n/2 and n of them. Of every 16 requests, one is refused (too long) and two clients hang
     up after the first token, so that the paths that free a request early are counted too."""
@@ -276,18 +365,16 @@ def memory(client, model: str, pid: int, workdir: str, n: int, max_tokens: int) 
     chats, _, _ = world_chats(workdir, 64, max_tokens)
     block_size = runs.read_run(workdir)[0].model.block_size
 
-    def job(i: int):
-        messages = chats[i % len(chats)]
-        if i % 16 == 15:
-            return functools.partial(refused_request, client, model, messages, block_size)
-        return functools.partial(one_request, client, model, messages, i, max_tokens, leave=i % 8 == 3)
+    def job(i: int) -> list:
+        kind = "refuse" if i % 16 == 15 else "leave" if i % 8 == 3 else "ask"
+        return [kind, chats[i % len(chats)], i, block_size if kind == "refuse" else max_tokens]
 
     marks = sorted({m for m in (100, n // 2, n) if 0 < m <= n})
-    points, done = [(0, rss_mib(pid))], 0
+    points, done = [(0, rss_mib(clients.server_pid))], 0
     for mark in marks:
-        serve_load([job(i) for i in range(done, mark)], 16)
+        clients.run([job(i) for i in range(done, mark)], 16)
         done = mark
-        points.append((done, rss_mib(pid)))
+        points.append((done, rss_mib(clients.server_pid)))
         print(f"RSS after {done} requests: {points[-1][1]:.1f} MiB", flush=True)
     return points
 
@@ -303,17 +390,20 @@ def table(figures: dict, clients: list[int], hf: dict[str, HFGenerate]) -> list[
     best = max((figures[k]["tokens/s"] for k in hf), default=None)
     lines = [
         "| server | concurrent clients | requests/s | generated tokens/s (per round) | TTFT p50 / p99 (ms) "
-        "| latency p50 / p99 (s) | tokens/request | vs transformers |",
-        "|---|---|---|---|---|---|---|---|",
+        "| latency p50 / p99 (s) | tokens/request | CPU ms/request: server loop / engine+XLA / client "
+        "| decode steps/request (rows/step) | vs transformers |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in clients + list(hf):
         m = figures[key]
         name, count = (f"transformers `generate`, {key}", "1 (no HTTP)") if key in hf else ("flaxgpt.serve", str(key))
         ratio = f"{m['tokens/s'] / best:.2f}x" if best else "-"
+        cpu = " / ".join(f"{m[k] * 1e3 / m['requests']:.1f}" for k in CPU) if m["client"] is not None else "-"
+        steps = f"{m['steps'] / m['requests']:.2f} ({m['step_rows'] / max(m['steps'], 1):.1f})" if m["steps"] else "-"
         lines.append(
             f"| {name} | {count} | {m['requests/s']:.2f} | {m['tokens/s']:.0f} "
             f"({', '.join(f'{x:.0f}' for x in m['per round'])}) | {m['ttft'][0] * 1e3:.0f} / {m['ttft'][1] * 1e3:.0f} "
-            f"| {m['latency'][0]:.2f} / {m['latency'][1]:.2f} | {m['tokens/request']:.1f} | {ratio} |"
+            f"| {m['latency'][0]:.2f} / {m['latency'][1]:.2f} | {m['tokens/request']:.1f} | {cpu} | {steps} | {ratio} |"
         )
     return lines
 
@@ -322,7 +412,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir")
     parser.add_argument("--clients", default="1,16", help="concurrent client counts, each served the workload")
-    parser.add_argument("--requests", type=int, default=32, help="requests in the workload")
+    parser.add_argument("--requests", type=int, default=32, help="requests per round, at least")
+    parser.add_argument(
+        "--per-client", type=int, default=8, help="requests per round per client of the most concurrent, at least"
+    )
+    parser.add_argument("--drive", metavar="URL", help=argparse.SUPPRESS)  # the client process (see `drive`)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--slots", type=int, default=16)
@@ -333,9 +427,8 @@ def main() -> None:
         help="torch thread counts, each its own transformers process ('': none; default: this machine's cores, 1)",
     )
     args = parser.parse_args()
-
-    import openai
-
+    if args.drive:
+        return drive(args.drive)
     clients = [int(c) for c in args.clients.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or tiny_run(tmp)
@@ -348,10 +441,10 @@ def main() -> None:
                 convert.export_hf(workdir, os.path.join(tmp, "hf"))
                 for t in sorted({int(t) for t in args.hf_threads.split(",")}, reverse=True):
                     hf[f"{t} thread{'s' * (t > 1)}"] = HFGenerate(os.path.join(tmp, "hf"), t)
-            client = openai.OpenAI(base_url=url + "/v1", api_key="-", timeout=600, max_retries=0)
-            model = client.models.list().data[0].id
-            figures, loads = measure(args, client, model, hf, workdir)
-            points = memory(client, model, process.pid, workdir, args.memory_requests, args.max_tokens)
+            drivers = Clients(url, process.pid)
+            figures, loads = measure(args, drivers, hf, workdir)
+            points = memory(drivers, workdir, args.memory_requests, args.max_tokens)
+            drivers.close()
             state = settled(url)
         finally:
             process.terminate()
@@ -363,12 +456,14 @@ def main() -> None:
         f"## serve vs transformers ({datetime.date.today()}, {platform.node()}, {len(os.sched_getaffinity(0))} cores, "
         f"{served}, {args.slots} slots)",
         "",
-        f"`python benchmarks/serve.py {shlex.join(sys.argv[1:])}`: {args.requests} streamed chat requests (world "
-        f"questions of {figures['prompt tokens']:.0f} prompt tokens on average, temperature 1, up to "
-        f"{args.max_tokens} tokens, ended by the model's end of turn) per round, "
-        f"{args.rounds} rounds alternating the configurations; load average {min(loads):.1f}-{max(loads):.1f} "
-        f"on the shared machine (ratios within a round matter, not the absolute figures)."
-        + (f" torch {next(iter(hf.values())).info['torch']}." if hf else ""),
+        f"`python benchmarks/serve.py {shlex.join(sys.argv[1:])}`: streamed chat requests (world questions of "
+        f"{figures['prompt tokens']:.0f} prompt tokens on average, temperature 1, up to {args.max_tokens} tokens, "
+        f"ended by the model's end of turn), {round_size(args)} per round to each configuration, {args.rounds} "
+        f"rounds alternating the configurations; load average {min(loads):.1f}-{max(loads):.1f} on the shared "
+        f"machine (ratios within a round matter, not the absolute figures)."
+        + (f" torch {next(iter(hf.values())).info['torch']}." if hf else "")
+        + " CPU ms/request: the server's main thread (uvicorn's event loop: HTTP, JSON, SSE), its other threads "
+        "(the engine's loop and XLA's compute threads), and the process of the `openai` clients.",
         "",
         *table(figures, clients, hf),
     ]

@@ -95,6 +95,10 @@ def test_waiting_prompts_prefilled_together_keep_their_own_answers(lone_model):
     try:
         got = _collect(engine, PROMPTS, NEW, start=True, temperature=0.0)  # the first admission takes four
         assert got == [(expected, "length") for expected in _greedy(model, params)]
+        # the last two share a prefill of two rows (no filler), each request is in NEW decode steps
+        work = engine.stats()
+        assert (work["prefills"], work["prefill_rows"], work["prompts"]) == (2, 6, 6)
+        assert (work["steps"], work["step_rows"]) == (2 * NEW, 6 * NEW) and work["busy_s"] > 0
     finally:
         engine.stop()
 
@@ -211,8 +215,10 @@ def test_chat_completions_through_the_openai_client(server, client):
     assert all(t.logprob <= 0 and t.logprob >= t.top_logprobs[-1].logprob for t in lp)
     # streaming gives the same text; n > 1 with a seed reproduces, and differs from another seed
     chunks = client.chat.completions.create(**greedy, stream=True, stream_options={"include_usage": True})
+    chunks = list(chunks)
     pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert "".join(pieces) == choice.message.content and len(pieces) > 2
+    assert chunks[-1].usage == out.usage and len({c.id for c in chunks}) == 1 and chunks[0].id != out.id
     sampled = dict(model=model, messages=messages, temperature=1.0, max_tokens=10, n=3)
     a = client.chat.completions.create(**sampled, seed=5)
     b = client.chat.completions.create(**sampled, seed=5)
@@ -470,6 +476,31 @@ def test_a_newer_checkpoint_is_served_once_found(server):
     assert reload_newer(service, workdir)
     done = _page_chat(url, content="Question: where?", max_tokens=2)[-1]
     assert done["step"] == 1000 and httpx.get(url + "/health").json()["step"] == 1000
+
+
+def test_stores_opening_a_new_database_at_once_migrate_it_once(tmp_path):
+    """The server and the online learner may create the database together: each migration must
+    run once (not fail with "table already exists" in the second)."""
+    from flaxgpt.serve.store import SCHEMA_VERSION, FeedbackStore
+
+    for trial in range(5):
+        db, start, failed = str(tmp_path / f"{trial}.sqlite"), threading.Barrier(4), []
+
+        def open_store():
+            start.wait()
+            try:
+                FeedbackStore(db).close()
+            except Exception as e:
+                failed.append(e)
+
+        threads = [threading.Thread(target=open_store) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not failed
+        with sqlite3.connect(db) as con:
+            assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def test_api_key_schema_version_and_cli_errors(server, tmp_path):

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,6 +24,8 @@ from flaxgpt.serve.params import BadParam, Settings
 from flaxgpt.serve.text import AnswerText
 
 MAX_BODY = 1 << 20  # bytes of one request body
+_IDS = itertools.count()
+_ID_BASE = secrets.token_hex(8)  # response ids: this process's random part, then a counter
 
 
 class Service:
@@ -142,7 +145,8 @@ class Job:
 
     def head(self, prefix: str) -> dict:
         """The fields every response object starts with."""
-        return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.service.name}
+        ident = f"{prefix}-{_ID_BASE}{next(_IDS):08x}"
+        return {"id": ident, "created": int(time.time()), "model": self.service.name}
 
     def usage(self) -> dict:
         done = sum(len(a.tokens) for a in self.answers)
@@ -177,6 +181,18 @@ def sse(payload: Any) -> str:
     return f"data: {json.dumps(payload) if not isinstance(payload, str) else payload}\n\n"
 
 
+class Chunks:
+    """The server-sent chunks of one streamed response; the fields every chunk repeats (id,
+    created, model, object) are serialised once."""
+
+    def __init__(self, head: dict, kind: str):
+        self.prefix = "data: " + json.dumps({**head, "object": kind})[:-1] + ', "choices": ['
+
+    def __call__(self, *choices: dict, **fields: Any) -> str:
+        more = "".join(f", {json.dumps(k)}: {json.dumps(v)}" for k, v in fields.items())
+        return f"{self.prefix}{', '.join(map(json.dumps, choices))}]{more}}}\n\n"
+
+
 async def chat_completions(service: Service, request: Request):
     body = await read_body(request)
     check_model(service, body)
@@ -200,15 +216,12 @@ async def chat_completions(service: Service, request: Request):
 
 
 async def _chat_stream(job: Job, head: dict) -> AsyncIterator[str]:
-    chunk = lambda i, delta, finish=None, **extra: sse(
-        {
-            **head,
-            "object": "chat.completion.chunk",
-            "choices": [{"index": i, "delta": delta, "logprobs": extra.get("logprobs"), "finish_reason": finish}],
-        }
+    chunk = Chunks(head, "chat.completion.chunk")
+    choice = lambda i, delta, finish=None, logprobs=None: chunk(
+        {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     )
     for i in range(len(job.answers)):
-        yield chunk(i, {"role": "assistant", "content": ""})
+        yield choice(i, {"role": "assistant", "content": ""})
     sent = [0] * len(job.answers)
     try:
         async for i, kind, payload in job.events():
@@ -216,15 +229,19 @@ async def _chat_stream(job: Job, head: dict) -> AsyncIterator[str]:
             logprobs = {"content": answer.logprobs[sent[i] :]} if job.settings.logprobs else None
             sent[i] = len(answer.logprobs)
             if kind == "text":
-                yield chunk(i, {"content": payload}, logprobs=logprobs)
+                yield choice(i, {"content": payload}, logprobs=logprobs)
             else:
-                yield chunk(i, {}, payload, logprobs=logprobs)
+                yield choice(i, {}, payload, logprobs=logprobs)
     except RuntimeError as e:
-        yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+        yield _stream_error(e)
         return
     if job.settings.include_usage:
-        yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": job.usage()})
+        yield chunk(usage=job.usage())
     yield sse("[DONE]")
+
+
+def _stream_error(e: RuntimeError) -> str:
+    return sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
 
 
 async def completions(service: Service, request: Request):
@@ -263,13 +280,13 @@ def _legacy_logprobs(answer: AnswerText) -> dict | None:
 
 
 async def _completion_stream(job: Job, head: dict) -> AsyncIterator[str]:
+    chunk = Chunks(head, "text_completion")
     try:
         async for i, kind, payload in job.events():
             text, finish = (payload, None) if kind == "text" else ("", payload)
-            choice = {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-            yield sse({**head, "object": "text_completion", "choices": [choice]})
+            yield chunk({"index": i, "text": text, "logprobs": None, "finish_reason": finish})
     except RuntimeError as e:
-        yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+        yield _stream_error(e)
         return
     yield sse("[DONE]")
 
@@ -306,23 +323,35 @@ def add_error_handlers(app: FastAPI) -> None:
         return error(400, f"invalid request: {e.errors()[0].get('msg', e)}")
 
 
+class Guard:
+    """The API key and request size checks, as plain ASGI middleware (Starlette's
+    `@app.middleware("http")` would pass every streamed chunk through a task group of its own)."""
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send) -> None:
+        refusal = _refusal(self.service, scope) if scope["type"] == "http" else None
+        await (refusal or self.app)(scope, receive, send)
+
+
+def _refusal(service: Service, scope: dict) -> JSONResponse | None:
+    headers = dict(scope["headers"])
+    if service.api_key and scope["path"].startswith(("/v1/", "/api/")):
+        if headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {service.api_key}":
+            return error(401, "Incorrect API key provided (send 'Authorization: Bearer KEY')", code="invalid_api_key")
+    if int(headers.get(b"content-length") or 0) > MAX_BODY:
+        return error(413, f"the request body is larger than {MAX_BODY} bytes")
+    return None
+
+
 def create_app(service: Service) -> FastAPI:
     """The app: OpenAI's endpoints under /v1, /health, and the chat page at / (see `page`)."""
     from flaxgpt.serve import page
 
     app = FastAPI(title="flaxgpt", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if service.api_key and request.url.path.startswith(("/v1/", "/api/")):
-            if request.headers.get("authorization", "") != f"Bearer {service.api_key}":
-                return error(
-                    401, "Incorrect API key provided (send 'Authorization: Bearer KEY')", code="invalid_api_key"
-                )
-        if int(request.headers.get("content-length") or 0) > MAX_BODY:
-            return error(413, f"the request body is larger than {MAX_BODY} bytes")
-        return await call_next(request)
-
+    app.add_middleware(Guard, service=service)
     add_error_handlers(app)
 
     @app.post("/v1/chat/completions")

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -63,10 +64,12 @@ def bucket(length: int, block_size: int) -> int:
 
 
 def batch_bucket(count: int, slots: int) -> int:
-    """The padded number of prompts prefilled in one call: 1, 4, 16, ... (at most `slots`)."""
+    """The padded number of prompts prefilled in one call: 1, 2, 4, 8, ... (at most `slots`). A
+    prefill's cost grows with its rows, filler included, so the buckets are close together; each
+    is compiled once."""
     size = 1
     while size < count:
-        size *= 4
+        size *= 2
     return min(size, slots)
 
 
@@ -90,6 +93,9 @@ class SlotEngine:
         self._wake = threading.Condition()
         self._running = False
         self._thread: threading.Thread | None = None
+        # since start: prefill calls, the rows they computed (filler included) and the prompts among
+        # them, decode steps, the rows those steps advanced, and seconds spent in both
+        self.work = dict.fromkeys(("prefills", "prefill_rows", "prompts", "steps", "step_rows", "busy_s"), 0)
         self._reset_host_state()
 
     def _reset_host_state(self) -> None:
@@ -153,6 +159,7 @@ class SlotEngine:
             "active": sum(r is not None for r in self._rows),
             "waiting": len(self._waiting),
             "step": self.step,
+            **self.work,
         }
 
     # ---- the engine's thread ----
@@ -165,11 +172,13 @@ class SlotEngine:
                         self._wake.wait()
                     if not self._running:
                         break
+                start = time.perf_counter()
                 try:
                     self._swap_params()
                     self._admit()
                     if self._active():
                         self._decode()
+                    self.work["busy_s"] += time.perf_counter() - start
                 except Exception:  # a bug: fail what is in flight, keep serving
                     traceback.print_exc(file=sys.stderr)
                     self._fail_all()
@@ -204,6 +213,7 @@ class SlotEngine:
         prompts = [r.prompt for r in requests] + [requests[-1].prompt] * filler
         tokens, mask = generate.left_pad(prompts, self.pad_id, bucket(longest, self.block_size))
         rows = np.asarray(slots + [self.slots] * filler, np.int32)
+        self._count(prefills=1, prefill_rows=len(rows), prompts=len(requests))
         tokens, mask, rows = generate.on_params_mesh(self.params, tokens, mask, rows)
         self.cache, self.last, _ = generate.slot_prefill(
             self.model, self.params, self.cache, self.last, tokens, mask, rows, self.cursor
@@ -215,6 +225,10 @@ class SlotEngine:
             self.temperature[slot], self.top_p[slot] = request.temperature, request.top_p
             request.step = self.step
             self._rows[slot] = request
+
+    def _count(self, **amounts: int) -> None:
+        for k, v in amounts.items():
+            self.work[k] += v
 
     def _shift(self, shift: int) -> None:
         self.cache = generate.slot_shift(self.model, self.cache, shift)
@@ -237,18 +251,19 @@ class SlotEngine:
         )
         self.cache, self.last, *out = generate.slot_step(self.model, self.params, self.cache, self.last, *inputs)
         self.cursor += 1
-        tokens, logprobs, top_ids, top_values = (host_value(x) for x in out)
+        self._count(steps=1, step_rows=len(active))
+        tokens, logprobs, top_ids, top_values = (x.tolist() for x in host_value(out))  # Python numbers at once
         for i in active:
-            self._deliver(i, int(tokens[i]), float(logprobs[i]), top_ids[i], top_values[i])
+            self._deliver(i, tokens[i], logprobs[i], top_ids[i], top_values[i])
 
-    def _deliver(self, slot: int, token: int, logprob: float, top_ids, top_values) -> None:
+    def _deliver(self, slot: int, token: int, logprob: float, top_ids: list[int], top_values: list[float]) -> None:
         request = self._rows[slot]
         self.positions[slot] += 1
         self.counts[slot] += 1
         if token in request.stop_tokens:
             return self._finish(slot, "stop")
         request.generated += 1
-        request.sink("token", (token, logprob, [(int(t), float(v)) for t, v in zip(top_ids, top_values)]))
+        request.sink("token", (token, logprob, list(zip(top_ids, top_values))))
         if request.generated >= request.max_tokens:
             self._finish(slot, "length")
 

@@ -139,17 +139,19 @@ class FeedbackStore:
 
 
 def migrate(db: sqlite3.Connection, path: str) -> None:
-    """Bring the database to SCHEMA_VERSION, one migration per transaction."""
-    version = db.execute("PRAGMA user_version").fetchone()[0]
-    if version > SCHEMA_VERSION:
-        raise StoreError(f"{path} has feedback schema version {version}; this flaxgpt reads up to {SCHEMA_VERSION}")
-    for v in range(version, SCHEMA_VERSION):
+    """Bring the database to SCHEMA_VERSION, one migration per transaction. The version is read
+    again inside each transaction, so processes opening a new database at once (the server and the
+    online learner) apply each migration once."""
+    while (version := db.execute("PRAGMA user_version").fetchone()[0]) != SCHEMA_VERSION:
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{path} has feedback schema version {version}; this flaxgpt reads up to {SCHEMA_VERSION}")
         db.execute("BEGIN IMMEDIATE")
         try:
-            for statement in MIGRATIONS[v].split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.execute(f"PRAGMA user_version = {v + 1}")
+            if db.execute("PRAGMA user_version").fetchone()[0] == version:  # no one migrated it meanwhile
+                for statement in MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {version + 1}")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
