@@ -9,12 +9,13 @@ For each noise level, in a fresh learner workdir: the online learner (`python -m
 -e online_feedback`, starting from --sft, --set passed on), the server on it (`python -m
 flaxgpt.serve --reload-every 2`), and one simulated user (`flaxgpt.simuser`, sampling at
 temperature 1, regenerating or correcting some wrong answers) asking without pause for
---minutes. Whenever the server's step changes (a promotion), the --eval held-out questions
-(the SFT stage's validation questions, never asked by the user nor used by the guard) are asked
-through /v1/chat/completions at temperature 0 and judged by the world's labeler. Prints a table
-per noise level and appends them to benchmarks/RESULTS.md (with the machine's load and the CPU
-seconds of the learner and server), writes the series to OUT/online_learning.json and, where
-matplotlib is installed, plots accuracy against feedback events to --plot (a PNG).
+--minutes. At the start, whenever the server's step changes (a promotion) and at the end, the
+--eval held-out questions (the SFT stage's validation questions, never asked by the user nor
+used by the guard) are asked through /v1/chat/completions at temperature 0 and judged by the
+world's labeler. Prints a table per noise level and appends them to benchmarks/RESULTS.md
+(unless --no-record; with the load and the CPU seconds of the learner and server), writes the
+series to OUT/online_learning.json and, where matplotlib is installed, plots accuracy against
+feedback events to --plot (a PNG).
 
 Events per point of accuracy: the ratings in the database when the served model first reached
 its best accuracy, divided by that gain over the start in points (none when nothing was gained).
@@ -128,8 +129,7 @@ def one_level(args, noise: float) -> tuple[list[str], dict]:
                 measure()
         stop.set()
         asking.join()
-        if rows[-1][2] != http.get("/health").json()["step"] or len(rows) == 1:
-            measure()
+        measure()  # the end: the curve reaches the last event
     finally:
         for proc in (learner, server):
             if proc is not None and proc.poll() is None:
@@ -193,7 +193,8 @@ def plot(summaries: list[dict], path: str) -> bool:
     ax = fig.add_subplot()
     for s in summaries:
         series = s["series"]
-        ax.plot([r[1] for r in series], [r[3] for r in series], marker="o", label=f"{s['noise']:.0%} noisy clicks")
+        xs, ys = [r[1] for r in series], [r[3] for r in series]
+        ax.plot(xs, ys, marker="o", drawstyle="steps-post", label=f"{s['noise']:.0%} noisy clicks")
     ax.set_xlabel("feedback events (ratings)")
     ax.set_ylabel("greedy accuracy (API, held-out)")
     ax.set_title("Online learning from simulated thumbs")
