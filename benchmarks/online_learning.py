@@ -2,16 +2,23 @@
 held-out questions, against the number of feedback events, with 10 % and 30 % noisy clicks.
 
     python benchmarks/online_learning.py --sft runs/chat_demo/sft [--noise 0.1,0.3] [--minutes 10]
-                                         [--eval 64] [--out runs/online_bench] [--set KEY=VALUE ...]
+                                         [--eval 128] [--out runs/online_bench] [--plot PNG]
+                                         [--set KEY=VALUE ...]
 
 For each noise level, in a fresh learner workdir: the online learner (`python -m flaxgpt.train
 -e online_feedback`, starting from --sft, --set passed on), the server on it (`python -m
 flaxgpt.serve --reload-every 2`), and one simulated user (`flaxgpt.simuser`, sampling at
 temperature 1, regenerating or correcting some wrong answers) asking without pause for
---minutes. Whenever the server's step changes (a promotion), the --eval held-out questions
-(the SFT stage's validation questions, never asked by the user nor used by the guard) are asked
-through /v1/chat/completions at temperature 0 and judged by the world's labeler. Prints a table
-per noise level and appends them to benchmarks/RESULTS.md (with the machine's load).
+--minutes. At the start, whenever the server's step changes (a promotion) and at the end, the
+--eval held-out questions (the SFT stage's validation questions, never asked by the user nor
+used by the guard) are asked through /v1/chat/completions at temperature 0 and judged by the
+world's labeler. Prints a table per noise level and appends them to benchmarks/RESULTS.md
+(unless --no-record; with the load and the CPU seconds of the learner and server), writes the
+series to OUT/online_learning.json and, where matplotlib is installed, plots accuracy against
+feedback events to --plot (a PNG).
+
+Events per point of accuracy: the ratings in the database when the served model first reached
+its best accuracy, divided by that gain over the start in points (none when nothing was gained).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shutil
 import socket
 import sqlite3
@@ -69,6 +77,7 @@ def one_level(args, noise: float) -> tuple[list[str], dict]:
     from flaxgpt.data.world import WorldTask
     from flaxgpt.simuser import Behaviour, SimUser, api_accuracy
 
+    cpu_at_start = cpu_seconds()
     workdir = os.path.abspath(os.path.join(args.out, f"noise{round(noise * 100)}"))
     shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(workdir)
@@ -120,8 +129,7 @@ def one_level(args, noise: float) -> tuple[list[str], dict]:
                 measure()
         stop.set()
         asking.join()
-        if rows[-1][2] != http.get("/health").json()["step"] or len(rows) == 1:
-            measure()
+        measure()  # the end: the curve reaches the last event
     finally:
         for proc in (learner, server):
             if proc is not None and proc.poll() is None:
@@ -139,6 +147,9 @@ def one_level(args, noise: float) -> tuple[list[str], dict]:
         "start": rows[0][3],
         "end": rows[-1][3],
         "best": max(r[3] for r in rows),
+        "events_per_point": events_per_point(rows),
+        "cpu_seconds": [round(b - a) for a, b in zip(cpu_at_start, cpu_seconds())],
+        "series": [[round(m, 1), e, s, a] for m, e, s, a in rows],
     }
     lines = [
         f"\nnoise {noise:.0%}: {summary['updates']} updates, {summary['promoted']} promoted; "
@@ -149,7 +160,49 @@ def one_level(args, noise: float) -> tuple[list[str], dict]:
         "|---|---|---|---|",
     ]
     lines += [f"| {m / 60:.1f} | {e} | {s} | {a:.3f} |" for m, e, s, a in rows]
+    per = summary["events_per_point"]
+    gain = f"{summary['start']:.3f} -> {summary['best']:.3f} ({(summary['best'] - summary['start']) * 100:+.1f} points)"
+    lines += ["", f"best {gain}; " + (f"{per:.0f} events per point" if per else "no gain: no cost per point")]
+    cpu = summary["cpu_seconds"]
+    lines.append(f"CPU seconds: learner + server {cpu[0]}, simulated user + measurements {cpu[1]}")
     return lines, summary
+
+
+def events_per_point(rows: list[tuple]) -> float | None:
+    """Ratings up to the first measurement at the best accuracy, per point gained over the start."""
+    best = max(r[3] for r in rows)
+    first = next(r for r in rows if r[3] == best)
+    gain = (best - rows[0][3]) * 100
+    return first[1] / gain if gain > 0 else None
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(user + system CPU seconds of the reaped children: learner and server, of this process:
+    simulated user and measurements) so far."""
+    children, own = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF)
+    return children.ru_utime + children.ru_stime, own.ru_utime + own.ru_stime
+
+
+def plot(summaries: list[dict], path: str) -> bool:
+    """Accuracy against feedback events, one line per noise level; False without matplotlib."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    fig = Figure(figsize=(6, 3.6), dpi=100)
+    ax = fig.add_subplot()
+    for s in summaries:
+        series = s["series"]
+        xs, ys = [r[1] for r in series], [r[3] for r in series]
+        ax.plot(xs, ys, marker="o", drawstyle="steps-post", label=f"{s['noise']:.0%} noisy clicks")
+    ax.set_xlabel("feedback events (ratings)")
+    ax.set_ylabel("greedy accuracy (API, held-out)")
+    ax.set_title("Online learning from simulated thumbs")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
 
 
 def main() -> None:
@@ -157,8 +210,10 @@ def main() -> None:
     parser.add_argument("--sft", required=True, help="the SFT run to start from (a copy: it is only read)")
     parser.add_argument("--noise", default="0.1,0.3")
     parser.add_argument("--minutes", type=float, default=10.0, help="per noise level")
-    parser.add_argument("--eval", type=int, default=64, help="held-out questions per measurement")
+    parser.add_argument("--eval", type=int, default=128, help="held-out questions per measurement")
     parser.add_argument("--out", default="runs/online_bench")
+    parser.add_argument("--plot", help="PNG of accuracy against events (default: OUT/online_learning.png)")
+    parser.add_argument("--no-record", action="store_true", help="print, do not append to RESULTS.md")
     parser.add_argument("--set", nargs="+", default=[], help="learner config overrides, KEY=VALUE")
     args = parser.parse_args()
     args.sft = os.path.abspath(args.sft)
@@ -179,8 +234,14 @@ def main() -> None:
         summaries.append(summary)
         print("\n".join(table), flush=True)
     lines.append(f"\nload at the end: {os.getloadavg()[0]:.1f}")
-    lines.append("\n    " + json.dumps(summaries))
-    record("\n".join(lines))
+    with open(os.path.join(args.out, "online_learning.json"), "w") as f:
+        json.dump(summaries, f)
+    png = args.plot or os.path.join(args.out, "online_learning.png")
+    lines.append(f"\nplot: {png}" if plot(summaries, png) else "\nno plot: matplotlib is not installed")
+    lines.append("\n    " + json.dumps([{k: v for k, v in s.items() if k != "series"} for s in summaries]))
+    print(lines[-2], flush=True)
+    if not args.no_record:
+        record("\n".join(lines))
 
 
 if __name__ == "__main__":

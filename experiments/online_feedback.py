@@ -4,10 +4,12 @@
     python -m flaxgpt.serve --workdir runs/online --reload-every 5          # serves promoted steps
     python -m flaxgpt.simuser --url http://127.0.0.1:8000 --noise 0.1       # or real people
 
-Every 32 new ratings: one pass (at most 20 steps of 16) of KTO (thumbs) + DPO (up-vs-down and
-regenerated answers) at lr 2e-5 (higher rates raised the held-out thumbs-up loss), anchored to the
-served model; promoted unless the guard finds it more than 5 points (accuracy on 64 held-out
-questions, on held-out pairs) or 5 % (loss of held-out thumbs-up answers) worse than the served model.
+Every 32 new ratings (at most the 160 that fill 20 batches of 16 beside 160 rehearsed ones):
+one pass of KTO (thumbs) + 4 x the thumbs-up and corrected answers' log-likelihood + DPO
+(up-vs-down, regenerated and corrected answers) at lr 2e-4, anchored to the served model;
+promoted unless the guard finds it worse in greedy accuracy on 256 held-out questions (the same
+ones for candidate and served model; allowing 2 points there let the served model drift down one
+promotion at a time) or on held-out pairs, or its loss on held-out thumbs-up answers 20 % higher.
 """
 
 from flaxgpt import config as C
@@ -17,12 +19,20 @@ def config() -> C.Config:
     return C.Config(
         data=C.DataConfig(source="world", world_seed=0, world_system="Answer briefly."),
         optimizer=C.OptimizerConfig(
-            lr=2e-5, min_lr=2e-5, warmup_steps=0, decay="constant", b2=0.99, weight_decay=0.0, grad_clip=1.0
+            lr=2e-4, min_lr=2e-4, warmup_steps=0, decay="constant", b2=0.99, weight_decay=0.0, grad_clip=1.0
         ),
         train=C.TrainConfig(trainer="online", init_from="runs/chat_demo/sft", batch_size=16, log_interval=1),
         kto=C.KTOConfig(beta=0.1),
         dpo=C.DPOConfig(beta=0.1),
-        online=C.OnlineConfig(min_events=32, steps_per_update=20, guard_questions=64, max_regression=0.05),
+        online=C.OnlineConfig(
+            min_events=32,
+            steps_per_update=20,
+            replay=160,
+            sft_weight=4.0,
+            guard_questions=256,
+            max_regression=0.0,
+            max_loss_rise=0.2,
+        ),
         sft=C.SftConfig(max_new_tokens=32),
         eval=C.EvalConfig(batch_size=32),
         checkpoint=C.CheckpointConfig(max_to_keep=1000, async_save=False),

@@ -420,11 +420,15 @@ class OnlineConfig:
 
     db: str = ""  # the feedback database ("": WORKDIR/feedback.sqlite, where the server keeps it)
     min_events: int = 32  # new ratings needed before an update
-    steps_per_update: int = 20  # at most this many optimizer steps per update (one pass over its events)
+    steps_per_update: int = 20  # an update reads the ratings that fill about this many batches (one pass over them)
     max_updates: int = 0  # updates before the learner exits (0: until stopped)
     poll_seconds: float = 5.0  # wait between looks at the database
     guard_questions: int = 64  # world: held-out questions whose greedy accuracy guards promotion
     max_regression: float = 0.05  # a candidate scoring more than this below the promoted model is kept, not promoted
+    max_loss_rise: float = 0.2  # ... or whose loss on held-out thumbs-up answers is this much (relative) higher
+    replay: int = 0  # thumbs-up answers and corrections of earlier updates rehearsed in each update
+    sft_weight: float = 1.0  # weight of the thumbs-up (and corrected) answers' log-likelihood beside KTO
+    keep: int = 8  # checkpoints kept besides the promoted ones (all of which are kept)
 
 
 INSTRUCTGPT_PTX_COEF = 27.8  # InstructGPT's PPO-ptx coefficient (their "gamma")
@@ -658,6 +662,10 @@ RANGES: dict[str, str] = {
     "online.poll_seconds": "> 0",
     "online.guard_questions": ">= 1",
     "online.max_regression": ">= 0",
+    "online.max_loss_rise": "> 0",
+    "online.sft_weight": ">= 0",
+    "online.replay": ">= 0",
+    "online.keep": ">= 1",
     # eval
     "eval.interval": ">= 1",
     "eval.iters": ">= 0",

@@ -12,16 +12,29 @@ Training data from the rows up to the new cursor:
   DPO pairs    two answers to the same user turn, one rated up and the other down, or a
                regeneration rated up over the answer it replaced (`feedback.pair_records`),
                taken when the newer of their ratings is among the new rows (so each pair once)
+  corrections  a follow-up to an answer that says "the answer is X" (or "the correct answer is
+               X", any case, a final full stop dropped): X becomes a thumbs-up answer to the
+               question the answer replied to (a demonstration, also for the SFT term) and the
+               pair X over the corrected answer a DPO pair. Follow-ups are read by message id
+               (their own cursor, saved beside the ratings cursor); other follow-ups are not
+               training targets (their text is the user's, not an answer).
+Each update also rehearses online.replay thumbs-up answers and corrections sampled from the
+events earlier updates trained on (`replay`: as thumbs-up records, not counted as used again).
+An update reads at most `limit` ratings rows (online.max_events): the cursor stops at the last
+one read, so a learner slower than its users lags behind but still trains on every event once.
 Every fifth rating (row id divisible by HOLDOUT) is held out: never trained on, it is what the
 guard's loss on recent thumbs-up answers and preference accuracy on held-out pairs are measured
-on. A follow-up (the user's next turn, e.g. a correction) is stored and exported as a conversation
-but is not a training target here: its text is the user's, not an answer of the model.
+on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
+import re
+import sqlite3
 from dataclasses import dataclass, field
 
 from flaxgpt import feedback, fileio
@@ -32,6 +45,7 @@ from flaxgpt.serve.store import FeedbackStore
 PROMOTED = "promoted.json"
 PROMOTIONS = "promotions.jsonl"
 HOLDOUT = 5  # ratings whose row id is a multiple of it are held out for the guard
+CORRECTION = re.compile(r"(?:the )?(?:correct |right )?answer is:?\s+(.+?)\.?\s*$", re.IGNORECASE)
 
 
 @dataclass
@@ -44,31 +58,45 @@ class Events:
     records: list[Feedback] = field(default_factory=list)
     pairs: list[Pair] = field(default_factory=list)
     pair_ids: list[list[int]] = field(default_factory=list)  # [chosen message id, rejected message id]
+    message_cursor: int = 0  # the last message id an earlier update looked at for corrections
+    message_hi: int = 0  # the last message id this update looked at
+    corrections: list[int] = field(default_factory=list)  # the follow-up message ids used as corrections
 
     def record(self) -> dict:
-        """What the checkpoint keeps: the cursor and the rows used."""
-        return {"cursor": self.hi, "from_cursor": self.cursor, "rating_ids": self.rating_ids, "pairs": self.pair_ids}
+        """What the checkpoint keeps: the cursors and the rows used."""
+        return {
+            "cursor": self.hi,
+            "from_cursor": self.cursor,
+            "rating_ids": self.rating_ids,
+            "pairs": self.pair_ids,
+            "message_cursor": self.message_hi,
+            "corrections": self.corrections,
+        }
 
 
 def count_new(db: str, cursor: int) -> int:
-    """Ratings rows newer than `cursor` (0 when there is no database yet)."""
+    """Ratings rows newer than `cursor` (0 while there is no database or its schema is still being
+    made: read-only, so that the learner never races the server's migration)."""
     if not os.path.exists(db):
         return 0
-    store = FeedbackStore(db)
     try:
-        return store.query("SELECT COUNT(*) AS n FROM ratings WHERE id > ?", (cursor,))[0]["n"]
-    finally:
-        store.close()
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            return con.execute("SELECT COUNT(*) FROM ratings WHERE id > ?", (cursor,)).fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
 
 
-def read_events(db: str, cursor: int) -> Events:
-    """The ratings rows after `cursor` (up to the newest at the time of reading) as training data."""
+def read_events(db: str, cursor: int, message_cursor: int = 0, limit: int = 0) -> Events:
+    """The ratings rows after `cursor` (at most `limit` of them, 0: up to the newest at the time of
+    reading) and the corrections among the messages after `message_cursor`, as training data."""
     store = FeedbackStore(db)
     try:
-        rows = store.query("SELECT * FROM ratings WHERE id > ? ORDER BY id", (cursor,))
+        query = "SELECT * FROM ratings WHERE id > ? ORDER BY id" + (" LIMIT ?" if limit else "")
+        rows = store.query(query, (cursor, limit) if limit else (cursor,))
         hi = rows[-1]["id"] if rows else cursor
         latest = {r["message_id"]: r for r in store.query("SELECT * FROM ratings WHERE id <= ? ORDER BY id", (hi,))}
-        events = Events(cursor, hi, [r["id"] for r in rows])
+        events = Events(cursor, hi, [r["id"] for r in rows], message_cursor=message_cursor)
+        _corrections(store, events)
         trained = {r["message_id"] for r in rows if r["id"] % HOLDOUT}
         for message_id in sorted(m for m in trained if latest[m]["id"] % HOLDOUT):
             answer = store.message(message_id)
@@ -79,6 +107,65 @@ def read_events(db: str, cursor: int) -> Events:
                 events.pairs.append(pair)
                 events.pair_ids.append([p["chosen_id"], p["rejected_id"]])
         return events
+    finally:
+        store.close()
+
+
+def _corrections(store: FeedbackStore, events: Events) -> None:
+    """Add the corrections among the follow-ups after events.message_cursor (up to the newest
+    message now) as thumbs-up demonstrations and pairs over the answers they correct."""
+    events.message_hi = store.query("SELECT COALESCE(MAX(id), 0) AS n FROM messages")[0]["n"]
+    for f, prompt, answer in _corrected(store, events.message_cursor, events.message_hi):
+        events.records.append(Feedback(prompt, answer, True))
+        events.pairs.append(Pair(prompt, answer, f["answer"]))
+        events.pair_ids.append([f["id"], f["answer_id"]])
+        events.corrections.append(f["id"])
+
+
+def _corrected(store: FeedbackStore, after: int, upto: int) -> list[tuple[dict, list[dict], str]]:
+    """(follow-up row, prompt, corrected answer) of each correction among messages (after, upto]."""
+    follow_ups = store.query(
+        "SELECT u.id, u.content, a.id AS answer_id, a.parent_id AS question_id, a.content AS answer "
+        "FROM messages u JOIN messages a ON u.parent_id = a.id "
+        "WHERE u.role = 'user' AND a.role = 'assistant' AND u.id > ? AND u.id <= ? ORDER BY u.id",
+        (after, upto),
+    )
+    out = []
+    for f in follow_ups:
+        match = CORRECTION.search(f["content"])
+        if match is not None and match.group(1).strip() != f["answer"].strip():
+            out.append((f, history(store, f["question_id"]), match.group(1).strip()))
+    return out
+
+
+def replay(db: str, cursor: int, message_cursor: int, n: int, seed: int) -> list[Feedback]:
+    """`n` records sampled (by `seed`) from what earlier updates trained on (ratings up to
+    `cursor` not held out, follow-ups up to `message_cursor`): corrections, and thumbs-up answers
+    to questions that also got a thumbs-down answer. One pass teaches such a fact too weakly to
+    stick, so each update rehearses them; a question always answered well has nothing to teach."""
+    if n <= 0 or not cursor:
+        return []
+    store = FeedbackStore(db)
+    try:
+        latest = {r["message_id"]: r for r in store.query("SELECT * FROM ratings WHERE id <= ? ORDER BY id", (cursor,))}
+        asked = store.query(
+            "SELECT a.id, u.content FROM messages a JOIN messages u ON a.parent_id = u.id "
+            "WHERE a.id IN (SELECT message_id FROM ratings WHERE id <= ?)",
+            (cursor,),
+        )
+        question = {r["id"]: r["content"] for r in asked}
+        missed = {question[m] for m, r in latest.items() if r["rating"] < 0}
+        up = sorted(m for m, r in latest.items() if r["rating"] > 0 and r["id"] % HOLDOUT and question[m] in missed)
+        fixes = [Feedback(prompt, answer, True) for _, prompt, answer in _corrected(store, 0, message_cursor)]
+        picked = random.Random(seed).sample(range(len(up) + len(fixes)), min(n, len(up) + len(fixes)))
+        out = []
+        for i in sorted(picked):
+            if i >= len(up):
+                out.append(fixes[i - len(up)])
+                continue
+            answer = store.message(up[i])
+            out.append(Feedback(history(store, answer["parent_id"]), answer["content"], True))
+        return out
     finally:
         store.close()
 
@@ -94,11 +181,12 @@ def _pairs(store: FeedbackStore, latest: dict[int, dict], after: int, upto: int)
     return out
 
 
-def held_out(db: str, upto: int, n: int) -> tuple[list[Feedback], list[Pair]]:
-    """The guard's data among ratings rows up to `upto`: the `n` newest held-out thumbs-up answers
-    and the `n` newest held-out pairs."""
+def held_out(db: str, upto: int | None, n: int) -> tuple[list[Feedback], list[Pair]]:
+    """The guard's data among ratings rows up to `upto` (None: all): the `n` newest held-out
+    thumbs-up answers and the `n` newest held-out pairs."""
     if not os.path.exists(db):
         return [], []
+    upto = 2**62 if upto is None else upto
     store = FeedbackStore(db)
     try:
         latest = {r["message_id"]: r for r in store.query("SELECT * FROM ratings WHERE id <= ? ORDER BY id", (upto,))}
@@ -162,3 +250,13 @@ def promoted_step(workdir: str) -> int | None:
         return None
     with fileio.open_file(path) as f:
         return int(json.load(f)["step"])
+
+
+def prune(manager, workdir: str, keep: int) -> None:
+    """Delete the checkpoints (of orbax `manager`) that are neither among the newest `keep` nor
+    ever promoted: a server serves, or may be loading, only promoted ones, and the learner trains
+    from the newest promoted one and resumes from the newest."""
+    promoted = {d["step"] for d in decisions(workdir) if d.get("promoted")}
+    for step in sorted(manager.all_steps())[:-keep]:
+        if step not in promoted:
+            manager.delete(step)

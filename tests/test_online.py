@@ -19,10 +19,12 @@ from tests.conftest import REPO, serving, tiny_run_config
 
 pytestmark = pytest.mark.slow
 
+ANY = ("online.max_regression=1", "online.max_loss_rise=1e6")  # every candidate promoted
 LEARNER = (
     "train.batch_size=4",
     "online.min_events=6",
     "online.steps_per_update=2",
+    "online.replay=4",
     "online.guard_questions=4",
     "online.poll_seconds=0.2",
     "sft.max_new_tokens=6",
@@ -67,7 +69,7 @@ def loop(tmp_path_factory):
         model={"block_size": 128, "vocab_multiple": 8}, eval={"interval": 20, "iters": 1, "sample_tokens": 0}
     )
     pretrain.run(tiny_run_config(train={"max_steps": 20}, checkpoint={"every_steps": 20}, **overrides), start)
-    first = learner(workdir, start, "online.max_updates=1", "online.max_regression=1")
+    first = learner(workdir, start, "online.max_updates=1", *ANY)
     wait_for(lambda: online.promoted_step(workdir) == 0 or first.poll() is not None, 300, "step 0 promoted")
     assert first.poll() is None, first.communicate()[0]
     service = build_service(workdir, slots=2, max_queue=16)
@@ -144,7 +146,7 @@ def test_feedback_through_the_page_trains_a_promoted_step_the_server_switches_to
 def test_a_learner_killed_mid_update_resumes_with_no_row_lost_or_counted_twice(loop):
     workdir, start, url, service, _ = loop
     user = _user(url, 2)
-    proc = learner(workdir, start, "online.max_updates=2", "online.max_regression=1")
+    proc = learner(workdir, start, "online.max_updates=2", *ANY)
     checkpoints = os.path.join(workdir, "checkpoints")
     before = set(os.listdir(checkpoints))
     served = service.engine.step
@@ -154,7 +156,7 @@ def test_a_learner_killed_mid_update_resumes_with_no_row_lost_or_counted_twice(l
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert service.engine.step == served  # nothing undecided is served
-    out = finish(learner(workdir, start, "online.max_updates=2", "online.max_regression=1"))
+    out = finish(learner(workdir, start, "online.max_updates=2", *ANY))
     decided = [d["step"] for d in online.decisions(workdir)]
     assert decided[:2] == [0, served] and len(decided) == 3 and decided[2] > served
     assert online.promoted_step(workdir) == decided[2] and f"step {decided[2]}: promoted" in out, out
@@ -171,9 +173,102 @@ def test_the_guard_keeps_a_worse_checkpoint_unpromoted(loop):
     out = finish(learner(workdir, start, "online.max_updates=3", "optimizer.lr=1.0"))
     last = online.decisions(workdir)[-1]
     assert last["step"] > served and not last["promoted"] and "kept, not promoted" in out, out
-    assert last["score"]["up_loss"] > 1.05 * last["base_score"]["up_loss"]
+    assert last["score"]["up_loss"] > 1.2 * last["base_score"]["up_loss"]
+    served_decision = next(d for d in online.decisions(workdir) if d["step"] == served)
+    assert last["base_score"]["accuracy"] == served_decision["score"]["accuracy"]  # logged, not decoded again
     assert online.promoted_step(workdir) == served and last["step"] in _records(workdir)  # kept, not served
     time.sleep(0.5)  # a reload check passes
     user.ask()
     assert service.engine.step == served
     _used_once(workdir, service)
+
+
+# ----------------------------------------------------------------------------- the learner's parts
+
+
+def _asked(store, question: str, answer: str) -> tuple[int, int, int]:
+    """(conversation, question id, answer id) of one question and its answer."""
+    conversation = store.new_conversation()
+    question_id = store.add_message(conversation, None, "user", question, system="Answer briefly.")
+    return conversation, question_id, store.add_message(conversation, question_id, "assistant", answer, step=0)
+
+
+def test_corrections_become_demonstrations_and_an_update_reads_at_most_its_limit(tmp_path):
+    from flaxgpt.serve.store import FeedbackStore
+
+    store = FeedbackStore(str(tmp_path / "feedback.sqlite"))
+    rated, answers = [], []
+    for i in range(3):
+        conversation, _, answer = _asked(store, f"What is {i} plus 1?", "7")
+        answers.append(answer)
+        rated.append(store.rate(answer, 1 if i == 0 else -1))
+    fix = store.add_message(
+        conversation, answers[2], "user", "That is wrong: the answer is 3.", system="Answer briefly."
+    )
+    store.add_message(conversation, fix, "assistant", "3", step=0)
+    store.add_message(conversation, answers[1], "user", "Why?", system="Answer briefly.")  # not a correction
+    first = online.read_events(store.file, 0, 0, limit=2)
+    assert first.rating_ids == rated[:2] and first.hi == rated[1]  # the third rating waits for the next update
+    assert [(r.response, r.desirable) for r in first.records] == [("3", True), ("7", True), ("7", False)]
+    assert first.records[0].prompt[-1] == {"role": "user", "content": "What is 2 plus 1?"}
+    assert [(p.chosen, p.rejected) for p in first.pairs] == [("3", "7")] and first.corrections == [fix]
+    assert first.record()["message_cursor"] == first.message_hi > fix
+    second = online.read_events(store.file, first.hi, first.message_hi, limit=2)
+    assert second.rating_ids == rated[2:] and not second.corrections and not second.pairs
+    # rehearsal: corrections and thumbs-up answers to questions some answer got wrong, before the
+    # cursors; never a thumbs-down answer nor one to a question always answered well
+    again = store.rate(_asked(store, "What is 0 plus 1?", "1")[2], -1)
+    rehearsed = online.replay(store.file, again, first.message_hi, 5, seed=0)
+    assert sorted((r.prompt[-1]["content"], r.response, r.desirable) for r in rehearsed) == [
+        ("What is 0 plus 1?", "7", True),
+        ("What is 2 plus 1?", "3", True),
+    ]
+    assert [r.response for r in online.replay(store.file, first.hi, first.message_hi, 5, seed=0)] == ["3"]
+    assert len(online.replay(store.file, again, first.message_hi, 1, seed=0)) == 1
+    assert online.replay(store.file, 0, 0, 5, seed=0) == []
+    store.close()
+
+
+def test_pruning_keeps_the_newest_and_every_promoted_checkpoint(tmp_path):
+    import numpy as np
+
+    from flaxgpt.checkpoint import Checkpointer
+    from flaxgpt.config import CheckpointConfig
+
+    workdir = str(tmp_path)
+    ck = Checkpointer(workdir, CheckpointConfig(max_to_keep=1000, async_save=False))
+    for step, promoted in enumerate((True, False, True, False, False, False)):
+        ck.save(step, {"w": np.full(2, step, np.float32)}, {"step": step}, force=True)
+        online.log_decision(workdir, {"step": step, "promoted": promoted})
+    online.prune(ck.manager, workdir, keep=2)
+    assert sorted(ck.manager.all_steps()) == [0, 2, 4, 5]
+    assert sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints"))) == [0, 2, 4, 5]
+    assert online.promoted_step(workdir) == 2 and ck.read_record(2)["step"] == 2
+    ck.close()
+
+
+def test_the_sft_term_adds_the_thumbs_up_answers_negative_log_likelihood():
+    import dataclasses
+
+    import numpy as np
+
+    from flaxgpt import preference
+    from flaxgpt.config import Config
+    from flaxgpt.data.tokenizers import CharTokenizer
+    from flaxgpt.trainers.online import online_objective
+    from tests.conftest import init_params, tiny_model_config
+
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz ?.0123456789<|>")
+    model, params = init_params(tiny_model_config(vocab_size=tok.vocab_size, block_size=32, n_layer=1, d_model=16))
+    prompt = [{"role": "user", "content": "what is 2 plus 3?"}]
+    records = [preference.Feedback(prompt, "5", True), preference.Feedback(prompt, "7", False)]
+    rows = preference.feedback_rows(records, tok, 32)
+    rows.update(ref_logp=np.zeros((2, 1), np.float32), ref_kl_logp=np.zeros((2, 1), np.float32))
+    cfg = Config()
+    sums = {}
+    for weight in (0.0, 2.0):
+        cfg = dataclasses.replace(cfg, online=dataclasses.replace(cfg.online, sft_weight=weight))
+        sums[weight] = online_objective(model, cfg)(params, rows, None, False)
+    up = float(preference.logprobs(model, params, rows, ("",))[0][0][0])
+    assert float(sums[2.0]["loss_sum"] - sums[0.0]["loss_sum"]) == pytest.approx(-2.0 * up, rel=1e-4)
+    assert float(sums[2.0]["ratios"]["sft_nll"][0]) == pytest.approx(-up, rel=1e-4)

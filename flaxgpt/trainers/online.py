@@ -5,13 +5,17 @@
 
 The first start saves train.init_from's parameters as step 0 and promotes them. Then, whenever
 the feedback database holds at least online.min_events ratings newer than the cursor, one
-update: KTO on the rated answers plus DPO on the new up-vs-down / regenerated pairs
-(`flaxgpt.online`), one pass over them (at most online.steps_per_update steps) from the
-promoted parameters, which are also the reference of both losses (the KL anchor: a few bad
-clicks move the model a bounded way from what is served). The candidate is saved with the
+update: KTO on the rated answers (and corrections), online.sft_weight times their thumbs-up
+ones' log-likelihood, DPO on the new up-vs-down / regenerated / corrected pairs
+(`flaxgpt.online`), plus online.replay rehearsed thumbs-up answers of earlier updates; one pass
+over them (about online.steps_per_update steps: an update reads no more ratings than fill them,
+so a slow learner lags but skips none) from the promoted parameters, which are also the
+reference of KTO and DPO (the KL anchor: a few bad clicks move the model a bounded way from
+what is served). The candidate is saved with the
 cursor and the rows it used; then the guard compares it with the promoted model (greedy
 accuracy on held-out world questions, loss on held-out thumbs-up answers, accuracy on held-out
-pairs): more than online.max_regression worse and it is kept but not promoted. A kill at any
+pairs, each compared on the same data): more than online.max_regression (points) or
+online.max_loss_rise (relative loss) worse and it is kept but not promoted. A kill at any
 point resumes from the newest checkpoint's cursor.
 """
 
@@ -44,14 +48,22 @@ from flaxgpt.trainers.kto import kto_objective
 from flaxgpt.trainers.scaffold import Interrupted, Runtime, _StopSignals, starting_point
 from flaxgpt.trainers.step import make_train_step
 
+MIN_PAIRS = 32  # held-out pairs the guard's pair accuracy needs to count
+
 
 def online_objective(model: Any, cfg: Config):
-    """KTO on the batch's feedback rows plus DPO on its pair rows (when the update has pairs)."""
+    """KTO on the batch's feedback rows, plus online.sft_weight times the thumbs-up rows' negative
+    log-likelihood (KTO alone barely moves a thumbs-up answer's likelihood; the SFT term is what
+    teaches the rated and corrected answers), plus DPO on its pair rows (when the update has pairs)."""
     kto = kto_objective(model, cfg.kto.beta, cfg.kto.desirable_weight, cfg.kto.undesirable_weight)
     dpo = dpo_objective(model, cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.label_smoothing)
+    weight = cfg.online.sft_weight
 
     def loss_sums(params, batch, rng, train):
         sums = kto(params, batch, rng, train)
+        up_logp, ups = sums["ratios"]["chosen_logp"]  # summed over the thumbs-up rows, with its gradient
+        ratios = {**sums["ratios"], "sft_nll": (-up_logp, ups)}
+        sums = {**sums, "loss_sum": sums["loss_sum"] - weight * up_logp, "ratios": ratios}
         if "chosen_inputs" in batch:
             pairs = dpo(params, {**batch, "valid": batch["pair_valid"]}, rng, train)
             sums = {
@@ -92,12 +104,12 @@ class Learner:
         self.logger = MetricsLogger(workdir, cfg.logging, 0, 0, to_dict(self.cfg))
         self.logger.shown = ("loss", "events", "pairs", "accuracy", "up_loss", "promoted")
 
-    def scores(self, params: Any, held: tuple[list, list]) -> dict[str, float]:
-        """The guard's figures: greedy task accuracy on held-out world questions (on the world),
-        the loss (per token) of held-out thumbs-up answers and the share of held-out pairs whose
-        chosen answer is the likelier."""
+    def scores(self, params: Any, held: tuple[list, list], accuracy: bool = True) -> dict[str, float]:
+        """The guard's figures: greedy task accuracy on held-out world questions (on the world,
+        unless not `accuracy`), the loss (per token) of held-out thumbs-up answers and the share of
+        held-out pairs whose chosen answer is the likelier."""
         out, size = {}, self.cfg.train.batch_size
-        if self.task is not None:
+        if self.task is not None and accuracy:
             metrics = answer_metrics(self.model, params, self.tokenizer, self.guard, self.cfg, self.task.label)
             out["accuracy"] = metrics["task_accuracy"]
         records, pairs = held
@@ -109,7 +121,17 @@ class Learner:
             rows = pair_rows(pairs, self.tokenizer, self.cfg.model.block_size)
             rows = add_reference_logprobs(self.model, params, rows, ("chosen_", "rejected_"), size, lambda _: None)
             out["pair_accuracy"] = float(np.mean(rows["ref_chosen_logp"] > rows["ref_rejected_logp"]))
+            out["pairs"] = len(pairs)
         return out
+
+    def served_scores(self, base: int, held: tuple[list, list]) -> dict[str, float]:
+        """The promoted model's figures on `held`; its guard accuracy is the one logged when it was
+        promoted (the same questions: one greedy pass per candidate, not two)."""
+        logged = [d for d in online.decisions(self.workdir) if d["step"] == base and d.get("promoted")]
+        known = logged[-1]["score"].get("accuracy") if logged else None
+        same = bool(logged) and logged[-1].get("guard_questions") == len(self.guard)
+        out = self.scores(self.params(base), held, accuracy=known is None or not same)
+        return out if known is None or not same else {"accuracy": known, **out}
 
     def params(self, step: int) -> Any:
         """A checkpoint's parameters, read as the server reads them (a manager of its own)."""
@@ -152,30 +174,40 @@ def decide(learner: Learner, step: int) -> None:
         online.sync_marker(workdir)
         return
     record = learner.checkpointer.read_record(step)["online"]
-    held = online.held_out(learner.db, record["cursor"], learner.cfg.online.guard_questions)
+    # held-out rows are never trained on: the newest of them, past the cursor too, judge it
+    held = online.held_out(learner.db, None, learner.cfg.online.guard_questions)
     with learner.rt.context():
         score = learner.scores(learner.params(step), held)
         base = record["base_step"]
-        before = learner.scores(learner.params(base), held) if step else score
-    worse = regression(before, score)
-    limit = learner.cfg.online.max_regression
-    promoted = step == 0 or worse <= limit
-    shown = ", ".join(f"{k} {score[k]:.4f} (served {before[k]:.4f})" for k in score)
-    reason = "the starting model" if step == 0 else f"regression {worse:.4f} vs max {limit:g}: {shown or 'no figures'}"
+        before = learner.served_scores(base, held) if step else score
+    worse = regressions(before, score, learner.cfg.online)
+    promoted = step == 0 or all(by <= limit for by, limit in worse.values())
+    shown = ", ".join(f"{k} {score[k]:.4f} (served {before[k]:.4f})" for k in score if k != "pairs")
+    limits = "; ".join(f"{k} worse by {by:.4f} (max {limit:g})" for k, (by, limit) in worse.items())
+    reason = "the starting model" if step == 0 else f"{limits or 'no figures'}: {shown}"
     decision = {"step": step, "base_step": base, "promoted": promoted, "score": score, "base_score": before}
+    decision.update(guard_questions=len(learner.guard), events=len(record["rating_ids"]))
     decision.update(reason=reason, time=time.time())
     online.log_decision(workdir, decision)
-    learner.logger.log(step, {**score, "regression": worse, "promoted": float(promoted)})
+    online.prune(learner.checkpointer.manager, workdir, learner.cfg.online.keep)
+    learner.logger.log(step, {**score, "promoted": float(promoted)})
     learner.logger.message(f"step {step}: {'promoted' if promoted else 'kept, not promoted'}; {reason}")
 
 
-def regression(before: dict[str, float], after: dict[str, float]) -> float:
-    """How much worse `after` is: the largest drop in accuracy or pair accuracy (points), or rise
-    in thumbs-up loss (relative)."""
-    drops = [before[k] - after[k] for k in ("accuracy", "pair_accuracy") if k in after]
+def regressions(before: dict[str, float], after: dict[str, float], limits: Any) -> dict[str, tuple[float, float]]:
+    """{figure: (how much worse `after` is, the most allowed)}: accuracy and pair accuracy drops
+    (points, online.max_regression), the thumbs-up loss's relative rise (online.max_loss_rise).
+    Pair accuracy counts only on at least MIN_PAIRS held-out pairs (on fewer, one pair moves it
+    more than the threshold)."""
+    out = {}
+    if "accuracy" in after:
+        out["accuracy"] = (before["accuracy"] - after["accuracy"], limits.max_regression)
+    if after.get("pairs", 0) >= MIN_PAIRS:
+        out["pair_accuracy"] = (before["pair_accuracy"] - after["pair_accuracy"], limits.max_regression)
     if "up_loss" in after:
-        drops.append((after["up_loss"] - before["up_loss"]) / max(before["up_loss"], 1e-6))
-    return max(drops, default=0.0)
+        rise = (after["up_loss"] - before["up_loss"]) / max(before["up_loss"], 1e-6)
+        out["up_loss"] = (rise, limits.max_loss_rise)
+    return out
 
 
 def update(learner: Learner, latest: int, stop: _StopSignals) -> int | None:
@@ -183,18 +215,27 @@ def update(learner: Learner, latest: int, stop: _StopSignals) -> int | None:
     step, or None when there are too few events. A stop signal abandons it (nothing is lost:
     the cursor has not moved)."""
     cfg, ck = learner.cfg, learner.checkpointer
-    cursor = ck.read_record(latest)["online"]["cursor"]
+    record = ck.read_record(latest)["online"]
+    cursor = record["cursor"]
     if online.count_new(learner.db, cursor) < cfg.online.min_events:
         return None
-    events = online.read_events(learner.db, cursor)
+    # about what one pass of the update's steps trains on, beside the rehearsed records: a learner
+    # slower than its users lags behind rather than skipping events
+    limit = max(cfg.online.steps_per_update * cfg.train.batch_size - cfg.online.replay, cfg.online.min_events)
+    events = online.read_events(learner.db, cursor, record.get("message_cursor", 0), limit)
+    replayed = online.replay(learner.db, cursor, events.message_cursor, cfg.online.replay, cfg.train.seed + latest)
+    events.records += replayed
     base = online.promoted_step(learner.workdir)
     with learner.rt.context():
-        rows = training_rows(learner, events, learner.params(base))
-        state, loss, steps = train(learner, rows, latest, stop)
+        reference = learner.params(base)
+        rows = training_rows(learner, events, reference)
+        state, loss, steps = train(learner, rows, reference, cfg.train.seed + latest, stop)
         step = latest + steps
         ck.save(step, state, learner.record(step, events.record(), base), force=True)
     figures = {"loss": loss, "events": len(events.rating_ids), "records": len(events.records)}
-    learner.logger.log(step, {**figures, "pairs": len(events.pairs), "cursor": events.hi})
+    figures.update(pairs=len(events.pairs), corrections=len(events.corrections), replayed=len(replayed))
+    figures.update(cursor=events.hi)
+    learner.logger.log(step, figures)
     decide(learner, step)
     return step
 
@@ -213,16 +254,16 @@ def training_rows(learner: Learner, events: online.Events, reference: Any) -> li
     return out
 
 
-def train(learner: Learner, rows: list[dict], latest: int, stop: _StopSignals) -> tuple[Any, float, int]:
-    """One pass over the update's records (at most online.steps_per_update steps: more passes
-    over a few events would fit their noise) from the promoted parameters; (state, mean loss,
-    steps)."""
+def train(learner: Learner, rows: list[dict], params: Any, seed: int, stop: _StopSignals) -> tuple[Any, float, int]:
+    """One pass over the update's records (more passes over a few events would fit their noise;
+    `update` reads about online.steps_per_update batches of them) from `params` (the promoted
+    ones, taken over); (state, mean loss, steps)."""
     cfg, rt = learner.cfg, learner.rt
-    size, seed = cfg.train.batch_size, cfg.train.seed + latest
+    size = cfg.train.batch_size
     sets = [PackedRows(r, seed + i) for i, r in enumerate(rows)]
-    state = learner.fresh_state(learner.params(online.promoted_step(learner.workdir)), seed)
+    state = learner.fresh_state(params, seed)
     local, losses = rt.rows(size), []
-    steps = min(cfg.online.steps_per_update, -(-max(s.n for s in sets) // size))
+    steps = -(-max(s.n for s in sets) // size)
     for i in range(steps):
         if stop.signame is not None:
             raise Interrupted(f"{stop.signame} during an update: abandoned; its events are read again on restart", 143)
