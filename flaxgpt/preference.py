@@ -355,3 +355,32 @@ def _with_reference(cfg, rt, model, init_params, prefixes, sizes, log) -> list[R
     size = cfg.eval.batch_size or cfg.train.batch_size
     with rt.context():
         return [reference_columns(model, params, n, fetch, prefixes, size, log) for n, fetch in sizes]
+
+
+def dpo_objective(model: Any, beta: float, loss_type: str, label_smoothing: float):
+    """LossSums of DPO / IPO / cDPO on pair rows; IPO compares per-token means (as TRL does)."""
+
+    def loss_sums(params, batch, rng, train):
+        (chosen, n_chosen), (rejected, n_rejected) = logprobs(
+            model, params, batch, ("chosen_", "rejected_"), train, rng
+        )
+        ref_chosen, ref_rejected, valid = (column(batch, k) for k in ("ref_chosen_logp", "ref_rejected_logp", "valid"))
+        if loss_type == "ipo":
+            per_c, per_r = jnp.maximum(n_chosen, 1.0), jnp.maximum(n_rejected, 1.0)
+            chosen, ref_chosen = chosen / per_c, ref_chosen / per_c
+            rejected, ref_rejected = rejected / per_r, ref_rejected / per_r
+        return losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, valid, beta, loss_type, label_smoothing)
+
+    return loss_sums
+
+
+def kto_objective(model: Any, beta: float, desirable_weight: float, undesirable_weight: float):
+    """LossSums of KTO on feedback rows with stored reference log-probabilities."""
+
+    def loss_sums(params, batch, rng, train):
+        (own, _), (mismatched, _) = logprobs(model, params, batch, ("", "kl_"), train, rng)
+        ref, ref_kl, desirable, valid = (column(batch, k) for k in ("ref_logp", "ref_kl_logp", "desirable", "valid"))
+        z0 = losses.kto_reference_point(mismatched, ref_kl, valid)
+        return losses.kto_loss(own, ref, desirable, valid, z0, beta, desirable_weight, undesirable_weight)
+
+    return loss_sums

@@ -8,29 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax.numpy as jnp
-
-from flaxgpt import losses, preference
+from flaxgpt import preference
 from flaxgpt.config import Config
-
-
-def dpo_objective(model: Any, beta: float, loss_type: str, label_smoothing: float):
-    """LossSums of DPO / IPO / cDPO on pair rows; IPO compares per-token means (as TRL does)."""
-
-    def loss_sums(params, batch, rng, train):
-        (chosen, n_chosen), (rejected, n_rejected) = preference.logprobs(
-            model, params, batch, ("chosen_", "rejected_"), train, rng
-        )
-        ref_chosen, ref_rejected, valid = (
-            preference.column(batch, k) for k in ("ref_chosen_logp", "ref_rejected_logp", "valid")
-        )
-        if loss_type == "ipo":
-            per_c, per_r = jnp.maximum(n_chosen, 1.0), jnp.maximum(n_rejected, 1.0)
-            chosen, ref_chosen = chosen / per_c, ref_chosen / per_c
-            rejected, ref_rejected = rejected / per_r, ref_rejected / per_r
-        return losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, valid, beta, loss_type, label_smoothing)
-
-    return loss_sums
+from flaxgpt.preference import dpo_objective
 
 
 def method(cfg: Config) -> preference.Method:

@@ -7,22 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from flaxgpt import losses, preference
+from flaxgpt import preference
 from flaxgpt.config import Config
-
-
-def kto_objective(model: Any, beta: float, desirable_weight: float, undesirable_weight: float):
-    """LossSums of KTO on feedback rows with stored reference log-probabilities."""
-
-    def loss_sums(params, batch, rng, train):
-        (own, _), (mismatched, _) = preference.logprobs(model, params, batch, ("", "kl_"), train, rng)
-        ref, ref_kl, desirable, valid = (
-            preference.column(batch, k) for k in ("ref_logp", "ref_kl_logp", "desirable", "valid")
-        )
-        z0 = losses.kto_reference_point(mismatched, ref_kl, valid)
-        return losses.kto_loss(own, ref, desirable, valid, z0, beta, desirable_weight, undesirable_weight)
-
-    return loss_sums
+from flaxgpt.preference import kto_objective
 
 
 def method(cfg: Config) -> preference.Method:

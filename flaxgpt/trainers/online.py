@@ -39,12 +39,17 @@ from flaxgpt.logging import MetricsLogger
 from flaxgpt.metrics import answer_metrics
 from flaxgpt.model import Transformer
 from flaxgpt.optim import build_optimizer, learning_rate_schedule
-from flaxgpt.preference import add_reference_logprobs, encodable, feedback_rows, pair_rows
+from flaxgpt.preference import (
+    add_reference_logprobs,
+    dpo_objective,
+    encodable,
+    feedback_rows,
+    kto_objective,
+    pair_rows,
+)
 from flaxgpt.runs import boxed_params, restore_params
 from flaxgpt.sharding import host_value, sharded_abstract
 from flaxgpt.state import create_train_state
-from flaxgpt.trainers.dpo import dpo_objective
-from flaxgpt.trainers.kto import kto_objective
 from flaxgpt.trainers.scaffold import Interrupted, Runtime, _StopSignals, starting_point
 from flaxgpt.trainers.step import make_train_step
 
