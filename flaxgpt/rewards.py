@@ -67,11 +67,11 @@ def response_ids(prompt: Sequence[dict], response: str, tokenizer: Tokenizer, bl
     return rendered.ids
 
 
-def padded_width(longest: int, limit: int) -> int:
-    """`longest` rounded up to a multiple of 16, at most `limit`: sequences padded to the longest
+def padded_width(longest: int, limit: int, multiple: int = 16) -> int:
+    """`longest` rounded up to a multiple of `multiple`, at most `limit`: sequences padded to the longest
     of their set rather than to the context (short world prompts and answers would otherwise
     spend most of the compute on padding), with few distinct widths to compile."""
-    return min(limit, -(-longest // 16) * 16)
+    return min(limit, -(-longest // multiple) * multiple)
 
 
 def ranking_rows(

@@ -43,7 +43,7 @@ from flaxgpt.losses import (
     token_cross_entropy,
 )
 from flaxgpt.model import Transformer
-from flaxgpt.rewards import rewards_at_last, score_sequences
+from flaxgpt.rewards import padded_width, rewards_at_last, score_sequences
 from flaxgpt.runs import boxed_params as model_params
 from flaxgpt.sharding import host_value, sharded_abstract
 
@@ -370,7 +370,7 @@ def rollout(run: PPO, params: Any, prompts: list, key: jax.Array, temperature: f
     ids = [render(pr.messages, run.tokenizer, width).ids for pr in prompts]
     tokens, mask = generate.left_pad(ids, run.tokenizer.pad_id, width)
     decode = generate.DecodeConfig(max_new_tokens=run.cfg.ppo.max_new_tokens, temperature=temperature)
-    pad, used = run.tokenizer.pad_id, min(width, -(-max(map(len, ids)) // 32) * 32)
+    pad, used = run.tokenizer.pad_id, padded_width(max(map(len, ids)), width, 32)
     gen = generate.generate(
         run.models.policy, params, ids, decode, key, pad_id=pad, stop_tokens=run.stops, prompt_width=used, group=group
     )

@@ -25,7 +25,7 @@ from flaxgpt.data.world import WorldTask
 from flaxgpt.losses import group_advantages, grpo_loss
 from flaxgpt.model import Transformer
 from flaxgpt.optim import build_optimizer
-from flaxgpt.rewards import reward_function
+from flaxgpt.rewards import padded_width, reward_function
 from flaxgpt.rlhf import PPO, Models, PPOState, evaluate, load_prompts, rollout, scores, sequences
 from flaxgpt.runs import inherit_model, params_from_run, read_run
 from flaxgpt.sharding import host_value
@@ -134,8 +134,8 @@ def used_columns(host: dict, query_width: int, buckets: tuple[int, int] = (32, 1
     used = host["segments"].any(axis=0)
     prompt = query_width - int(np.argmax(used))
     answer = len(used) - query_width - int(np.argmax(used[::-1]))
-    lo = query_width - min(query_width, -(-prompt // buckets[0]) * buckets[0])
-    hi = query_width + min(len(used) - query_width, -(-max(answer, 1) // buckets[1]) * buckets[1])
+    lo = query_width - padded_width(prompt, query_width, buckets[0])
+    hi = query_width + padded_width(max(answer, 1), len(used) - query_width, buckets[1])
     cut = {k: host[k][:, lo:hi] for k in ("tokens", "segments")}
     return {**cut, "resp_mask": host["resp_mask"][:, : hi - query_width], "advantages": host["advantages"]}
 
