@@ -85,6 +85,7 @@ class Checkpointer:
         self.directory = fileio.absolute(os.path.join(workdir, "checkpoints"))
         self.cfg = cfg
         self._pending: int | None = None  # the step of a save that may still be running
+        self._failed_steps: list[int] = []  # saves already reported as failed
         self._sizes: dict[int, int] = {}  # bytes each finished checkpoint takes on a local disk
         _quiet_orbax_errors()
         options = ocp.CheckpointManagerOptions(
@@ -142,14 +143,31 @@ class Checkpointer:
 
     def _failed(self, step: int, error: BaseException) -> None:
         self._pending = None
-        if jax.process_index() == 0:
-            for name in fileio.listdir(self.directory):
-                if name.startswith(f"{step}{TMP_SUFFIX}"):
-                    fileio.rmtree(os.path.join(self.directory, name))
+        self._failed_steps.append(step)
+        self._drain()
+        self._remove_tmp_dirs(step)
         self.manager.reload()
         raise CheckpointWriteError(
             f"could not write checkpoint {step} to {self.directory}: {_reason(error)}"
         ) from error
+
+    def _remove_tmp_dirs(self, step: int) -> None:
+        if jax.process_index() == 0:
+            for name in fileio.listdir(self.directory):
+                if name.startswith(f"{step}{TMP_SUFFIX}"):
+                    fileio.rmtree(os.path.join(self.directory, name))
+
+    def _drain(self) -> None:
+        """Let orbax's background writes of a failed save end before its directory is removed:
+        orbax raises the commit's error once and leaves its metadata writes queued, and one of
+        those landing after the removal would fail again at `close`."""
+        for wait in (self.manager.wait_until_finished,) + (self.manager.check_for_errors,) * 16:
+            try:
+                wait()  # check_for_errors also waits for the queued metadata writes, one error a call
+                if wait is not self.manager.wait_until_finished:
+                    return
+            except Exception:  # the save's own error is the one reported
+                continue
 
     def _check_free_space(self, step: int) -> None:
         """Refuse a save the local disk cannot hold (the previous checkpoint's size), before
@@ -287,7 +305,15 @@ class Checkpointer:
             with contextlib.suppress(Exception):
                 self.manager.close()
             raise
-        self.manager.close()
+        if not self._failed_steps:
+            self.manager.close()
+            return
+        # a failed save was reported once; orbax may still hold a write of it that fails again
+        with contextlib.suppress(Exception):
+            self.manager.close()
+        for step in self._failed_steps:
+            with contextlib.suppress(OSError):
+                self._remove_tmp_dirs(step)
 
 
 def _reason(error: BaseException) -> str:
