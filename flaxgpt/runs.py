@@ -63,9 +63,14 @@ def restore_params(
     abstract, shardings = sharded_abstract(boxed_params(Transformer(model_cfg)), mesh, rules)
     # a PPO (or GRPO) run's checkpoint holds {"policy", "value"} ({"policy"}): its model is the policy
     path = ("policy",) if cfg.train.trainer in ("ppo", "grpo") else ()
-    target = lambda record: lora.trained_part(abstract) if record.get(BASE_RECORD) else abstract
+    records = []  # the step's record, read once by restore_params
+
+    def target(record: dict) -> Any:
+        records.append(record)
+        return lora.trained_part(abstract) if record.get(BASE_RECORD) else abstract
+
     params = checkpointer.restore_params(step, target, model_cfg, path)
-    base = checkpointer.read_record(step).get(BASE_RECORD)
+    base = records[0].get(BASE_RECORD)
     checkpointer.close()
     if base:
         params = with_base(params, base, model_cfg, shardings, mesh, rules, f"{checkpointer.directory} step {step}")

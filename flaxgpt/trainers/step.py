@@ -78,6 +78,27 @@ def accumulated_grads(micro_grads: Callable, params: Any, batch: Batch, rng: jax
     return grads, sums
 
 
+def updated_if_finite(optimizer: optax.GradientTransformation, state: TrainState, grads: Any, finite: jax.Array):
+    """The state one step on: `grads` applied when `finite`, else parameters and optimizer state
+    untouched and the step counted as skipped. A conditional, not a select per leaf: choosing
+    between the old and new values of donated buffers made XLA copy every parameter and moment
+    before updating it in place."""
+
+    def apply_update(params, opt_state):
+        updates, new_state = optimizer.update(grads, opt_state, params)
+        # Adam's moments of bfloat16 parameters start in bfloat16 and come back float32: keep the
+        # state's dtypes, so both branches of the cond (and the donated buffers) agree
+        new_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, opt_state)
+        return optax.apply_updates(params, updates), new_state
+
+    params, opt_state = jax.lax.cond(
+        finite, apply_update, lambda params, opt_state: (params, opt_state), state.params, state.opt_state
+    )
+    return state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state, skipped=state.skipped + (~finite).astype(jnp.int32)
+    )
+
+
 def make_train_step(
     model: nn.Module,
     optimizer: optax.GradientTransformation,
@@ -108,28 +129,9 @@ def make_train_step(
         loss = sums["loss_sum"] / weight
         grad_norm = optax.tree.norm(grads)
 
-        # A non-finite loss or gradient leaves parameters and optimizer state untouched. A
-        # conditional, not a select per leaf: choosing between the old and new values of donated
-        # buffers made XLA copy every parameter and moment before updating it in place.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-        def apply_update(params, opt_state):
-            updates, new_state = optimizer.update(grads, opt_state, params)
-            # Adam's moments of bfloat16 parameters start in bfloat16 and come back float32: keep the
-            # state's dtypes, so both branches of the cond (and the donated buffers) agree
-            new_state = jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, opt_state)
-            return optax.apply_updates(params, updates), new_state
-
-        params, opt_state = jax.lax.cond(
-            finite, apply_update, lambda params, opt_state: (params, opt_state), state.params, state.opt_state
-        )
         applied_updates = state.step - state.skipped
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            opt_state=opt_state,
-            skipped=state.skipped + (~finite).astype(jnp.int32),
-        )
+        new_state = updated_if_finite(optimizer, state, grads, finite)
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
