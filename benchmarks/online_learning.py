@@ -136,6 +136,7 @@ def one_level(args, noise: float) -> tuple[list[str], dict]:
                 proc.terminate()
                 proc.wait(timeout=120)
     decisions = online.decisions(workdir)
+    guard = [round(d["score"]["accuracy"], 4) for d in decisions if "accuracy" in d["score"]]
     t = user.tally
     summary = {
         "noise": noise,
@@ -149,6 +150,7 @@ def one_level(args, noise: float) -> tuple[list[str], dict]:
         "best": max(r[3] for r in rows),
         "events_per_point": events_per_point(rows),
         "cpu_seconds": [round(b - a) for a, b in zip(cpu_at_start, cpu_seconds())],
+        "guard_accuracy": guard,  # each checkpoint's (step 0 first) on the learner's guard questions
         "series": [[round(m, 1), e, s, a] for m, e, s, a in rows],
     }
     lines = [
@@ -163,6 +165,11 @@ def one_level(args, noise: float) -> tuple[list[str], dict]:
     per = summary["events_per_point"]
     gain = f"{summary['start']:.3f} -> {summary['best']:.3f} ({(summary['best'] - summary['start']) * 100:+.1f} points)"
     lines += ["", f"best {gain}; " + (f"{per:.0f} events per point" if per else "no gain: no cost per point")]
+    if guard:
+        lines.append(
+            f"learner's candidates, greedy accuracy on its {decisions[0]['guard_questions']} guard questions: "
+            f"step 0 {guard[0]:.3f}, best {max(guard):.3f}, last {guard[-1]:.3f} (all: OUT/online_learning.json)"
+        )
     cpu = summary["cpu_seconds"]
     lines.append(f"CPU seconds: learner + server {cpu[0]}, simulated user + measurements {cpu[1]}")
     return lines, summary
@@ -238,7 +245,10 @@ def main() -> None:
         json.dump(summaries, f)
     png = args.plot or os.path.join(args.out, "online_learning.png")
     lines.append(f"\nplot: {png}" if plot(summaries, png) else "\nno plot: matplotlib is not installed")
-    lines.append("\n    " + json.dumps([{k: v for k, v in s.items() if k != "series"} for s in summaries]))
+    lines.append(
+        "\n    "
+        + json.dumps([{k: v for k, v in s.items() if k not in ("series", "guard_accuracy")} for s in summaries])
+    )
     print(lines[-2], flush=True)
     if not args.no_record:
         record("\n".join(lines))

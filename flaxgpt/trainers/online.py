@@ -99,6 +99,8 @@ class Learner:
         task = WorldTask.from_config(cfg) if cfg.data.source == "world" else None
         self.guard = task.demonstrations("ppo_eval", cfg.online.guard_questions, 0.0) if task else []
         self.task = task
+        self.kept: dict[int, Any] = {}  # `params`
+        self.newest: tuple[int, Any] | None = None  # (step, train state) of the candidate just saved
         self.shardings = sharded_abstract(boxed_params(self.model), self.rt.mesh, self.rt.rules)[1]
         n = cfg.online.steps_per_update
         self.optimizer = build_optimizer(cfg.optimizer, n, lora.trainable_mask if self.cfg.model.lora_rank else None)
@@ -143,9 +145,18 @@ class Learner:
         return out if known is None or not same else {"accuracy": known, **out}
 
     def params(self, step: int) -> Any:
-        """A checkpoint's parameters, read as the server reads them (a manager of its own)."""
-        rt = self.rt
-        return restore_params(self.workdir, self.cfg, step, self.cfg.model, rt.mesh, rt.rules)[0]
+        """A checkpoint's parameters, read as the server reads them (a manager of its own); the
+        last two read are kept (the promoted one, the reference, is read again only after a
+        promotion). Never donated: a train state is read apart (`state`)."""
+        if step not in self.kept:
+            rt = self.rt
+            params = restore_params(self.workdir, self.cfg, step, self.cfg.model, rt.mesh, rt.rules)[0]
+            self.kept = {**dict(list(self.kept.items())[-1:]), step: params}
+        return self.kept[step]
+
+    def trained(self, step: int) -> Any:
+        """Checkpoint `step`'s parameters, from memory when this process has just trained it."""
+        return self.newest[1].params if self.newest and self.newest[0] == step else self.params(step)
 
     def record(self, step: int, used: dict, base: int) -> dict:
         return {"step": step, "model": to_dict(self.cfg.model), "online": {**used, "base_step": base}}
@@ -155,7 +166,11 @@ class Learner:
         self.logger.close()
 
     def state(self, step: int) -> Any:
-        """Checkpoint `step`'s train state: parameters and optimizer state, to continue from."""
+        """Checkpoint `step`'s train state, parameters and optimizer state, to continue from (to be
+        donated): the one in memory when this process has just trained it, else read."""
+        newest, self.newest = self.newest, None
+        if newest and newest[0] == step:
+            return newest[1]
         example = jnp.zeros((1, self.cfg.model.block_size), jnp.int32)
         abstract = abstract_train_state(self.model, self.optimizer, example, self.rt.mesh, self.rt.rules)[0]
         return self.checkpointer.restore(step, abstract, self.cfg.model)[0]
@@ -192,7 +207,7 @@ def decide(learner: Learner, step: int) -> None:
     # held-out rows are never trained on: the newest of them, past the cursor too, judge it
     held = online.held_out(learner.db, None, learner.cfg.online.guard_questions)
     with learner.rt.context():
-        score = learner.scores(learner.params(step), held)
+        score = learner.scores(learner.trained(step), held)
         base = record["base_step"]
         before = learner.served_scores(base, held) if step else score
     worse = regressions(before, score, learner.cfg.online)
@@ -248,6 +263,7 @@ def update(learner: Learner, latest: int, stop: _StopSignals) -> int | None:
         state, loss, steps = train(learner, rows, learner.state(origin), cfg.train.seed + latest, stop)
         step = latest + steps
         ck.save(step, state, learner.record(step, {**events.record(), "start_step": origin}, base), force=True)
+        learner.newest = (step, state)
     figures = {"loss": loss, "events": len(events.rating_ids), "records": len(events.records)}
     figures.update(pairs=len(events.pairs), corrections=len(events.corrections), replayed=len(replayed))
     figures.update(cursor=events.hi, start_step=origin)
