@@ -2,14 +2,17 @@
 held-out questions, against the number of feedback events, with 10 % and 30 % noisy clicks.
 
     python benchmarks/online_learning.py --sft runs/chat_demo/sft [--noise 0.1,0.3] [--minutes 10]
-                                         [--eval 128] [--out runs/online_bench] [--plot PNG]
+                                         [--rate QUESTIONS_PER_SECOND] [--eval 128]
+                                         [--out runs/online_bench] [--plot PNG]
                                          [--set KEY=VALUE ...]
 
 For each noise level, in a fresh learner workdir: the online learner (`python -m flaxgpt.train
 -e online_feedback`, starting from --sft, --set passed on), the server on it (`python -m
 flaxgpt.serve --reload-every 2`), and one simulated user (`flaxgpt.simuser`, sampling at
-temperature 1, regenerating or correcting some wrong answers) asking without pause for
---minutes. At the start, whenever the server's step changes (a promotion) and at the end, the
+temperature 1, regenerating or correcting some wrong answers) asking for --minutes, at most
+--rate questions a second (default: without pause; the learner trains on each rating once, in
+order, so a user far faster than it only makes it lag, and takes cores from it). At the start,
+whenever the server's step changes (a promotion) and at the end, the
 --eval held-out questions (the SFT stage's validation questions, never asked by the user nor
 used by the guard) are asked through /v1/chat/completions at temperature 0 and judged by the
 world's labeler. Prints a table per noise level and appends them to benchmarks/RESULTS.md
@@ -115,8 +118,12 @@ def one_level(args, noise: float) -> tuple[list[str], dict]:
         user = SimUser(http, task, Behaviour(noise=noise), seed=round(noise * 100))
 
         def ask() -> None:
+            pace = 1.0 / args.rate if args.rate else 0.0
+            due = time.time()
             while not stop.is_set():
                 user.ask()
+                due = max(due + pace, time.time() - 1.0)  # a slow answer is not made up by a burst
+                stop.wait(max(due - time.time(), 0.0))
 
         asking = threading.Thread(target=ask)
         asking.start()
@@ -217,6 +224,9 @@ def main() -> None:
     parser.add_argument("--sft", required=True, help="the SFT run to start from (a copy: it is only read)")
     parser.add_argument("--noise", default="0.1,0.3")
     parser.add_argument("--minutes", type=float, default=10.0, help="per noise level")
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="questions a second the simulated user asks at most (0: no pause)"
+    )
     parser.add_argument("--eval", type=int, default=128, help="held-out questions per measurement")
     parser.add_argument("--out", default="runs/online_bench")
     parser.add_argument("--plot", help="PNG of accuracy against events (default: OUT/online_learning.png)")
