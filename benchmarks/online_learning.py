@@ -2,14 +2,17 @@
 held-out questions, against the number of feedback events, with 10 % and 30 % noisy clicks.
 
     python benchmarks/online_learning.py --sft runs/chat_demo/sft [--noise 0.1,0.3] [--minutes 10]
-                                         [--eval 128] [--out runs/online_bench] [--plot PNG]
+                                         [--rate QUESTIONS_PER_SECOND] [--eval 128]
+                                         [--out runs/online_bench] [--plot PNG]
                                          [--set KEY=VALUE ...]
 
 For each noise level, in a fresh learner workdir: the online learner (`python -m flaxgpt.train
 -e online_feedback`, starting from --sft, --set passed on), the server on it (`python -m
 flaxgpt.serve --reload-every 2`), and one simulated user (`flaxgpt.simuser`, sampling at
-temperature 1, regenerating or correcting some wrong answers) asking without pause for
---minutes. At the start, whenever the server's step changes (a promotion) and at the end, the
+temperature 1, regenerating or correcting some wrong answers) asking for --minutes, at most
+--rate questions a second (default: without pause; the learner trains on each rating once, in
+order, so a user far faster than it only makes it lag, and takes cores from it). At the start,
+whenever the server's step changes (a promotion) and at the end, the
 --eval held-out questions (the SFT stage's validation questions, never asked by the user nor
 used by the guard) are asked through /v1/chat/completions at temperature 0 and judged by the
 world's labeler. Prints a table per noise level and appends them to benchmarks/RESULTS.md
@@ -115,8 +118,12 @@ def one_level(args, noise: float) -> tuple[list[str], dict]:
         user = SimUser(http, task, Behaviour(noise=noise), seed=round(noise * 100))
 
         def ask() -> None:
+            pace = 1.0 / args.rate if args.rate else 0.0
+            due = time.time()
             while not stop.is_set():
                 user.ask()
+                due = max(due + pace, time.time() - 1.0)  # a slow answer is not made up by a burst
+                stop.wait(max(due - time.time(), 0.0))
 
         asking = threading.Thread(target=ask)
         asking.start()
@@ -136,6 +143,7 @@ def one_level(args, noise: float) -> tuple[list[str], dict]:
                 proc.terminate()
                 proc.wait(timeout=120)
     decisions = online.decisions(workdir)
+    guard = [round(d["score"]["accuracy"], 4) for d in decisions if "accuracy" in d["score"]]
     t = user.tally
     summary = {
         "noise": noise,
@@ -149,6 +157,7 @@ def one_level(args, noise: float) -> tuple[list[str], dict]:
         "best": max(r[3] for r in rows),
         "events_per_point": events_per_point(rows),
         "cpu_seconds": [round(b - a) for a, b in zip(cpu_at_start, cpu_seconds())],
+        "guard_accuracy": guard,  # each checkpoint's (step 0 first) on the learner's guard questions
         "series": [[round(m, 1), e, s, a] for m, e, s, a in rows],
     }
     lines = [
@@ -163,6 +172,11 @@ def one_level(args, noise: float) -> tuple[list[str], dict]:
     per = summary["events_per_point"]
     gain = f"{summary['start']:.3f} -> {summary['best']:.3f} ({(summary['best'] - summary['start']) * 100:+.1f} points)"
     lines += ["", f"best {gain}; " + (f"{per:.0f} events per point" if per else "no gain: no cost per point")]
+    if guard:
+        lines.append(
+            f"learner's candidates, greedy accuracy on its {decisions[0]['guard_questions']} guard questions: "
+            f"step 0 {guard[0]:.3f}, best {max(guard):.3f}, last {guard[-1]:.3f} (all: OUT/online_learning.json)"
+        )
     cpu = summary["cpu_seconds"]
     lines.append(f"CPU seconds: learner + server {cpu[0]}, simulated user + measurements {cpu[1]}")
     return lines, summary
@@ -210,6 +224,9 @@ def main() -> None:
     parser.add_argument("--sft", required=True, help="the SFT run to start from (a copy: it is only read)")
     parser.add_argument("--noise", default="0.1,0.3")
     parser.add_argument("--minutes", type=float, default=10.0, help="per noise level")
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="questions a second the simulated user asks at most (0: no pause)"
+    )
     parser.add_argument("--eval", type=int, default=128, help="held-out questions per measurement")
     parser.add_argument("--out", default="runs/online_bench")
     parser.add_argument("--plot", help="PNG of accuracy against events (default: OUT/online_learning.png)")
@@ -238,7 +255,10 @@ def main() -> None:
         json.dump(summaries, f)
     png = args.plot or os.path.join(args.out, "online_learning.png")
     lines.append(f"\nplot: {png}" if plot(summaries, png) else "\nno plot: matplotlib is not installed")
-    lines.append("\n    " + json.dumps([{k: v for k, v in s.items() if k != "series"} for s in summaries]))
+    lines.append(
+        "\n    "
+        + json.dumps([{k: v for k, v in s.items() if k not in ("series", "guard_accuracy")} for s in summaries])
+    )
     print(lines[-2], flush=True)
     if not args.no_record:
         record("\n".join(lines))

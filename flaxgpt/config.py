@@ -426,7 +426,10 @@ class OnlineConfig:
     guard_questions: int = 64  # world: held-out questions whose greedy accuracy guards promotion
     max_regression: float = 0.05  # a candidate scoring more than this below the promoted model is kept, not promoted
     max_loss_rise: float = 0.2  # ... or whose loss on held-out thumbs-up answers is this much (relative) higher
-    replay: int = 0  # thumbs-up answers and corrections of earlier updates rehearsed in each update
+    replay: int = 0  # questions of earlier updates rehearsed in each update, with their best-supported answers
+    restart_after: int = (
+        0  # the learner continues its newest candidate; after this many rejected in a row, the promoted one (0: never)
+    )
     sft_weight: float = 1.0  # weight of the thumbs-up (and corrected) answers' log-likelihood beside KTO
     keep: int = 8  # checkpoints kept besides the promoted ones (all of which are kept)
 
@@ -665,6 +668,7 @@ RANGES: dict[str, str] = {
     "online.max_loss_rise": "> 0",
     "online.sft_weight": ">= 0",
     "online.replay": ">= 0",
+    "online.restart_after": ">= 0",
     "online.keep": ">= 1",
     # eval
     "eval.interval": ">= 1",

@@ -18,8 +18,9 @@ Training data from the rows up to the new cursor:
                pair X over the corrected answer a DPO pair. Follow-ups are read by message id
                (their own cursor, saved beside the ratings cursor); other follow-ups are not
                training targets (their text is the user's, not an answer).
-Each update also rehearses online.replay thumbs-up answers and corrections sampled from the
-events earlier updates trained on (`replay`: as thumbs-up records, not counted as used again).
+Each update also rehearses online.replay questions sampled from the events earlier updates
+trained on, each with its best-supported answer so far (`replay`: as thumbs-up records, not
+counted as used again).
 An update reads at most `limit` ratings rows (online.max_events): the cursor stops at the last
 one read, so a learner slower than its users lags behind but still trains on every event once.
 Every fifth rating (row id divisible by HOLDOUT) is held out: never trained on, it is what the
@@ -45,6 +46,7 @@ from flaxgpt.serve.store import FeedbackStore
 PROMOTED = "promoted.json"
 PROMOTIONS = "promotions.jsonl"
 HOLDOUT = 5  # ratings whose row id is a multiple of it are held out for the guard
+CORRECTION_VOTES = 2  # a typed correction outweighs a click (`replay`)
 CORRECTION = re.compile(r"(?:the )?(?:correct |right )?answer is:?\s+(.+?)\.?\s*$", re.IGNORECASE)
 
 
@@ -115,18 +117,21 @@ def _corrections(store: FeedbackStore, events: Events) -> None:
     """Add the corrections among the follow-ups after events.message_cursor (up to the newest
     message now) as thumbs-up demonstrations and pairs over the answers they correct."""
     events.message_hi = store.query("SELECT COALESCE(MAX(id), 0) AS n FROM messages")[0]["n"]
-    for f, prompt, answer in _corrected(store, events.message_cursor, events.message_hi):
+    for f, answer in _corrected(store, events.message_cursor, events.message_hi):
+        prompt = history(store, f["question_id"])
         events.records.append(Feedback(prompt, answer, True))
         events.pairs.append(Pair(prompt, answer, f["answer"]))
         events.pair_ids.append([f["id"], f["answer_id"]])
         events.corrections.append(f["id"])
 
 
-def _corrected(store: FeedbackStore, after: int, upto: int) -> list[tuple[dict, list[dict], str]]:
-    """(follow-up row, prompt, corrected answer) of each correction among messages (after, upto]."""
+def _corrected(store: FeedbackStore, after: int, upto: int) -> list[tuple[dict, str]]:
+    """(follow-up row, corrected answer) of each correction among messages (after, upto]; the row
+    names the question (question_id, and question_key: `_key` of it)."""
     follow_ups = store.query(
-        "SELECT u.id, u.content, a.id AS answer_id, a.parent_id AS question_id, a.content AS answer "
-        "FROM messages u JOIN messages a ON u.parent_id = a.id "
+        "SELECT u.id, u.content, a.id AS answer_id, a.parent_id AS question_id, a.content AS answer, "
+        "q.content AS question, q.system, q.parent_id AS question_parent "
+        "FROM messages u JOIN messages a ON u.parent_id = a.id JOIN messages q ON a.parent_id = q.id "
         "WHERE u.role = 'user' AND a.role = 'assistant' AND u.id > ? AND u.id <= ? ORDER BY u.id",
         (after, upto),
     )
@@ -134,40 +139,64 @@ def _corrected(store: FeedbackStore, after: int, upto: int) -> list[tuple[dict, 
     for f in follow_ups:
         match = CORRECTION.search(f["content"])
         if match is not None and match.group(1).strip() != f["answer"].strip():
-            out.append((f, history(store, f["question_id"]), match.group(1).strip()))
+            f["question_key"] = _key(f["question"], f["system"], f["question_parent"], f["question_id"])
+            out.append((f, match.group(1).strip()))
     return out
 
 
+def _key(content: str, system: str, parent: int | None, message_id: int) -> tuple:
+    """What makes two user turns the same question: a conversation's first turn by its text and
+    system message (asked again in a new conversation, it is the same question); a later turn by
+    its own id (its earlier turns are part of the question)."""
+    return ("first", content, system) if parent is None else ("turn", message_id)
+
+
 def replay(db: str, cursor: int, message_cursor: int, n: int, seed: int) -> list[Feedback]:
-    """`n` records sampled (by `seed`) from what earlier updates trained on (ratings up to
-    `cursor` not held out, follow-ups up to `message_cursor`): corrections, and thumbs-up answers
-    to questions that also got a thumbs-down answer. One pass teaches such a fact too weakly to
-    stick, so each update rehearses them; a question always answered well has nothing to teach."""
+    """Rehearsal for one update: `n` questions sampled (by `seed`) from those earlier updates
+    trained on (ratings up to `cursor` not held out, follow-ups up to `message_cursor`), each with
+    its best-supported answer. An answer's support: +1 per thumbs-up, -1 per thumbs-down (each
+    answer's latest rating; the same text given again adds up), +CORRECTION_VOTES per correction
+    to it; a question whose best answer has no positive support is left out. Every confirmed or
+    corrected question is rehearsed, over and over: one pass teaches a fact too weakly to stick,
+    and tallying all its ratings outvotes the noisy clicks."""
     if n <= 0 or not cursor:
         return []
     store = FeedbackStore(db)
     try:
-        latest = {r["message_id"]: r for r in store.query("SELECT * FROM ratings WHERE id <= ? ORDER BY id", (cursor,))}
-        asked = store.query(
-            "SELECT a.id, u.content FROM messages a JOIN messages u ON a.parent_id = u.id "
-            "WHERE a.id IN (SELECT message_id FROM ratings WHERE id <= ?)",
-            (cursor,),
-        )
-        question = {r["id"]: r["content"] for r in asked}
-        missed = {question[m] for m, r in latest.items() if r["rating"] < 0}
-        up = sorted(m for m, r in latest.items() if r["rating"] > 0 and r["id"] % HOLDOUT and question[m] in missed)
-        fixes = [Feedback(prompt, answer, True) for _, prompt, answer in _corrected(store, 0, message_cursor)]
-        picked = random.Random(seed).sample(range(len(up) + len(fixes)), min(n, len(up) + len(fixes)))
-        out = []
-        for i in sorted(picked):
-            if i >= len(up):
-                out.append(fixes[i - len(up)])
-                continue
-            answer = store.message(up[i])
-            out.append(Feedback(history(store, answer["parent_id"]), answer["content"], True))
-        return out
+        best = _best_answers(store, cursor, message_cursor)
+        keys = sorted(best, key=repr)
+        picked = sorted(random.Random(seed).sample(range(len(keys)), min(n, len(keys))))
+        return [Feedback(history(store, best[keys[i]][1]), best[keys[i]][0], True) for i in picked]
     finally:
         store.close()
+
+
+def _best_answers(store: FeedbackStore, cursor: int, message_cursor: int) -> dict[tuple, tuple[str, int]]:
+    """{question key: (its best-supported answer, a question message id)} for `replay`."""
+    rated = store.query(
+        "SELECT r.id, r.rating, a.content AS answer, q.id AS question_id, q.content, q.system, q.parent_id "
+        "FROM ratings r JOIN messages a ON a.id = r.message_id JOIN messages q ON q.id = a.parent_id "
+        "WHERE r.id IN (SELECT MAX(id) FROM ratings WHERE id <= ? GROUP BY message_id)",
+        (cursor,),
+    )
+    votes: dict[tuple, dict[str, float]] = {}
+    where: dict[tuple, int] = {}
+    for r in rated:
+        if r["id"] % HOLDOUT:
+            key = _key(r["content"], r["system"], r["parent_id"], r["question_id"])
+            tally = votes.setdefault(key, {})
+            tally[r["answer"]] = tally.get(r["answer"], 0) + r["rating"]
+            where[key] = r["question_id"]
+    for f, answer in _corrected(store, 0, message_cursor):
+        tally = votes.setdefault(f["question_key"], {})
+        tally[answer] = tally.get(answer, 0) + CORRECTION_VOTES
+        where[f["question_key"]] = f["question_id"]
+    out = {}
+    for key, tally in votes.items():
+        answer, support = max(tally.items(), key=lambda kv: (kv[1], kv[0]))
+        if support > 0:
+            out[key] = (answer, where[key])
+    return out
 
 
 def _pairs(store: FeedbackStore, latest: dict[int, dict], after: int, upto: int) -> list[tuple[dict, Pair]]:

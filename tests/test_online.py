@@ -140,7 +140,7 @@ def test_feedback_through_the_page_trains_a_promoted_step_the_server_switches_to
     assert [r["step"] for r in steps] == [0, new] and user.tally.steps.get(new)
     assert _used_once(workdir, service) >= 6
     record = _records(workdir)[new]
-    assert record["base_step"] == 0 and record["from_cursor"] == 0
+    assert record["base_step"] == 0 and record["from_cursor"] == 0 and record["start_step"] == 0
 
 
 def test_a_learner_killed_mid_update_resumes_with_no_row_lost_or_counted_twice(loop):
@@ -160,6 +160,7 @@ def test_a_learner_killed_mid_update_resumes_with_no_row_lost_or_counted_twice(l
     decided = [d["step"] for d in online.decisions(workdir)]
     assert decided[:2] == [0, served] and len(decided) == 3 and decided[2] > served
     assert online.promoted_step(workdir) == decided[2] and f"step {decided[2]}: promoted" in out, out
+    assert _records(workdir)[decided[2]]["start_step"] == served
     assert not [n for n in os.listdir(checkpoints) if not n.isdigit()]
     _used_once(workdir, service)
 
@@ -180,6 +181,23 @@ def test_the_guard_keeps_a_worse_checkpoint_unpromoted(loop):
     time.sleep(0.5)  # a reload check passes
     user.ask()
     assert service.engine.step == served
+    _used_once(workdir, service)
+
+
+def test_the_learner_continues_a_rejected_candidate_and_restarts_after_too_many(loop):
+    workdir, start, url, service, _ = loop
+    user = _user(url, 4)
+    served, wrecked = service.engine.step, online.decisions(workdir)[-1]["step"]  # the guard test's
+    assert not online.decisions(workdir)[-1]["promoted"]
+    _ask_until(user, lambda: online.count_new(service.store.file, _records(workdir)[wrecked]["cursor"]) >= 12)
+    # two more updates, still wrecking: the first continues the rejected candidate, and after its
+    # rejection (two in a row) the second starts again from the served model
+    finish(learner(workdir, start, "online.max_updates=5", "optimizer.lr=1.0", "online.restart_after=2"))
+    decided = online.decisions(workdir)[-2:]
+    assert [d["promoted"] for d in decided] == [False, False] and online.promoted_step(workdir) == served
+    records = _records(workdir)
+    assert [records[d["step"]]["start_step"] for d in decided] == [wrecked, served]
+    assert all(records[d["step"]]["base_step"] == served for d in decided)  # the KL anchor: the served model
     _used_once(workdir, service)
 
 
@@ -215,18 +233,52 @@ def test_corrections_become_demonstrations_and_an_update_reads_at_most_its_limit
     assert first.record()["message_cursor"] == first.message_hi > fix
     second = online.read_events(store.file, first.hi, first.message_hi, limit=2)
     assert second.rating_ids == rated[2:] and not second.corrections and not second.pairs
-    # rehearsal: corrections and thumbs-up answers to questions some answer got wrong, before the
-    # cursors; never a thumbs-down answer nor one to a question always answered well
+    # rehearsal: each question earlier updates trained on, with its best-supported answer (a
+    # correction outweighs a thumbs-down); never a question whose answers all got thumbs-down
     again = store.rate(_asked(store, "What is 0 plus 1?", "1")[2], -1)
     rehearsed = online.replay(store.file, again, first.message_hi, 5, seed=0)
     assert sorted((r.prompt[-1]["content"], r.response, r.desirable) for r in rehearsed) == [
         ("What is 0 plus 1?", "7", True),
         ("What is 2 plus 1?", "3", True),
     ]
-    assert [r.response for r in online.replay(store.file, first.hi, first.message_hi, 5, seed=0)] == ["3"]
+    assert [r.response for r in online.replay(store.file, first.hi, 0, 5, seed=0)] == ["7"]
     assert len(online.replay(store.file, again, first.message_hi, 1, seed=0)) == 1
     assert online.replay(store.file, 0, 0, 5, seed=0) == []
     store.close()
+
+
+def test_rehearsal_tallies_every_rating_of_a_question_so_noisy_clicks_are_outvoted(tmp_path):
+    from flaxgpt.serve.store import FeedbackStore
+
+    store = FeedbackStore(str(tmp_path / "feedback.sqlite"))
+    votes = [("10", 1), ("11", 1), ("10", 1), ("11", -1)]  # "10": +2 outvotes a wrong click on "11": 0
+    ids = [store.rate(_asked(store, "What is 5 plus 5?", answer)[2], rating) for answer, rating in votes]
+    assert all(i % online.HOLDOUT for i in ids)
+    held = store.rate(_asked(store, "What is 9 plus 9?", "18")[2], 1)
+    assert held % online.HOLDOUT == 0  # held out: never rehearsed
+    store.rate(_asked(store, "What is 1 plus 1?", "3")[2], -1)  # no positive support
+    later = store.rate(_asked(store, "What is 2 plus 2?", "4")[2], 1)  # after the cursor
+    rehearsed = online.replay(store.file, held, 0, 10, seed=1)
+    assert [(r.prompt[-1]["content"], r.response) for r in rehearsed] == [("What is 5 plus 5?", "10")]
+    assert rehearsed[0].prompt[0] == {"role": "system", "content": "Answer briefly."}
+    assert len(online.replay(store.file, later, 0, 10, seed=1)) == 2
+    store.close()
+
+
+def test_the_learner_continues_its_newest_candidate_unless_too_many_were_rejected_in_a_row():
+    from flaxgpt.trainers.online import continue_from
+
+    log = [{"step": 0, "promoted": True}, {"step": 5, "promoted": True}]
+    assert continue_from(log, 5, 5, 2) == 5
+    log.append({"step": 9, "promoted": False})
+    assert continue_from(log, 9, 5, 2) == 9  # a rejected candidate's learning is kept
+    log.append({"step": 14, "promoted": False})
+    assert continue_from(log, 14, 5, 2) == 5  # two in a row: back to the served model
+    assert continue_from(log, 14, 5, 0) == 14  # 0: never
+    log.append({"step": 19, "promoted": False})
+    assert continue_from(log, 19, 5, 2) == 19  # the new line gets its own two tries
+    log.append({"step": 24, "promoted": False})
+    assert continue_from(log, 24, 5, 2) == 5
 
 
 def test_pruning_keeps_the_newest_and_every_promoted_checkpoint(tmp_path):

@@ -7,11 +7,15 @@ The first start saves train.init_from's parameters as step 0 and promotes them. 
 the feedback database holds at least online.min_events ratings newer than the cursor, one
 update: KTO on the rated answers (and corrections), online.sft_weight times their thumbs-up
 ones' log-likelihood, DPO on the new up-vs-down / regenerated / corrected pairs
-(`flaxgpt.online`), plus online.replay rehearsed thumbs-up answers of earlier updates; one pass
-over them (about online.steps_per_update steps: an update reads no more ratings than fill them,
-so a slow learner lags but skips none) from the promoted parameters, which are also the
-reference of KTO and DPO (the KL anchor: a few bad clicks move the model a bounded way from
-what is served). The candidate is saved with the
+(`flaxgpt.online`), plus online.replay rehearsed questions of earlier updates with their
+best-supported answers; one pass over them (about online.steps_per_update steps: an update
+reads no more ratings than fill them, so a slow learner lags but skips none). The learner is
+continual: each update continues the newest candidate's train state (parameters and optimizer
+state), promoted or not, so that what accumulates over many updates (rehearsal included) is
+kept; the promoted (served) parameters are the reference of KTO and DPO (the KL anchor: a few
+bad clicks move the model a bounded way from what is served), and after online.restart_after
+rejected candidates in a row the next update starts again from them. The optimizer's schedule
+runs over the learner's life, not per update. The candidate is saved with the
 cursor and the rows it used; then the guard compares it with the promoted model (greedy
 accuracy on held-out world questions, loss on held-out thumbs-up answers, accuracy on held-out
 pairs, each compared on the same data): more than online.max_regression (points) or
@@ -49,7 +53,7 @@ from flaxgpt.preference import (
 )
 from flaxgpt.runs import boxed_params, restore_params
 from flaxgpt.sharding import host_value, sharded_abstract
-from flaxgpt.state import create_train_state
+from flaxgpt.state import abstract_train_state, create_train_state
 from flaxgpt.trainers.scaffold import Interrupted, Runtime, _StopSignals, starting_point
 from flaxgpt.trainers.step import make_train_step
 
@@ -95,6 +99,8 @@ class Learner:
         task = WorldTask.from_config(cfg) if cfg.data.source == "world" else None
         self.guard = task.demonstrations("ppo_eval", cfg.online.guard_questions, 0.0) if task else []
         self.task = task
+        self.kept: dict[int, Any] = {}  # `params`
+        self.newest: tuple[int, Any] | None = None  # (step, train state) of the candidate just saved
         self.shardings = sharded_abstract(boxed_params(self.model), self.rt.mesh, self.rt.rules)[1]
         n = cfg.online.steps_per_update
         self.optimizer = build_optimizer(cfg.optimizer, n, lora.trainable_mask if self.cfg.model.lora_rank else None)
@@ -139,9 +145,18 @@ class Learner:
         return out if known is None or not same else {"accuracy": known, **out}
 
     def params(self, step: int) -> Any:
-        """A checkpoint's parameters, read as the server reads them (a manager of its own)."""
-        rt = self.rt
-        return restore_params(self.workdir, self.cfg, step, self.cfg.model, rt.mesh, rt.rules)[0]
+        """A checkpoint's parameters, read as the server reads them (a manager of its own); the
+        last two read are kept (the promoted one, the reference, is read again only after a
+        promotion). Never donated: a train state is read apart (`state`)."""
+        if step not in self.kept:
+            rt = self.rt
+            params = restore_params(self.workdir, self.cfg, step, self.cfg.model, rt.mesh, rt.rules)[0]
+            self.kept = {**dict(list(self.kept.items())[-1:]), step: params}
+        return self.kept[step]
+
+    def trained(self, step: int) -> Any:
+        """Checkpoint `step`'s parameters, from memory when this process has just trained it."""
+        return self.newest[1].params if self.newest and self.newest[0] == step else self.params(step)
 
     def record(self, step: int, used: dict, base: int) -> dict:
         return {"step": step, "model": to_dict(self.cfg.model), "online": {**used, "base_step": base}}
@@ -149,6 +164,16 @@ class Learner:
     def close(self) -> None:
         self.checkpointer.close()
         self.logger.close()
+
+    def state(self, step: int) -> Any:
+        """Checkpoint `step`'s train state, parameters and optimizer state, to continue from (to be
+        donated): the one in memory when this process has just trained it, else read."""
+        newest, self.newest = self.newest, None
+        if newest and newest[0] == step:
+            return newest[1]
+        example = jnp.zeros((1, self.cfg.model.block_size), jnp.int32)
+        abstract = abstract_train_state(self.model, self.optimizer, example, self.rt.mesh, self.rt.rules)[0]
+        return self.checkpointer.restore(step, abstract, self.cfg.model)[0]
 
     def fresh_state(self, params: Any, seed: int) -> Any:
         """A train state on `params` (taken over: donated) with a fresh optimizer."""
@@ -182,7 +207,7 @@ def decide(learner: Learner, step: int) -> None:
     # held-out rows are never trained on: the newest of them, past the cursor too, judge it
     held = online.held_out(learner.db, None, learner.cfg.online.guard_questions)
     with learner.rt.context():
-        score = learner.scores(learner.params(step), held)
+        score = learner.scores(learner.trained(step), held)
         base = record["base_step"]
         before = learner.served_scores(base, held) if step else score
     worse = regressions(before, score, learner.cfg.online)
@@ -231,18 +256,35 @@ def update(learner: Learner, latest: int, stop: _StopSignals) -> int | None:
     replayed = online.replay(learner.db, cursor, events.message_cursor, cfg.online.replay, cfg.train.seed + latest)
     events.records += replayed
     base = online.promoted_step(learner.workdir)
+    origin = continue_from(online.decisions(learner.workdir), latest, base, cfg.online.restart_after)
     with learner.rt.context():
         reference = learner.params(base)
         rows = training_rows(learner, events, reference)
-        state, loss, steps = train(learner, rows, reference, cfg.train.seed + latest, stop)
+        state, loss, steps = train(learner, rows, learner.state(origin), cfg.train.seed + latest, stop)
         step = latest + steps
-        ck.save(step, state, learner.record(step, events.record(), base), force=True)
+        ck.save(step, state, learner.record(step, {**events.record(), "start_step": origin}, base), force=True)
+        learner.newest = (step, state)
     figures = {"loss": loss, "events": len(events.rating_ids), "records": len(events.records)}
     figures.update(pairs=len(events.pairs), corrections=len(events.corrections), replayed=len(replayed))
-    figures.update(cursor=events.hi)
+    figures.update(cursor=events.hi, start_step=origin)
     learner.logger.log(step, figures)
     decide(learner, step)
     return step
+
+
+def continue_from(decisions: list[dict], latest: int, promoted: int, restart_after: int) -> int:
+    """The checkpoint whose train state (parameters and optimizer state) the next update continues:
+    the newest one (`latest`, promoted or not: what a candidate the guard kept back learned is not
+    thrown away), or the promoted one after every `restart_after` (online.restart_after; 0: never)
+    rejected candidates in a row, so that a learner drifting away from what the guard accepts
+    starts again from what it accepted."""
+    rejected = 0
+    for d in reversed([d for d in decisions if d["step"] > 0]):
+        if d["promoted"]:
+            break
+        rejected += 1
+    restart = restart_after and rejected and rejected % restart_after == 0
+    return promoted if restart else latest
 
 
 def training_rows(learner: Learner, events: online.Events, reference: Any) -> list[dict]:
@@ -259,14 +301,13 @@ def training_rows(learner: Learner, events: online.Events, reference: Any) -> li
     return out
 
 
-def train(learner: Learner, rows: list[dict], params: Any, seed: int, stop: _StopSignals) -> tuple[Any, float, int]:
+def train(learner: Learner, rows: list[dict], state: Any, seed: int, stop: _StopSignals) -> tuple[Any, float, int]:
     """One pass over the update's records (more passes over a few events would fit their noise;
-    `update` reads about online.steps_per_update batches of them) from `params` (the promoted
-    ones, taken over); (state, mean loss, steps)."""
+    `update` reads about online.steps_per_update batches of them) from train state `state`
+    (taken over); (state, mean loss, steps)."""
     cfg, rt = learner.cfg, learner.rt
     size = cfg.train.batch_size
     sets = [PackedRows(r, seed + i) for i, r in enumerate(rows)]
-    state = learner.fresh_state(params, seed)
     local, losses = rt.rows(size), []
     steps = -(-max(s.n for s in sets) // size)
     for i in range(steps):
