@@ -2,7 +2,8 @@
 
   1. pretrain  next-token prediction on the generated world corpus      (experiments/world.py)
   2. sft       fine-tune on imperfect chat demonstrations                (experiments/sft_world.py)
-  3. rm        rank K sampled answers with the labeler; train the RM     (experiments/rm_world.py)
+  3. rm        rank K sampled answers with the labeler, who writes the     (experiments/rm_world.py)
+               correct answer where none is right; train the RM
   4. rl        RLHF: RLOO against the RM with a KL term to the SFT model  (experiments/rloo_rm_world.py)
 
     python -m flaxgpt.train -e chat_demo [--workdir runs/chat_demo] [--set sft.train.max_steps=100]

@@ -4,9 +4,10 @@
 
 rloo_world with the reward model of ppo.reward_from in place of the labeler: 4 answers to each of
 16 questions a step, each judged against the mean reward of the other 3. The group baseline
-cancels what the small RM gets wrong about a question as a whole (it shares the SFT model's
-beliefs: it scores the SFT model's confident wrong answers above its right ones), leaving its
-ranking of answers within a question, which is mostly right; PPO's value model does not.
+cancels what the small RM gets wrong about a question as a whole (an RM trained only on the SFT
+model's samples shared its beliefs and scored its confident wrong sums above its right ones;
+rm_world's labeler-written answers correct most of that), leaving its ranking of answers within
+a question, which is mostly right; PPO's value model does not.
 30 steps: by 60 the policy over-optimises the RM (held-out KL past kl_target, greedy accuracy
 falls). The held-out KL to the SFT model is reported beside ppo.kl_target.
 """

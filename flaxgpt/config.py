@@ -288,6 +288,10 @@ class DataConfig:
     world_rankings: int = 800  # embedded world: prompts whose K sampled answers the labeler ranks
     world_ranking_k: int = 4
     world_ranking_temperature: float = 1.0
+    # share of ranked prompts with no exactly correct sampled answer where the labeler writes the
+    # correct answer in place of the worst one (InstructGPT's labelers also wrote demonstrations):
+    # without it the RM never sees the right answer to a question the policy always gets wrong
+    world_ranking_write_correct: float = 0.0
     world_preferences: int = 2000  # embedded world: pairs (DPO, ORPO) or thumbs-up/down records (KTO)
 
 
@@ -613,6 +617,7 @@ RANGES: dict[str, str] = {
     "data.world_rankings": ">= 1",
     "data.world_ranking_k": ">= 2",
     "data.world_ranking_temperature": "> 0",
+    "data.world_ranking_write_correct": "[0, 1]",
     "data.world_preferences": ">= 1",
     # train
     "train.init_step": ">= 0",

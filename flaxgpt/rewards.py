@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -195,6 +196,25 @@ def centered(params: Any, offset: float) -> Any:
     return params
 
 
+def labeler_ranking(task: WorldTask, question: str, answers: list[str], write: bool) -> dict | None:
+    """A rankings record of `answers` graded by the labeler, best first; None when all tie. With
+    `write`, a ranking with no exactly correct answer gets the correct one (the labeler writes it)
+    in place of its worst: the RM then learns right answers the policy rarely samples (a ranking
+    that mixes sampled and labeler-written answers, as InstructGPT's labelers also wrote answers)."""
+    scored = sorted(((task.label(question, a), a) for a in answers), key=lambda x: -x[0])
+    if write and scored[0][0] < 1.0 and len(scored) > 1:
+        truth = task.answer(question)
+        scored = [(1.0, truth)] + scored[:-1]
+    if scored[0][0] == scored[-1][0]:
+        return None
+    return {
+        "system": task.system,
+        "prompt": question,
+        "responses": [a for _, a in scored],
+        "scores": [s for s, _ in scored],
+    }
+
+
 def world_rankings(
     task: WorldTask,
     tokenizer: Tokenizer,
@@ -206,10 +226,12 @@ def world_rankings(
     max_new: int,
     temperature: float,
     seed: int,
+    write_correct: float = 0.0,
     log=print,
 ) -> list[dict]:
     """Sample k answers to each of n world prompts from `policy` and rank them with the labeler
-    (under the run's mesh context)."""
+    (under the run's mesh context). On a `write_correct` share of the prompts with no exactly
+    correct answer, the labeler writes the correct one in place of the worst (`labeler_ranking`)."""
     questions = task.questions("rankings", n, offset=7919 * seed)
     prompts = [
         render(task.prompt(q), tokenizer, policy.cfg.block_size - max_new).ids for q in questions for _ in range(k)
@@ -226,22 +248,20 @@ def world_rankings(
         stop_tokens=stop_tokens(tokenizer),
         prompt_width=padded_width(max(map(len, prompts), default=1), policy.cfg.block_size - max_new),
     )
-    records, ties = [], 0
+    records, ties, written = [], 0, 0
+    rng = random.Random(seed)
     for i, question in enumerate(questions):
         answers = [tokenizer.decode(ids) for ids in outputs[i * k : (i + 1) * k]]
-        scored = sorted(((task.label(question, a), a) for a in answers), key=lambda x: -x[0])
-        if scored[0][0] == scored[-1][0]:
+        record = labeler_ranking(task, question, answers, rng.random() < write_correct)
+        if record is None:
             ties += 1  # all k equally good: no preference to learn
             continue
-        records.append(
-            {
-                "system": task.system,
-                "prompt": question,
-                "responses": [a for _, a in scored],
-                "scores": [s for s, _ in scored],
-            }
-        )
-    log(f"world comparisons: {len(records)} prompts ranked, {ties} left out (all {k} answers tied)")
+        written += record["scores"][0] == 1.0 and record["responses"][0] not in answers
+        records.append(record)
+    log(
+        f"world comparisons: {len(records)} prompts ranked ({written} with the labeler's written answer), "
+        f"{ties} left out (all {k} answers tied)"
+    )
     if not records:
         raise DataError(
             f"the policy's {k} answers tied on all {len(questions)} prompts (the labeler scored them "

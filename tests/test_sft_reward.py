@@ -268,6 +268,42 @@ def test_world_comparisons_sample_with_prompts_padded_to_their_length_not_the_co
     assert seen["longest"] <= seen["prompt_width"] < seen["longest"] + 16 and seen["prompt_width"] < 128 - 32
 
 
+def test_the_labeler_writes_the_correct_answer_only_into_rankings_that_lack_one():
+    """With write, an all-wrong (tied) ranking keeps its K answers but its worst becomes the
+    correct one, ranked first; a ranking that has the correct answer, or write off, is the labeler's own."""
+    task = world_lib.WorldTask(0, SYSTEM)
+    question = "What is 7 plus 5?"
+    wrong = ["13", "11", "14", "10"]
+    assert rewards.labeler_ranking(task, question, wrong, write=False) is None  # tied: no preference
+    written = rewards.labeler_ranking(task, question, wrong, write=True)
+    assert written["responses"][0] == "12" and written["scores"] == [1.0, 0.2, 0.2, 0.2]
+    assert sorted(written["responses"][1:]) == sorted(wrong[:3])  # the worst (last after sorting) gave way
+    sloppy = rewards.labeler_ranking(task, question, ["The answer is 12.", "13"], write=True)
+    assert sloppy["responses"] == ["12", "The answer is 12."] and sloppy["scores"] == [1.0, 0.5]
+    mixed = ["13", "12", "The answer is 12."]
+    assert rewards.labeler_ranking(task, question, mixed, write=True) == rewards.labeler_ranking(
+        task, question, mixed, write=False
+    )
+    assert rewards.labeler_ranking(task, question, mixed, write=False)["responses"] == ["12", "The answer is 12.", "13"]
+
+
+def test_world_comparisons_write_the_correct_answer_on_the_configured_share(monkeypatch):
+    """data.world_ranking_write_correct: the share of answerless rankings the labeler completes."""
+    task = world_lib.WorldTask(0, SYSTEM)
+    tokenizer = CharTokenizer.from_text(task.corpus(2000) + SYSTEM)
+    wrong = tokenizer.encode("zzz")  # an answer of no kind: grade 0, all K tie
+    monkeypatch.setattr("flaxgpt.generate.generate_batched", lambda m, p, prompts, *a, **kw: [wrong for _ in prompts])
+    policy = Transformer(tiny_model_config(vocab_size=tokenizer.vocab_size, block_size=128))
+    sample = lambda share: rewards.world_rankings(
+        task, tokenizer, policy, None, n=40, k=2, max_new=32, temperature=1.0, seed=0, write_correct=share
+    )
+    every = sample(1.0)
+    assert len(every) == 40 and all(r["responses"] == [task.answer(r["prompt"]), "zzz"] for r in every)
+    assert 8 <= len(sample(0.5)) <= 32
+    with pytest.raises(DataError, match="tied"):
+        sample(0.0)
+
+
 def test_reward_model_beats_chance_on_held_out_pairs_and_is_centred(reward_run):
     workdir, result = reward_run
     assert result["val_accuracy"] > 0.8, result

@@ -267,3 +267,7 @@ class WorldTask:
 
     def label(self, question: str, response: str) -> float:
         return label(self.world, question, response)
+
+    def answer(self, question: str) -> str | None:
+        """The oracle's correct answer (what a labeler who knows the world would write)."""
+        return answer(self.world, question)

@@ -166,6 +166,7 @@ def new_round(run: PPO, state: PPOState, index: int, message: Callable[[str], No
         k=d.world_ranking_k,
         max_new=cfg.sft.max_new_tokens,
         temperature=d.world_ranking_temperature,
+        write_correct=d.world_ranking_write_correct,
         seed=seed,
         log=message,
     )

@@ -66,6 +66,7 @@ def comparison_records(cfg: Config, rt: Runtime, tokenizer: Tokenizer, log) -> t
                     k=data.world_ranking_k,
                     max_new=cfg.sft.max_new_tokens,
                     temperature=data.world_ranking_temperature,
+                    write_correct=data.world_ranking_write_correct,
                     seed=tc.seed,
                     log=log,
                 )
