@@ -20,11 +20,12 @@ falls on all of them; the load average is printed beside the figures. Beside the
 CPU milliseconds per request of the server's main thread (uvicorn's event loop: HTTP, JSON,
 SSE), of its other threads (the engine's loop and XLA's compute threads) and of the client
 process, and the engine's decode steps per request and rows per step (from /health). Compilation
-and warm-up are excluded (the whole workload runs once before timing). Without --workdir a
+and warm-up are excluded (the whole workload runs before timing, again while it compiles a new
+prefill shape, up to 5 times). Without --workdir a
 randomly initialised run (4 layers, 256 wide, context 256) is made in a temporary directory.
 
 --memory-requests N then sends N more requests through 16 clients and reads the server's RSS
-before them and after 100, N/2 and N. Prints the tables and appends them to benchmarks/RESULTS.md.
+before them and after 100, N/2, N and every 1,000. Prints the tables and appends them to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -112,13 +113,29 @@ def settled(url: str, seconds: float = 10) -> dict:
     return state
 
 
-def one_request(
-    client, model: str, messages: list[dict], seed: int, max_tokens: int, leave: bool = False
-) -> tuple[float, float, int]:
-    """(time to first token, latency, generated tokens) of one streamed chat request; `leave`:
-    the client hangs up after the first token (then the tokens are unknown: 0)."""
-    start, first = time.perf_counter(), None
-    stream = client.chat.completions.create(
+class Seen:
+    """What one streamed chat request saw: time to first token, latency, generated tokens."""
+
+    def __init__(self, leave: bool):
+        self.start, self.first, self.tokens, self.leave = time.perf_counter(), None, 0, leave
+
+    def chunk(self, chunk) -> bool:
+        """Take a chunk; True when the client hangs up now (`leave`: after the first token)."""
+        if chunk.choices and chunk.choices[0].delta.content and self.first is None:
+            self.first = time.perf_counter() - self.start
+            if self.leave:
+                return True
+        if chunk.usage:
+            self.tokens = chunk.usage.completion_tokens
+        return False
+
+    def result(self) -> tuple[float, float, int]:
+        latency = time.perf_counter() - self.start
+        return self.first or latency, latency, self.tokens
+
+
+def chat_args(model: str, messages: list[dict], seed: int, max_tokens: int) -> dict:
+    return dict(
         model=model,
         messages=messages,
         temperature=1.0,
@@ -127,16 +144,29 @@ def one_request(
         stream=True,
         stream_options={"include_usage": True},
     )
-    tokens = 0
+
+
+def one_request(client, model: str, *args, leave: bool = False) -> tuple[float, float, int]:
+    """(time to first token, latency, generated tokens) of one streamed chat request (`chat_args`);
+    `leave`: the client hangs up after the first token (then the tokens are unknown: 0)."""
+    seen = Seen(leave)
+    stream = client.chat.completions.create(**chat_args(model, *args))
     for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content and first is None:
-            first = time.perf_counter() - start
-            if leave:
-                stream.close()
-                break
-        if chunk.usage:
-            tokens = chunk.usage.completion_tokens
-    return first or time.perf_counter() - start, time.perf_counter() - start, tokens
+        if seen.chunk(chunk):
+            stream.close()
+            break
+    return seen.result()
+
+
+async def one_request_async(client, model: str, *args, leave: bool = False) -> tuple[float, float, int]:
+    """`one_request` through `openai.AsyncOpenAI`."""
+    seen = Seen(leave)
+    stream = await client.chat.completions.create(**chat_args(model, *args))
+    async for chunk in stream:
+        if seen.chunk(chunk):
+            await stream.close()
+            break
+    return seen.result()
 
 
 def refused_request(client, model: str, messages: list[dict], max_tokens: int) -> tuple[float, float, int]:
@@ -151,17 +181,25 @@ def refused_request(client, model: str, messages: list[dict], max_tokens: int) -
     raise SystemExit(f"a request for max_tokens={max_tokens} was not refused")
 
 
-def drive(url: str) -> None:
+def drive(url: str, kind: str) -> None:
     """The client process (`--drive URL`): each stdin line a JSON job {"clients": C, "requests":
     [[kind ("ask" | "leave" | "refuse"), messages, seed, max_tokens]...]}, answered on stdout by
-    {"requests": [[time to first token, latency, tokens]...], "wall": s, "cpu": this process's CPU s}."""
+    {"requests": [[time to first token, latency, tokens]...], "wall": s, "cpu": this process's CPU s}.
+    `kind`: the clients are threads of `openai.OpenAI`, or asyncio tasks of one `openai.AsyncOpenAI`
+    (refusals then go through the former, in a thread)."""
+    import asyncio
+
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="-", timeout=600, max_retries=0)
     model = client.models.list().data[0].id
+    ask, loop = functools.partial(one_request, client, model), asyncio.new_event_loop()  # one loop: its connections
+    if kind == "asyncio":
+        aclient = openai.AsyncOpenAI(base_url=url + "/v1", api_key="-", timeout=600, max_retries=0)
+        ask = functools.partial(one_request_async, aclient, model)
     kinds = {
-        "ask": functools.partial(one_request, client, model),
-        "leave": functools.partial(one_request, client, model, leave=True),
+        "ask": ask,
+        "leave": functools.partial(ask, leave=True),
         "refuse": lambda messages, seed, max_tokens: refused_request(client, model, messages, max_tokens),
     }
     print(json.dumps({"model": model}), flush=True)
@@ -169,8 +207,26 @@ def drive(url: str) -> None:
         job = json.loads(line)
         jobs = [functools.partial(kinds[kind], *args) for kind, *args in job["requests"]]
         cpu = process_cpu()
-        results, wall = serve_load(jobs, job["clients"])
+        load = serve_load if kind == "threads" else lambda jobs, n: loop.run_until_complete(serve_load_async(jobs, n))
+        results, wall = load(jobs, job["clients"])
         print(json.dumps({"requests": results, "wall": wall, "cpu": process_cpu() - cpu}), flush=True)
+
+
+async def serve_load_async(jobs: list, clients: int) -> tuple[list[tuple[float, float, int]], float]:
+    """`serve_load` with `clients` asyncio tasks (a job that is no coroutine runs in a thread)."""
+    import asyncio
+    import inspect
+
+    todo, results = jobs[::-1], []
+
+    async def worker() -> None:
+        while todo:
+            job = todo.pop()
+            results.append(await job() if inspect.iscoroutinefunction(job.func) else await asyncio.to_thread(job))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return results, time.perf_counter() - start
 
 
 def process_cpu() -> float:
@@ -273,8 +329,8 @@ class Clients(LineProcess):
     """The `openai` clients, in a process of their own (`drive`), against the server at `url`
     (process `pid`); `run` measures one round, with the CPU time of server and clients."""
 
-    def __init__(self, url: str, pid: int):
-        super().__init__([sys.executable, os.path.abspath(__file__), "--drive", url])
+    def __init__(self, url: str, pid: int, kind: str = "threads"):
+        super().__init__([sys.executable, os.path.abspath(__file__), "--drive", url, "--client-kind", kind])
         self.url, self.server_pid, self.model = url, pid, self.info["model"]
 
     def run(self, requests: list[list], clients: int) -> dict:
@@ -335,8 +391,12 @@ def measure(args, clients: Clients, hf: dict[str, HFGenerate], workdir: str) -> 
     chats, prompts, stop = world_chats(workdir, round_size(args), args.max_tokens)
     work = [["ask", m, i, args.max_tokens] for i, m in enumerate(chats)]
     hf_run = lambda key: hf[key].run(prompts, list(range(len(prompts))), args.max_tokens, stop)
-    for c in sorted(counts, reverse=True):  # compile every prompt width and prefill batch
-        clients.run(work, c)
+    for c in sorted(counts, reverse=True):  # compile the prefill shapes the workload meets: until none is new
+        for _ in range(5):
+            shapes = health(clients.url)["prefill_shapes"]
+            clients.run(work, c)
+            if health(clients.url)["prefill_shapes"] == shapes:
+                break
     for key in hf:
         hf_run(key)
     rounds: dict = {c: [] for c in counts + list(hf)}
@@ -356,9 +416,9 @@ def measure(args, clients: Clients, hf: dict[str, HFGenerate], workdir: str) -> 
     return {**{k: pooled(v) for k, v in rounds.items()}, "prompt tokens": np.mean([len(p) for p in prompts])}, loads
 
 
-def memory(clients: Clients, workdir: str, n: int, max_tokens: int) -> list[tuple[int, float]]:
-    """(requests served, server RSS in MiB) before n more requests through 16 clients and after
-    100, n/2 and n of them. Of every 16 requests, one is refused (too long) and two clients hang
+def memory(clients: Clients, workdir: str, n: int, max_tokens: int) -> list[tuple[int, float, int]]:
+    """(requests served, server RSS in MiB, prefill shapes compiled) before n more requests through 16 clients and after
+    100, n/2, n and every 1,000 of them. Of every 16 requests, one is refused (too long) and two clients hang
     up after the first token, so that the paths that free a request early are counted too."""
     from flaxgpt import runs
 
@@ -369,13 +429,15 @@ def memory(clients: Clients, workdir: str, n: int, max_tokens: int) -> list[tupl
         kind = "refuse" if i % 16 == 15 else "leave" if i % 8 == 3 else "ask"
         return [kind, chats[i % len(chats)], i, block_size if kind == "refuse" else max_tokens]
 
-    marks = sorted({m for m in (100, n // 2, n) if 0 < m <= n})
-    points, done = [(0, rss_mib(clients.server_pid))], 0
+    marks = sorted({m for m in (100, n // 2, n, *range(1000, n, 1000)) if 0 < m <= n})
+    point = lambda: (done, rss_mib(clients.server_pid), health(clients.url)["prefill_shapes"])
+    done = 0
+    points = [point()]
     for mark in marks:
         clients.run([job(i) for i in range(done, mark)], 16)
         done = mark
-        points.append((done, rss_mib(clients.server_pid)))
-        print(f"RSS after {done} requests: {points[-1][1]:.1f} MiB", flush=True)
+        points.append(point())
+        print(f"RSS after {done} requests: {points[-1][1]:.1f} MiB ({points[-1][2]} prefill shapes)", flush=True)
     return points
 
 
@@ -417,6 +479,12 @@ def main() -> None:
         "--per-client", type=int, default=8, help="requests per round per client of the most concurrent, at least"
     )
     parser.add_argument("--drive", metavar="URL", help=argparse.SUPPRESS)  # the client process (see `drive`)
+    parser.add_argument(
+        "--client-kind",
+        choices=("asyncio", "threads"),
+        default="threads",
+        help="the concurrent clients: asyncio tasks of openai.AsyncOpenAI, or threads of openai.OpenAI",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--slots", type=int, default=16)
@@ -428,7 +496,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.drive:
-        return drive(args.drive)
+        return drive(args.drive, args.client_kind)
     clients = [int(c) for c in args.clients.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or tiny_run(tmp)
@@ -441,7 +509,7 @@ def main() -> None:
                 convert.export_hf(workdir, os.path.join(tmp, "hf"))
                 for t in sorted({int(t) for t in args.hf_threads.split(",")}, reverse=True):
                     hf[f"{t} thread{'s' * (t > 1)}"] = HFGenerate(os.path.join(tmp, "hf"), t)
-            drivers = Clients(url, process.pid)
+            drivers = Clients(url, process.pid, args.client_kind)
             figures, loads = measure(args, drivers, hf, workdir)
             points = memory(drivers, workdir, args.memory_requests, args.max_tokens)
             drivers.close()
@@ -480,12 +548,14 @@ def main() -> None:
             f"{ratio(figures[clients[0]], figures[fastest])}."
         )
     if len(points) > 1:
-        (_, before), *after = points
+        (_, before, shapes), *after = points
         growth = (points[-1][1] - points[1][1]) * 1024 / max(points[-1][0] - points[1][0], 1)
         lines.append(
             f"\nServer RSS over {points[-1][0]} more requests (16 clients): {before:.1f} MiB before, "
-            + ", ".join(f"{mib:.1f} MiB after {n}" for n, mib in after)
-            + f" ({growth:+.1f} KiB per request after the first {points[1][0]}); of each 16, one refused (too long) "
+            + ", ".join(f"{mib:.1f} MiB after {n}" for n, mib, _ in after)
+            + f" ({growth:+.1f} KiB per request after the first {points[1][0]}); prefill programs compiled: "
+            f"{shapes} before, " + ", ".join(str(s) for _, _, s in after) + " after (a new prompt-count x width "
+            "shape compiles a program, a step in RSS); of each 16, one refused (too long) "
             f"and two abandoned by their client after the first token. Afterwards the engine holds "
             f"{state['active']} of {state['slots']} slots and {state['waiting']} waiting requests."
         )
