@@ -21,7 +21,7 @@ CPU milliseconds per request of the server's main thread (uvicorn's event loop: 
 SSE), of its other threads (the engine's loop and XLA's compute threads) and of the client
 process, and the engine's decode steps per request and rows per step (from /health). Compilation
 and warm-up are excluded (the whole workload runs before timing, again while it compiles a new
-prefill shape, up to 5 times). Without --workdir a
+program shape, up to 5 times). Without --workdir a
 randomly initialised run (4 layers, 256 wide, context 256) is made in a temporary directory.
 
 --memory-requests N then sends N more requests through 16 clients and reads the server's RSS
@@ -391,11 +391,11 @@ def measure(args, clients: Clients, hf: dict[str, HFGenerate], workdir: str) -> 
     chats, prompts, stop = world_chats(workdir, round_size(args), args.max_tokens)
     work = [["ask", m, i, args.max_tokens] for i, m in enumerate(chats)]
     hf_run = lambda key: hf[key].run(prompts, list(range(len(prompts))), args.max_tokens, stop)
-    for c in sorted(counts, reverse=True):  # compile the prefill shapes the workload meets: until none is new
+    for c in sorted(counts, reverse=True):  # compile the shapes the workload meets: until none is new
         for _ in range(5):
-            shapes = health(clients.url)["prefill_shapes"]
+            shapes = health(clients.url)["programs"]
             clients.run(work, c)
-            if health(clients.url)["prefill_shapes"] == shapes:
+            if health(clients.url)["programs"] == shapes:
                 break
     for key in hf:
         hf_run(key)
@@ -417,9 +417,10 @@ def measure(args, clients: Clients, hf: dict[str, HFGenerate], workdir: str) -> 
 
 
 def memory(clients: Clients, workdir: str, n: int, max_tokens: int) -> list[tuple[int, float, int]]:
-    """(requests served, server RSS in MiB, prefill shapes compiled) before n more requests through 16 clients and after
-    100, n/2, n and every 1,000 of them. Of every 16 requests, one is refused (too long) and two clients hang
-    up after the first token, so that the paths that free a request early are counted too."""
+    """(requests served, server RSS in MiB, engine programs compiled) before n more requests
+    through 16 clients and after 100, n/2, n and every 1,000 of them. Of every 16 requests, one is
+    refused (too long) and two clients hang up after the first token, so that the paths that free
+    a request early are counted too."""
     from flaxgpt import runs
 
     chats, _, _ = world_chats(workdir, 64, max_tokens)
@@ -430,14 +431,14 @@ def memory(clients: Clients, workdir: str, n: int, max_tokens: int) -> list[tupl
         return [kind, chats[i % len(chats)], i, block_size if kind == "refuse" else max_tokens]
 
     marks = sorted({m for m in (100, n // 2, n, *range(1000, n, 1000)) if 0 < m <= n})
-    point = lambda: (done, rss_mib(clients.server_pid), health(clients.url)["prefill_shapes"])
+    point = lambda: (done, rss_mib(clients.server_pid), health(clients.url)["programs"])
     done = 0
     points = [point()]
     for mark in marks:
         clients.run([job(i) for i in range(done, mark)], 16)
         done = mark
         points.append(point())
-        print(f"RSS after {done} requests: {points[-1][1]:.1f} MiB ({points[-1][2]} prefill shapes)", flush=True)
+        print(f"RSS after {done} requests: {points[-1][1]:.1f} MiB ({points[-1][2]} engine programs)", flush=True)
     return points
 
 
@@ -553,9 +554,9 @@ def main() -> None:
         lines.append(
             f"\nServer RSS over {points[-1][0]} more requests (16 clients): {before:.1f} MiB before, "
             + ", ".join(f"{mib:.1f} MiB after {n}" for n, mib, _ in after)
-            + f" ({growth:+.1f} KiB per request after the first {points[1][0]}); prefill programs compiled: "
-            f"{shapes} before, " + ", ".join(str(s) for _, _, s in after) + " after (a new prompt-count x width "
-            "shape compiles a program, a step in RSS); of each 16, one refused (too long) "
+            + f" ({growth:+.1f} KiB per request after the first {points[1][0]}); engine programs compiled: "
+            f"{shapes} before, " + ", ".join(str(s) for _, _, s in after) + " after (a new prefill or step "
+            "shape compiles a program: a step in RSS); of each 16, one refused (too long) "
             f"and two abandoned by their client after the first token. Afterwards the engine holds "
             f"{state['active']} of {state['slots']} slots and {state['waiting']} waiting requests."
         )

@@ -453,16 +453,27 @@ def choose_token_rows(logits: Array, keys: Array, temperature: Array, top_p: Arr
     return jnp.where(greedy, jnp.argmax(logits, -1), sampled).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache", "last"))
-def slot_step(model, params, cache, last, position, keys, counts, temperature, top_p):
-    """One token for every row, fed back through the model at the shared write index.
+@functools.partial(jax.jit, static_argnames=("model", "rows"), donate_argnames=("cache", "last"))
+def slot_step(model, params, cache, last, position, keys, counts, temperature, top_p, rows=None):
+    """One token for each of the first `rows` rows (every row when None), fed back through the
+    model at the shared write index; the other rows are left as they are (a step's cost grows
+    with its rows: the engine keeps its requests in the lowest rows).
 
-    Row r samples with key fold_in(keys[r], counts[r]). Returns (cache, next logits, tokens,
-    their log-probabilities under the raw model, the TOP_LOGPROBS most likely ids and theirs)."""
-    step_keys = jax.vmap(jax.random.fold_in)(keys, counts)
-    token = choose_token_rows(last, step_keys, temperature, top_p)
-    raw = jax.nn.log_softmax(last.astype(jnp.float32))
+    Row r samples with key fold_in(keys[r], counts[r]). Returns (cache, next logits, then for the
+    first `rows` rows: tokens, their log-probabilities under the raw model, the TOP_LOGPROBS most
+    likely ids and theirs)."""
+    n = last.shape[0] if rows is None else rows
+    row_axis = _cache_axes(model)[0]
+    take = lambda path, leaf: leaf if _is_cache_index(path) else jax.lax.slice_in_dim(leaf, 0, n, axis=row_axis)
+    part = jax.tree_util.tree_map_with_path(take, cache)
+    step_keys = jax.vmap(jax.random.fold_in)(keys[:n], counts[:n])
+    token = choose_token_rows(last[:n], step_keys, temperature[:n], top_p[:n])
+    raw = jax.nn.log_softmax(last[:n].astype(jnp.float32))
     chosen = jnp.take_along_axis(raw, token[:, None], -1)[:, 0]
     top_values, top_ids = jax.lax.top_k(raw, min(TOP_LOGPROBS, raw.shape[-1]))
-    last, cache = _step(model, params, cache, token, position)
-    return cache, last, token, chosen, top_ids, top_values
+    logits, part = _step(model, params, part, token, position[:n])
+    put = lambda path, big, small: (
+        small if _is_cache_index(path) else big.at[(slice(None),) * row_axis + (slice(0, n),)].set(small)
+    )
+    cache = jax.tree_util.tree_map_with_path(put, cache, part)
+    return cache, last.at[:n].set(logits.astype(last.dtype)), token, chosen, top_ids, top_values

@@ -98,7 +98,8 @@ def test_waiting_prompts_prefilled_together_keep_their_own_answers(lone_model):
         # the last two share a prefill of two rows (no filler), each request is in NEW decode steps
         work = engine.stats()
         assert (work["prefills"], work["prefill_rows"], work["prompts"]) == (2, 6, 6)
-        assert work["prefill_shapes"] == 2  # 4 prompts 12 wide, then 2 prompts 8 wide
+        # programs: prefills of 4 prompts 12 wide and 2 prompts 8 wide, steps of rows 0-3, then 0-1
+        assert work["programs"] == 4
         assert (work["steps"], work["step_rows"]) == (2 * NEW, 6 * NEW) and work["busy_s"] > 0
     finally:
         engine.stop()

@@ -1,10 +1,11 @@
 """The serving engine: continuous batching on the one generation engine's slot functions.
 
 A thread owns the model and a KV cache of `slots` rows. Between decode steps it admits waiting
-requests into free rows (all waiting prompts that fit prefilled in one call, each into its row),
-then advances every active row one token; a request arriving while others decode joins them at
-the next step. Shapes never change, so nothing is compiled per request (prompts are padded to a
-few bucket widths, and their number to a few bucket counts).
+requests into the lowest free rows (all waiting prompts that fit prefilled in one call, each into
+its row), then advances the active rows one token (the rows up to the highest active one, their
+number padded to a bucket: a step's cost grows with its rows); a request arriving while others
+decode joins them at the next step. Shapes never change, so nothing is compiled per request
+(prompts are padded to a few bucket widths, and their number to a few bucket counts).
 Each request samples with its own seed, temperature and top-p, so its tokens do not depend on
 what it was batched with.
 """
@@ -105,7 +106,7 @@ class SlotEngine:
         # since start: prefill calls, the rows they computed (filler included) and the prompts among
         # them, decode steps, the rows those steps advanced, and seconds spent in both
         self.work = dict.fromkeys(("prefills", "prefill_rows", "prompts", "steps", "step_rows", "busy_s"), 0)
-        self._shapes: set[tuple[int, int]] = set()  # the (prompts, width) prefill shapes used: each a program
+        self._programs: set = set()  # shapes used, each a program: prefill (prompts, width), step rows
         self._reset_host_state()
 
     def _reset_host_state(self) -> None:
@@ -170,7 +171,7 @@ class SlotEngine:
             "waiting": len(self._waiting),
             "step": self.step,
             **self.work,
-            "prefill_shapes": len(self._shapes),
+            "programs": len(self._programs),
         }
 
     # ---- the engine's thread ----
@@ -224,7 +225,7 @@ class SlotEngine:
         prompts = [r.prompt for r in requests] + [requests[-1].prompt] * filler
         tokens, mask = generate.left_pad(prompts, self.pad_id, bucket(longest, self.block_size))
         rows = np.asarray(slots + [self.slots] * filler, np.int32)
-        self._shapes.add(tokens.shape)
+        self._programs.add(tokens.shape)
         self._count(prefills=1, prefill_rows=len(rows), prompts=len(requests))
         tokens, mask, rows = self._inputs(tokens, mask, rows)
         self.cache, self.last, _ = generate.slot_prefill(
@@ -266,7 +267,11 @@ class SlotEngine:
         live = np.zeros(self.slots, bool)
         live[active] = True
         inputs = self._inputs(np.where(live, self.positions, 0), self.keys, self.counts, self.temperature, self.top_p)
-        self.cache, self.last, *out = generate.slot_step(self.model, self.params, self.cache, self.last, *inputs)
+        rows = batch_bucket(active[-1] + 1, self.slots)  # requests are admitted into the lowest free rows
+        self._programs.add(rows)
+        self.cache, self.last, *out = generate.slot_step(
+            self.model, self.params, self.cache, self.last, *inputs, rows=rows
+        )
         self.cursor += 1
         self._count(steps=1, step_rows=len(active))
         tokens, logprobs, top_ids, top_values = (x.tolist() for x in host_value(out))  # Python numbers at once
