@@ -2,30 +2,33 @@
 
     python benchmarks/serve.py [--workdir RUN] [--clients 1,16] [--requests 32] [--per-client 8]
                                [--rounds 3] [--max-tokens 48] [--slots 16] [--memory-requests 1000]
-                               [--hf-threads 2,1]
+                               [--hf-threads 2,1] [--client-kind threads|asyncio] [--baseline-tree DIR]
 
 The server is the real one (`python -m flaxgpt.serve` in a process of its own, on a free
-127.0.0.1 port); its clients are `openai` clients, one thread each, streaming chat completions,
-in a process of their own (so that the CPU time of server and clients can be told apart). A
-round is max(--requests, --per-client x the most clients) chat requests asking the run's world
-questions (as the chat demo's users would; temperature 1, request i with seed i, up to
---max-tokens tokens, ended by the model's end of turn), so that 16 clients are all busy most of
-the round rather than starting up and draining; it is dealt to 1, then 16 concurrent clients;
+127.0.0.1 port); its clients are `openai` clients (one thread of `openai.OpenAI` each, or with
+--client-kind asyncio one asyncio task each over one `openai.AsyncOpenAI`), streaming chat
+completions, in a process of their own (so that the CPU time of server and clients can be told
+apart). A round is max(--requests, --per-client x the most clients) chat requests asking the
+run's world questions (as the chat demo's users would; temperature 1, request i with seed i, up
+to --max-tokens tokens, ended by the model's end of turn), so that 16 clients are all busy most
+of the round rather than starting up and draining; it is dealt to 1, then 16 concurrent clients;
 transformers' `generate` answers the same prompts (the same token ids) one at a time, in a
 process of its own per torch thread count (benchmarks/hf_generate.py, on the run exported with
 `flaxgpt.convert`; by default as many threads as this process has cores, and 1, since torch's
 OpenMP threads collapse when other jobs share the cores); the ratio is to the faster of them.
-The three alternate within each of --rounds rounds, so that load from other jobs on the machine
-falls on all of them; the load average is printed beside the figures. Beside the tokens/s, the
-CPU milliseconds per request of the server's main thread (uvicorn's event loop: HTTP, JSON,
-SSE), of its other threads (the engine's loop and XLA's compute threads) and of the client
-process, and the engine's decode steps per request and rows per step (from /health). Compilation
-and warm-up are excluded (the whole workload runs before timing, again while it compiles a new
-program shape, up to 5 times). Without --workdir a
-randomly initialised run (4 layers, 256 wide, context 256) is made in a temporary directory.
+--baseline-tree DIR also serves the run from another source tree (a before/after on one
+machine). The configurations alternate within each of --rounds rounds, so that load from other
+jobs on the machine falls on all of them; the load average is printed beside the figures.
+Beside the tokens/s, the CPU milliseconds per request of the server's main thread (uvicorn's
+event loop: HTTP, JSON, SSE), of its other threads (the engine's loop and XLA's compute threads)
+and of the client process, and the engine's decode steps per request and rows per step (from
+/health). Compilation and warm-up are excluded (the whole workload runs before timing, again
+while it compiles a new program shape, up to 5 times). Without --workdir a randomly initialised
+run (4 layers, 256 wide, context 256) is made in a temporary directory.
 
 --memory-requests N then sends N more requests through 16 clients and reads the server's RSS
-before them and after 100, N/2, N and every 1,000. Prints the tables and appends them to benchmarks/RESULTS.md.
+before them and after 100, N/2, N and every 1,000 (with the engine's compiled programs: a new
+one is a step in RSS). Prints the tables and appends them to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import itertools
 import json
 import os
 import platform
@@ -79,14 +83,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(workdir: str, tmp: str, slots: int) -> tuple[subprocess.Popen, str]:
-    """`python -m flaxgpt.serve` on the run, in its own process; (process, base URL) once healthy."""
+def start_server(workdir: str, tmp: str, slots: int, root: str = ROOT) -> tuple[subprocess.Popen, str]:
+    """`python -m flaxgpt.serve` (from the source tree `root`) on the run, in its own process;
+    (process, base URL) once healthy."""
     port = free_port()
+    tmp = tempfile.mkdtemp(dir=tmp)
     log = open(os.path.join(tmp, "server.log"), "w")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "flaxgpt.serve", "--workdir", workdir, "--port", str(port)]
     command += ["--db", os.path.join(tmp, "feedback.sqlite"), "--slots", str(slots), "--max-queue", "256"]
-    process = subprocess.Popen(command + ["--reload-every", "0"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    process = subprocess.Popen(
+        command + ["--reload-every", "0"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root
+    )
     url = f"http://127.0.0.1:{port}"
     while True:
         if process.poll() is not None:
@@ -384,27 +392,28 @@ def round_size(args) -> int:
     return max(args.requests, args.per_client * max(int(c) for c in args.clients.split(",")))
 
 
-def measure(args, clients: Clients, hf: dict[str, HFGenerate], workdir: str) -> tuple[dict, list[float]]:
-    """Each configuration's rounds (flaxgpt at each client count, then transformers at each
-    thread count), alternating."""
+def measure(args, servers: dict, hf: dict[str, HFGenerate], workdir: str) -> tuple[dict, list[float]]:
+    """Each configuration's rounds (each server's Clients at each client count, then transformers
+    at each thread count), alternating."""
     counts = [int(c) for c in args.clients.split(",")]
     chats, prompts, stop = world_chats(workdir, round_size(args), args.max_tokens)
     work = [["ask", m, i, args.max_tokens] for i, m in enumerate(chats)]
     hf_run = lambda key: hf[key].run(prompts, list(range(len(prompts))), args.max_tokens, stop)
-    for c in sorted(counts, reverse=True):  # compile the shapes the workload meets: until none is new
-        for _ in range(5):
-            shapes = health(clients.url)["programs"]
+    for clients, c in itertools.product(servers.values(), sorted(counts, reverse=True)):
+        for _ in range(5):  # compile the shapes the workload meets: until none is new
+            shapes = health(clients.url).get("programs")
             clients.run(work, c)
-            if health(clients.url)["programs"] == shapes:
+            if health(clients.url).get("programs", -1) == shapes:
                 break
     for key in hf:
         hf_run(key)
-    rounds: dict = {c: [] for c in counts + list(hf)}
+    runs = {(name, c): clients for name, clients in servers.items() for c in counts}
+    rounds: dict = {k: [] for k in list(runs) + list(hf)}
     loads = []
     for r in range(args.rounds):
         loads.append(os.getloadavg()[0])
-        for c in counts:
-            rounds[c].append(clients.run(work, c))
+        for (name, c), clients in runs.items():
+            rounds[name, c].append(clients.run(work, c))
         for key in hf:
             rounds[key].append(hf_run(key))
         print(
@@ -448,7 +457,12 @@ def ratio(a: dict, b: dict) -> str:
     return f"{a['tokens/s'] / b['tokens/s']:.1f}x (rounds {min(rounds):.1f}-{max(rounds):.1f}x)"
 
 
-def table(figures: dict, clients: list[int], hf: dict[str, HFGenerate]) -> list[str]:
+def runs_of(figures: dict) -> list[tuple[str, int]]:
+    """The (server, concurrent clients) configurations among the figures."""
+    return [k for k in figures if isinstance(k, tuple)]
+
+
+def table(figures: dict, hf: dict[str, HFGenerate]) -> list[str]:
     """One row per configuration; the ratio is to the fastest transformers configuration."""
     best = max((figures[k]["tokens/s"] for k in hf), default=None)
     lines = [
@@ -457,9 +471,9 @@ def table(figures: dict, clients: list[int], hf: dict[str, HFGenerate]) -> list[
         "| decode steps/request (rows/step) | vs transformers |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for key in clients + list(hf):
+    for key in runs_of(figures) + list(hf):
         m = figures[key]
-        name, count = (f"transformers `generate`, {key}", "1 (no HTTP)") if key in hf else ("flaxgpt.serve", str(key))
+        name, count = (f"transformers `generate`, {key}", "1 (no HTTP)") if key in hf else map(str, key)
         ratio = f"{m['tokens/s'] / best:.2f}x" if best else "-"
         cpu = " / ".join(f"{m[k] * 1e3 / m['requests']:.1f}" for k in CPU) if m["client"] is not None else "-"
         steps = f"{m['steps'] / m['requests']:.2f} ({m['step_rows'] / max(m['steps'], 1):.1f})" if m["steps"] else "-"
@@ -487,6 +501,10 @@ def main() -> None:
         help="the concurrent clients: asyncio tasks of openai.AsyncOpenAI, or threads of openai.OpenAI",
     )
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--baseline-tree",
+        help="also serve the run from this source tree (e.g. a `git worktree` of an older commit), in the same rounds",
+    )
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--memory-requests", type=int, default=0, help="then this many requests, server RSS read")
@@ -502,6 +520,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or tiny_run(tmp)
         process, url = start_server(workdir, tmp, args.slots)
+        baseline = start_server(workdir, tmp, args.slots, args.baseline_tree) if args.baseline_tree else None
         hf: dict[str, HFGenerate] = {}
         try:
             if args.hf_threads:
@@ -511,13 +530,19 @@ def main() -> None:
                 for t in sorted({int(t) for t in args.hf_threads.split(",")}, reverse=True):
                     hf[f"{t} thread{'s' * (t > 1)}"] = HFGenerate(os.path.join(tmp, "hf"), t)
             drivers = Clients(url, process.pid, args.client_kind)
-            figures, loads = measure(args, drivers, hf, workdir)
+            servers = {"flaxgpt.serve": drivers}
+            if baseline:
+                servers[f"flaxgpt.serve from {args.baseline_tree}"] = Clients(
+                    baseline[1], baseline[0].pid, args.client_kind
+                )
+            figures, loads = measure(args, servers, hf, workdir)
             points = memory(drivers, workdir, args.memory_requests, args.max_tokens)
             drivers.close()
             state = settled(url)
         finally:
-            process.terminate()
-            process.wait(timeout=60)
+            for p in [process] + ([baseline[0]] if baseline else []):
+                p.terminate()
+                p.wait(timeout=60)
             for h in hf.values():
                 h.close()
     served = workdir if args.workdir else "random 4x256 llama, context 256"
@@ -534,19 +559,22 @@ def main() -> None:
         + " CPU ms/request: the server's main thread (uvicorn's event loop: HTTP, JSON, SSE), its other threads "
         "(the engine's loop and XLA's compute threads), and the process of the `openai` clients.",
         "",
-        *table(figures, clients, hf),
+        *table(figures, hf),
     ]
+    ours = {c: figures["flaxgpt.serve", c] for c in clients}
     if len(clients) > 1:
-        lines.append(
-            f"\n{clients[-1]} concurrent clients: {ratio(figures[clients[-1]], figures[clients[0]])} the generated "
-            f"tokens/s of {clients[0]} at a time."
-        )
+        for name in {name for name, _ in runs_of(figures)}:
+            many, one = figures[name, clients[-1]], figures[name, clients[0]]
+            lines.append(
+                f"\n{name}: {clients[-1]} concurrent clients {ratio(many, one)} the generated tokens/s of "
+                f"{clients[0]} at a time."
+            )
     if hf:
         fastest = max(hf, key=lambda k: figures[k]["tokens/s"])
         lines.append(
             f"Against transformers one request at a time ({fastest}): flaxgpt.serve with {clients[-1]} clients "
-            f"{ratio(figures[clients[-1]], figures[fastest])}, with {clients[0]} "
-            f"{ratio(figures[clients[0]], figures[fastest])}."
+            f"{ratio(ours[clients[-1]], figures[fastest])}, with {clients[0]} "
+            f"{ratio(ours[clients[0]], figures[fastest])}."
         )
     if len(points) > 1:
         (_, before, shapes), *after = points
