@@ -416,15 +416,20 @@ def slot_prefill(model, params, cache, last, tokens, mask, slots, cursor):
     prompt's length). A slot index out of range (>= the cache's rows) drops its prompt: the filler
     that pads P to a fixed size. Returns (cache, last logits of every row with the prefilled rows'
     replaced, each prompt's next position)."""
-    rows_last, rows, position = _prefill(model, params, tokens, mask, model.cfg.block_size)
-    row_axis, col_axis = _cache_axes(model)
+    width = tokens.shape[1]
+    rows_last, rows, position = _prefill(model, params, tokens, mask, width)  # attends over `width` columns only
+    row_axis = _cache_axes(model)[0]
     at_rows = (slice(None),) * row_axis + (slots,)
+    # the prompt's columns end at cursor - 1 (those left of column 0 wrap around: left padding,
+    # never valid); the row's other columns are emptied, as a new cache's are
+    columns = (cursor - width + jnp.arange(width)) % model.cfg.block_size
+    at_columns = (slice(None),) * row_axis + (slots[:, None], columns[None, :])
 
     def place(path, big, small):
         if _is_cache_index(path):
             return big
-        small = jnp.roll(small, cursor - tokens.shape[1], axis=col_axis)
-        return big.at[at_rows].set(small.astype(big.dtype), mode="drop")
+        big = big.at[at_rows].set(jnp.zeros((), big.dtype), mode="drop")
+        return big.at[at_columns].set(small.astype(big.dtype), mode="drop")
 
     cache = jax.tree_util.tree_map_with_path(place, cache, rows)
     return cache, last.at[slots].set(rows_last.astype(last.dtype), mode="drop"), position

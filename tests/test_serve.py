@@ -106,18 +106,22 @@ def test_waiting_prompts_prefilled_together_keep_their_own_answers(lone_model):
 
 
 def test_slot_prefill_writes_each_prompt_into_its_row_and_drops_filler(lone_model):
+    """Twice into the same rows: at write index 20, then at 14 (the 16-wide prompts' first two
+    padding columns wrap around to the row's end); what the first left must be gone."""
     model, params = lone_model
     a, b, filler = PROMPTS[1], PROMPTS[3], PROMPTS[0]
     tokens, mask = generate.left_pad([a, b, filler], 0, 16)
     cache, last = generate.slot_cache(model, 3), jax.numpy.full((3, 50), 7.0)
     slots = jax.numpy.asarray([2, 0, 3])  # 3 is out of range: the filler row must not land anywhere
-    cache, last, position = generate.slot_prefill(model, params, cache, last, tokens, mask, slots, 20)
-    expected, rows, _ = jax.jit(generate._prefill, static_argnums=(0, 4))(model, params, tokens, mask, 32)
+    cache, last, _ = generate.slot_prefill(model, params, cache, last, tokens[::-1], mask[::-1], slots, 20)
+    cache, last, position = generate.slot_prefill(model, params, cache, last, tokens, mask, slots, 14)
+    expected, rows, _ = jax.jit(generate._prefill, static_argnums=(0, 4))(model, params, tokens, mask, 16)
     assert (last[2] == expected[0]).all() and (last[0] == expected[1]).all()
     assert (last[1] == 7.0).all() and list(position[:2]) == [len(a), len(b)]
     for got, want in zip(jax.tree.leaves(cache), jax.tree.leaves(rows)):
-        if got.ndim > 1:  # key/value/valid leaves [rows, columns, ...]: each prompt ends at column 19
-            want = jax.numpy.roll(want, 20 - 16, axis=1)
+        if got.ndim > 1:  # key/value/valid leaves [rows, columns, ...]: each prompt ends at column 13
+            want = jax.numpy.pad(want, [(0, 0), (0, 32 - 16)] + [(0, 0)] * (want.ndim - 2))
+            want = jax.numpy.roll(want, 14 - 16, axis=1)
             assert (got[2] == want[0]).all() and (got[0] == want[1]).all() and not got[1].any()
 
 
