@@ -22,8 +22,8 @@ jobs on the machine falls on all of them; the load average is printed beside the
 Beside the tokens/s, the CPU milliseconds per request of the server's main thread (uvicorn's
 event loop: HTTP, JSON, SSE), of its other threads (the engine's loop and XLA's compute threads)
 and of the client process, and the engine's decode steps per request and rows per step (from
-/health). Compilation and warm-up are excluded (the whole workload runs before timing, again
-while it compiles a new program shape, up to 5 times). Without --workdir a randomly initialised
+/health). Compilation and warm-up are excluded (the whole workload runs before timing, until
+two runs in a row compile no new program shape, at most 8 times). Without --workdir a randomly initialised
 run (4 layers, 256 wide, context 256) is made in a temporary directory.
 
 --memory-requests N then sends N more requests through 16 clients and reads the server's RSS
@@ -400,10 +400,12 @@ def measure(args, servers: dict, hf: dict[str, HFGenerate], workdir: str) -> tup
     work = [["ask", m, i, args.max_tokens] for i, m in enumerate(chats)]
     hf_run = lambda key: hf[key].run(prompts, list(range(len(prompts))), args.max_tokens, stop)
     for clients, c in itertools.product(servers.values(), sorted(counts, reverse=True)):
-        for _ in range(5):  # compile the shapes the workload meets: until none is new
+        calm = 0
+        for _ in range(8):  # compile the shapes the workload meets: until two rounds in a row add none
             shapes = health(clients.url).get("programs")
             clients.run(work, c)
-            if health(clients.url).get("programs", -1) == shapes:
+            calm = calm + 1 if health(clients.url).get("programs", -1) == shapes else 0
+            if calm == 2:
                 break
     for key in hf:
         hf_run(key)
