@@ -559,7 +559,12 @@ def main() -> None:
         f"machine (ratios within a round matter, not the absolute figures)."
         + (f" torch {next(iter(hf.values())).info['torch']}." if hf else "")
         + " CPU ms/request: the server's main thread (uvicorn's event loop: HTTP, JSON, SSE), its other threads "
-        "(the engine's loop and XLA's compute threads), and the process of the `openai` clients.",
+        "(the engine's loop and XLA's compute threads), and the process of the `openai` clients "
+        + (
+            "(threads of `openai.OpenAI`)."
+            if args.client_kind == "threads"
+            else "(asyncio tasks, `openai.AsyncOpenAI`)."
+        ),
         "",
         *table(figures, hf),
     ]
