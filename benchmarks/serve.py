@@ -2,29 +2,33 @@
 
     python benchmarks/serve.py [--workdir RUN] [--clients 1,16] [--requests 32] [--per-client 8]
                                [--rounds 3] [--max-tokens 48] [--slots 16] [--memory-requests 1000]
-                               [--hf-threads 2,1]
+                               [--hf-threads 2,1] [--client-kind threads|asyncio] [--baseline-tree DIR]
 
 The server is the real one (`python -m flaxgpt.serve` in a process of its own, on a free
-127.0.0.1 port); its clients are `openai` clients, one thread each, streaming chat completions,
-in a process of their own (so that the CPU time of server and clients can be told apart). A
-round is max(--requests, --per-client x the most clients) chat requests asking the run's world
-questions (as the chat demo's users would; temperature 1, request i with seed i, up to
---max-tokens tokens, ended by the model's end of turn), so that 16 clients are all busy most of
-the round rather than starting up and draining; it is dealt to 1, then 16 concurrent clients;
+127.0.0.1 port); its clients are `openai` clients (one thread of `openai.OpenAI` each, or with
+--client-kind asyncio one asyncio task each over one `openai.AsyncOpenAI`), streaming chat
+completions, in a process of their own (so that the CPU time of server and clients can be told
+apart). A round is max(--requests, --per-client x the most clients) chat requests asking the
+run's world questions (as the chat demo's users would; temperature 1, request i with seed i, up
+to --max-tokens tokens, ended by the model's end of turn), so that 16 clients are all busy most
+of the round rather than starting up and draining; it is dealt to 1, then 16 concurrent clients;
 transformers' `generate` answers the same prompts (the same token ids) one at a time, in a
 process of its own per torch thread count (benchmarks/hf_generate.py, on the run exported with
 `flaxgpt.convert`; by default as many threads as this process has cores, and 1, since torch's
 OpenMP threads collapse when other jobs share the cores); the ratio is to the faster of them.
-The three alternate within each of --rounds rounds, so that load from other jobs on the machine
-falls on all of them; the load average is printed beside the figures. Beside the tokens/s, the
-CPU milliseconds per request of the server's main thread (uvicorn's event loop: HTTP, JSON,
-SSE), of its other threads (the engine's loop and XLA's compute threads) and of the client
-process, and the engine's decode steps per request and rows per step (from /health). Compilation
-and warm-up are excluded (the whole workload runs once before timing). Without --workdir a
-randomly initialised run (4 layers, 256 wide, context 256) is made in a temporary directory.
+--baseline-tree DIR also serves the run from another source tree (a before/after on one
+machine). The configurations alternate within each of --rounds rounds, so that load from other
+jobs on the machine falls on all of them; the load average is printed beside the figures.
+Beside the tokens/s, the CPU milliseconds per request of the server's main thread (uvicorn's
+event loop: HTTP, JSON, SSE), of its other threads (the engine's loop and XLA's compute threads)
+and of the client process, and the engine's decode steps per request and rows per step (from
+/health). Compilation and warm-up are excluded (the whole workload runs before timing, until
+two runs in a row compile no new program shape, at most 8 times). Without --workdir a randomly initialised
+run (4 layers, 256 wide, context 256) is made in a temporary directory.
 
 --memory-requests N then sends N more requests through 16 clients and reads the server's RSS
-before them and after 100, N/2 and N. Prints the tables and appends them to benchmarks/RESULTS.md.
+before them and after 100, N/2, N and every 1,000 (with the engine's compiled programs: a new
+one is a step in RSS). Prints the tables and appends them to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import itertools
 import json
 import os
 import platform
@@ -78,14 +83,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(workdir: str, tmp: str, slots: int) -> tuple[subprocess.Popen, str]:
-    """`python -m flaxgpt.serve` on the run, in its own process; (process, base URL) once healthy."""
+def start_server(workdir: str, tmp: str, slots: int, root: str = ROOT) -> tuple[subprocess.Popen, str]:
+    """`python -m flaxgpt.serve` (from the source tree `root`) on the run, in its own process;
+    (process, base URL) once healthy."""
     port = free_port()
+    tmp = tempfile.mkdtemp(dir=tmp)
     log = open(os.path.join(tmp, "server.log"), "w")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "flaxgpt.serve", "--workdir", workdir, "--port", str(port)]
     command += ["--db", os.path.join(tmp, "feedback.sqlite"), "--slots", str(slots), "--max-queue", "256"]
-    process = subprocess.Popen(command + ["--reload-every", "0"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    process = subprocess.Popen(
+        command + ["--reload-every", "0"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root
+    )
     url = f"http://127.0.0.1:{port}"
     while True:
         if process.poll() is not None:
@@ -112,13 +121,29 @@ def settled(url: str, seconds: float = 10) -> dict:
     return state
 
 
-def one_request(
-    client, model: str, messages: list[dict], seed: int, max_tokens: int, leave: bool = False
-) -> tuple[float, float, int]:
-    """(time to first token, latency, generated tokens) of one streamed chat request; `leave`:
-    the client hangs up after the first token (then the tokens are unknown: 0)."""
-    start, first = time.perf_counter(), None
-    stream = client.chat.completions.create(
+class Seen:
+    """What one streamed chat request saw: time to first token, latency, generated tokens."""
+
+    def __init__(self, leave: bool):
+        self.start, self.first, self.tokens, self.leave = time.perf_counter(), None, 0, leave
+
+    def chunk(self, chunk) -> bool:
+        """Take a chunk; True when the client hangs up now (`leave`: after the first token)."""
+        if chunk.choices and chunk.choices[0].delta.content and self.first is None:
+            self.first = time.perf_counter() - self.start
+            if self.leave:
+                return True
+        if chunk.usage:
+            self.tokens = chunk.usage.completion_tokens
+        return False
+
+    def result(self) -> tuple[float, float, int]:
+        latency = time.perf_counter() - self.start
+        return self.first or latency, latency, self.tokens
+
+
+def chat_args(model: str, messages: list[dict], seed: int, max_tokens: int) -> dict:
+    return dict(
         model=model,
         messages=messages,
         temperature=1.0,
@@ -127,16 +152,29 @@ def one_request(
         stream=True,
         stream_options={"include_usage": True},
     )
-    tokens = 0
+
+
+def one_request(client, model: str, *args, leave: bool = False) -> tuple[float, float, int]:
+    """(time to first token, latency, generated tokens) of one streamed chat request (`chat_args`);
+    `leave`: the client hangs up after the first token (then the tokens are unknown: 0)."""
+    seen = Seen(leave)
+    stream = client.chat.completions.create(**chat_args(model, *args))
     for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content and first is None:
-            first = time.perf_counter() - start
-            if leave:
-                stream.close()
-                break
-        if chunk.usage:
-            tokens = chunk.usage.completion_tokens
-    return first or time.perf_counter() - start, time.perf_counter() - start, tokens
+        if seen.chunk(chunk):
+            stream.close()
+            break
+    return seen.result()
+
+
+async def one_request_async(client, model: str, *args, leave: bool = False) -> tuple[float, float, int]:
+    """`one_request` through `openai.AsyncOpenAI`."""
+    seen = Seen(leave)
+    stream = await client.chat.completions.create(**chat_args(model, *args))
+    async for chunk in stream:
+        if seen.chunk(chunk):
+            await stream.close()
+            break
+    return seen.result()
 
 
 def refused_request(client, model: str, messages: list[dict], max_tokens: int) -> tuple[float, float, int]:
@@ -151,17 +189,25 @@ def refused_request(client, model: str, messages: list[dict], max_tokens: int) -
     raise SystemExit(f"a request for max_tokens={max_tokens} was not refused")
 
 
-def drive(url: str) -> None:
+def drive(url: str, kind: str) -> None:
     """The client process (`--drive URL`): each stdin line a JSON job {"clients": C, "requests":
     [[kind ("ask" | "leave" | "refuse"), messages, seed, max_tokens]...]}, answered on stdout by
-    {"requests": [[time to first token, latency, tokens]...], "wall": s, "cpu": this process's CPU s}."""
+    {"requests": [[time to first token, latency, tokens]...], "wall": s, "cpu": this process's CPU s}.
+    `kind`: the clients are threads of `openai.OpenAI`, or asyncio tasks of one `openai.AsyncOpenAI`
+    (refusals then go through the former, in a thread)."""
+    import asyncio
+
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="-", timeout=600, max_retries=0)
     model = client.models.list().data[0].id
+    ask, loop = functools.partial(one_request, client, model), asyncio.new_event_loop()  # one loop: its connections
+    if kind == "asyncio":
+        aclient = openai.AsyncOpenAI(base_url=url + "/v1", api_key="-", timeout=600, max_retries=0)
+        ask = functools.partial(one_request_async, aclient, model)
     kinds = {
-        "ask": functools.partial(one_request, client, model),
-        "leave": functools.partial(one_request, client, model, leave=True),
+        "ask": ask,
+        "leave": functools.partial(ask, leave=True),
         "refuse": lambda messages, seed, max_tokens: refused_request(client, model, messages, max_tokens),
     }
     print(json.dumps({"model": model}), flush=True)
@@ -169,8 +215,26 @@ def drive(url: str) -> None:
         job = json.loads(line)
         jobs = [functools.partial(kinds[kind], *args) for kind, *args in job["requests"]]
         cpu = process_cpu()
-        results, wall = serve_load(jobs, job["clients"])
+        load = serve_load if kind == "threads" else lambda jobs, n: loop.run_until_complete(serve_load_async(jobs, n))
+        results, wall = load(jobs, job["clients"])
         print(json.dumps({"requests": results, "wall": wall, "cpu": process_cpu() - cpu}), flush=True)
+
+
+async def serve_load_async(jobs: list, clients: int) -> tuple[list[tuple[float, float, int]], float]:
+    """`serve_load` with `clients` asyncio tasks (a job that is no coroutine runs in a thread)."""
+    import asyncio
+    import inspect
+
+    todo, results = jobs[::-1], []
+
+    async def worker() -> None:
+        while todo:
+            job = todo.pop()
+            results.append(await job() if inspect.iscoroutinefunction(job.func) else await asyncio.to_thread(job))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return results, time.perf_counter() - start
 
 
 def process_cpu() -> float:
@@ -273,8 +337,8 @@ class Clients(LineProcess):
     """The `openai` clients, in a process of their own (`drive`), against the server at `url`
     (process `pid`); `run` measures one round, with the CPU time of server and clients."""
 
-    def __init__(self, url: str, pid: int):
-        super().__init__([sys.executable, os.path.abspath(__file__), "--drive", url])
+    def __init__(self, url: str, pid: int, kind: str = "threads"):
+        super().__init__([sys.executable, os.path.abspath(__file__), "--drive", url, "--client-kind", kind])
         self.url, self.server_pid, self.model = url, pid, self.info["model"]
 
     def run(self, requests: list[list], clients: int) -> dict:
@@ -328,23 +392,30 @@ def round_size(args) -> int:
     return max(args.requests, args.per_client * max(int(c) for c in args.clients.split(",")))
 
 
-def measure(args, clients: Clients, hf: dict[str, HFGenerate], workdir: str) -> tuple[dict, list[float]]:
-    """Each configuration's rounds (flaxgpt at each client count, then transformers at each
-    thread count), alternating."""
+def measure(args, servers: dict, hf: dict[str, HFGenerate], workdir: str) -> tuple[dict, list[float]]:
+    """Each configuration's rounds (each server's Clients at each client count, then transformers
+    at each thread count), alternating."""
     counts = [int(c) for c in args.clients.split(",")]
     chats, prompts, stop = world_chats(workdir, round_size(args), args.max_tokens)
     work = [["ask", m, i, args.max_tokens] for i, m in enumerate(chats)]
     hf_run = lambda key: hf[key].run(prompts, list(range(len(prompts))), args.max_tokens, stop)
-    for c in sorted(counts, reverse=True):  # compile every prompt width and prefill batch
-        clients.run(work, c)
+    for clients, c in itertools.product(servers.values(), sorted(counts, reverse=True)):
+        calm = 0
+        for _ in range(8):  # compile the shapes the workload meets: until two rounds in a row add none
+            shapes = health(clients.url).get("programs")
+            clients.run(work, c)
+            calm = calm + 1 if health(clients.url).get("programs", -1) == shapes else 0
+            if calm == 2:
+                break
     for key in hf:
         hf_run(key)
-    rounds: dict = {c: [] for c in counts + list(hf)}
+    runs = {(name, c): clients for name, clients in servers.items() for c in counts}
+    rounds: dict = {k: [] for k in list(runs) + list(hf)}
     loads = []
     for r in range(args.rounds):
         loads.append(os.getloadavg()[0])
-        for c in counts:
-            rounds[c].append(clients.run(work, c))
+        for (name, c), clients in runs.items():
+            rounds[name, c].append(clients.run(work, c))
         for key in hf:
             rounds[key].append(hf_run(key))
         print(
@@ -356,10 +427,11 @@ def measure(args, clients: Clients, hf: dict[str, HFGenerate], workdir: str) -> 
     return {**{k: pooled(v) for k, v in rounds.items()}, "prompt tokens": np.mean([len(p) for p in prompts])}, loads
 
 
-def memory(clients: Clients, workdir: str, n: int, max_tokens: int) -> list[tuple[int, float]]:
-    """(requests served, server RSS in MiB) before n more requests through 16 clients and after
-    100, n/2 and n of them. Of every 16 requests, one is refused (too long) and two clients hang
-    up after the first token, so that the paths that free a request early are counted too."""
+def memory(clients: Clients, workdir: str, n: int, max_tokens: int) -> list[tuple[int, float, int]]:
+    """(requests served, server RSS in MiB, engine programs compiled) before n more requests
+    through 16 clients and after 100, n/2, n and every 1,000 of them. Of every 16 requests, one is
+    refused (too long) and two clients hang up after the first token, so that the paths that free
+    a request early are counted too."""
     from flaxgpt import runs
 
     chats, _, _ = world_chats(workdir, 64, max_tokens)
@@ -369,13 +441,15 @@ def memory(clients: Clients, workdir: str, n: int, max_tokens: int) -> list[tupl
         kind = "refuse" if i % 16 == 15 else "leave" if i % 8 == 3 else "ask"
         return [kind, chats[i % len(chats)], i, block_size if kind == "refuse" else max_tokens]
 
-    marks = sorted({m for m in (100, n // 2, n) if 0 < m <= n})
-    points, done = [(0, rss_mib(clients.server_pid))], 0
+    marks = sorted({m for m in (100, n // 2, n, *range(1000, n, 1000)) if 0 < m <= n})
+    point = lambda: (done, rss_mib(clients.server_pid), health(clients.url)["programs"])
+    done = 0
+    points = [point()]
     for mark in marks:
         clients.run([job(i) for i in range(done, mark)], 16)
         done = mark
-        points.append((done, rss_mib(clients.server_pid)))
-        print(f"RSS after {done} requests: {points[-1][1]:.1f} MiB", flush=True)
+        points.append(point())
+        print(f"RSS after {done} requests: {points[-1][1]:.1f} MiB ({points[-1][2]} engine programs)", flush=True)
     return points
 
 
@@ -385,7 +459,12 @@ def ratio(a: dict, b: dict) -> str:
     return f"{a['tokens/s'] / b['tokens/s']:.1f}x (rounds {min(rounds):.1f}-{max(rounds):.1f}x)"
 
 
-def table(figures: dict, clients: list[int], hf: dict[str, HFGenerate]) -> list[str]:
+def runs_of(figures: dict) -> list[tuple[str, int]]:
+    """The (server, concurrent clients) configurations among the figures."""
+    return [k for k in figures if isinstance(k, tuple)]
+
+
+def table(figures: dict, hf: dict[str, HFGenerate]) -> list[str]:
     """One row per configuration; the ratio is to the fastest transformers configuration."""
     best = max((figures[k]["tokens/s"] for k in hf), default=None)
     lines = [
@@ -394,9 +473,9 @@ def table(figures: dict, clients: list[int], hf: dict[str, HFGenerate]) -> list[
         "| decode steps/request (rows/step) | vs transformers |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for key in clients + list(hf):
+    for key in runs_of(figures) + list(hf):
         m = figures[key]
-        name, count = (f"transformers `generate`, {key}", "1 (no HTTP)") if key in hf else ("flaxgpt.serve", str(key))
+        name, count = (f"transformers `generate`, {key}", "1 (no HTTP)") if key in hf else map(str, key)
         ratio = f"{m['tokens/s'] / best:.2f}x" if best else "-"
         cpu = " / ".join(f"{m[k] * 1e3 / m['requests']:.1f}" for k in CPU) if m["client"] is not None else "-"
         steps = f"{m['steps'] / m['requests']:.2f} ({m['step_rows'] / max(m['steps'], 1):.1f})" if m["steps"] else "-"
@@ -417,7 +496,17 @@ def main() -> None:
         "--per-client", type=int, default=8, help="requests per round per client of the most concurrent, at least"
     )
     parser.add_argument("--drive", metavar="URL", help=argparse.SUPPRESS)  # the client process (see `drive`)
+    parser.add_argument(
+        "--client-kind",
+        choices=("asyncio", "threads"),
+        default="threads",
+        help="the concurrent clients: asyncio tasks of openai.AsyncOpenAI, or threads of openai.OpenAI",
+    )
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--baseline-tree",
+        help="also serve the run from this source tree (e.g. a `git worktree` of an older commit), in the same rounds",
+    )
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--memory-requests", type=int, default=0, help="then this many requests, server RSS read")
@@ -428,11 +517,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.drive:
-        return drive(args.drive)
+        return drive(args.drive, args.client_kind)
     clients = [int(c) for c in args.clients.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or tiny_run(tmp)
         process, url = start_server(workdir, tmp, args.slots)
+        baseline = start_server(workdir, tmp, args.slots, args.baseline_tree) if args.baseline_tree else None
         hf: dict[str, HFGenerate] = {}
         try:
             if args.hf_threads:
@@ -441,14 +531,20 @@ def main() -> None:
                 convert.export_hf(workdir, os.path.join(tmp, "hf"))
                 for t in sorted({int(t) for t in args.hf_threads.split(",")}, reverse=True):
                     hf[f"{t} thread{'s' * (t > 1)}"] = HFGenerate(os.path.join(tmp, "hf"), t)
-            drivers = Clients(url, process.pid)
-            figures, loads = measure(args, drivers, hf, workdir)
+            drivers = Clients(url, process.pid, args.client_kind)
+            servers = {"flaxgpt.serve": drivers}
+            if baseline:
+                servers[f"flaxgpt.serve from {args.baseline_tree}"] = Clients(
+                    baseline[1], baseline[0].pid, args.client_kind
+                )
+            figures, loads = measure(args, servers, hf, workdir)
             points = memory(drivers, workdir, args.memory_requests, args.max_tokens)
             drivers.close()
             state = settled(url)
         finally:
-            process.terminate()
-            process.wait(timeout=60)
+            for p in [process] + ([baseline[0]] if baseline else []):
+                p.terminate()
+                p.wait(timeout=60)
             for h in hf.values():
                 h.close()
     served = workdir if args.workdir else "random 4x256 llama, context 256"
@@ -463,29 +559,39 @@ def main() -> None:
         f"machine (ratios within a round matter, not the absolute figures)."
         + (f" torch {next(iter(hf.values())).info['torch']}." if hf else "")
         + " CPU ms/request: the server's main thread (uvicorn's event loop: HTTP, JSON, SSE), its other threads "
-        "(the engine's loop and XLA's compute threads), and the process of the `openai` clients.",
+        "(the engine's loop and XLA's compute threads), and the process of the `openai` clients "
+        + (
+            "(threads of `openai.OpenAI`)."
+            if args.client_kind == "threads"
+            else "(asyncio tasks, `openai.AsyncOpenAI`)."
+        ),
         "",
-        *table(figures, clients, hf),
+        *table(figures, hf),
     ]
+    ours = {c: figures["flaxgpt.serve", c] for c in clients}
     if len(clients) > 1:
-        lines.append(
-            f"\n{clients[-1]} concurrent clients: {ratio(figures[clients[-1]], figures[clients[0]])} the generated "
-            f"tokens/s of {clients[0]} at a time."
-        )
+        for name in {name for name, _ in runs_of(figures)}:
+            many, one = figures[name, clients[-1]], figures[name, clients[0]]
+            lines.append(
+                f"\n{name}: {clients[-1]} concurrent clients {ratio(many, one)} the generated tokens/s of "
+                f"{clients[0]} at a time."
+            )
     if hf:
         fastest = max(hf, key=lambda k: figures[k]["tokens/s"])
         lines.append(
             f"Against transformers one request at a time ({fastest}): flaxgpt.serve with {clients[-1]} clients "
-            f"{ratio(figures[clients[-1]], figures[fastest])}, with {clients[0]} "
-            f"{ratio(figures[clients[0]], figures[fastest])}."
+            f"{ratio(ours[clients[-1]], figures[fastest])}, with {clients[0]} "
+            f"{ratio(ours[clients[0]], figures[fastest])}."
         )
     if len(points) > 1:
-        (_, before), *after = points
+        (_, before, shapes), *after = points
         growth = (points[-1][1] - points[1][1]) * 1024 / max(points[-1][0] - points[1][0], 1)
         lines.append(
             f"\nServer RSS over {points[-1][0]} more requests (16 clients): {before:.1f} MiB before, "
-            + ", ".join(f"{mib:.1f} MiB after {n}" for n, mib in after)
-            + f" ({growth:+.1f} KiB per request after the first {points[1][0]}); of each 16, one refused (too long) "
+            + ", ".join(f"{mib:.1f} MiB after {n}" for n, mib, _ in after)
+            + f" ({growth:+.1f} KiB per request after the first {points[1][0]}); engine programs compiled: "
+            f"{shapes} before, " + ", ".join(str(s) for _, _, s in after) + " after (a new prefill or step "
+            "shape compiles a program: a step in RSS); of each 16, one refused (too long) "
             f"and two abandoned by their client after the first token. Afterwards the engine holds "
             f"{state['active']} of {state['slots']} slots and {state['waiting']} waiting requests."
         )

@@ -416,15 +416,20 @@ def slot_prefill(model, params, cache, last, tokens, mask, slots, cursor):
     prompt's length). A slot index out of range (>= the cache's rows) drops its prompt: the filler
     that pads P to a fixed size. Returns (cache, last logits of every row with the prefilled rows'
     replaced, each prompt's next position)."""
-    rows_last, rows, position = _prefill(model, params, tokens, mask, model.cfg.block_size)
-    row_axis, col_axis = _cache_axes(model)
+    width = tokens.shape[1]
+    rows_last, rows, position = _prefill(model, params, tokens, mask, width)  # attends over `width` columns only
+    row_axis = _cache_axes(model)[0]
     at_rows = (slice(None),) * row_axis + (slots,)
+    # the prompt's columns end at cursor - 1 (those left of column 0 wrap around: left padding,
+    # never valid); the row's other columns are emptied, as a new cache's are
+    columns = (cursor - width + jnp.arange(width)) % model.cfg.block_size
+    at_columns = (slice(None),) * row_axis + (slots[:, None], columns[None, :])
 
     def place(path, big, small):
         if _is_cache_index(path):
             return big
-        small = jnp.roll(small, cursor - tokens.shape[1], axis=col_axis)
-        return big.at[at_rows].set(small.astype(big.dtype), mode="drop")
+        big = big.at[at_rows].set(jnp.zeros((), big.dtype), mode="drop")
+        return big.at[at_columns].set(small.astype(big.dtype), mode="drop")
 
     cache = jax.tree_util.tree_map_with_path(place, cache, rows)
     return cache, last.at[slots].set(rows_last.astype(last.dtype), mode="drop"), position
@@ -453,16 +458,27 @@ def choose_token_rows(logits: Array, keys: Array, temperature: Array, top_p: Arr
     return jnp.where(greedy, jnp.argmax(logits, -1), sampled).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache", "last"))
-def slot_step(model, params, cache, last, position, keys, counts, temperature, top_p):
-    """One token for every row, fed back through the model at the shared write index.
+@functools.partial(jax.jit, static_argnames=("model", "rows"), donate_argnames=("cache", "last"))
+def slot_step(model, params, cache, last, position, keys, counts, temperature, top_p, rows=None):
+    """One token for each of the first `rows` rows (every row when None), fed back through the
+    model at the shared write index; the other rows are left as they are (a step's cost grows
+    with its rows: the engine keeps its requests in the lowest rows).
 
-    Row r samples with key fold_in(keys[r], counts[r]). Returns (cache, next logits, tokens,
-    their log-probabilities under the raw model, the TOP_LOGPROBS most likely ids and theirs)."""
-    step_keys = jax.vmap(jax.random.fold_in)(keys, counts)
-    token = choose_token_rows(last, step_keys, temperature, top_p)
-    raw = jax.nn.log_softmax(last.astype(jnp.float32))
+    Row r samples with key fold_in(keys[r], counts[r]). Returns (cache, next logits, then for the
+    first `rows` rows: tokens, their log-probabilities under the raw model, the TOP_LOGPROBS most
+    likely ids and theirs)."""
+    n = last.shape[0] if rows is None else rows
+    row_axis = _cache_axes(model)[0]
+    take = lambda path, leaf: leaf if _is_cache_index(path) else jax.lax.slice_in_dim(leaf, 0, n, axis=row_axis)
+    part = jax.tree_util.tree_map_with_path(take, cache)
+    step_keys = jax.vmap(jax.random.fold_in)(keys[:n], counts[:n])
+    token = choose_token_rows(last[:n], step_keys, temperature[:n], top_p[:n])
+    raw = jax.nn.log_softmax(last[:n].astype(jnp.float32))
     chosen = jnp.take_along_axis(raw, token[:, None], -1)[:, 0]
     top_values, top_ids = jax.lax.top_k(raw, min(TOP_LOGPROBS, raw.shape[-1]))
-    last, cache = _step(model, params, cache, token, position)
-    return cache, last, token, chosen, top_ids, top_values
+    logits, part = _step(model, params, part, token, position[:n])
+    put = lambda path, big, small: (
+        small if _is_cache_index(path) else big.at[(slice(None),) * row_axis + (slice(0, n),)].set(small)
+    )
+    cache = jax.tree_util.tree_map_with_path(put, cache, part)
+    return cache, last.at[:n].set(logits.astype(last.dtype)), token, chosen, top_ids, top_values

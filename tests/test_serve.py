@@ -19,7 +19,7 @@ import jax
 import pytest
 
 from flaxgpt import chat_template, generate
-from flaxgpt.serve.engine import Overloaded, Request, RequestError, SlotEngine
+from flaxgpt.serve.engine import Overloaded, Request, RequestError, SlotEngine, bucket, prng_key
 from flaxgpt.trainers import pretrain
 from tests.conftest import REPO, free_port, init_params, serving, tiny_model_config, tiny_run_config
 
@@ -98,24 +98,30 @@ def test_waiting_prompts_prefilled_together_keep_their_own_answers(lone_model):
         # the last two share a prefill of two rows (no filler), each request is in NEW decode steps
         work = engine.stats()
         assert (work["prefills"], work["prefill_rows"], work["prompts"]) == (2, 6, 6)
+        # programs: prefills of 4 prompts 12 wide and 2 prompts 8 wide, steps of rows 0-3, then 0-1
+        assert work["programs"] == 4
         assert (work["steps"], work["step_rows"]) == (2 * NEW, 6 * NEW) and work["busy_s"] > 0
     finally:
         engine.stop()
 
 
 def test_slot_prefill_writes_each_prompt_into_its_row_and_drops_filler(lone_model):
+    """Twice into the same rows: at write index 20, then at 14 (the 16-wide prompts' first two
+    padding columns wrap around to the row's end); what the first left must be gone."""
     model, params = lone_model
     a, b, filler = PROMPTS[1], PROMPTS[3], PROMPTS[0]
     tokens, mask = generate.left_pad([a, b, filler], 0, 16)
     cache, last = generate.slot_cache(model, 3), jax.numpy.full((3, 50), 7.0)
     slots = jax.numpy.asarray([2, 0, 3])  # 3 is out of range: the filler row must not land anywhere
-    cache, last, position = generate.slot_prefill(model, params, cache, last, tokens, mask, slots, 20)
-    expected, rows, _ = jax.jit(generate._prefill, static_argnums=(0, 4))(model, params, tokens, mask, 32)
+    cache, last, _ = generate.slot_prefill(model, params, cache, last, tokens[::-1], mask[::-1], slots, 20)
+    cache, last, position = generate.slot_prefill(model, params, cache, last, tokens, mask, slots, 14)
+    expected, rows, _ = jax.jit(generate._prefill, static_argnums=(0, 4))(model, params, tokens, mask, 16)
     assert (last[2] == expected[0]).all() and (last[0] == expected[1]).all()
     assert (last[1] == 7.0).all() and list(position[:2]) == [len(a), len(b)]
     for got, want in zip(jax.tree.leaves(cache), jax.tree.leaves(rows)):
-        if got.ndim > 1:  # key/value/valid leaves [rows, columns, ...]: each prompt ends at column 19
-            want = jax.numpy.roll(want, 20 - 16, axis=1)
+        if got.ndim > 1:  # key/value/valid leaves [rows, columns, ...]: each prompt ends at column 13
+            want = jax.numpy.pad(want, [(0, 0), (0, 32 - 16)] + [(0, 0)] * (want.ndim - 2))
+            want = jax.numpy.roll(want, 14 - 16, axis=1)
             assert (got[2] == want[0]).all() and (got[0] == want[1]).all() and not got[1].any()
 
 
@@ -160,6 +166,65 @@ def test_engine_refuses_too_long_and_overload(lone_model):
     engine.submit(Request([1], 3, lambda *a: None))
     with pytest.raises(Overloaded):
         engine.submit(Request([1], 3, lambda *a: None))
+
+
+def test_host_keys_equal_jax_keys_and_prompt_widths_waste_under_a_third():
+    for seed in (0, 7, 2**31 + 5, 2**32 - 1):
+        assert (prng_key(seed) == jax.random.PRNGKey(seed)).all()
+    assert [bucket(n, 128) for n in (1, 9, 13, 17, 25, 33, 46, 49, 65, 97, 500)] == [
+        8,
+        12,
+        16,
+        24,
+        32,
+        48,
+        48,
+        64,
+        96,
+        128,
+        128,
+    ]
+    assert all(n <= bucket(n, 256) <= max(8, 1.5 * n) for n in range(1, 257))
+
+
+def test_events_ready_together_leave_in_one_write():
+    """The engine's events reach the event loop in one hand-over per batch, and the chunks of a
+    stream that are ready at once are joined (one socket write); the rest go as they come."""
+    from flaxgpt.serve.app import Mailbox, joined
+
+    class Counting:  # the loop, counting the wake-ups asked of it
+        def __init__(self, loop):
+            self.loop, self.calls = loop, 0
+
+        def call_soon_threadsafe(self, fn):
+            self.calls += 1
+            self.loop.call_soon_threadsafe(fn)
+
+    class Job:  # what `joined` reads of a job: its queue and its unfinished answers
+        running = 1
+
+    async def main():
+        loop, job = Counting(asyncio.get_running_loop()), Job()
+        box, job.queue = Mailbox(loop), asyncio.Queue()
+        poster = threading.Thread(target=lambda: [box.post(job.queue, i) for i in range(3)])
+        poster.start()
+        poster.join()
+        got = [await asyncio.wait_for(job.queue.get(), 30) for _ in range(3)]
+        box.post(job.queue, 3)
+        while job.queue.empty():  # handed over by the loop
+            await asyncio.sleep(0.01)
+
+        async def chunks():
+            yield "a"  # one event still queued: joined with what follows
+            await job.queue.get()
+            yield "b"  # nothing queued: sent
+            job.running = 0  # the last answer finished: the rest leave together
+            yield "c"
+            yield "d"
+
+        return got, loop.calls, [c async for c in joined(job, chunks())]
+
+    assert asyncio.run(main()) == ([0, 1, 2], 2, ["ab", "cd"])
 
 
 # ---- the HTTP server on a tiny trained run ----
@@ -480,10 +545,11 @@ def test_a_newer_checkpoint_is_served_once_found(server):
 
 def test_stores_opening_a_new_database_at_once_migrate_it_once(tmp_path):
     """The server and the online learner may create the database together: each migration must
-    run once (not fail with "table already exists" in the second)."""
+    run once (not fail with "table already exists" in the second), and switching to WAL at once
+    must not fail with "database is locked" (a few in a hundred did)."""
     from flaxgpt.serve.store import SCHEMA_VERSION, FeedbackStore
 
-    for trial in range(5):
+    for trial in range(20):
         db, start, failed = str(tmp_path / f"{trial}.sqlite"), threading.Barrier(4), []
 
         def open_store():

@@ -4,10 +4,12 @@ page with its feedback endpoints, over one SlotEngine."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import json
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,6 +30,27 @@ _IDS = itertools.count()
 _ID_BASE = secrets.token_hex(8)  # response ids: this process's random part, then a counter
 
 
+class Mailbox:
+    """Events from the engine's thread to the event loop's queues, handed over in batches: the
+    loop is woken once for all the tokens of an engine step, not once per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock, self.items = loop, threading.Lock(), []
+
+    def post(self, queue: asyncio.Queue, item: Any) -> None:
+        with self.lock:
+            self.items.append((queue, item))
+            first = len(self.items) == 1
+        if first:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class Service:
     """What the endpoints share: the engine, the tokenizer, the served model's name."""
 
@@ -37,6 +60,14 @@ class Service:
         self.engine, self.tokenizer, self.name, self.api_key, self.store = engine, tokenizer, name, api_key, store
         self.placement = placement  # (mesh, logical axis rules) of the served parameters: where reloads go
         self.created = int(time.time())
+        self._mailbox: Mailbox | None = None
+
+    def mailbox(self) -> Mailbox:
+        """The running event loop's mailbox (made on first use: the loop starts after the service)."""
+        loop = asyncio.get_running_loop()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = Mailbox(loop)
+        return self._mailbox
 
     @property
     def block_size(self) -> int:
@@ -77,7 +108,7 @@ class Job:
 
     def __init__(self, service: Service, prompt: list[int], settings: Settings, stops: tuple[int, ...]):
         self.service, self.prompt, self.settings = service, prompt, settings
-        self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
+        self.mailbox, self.queue = service.mailbox(), asyncio.Queue()
         tok, n = service.tokenizer, settings.n
         self.answers = [AnswerText(tok, settings.stop, settings.logprobs, settings.top_logprobs) for _ in range(n)]
         max_tokens = settings.max_tokens or service.block_size - len(prompt)
@@ -101,8 +132,10 @@ class Job:
             self.cancel()
             raise
 
+    running = 0  # answers not yet finished, while `events()` runs
+
     def _sink(self, i: int, kind: str, payload: Any) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, kind, payload))
+        self.mailbox.post(self.queue, (i, kind, payload))
 
     def cancel(self) -> None:
         for r in self.requests:
@@ -114,8 +147,8 @@ class Job:
 
     async def events(self) -> AsyncIterator[tuple[int, str, str]]:
         try:
-            running = len(self.requests)
-            while running:
+            self.running = len(self.requests)
+            while self.running:
                 i, kind, payload = await self.queue.get()
                 answer = self.answers[i]
                 if kind == "token":
@@ -125,7 +158,7 @@ class Job:
                     if piece:
                         yield i, "text", piece
                     continue
-                running -= 1
+                self.running -= 1
                 if payload == "error":
                     raise RuntimeError("the engine failed while decoding this request")
                 tail = answer.flush()
@@ -181,6 +214,21 @@ def sse(payload: Any) -> str:
     return f"data: {json.dumps(payload) if not isinstance(payload, str) else payload}\n\n"
 
 
+async def joined(job: Job, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """`chunks` joined while more are ready, sent when the job would wait for the engine (or it
+    ends): one write to the socket for what one engine step produced, not one per chunk. Closing
+    it (the client left) closes `chunks`, which cancels the job's requests."""
+    ready = []
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
+            ready.append(chunk)
+            if job.running and job.queue.empty():
+                yield "".join(ready)
+                ready = []
+    if ready:
+        yield "".join(ready)
+
+
 class Chunks:
     """The server-sent chunks of one streamed response; the fields every chunk repeats (id,
     created, model, object) are serialised once."""
@@ -201,7 +249,7 @@ async def chat_completions(service: Service, request: Request):
     job = Job(service, prompt, settings, tuple(chat_template.stop_tokens(service.tokenizer)))
     head = job.head("chatcmpl")
     if settings.stream:
-        return StreamingResponse(_chat_stream(job, head), media_type="text/event-stream")
+        return StreamingResponse(joined(job, _chat_stream(job, head)), media_type="text/event-stream")
     finish = await job.finish_reasons()
     choices = [
         {
@@ -258,7 +306,7 @@ async def completions(service: Service, request: Request):
     job = Job(service, ids, settings, (service.tokenizer.eos_id,))
     head = job.head("cmpl")
     if settings.stream:
-        return StreamingResponse(_completion_stream(job, head), media_type="text/event-stream")
+        return StreamingResponse(joined(job, _completion_stream(job, head)), media_type="text/event-stream")
     finish = await job.finish_reasons()
     choices = [
         {"index": i, "text": a.text, "logprobs": _legacy_logprobs(a), "finish_reason": finish[i]}

@@ -1,10 +1,11 @@
 """The serving engine: continuous batching on the one generation engine's slot functions.
 
 A thread owns the model and a KV cache of `slots` rows. Between decode steps it admits waiting
-requests into free rows (all waiting prompts that fit prefilled in one call, each into its row),
-then advances every active row one token; a request arriving while others decode joins them at
-the next step. Shapes never change, so nothing is compiled per request (prompts are padded to a
-few bucket widths, and their number to a few bucket counts).
+requests into the lowest free rows (all waiting prompts that fit prefilled in one call, each into
+its row), then advances the active rows one token (the rows up to the highest active one, their
+number padded to a bucket: a step's cost grows with its rows); a request arriving while others
+decode joins them at the next step. Shapes never change, so nothing is compiled per request
+(prompts are padded to a few bucket widths, and their number to a few bucket counts).
 Each request samples with its own seed, temperature and top-p, so its tokens do not depend on
 what it was batched with.
 """
@@ -23,6 +24,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
 
 from flaxgpt import generate
 from flaxgpt.errors import UserError
@@ -56,21 +58,29 @@ class Request:
 
 
 def bucket(length: int, block_size: int) -> int:
-    """The padded prefill width of a prompt: a power of two (at least 8), at most block_size."""
+    """The padded prefill width of a prompt: 8, 12, 16, 24, 32, 48, 64, 96, ... (powers of two and
+    the halfway points between them, at most block_size). A prefill's cost grows with its width,
+    padding included: this wastes under a third, with still few widths (each compiled once)."""
     width = 8
     while width < length:
-        width *= 2
+        width = width // 3 * 4 if width & (width - 1) else width * 3 // 2
     return min(width, block_size)
 
 
 def batch_bucket(count: int, slots: int) -> int:
     """The padded number of prompts prefilled in one call: 1, 2, 4, 8, ... (at most `slots`). A
     prefill's cost grows with its rows, filler included, so the buckets are close together; each
-    is compiled once."""
+    is compiled once (beside each prompt width used)."""
     size = 1
     while size < count:
         size *= 2
     return min(size, slots)
+
+
+def prng_key(seed: int) -> np.ndarray:
+    """`jax.random.PRNGKey(seed)` (threefry's [high, low] 32-bit words) made on the host: a JAX
+    call per admitted request would wait for the prefill in flight."""
+    return np.asarray([(seed >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF], np.uint32)
 
 
 class SlotEngine:
@@ -96,6 +106,7 @@ class SlotEngine:
         # since start: prefill calls, the rows they computed (filler included) and the prompts among
         # them, decode steps, the rows those steps advanced, and seconds spent in both
         self.work = dict.fromkeys(("prefills", "prefill_rows", "prompts", "steps", "step_rows", "busy_s"), 0)
+        self._programs: set = set()  # shapes used, each a program: prefill (prompts, width), step rows
         self._reset_host_state()
 
     def _reset_host_state(self) -> None:
@@ -160,6 +171,7 @@ class SlotEngine:
             "waiting": len(self._waiting),
             "step": self.step,
             **self.work,
+            "programs": len(self._programs),
         }
 
     # ---- the engine's thread ----
@@ -213,18 +225,26 @@ class SlotEngine:
         prompts = [r.prompt for r in requests] + [requests[-1].prompt] * filler
         tokens, mask = generate.left_pad(prompts, self.pad_id, bucket(longest, self.block_size))
         rows = np.asarray(slots + [self.slots] * filler, np.int32)
+        self._programs.add(tokens.shape)
         self._count(prefills=1, prefill_rows=len(rows), prompts=len(requests))
-        tokens, mask, rows = generate.on_params_mesh(self.params, tokens, mask, rows)
+        tokens, mask, rows = self._inputs(tokens, mask, rows)
         self.cache, self.last, _ = generate.slot_prefill(
             self.model, self.params, self.cache, self.last, tokens, mask, rows, self.cursor
         )
         for slot, request in zip(slots, requests):
             n = len(request.prompt)
             self.starts[slot], self.positions[slot], self.counts[slot] = self.cursor - n, n, 0
-            self.keys[slot] = np.asarray(jax.random.PRNGKey(request.seed))
+            self.keys[slot] = prng_key(request.seed)
             self.temperature[slot], self.top_p[slot] = request.temperature, request.top_p
             request.step = self.step
             self._rows[slot] = request
+
+    def _inputs(self, *arrays: np.ndarray) -> tuple:
+        """Host arrays for the slot programs: replicated over the parameters' mesh when they are
+        sharded, else as they are (jit takes numpy arrays for less than a transfer call each)."""
+        if isinstance(getattr(jax.tree.leaves(self.params)[0], "sharding", None), NamedSharding):
+            return generate.on_params_mesh(self.params, *arrays)
+        return arrays
 
     def _count(self, **amounts: int) -> None:
         for k, v in amounts.items():
@@ -246,10 +266,12 @@ class SlotEngine:
             self._shift(int(min(self.starts[i] for i in active)))
         live = np.zeros(self.slots, bool)
         live[active] = True
-        inputs = generate.on_params_mesh(
-            self.params, np.where(live, self.positions, 0), self.keys, self.counts, self.temperature, self.top_p
+        inputs = self._inputs(np.where(live, self.positions, 0), self.keys, self.counts, self.temperature, self.top_p)
+        rows = batch_bucket(active[-1] + 1, self.slots)  # requests are admitted into the lowest free rows
+        self._programs.add(rows)
+        self.cache, self.last, *out = generate.slot_step(
+            self.model, self.params, self.cache, self.last, *inputs, rows=rows
         )
-        self.cache, self.last, *out = generate.slot_step(self.model, self.params, self.cache, self.last, *inputs)
         self.cursor += 1
         self._count(steps=1, step_rows=len(active))
         tokens, logprobs, top_ids, top_values = (x.tolist() for x in host_value(out))  # Python numbers at once

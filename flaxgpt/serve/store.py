@@ -61,7 +61,7 @@ class FeedbackStore:
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
+            wal(self._db)
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             migrate(self._db, path)
@@ -136,6 +136,20 @@ class FeedbackStore:
             out.append(row)
             message_id = row["parent_id"]
         return out[::-1]
+
+
+def wal(db: sqlite3.Connection, wait: float = 30.0) -> None:
+    """WAL mode. Connections switching a new database to it at once may fail at once with
+    "database is locked" (SQLite does not wait its busy timeout there): retried for `wait` s."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def migrate(db: sqlite3.Connection, path: str) -> None:
