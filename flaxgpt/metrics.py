@@ -48,7 +48,7 @@ def answer_metrics(
     prompts, references, questions = [], [], []
     for messages in conversations:
         history, reference = prompt_and_reference(messages)
-        prompts.append(render(history, tokenizer, cfg.model.block_size - max_new).ids)
+        prompts.append(render(history, tokenizer, model.cfg.block_size - max_new).ids)  # the width generate pads to
         references.append(reference)
         questions.append(next(m["content"] for m in reversed(history) if m["role"] == "user"))
     decode = generate.DecodeConfig(max_new_tokens=max_new, temperature=0.0)
