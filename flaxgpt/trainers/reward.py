@@ -134,26 +134,28 @@ def _best_of_first_rows(model: Transformer, params: Any, rows: StreamedRows, bat
 # ----------------------------------------------------------------------------- run
 
 
+def _ranking_text(cfg: Config) -> str:
+    """All text of the rankings, for the tokenizer of a reward model trained from scratch (the
+    prepared rows' tokenizer is in the workdir by then)."""
+    if cfg.data.source == "tokens":
+        return ""
+    records = _read_rankings(cfg.data.path, "skip")[0]
+    return "".join(
+        r.get("system", "")
+        + r["prompt"]
+        + "".join(r.get("responses", []))
+        + r.get("chosen", "")
+        + r.get("rejected", "")
+        for r in records
+    )
+
+
 def run(cfg: Config, workdir: str) -> dict[str, Any]:
     """Train the reward model to `train.max_steps` (resuming if possible); returns the final figures."""
     rt = Runtime.create(cfg, workdir)
-
-    def all_text() -> str:  # for a tokenizer of a reward model trained from scratch
-        if cfg.data.source == "tokens":  # (the prepared rows' tokenizer is in the workdir by now)
-            return ""
-        records = _read_rankings(cfg.data.path, "skip")[0]
-        return "".join(
-            r.get("system", "")
-            + r["prompt"]
-            + "".join(r.get("responses", []))
-            + r.get("chosen", "")
-            + r.get("rejected", "")
-            for r in records
-        )
-
     if cfg.data.source == "tokens" and not cfg.train.init_from:
         prepared_tokenizer(cfg, workdir)
-    cfg, tokenizer, init_params = starting_point(cfg, rt, all_text, output="scalar")
+    cfg, tokenizer, init_params = starting_point(cfg, rt, lambda: _ranking_text(cfg), output="scalar")
     model = Transformer(cfg.model)
     notes: list[str] = []
     if cfg.data.source == "tokens":  # rows prepared on disk, streamed
