@@ -161,13 +161,12 @@ class Checkpointer:
         """Let orbax's background writes of a failed save end before its directory is removed:
         orbax raises the commit's error once and leaves its metadata writes queued, and one of
         those landing after the removal would fail again at `close`."""
-        for wait in (self.manager.wait_until_finished,) + (self.manager.check_for_errors,) * 16:
-            try:
-                wait()  # check_for_errors also waits for the queued metadata writes, one error a call
-                if wait is not self.manager.wait_until_finished:
-                    return
-            except Exception:  # the save's own error is the one reported
-                continue
+        with contextlib.suppress(Exception):  # the save's own error is the one reported
+            self.manager.wait_until_finished()
+        for _ in range(16):  # check_for_errors also waits for the queued metadata writes, one error a call
+            with contextlib.suppress(Exception):
+                self.manager.check_for_errors()
+                return
 
     def _check_free_space(self, step: int) -> None:
         """Refuse a save the local disk cannot hold (the previous checkpoint's size), before
