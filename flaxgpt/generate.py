@@ -443,39 +443,67 @@ def slot_shift(model, cache, shift):
     return jax.tree_util.tree_map_with_path(move, cache)
 
 
-def choose_token_rows(logits: Array, keys: Array, temperature: Array, top_p: Array) -> Array:
+def choose_token_rows(logits: Array, keys: Array, temperature: Array, top_p: Array, nucleus: bool = True) -> Array:
     """Like `choose_token`'s choice, with each row's own temperature (0: greedy) and top-p, and
-    its own key (so a row samples the same tokens whatever else is batched with it)."""
+    its own key (so a row samples the same tokens whatever else is batched with it). `nucleus`
+    False (static) skips the sort over the vocabulary, for steps where no row has top_p < 1."""
     logits = logits.astype(jnp.float32)
     greedy = temperature <= 0.0
     scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
-    order = jnp.argsort(-scaled, axis=-1)
-    probs = jax.nn.softmax(jnp.take_along_axis(scaled, order, axis=-1), axis=-1)
-    keep_sorted = jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]  # always keeps the most likely
-    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-    filtered = jnp.where(keep, scaled, jnp.finfo(jnp.float32).min)
+    filtered = scaled
+    if nucleus:
+        order = jnp.argsort(-scaled, axis=-1)
+        probs = jax.nn.softmax(jnp.take_along_axis(scaled, order, axis=-1), axis=-1)
+        keep_sorted = jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]  # always keeps the most likely
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        filtered = jnp.where(keep, scaled, jnp.finfo(jnp.float32).min)
     sampled = jax.vmap(jax.random.categorical)(keys, filtered)
     return jnp.where(greedy, jnp.argmax(logits, -1), sampled).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "rows"), donate_argnames=("cache", "last"))
-def slot_step(model, params, cache, last, position, keys, counts, temperature, top_p, rows=None):
+def ban_tokens(logits: Array, banned: Array) -> Array:
+    """`logits` [rows, vocab] with each row's `banned` ids [rows, K] made impossible (an id >= vocab
+    bans nothing: the filler); a stop token before a request's min_tokens."""
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return logits.at[rows, banned].set(jnp.finfo(logits.dtype).min, mode="drop")
+
+
+@functools.partial(jax.jit, static_argnames=("model", "rows", "nucleus", "top"), donate_argnames=("cache", "last"))
+def slot_step(
+    model,
+    params,
+    cache,
+    last,
+    position,
+    keys,
+    counts,
+    temperature,
+    top_p,
+    banned=None,
+    *,
+    rows=None,
+    nucleus=True,
+    top=True,
+):
     """One token for each of the first `rows` rows (every row when None), fed back through the
     model at the shared write index; the other rows are left as they are (a step's cost grows
     with its rows: the engine keeps its requests in the lowest rows).
 
-    Row r samples with key fold_in(keys[r], counts[r]). Returns (cache, next logits, then for the
-    first `rows` rows: tokens, their log-probabilities under the raw model, the TOP_LOGPROBS most
-    likely ids and theirs)."""
+    Row r samples with key fold_in(keys[r], counts[r]), never one of its `banned` ids (when given;
+    see `ban_tokens`). The static flags leave out work no row needs: `nucleus` the top-p sort,
+    `top` the alternatives. Returns (cache, next logits, then for the first `rows` rows: tokens,
+    their log-probabilities under the raw model, the TOP_LOGPROBS (0 without `top`) most likely
+    ids and theirs)."""
     n = last.shape[0] if rows is None else rows
     row_axis = _cache_axes(model)[0]
     take = lambda path, leaf: leaf if _is_cache_index(path) else jax.lax.slice_in_dim(leaf, 0, n, axis=row_axis)
     part = jax.tree_util.tree_map_with_path(take, cache)
     step_keys = jax.vmap(jax.random.fold_in)(keys[:n], counts[:n])
-    token = choose_token_rows(last[:n], step_keys, temperature[:n], top_p[:n])
+    allowed = last[:n] if banned is None else ban_tokens(last[:n], banned[:n])
+    token = choose_token_rows(allowed, step_keys, temperature[:n], top_p[:n], nucleus)
     raw = jax.nn.log_softmax(last[:n].astype(jnp.float32))
     chosen = jnp.take_along_axis(raw, token[:, None], -1)[:, 0]
-    top_values, top_ids = jax.lax.top_k(raw, min(TOP_LOGPROBS, raw.shape[-1]))
+    top_values, top_ids = jax.lax.top_k(raw, min(TOP_LOGPROBS, raw.shape[-1]) if top else 0)
     logits, part = _step(model, params, part, token, position[:n])
     put = lambda path, big, small: (
         small if _is_cache_index(path) else big.at[(slice(None),) * row_axis + (slice(0, n),)].set(small)

@@ -20,12 +20,14 @@ import pytest
 
 from flaxgpt import chat_template, generate
 from flaxgpt.serve.engine import Overloaded, Request, RequestError, SlotEngine, bucket, prng_key
+from flaxgpt.serve.text import AnswerText
 from flaxgpt.trainers import pretrain
 from tests.conftest import REPO, free_port, init_params, serving, tiny_model_config, tiny_run_config
 
 
-def _collect(engine: SlotEngine, prompts, max_tokens, start=False, **kw) -> list[tuple[list[int], str]]:
-    """Submit every prompt at once (then start the engine if `start`: they all wait); wait for all answers."""
+def _collect(engine: SlotEngine, prompts, max_tokens, start=False, each=None, **kw) -> list[tuple[list[int], str]]:
+    """Submit every prompt at once (then start the engine if `start`: they all wait); wait for all
+    answers. `each`: per prompt, settings beside `kw`."""
     results, done = {}, threading.Semaphore(0)
 
     def sink_for(i):
@@ -41,7 +43,7 @@ def _collect(engine: SlotEngine, prompts, max_tokens, start=False, **kw) -> list
         return sink
 
     for i, p in enumerate(prompts):
-        engine.submit(Request(p, max_tokens, sink_for(i), **kw))
+        engine.submit(Request(p, max_tokens, sink_for(i), **kw, **(each[i] if each else {})))
     if start:
         engine.start()
     for _ in prompts:
@@ -85,6 +87,31 @@ def test_batched_greedy_tokens_equal_alone_and_generate(lone_model):
         assert stopped == (first[: first.index(first[3])], "stop")
     finally:
         engine.stop()
+
+
+def test_min_tokens_bans_stop_tokens_for_its_row_only(lone_model):
+    """A stop token the greedy answer meets at its 4th token cannot end it before min_tokens, while
+    the row decoded beside it without min_tokens still stops there; the top-p sort skipped when
+    no row needs it picks the same tokens as with it."""
+    model, params = lone_model
+    engine = SlotEngine(model, params, pad_id=0, slots=3).start()
+    try:
+        first = _collect(engine, [PROMPTS[0]], NEW, temperature=0.0)[0][0]
+        stop = first[3]
+        cut = first.index(stop)
+        each = [{"min_tokens": 0}, {"min_tokens": 8}]
+        plain, held = _collect(engine, [PROMPTS[0]] * 2, NEW, each=each, temperature=0.0, stop_tokens=(stop,))
+        assert plain == (first[:cut], "stop")
+        tokens, reason = held
+        assert stop not in tokens[:8] and tokens[:cut] == first[:cut] and len(tokens) >= 8
+        assert (reason == "length") == (len(tokens) == NEW)
+    finally:
+        engine.stop()
+    logits = jax.random.normal(jax.random.PRNGKey(1), (4, 50)) * 3
+    keys = jax.random.split(jax.random.PRNGKey(2), 4)
+    temperature, top_p = jax.numpy.asarray([1.0, 0.0, 0.7, 1.5]), jax.numpy.ones(4)
+    with_sort = generate.choose_token_rows(logits, keys, temperature, top_p, nucleus=True)
+    assert (with_sort == generate.choose_token_rows(logits, keys, temperature, top_p, nucleus=False)).all()
 
 
 def test_waiting_prompts_prefilled_together_keep_their_own_answers(lone_model):
@@ -310,6 +337,50 @@ def test_stop_strings_completions_and_concurrency(server, client):
     for t in threads:
         t.join(timeout=60)
     assert results == alone
+
+
+def test_ignore_eos_and_min_tokens_through_the_openai_client(server, client):
+    """vLLM's sampling parameters (the openai client's extra_body): with ignore_eos or min_tokens
+    every answer has max_tokens tokens, where without them some end early; the tokens and logprobs
+    before that end are the same; bad values are a 400 naming them."""
+    openai = pytest.importorskip("openai")
+    _, service = server
+    ask = dict(model=service.name, messages=[{"role": "user", "content": "Question: who?"}], temperature=1.5)
+    ask.update(n=6, seed=3, max_tokens=16, logprobs=True)
+    free = client.chat.completions.create(**ask)
+    assert any(c.finish_reason == "stop" for c in free.choices)  # this seed's answers include early ends
+    for extra in ({"ignore_eos": True}, {"min_tokens": 16}):
+        full = client.chat.completions.create(**ask, extra_body=extra)
+        assert full.usage.completion_tokens == 6 * 16
+        for short, long in zip(free.choices, full.choices):
+            assert long.finish_reason == "length" and len(long.logprobs.content) == 16
+            same = long.logprobs.content[: len(short.logprobs.content)]
+            assert [t.token for t in same] == [t.token for t in short.logprobs.content]
+            assert [t.logprob for t in same] == pytest.approx([t.logprob for t in short.logprobs.content], abs=1e-5)
+            assert long.message.content.startswith(short.message.content)
+    bad = [{"min_tokens": -1}, {"min_tokens": "3"}, {"ignore_eos": "yes"}, {"min_tokens": 17}]
+    for extra in bad:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**ask, extra_body=extra)
+        assert e.value.body["param"] == next(iter(extra))
+    done = client.completions.create(model=service.name, prompt="Q", max_tokens=9, extra_body={"ignore_eos": True})
+    assert done.usage.completion_tokens == 9 and done.choices[0].finish_reason == "length"
+
+
+def test_stop_strings_wait_for_min_tokens():
+    """A stop string is looked for only in text that ends past the first min_tokens - 1 tokens'."""
+
+    class Chars:
+        decode = staticmethod(lambda ids: "".join(map(chr, ids)))
+
+    def answer(min_tokens: int) -> tuple[str, bool]:
+        text = AnswerText(Chars(), ["ab"], min_tokens=min_tokens)
+        pieces = [text.add(ord(c), 0.0, []) for c in "xabyzabw"]
+        return "".join(pieces) + text.flush(), text.stopped
+
+    assert answer(0) == answer(3) == ("x", True)
+    assert answer(4) == answer(7) == ("xaby" + "z", True)  # "ab" ends at the 7th token
+    assert answer(8) == ("xabyzabw", False)
 
 
 def test_errors_have_openais_shape_and_the_server_keeps_serving(server, client):

@@ -110,8 +110,10 @@ class Job:
         self.service, self.prompt, self.settings = service, prompt, settings
         self.mailbox, self.queue = service.mailbox(), asyncio.Queue()
         tok, n = service.tokenizer, settings.n
-        self.answers = [AnswerText(tok, settings.stop, settings.logprobs, settings.top_logprobs) for _ in range(n)]
         max_tokens = settings.max_tokens or service.block_size - len(prompt)
+        settings.check_min_tokens(max_tokens)
+        text = lambda: AnswerText(tok, settings.stop, settings.logprobs, settings.top_logprobs, settings.min_tokens)
+        self.answers = [text() for _ in range(n)]
         seeds = [(settings.seed + i) % 2**32 for i in range(n)]
         self.requests = [
             EngineRequest(
@@ -121,7 +123,9 @@ class Job:
                 settings.temperature,
                 settings.top_p,
                 seeds[i],
-                stops,
+                () if settings.ignore_eos else stops,
+                settings.min_tokens,
+                settings.top_logprobs,
             )
             for i in range(n)
         ]

@@ -30,6 +30,8 @@ from flaxgpt import generate
 from flaxgpt.errors import UserError
 from flaxgpt.sharding import host_value
 
+MAX_STOP_TOKENS = 4  # stop tokens a request with min_tokens may have banned (a fixed shape)
+
 
 class RequestError(UserError):
     """A request the engine cannot serve as asked (HTTP 400)."""
@@ -41,9 +43,9 @@ class Overloaded(Exception):
 
 @dataclasses.dataclass(eq=False)
 class Request:
-    """One completion. `sink(kind, payload)` receives ("token", (id, logprob, [(id, logprob)...]))
-    per generated token and finally ("done", reason: "stop" | "length" | "cancelled" | "error"),
-    from the engine's thread."""
+    """One completion. `sink(kind, payload)` receives ("token", (id, logprob, [(id, logprob)...]
+    when top_logprobs else [])) per generated token and finally ("done", reason: "stop" | "length"
+    | "cancelled" | "error"), from the engine's thread."""
 
     prompt: list[int]
     max_tokens: int
@@ -52,6 +54,8 @@ class Request:
     top_p: float = 1.0
     seed: int = 0
     stop_tokens: tuple[int, ...] = ()
+    min_tokens: int = 0  # no stop token before this many tokens (they are banned from sampling)
+    top_logprobs: int = 0  # > 0: each token comes with the TOP_LOGPROBS most likely alternatives
     generated: int = 0
     step: int | None = None  # the checkpoint step that answers (set when admitted)
     cancelled: bool = False
@@ -124,6 +128,8 @@ class SlotEngine:
             raise RequestError("the prompt is empty")
         if request.max_tokens < 1:
             raise RequestError("max_tokens must be at least 1")
+        if request.min_tokens and len(request.stop_tokens) > MAX_STOP_TOKENS:
+            raise ValueError(f"min_tokens can ban at most {MAX_STOP_TOKENS} stop tokens")
         if n + request.max_tokens > self.block_size:
             raise RequestError(
                 f"This model's maximum context length is {self.block_size} tokens. However, you requested "
@@ -266,17 +272,34 @@ class SlotEngine:
             self._shift(int(min(self.starts[i] for i in active)))
         live = np.zeros(self.slots, bool)
         live[active] = True
-        inputs = self._inputs(np.where(live, self.positions, 0), self.keys, self.counts, self.temperature, self.top_p)
+        banned = self._banned(active)
+        host = (np.where(live, self.positions, 0), self.keys, self.counts, self.temperature, self.top_p)
+        inputs = self._inputs(*host, *([] if banned is None else [banned]))
         rows = batch_bucket(active[-1] + 1, self.slots)  # requests are admitted into the lowest free rows
-        self._programs.add(rows)
+        # work no active row needs is left out of the step (each combination a program, compiled once)
+        nucleus = bool(np.any((self.temperature[active] > 0) & (self.top_p[active] < 1)))
+        top = any(self._rows[i].top_logprobs for i in active)
+        self._programs.add((rows, nucleus, top, banned is not None))
         self.cache, self.last, *out = generate.slot_step(
-            self.model, self.params, self.cache, self.last, *inputs, rows=rows
+            self.model, self.params, self.cache, self.last, *inputs, rows=rows, nucleus=nucleus, top=top
         )
         self.cursor += 1
         self._count(steps=1, step_rows=len(active))
         tokens, logprobs, top_ids, top_values = (x.tolist() for x in host_value(out))  # Python numbers at once
         for i in active:
             self._deliver(i, tokens[i], logprobs[i], top_ids[i], top_values[i])
+
+    def _banned(self, active: list[int]) -> np.ndarray | None:
+        """[slots, MAX_STOP_TOKENS] ids each row may not sample now (its stop tokens before its
+        min_tokens; vocab_size: none), or None when no row bans any."""
+        rows = [i for i in active if self.counts[i] < self._rows[i].min_tokens and self._rows[i].stop_tokens]
+        if not rows:
+            return None
+        banned = np.full((self.slots, MAX_STOP_TOKENS), self.model.cfg.vocab_size, np.int32)
+        for i in rows:
+            stops = self._rows[i].stop_tokens
+            banned[i, : len(stops)] = stops
+        return banned
 
     def _deliver(self, slot: int, token: int, logprob: float, top_ids: list[int], top_values: list[float]) -> None:
         request = self._rows[slot]

@@ -32,6 +32,13 @@ class Settings:
     top_logprobs: int
     stream: bool
     include_usage: bool
+    min_tokens: int = 0  # vLLM's: no end of turn / end of text and no stop string before this many tokens
+    ignore_eos: bool = False  # vLLM's: the end of turn / end of text does not end the answer
+
+    def check_min_tokens(self, max_tokens: int) -> None:
+        """min_tokens against the answer's length limit (`max_tokens` or what the context leaves)."""
+        if self.min_tokens > max_tokens:
+            raise BadParam("min_tokens", f"'min_tokens' ({self.min_tokens}) must be at most max_tokens ({max_tokens})")
 
     def record(self) -> dict:
         """What the feedback database keeps of them."""
@@ -70,7 +77,8 @@ def _stop(body: dict) -> list[str]:
 
 
 def settings(body: dict, *, top_logprobs_name: str = "top_logprobs") -> Settings:
-    """The decoding settings of a chat or completions request body."""
+    """The decoding settings of a chat or completions request body (OpenAI's parameters, and
+    vLLM's `min_tokens` and `ignore_eos`, which the openai client sends through `extra_body`)."""
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
         max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", 0, 1, 2**31, integer=True)
@@ -95,6 +103,8 @@ def settings(body: dict, *, top_logprobs_name: str = "top_logprobs") -> Settings
         top_logprobs=top,
         stream=_flag(body, "stream"),
         include_usage=bool(options.get("include_usage")),
+        min_tokens=_number(body, "min_tokens", 0, 0, 2**31, integer=True),
+        ignore_eos=_flag(body, "ignore_eos"),
     )
 
 

@@ -9,9 +9,12 @@ class AnswerText:
     """One answer's text as its tokens arrive. Text that might be the start of a stop string (or
     an unfinished multi-byte character) is held back until it is known not to be."""
 
-    def __init__(self, tokenizer: Any, stop: list[str], logprobs: bool = False, top_logprobs: int = 0):
-        self.tokenizer, self.stop = tokenizer, stop
+    def __init__(
+        self, tokenizer: Any, stop: list[str], logprobs: bool = False, top_logprobs: int = 0, min_tokens: int = 0
+    ):
+        self.tokenizer, self.stop, self.min_tokens = tokenizer, stop, min_tokens
         self.want_logprobs, self.top_logprobs = logprobs, top_logprobs
+        self.floor = 0  # a stop string counts only if it ends past this much text (the min_tokens-1 tokens')
         self.tokens: list[int] = []
         self.emitted = ""
         self.stopped = False  # a stop string was seen
@@ -25,7 +28,11 @@ class AnswerText:
         if self.want_logprobs:
             self.logprobs.append(self._entry(token, logprob, top))
         full = self.tokenizer.decode(self.tokens)
-        cut = min((i for i in (full.find(s) for s in self.stop) if i >= 0), default=-1)
+        if len(self.tokens) < self.min_tokens:  # vLLM's min_tokens: no stop string yet
+            self.floor = len(full)
+            return self._take(full[: len(full) - self._held(full)])
+        found = (full.find(s, max(0, self.floor - len(s) + 1)) for s in self.stop)
+        cut = min((i for i in found if i >= 0), default=-1)
         if cut >= 0:
             self.stopped = True
             return self._take(full[:cut])
