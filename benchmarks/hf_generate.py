@@ -6,7 +6,7 @@ model, the reference that `benchmarks/serve.py` measures flaxgpt's server agains
 A process of its own (torch and XLA would otherwise share one process's threads and allocator),
 kept alive between rounds so that the benchmark can interleave its repetitions with flaxgpt's:
 each line on stdin is a JSON job {"prompts": [[ids]...], "seeds": [...], "max_tokens": N,
-"temperature": T, "top_p": P, "stop": [ids]}; each job's answer is one JSON line on stdout,
+"temperature": T, "top_p": P, "stop": [ids], "min_tokens": N}; each job's answer is one JSON line on stdout,
 {"requests": [[time to first token, latency, generated tokens], ...], "wall": seconds}. Prompts
 are token ids rendered by flaxgpt's tokenizer, so both sides decode exactly the same inputs.
 """
@@ -53,6 +53,7 @@ def one_request(model, prompt: list[int], seed: int, job: dict) -> tuple[float, 
             top_p=job["top_p"],
             top_k=0,
             max_new_tokens=job["max_tokens"],
+            min_new_tokens=job.get("min_tokens", 0),
             eos_token_id=job["stop"],
             pad_token_id=job["stop"][0],
             streamer=streamer,

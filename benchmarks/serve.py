@@ -1,7 +1,8 @@
 """Serving throughput against transformers' `generate`, and the server's memory over many requests.
 
     python benchmarks/serve.py [--workdir RUN] [--clients 1,16] [--requests 32] [--per-client 8]
-                               [--rounds 3] [--max-tokens 48] [--slots 16] [--memory-requests 1000]
+                               [--rounds 3] [--workload world,fixed] [--max-tokens 48] [--output-tokens 64]
+                               [--slots 16] [--memory-requests 1000]
                                [--hf-threads 2,1] [--client-kind threads|asyncio] [--baseline-tree DIR]
 
 The server is the real one (`python -m flaxgpt.serve` in a process of its own, on a free
@@ -9,9 +10,12 @@ The server is the real one (`python -m flaxgpt.serve` in a process of its own, o
 --client-kind asyncio one asyncio task each over one `openai.AsyncOpenAI`), streaming chat
 completions, in a process of their own (so that the CPU time of server and clients can be told
 apart). A round is max(--requests, --per-client x the most clients) chat requests asking the
-run's world questions (as the chat demo's users would; temperature 1, request i with seed i, up
-to --max-tokens tokens, ended by the model's end of turn), so that 16 clients are all busy most
-of the round rather than starting up and draining; it is dealt to 1, then 16 concurrent clients;
+run's world questions (temperature 1, request i with seed i), so that 16 clients are all busy most
+of the round rather than starting up and draining; it is dealt to 1, then 16 concurrent clients.
+Each of the --workload workloads is measured in turn: "world" answers as the chat demo's users
+see them (up to --max-tokens tokens, ended by the model's end of turn: a few tokens, so requests/s
+more than decoding is measured), "fixed" answers exactly --output-tokens long (vLLM's
+`ignore_eos`, as serving benchmarks fix prompt and output lengths to compare decode throughput);
 transformers' `generate` answers the same prompts (the same token ids) one at a time, in a
 process of its own per torch thread count (benchmarks/hf_generate.py, on the run exported with
 `flaxgpt.convert`; by default as many threads as this process has cores, and 1, since torch's
@@ -142,7 +146,8 @@ class Seen:
         return self.first or latency, latency, self.tokens
 
 
-def chat_args(model: str, messages: list[dict], seed: int, max_tokens: int) -> dict:
+def chat_args(model: str, messages: list[dict], seed: int, max_tokens: int, ignore_eos: bool = False) -> dict:
+    """A streamed chat request; `ignore_eos` (vLLM's parameter): exactly max_tokens tokens."""
     return dict(
         model=model,
         messages=messages,
@@ -151,6 +156,7 @@ def chat_args(model: str, messages: list[dict], seed: int, max_tokens: int) -> d
         max_tokens=max_tokens,
         stream=True,
         stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True} if ignore_eos else None,
     )
 
 
@@ -177,7 +183,7 @@ async def one_request_async(client, model: str, *args, leave: bool = False) -> t
     return seen.result()
 
 
-def refused_request(client, model: str, messages: list[dict], max_tokens: int) -> tuple[float, float, int]:
+def refused_request(client, model: str, messages: list[dict], max_tokens: int, *_) -> tuple[float, float, int]:
     """A request asking for `max_tokens` (the whole context), which the server must refuse (400)."""
     import openai
 
@@ -191,7 +197,7 @@ def refused_request(client, model: str, messages: list[dict], max_tokens: int) -
 
 def drive(url: str, kind: str) -> None:
     """The client process (`--drive URL`): each stdin line a JSON job {"clients": C, "requests":
-    [[kind ("ask" | "leave" | "refuse"), messages, seed, max_tokens]...]}, answered on stdout by
+    [[kind ("ask" | "leave" | "refuse"), messages, seed, max_tokens, ignore_eos]...]}, answered on stdout by
     {"requests": [[time to first token, latency, tokens]...], "wall": s, "cpu": this process's CPU s}.
     `kind`: the clients are threads of `openai.OpenAI`, or asyncio tasks of one `openai.AsyncOpenAI`
     (refusals then go through the former, in a thread)."""
@@ -208,7 +214,7 @@ def drive(url: str, kind: str) -> None:
     kinds = {
         "ask": ask,
         "leave": functools.partial(ask, leave=True),
-        "refuse": lambda messages, seed, max_tokens: refused_request(client, model, messages, max_tokens),
+        "refuse": functools.partial(refused_request, client, model),
     }
     print(json.dumps({"model": model}), flush=True)
     for line in sys.stdin:
@@ -327,9 +333,10 @@ class HFGenerate(LineProcess):
             [sys.executable, os.path.join(ROOT, "benchmarks", "hf_generate.py"), hf_dir, "--threads", str(threads)]
         )
 
-    def run(self, prompts: list[list[int]], seeds: list[int], max_tokens: int, stop: list[int]) -> dict:
+    def run(self, prompts: list[list[int]], seeds: list[int], max_tokens: int, stop: list[int], fixed: bool) -> dict:
+        """`fixed`: every answer max_tokens long (transformers' min_new_tokens), as with ignore_eos."""
         job = {"prompts": prompts, "seeds": seeds, "max_tokens": max_tokens, "temperature": 1.0, "top_p": 1.0}
-        answer = self.ask({**job, "stop": stop})
+        answer = self.ask({**job, "stop": stop, "min_tokens": max_tokens if fixed else 0})
         return summary([tuple(r) for r in answer["requests"]], answer["wall"])
 
 
@@ -392,13 +399,16 @@ def round_size(args) -> int:
     return max(args.requests, args.per_client * max(int(c) for c in args.clients.split(",")))
 
 
-def measure(args, servers: dict, hf: dict[str, HFGenerate], workdir: str) -> tuple[dict, list[float]]:
+def measure(args, servers: dict, hf: dict[str, HFGenerate], workdir: str, workload: str) -> tuple[dict, list[float]]:
     """Each configuration's rounds (each server's Clients at each client count, then transformers
-    at each thread count), alternating."""
+    at each thread count), alternating. `workload`: "world" (answers end at the model's end of turn,
+    at most --max-tokens) or "fixed" (every answer --output-tokens long: vLLM's ignore_eos)."""
     counts = [int(c) for c in args.clients.split(",")]
-    chats, prompts, stop = world_chats(workdir, round_size(args), args.max_tokens)
-    work = [["ask", m, i, args.max_tokens] for i, m in enumerate(chats)]
-    hf_run = lambda key: hf[key].run(prompts, list(range(len(prompts))), args.max_tokens, stop)
+    fixed = workload == "fixed"
+    tokens = args.output_tokens if fixed else args.max_tokens
+    chats, prompts, stop = world_chats(workdir, round_size(args), tokens)
+    work = [["ask", m, i, tokens, fixed] for i, m in enumerate(chats)]
+    hf_run = lambda key: hf[key].run(prompts, list(range(len(prompts))), tokens, stop, fixed)
     for clients, c in itertools.product(servers.values(), sorted(counts, reverse=True)):
         calm = 0
         for _ in range(8):  # compile the shapes the workload meets: until two rounds in a row add none
@@ -439,7 +449,7 @@ def memory(clients: Clients, workdir: str, n: int, max_tokens: int) -> list[tupl
 
     def job(i: int) -> list:
         kind = "refuse" if i % 16 == 15 else "leave" if i % 8 == 3 else "ask"
-        return [kind, chats[i % len(chats)], i, block_size if kind == "refuse" else max_tokens]
+        return [kind, chats[i % len(chats)], i, block_size if kind == "refuse" else max_tokens, False]
 
     marks = sorted({m for m in (100, n // 2, n, *range(1000, n, 1000)) if 0 < m <= n})
     point = lambda: (done, rss_mib(clients.server_pid), health(clients.url)["programs"])
@@ -470,19 +480,57 @@ def table(figures: dict, hf: dict[str, HFGenerate]) -> list[str]:
     lines = [
         "| server | concurrent clients | requests/s | generated tokens/s (per round) | TTFT p50 / p99 (ms) "
         "| latency p50 / p99 (s) | tokens/request | CPU ms/request: server loop / engine+XLA / client "
-        "| decode steps/request (rows/step) | vs transformers |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| CPU µs/token: the same | decode steps/request (rows/step) | vs transformers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in runs_of(figures) + list(hf):
         m = figures[key]
         name, count = (f"transformers `generate`, {key}", "1 (no HTTP)") if key in hf else map(str, key)
         ratio = f"{m['tokens/s'] / best:.2f}x" if best else "-"
         cpu = " / ".join(f"{m[k] * 1e3 / m['requests']:.1f}" for k in CPU) if m["client"] is not None else "-"
+        tokens = m["tokens/s"] / m["requests/s"] * m["requests"]
+        per_token = " / ".join(f"{m[k] * 1e6 / tokens:.0f}" for k in CPU) if m["client"] is not None else "-"
         steps = f"{m['steps'] / m['requests']:.2f} ({m['step_rows'] / max(m['steps'], 1):.1f})" if m["steps"] else "-"
         lines.append(
             f"| {name} | {count} | {m['requests/s']:.2f} | {m['tokens/s']:.0f} "
             f"({', '.join(f'{x:.0f}' for x in m['per round'])}) | {m['ttft'][0] * 1e3:.0f} / {m['ttft'][1] * 1e3:.0f} "
-            f"| {m['latency'][0]:.2f} / {m['latency'][1]:.2f} | {m['tokens/request']:.1f} | {cpu} | {steps} | {ratio} |"
+            f"| {m['latency'][0]:.2f} / {m['latency'][1]:.2f} | {m['tokens/request']:.1f} | {cpu} | {per_token} "
+            f"| {steps} | {ratio} |"
+        )
+    return lines
+
+
+WORKLOADS = {
+    "world": "answers ended by the model's end of turn (at most {max_tokens} tokens): the chat demo's users",
+    "fixed": "every answer exactly {output_tokens} tokens (vLLM's `ignore_eos`; transformers' `min_new_tokens`): "
+    "decode throughput, as serving benchmarks compare it",
+}
+
+
+def workload_report(args, workload: str, figures: dict, loads: list[float], hf: dict) -> list[str]:
+    """The table of one workload, and its ratios: 16 clients to 1, and to transformers."""
+    clients = [int(c) for c in args.clients.split(",")]
+    lines = [
+        f"\n**Workload {workload}**: {WORKLOADS[workload].format(**vars(args))}; "
+        f"{figures['prompt tokens']:.0f} prompt tokens on average; load average {min(loads):.1f}-{max(loads):.1f} "
+        "on the shared machine (ratios within a round matter, not the absolute figures).",
+        "",
+        *table(figures, hf),
+    ]
+    ours = {c: figures["flaxgpt.serve", c] for c in clients}
+    if len(clients) > 1:
+        for name in {name for name, _ in runs_of(figures)}:
+            many, one = figures[name, clients[-1]], figures[name, clients[0]]
+            lines.append(
+                f"\n{workload} workload, {name}: {clients[-1]} concurrent clients {ratio(many, one)} the generated "
+                f"tokens/s of {clients[0]} at a time."
+            )
+    if hf:
+        fastest = max(hf, key=lambda k: figures[k]["tokens/s"])
+        lines.append(
+            f"{workload} workload against transformers one request at a time ({fastest}): flaxgpt.serve with "
+            f"{clients[-1]} clients {ratio(ours[clients[-1]], figures[fastest])}, with {clients[0]} "
+            f"{ratio(ours[clients[0]], figures[fastest])}."
         )
     return lines
 
@@ -507,7 +555,11 @@ def main() -> None:
         "--baseline-tree",
         help="also serve the run from this source tree (e.g. a `git worktree` of an older commit), in the same rounds",
     )
-    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--max-tokens", type=int, default=48, help="the world workload's answer limit")
+    parser.add_argument(
+        "--workload", default="world,fixed", help="workloads measured, in turn: world, fixed (see WORKLOADS)"
+    )
+    parser.add_argument("--output-tokens", type=int, default=64, help="the fixed workload's answer length")
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--memory-requests", type=int, default=0, help="then this many requests, server RSS read")
     parser.add_argument(
@@ -518,7 +570,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.drive:
         return drive(args.drive, args.client_kind)
-    clients = [int(c) for c in args.clients.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or tiny_run(tmp)
         process, url = start_server(workdir, tmp, args.slots)
@@ -537,7 +588,7 @@ def main() -> None:
                 servers[f"flaxgpt.serve from {args.baseline_tree}"] = Clients(
                     baseline[1], baseline[0].pid, args.client_kind
                 )
-            figures, loads = measure(args, servers, hf, workdir)
+            measured = {w: measure(args, servers, hf, workdir, w) for w in args.workload.split(",")}
             points = memory(drivers, workdir, args.memory_requests, args.max_tokens)
             drivers.close()
             state = settled(url)
@@ -552,11 +603,9 @@ def main() -> None:
         f"## serve vs transformers ({datetime.date.today()}, {platform.node()}, {len(os.sched_getaffinity(0))} cores, "
         f"{served}, {args.slots} slots)",
         "",
-        f"`python benchmarks/serve.py {shlex.join(sys.argv[1:])}`: streamed chat requests (world questions of "
-        f"{figures['prompt tokens']:.0f} prompt tokens on average, temperature 1, up to {args.max_tokens} tokens, "
-        f"ended by the model's end of turn), {round_size(args)} per round to each configuration, {args.rounds} "
-        f"rounds alternating the configurations; load average {min(loads):.1f}-{max(loads):.1f} on the shared "
-        f"machine (ratios within a round matter, not the absolute figures)."
+        f"`python benchmarks/serve.py {shlex.join(sys.argv[1:])}`: streamed chat requests asking the run's world "
+        f"questions (temperature 1), {round_size(args)} per round to each configuration, {args.rounds} "
+        f"rounds alternating the configurations, per workload (below)."
         + (f" torch {next(iter(hf.values())).info['torch']}." if hf else "")
         + " CPU ms/request: the server's main thread (uvicorn's event loop: HTTP, JSON, SSE), its other threads "
         "(the engine's loop and XLA's compute threads), and the process of the `openai` clients "
@@ -565,24 +614,9 @@ def main() -> None:
             if args.client_kind == "threads"
             else "(asyncio tasks, `openai.AsyncOpenAI`)."
         ),
-        "",
-        *table(figures, hf),
     ]
-    ours = {c: figures["flaxgpt.serve", c] for c in clients}
-    if len(clients) > 1:
-        for name in {name for name, _ in runs_of(figures)}:
-            many, one = figures[name, clients[-1]], figures[name, clients[0]]
-            lines.append(
-                f"\n{name}: {clients[-1]} concurrent clients {ratio(many, one)} the generated tokens/s of "
-                f"{clients[0]} at a time."
-            )
-    if hf:
-        fastest = max(hf, key=lambda k: figures[k]["tokens/s"])
-        lines.append(
-            f"Against transformers one request at a time ({fastest}): flaxgpt.serve with {clients[-1]} clients "
-            f"{ratio(ours[clients[-1]], figures[fastest])}, with {clients[0]} "
-            f"{ratio(ours[clients[0]], figures[fastest])}."
-        )
+    for workload, (figures, loads) in measured.items():
+        lines += workload_report(args, workload, figures, loads, hf)
     if len(points) > 1:
         (_, before, shapes), *after = points
         growth = (points[-1][1] - points[1][1]) * 1024 / max(points[-1][0] - points[1][0], 1)
