@@ -253,12 +253,28 @@ def _einsum_attention(
     kv = k.shape[2]
     # Group the query heads that share one key/value head: [b, t, kv, group, d].
     q = q.reshape(b, t, kv, h // kv, d) * jnp.asarray(scale or 1 / math.sqrt(d), q.dtype)
+    if t == 1:
+        return _one_query_attention(q[:, 0], k, v, mask[:, 0], dropout, softcap).reshape(b, t, h, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32)
     if softcap:
         scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = dropout(jax.nn.softmax(scores, axis=-1).astype(q.dtype))
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+
+
+def _one_query_attention(
+    q: Array, k: Array, v: Array, mask: Array, dropout: Callable[[Array], Array], softcap: float
+) -> Array:
+    """`_einsum_attention` for one query per row ([b, kv, group, d], scaled; mask [b, s]): a
+    decode step. Products summed where the keys and values lie: XLA's CPU dots would first
+    transpose every layer's whole cache."""
+    scores = jnp.sum((q[:, None] * k[:, :, :, None]).astype(jnp.float32), axis=-1)  # [b, s, kv, group]
+    if softcap:
+        scores = softcap * jnp.tanh(scores / softcap)
+    scores = jnp.where(mask[:, :, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = dropout(jax.nn.softmax(scores, axis=1).astype(q.dtype))
+    return jnp.sum((probs[..., None] * v[:, :, :, None]).astype(jnp.float32), axis=1).astype(q.dtype)
 
 
 def attention_query_block(cfg: ModelConfig, length: int) -> int:

@@ -236,7 +236,8 @@ def _numpy_attention(q, k, v, segment_ids):
 def test_both_attention_paths_match_an_independent_reference(n_kv_heads, packed):
     """The einsum path, and the layout, scale and mask handed to jax.nn.dot_product_attention
     (cuDNN's path on a GPU, checked here through its XLA implementation): packed documents and
-    padding (the masked kernel), plain rows (the causal-only kernel), GQA."""
+    padding (the masked kernel), plain rows (the causal-only kernel), GQA; one query row at a
+    time (a decode step's own path)."""
     from flaxgpt.model import attention_mask, einsum_attention, fused_attention
 
     keys = jax.random.split(jax.random.PRNGKey(3), 3)
@@ -252,6 +253,9 @@ def test_both_attention_paths_match_an_independent_reference(n_kv_heads, packed)
     blocked = jax.jit(einsum_attention, static_argnames="query_block")
     for block in (1, 5):  # query blocks against the keys up to their last row; 12 rows: a short last block
         np.testing.assert_allclose(np.asarray(blocked(q, k, v, mask, query_block=block)), reference, atol=1e-5)
+    for t in (0, 6, 11):  # one query (a decode step's path): each row alone against all keys
+        one = einsum_attention(q[:, t : t + 1], k, v, mask[:, t : t + 1])
+        np.testing.assert_allclose(np.asarray(one), reference[:, t : t + 1], atol=1e-5)
 
 
 def test_query_blocks_change_neither_logits_nor_gradients():
