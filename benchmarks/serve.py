@@ -570,6 +570,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.drive:
         return drive(args.drive, args.client_kind)
+    unknown = set(args.workload.split(",")) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"--workload: unknown {', '.join(sorted(unknown))} (known: {', '.join(WORKLOADS)})")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or tiny_run(tmp)
         process, url = start_server(workdir, tmp, args.slots)

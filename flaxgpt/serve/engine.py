@@ -7,7 +7,9 @@ number padded to a bucket: a step's cost grows with its rows); a request arrivin
 decode joins them at the next step. Shapes never change, so nothing is compiled per request
 (prompts are padded to a few bucket widths, and their number to a few bucket counts).
 Each request samples with its own seed, temperature and top-p, so its tokens do not depend on
-what it was batched with.
+what it was batched with. A step leaves out the work no active row asks for (the top-p sort, the
+alternatives behind top_logprobs, banning stop tokens before a request's min_tokens): each such
+combination is one more program per row bucket, at most eight.
 """
 
 from __future__ import annotations
