@@ -15,6 +15,7 @@ import argparse
 import datetime
 import os
 import platform
+import shlex
 import sys
 import threading
 import time
@@ -95,7 +96,7 @@ def _report(args, rows, loads) -> str:
         f"## serve engine alone ({datetime.date.today()}, {platform.node()}, {len(os.sched_getaffinity(0))} cores, "
         f"{args.workdir}, 16 slots)",
         "",
-        f"`python benchmarks/serve_engine.py --workdir {args.workdir}`: {args.requests} requests of {args.prompt} "
+        f"`python benchmarks/serve_engine.py {shlex.join(sys.argv[1:])}`: {args.requests} requests of {args.prompt} "
         f"prompt tokens, {args.tokens} greedy tokens each, {args.rounds} rounds alternating the schedules; load "
         f"average {min(loads):.1f}-{max(loads):.1f} on the shared machine (ratios within a round matter).",
         "",
