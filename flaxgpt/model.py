@@ -269,12 +269,13 @@ def _one_query_attention(
     """`_einsum_attention` for one query per row ([b, kv, group, d], scaled; mask [b, s]): a
     decode step. Products summed where the keys and values lie: XLA's CPU dots would first
     transpose every layer's whole cache."""
-    scores = jnp.sum((q[:, None] * k[:, :, :, None]).astype(jnp.float32), axis=-1)  # [b, s, kv, group]
+    f32 = lambda x: x.astype(jnp.float32)  # products in float32 too, as a dot accumulates them
+    scores = jnp.sum(f32(q[:, None]) * f32(k[:, :, :, None]), axis=-1)  # [b, s, kv, group]
     if softcap:
         scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask[:, :, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = dropout(jax.nn.softmax(scores, axis=1).astype(q.dtype))
-    return jnp.sum((probs[..., None] * v[:, :, :, None]).astype(jnp.float32), axis=1).astype(q.dtype)
+    return jnp.sum(f32(probs[..., None]) * f32(v[:, :, :, None]), axis=1).astype(q.dtype)
 
 
 def attention_query_block(cfg: ModelConfig, length: int) -> int:
