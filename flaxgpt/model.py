@@ -253,12 +253,28 @@ def _einsum_attention(
     kv = k.shape[2]
     # Group the query heads that share one key/value head: [b, t, kv, group, d].
     q = q.reshape(b, t, kv, h // kv, d) * jnp.asarray(scale or 1 / math.sqrt(d), q.dtype)
+    if t == 1:
+        return _one_query_attention(q, k, v, mask, dropout, softcap).reshape(b, t, h, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32)
     if softcap:
         scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = dropout(jax.nn.softmax(scores, axis=-1).astype(q.dtype))
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+
+
+def _one_query_attention(
+    q: Array, k: Array, v: Array, mask: Array, dropout: Callable[[Array], Array], softcap: float
+) -> Array:
+    """`_einsum_attention` for one (scaled, grouped) query per row: a decoding step. Products
+    summed in place read the [b, s, kv, d] cache as it is stored, where the einsums' dots would
+    first copy every cached key and value into a heads-major layout, at every step."""
+    scores = jnp.sum(q[:, 0, None] * k[..., None, :], axis=-1).astype(jnp.float32)  # [b, s, kv, g]
+    if softcap:
+        scores = softcap * jnp.tanh(scores / softcap)
+    scores = jnp.where(mask[:, 0, :, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = dropout(jax.nn.softmax(scores, axis=1).astype(q.dtype))
+    return jnp.sum(probs[..., None] * v[:, :, :, None, :], axis=1)  # [b, kv, g, d]
 
 
 def attention_query_block(cfg: ModelConfig, length: int) -> int:

@@ -250,7 +250,9 @@ def test_both_attention_paths_match_an_independent_reference(n_kv_heads, packed)
     np.testing.assert_allclose(np.asarray(fused_attention(q, k, v, mask, implementation="xla")), reference, atol=1e-5)
     np.testing.assert_allclose(np.asarray(einsum_attention(q, k, v, mask)), reference, atol=1e-5)
     blocked = jax.jit(einsum_attention, static_argnames="query_block")
-    for block in (1, 5):  # query blocks against the keys up to their last row; 12 rows: a short last block
+    # query blocks against the keys up to their last row (1: every block is one query, the decoding
+    # step's path); 12 rows: a short last block
+    for block in (1, 5):
         np.testing.assert_allclose(np.asarray(blocked(q, k, v, mask, query_block=block)), reference, atol=1e-5)
 
 
