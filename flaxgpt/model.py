@@ -447,9 +447,8 @@ gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 @jax.custom_vjp
 def swiglu(gate: Array, up: Array) -> Array:
-    """silu(gate) * up, whose backward computes both gradients in one pass from gate and up:
-    autodiff's keeps silu's intermediates and makes several passes over the [tokens, d_ff] arrays,
-    which on a CPU cost about what the MLP's matmuls do."""
+    """silu(gate) * up, whose backward computes both gradients in one pass from gate and up
+    (autodiff's keeps silu's intermediates and makes several passes over the [tokens, d_ff] arrays)."""
     return jax.nn.silu(gate) * up
 
 
