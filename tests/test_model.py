@@ -251,7 +251,9 @@ def test_both_attention_paths_match_an_independent_reference(n_kv_heads, packed)
     np.testing.assert_allclose(np.asarray(fused_attention(q, k, v, mask, implementation="xla")), reference, atol=1e-5)
     np.testing.assert_allclose(np.asarray(einsum_attention(q, k, v, mask)), reference, atol=1e-5)
     blocked = jax.jit(einsum_attention, static_argnames="query_block")
-    for block in (1, 5):  # query blocks against the keys up to their last row; 12 rows: a short last block
+    # query blocks against the keys up to their last row (1: every block is one query, the decoding
+    # step's path); 12 rows: a short last block
+    for block in (1, 5):
         np.testing.assert_allclose(np.asarray(blocked(q, k, v, mask, query_block=block)), reference, atol=1e-5)
     for t in (0, 6, 11):  # one query (a decode step's path): each row alone against all keys
         one = einsum_attention(q[:, t : t + 1], k, v, mask[:, t : t + 1])
@@ -300,3 +302,16 @@ def test_gelu_backward_matches_autodiff():
     reference = jax.vjp(lambda x: jax.nn.gelu(x, approximate=True), x)[1](cotangent)[0]
     np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(gelu(x)), np.asarray(jax.nn.gelu(x, approximate=True)))
+
+
+def test_swiglu_backward_matches_autodiff():
+    """SwiGLU's hand-written backward (both gradients from the saved gate and up) equals autodiff's."""
+    from flaxgpt.model import swiglu
+
+    gate, up = 4 * jax.random.normal(jax.random.PRNGKey(7), (2, 257))
+    cotangent = jax.random.normal(jax.random.PRNGKey(8), (257,))
+    ours = jax.vjp(swiglu, gate, up)[1](cotangent)
+    reference = jax.vjp(lambda g, u: jax.nn.silu(g) * u, gate, up)[1](cotangent)
+    for a, b in zip(ours, reference):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(swiglu(gate, up)), np.asarray(jax.nn.silu(gate) * up))
