@@ -155,7 +155,12 @@ def main() -> None:
     from flaxgpt.trainers import grpo
 
     load = os.getloadavg()[0]
-    settings = [f"train.init_from={args.sft}", f"ppo.reward_from={args.rm}", "train.batch_size=128"]
+    settings = [
+        f"train.init_from={args.sft}",
+        f"ppo.reward_from={args.rm}",
+        "ppo.reward_function=",
+        "train.batch_size=128",
+    ]
     run = grpo.setup(load_experiment("rloo_rm_world", settings), os.path.join(REPO, "runs", "rm_probe"))
     reward_params, sft_params = runs.load(args.rm).params, runs.load(args.sft).params
     names = [args.sft, *[p for p in args.policies.split(",") if p]]
