@@ -344,7 +344,8 @@ class PPOConfig:
     then `epochs` passes over it in `minibatches`; train.max_steps counts PPO steps."""
 
     reward_from: str = ""  # a reward-model run; empty: reward_function
-    # "world": the embedded world's labeler; "module:function": a Python (prompt, response) -> float
+    # "world": the embedded world's labeler; "calculator": checks "What is a plus / minus b?" answers
+    # only (0 elsewhere); "module:function": a Python (prompt, response) -> float
     reward_function: str = ""
     # GRPO / RLOO with both: reward = RM score + reward_function_weight * the function's
     reward_function_weight: float = 1.0
@@ -814,6 +815,8 @@ def _check_ppo(cfg: Config) -> None:
             f"train.trainer='{t.trainer}' needs one of ppo.reward_from (a reward-model run) "
             f"and ppo.reward_function ('world', 'calculator' or 'module:function'){both}"
         )
+    if p.reward_function_weight != 1.0 and not (p.reward_from and p.reward_function):
+        raise ConfigError("ppo.reward_function_weight weighs the function beside ppo.reward_from: set both or neither")
     if t.batch_size % p.minibatches:
         raise ConfigError(
             f"train.batch_size={t.batch_size} (prompts per rollout) must be a multiple of "
