@@ -6,7 +6,8 @@ rates the answers each policy gives on the held-out world questions, judged by t
 
 For each policy (the SFT model first): the labeler's grades of its greedy and sampled (T=1) answers,
 the RM's mean score per grade, how often the RM ranks a correct sample above a wrong answer of the
-right kind to the same question, and the greedy answers it lost. For the SFT model, the ceiling of
+right kind to the same question (also on the sums alone, where the small models' errors are), and
+the greedy answers it lost. For the SFT model, the ceiling of
 RL on this reward: the accuracy of argmax_y [log pi_SFT(y) + r(y) / beta] over the distinct answers
 among the samples and the greedy one (the KL-regularised optimum's mode), with r the RM, and with
 the labeler for comparison. Appends the tables to benchmarks/RESULTS.md.
