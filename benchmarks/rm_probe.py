@@ -6,7 +6,8 @@ rates the answers each policy gives on the held-out world questions, judged by t
 
 For each policy (the SFT model first): the labeler's grades of its greedy and sampled (T=1) answers,
 the RM's mean score per grade, how often the RM ranks a correct sample above a wrong answer of the
-right kind to the same question, and the greedy answers it lost. For the SFT model, the ceiling of
+right kind to the same question (also on the sums alone, where the small models' errors are), and
+the greedy answers it lost. For the SFT model, the ceiling of
 RL on this reward: the accuracy of argmax_y [log pi_SFT(y) + r(y) / beta] over the distinct answers
 among the samples and the greedy one (the KL-regularised optimum's mode), with r the RM, and with
 the labeler for comparison. Appends the tables to benchmarks/RESULTS.md.
@@ -26,6 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks._results import record  # noqa: E402
+from flaxgpt.data.world import is_arithmetic  # noqa: E402
 
 BETAS = (0.1, 0.3, 1.0, 3.0, 1e9)
 
@@ -50,18 +52,24 @@ def describe(run, params, reward_params, samples: int) -> dict:
     greedy = answers(run, params, reward_params, 0, 0.0)
     sampled = [answers(run, params, reward_params, 1 + i, 1.0) for i in range(samples)]
     grades, rms = np.stack([s[1] for s in sampled]), np.stack([s[2] for s in sampled])  # [samples, questions]
-    wins = total = 0
+    sums = np.asarray([is_arithmetic(pr.text) for pr in run.prompts[1]])
+    wins, total = np.zeros(2), np.zeros(2)  # [facts, sums]
     for q in range(grades.shape[1]):
         right, wrong = rms[grades[:, q] == 1.0, q], rms[grades[:, q] == 0.2, q]
-        wins, total = wins + int((right[:, None] > wrong[None, :]).sum()), total + right.size * wrong.size
+        kind = int(sums[q])
+        wins[kind] += (right[:, None] > wrong[None, :]).sum()
+        total[kind] += right.size * wrong.size
     by_grade = lambda g, r: {k: float(r[g == k].mean()) for k in sorted(set(g.ravel().tolist()))}
     return {
         "greedy": greedy,
         "greedy_accuracy": float(np.mean(greedy[1] == 1.0)),
+        "greedy_sums_right": f"{int(np.sum(greedy[1][sums] == 1.0))}/{int(sums.sum())}",
         "sampled_accuracy": float(np.mean(grades == 1.0)),
         "rm_by_grade_greedy": by_grade(greedy[1], greedy[2]),
         "rm_by_grade_sampled": by_grade(grades, rms),
-        "rm_orders_right_first": wins / max(total, 1),
+        "rm_by_grade_sums": by_grade(grades[:, sums], rms[:, sums]),
+        "rm_orders_right_first": wins.sum() / max(total.sum(), 1),
+        "rm_orders_right_first_sums": wins[1] / max(total[1], 1),
         "rm_pick_accuracy": float(np.mean(grades[np.argmax(rms, 0), np.arange(grades.shape[1])] == 1.0)),
         "sampled": sampled,
     }
@@ -109,15 +117,18 @@ def table(names: list[str], described: list[dict], top: dict, args: argparse.Nam
         f"{len(described[0]['greedy'][0])} held-out world questions, {args.samples} samples (T=1) each; grades: "
         "the labeler's (1 exact, 0.5 sloppy, 0.2 wrong of the right kind, 0 other); RM: mean RM score per grade.",
         "",
-        "| policy | greedy acc. | sampled acc. | RM on greedy answers by grade | RM on samples by grade "
-        "| RM ranks right above wrong-kind (same question) | accuracy of the RM's pick of the samples |",
+        "| policy | greedy acc. (sums right) | sampled acc. | RM on greedy answers by grade | RM on samples by grade "
+        "(sums only) | RM ranks right above wrong-kind, same question (sums only) "
+        "| accuracy of the RM's pick of the samples |",
         "|---|---|---|---|---|---|---|",
     ]
     fmt = lambda d: ", ".join(f"{k:g}: {v:+.2f}" for k, v in d.items())
     for name, f in zip(names, described):
         lines.append(
-            f"| {name} | {f['greedy_accuracy']:.3f} | {f['sampled_accuracy']:.3f} | {fmt(f['rm_by_grade_greedy'])} "
-            f"| {fmt(f['rm_by_grade_sampled'])} | {f['rm_orders_right_first']:.3f} | {f['rm_pick_accuracy']:.3f} |"
+            f"| {name} | {f['greedy_accuracy']:.3f} ({f['greedy_sums_right']}) | {f['sampled_accuracy']:.3f} "
+            f"| {fmt(f['rm_by_grade_greedy'])} | {fmt(f['rm_by_grade_sampled'])} ({fmt(f['rm_by_grade_sums'])}) "
+            f"| {f['rm_orders_right_first']:.3f} ({f['rm_orders_right_first_sums']:.3f}) "
+            f"| {f['rm_pick_accuracy']:.3f} |"
         )
     lines += ["", "Mode of the KL-regularised optimum pi_SFT exp(r / beta) over the answers seen (SFT model's):", ""]
     lines += ["| reward | " + " | ".join(f"beta {b:g}" for b in BETAS) + " |", "|---|" + "---|" * len(BETAS)]
@@ -145,7 +156,12 @@ def main() -> None:
     from flaxgpt.trainers import grpo
 
     load = os.getloadavg()[0]
-    settings = [f"train.init_from={args.sft}", f"ppo.reward_from={args.rm}", "train.batch_size=128"]
+    settings = [
+        f"train.init_from={args.sft}",
+        f"ppo.reward_from={args.rm}",
+        "ppo.reward_function=",
+        "train.batch_size=128",
+    ]
     run = grpo.setup(load_experiment("rloo_rm_world", settings), os.path.join(REPO, "runs", "rm_probe"))
     reward_params, sft_params = runs.load(args.rm).params, runs.load(args.sft).params
     names = [args.sft, *[p for p in args.policies.split(",") if p]]

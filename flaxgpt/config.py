@@ -344,8 +344,11 @@ class PPOConfig:
     then `epochs` passes over it in `minibatches`; train.max_steps counts PPO steps."""
 
     reward_from: str = ""  # a reward-model run; empty: reward_function
-    # "world": the embedded world's labeler; "module:function": a Python (prompt, response) -> float
+    # "world": the embedded world's labeler; "calculator": checks "What is a plus / minus b?" answers
+    # only (0 elsewhere); "module:function": a Python (prompt, response) -> float
     reward_function: str = ""
+    # GRPO / RLOO with both: reward = RM score + reward_function_weight * the function's
+    reward_function_weight: float = 1.0
     value_model: Literal["separate", "head"] = "separate"  # own model (from the RM), or a head on the policy
     prompts_path: str = ""  # JSONL {"prompt": ..., "system": optional}; empty on the world: world questions
     world_prompts: int = 2000  # world: size of the training prompt pool
@@ -634,6 +637,7 @@ RANGES: dict[str, str] = {
     "reward.margin": ">= 0",
     # ppo
     "ppo.world_prompts": ">= 1",
+    "ppo.reward_function_weight": ">= 0",
     "ppo.max_new_tokens": ">= 1",
     "ppo.temperature": "> 0",  # rollouts sample
     "ppo.epochs": ">= 1",
@@ -805,11 +809,14 @@ def _check_ppo(cfg: Config) -> None:
     t, p = cfg.train, cfg.ppo
     if not t.init_from:
         raise ConfigError(f"train.trainer='{t.trainer}' starts from a policy: set train.init_from to the SFT run")
-    if bool(p.reward_from) == bool(p.reward_function):
+    if not (p.reward_from or p.reward_function) or (p.reward_from and p.reward_function and t.trainer != "grpo"):
+        both = " (GRPO / RLOO also take both: the sum)" if t.trainer != "grpo" else " or both (the sum)"
         raise ConfigError(
-            f"train.trainer='{t.trainer}' needs exactly one of ppo.reward_from (a reward-model run) "
-            "and ppo.reward_function ('world' or 'module:function')"
+            f"train.trainer='{t.trainer}' needs one of ppo.reward_from (a reward-model run) "
+            f"and ppo.reward_function ('world', 'calculator' or 'module:function'){both}"
         )
+    if p.reward_function_weight != 1.0 and not (p.reward_from and p.reward_function):
+        raise ConfigError("ppo.reward_function_weight weighs the function beside ppo.reward_from: set both or neither")
     if t.batch_size % p.minibatches:
         raise ConfigError(
             f"train.batch_size={t.batch_size} (prompts per rollout) must be a multiple of "

@@ -26,7 +26,7 @@ from flaxgpt.conversations import chat_prompt, padded_chunks, prompt_and_referen
 from flaxgpt.data.jsonl import DataError, read_jsonl
 from flaxgpt.data.packing import PackedRows
 from flaxgpt.data.tokenizers import Tokenizer
-from flaxgpt.data.world import WorldTask
+from flaxgpt.data.world import WorldTask, arithmetic_answer
 from flaxgpt.losses import ranking_loss
 from flaxgpt.model import Transformer
 from flaxgpt.optim import build_optimizer, learning_rate_schedule
@@ -285,6 +285,14 @@ def reference_items(cfg: Any, train: list[Ranking]) -> list[tuple[list[dict], st
     return [prompt_and_reference(c) for c in conversations[:512]]
 
 
+def calculator(prompt: str, response: str) -> float:
+    """A verifier for arithmetic only (RLVR beside an RM): 1 when the prompt asks "What is a plus / minus
+    b?" and the response is exactly the result, else 0 — it knows no world facts, and gives every
+    answer to another question the same 0 (no preference there)."""
+    truth = arithmetic_answer(prompt)
+    return float(truth is not None and response.strip().rstrip(".").strip() == truth)
+
+
 def reward_function(cfg: Any) -> Callable[[str, str], float] | None:
     """The configured Python reward (prompt text, response text) -> score, if any."""
     name = cfg.ppo.reward_function
@@ -292,6 +300,8 @@ def reward_function(cfg: Any) -> Callable[[str, str], float] | None:
         return None
     if name == "world":
         return WorldTask.from_config(cfg).label
+    if name == "calculator":
+        return calculator
     module, _, attr = name.partition(":")
     if not attr:
         raise ConfigError(f"ppo.reward_function={name!r}: expected 'world' or 'module:function'")

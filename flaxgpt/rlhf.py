@@ -395,15 +395,19 @@ def function_scores(run: PPO, prompts: list, gen) -> np.ndarray:
 
 
 def scores(run: PPO, state: PPOState, prompts: list, tokens, mask, gen) -> np.ndarray:
-    """The reward of each response (RM or function), before the EOS penalty."""
-    if run.reward_fn is not None:
+    """The reward of each response (RM, function, or the RM's plus ppo.reward_function_weight
+    times the function's), before the EOS penalty."""
+    if run.models.reward is None:
         return function_scores(run, prompts, gen)
     full, full_mask, lengths, _ = sequences(run, tokens, mask, gen)
     last = run.models.query_width + np.maximum(lengths, 1) - 1
     segments = full_mask.astype(np.int32)
-    return score_sequences(
+    rm = score_sequences(
         run.models.reward, state.frozen["reward"], full, generate.mask_positions(full_mask), segments, last
     )
+    if run.reward_fn is None:
+        return rm
+    return rm + run.cfg.ppo.reward_function_weight * function_scores(run, prompts, gen)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))

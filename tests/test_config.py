@@ -141,6 +141,13 @@ def test_trainer_specific_checks():
     cfg = C.Config(train=C.TrainConfig(trainer="sft"), data=C.DataConfig(source="text", path="x.txt"))
     with pytest.raises(C.ConfigError, match="reads data.source 'world' or 'jsonl'"):
         cfg.validate()
+    load_experiment("rloo_rm_world", ["ppo.reward_function=calculator"]).validate()  # both: the sum
+    with pytest.raises(C.ConfigError, match="ppo.reward_function_weight weighs the function beside ppo.reward_from"):
+        load_experiment("rloo_world", ["ppo.reward_function_weight=3"]).validate()
+    with pytest.raises(C.ConfigError, match=r"needs one of ppo.reward_from .* \(GRPO / RLOO also take both"):
+        load_experiment("ppo_world", ["ppo.reward_function=world"]).validate()
+    with pytest.raises(C.ConfigError, match=r"needs one of ppo.reward_from .* or both"):
+        load_experiment("rloo_rm_world", ["ppo.reward_from=", "ppo.reward_function="]).validate()
 
 
 def test_cli_print_config_and_list(capsys):

@@ -124,6 +124,31 @@ def test_world_demonstrations_are_imperfect_and_labeled():
     assert tok.unk_id not in tok.encode(text)
 
 
+def test_the_calculator_checks_sums_only_and_adds_to_the_rm_by_its_weight(monkeypatch):
+    from types import SimpleNamespace
+
+    from flaxgpt import rlhf
+
+    calc = rewards.calculator
+    assert calc("What is 13 plus 17?", " 30.") == 1.0 and calc("What is 13 minus 7?", "6") == 1.0
+    assert calc("What is 13 plus 17?", "31") == 0.0 and calc("What is 13 plus 17?", "It is 30") == 0.0
+    assert calc("How old is Bo?", "30") == 0.0  # no world facts: no preference
+    world = world_lib.make_world(0)
+    questions = [world_lib.random_question(world, random.Random(1))[0] for _ in range(200)]
+    assert all(calc(q, world_lib.answer(world, q)) == world_lib.is_arithmetic(q) for q in questions)
+    monkeypatch.setattr(rlhf, "score_sequences", lambda *args: np.array([1.0, -2.0], np.float32))
+    monkeypatch.setattr(rlhf, "sequences", lambda *args: (None, np.ones((2, 6), bool), np.array([2, 3]), None))
+    monkeypatch.setattr(rlhf, "function_scores", lambda *args: np.array([1.0, 0.0], np.float32))
+    ppo = SimpleNamespace(reward_function_weight=2.5)
+    run = SimpleNamespace(
+        models=SimpleNamespace(reward="rm", query_width=4), reward_fn=calc, cfg=SimpleNamespace(ppo=ppo)
+    )
+    state = SimpleNamespace(frozen={"reward": None})
+    np.testing.assert_allclose(rlhf.scores(run, state, [], None, None, None), [3.5, -2.0])
+    run.reward_fn = None
+    np.testing.assert_allclose(rlhf.scores(run, state, [], None, None, None), [1.0, -2.0])
+
+
 def test_sft_from_pretrained_lowers_the_assistant_loss(pretrained, tmp_path):
     result = sft.run(sft_config(pretrained), str(tmp_path))
     rows = read_metrics(str(tmp_path))

@@ -25,6 +25,7 @@ _CODAS = ["", "", "n", "r", "l", "s", "th"]
 PETS = ("cat", "dog", "owl", "fox", "goat", "horse", "parrot", "turtle")
 COLORS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")
 QUESTION, ANSWER = "Question: ", "Answer: "
+ARITHMETIC = ("add", "sub")  # the question kinds a calculator can check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,18 +85,27 @@ _TEMPLATES = {
 }
 
 
+def arithmetic_answer(question: str) -> str | None:
+    """The result of an arithmetic question ("What is a plus / minus b?"), or None for any other."""
+    for kind in ARITHMETIC:
+        match = re.fullmatch(_TEMPLATES[kind][1], question.strip())
+        if match:
+            a, b = int(match.group(1)), int(match.group(2))
+            return str(a + b if kind == "add" else a - b)
+    return None
+
+
 def answer(world: World, question: str) -> str | None:
     """The correct answer to a world question, or None if it is not one the world knows."""
     question = question.strip()
+    if (result := arithmetic_answer(question)) is not None:
+        return result
     for kind, (_, pattern) in _TEMPLATES.items():
         match = re.fullmatch(pattern, question)
-        if not match:
+        if not match or kind in ARITHMETIC:
             continue
         if kind == "capital":
             return world.capitals.get(match.group(1))
-        if kind in ("add", "sub"):
-            a, b = int(match.group(1)), int(match.group(2))
-            return str(a + b if kind == "add" else a - b)
         person = world.person(match.group(1))
         return None if person is None else str(getattr(person, kind))
     return None
@@ -108,12 +118,16 @@ def check_answer(world: World, question: str, response: str) -> bool:
     return truth is not None and first_line == truth
 
 
+def is_arithmetic(question: str) -> bool:
+    return arithmetic_answer(question) is not None
+
+
 def random_question(world: World, rng: random.Random) -> tuple[str, str]:
     kind = rng.choice(list(_TEMPLATES))
     template = _TEMPLATES[kind][0]
     if kind == "capital":
         question = template.format(x=rng.choice(list(world.capitals)))
-    elif kind in ("add", "sub"):
+    elif kind in ARITHMETIC:
         a, b = rng.randint(0, world.max_operand), rng.randint(0, world.max_operand)
         if kind == "sub" and b > a:
             a, b = b, a
