@@ -12,6 +12,7 @@ and the conversation goes on. With --prompt it answers once and exits, for scrip
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -139,9 +140,18 @@ def _command(session: ChatSession, line: str, write) -> bool:
     return True
 
 
+def _on_ctrl_c(handler):
+    """Install `handler` for SIGINT, returning the one it replaces (None, and nothing changed,
+    off the main thread, where Python takes no signal handlers)."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, handler)
+
+
 def _turn(session: ChatSession, text: str, write) -> None:
     """Answer one message; a message too long is refused with a note. The reply runs in a worker
-    thread so that Ctrl-C reaches this (main) thread at once and stops the answer."""
+    thread while this (main) thread waits; Ctrl-C meanwhile stops the answer through a signal
+    handler, not a KeyboardInterrupt, which could surface anywhere, even inside Thread.start."""
     try:
         ids = session.prompt_ids(text)
     except MessageTooLong as e:
@@ -149,7 +159,7 @@ def _turn(session: ChatSession, text: str, write) -> None:
         return
     write("assistant> ")
     failure: list[BaseException] = []
-    done = threading.Event()  # not Thread.join: a join interrupted by Ctrl-C marks a live thread dead
+    done = threading.Event()
 
     def work() -> None:
         try:
@@ -159,12 +169,12 @@ def _turn(session: ChatSession, text: str, write) -> None:
         finally:
             done.set()
 
-    threading.Thread(target=work, daemon=True).start()
-    while not done.is_set():
-        try:
-            done.wait(0.05)
-        except KeyboardInterrupt:
-            session.stop.set()
+    previous = _on_ctrl_c(lambda signum, frame: session.stop.set())
+    try:
+        threading.Thread(target=work, daemon=True).start()
+        done.wait()  # a signal's handler runs in between; the wait goes on
+    finally:
+        _on_ctrl_c(previous)
     if failure:
         raise failure[0]
     write(" (stopped)\n" if session.stop.is_set() else "\n")
