@@ -304,7 +304,7 @@ def reward_function(cfg: Any) -> Callable[[str, str], float] | None:
         return calculator
     module, _, attr = name.partition(":")
     if not attr:
-        raise ConfigError(f"ppo.reward_function={name!r}: expected 'world' or 'module:function'")
+        raise ConfigError(f"ppo.reward_function={name!r}: expected 'world', 'calculator' or 'module:function'")
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
