@@ -101,8 +101,8 @@ def answer(world: World, question: str) -> str | None:
     if (result := arithmetic_answer(question)) is not None:
         return result
     for kind, (_, pattern) in _TEMPLATES.items():
-        match = re.fullmatch(pattern, question)
-        if not match or kind in ARITHMETIC:
+        match = None if kind in ARITHMETIC else re.fullmatch(pattern, question)  # answered above
+        if not match:
             continue
         if kind == "capital":
             return world.capitals.get(match.group(1))

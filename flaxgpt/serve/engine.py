@@ -35,6 +35,13 @@ from flaxgpt.sharding import host_value
 MAX_STOP_TOKENS = 4  # stop tokens a request with min_tokens may have banned (a fixed shape)
 
 
+def spans_processes(params: Any) -> bool:
+    """Whether the parameters lie on a mesh over several processes (read when they are set, not
+    on every step: host inputs must then be placed on that mesh)."""
+    sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
+    return isinstance(sharding, NamedSharding) and not sharding.is_fully_addressable
+
+
 class RequestError(UserError):
     """A request the engine cannot serve as asked (HTTP 400)."""
 
@@ -102,6 +109,7 @@ class SlotEngine:
         context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ):
         self.model, self.params, self.step, self.pad_id = model, params, step, pad_id
+        self._spans_processes = spans_processes(params)
         self.block_size, self.slots, self.max_queue, self.context = model.cfg.block_size, slots, max_queue, context
         self._rows: list[Request | None] = [None] * slots
         self._waiting: collections.deque[Request] = collections.deque()
@@ -211,6 +219,7 @@ class SlotEngine:
         if self._pending is not None and not self._active():
             with self._wake:
                 (self.params, self.step), self._pending = self._pending, None
+                self._spans_processes = spans_processes(self.params)
 
     def _admit(self) -> None:
         free = [i for i, r in enumerate(self._rows) if r is None]
@@ -254,11 +263,6 @@ class SlotEngine:
         if self._spans_processes:
             return generate.on_params_mesh(self.params, *arrays)
         return arrays
-
-    @property
-    def _spans_processes(self) -> bool:
-        sharding = getattr(jax.tree.leaves(self.params)[0], "sharding", None)
-        return isinstance(sharding, NamedSharding) and not sharding.is_fully_addressable
 
     def _count(self, **amounts: int) -> None:
         for k, v in amounts.items():
