@@ -57,6 +57,7 @@ from flaxgpt.errors import UserError
 from flaxgpt.model import Transformer
 from flaxgpt.optim import build_optimizer, learning_rate_schedule
 from flaxgpt.rewards import ranking_objective, rewards_at_last
+from flaxgpt.runs import inherit_model, read_run
 from flaxgpt.sharding import batch_sharding, logical_rules, make_mesh
 from flaxgpt.state import abstract_train_state
 from flaxgpt.trainers import dpo, grpo, kto, orpo
@@ -679,8 +680,6 @@ def resolve_for_compile(cfg: Config) -> tuple[Config, list[str]]:
     mc = cfg.model
     source = cfg.train.init_from
     if source and os.path.isfile(os.path.join(source, "config.json")):
-        from flaxgpt.inference import inherit_model, read_run
-
         mc = inherit_model(mc, read_run(source)[0].model, source)
         notes.append(f"model from {source}")
     if not mc.vocab_size:

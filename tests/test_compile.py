@@ -247,3 +247,20 @@ def test_a_grpo_run_that_does_not_fit_is_told_to_sample_fewer_answers():
     tips = aot.suggestions(trainer_config("grpo"), report, mesh)
     assert "fewer answers a step (train.batch_size=4 or a smaller grpo.group_size)" in tips
     assert not any("grad_accum_steps" in tip for tip in tips)
+
+
+def test_init_from_a_finished_run_takes_its_model_and_a_conflict_names_the_field(tmp_path):
+    """A fine-tuning config compiled before it runs gets the model of the run it starts from."""
+    from flaxgpt.data.tokenizers import CharTokenizer
+
+    source = tiny_llama()
+    source.model.n_layer, source.model.vocab_size = 3, 72
+    (tmp_path / "config.json").write_text(C.to_json(source))
+    CharTokenizer("abc").save(str(tmp_path))
+    cfg = C.Config(name="ft", train=C.TrainConfig(init_from=str(tmp_path), batch_size=8)).validate()
+    resolved, notes = aot.resolve_for_compile(cfg)
+    assert (resolved.model.n_layer, resolved.model.vocab_size, resolved.model.recipe) == (3, 72, "llama")
+    assert notes == [f"model from {tmp_path}"]
+    cfg.model.n_layer = 5
+    with pytest.raises(aot.UserError, match="model.n_layer"):
+        aot.resolve_for_compile(cfg)
