@@ -21,6 +21,7 @@ import jax
 
 from flaxgpt import chat_template, cli, generate, host_allocator, runs
 from flaxgpt.errors import UserError
+from flaxgpt.serve.text import AnswerText
 
 COMMANDS = ("/reset", "/system TEXT", "/help", "/quit")
 
@@ -56,26 +57,23 @@ class ChatSession:
             raise MessageTooLong(f"message not sent: {e}") from e
 
     def reply(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
+        self.stop.clear()
         return self.answer(text, self.prompt_ids(text), on_text)
 
     def answer(self, text: str, ids: list[int], on_text: Callable[[str], None] | None = None) -> str:
         """Generate the reply to `text` (rendered as `ids`), streaming it to `on_text`; the
-        exchange joins the conversation. After `stop` is set, only the text shown so far counts."""
+        exchange joins the conversation. After `stop` is set, only the text shown so far counts
+        (the caller clears it before: a Ctrl-C that comes before the answer starts still counts)."""
         tok = self.loaded.tokenizer
         stops = chat_template.stop_tokens(tok)
-        produced: list[int] = []
-        shown = ""
-        self.stop.clear()
+        shown = AnswerText(tok, stop=[])  # the text final so far (an unfinished character waits)
 
-        def stream(tokens) -> None:  # decode all that has come so far; print only the new text
-            nonlocal shown
+        def stream(tokens) -> None:
             token = int(tokens[0])
             if token in stops or self.stop.is_set():  # the row has ended, or the user stopped it
                 return
-            produced.append(token)
-            text_so_far = tok.decode(produced)
-            on_text(text_so_far[len(shown) :])
-            shown = text_so_far
+            if piece := shown.add(token, 0.0, []):
+                on_text(piece)
 
         self.rng, key = jax.random.split(self.rng)
         decode = dataclasses.replace(self.decode, max_new_tokens=self._new_tokens())
@@ -90,7 +88,7 @@ class ChatSession:
                 stop_tokens=stops,
                 on_tokens=stream if on_text is not None and decode.num_beams == 1 else None,
             )
-        answer = shown if self.stop.is_set() else tok.decode(generate.completions(out, stops)[0])
+        answer = shown.text if self.stop.is_set() else tok.decode(generate.completions(out, stops)[0])
         self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
         return answer
 
@@ -140,12 +138,16 @@ def _command(session: ChatSession, line: str, write) -> bool:
     return True
 
 
+_UNCHANGED = object()  # what _on_ctrl_c returns off the main thread: nothing to restore
+
+
 def _on_ctrl_c(handler):
-    """Install `handler` for SIGINT, returning the one it replaces (None, and nothing changed,
-    off the main thread, where Python takes no signal handlers)."""
-    if handler is None or threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGINT, handler)
+    """Install `handler` for SIGINT, returning the one it replaces (_UNCHANGED, and nothing
+    installed, off the main thread, where Python takes no signal handlers). A handler installed
+    outside Python reads as None: Python's own (KeyboardInterrupt) replaces it on restore."""
+    if handler is _UNCHANGED or threading.current_thread() is not threading.main_thread():
+        return _UNCHANGED
+    return signal.signal(signal.SIGINT, signal.default_int_handler if handler is None else handler)
 
 
 def _turn(session: ChatSession, text: str, write) -> None:
@@ -169,6 +171,7 @@ def _turn(session: ChatSession, text: str, write) -> None:
         finally:
             done.set()
 
+    session.stop.clear()
     previous = _on_ctrl_c(lambda signum, frame: session.stop.set())
     try:
         threading.Thread(target=work, daemon=True).start()

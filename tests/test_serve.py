@@ -358,7 +358,13 @@ def test_ignore_eos_and_min_tokens_through_the_openai_client(server, client):
             assert [t.token for t in same] == [t.token for t in short.logprobs.content]
             assert [t.logprob for t in same] == pytest.approx([t.logprob for t in short.logprobs.content], abs=1e-5)
             assert long.message.content.startswith(short.message.content)
-    bad = [{"min_tokens": -1}, {"min_tokens": "3"}, {"ignore_eos": "yes"}, {"min_tokens": 17}]
+    bad = [
+        {"min_tokens": -1},
+        {"min_tokens": "3"},
+        {"ignore_eos": "yes"},
+        {"min_tokens": 17},
+        {"skip_special_tokens": 1},
+    ]
     for extra in bad:
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(**ask, extra_body=extra)
@@ -371,6 +377,7 @@ def test_stop_strings_wait_for_min_tokens():
     """A stop string is looked for only in text that ends past the first min_tokens - 1 tokens'."""
 
     class Chars:
+        specials: dict = {}
         decode = staticmethod(lambda ids: "".join(map(chr, ids)))
 
     def answer(min_tokens: int) -> tuple[str, bool]:
@@ -381,6 +388,43 @@ def test_stop_strings_wait_for_min_tokens():
     assert answer(0) == answer(3) == ("x", True)
     assert answer(4) == answer(7) == ("xaby" + "z", True)  # "ab" ends at the 7th token
     assert answer(8) == ("xabyzabw", False)
+
+
+class _ByteFallback:
+    """Bytes as tokens, decoded as SentencePiece's byte fallback does: each byte of a character
+    not yet complete shows as one U+FFFD; 256 is a special token."""
+
+    specials = {"<|eos|>": 256}
+
+    @staticmethod
+    def decode(ids) -> str:
+        out, pending = "", b""
+        for i in ids:
+            if i == 256:
+                out, pending = out + "\ufffd" * len(pending) + "<|eos|>", b""
+                continue
+            pending += bytes([i])
+            try:
+                out, pending = out + pending.decode(), b""
+            except UnicodeDecodeError:
+                pass
+        return out + "\ufffd" * len(pending)
+
+
+def test_multibyte_characters_split_over_tokens_and_special_tokens_in_answers():
+    def answer(ids, stop=(), min_tokens=0, skip=True) -> tuple[str, bool]:
+        text = AnswerText(_ByteFallback(), list(stop), min_tokens=min_tokens, skip_special_tokens=skip)
+        pieces = [text.add(t, 0.0, []) for t in ids]
+        return "".join(pieces) + text.flush(), text.stopped
+
+    ids = lambda s: list(s.encode())
+    assert answer(ids("price 5€ or 7€ total")) == ("price 5€ or 7€ total", False)
+    assert answer(ids("5€! more"), ["!"]) == ("5€", True)
+    assert answer(ids("€! more"), ["!"], min_tokens=3) == ("€", True)  # "!" is the 4th token
+    assert answer(ids("€! more"), ["!"], min_tokens=5) == ("€! more", False)
+    eos_between = ids("ab") + [256] + ids("cd")
+    assert answer(eos_between) == ("abcd", False)  # an end of turn run past (ignore_eos) is not text
+    assert answer(eos_between, skip=False) == ("ab<|eos|>cd", False)
 
 
 def test_errors_have_openais_shape_and_the_server_keeps_serving(server, client):
@@ -440,8 +484,16 @@ def test_chat_page_rows_and_export(server, tmp_path):
     edited = _page_chat(url, edit_of=user, content="Question: who?", system="")
     bad = httpx.post(url + "/api/rate", json={"message_id": user, "rating": 1})  # a user turn is not rated
     assert bad.status_code == 404 and bad.json()["error"]["message"] == f"no assistant message {user}"
-    # the rows: every answer, regeneration, edit, follow-up and rating
+    # a refused request stores nothing: not even the user's turn
     store = service.store
+    count = lambda: store.query("SELECT COUNT(*) AS n FROM messages")[0]["n"]
+    before = count()
+    refused = [{"min_tokens": 50, "max_tokens": 3}, {"content": "x" * 200}, {"edit_of": user, "temperature": 7}]
+    for extra in refused:
+        r = httpx.post(url + "/api/chat", json={"content": "Question: who?", "parent_id": a2, **extra}, timeout=60)
+        assert r.status_code == 400, (extra, r.text)
+    assert count() == before
+    # the rows: every answer, regeneration, edit, follow-up and rating
     rows = store.query(
         "SELECT id, parent_id, role, kind, revises_id, step, content FROM messages WHERE conversation_id = ?", (cid,)
     )

@@ -112,8 +112,17 @@ class Job:
         tok, n = service.tokenizer, settings.n
         max_tokens = settings.max_tokens or service.block_size - len(prompt)
         settings.check_min_tokens(max_tokens)
-        text = lambda: AnswerText(tok, settings.stop, settings.logprobs, settings.top_logprobs, settings.min_tokens)
-        self.answers = [text() for _ in range(n)]
+        self.answers = [
+            AnswerText(
+                tok,
+                settings.stop,
+                settings.logprobs,
+                settings.top_logprobs,
+                settings.min_tokens,
+                settings.skip_special_tokens,
+            )
+            for _ in range(n)
+        ]
         seeds = [(settings.seed + i) % 2**32 for i in range(n)]
         self.requests = [
             EngineRequest(

@@ -10,6 +10,7 @@ GET  /api/conversations/{id} -> the branch ending at its newest message, with la
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from typing import Any
 
@@ -39,28 +40,49 @@ def _text(body: dict, name: str) -> str:
     return value
 
 
-def _turn(store, body: dict) -> tuple[int, int, str, int | None]:
-    """Store the user's turn the request makes (none for a regeneration): (conversation, user row,
-    answer kind, the answer it replaces)."""
+@dataclasses.dataclass(frozen=True)
+class _Turn:
+    """What a chat request asks for, read and checked before anything is stored."""
+
+    conversation: int | None  # None: a new conversation
+    parent: int | None  # the answer the user turn follows (None: the conversation's start)
+    content: str | None  # the user's message; None for a regeneration, whose user turn exists
+    system: str
+    kind: str  # of the answer: "message" or "regeneration"
+    user: int | None = None  # a regeneration's existing user turn
+    revises: int | None = None  # the answer a regeneration replaces
+    edit_of: int | None = None  # the user turn an edit replaces
+
+
+def _read_turn(store, body: dict) -> _Turn:
     regenerate, edit_of = _id(body, "regenerate"), _id(body, "edit_of")
     if regenerate is not None:
         answer = _row(store, regenerate, "assistant")
-        return answer["conversation_id"], answer["parent_id"], "regeneration", regenerate
+        user = _row(store, answer["parent_id"], "user")
+        conversation, system = answer["conversation_id"], user["system"]
+        return _Turn(conversation, user["parent_id"], None, system, "regeneration", user["id"], regenerate)
     content, system = _text(body, "content"), _text(body, "system")
     if not content.strip():
         raise BadParam("content", "the message is empty")
     if edit_of is not None:
         old = _row(store, edit_of, "user")
-        conversation, parent = old["conversation_id"], old["parent_id"]
-        user = store.add_message(conversation, parent, "user", content, system=system, kind="edit", revises_id=edit_of)
-        return conversation, user, "message", None
-    parent = _id(body, "parent_id")
-    conversation = _id(body, "conversation_id")
+        return _Turn(old["conversation_id"], old["parent_id"], content, system, "message", edit_of=edit_of)
+    parent, conversation = _id(body, "parent_id"), _id(body, "conversation_id")
     if parent is not None:
         conversation = _row(store, parent, "assistant")["conversation_id"]
-    elif conversation is None:
-        conversation = store.new_conversation()
-    return conversation, store.add_message(conversation, parent, "user", content, system=system), "message", None
+    return _Turn(conversation, parent, content, system, "message")
+
+
+def _store_turn(store, turn: _Turn) -> tuple[int, int]:
+    """(conversation, user turn): the user's message is stored once its answer has been accepted."""
+    if turn.content is None:
+        return turn.conversation, turn.user
+    conversation = store.new_conversation() if turn.conversation is None else turn.conversation
+    kind = "message" if turn.edit_of is None else "edit"
+    user = store.add_message(
+        conversation, turn.parent, "user", turn.content, system=turn.system, kind=kind, revises_id=turn.edit_of
+    )
+    return conversation, user
 
 
 def _row(store, message_id: int, role: str) -> dict:
@@ -73,18 +95,37 @@ def _row(store, message_id: int, role: str) -> dict:
 def history(store, user_id: int) -> list[dict]:
     """The conversation up to a user turn, as chat messages, under that turn's system message."""
     path = store.path(user_id)
-    system = path[-1]["system"]
+    return _as_chat(path, path[-1]["system"])
+
+
+def _as_chat(path: list[dict], system: str) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + [
         {"role": m["role"], "content": m["content"]} for m in path
     ]
 
 
-async def _answer(service, store, body: dict, conversation: int, user_id: int, kind: str, revises: int | None):
+def _messages(store, turn: _Turn) -> list[dict]:
+    """The chat messages the answer continues, the user's new message included (not stored yet)."""
+    if turn.content is None:
+        return history(store, turn.user)
+    path = store.path(turn.parent) + [{"role": "user", "content": turn.content}]
+    return _as_chat(path, turn.system)
+
+
+async def _answer(service, store, body: dict):
+    """Check the request and submit its answer; only then store the user's turn (a refused
+    request leaves no row), and the answer when it is done."""
     from flaxgpt.serve.app import Job, sse
 
     settings = params.settings({**body, "n": 1, "stream": True, "stop": None})
-    prompt = service.chat_prompt(history(store, user_id), settings)
+    turn = await asyncio.to_thread(_read_turn, store, body)
+    prompt = service.chat_prompt(await asyncio.to_thread(_messages, store, turn), settings)
     job = Job(service, prompt, settings, tuple(chat_template.stop_tokens(service.tokenizer)))
+    try:
+        conversation, user_id = await asyncio.to_thread(_store_turn, store, turn)
+    except BaseException:
+        job.cancel()
+        raise
 
     async def events():
         yield sse({"type": "start", "conversation_id": conversation, "user_id": user_id})
@@ -99,8 +140,8 @@ async def _answer(service, store, body: dict, conversation: int, user_id: int, k
                     user_id,
                     "assistant",
                     job.answers[0].text,
-                    kind=kind,
-                    revises_id=revises,
+                    kind=turn.kind,
+                    revises_id=turn.revises,
                     step=job.step,
                     settings=settings.record(),
                     finish_reason=payload,
@@ -151,7 +192,7 @@ def add_routes(app: FastAPI, service) -> None:
     @app.post("/api/chat")
     async def chat(request: Request):
         body = await read_body(request)
-        return await _answer(service, store(), body, *await asyncio.to_thread(_turn, store(), body))
+        return await _answer(service, store(), body)
 
     @app.post("/api/rate")
     async def rate(request: Request):

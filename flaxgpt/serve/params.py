@@ -34,6 +34,7 @@ class Settings:
     include_usage: bool
     min_tokens: int = 0  # vLLM's: no end of turn / end of text and no stop string before this many tokens
     ignore_eos: bool = False  # vLLM's: the end of turn / end of text does not end the answer
+    skip_special_tokens: bool = True  # vLLM's: special tokens are not part of the answer's text
 
     def check_min_tokens(self, max_tokens: int) -> None:
         """min_tokens against the answer's length limit (`max_tokens` or what the context leaves)."""
@@ -42,7 +43,7 @@ class Settings:
 
     def record(self) -> dict:
         """What the feedback database keeps of them."""
-        keep = ("max_tokens", "temperature", "top_p", "seed", "stop")
+        keep = ("max_tokens", "temperature", "top_p", "seed", "stop", "min_tokens", "ignore_eos")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -57,10 +58,10 @@ def _number(body: dict, name: str, default: float, low: float, high: float, *, i
     return value
 
 
-def _flag(body: dict, name: str) -> bool:
-    value = body.get(name, False)
+def _flag(body: dict, name: str, default: bool = False) -> bool:
+    value = body.get(name)
     if value is None:
-        return False
+        return default
     if not isinstance(value, bool):
         raise BadParam(name, f"'{name}' must be true or false, got {value!r}")
     return value
@@ -78,7 +79,7 @@ def _stop(body: dict) -> list[str]:
 
 def settings(body: dict, *, top_logprobs_name: str = "top_logprobs") -> Settings:
     """The decoding settings of a chat or completions request body (OpenAI's parameters, and
-    vLLM's `min_tokens` and `ignore_eos`, which the openai client sends through `extra_body`)."""
+    vLLM's `min_tokens`, `ignore_eos` and `skip_special_tokens`, which the openai client sends through `extra_body`)."""
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
         max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", 0, 1, 2**31, integer=True)
@@ -105,6 +106,7 @@ def settings(body: dict, *, top_logprobs_name: str = "top_logprobs") -> Settings
         include_usage=bool(options.get("include_usage")),
         min_tokens=_number(body, "min_tokens", 0, 0, 2**31, integer=True),
         ignore_eos=_flag(body, "ignore_eos"),
+        skip_special_tokens=_flag(body, "skip_special_tokens", default=True),
     )
 
 
