@@ -637,7 +637,7 @@ RANGES: dict[str, str] = {
     "reward.margin": ">= 0",
     # ppo
     "ppo.world_prompts": ">= 1",
-    "ppo.reward_function_weight": ">= 0",
+    "ppo.reward_function_weight": "> 0",
     "ppo.max_new_tokens": ">= 1",
     "ppo.temperature": "> 0",  # rollouts sample
     "ppo.epochs": ">= 1",
@@ -816,7 +816,18 @@ def _check_ppo(cfg: Config) -> None:
             f"and ppo.reward_function ('world', 'calculator' or 'module:function'){both}"
         )
     if p.reward_function_weight != 1.0 and not (p.reward_from and p.reward_function):
-        raise ConfigError("ppo.reward_function_weight weighs the function beside ppo.reward_from: set both or neither")
+        where = "GRPO / RLOO only: " if t.trainer != "grpo" else ""
+        raise ConfigError(
+            f"ppo.reward_function_weight weighs the function beside ppo.reward_from ({where}set both or neither)"
+        )
+    if t.trainer == "grpo":
+        unread = [k for k in _PPO_ONLY if getattr(p, k) != getattr(PPOConfig(), k)]
+        if unread:
+            raise ConfigError(
+                f"ppo.{unread[0]} is PPO's: train.trainer='grpo' does not read it (GRPO / RLOO take the "
+                "prompts, reward, lengths and temperature from ppo, their own settings from grpo)"
+            )
+        return _check_prompts(cfg)
     if t.batch_size % p.minibatches:
         raise ConfigError(
             f"train.batch_size={t.batch_size} (prompts per rollout) must be a multiple of "
@@ -829,10 +840,36 @@ def _check_ppo(cfg: Config) -> None:
             "ppo.rounds > 1 retrains the reward model on new comparisons ranked by the world's "
             "labeler: it needs data.source='world' and ppo.reward_from"
         )
-    if not p.prompts_path and cfg.data.source != "world":
+    _check_prompts(cfg)
+
+
+def _check_prompts(cfg: Config) -> None:
+    if not cfg.ppo.prompts_path and cfg.data.source != "world":
         raise ConfigError(
-            f"train.trainer='{t.trainer}' needs ppo.prompts_path (JSONL prompts) unless data.source='world'"
+            f"train.trainer='{cfg.train.trainer}' needs ppo.prompts_path (JSONL prompts) unless data.source='world'"
         )
+
+
+# the ppo section's settings only PPO reads (a GRPO / RLOO run setting one would silently ignore it)
+_PPO_ONLY = (
+    "value_model",
+    "epochs",
+    "minibatches",
+    "gamma",
+    "lam",
+    "clip",
+    "value_clip",
+    "value_coef",
+    "entropy_coef",
+    "whiten_rewards",
+    "kl_coef",
+    "adaptive_kl",
+    "kl_horizon",
+    "ptx_coef",
+    "ptx_batch_size",
+    "rounds",
+    "round_rm_steps",
+)
 
 
 def _check_cross_fields(cfg: Config) -> None:

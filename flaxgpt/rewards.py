@@ -303,12 +303,15 @@ def reward_function(cfg: Any) -> Callable[[str, str], float] | None:
     if name == "calculator":
         return calculator
     module, _, attr = name.partition(":")
-    if not attr:
+    if not (module and attr) or module.startswith("."):
         raise ConfigError(f"ppo.reward_function={name!r}: expected 'world', 'calculator' or 'module:function'")
     try:
-        return getattr(importlib.import_module(module), attr)
+        function = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"ppo.reward_function={name!r}: cannot load it ({e})") from e
+    if not callable(function):
+        raise ConfigError(f"ppo.reward_function={name!r} is a {type(function).__name__}, not a function")
+    return function
 
 
 def retrain(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -391,7 +392,17 @@ def sequences(run: PPO, tokens, mask, gen):
 
 def function_scores(run: PPO, prompts: list, gen) -> np.ndarray:
     texts = responses(run, gen)
-    return np.asarray([float(run.reward_fn(pr.text, r)) for pr, r in zip(prompts, texts)], np.float32)
+    out = np.empty(len(texts), np.float32)
+    for i, (prompt, response) in enumerate(zip(prompts, texts)):
+        score = run.reward_fn(prompt.text, response)
+        number = not isinstance(score, bool) and (
+            isinstance(score, numbers.Real) or getattr(score, "shape", None) == ()
+        )
+        if not number or not np.isfinite(float(score)):
+            name = run.cfg.ppo.reward_function
+            raise ConfigError(f"ppo.reward_function={name!r} returned {score!r}: expected a finite number")
+        out[i] = score
+    return out
 
 
 def scores(run: PPO, state: PPOState, prompts: list, tokens, mask, gen) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import typing
 
 import pytest
@@ -148,6 +149,46 @@ def test_trainer_specific_checks():
         load_experiment("ppo_world", ["ppo.reward_function=world"]).validate()
     with pytest.raises(C.ConfigError, match=r"needs one of ppo.reward_from .* or both"):
         load_experiment("rloo_rm_world", ["ppo.reward_from=", "ppo.reward_function="]).validate()
+    with pytest.raises(C.ConfigError, match="GRPO / RLOO only: set both or neither"):
+        load_experiment("ppo_world", ["ppo.reward_function_weight=2"]).validate()
+    with pytest.raises(C.ConfigError, match=r"ppo.reward_function_weight=0.0: expected a finite number > 0"):
+        load_experiment("rloo_rm_world", ["ppo.reward_function=calculator", "ppo.reward_function_weight=0"]).validate()
+    for key in ("ppo.kl_coef=0.3", "ppo.rounds=2", "ppo.ptx_coef=1", "ppo.minibatches=3"):  # PPO's alone
+        with pytest.raises(C.ConfigError, match=f"{key.split('=')[0]} is PPO's: train.trainer='grpo' does not read"):
+            load_experiment("rloo_world", [key]).validate()
+    load_experiment("rloo_world", ["train.batch_size=2"]).validate()  # no ppo.minibatches to divide
+
+
+def test_reward_function_names_are_checked_before_the_run_starts(monkeypatch):
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from flaxgpt import rewards, rlhf
+
+    def loaded(name: str):
+        return rewards.reward_function(C.Config(ppo=C.PPOConfig(reward_function=name)))
+
+    assert loaded("calculator") is rewards.calculator and loaded("math:sqrt")(4.0) == 2.0
+    for name, why in [
+        (":foo", "expected 'world', 'calculator' or 'module:function'"),
+        (".rewards:foo", "expected 'world'"),
+        ("math:", "expected 'world'"),
+        ("no_such_module_x:f", "cannot load it"),
+        ("math:pi", "is a float, not a function"),
+    ]:
+        with pytest.raises(C.ConfigError, match=f"ppo.reward_function='{re.escape(name)}'.*{why}"):
+            loaded(name)
+    # what the function returns is checked where it is used: a number, finite
+    monkeypatch.setattr(rlhf, "responses", lambda run, gen: ["a", "b"])
+    prompts = [SimpleNamespace(text="p")] * 2
+    for returned, ok in [(1, True), (np.float32(0.5), True), ("1", False), (True, False), (float("nan"), False)]:
+        run = SimpleNamespace(reward_fn=lambda p, r: returned, cfg=C.Config(ppo=C.PPOConfig(reward_function="m:f")))
+        if ok:
+            np.testing.assert_allclose(rlhf.function_scores(run, prompts, None), [float(returned)] * 2)
+        else:
+            with pytest.raises(C.ConfigError, match="ppo.reward_function='m:f' returned .*: expected a finite number"):
+                rlhf.function_scores(run, prompts, None)
 
 
 def test_cli_print_config_and_list(capsys):

@@ -33,6 +33,7 @@ from flaxgpt.trainers.scaffold import NonFiniteLoss, RunSpec, Runtime, fit
 
 
 def setup(cfg: Config, workdir: str) -> PPO:
+    reward_fn = reward_function(cfg)  # a bad ppo.reward_function fails before the workdir is made
     rt = Runtime.create(cfg, workdir)
     tc, p = cfg.train, cfg.ppo
     _, tokenizer = read_run(tc.init_from)
@@ -51,7 +52,7 @@ def setup(cfg: Config, workdir: str) -> PPO:
     optimizer = build_optimizer(cfg.optimizer, tc.max_steps * cfg.grpo.epochs, mask)
     labeler = WorldTask.from_config(cfg).label if cfg.data.source == "world" else None
     sources = {"policy": tc.init_from, "reward": p.reward_from}
-    run = PPO(cfg, rt, tokenizer, models, sources, optimizer, reward_function(cfg), labeler, None, [])
+    run = PPO(cfg, rt, tokenizer, models, sources, optimizer, reward_fn, labeler, None, [])
     run.prompts = load_prompts(cfg, run.notes.append)
     return run
 

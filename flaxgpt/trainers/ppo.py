@@ -49,6 +49,7 @@ def _reward_model(cfg: Config, vocab_size: int) -> Any:
 
 
 def setup(cfg: Config, workdir: str) -> PPO:
+    reward_fn = reward_function(cfg)  # a bad ppo.reward_function fails before the workdir is made
     rt = Runtime.create(cfg, workdir)
     tc, p = cfg.train, cfg.ppo
     sft_cfg, tokenizer = read_run(tc.init_from)
@@ -79,7 +80,7 @@ def setup(cfg: Config, workdir: str) -> PPO:
     sources = {"policy": tc.init_from, "value": p.reward_from if from_rm else tc.init_from, "reward": p.reward_from}
     labeler = WorldTask.from_config(cfg).label if cfg.data.source == "world" else None
     ptx = build_text_data(cfg, workdir)[1] if p.ptx_coef > 0 else None
-    run = PPO(cfg, rt, tokenizer, models, sources, optimizer, reward_function(cfg), labeler, ptx, [])
+    run = PPO(cfg, rt, tokenizer, models, sources, optimizer, reward_fn, labeler, ptx, [])
     run.prompts = load_prompts(cfg, run.notes.append)
     return run
 
