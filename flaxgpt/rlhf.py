@@ -46,6 +46,7 @@ from flaxgpt.losses import (
 from flaxgpt.model import Transformer
 from flaxgpt.rewards import padded_width, rewards_at_last, score_sequences
 from flaxgpt.runs import boxed_params as model_params
+from flaxgpt.runs import read_run
 from flaxgpt.sharding import host_value, sharded_abstract
 
 Array = jax.Array
@@ -388,6 +389,19 @@ def sequences(run: PPO, tokens, mask, gen):
     resp_mask = np.arange(resp.shape[1])[None] < lengths[:, None]
     ended = np.isin(resp[np.arange(len(resp)), np.maximum(lengths - 1, 0)], run.stops) & (lengths > 0)
     return np.concatenate([tokens, resp], 1), np.concatenate([mask, resp_mask], 1), lengths, ended.astype(np.float32)
+
+
+def reward_model_config(cfg: Config, vocab_size: int) -> Any:
+    """The reward model's config (ppo.reward_from), checked to fit this policy; None without one."""
+    if not cfg.ppo.reward_from:
+        return None
+    rm_cfg, rm_tokenizer = read_run(cfg.ppo.reward_from)
+    if rm_tokenizer.vocab_size != vocab_size or rm_cfg.model.output != "scalar":
+        raise ConfigError(
+            f"ppo.reward_from={cfg.ppo.reward_from} is not a reward model for this policy "
+            f"(output '{rm_cfg.model.output}', vocabulary {rm_tokenizer.vocab_size} vs {vocab_size})"
+        )
+    return rm_cfg.model
 
 
 def function_scores(run: PPO, prompts: list, gen) -> np.ndarray:

@@ -124,6 +124,19 @@ def test_grpo_and_rloo_raise_a_reward_function(data, tmp_path, advantage):
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(runs.load(workdir).params))
 
 
+def test_grpo_refuses_a_reward_from_that_is_not_a_reward_model_before_making_the_workdir(data, tmp_path):
+    cfg = _config("grpo", data, data["prompts"])
+    cfg.ppo.reward_from, cfg.ppo.prompts_path = data["policy"], data["prompts"]  # an SFT run: logits, no score
+    with pytest.raises(
+        ConfigError, match=r"ppo.reward_from=.* is not a reward model for this policy \(output 'logits'"
+    ):
+        grpo.run(cfg, str(tmp_path / "grpo"))
+    cfg.ppo.reward_from, cfg.ppo.reward_function = "", "math:pi"
+    with pytest.raises(ConfigError, match="is a float, not a function"):
+        grpo.run(cfg, str(tmp_path / "pi"))
+    assert not os.path.exists(tmp_path / "pi")
+
+
 @pytest.mark.parametrize(
     "name, records, extra",
     [

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from flaxgpt import lora, rlhf
-from flaxgpt.config import Config, ConfigError
+from flaxgpt.config import Config
 from flaxgpt.data.packing import PackedRows
 from flaxgpt.data.world import WorldTask
 from flaxgpt.losses import group_advantages, grpo_loss
@@ -42,9 +42,7 @@ def setup(cfg: Config, workdir: str) -> PPO:
     source = read_run(tc.init_from)[0].model
     policy_cfg = inherit_model(dataclasses.replace(cfg.model, output="logits"), source, tc.init_from)
     cfg = dataclasses.replace(cfg, model=policy_cfg)
-    reward_cfg = read_run(p.reward_from)[0].model if p.reward_from else None
-    if reward_cfg is not None and reward_cfg.output != "scalar":
-        raise ConfigError(f"ppo.reward_from={p.reward_from} is not a reward model (output '{reward_cfg.output}')")
+    reward_cfg = rlhf.reward_model_config(cfg, tokenizer.vocab_size)
     width = rlhf.query_width(p, policy_cfg.block_size)
     policy = Transformer(policy_cfg)
     models = Models(policy, policy, Transformer(reward_cfg) if reward_cfg else None, False, width)

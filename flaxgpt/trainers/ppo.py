@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxgpt import host_allocator, lora, rlhf
-from flaxgpt.config import Config, ConfigError
+from flaxgpt.config import Config
 from flaxgpt.data.packing import PackedRows
 from flaxgpt.data.text import build_text_data
 from flaxgpt.data.world import WorldTask
@@ -35,19 +35,6 @@ from flaxgpt.sharding import host_value, sharded_abstract
 from flaxgpt.trainers.scaffold import NonFiniteLoss, RunSpec, Runtime, fit
 
 
-def _reward_model(cfg: Config, vocab_size: int) -> Any:
-    """The reward model's config (ppo.reward_from), checked to fit this policy; None without one."""
-    if not cfg.ppo.reward_from:
-        return None
-    rm_cfg, rm_tokenizer = read_run(cfg.ppo.reward_from)
-    if rm_tokenizer.vocab_size != vocab_size or rm_cfg.model.output != "scalar":
-        raise ConfigError(
-            f"ppo.reward_from={cfg.ppo.reward_from} is not a reward model for this policy "
-            f"(output '{rm_cfg.model.output}', vocabulary {rm_tokenizer.vocab_size} vs {vocab_size})"
-        )
-    return rm_cfg.model
-
-
 def setup(cfg: Config, workdir: str) -> PPO:
     reward_fn = reward_function(cfg)  # a bad ppo.reward_function fails before the workdir is made
     rt = Runtime.create(cfg, workdir)
@@ -57,7 +44,7 @@ def setup(cfg: Config, workdir: str) -> PPO:
         tokenizer.save(workdir)
     policy_cfg = inherit_model(dataclasses.replace(cfg.model, output="logits"), sft_cfg.model, tc.init_from)
     cfg = dataclasses.replace(cfg, model=policy_cfg)
-    reward_cfg = _reward_model(cfg, tokenizer.vocab_size)
+    reward_cfg = rlhf.reward_model_config(cfg, tokenizer.vocab_size)
     # a separate value model starts from the reward model (else from the SFT run); a value head
     # lives on the policy's trunk. With LoRA it carries the policy's adapters (its head trains too)
     from_rm = reward_cfg is not None and p.value_model == "separate"
