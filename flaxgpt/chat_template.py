@@ -9,7 +9,10 @@ can never forge a turn. A conversation starts with what the model's own tokenize
 a text (an imported Llama's BOS; nothing for flaxgpt's own tokenizers). A prompt for
 generation ends with `<|assistant|>`; the model answers and closes with `<|end|>`, the stop
 token. When a conversation does not fit the context, the oldest exchanges go first (history
-always resumes at a user turn); the system message always stays.
+always resumes at a user turn); the system message always stays. A conversation whose latest
+user turn and what follows it do not fit is a ValueError, never an answer without its question:
+every training path (SFT, DPO/KTO/ORPO, the reward model, the online learner) renders through
+here and refuses (or, with data.on_error=skip, skips) such a record.
 
 An imported model whose directory has a Jinja `chat_template` (tokenizer_config.json or
 chat_template.jinja) chats in that format instead, rendered as transformers'
@@ -106,6 +109,11 @@ def render(
         raise ValueError(
             f"the system message and the latest turn alone take {len(ids)} tokens, more than the "
             f"{max_tokens} available; shorten them or use a model with a longer context"
+        )
+    if dropped and turns[dropped].get("role") != "user":  # an answer kept without its question
+        raise ValueError(
+            f"the latest user turn and what follows it need more than the {max_tokens} tokens available; "
+            "shorten them or use a model with a longer context"
         )
     return RenderedChat(ids, mask, dropped)
 

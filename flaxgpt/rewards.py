@@ -54,18 +54,10 @@ def response_ids(prompt: Sequence[dict], response: str, tokenizer: Tokenizer, bl
     """Tokens of prompt + response as the chat template renders them; the reward is read at the
     last one (the response's <|end|>). Older exchanges of a long history are dropped to fit;
     a ValueError if even the last user turn and the response do not."""
-    turns = [m for m in prompt if m["role"] != "system"]
-    last_user = max((i for i, m in enumerate(turns) if m["role"] == "user"), default=-1)
-    rendered = render(
-        list(prompt) + [{"role": "assistant", "content": response}], tokenizer, block_size, add_generation_prompt=False
-    )
-    if last_user < 0 or rendered.dropped_turns > last_user:
-        raise ValueError(
-            f"the prompt's last user turn and the response need more than block_size={block_size} tokens"
-            if last_user >= 0
-            else "the prompt has no user turn"
-        )
-    return rendered.ids
+    if not any(m["role"] == "user" for m in prompt):
+        raise ValueError("the prompt has no user turn")
+    messages = list(prompt) + [{"role": "assistant", "content": response}]
+    return render(messages, tokenizer, block_size, add_generation_prompt=False).ids
 
 
 def padded_width(longest: int, limit: int, multiple: int = 16) -> int:

@@ -47,6 +47,27 @@ def test_oldest_turns_are_dropped_first_and_the_system_message_stays():
         chat_template.render(messages, TOK, 12)
 
 
+def test_every_training_path_refuses_an_answer_whose_question_does_not_fit():
+    from flaxgpt.conversations import chat_prompt, conversation_example
+    from flaxgpt.preference import Feedback, Pair, feedback_rows, pair_rows
+    from flaxgpt.rewards import response_ids
+
+    question = "what is the capital " * 5  # 100 characters: more than the block, the answer alone fits
+    conversation = chat_prompt(question) + [{"role": "assistant", "content": "paris"}]
+    refused = "the latest user turn and what follows it need more than"
+    with pytest.raises(ValueError, match=refused):
+        chat_template.render(conversation, TOK, 64, add_generation_prompt=False)
+    for train in (
+        lambda: conversation_example(conversation, TOK, 64),  # SFT
+        lambda: pair_rows([Pair(chat_prompt(question), "paris", "rome")], TOK, 64),  # DPO / ORPO
+        lambda: feedback_rows([Feedback(chat_prompt(question), "paris", True)], TOK, 64),  # KTO, online
+        lambda: response_ids(chat_prompt(question), "paris", TOK, 64),  # reward model
+    ):
+        with pytest.raises(ValueError, match=refused):
+            train()
+    assert TOK.decode(conversation_example(conversation, TOK, 200)[0]).startswith(USER + question)
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("chat") / "run")
