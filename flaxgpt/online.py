@@ -23,6 +23,8 @@ trained on, each with its best-supported answer so far (`replay`: as thumbs-up r
 counted as used again).
 An update reads at most `limit` ratings rows (online.max_events): the cursor stops at the last
 one read, so a learner slower than its users lags behind but still trains on every event once.
+A window with nothing to train on (every new rating held out) is no update: the learner waits
+for more ratings and reads the window again with them (`window`).
 Every fifth rating (row id divisible by HOLDOUT) is held out: never trained on, it is what the
 guard's loss on recent thumbs-up answers and preference accuracy on held-out pairs are measured
 on.
@@ -111,6 +113,20 @@ def read_events(db: str, cursor: int, message_cursor: int = 0, limit: int = 0) -
         return events
     finally:
         store.close()
+
+
+def window(db: str, cursor: int, message_cursor: int, limit: int) -> Events | None:
+    """The next update's events: `read_events`, its window widened (the limit doubled) while a full
+    window holds nothing to train on; None (wait for more ratings) when all the ratings after the
+    cursor are held out or their answers' latest ratings are: the cursor stays, and the next update
+    reads these rows again with the newer ones."""
+    while True:
+        events = read_events(db, cursor, message_cursor, limit)
+        if events.records or events.pairs:
+            return events
+        if not limit or len(events.rating_ids) < limit:
+            return None
+        limit *= 2
 
 
 def _corrections(store: FeedbackStore, events: Events) -> None:

@@ -247,6 +247,22 @@ def test_corrections_become_demonstrations_and_an_update_reads_at_most_its_limit
     store.close()
 
 
+def test_a_window_of_held_out_ratings_waits_for_more_and_a_full_one_widens(tmp_path):
+    from flaxgpt.serve.store import FeedbackStore
+
+    store = FeedbackStore(str(tmp_path / "feedback.sqlite"))
+    answers = [_asked(store, f"What is {i} plus 1?", "7")[2] for i in range(6)]
+    for answer in answers[:4]:
+        store.rate(answer, 1)
+    store.rate(answers[4], -1)  # rating 5: held out
+    assert online.read_events(store.file, 4, 0, limit=1).records == []
+    assert online.window(store.file, 4, 0, limit=1) is None  # nothing to train on: wait, the cursor stays
+    store.rate(answers[5], 1)  # rating 6: trainable
+    events = online.window(store.file, 4, 0, limit=1)  # (4, 5] is full and empty: widened to (4, 6]
+    assert events.rating_ids == [5, 6] and [(r.response, r.desirable) for r in events.records] == [("7", True)]
+    store.close()
+
+
 def test_rehearsal_tallies_every_rating_of_a_question_so_noisy_clicks_are_outvoted(tmp_path):
     from flaxgpt.serve.store import FeedbackStore
 

@@ -242,7 +242,7 @@ def regressions(before: dict[str, float], after: dict[str, float], limits: Any) 
 
 def update(learner: Learner, latest: int, stop: _StopSignals) -> int | None:
     """One update from the events after the newest checkpoint's cursor, saved and decided; its
-    step, or None when there are too few events. A stop signal abandons it (nothing is lost:
+    step, or None when there are too few events or none to train on. A stop signal abandons it (nothing is lost:
     the cursor has not moved)."""
     cfg, ck = learner.cfg, learner.checkpointer
     record = ck.read_record(latest)["online"]
@@ -252,7 +252,9 @@ def update(learner: Learner, latest: int, stop: _StopSignals) -> int | None:
     # about what one pass of the update's steps trains on, beside the rehearsed records: a learner
     # slower than its users lags behind rather than skipping events
     limit = max(cfg.online.steps_per_update * cfg.train.batch_size - cfg.online.replay, cfg.online.min_events)
-    events = online.read_events(learner.db, cursor, record.get("message_cursor", 0), limit)
+    events = online.window(learner.db, cursor, record.get("message_cursor", 0), limit)
+    if events is None:  # every new rating held out: wait for more
+        return None
     replayed = online.replay(learner.db, cursor, events.message_cursor, cfg.online.replay, cfg.train.seed + latest)
     events.records += replayed
     base = online.promoted_step(learner.workdir)
