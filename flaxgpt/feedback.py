@@ -6,11 +6,15 @@ Turns the chat page's feedback database into the project's JSONL schemas (flaxgp
   DIR/pairs.jsonl          two answers to the same user turn, one preferred: {"prompt", "chosen", "rejected"}
                            (one rated up and the other down, or a regeneration rated up or continued
                            from, over the answer it replaced when that one was not rated up)
-  DIR/conversations.jsonl  the conversation up to each thumbs-up answer: {"messages"} (SFT)
+  DIR/conversations.jsonl  the conversation up to each thumbs-up answer: {"messages"} (SFT); left out
+                           when an earlier answer on its path was rated down (SFT learns every
+                           assistant turn of a conversation: a thumbs-down answer is never taught)
 
 The prompt is the answer's user turn; "system" is the system message it was asked under and
 "history" the turns before it. Every record carries "id", made from the database rows it comes
 from (stable across exports), and those rows' ids, so a consumer never uses an event twice.
+The database is opened read-only: export never writes to it, and refuses a file that is not a
+feedback database (one line, exit 2).
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from flaxgpt import cli, fileio
-from flaxgpt.errors import UserError
 from flaxgpt.serve.store import FeedbackStore
 
 
@@ -32,9 +35,10 @@ def _latest_ratings(store: FeedbackStore) -> dict[int, dict]:
     return {r["message_id"]: r for r in store.query("SELECT * FROM ratings ORDER BY id")}
 
 
-def _context(store: FeedbackStore, user_id: int) -> dict:
-    """The prompt fields of a user turn: the turn, its system message and the turns before it."""
-    path = store.path(user_id)
+def _context(store: FeedbackStore, user_id: int, referrer: str) -> dict:
+    """The prompt fields of a user turn (which `referrer` names): the turn, its system message and
+    the turns before it."""
+    path = store.path(user_id, referrer)
     out = {"prompt": path[-1]["content"]}
     if path[-1]["system"]:
         out["system"] = path[-1]["system"]
@@ -45,8 +49,12 @@ def _context(store: FeedbackStore, user_id: int) -> dict:
 def feedback_records(store: FeedbackStore, ratings: dict[int, dict]) -> list[dict]:
     out = []
     for message_id, r in sorted(ratings.items()):
-        m = store.message(message_id)
-        record = {**_context(store, m["parent_id"]), "response": m["content"], "label": r["rating"] > 0}
+        m = store.row(message_id, f"rating {r['id']}")
+        record = {
+            **_context(store, m["parent_id"], f"message {message_id}"),
+            "response": m["content"],
+            "label": r["rating"] > 0,
+        }
         out.append(
             {
                 **record,
@@ -82,7 +90,7 @@ def pair_records(store: FeedbackStore, ratings: dict[int, dict]) -> list[dict]:
                 used = sorted(ratings[m["id"]]["id"] for m in (a, b) if m["id"] in ratings)
                 out.append(
                     {
-                        **_context(store, user_id),
+                        **_context(store, user_id, f"message {group[0]['id']}"),
                         "chosen": a["content"],
                         "rejected": b["content"],
                         "id": f"pair-{a['id']}-{b['id']}",
@@ -100,6 +108,8 @@ def conversation_records(store: FeedbackStore, ratings: dict[int, dict]) -> list
         if r["rating"] <= 0:
             continue
         path = store.path(message_id)
+        if any(ratings.get(m["id"], r)["rating"] < 0 for m in path if m["role"] == "assistant"):
+            continue  # an answer the user rated down on the way: SFT would learn it
         system = path[-2]["system"] if len(path) > 1 else ""
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": m["role"], "content": m["content"]} for m in path
@@ -117,9 +127,7 @@ def conversation_records(store: FeedbackStore, ratings: dict[int, dict]) -> list
 
 def export(db: str, out_dir: str) -> dict[str, int]:
     """Write the three files; returns how many records each got."""
-    if not os.path.exists(db):
-        raise UserError(f"--db {db}: no such feedback database")
-    store = FeedbackStore(db)
+    store = FeedbackStore(db, readonly=True)
     try:
         ratings = _latest_ratings(store)
         files = {

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from flaxgpt import feedback, fileio
 from flaxgpt.preference import Feedback, Pair
 from flaxgpt.serve.page import history
-from flaxgpt.serve.store import FeedbackStore
+from flaxgpt.serve.store import FeedbackStore, StoreError, read_only
 
 PROMOTED = "promoted.json"
 PROMOTIONS = "promotions.jsonl"
@@ -84,10 +84,12 @@ def count_new(db: str, cursor: int) -> int:
     if not os.path.exists(db):
         return 0
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+        with contextlib.closing(read_only(db)) as con:
             return con.execute("SELECT COUNT(*) FROM ratings WHERE id > ?", (cursor,)).fetchone()[0]
     except sqlite3.OperationalError:
         return 0
+    except sqlite3.DatabaseError as e:  # a file that is not SQLite
+        raise StoreError(f"online.db={db}: not a feedback database ({e})") from None
 
 
 def read_events(db: str, cursor: int, message_cursor: int = 0, limit: int = 0) -> Events:
@@ -103,7 +105,7 @@ def read_events(db: str, cursor: int, message_cursor: int = 0, limit: int = 0) -
         _corrections(store, events)
         trained = {r["message_id"] for r in rows if r["id"] % HOLDOUT}
         for message_id in sorted(m for m in trained if latest[m]["id"] % HOLDOUT):
-            answer = store.message(message_id)
+            answer = store.row(message_id, f"rating {latest[message_id]['id']}")
             up = latest[message_id]["rating"] > 0
             events.records.append(Feedback(history(store, answer["parent_id"]), answer["content"], up))
         for p, pair in _pairs(store, latest, cursor, hi):
@@ -236,7 +238,7 @@ def held_out(db: str, upto: int | None, n: int) -> tuple[list[Feedback], list[Pa
     try:
         latest = {r["message_id"]: r for r in store.query("SELECT * FROM ratings WHERE id <= ? ORDER BY id", (upto,))}
         up = [m for m, r in latest.items() if r["rating"] > 0 and r["id"] % HOLDOUT == 0]
-        answers = [store.message(m) for m in sorted(up, key=lambda m: latest[m]["id"])[-n:]]
+        answers = [store.row(m, f"rating {latest[m]['id']}") for m in sorted(up, key=lambda m: latest[m]["id"])[-n:]]
         records = [Feedback(history(store, a["parent_id"]), a["content"], True) for a in answers]
         pairs = [pair for p, pair in _pairs(store, latest, 0, upto) if max(p["rating_ids"]) % HOLDOUT == 0]
         return records, pairs[-n:]

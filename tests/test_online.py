@@ -263,6 +263,25 @@ def test_a_window_of_held_out_ratings_waits_for_more_and_a_full_one_widens(tmp_p
     store.close()
 
 
+def test_a_damaged_or_foreign_database_is_one_line_naming_it(tmp_path):
+    import sqlite3
+
+    from flaxgpt.serve.store import FeedbackStore, StoreError
+
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_text("not a database " * 100)
+    with pytest.raises(StoreError, match=r"online.db=.*garbage.sqlite: not a feedback database"):
+        online.count_new(str(garbage), 0)
+    store = FeedbackStore(str(tmp_path / "feedback.sqlite"))
+    _, question, answer = _asked(store, "What is 1 plus 1?", "2")
+    store.rate(answer, 1)
+    store.close()
+    with sqlite3.connect(tmp_path / "feedback.sqlite") as con:
+        con.execute("DELETE FROM messages WHERE id = ?", (question,))
+    with pytest.raises(StoreError, match=f"names message {question}, which is missing"):
+        online.read_events(str(tmp_path / "feedback.sqlite"), 0)
+
+
 def test_rehearsal_tallies_every_rating_of_a_question_so_noisy_clicks_are_outvoted(tmp_path):
     from flaxgpt.serve.store import FeedbackStore
 

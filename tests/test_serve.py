@@ -19,6 +19,7 @@ import jax
 import pytest
 
 from flaxgpt import chat_template, generate
+from flaxgpt.errors import UserError
 from flaxgpt.serve.engine import Overloaded, Request, RequestError, SlotEngine, bucket, prng_key
 from flaxgpt.serve.text import AnswerText
 from flaxgpt.trainers import pretrain
@@ -690,6 +691,40 @@ def test_stores_opening_a_new_database_at_once_migrate_it_once(tmp_path):
         assert not failed
         with sqlite3.connect(db) as con:
             assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_export_reads_only_feedback_databases_and_never_teaches_a_thumbs_down_answer(tmp_path):
+    from flaxgpt import cli, feedback
+    from flaxgpt.serve.store import FeedbackStore
+
+    db = str(tmp_path / "f.sqlite")
+    store = FeedbackStore(db)
+    c = store.new_conversation()
+    wrong = store.add_message(c, store.add_message(c, None, "user", "2+2?"), "assistant", "5")
+    store.rate(wrong, -1)
+    right = store.add_message(c, store.add_message(c, wrong, "user", "and 3+3?"), "assistant", "6")
+    store.rate(right, 1)
+    alone = store.add_message(c, store.add_message(c, None, "user", "1+1?"), "assistant", "2")
+    store.rate(alone, 1)
+    store.close()
+    out = tmp_path / "out"
+    assert feedback.export(db, str(out)) == {"feedback": 3, "pairs": 0, "conversations": 1}
+    (kept,) = [json.loads(line) for line in (out / "conversations.jsonl").read_text().splitlines()]
+    assert [m["content"] for m in kept["messages"]] == ["1+1?", "2"]  # not the path through "5"
+    empty, other = tmp_path / "empty.sqlite", tmp_path / "other.sqlite"
+    empty.touch()
+    with contextlib.closing(sqlite3.connect(other)) as con:
+        con.execute("CREATE TABLE t (x)")
+    for wrong_db in (empty, other, tmp_path):  # an empty file, another SQLite database, a directory
+        assert cli.run(feedback.main, ["export", "--db", str(wrong_db), "--out", str(tmp_path / "o")]) == 2
+    assert empty.stat().st_size == 0 and not (tmp_path / "o").exists()  # nothing written to either
+    with contextlib.closing(sqlite3.connect(other)) as con:
+        assert [r[0] for r in con.execute("SELECT name FROM sqlite_master")] == ["t"]
+    with contextlib.closing(sqlite3.connect(db)) as con:  # a damaged database: a rating of a missing message
+        con.execute("INSERT INTO ratings (message_id, rating, comment, created) VALUES (999, 1, '', 0)")
+        con.commit()
+    with pytest.raises(UserError, match=r"f.sqlite: rating 4 names message 999, which is missing"):
+        feedback.export(db, str(out))
 
 
 def test_api_key_schema_version_and_cli_errors(server, tmp_path):

@@ -11,9 +11,11 @@ version v to v + 1, each in its own transaction.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
+import urllib.request
 from typing import Any
 
 from flaxgpt.errors import UserError
@@ -55,16 +57,22 @@ class StoreError(UserError):
 class FeedbackStore:
     """The database, shared by the server's threads (one connection, one lock)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, readonly: bool = False):
+        """readonly: open an existing feedback database without writing to it (no migration: a
+        file that is not one at the current schema is a StoreError)."""
         self.file = path
         self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            if readonly:
+                self._db = read_only(path)
+                check_schema(self._db, path)
+            else:
+                self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+                wal(self._db)
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.execute("PRAGMA foreign_keys=ON")
+                migrate(self._db, path)
             self._db.row_factory = sqlite3.Row
-            wal(self._db)
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            migrate(self._db, path)
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{path}: not a usable feedback database ({e})") from None
 
@@ -120,22 +128,52 @@ class FeedbackStore:
 
     def query(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
         with self._lock:
-            return [dict(row) for row in self._db.execute(sql, args)]
+            try:
+                return [dict(row) for row in self._db.execute(sql, args)]
+            except sqlite3.DatabaseError as e:  # a damaged database (a table dropped, a file overwritten)
+                raise StoreError(f"{self.file}: not a usable feedback database ({e})") from None
 
     def message(self, message_id: int) -> dict[str, Any] | None:
         rows = self.query("SELECT * FROM messages WHERE id = ?", (message_id,))
         return rows[0] if rows else None
 
-    def path(self, message_id: int | None) -> list[dict[str, Any]]:
-        """The messages from the conversation's start down to `message_id`, oldest first."""
-        out = []
+    def row(self, message_id: int, referrer: str) -> dict[str, Any]:
+        """Message `message_id`, which `referrer` (a row of this database) names; a StoreError
+        naming both when it is missing (a database edited by hand)."""
+        row = self.message(message_id)
+        if row is None:
+            raise StoreError(
+                f"{self.file}: {referrer} names message {message_id}, which is missing (a damaged database)"
+            )
+        return row
+
+    def path(self, message_id: int | None, referrer: str = "a row") -> list[dict[str, Any]]:
+        """The messages from the conversation's start down to `message_id` (which `referrer`
+        names), oldest first."""
+        out: list[dict[str, Any]] = []
         while message_id is not None:
-            row = self.message(message_id)
-            if row is None:
-                raise KeyError(message_id)
-            out.append(row)
-            message_id = row["parent_id"]
+            out.append(self.row(message_id, f"message {out[-1]['id']}" if out else referrer))
+            message_id = out[-1]["parent_id"]
         return out[::-1]
+
+
+def read_only(path: str) -> sqlite3.Connection:
+    """A connection that cannot write to (or create) `path`."""
+    if not os.path.isfile(path):
+        raise StoreError(f"{path}: no such feedback database")
+    uri = "file:" + urllib.request.pathname2url(os.path.abspath(path)) + "?mode=ro"
+    return sqlite3.connect(uri, uri=True, check_same_thread=False)
+
+
+def check_schema(db: sqlite3.Connection, path: str) -> None:
+    """A StoreError unless `db` is a feedback database at SCHEMA_VERSION with its tables."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"{path} has feedback schema version {version}; this flaxgpt reads up to {SCHEMA_VERSION}")
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    missing = sorted({"conversations", "messages", "ratings"} - tables)
+    if version < SCHEMA_VERSION or missing:
+        raise StoreError(f"{path}: not a feedback database" + (f" (no {', '.join(missing)} table)" if missing else ""))
 
 
 def wal(db: sqlite3.Connection, wait: float = 30.0) -> None:
