@@ -50,12 +50,25 @@ def test_each_schema_accepts_its_example(schema):
         ),
         ("rankings", {"prompt": "p", "responses": ["only one"]}, "at least 2 strings"),
         ("rankings", {"prompt": "p", "responses": ["a", "b"], "scores": [1, 2]}, "must not increase"),
+        ("rankings", {"prompt": "p", "responses": ["a", "b"], "scores": [float("nan"), 1]}, "finite numbers"),
+        ("rankings", {"prompt": "p", "responses": ["a", "b"], "scores": [float("inf"), 1]}, "finite numbers"),
         ("pairs", {"prompt": "p", "chosen": "a", "rejected": None}, "['rejected'] must be strings"),
         ("feedback", {"prompt": "p", "response": "r", "label": "yes"}, "'label' must be true or false"),
     ],
 )
 def test_schema_problems_are_specific(schema, record, fragment):
     assert fragment in schema_problem(record, schema)
+
+
+def test_problems_stay_one_short_line_whatever_the_record_holds(tmp_path):
+    huge = {"messages": [{"role": "bot", "content": "x" * 100_000}]}
+    assert len(schema_problem(huge, "conversations")) < 400
+    many = schema_problem({f"k{i:04}": 1 for i in range(1000)}, "text")
+    assert len(many) < 400 and "'k0009', ... 990 more]" in many
+    path = tmp_path / "control.jsonl"
+    path.write_text('{"text": "a\tb"}\n')  # a raw tab inside a JSON string
+    with pytest.raises(DataError, match=r"\(Invalid control character at column 12\)"):
+        read_jsonl(str(path), "text")
 
 
 def test_malformed_line_names_file_and_line_or_is_skipped(tmp_path):

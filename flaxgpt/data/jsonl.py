@@ -21,6 +21,7 @@ and what is wrong, or, with on_error="skip", is skipped and counted.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -66,6 +67,17 @@ def _is_text(value: Any) -> bool:
     return isinstance(value, str)
 
 
+def _short(value: Any, limit: int = 200) -> str:
+    """repr(value) cut to `limit` characters: an error message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def _keys(record: dict, first: int = 10) -> str:
+    keys = sorted(record)
+    return _short(keys[:first])[:-1] + (f", ... {len(keys) - first} more]" if len(keys) > first else "]")
+
+
 def schema_problem(record: Any, schema: str) -> str | None:
     """What is wrong with `record` under `schema`, or None if it fits."""
     if not isinstance(record, dict):
@@ -80,7 +92,7 @@ def schema_problem(record: Any, schema: str) -> str | None:
     }[schema]
     missing = [k for k in required if k not in record]
     if missing:
-        return f"missing key(s) {missing} for schema '{schema}' (has {sorted(record)})"
+        return f"missing key(s) {missing} for schema '{schema}' (has {_keys(record)})"
     if schema == "text":
         return None if _is_text(record["text"]) else "'text' must be a string"
     if schema == "conversations":
@@ -89,7 +101,7 @@ def schema_problem(record: Any, schema: str) -> str | None:
             return "'messages' must be a non-empty list"
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES or not _is_text(m.get("content")):
-                return f'messages[{i}] must be {{"role": one of {list(ROLES)}, "content": string}}, got {m!r}'
+                return f'messages[{i}] must be {{"role": one of {list(ROLES)}, "content": string}}, got {_short(m)}'
             if m["role"] == "system" and i != 0:
                 return f"messages[{i}]: a system message may only come first"
         if not any(m["role"] == "assistant" for m in messages):
@@ -105,9 +117,9 @@ def schema_problem(record: Any, schema: str) -> str | None:
             if (
                 not isinstance(scores, list)
                 or len(scores) != len(responses)
-                or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores)
+                or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores)
             ):
-                return "'scores' must be a list of numbers, one per response"
+                return "'scores' must be a list of finite numbers (no NaN or Infinity), one per response"
             if any(a < b for a, b in zip(scores, scores[1:])):
                 return "'scores' must not increase: responses are listed best first"
         return None if _is_text(record["prompt"]) else "'prompt' must be a string"
@@ -172,7 +184,7 @@ def _parse(line: str, schema: str) -> tuple[Any, str | None]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        return None, f"not valid JSON ({e.msg} at column {e.colno})"
+        return None, f"not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
     except RecursionError:
         return None, "JSON nested too deeply; expected one flat record per line"
     if lone_surrogate(record):
