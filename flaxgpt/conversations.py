@@ -19,6 +19,14 @@ def chat_prompt(user: str, system: str = "") -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
 
 
+def record_prompt(record: dict) -> list[dict]:
+    """The messages a rankings / pairs / feedback record's answers reply to: its system message,
+    its "history" (the earlier turns of the chat, as `feedback export` writes them) and its prompt."""
+    history = [{"role": m["role"], "content": m["content"]} for m in record.get("history") or []]
+    system = record.get("system") or ""
+    return ([{"role": "system", "content": system}] if system else []) + history + chat_prompt(record["prompt"])
+
+
 def prompt_and_reference(messages: Sequence[dict]) -> tuple[list[dict], str]:
     """Everything before the last assistant turn, and that turn's content (the reference answer)."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")

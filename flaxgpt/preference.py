@@ -30,7 +30,7 @@ import optax
 
 from flaxgpt import fileio, losses
 from flaxgpt.config import Config
-from flaxgpt.conversations import chat_prompt, conversation_example
+from flaxgpt.conversations import conversation_example, record_prompt
 from flaxgpt.data import world as world_lib
 from flaxgpt.data.jsonl import DataError, read_jsonl
 from flaxgpt.data.packing import PackedRows, build_rows
@@ -197,7 +197,7 @@ def pairs_from_records(records: Sequence[dict]) -> list[Pair]:
 
 def feedback_of(record: dict) -> Feedback:
     """The Feedback of one `feedback` record."""
-    return Feedback(chat_prompt(record["prompt"], record.get("system") or ""), record["response"], record["label"])
+    return Feedback(record_prompt(record), record["response"], record["label"])
 
 
 def _schema_of(path: str) -> str:

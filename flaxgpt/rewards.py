@@ -22,7 +22,7 @@ import numpy as np
 from flaxgpt import generate, lora
 from flaxgpt.chat_template import render, stop_tokens
 from flaxgpt.config import ConfigError
-from flaxgpt.conversations import chat_prompt, padded_chunks, prompt_and_reference
+from flaxgpt.conversations import padded_chunks, prompt_and_reference, record_prompt
 from flaxgpt.data.jsonl import DataError, read_jsonl
 from flaxgpt.data.packing import PackedRows
 from flaxgpt.data.tokenizers import Tokenizer
@@ -43,7 +43,7 @@ class Ranking:
     @classmethod
     def from_record(cls, record: dict) -> Ranking:
         """A rankings- or pairs-schema record."""
-        prompt = chat_prompt(record["prompt"], record.get("system") or "")
+        prompt = record_prompt(record)
         responses = record["responses"] if "responses" in record else [record["chosen"], record["rejected"]]
         scores = record.get("scores")
         ranks = list(range(len(responses))) if scores is None else [scores.index(s) for s in scores]

@@ -54,6 +54,12 @@ def test_each_schema_accepts_its_example(schema):
         ("rankings", {"prompt": "p", "responses": ["a", "b"], "scores": [float("inf"), 1]}, "finite numbers"),
         ("pairs", {"prompt": "p", "chosen": "a", "rejected": None}, "['rejected'] must be strings"),
         ("feedback", {"prompt": "p", "response": "r", "label": "yes"}, "'label' must be true or false"),
+        (
+            "pairs",
+            {"prompt": "p", "chosen": "a", "rejected": "b", "history": [{"role": "system", "content": "s"}]},
+            "'history'",
+        ),
+        ("feedback", {"prompt": "p", "response": "r", "label": True, "history": "hi"}, "'history' (the earlier turns)"),
     ],
 )
 def test_schema_problems_are_specific(schema, record, fragment):

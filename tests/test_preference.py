@@ -37,6 +37,19 @@ def test_pair_rows_weight_only_the_response_and_keep_markers_as_text():
     assert rows["chosen_inputs"].shape == (1, 32) and rows["valid"].tolist() == [[1.0]]
 
 
+def test_a_follow_up_record_trains_with_the_turns_before_it():
+    from flaxgpt.rewards import Ranking
+
+    history = [{"role": "user", "content": "what is 2 plus 2?"}, {"role": "assistant", "content": "4"}]
+    record = {"prompt": "and 3?", "history": history, "system": "be brief"}
+    feedback = preference.feedback_of({**record, "response": "5", "label": True})
+    ranking = Ranking.from_record({**record, "chosen": "5", "rejected": "6"})
+    expected = [{"role": "system", "content": "be brief"}, *history, {"role": "user", "content": "and 3?"}]
+    assert feedback.prompt == ranking.prompt == expected
+    rows = preference.feedback_rows([feedback], TOK, 64)
+    assert "what is 2 plus 2?" in TOK.decode([int(t) for t in rows["inputs"][0]])
+
+
 def test_rankings_files_expand_to_every_strictly_better_pair(tmp_path):
     from flaxgpt.config import Config
 

@@ -10,7 +10,10 @@ JSONL holds one JSON object per line, in one of the documented schemas:
   prompts        {"prompt": "..."}                                        PPO rollouts
 
 rankings, pairs, feedback and prompts records may add "system": "..." (the system message the
-prompt was asked under); the prompt is one user turn.
+prompt was asked under); the prompt is one user turn. Rankings, pairs and feedback records may
+add "history": [{"role": "user"|"assistant", "content": "..."}, ...], the turns of the chat
+before it (as `python -m flaxgpt.feedback export` writes them): the trainers render it before
+the prompt.
 
 Files are UTF-8 (a leading byte-order mark is accepted). A line that is not UTF-8, not valid
 JSON (or nested too deeply), holds a lone surrogate escape such as "\\ud800" (text that cannot be
@@ -109,6 +112,13 @@ def schema_problem(record: Any, schema: str) -> str | None:
         return None
     if "system" in record and schema != "conversations" and not _is_text(record["system"]):
         return "'system' (the optional system message) must be a string"
+    if "history" in record and schema in ("rankings", "pairs", "feedback"):
+        history = record["history"]
+        turn = lambda m: isinstance(m, dict) and m.get("role") in ("user", "assistant") and _is_text(m.get("content"))
+        if not isinstance(history, list) or not all(map(turn, history)):
+            return (
+                '\'history\' (the earlier turns) must be a list of {"role": "user" or "assistant", "content": string}'
+            )
     if schema == "rankings":
         responses, scores = record["responses"], record.get("scores")
         if not isinstance(responses, list) or len(responses) < 2 or not all(map(_is_text, responses)):
