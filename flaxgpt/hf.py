@@ -116,7 +116,10 @@ def _weight_files(directory: str) -> list[str]:
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise HFFormatError(f"{index_file}: weight_map is missing or empty (expected tensor name -> file)")
-        names = sorted(set(weight_map.values()), key=str)
+        bad = next((v for v in weight_map.values() if not isinstance(v, str) or not v), None)
+        if bad is not None:
+            raise HFFormatError(f"{index_file}: weight_map maps a tensor to {str(bad)[:100]!r} (expected a file name)")
+        names = sorted(set(weight_map.values()))
         files = [inside(directory, name, f"{index_file}: weight_map") for name in names]
         for name, file in zip(names, files):
             if not os.path.isfile(file):

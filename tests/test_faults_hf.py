@@ -204,6 +204,17 @@ def test_an_index_naming_files_outside_the_model_directory_is_refused(tmp_path):
         assert index in _one_line(caught.value)
 
 
+def test_an_index_mapping_a_tensor_to_a_list_or_number_names_weight_map(tmp_path):
+    model = _gpt2_dir(tmp_path / "model")
+    index = os.path.join(model, "model.safetensors.index.json")
+    for value in (["model.safetensors"], 5, ""):
+        with open(index, "w") as f:
+            json.dump({"weight_map": {"transformer.wte.weight": value}}, f)
+        with pytest.raises(HFFormatError, match="weight_map maps a tensor to") as caught:
+            hf.SafetensorsReader(model)
+        assert index in _one_line(caught.value)
+
+
 def test_a_symlink_out_of_the_model_directory_is_refused_and_the_hf_cache_layout_is_not(tmp_path):
     secret = tmp_path / "secret.safetensors"
     _raw_safetensors(secret, {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8)
