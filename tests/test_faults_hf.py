@@ -314,6 +314,24 @@ def _byte_level_tokenizer(path: str) -> int:
     return tok.get_vocab_size()
 
 
+def test_an_end_token_comes_from_the_tokenizer_when_config_has_none_and_pad_must_be_special(tmp_path):
+    from tokenizers import Tokenizer
+
+    from flaxgpt.data.tokenizers import EOS, ImportedTokenizer
+
+    size = _byte_level_tokenizer(str(tmp_path / "tokenizer.json"))
+    base = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(HFFormatError, match="no end-of-text token"):  # not a new, untrained one
+        ImportedTokenizer.from_hf(str(tmp_path), size, None, None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    tok = ImportedTokenizer.from_hf(str(tmp_path), size, None, None)
+    assert tok.specials[EOS] == tok.eos_id == base.token_to_id("<|endoftext|>")
+    with pytest.raises(HFFormatError, match=r"pad_token_id=\d+ is the ordinary token 'a'") as caught:
+        ImportedTokenizer.from_hf(str(tmp_path), size, None, base.token_to_id("a"))
+    _one_line(caught.value)
+    assert ImportedTokenizer.from_hf(str(tmp_path), size, None, tok.eos_id).pad_id == tok.eos_id
+
+
 # ----------------------------------------------------------------------------- 4. forged markers
 
 

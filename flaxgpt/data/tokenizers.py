@@ -423,6 +423,7 @@ class ImportedTokenizer(_Common):
             prefix, suffix = _spm_ids_around(directory, base, eos_id)
         if base_size > MAX_VOCAB:
             raise HFFormatError(f"{file}: {base_size} tokens, more than the {MAX_VOCAB} flaxgpt imports")
+        eos_id = _end_and_pad(directory, kind, base, base_size, eos_id, pad_id)
         next_id = max(model_vocab, base_size)
         specials: dict[str, int] = {}
         for token in SPECIAL_TOKENS:
@@ -432,10 +433,10 @@ class ImportedTokenizer(_Common):
                 specials[token] = pad_id
             elif token in own:
                 specials[token] = own[token]
+            elif token == EOS:  # a new, untrained end token would never be generated
+                raise HFFormatError(f"{directory}: no end-of-text token (eos_token_id) in config.json")
             else:
                 specials[token], next_id = next_id, next_id + 1
-        if EOS not in specials:
-            raise HFFormatError(f"{directory}: no end-of-text token (eos_token_id) in config.json")
         return cls(kind, file, specials, next_id, prefix, suffix, *_chat_template(directory))
 
     def own_token(self, i: int) -> str | None:
@@ -520,6 +521,28 @@ class ImportedTokenizer(_Common):
 
 
 TEMPLATE_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _end_and_pad(directory: str, kind: str, base: Any, size: int, eos_id: int | None, pad_id: int | None) -> int | None:
+    """config.json's eos_token_id, else the tokenizer's own end token (tokenizer_config.json's
+    eos_token), else None. A pad_token_id on an ordinary token of the vocabulary is refused:
+    decoding drops pad ids, so that token's text would vanish from every answer."""
+    if eos_id is None and (name := _chat_template(directory)[1].get("eos_token")) is not None:
+        found = base.token_to_id(name) if kind == "tokenizers" else base.piece_to_id(name)
+        eos_id = found if found is not None and (kind == "tokenizers" or found != base.unk_id()) else None
+    if pad_id is not None and pad_id != eos_id and 0 <= pad_id < size:
+        if kind == "tokenizers":
+            added = base.get_added_tokens_decoder()
+            special = pad_id in added and added[pad_id].special
+        else:
+            special = base.is_control(pad_id) or base.is_unknown(pad_id)
+        if not special:
+            text = base.id_to_token(pad_id) if kind == "tokenizers" else base.id_to_piece(pad_id)
+            raise HFFormatError(
+                f"{directory}: config.json pad_token_id={pad_id} is the ordinary token {text!r} (its text would "
+                "vanish when decoding); expected a special token's id, the eos_token_id, or none"
+            )
+    return eos_id
 
 
 def _chat_template(directory: str) -> tuple[str | None, dict[str, str]]:
