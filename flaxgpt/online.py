@@ -117,14 +117,15 @@ def read_events(db: str, cursor: int, message_cursor: int = 0, limit: int = 0) -
         store.close()
 
 
-def window(db: str, cursor: int, message_cursor: int, limit: int) -> Events | None:
+def window(db: str, cursor: int, message_cursor: int, limit: int, usable=lambda records: records) -> Events | None:
     """The next update's events: `read_events`, its window widened (the limit doubled) while a full
     window holds nothing to train on; None (wait for more ratings) when all the ratings after the
-    cursor are held out or their answers' latest ratings are: the cursor stays, and the next update
-    reads these rows again with the newer ones."""
+    cursor are held out or their answers' latest ratings are (or `usable`, the records the learner
+    can train on, keeps none): the cursor stays, and the next update reads these rows again with
+    the newer ones."""
     while True:
         events = read_events(db, cursor, message_cursor, limit)
-        if events.records or events.pairs:
+        if usable(events.records):
             return events
         if not limit or len(events.rating_ids) < limit:
             return None

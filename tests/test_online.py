@@ -261,6 +261,18 @@ def test_a_window_of_held_out_ratings_waits_for_more_and_a_full_one_widens(tmp_p
     events = online.window(store.file, 4, 0, limit=1)  # (4, 5] is full and empty: widened to (4, 6]
     assert events.rating_ids == [5, 6] and [(r.response, r.desirable) for r in events.records] == [("7", True)]
     store.close()
+    # a record too long for the context, with data.on_error=skip, is nothing to train on either
+    from types import SimpleNamespace
+
+    from flaxgpt.config import Config, DataConfig, ModelConfig
+    from flaxgpt.data.tokenizers import CharTokenizer
+    from flaxgpt.trainers.online import fitting
+
+    cfg = Config(model=ModelConfig(block_size=16), data=DataConfig(on_error="skip"))
+    learner = SimpleNamespace(cfg=cfg, tokenizer=CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz W?0123456789"))
+    assert online.window(store.file, 4, 0, limit=1, usable=lambda r: fitting(learner, r)) is None
+    learner.cfg = Config(model=ModelConfig(block_size=64), data=DataConfig(on_error="skip"))
+    assert online.window(store.file, 4, 0, limit=1, usable=lambda r: fitting(learner, r)).rating_ids == [5, 6]
 
 
 def test_a_damaged_or_foreign_database_is_one_line_naming_it(tmp_path):

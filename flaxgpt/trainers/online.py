@@ -252,7 +252,7 @@ def update(learner: Learner, latest: int, stop: _StopSignals) -> int | None:
     # about what one pass of the update's steps trains on, beside the rehearsed records: a learner
     # slower than its users lags behind rather than skipping events
     limit = max(cfg.online.steps_per_update * cfg.train.batch_size - cfg.online.replay, cfg.online.min_events)
-    events = online.window(learner.db, cursor, record.get("message_cursor", 0), limit)
+    events = online.window(learner.db, cursor, record.get("message_cursor", 0), limit, lambda r: fitting(learner, r))
     if events is None:  # every new rating held out: wait for more
         return None
     replayed = online.replay(learner.db, cursor, events.message_cursor, cfg.online.replay, cfg.train.seed + latest)
@@ -289,6 +289,22 @@ def continue_from(decisions: list[dict], latest: int, promoted: int, restart_aft
     return promoted if restart else latest
 
 
+def fitting(learner: Learner, items: list, rows=feedback_rows) -> list:
+    """The items that fit the context: all of them with data.on_error=raise (`encodable` then
+    names the first that does not)."""
+    if learner.cfg.data.on_error == "raise":
+        return items
+    return [x for x in items if _fits(rows, x, learner.tokenizer, learner.cfg.model.block_size)]
+
+
+def _fits(rows, item: Any, tokenizer: Any, block_size: int) -> bool:
+    try:
+        rows([item], tokenizer, block_size)
+        return True
+    except ValueError:
+        return False
+
+
 def training_rows(learner: Learner, events: online.Events, reference: Any) -> list[dict]:
     """[feedback rows] (+ [pair rows], `valid` renamed `pair_valid`), each with the reference
     log-probabilities of `reference` (the promoted parameters)."""
@@ -296,7 +312,7 @@ def training_rows(learner: Learner, events: online.Events, reference: Any) -> li
     note = learner.logger.message
     out = [encodable(events.records, feedback_rows, tok, cfg, learner.db, note)]
     out[0] = add_reference_logprobs(learner.model, reference, out[0], ("", "kl_"), size, lambda _: None)
-    if events.pairs:
+    if fitting(learner, events.pairs, pair_rows):
         pairs = encodable(events.pairs, pair_rows, tok, cfg, learner.db, note)
         pairs = add_reference_logprobs(learner.model, reference, pairs, ("chosen_", "rejected_"), size, lambda _: None)
         out.append({("pair_valid" if k == "valid" else k): v for k, v in pairs.items()})
