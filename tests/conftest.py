@@ -104,7 +104,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(FileProgress(config), "flaxgpt-file-progress")
 
 
-# The files that take a minute or more, longest first. `--dist loadfile` hands whole files to the
+# The files that take half a minute or more, longest first. `--dist loadfile` hands whole files to the
 # two workers in collection order, so these start first and the quick files fill in at the end:
 # the workers then finish within seconds of each other (xdist's own order, most tests first, left a
 # long file last). A name missing here only costs balance, never a test.
@@ -128,6 +128,15 @@ LONGEST_FIRST = (
     "test_train_step.py",
     "test_sft_reward.py",
     "test_optim_losses.py",
+    "test_stream.py",
+    "test_jsonl_packing.py",
+    "test_gpu_session.py",
+    "test_hf_families.py",
+    "test_console.py",
+    "test_chat.py",
+    "test_grpo_update.py",
+    "test_compile.py",
+    "test_grpo_speed.py",
 )
 
 
