@@ -38,13 +38,14 @@ def _share_compiled_programs() -> None:
     load a program that another process already compiled instead of compiling it again. A fresh
     directory per run, removed when the process that made it exits; workers and subprocesses
     inherit it through the environment (JAX reads it on import), so no run reads programs left
-    by another. The size limit turns on JAX's file lock: no process reads an entry half written."""
+    by another. No size limit: with one, JAX reads every entry's access time at each write, a
+    cost that grows with the cache (thousands of entries by the end of the suite). An entry read
+    while another process writes it fails to decompress, and JAX then compiles the program."""
     if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # the xdist controller's, or the user's own
         return
     settings = {
         "jax_compilation_cache_dir": tempfile.mkdtemp(prefix="flaxgpt-tests-jax-cache-"),
         "jax_persistent_cache_min_compile_time_secs": 0,  # tiny models compile in under a second
-        "jax_compilation_cache_max_size": 4 << 30,
     }
     atexit.register(shutil.rmtree, settings["jax_compilation_cache_dir"], ignore_errors=True)
     for name, value in settings.items():
