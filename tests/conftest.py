@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -27,6 +30,30 @@ from flaxgpt.model import Transformer
 # The in-process trainers run like the CLIs do: with XLA:CPU's per-step buffers reused rather
 # than faulted in anew each step (about a third of a small CPU step otherwise).
 host_allocator.tune_host_allocator()
+
+
+def _share_compiled_programs() -> None:
+    """One persistent JAX compilation cache for the whole run: the xdist workers and the
+    interpreters tests start (a CLI run again to resume, both processes of a two-process run)
+    load a program that another process already compiled instead of compiling it again. A fresh
+    directory per run, removed when the process that made it exits; workers and subprocesses
+    inherit it through the environment (JAX reads it on import), so no run reads programs left
+    by another. No size limit: with one, JAX reads every entry's access time at each write, a
+    cost that grows with the cache (thousands of entries by the end of the suite). An entry read
+    while another process writes it fails to decompress, and JAX then compiles the program."""
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # the xdist controller's, or the user's own
+        return
+    settings = {
+        "jax_compilation_cache_dir": tempfile.mkdtemp(prefix="flaxgpt-tests-jax-cache-"),
+        "jax_persistent_cache_min_compile_time_secs": 0,  # tiny models compile in under a second
+    }
+    atexit.register(shutil.rmtree, settings["jax_compilation_cache_dir"], ignore_errors=True)
+    for name, value in settings.items():
+        os.environ[name.upper()] = str(value)
+        jax.config.update(name, value)  # this process imported JAX before the environment had it
+
+
+_share_compiled_programs()
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.abspath(os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt"))
@@ -76,6 +103,48 @@ def pytest_configure(config: pytest.Config) -> None:
     """Per-file lines where xdist runs the files (its dots name none); `-n 0` names each file itself."""
     if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):  # the controller
         config.pluginmanager.register(FileProgress(config), "flaxgpt-file-progress")
+
+
+# The files that take half a minute or more, longest first. `--dist loadfile` hands whole files to the
+# two workers in collection order, so these start first and the quick files fill in at the end:
+# the workers then finish within seconds of each other (xdist's own order, most tests first, left a
+# long file last). A name missing here only costs balance, never a test.
+LONGEST_FIRST = (
+    "test_end_to_end.py",
+    "test_hf.py",
+    "test_ppo.py",
+    "test_pipeline.py",
+    "test_stream_pref.py",
+    "test_preemption.py",
+    "test_generate.py",
+    "test_serve.py",
+    "test_preference_trainers.py",
+    "test_model.py",
+    "test_lora_checkpoint.py",
+    "test_multihost.py",
+    "test_online.py",
+    "test_sharding.py",
+    "test_checkpoint_resume.py",
+    "test_stream_rows.py",
+    "test_train_step.py",
+    "test_sft_reward.py",
+    "test_optim_losses.py",
+    "test_stream.py",
+    "test_jsonl_packing.py",
+    "test_gpu_session.py",
+    "test_hf_families.py",
+    "test_console.py",
+    "test_chat.py",
+    "test_grpo_update.py",
+    "test_compile.py",
+    "test_grpo_speed.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long files first (a stable sort: tests keep their order inside each file)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def tiny_model_config(recipe: str = "gpt2", **overrides) -> C.ModelConfig:
