@@ -164,11 +164,27 @@ def _qa_session(world: World, rng: random.Random) -> str:
     return "\n".join(f"{QUESTION}{q}\n{ANSWER}{a}" for q, a in pairs)
 
 
-def corpus(world: World, n_documents: int, seed: int = 0) -> str:
-    """Pretraining text: fact paragraphs and Q/A sessions, documents separated by blank lines."""
+def arithmetic_table(world: World, rng: random.Random) -> str:
+    """One operand's addition or subtraction table ("7 plus 0 is 7. 7 plus 1 is 8. ..."): drills
+    that show every sum of the world many times, where Q/A sessions alone show each a few times."""
+    kind, a = rng.choice(ARITHMETIC), rng.randint(0, world.max_operand)
+    if kind == "add":
+        return " ".join(f"{a} plus {b} is {a + b}." for b in range(world.max_operand + 1))
+    return " ".join(f"{a} minus {b} is {a - b}." for b in range(a + 1))
+
+
+def corpus(world: World, n_documents: int, seed: int = 0, arithmetic: float = 0.0) -> str:
+    """Pretraining text, documents separated by blank lines: a share `arithmetic` of them arithmetic
+    tables, the rest half fact paragraphs, half Q/A sessions."""
     rng = random.Random(seed)
-    docs = [_fact_paragraph(world, rng) if rng.random() < 0.5 else _qa_session(world, rng) for _ in range(n_documents)]
-    return "\n\n".join(docs) + "\n"
+
+    def document() -> str:
+        draw = rng.random()
+        if draw < arithmetic:
+            return arithmetic_table(world, rng)
+        return _fact_paragraph(world, rng) if draw < arithmetic + (1 - arithmetic) / 2 else _qa_session(world, rng)
+
+    return "\n\n".join(document() for _ in range(n_documents)) + "\n"
 
 
 # ----------------------------------------------------------------------------- chat data
@@ -263,8 +279,8 @@ class WorldTask:
     def rng(self, stream: str, offset: int = 0) -> random.Random:
         return random.Random(self.seed * 1000 + self.STREAMS[stream] + offset)
 
-    def corpus(self, n_documents: int) -> str:
-        return corpus(self.world, n_documents, seed=self.seed)
+    def corpus(self, n_documents: int, arithmetic: float = 0.0) -> str:
+        return corpus(self.world, n_documents, seed=self.seed, arithmetic=arithmetic)
 
     def demonstrations(self, stream: str, n: int, noise: float) -> list[list[dict]]:
         """n conversations (messages lists) with `noise` of their answers wrong or sloppy."""
