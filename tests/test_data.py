@@ -114,7 +114,7 @@ def test_world_corpus_states_only_true_facts():
     assert checked > 200
 
 
-def test_world_corpus_holds_true_arithmetic_tables_at_the_configured_share(capsys):
+def test_world_corpus_holds_true_arithmetic_drills_at_the_configured_share(capsys):
     from flaxgpt import cli
     from flaxgpt.data.text import source_text
     from flaxgpt.train import main
@@ -122,11 +122,11 @@ def test_world_corpus_holds_true_arithmetic_tables_at_the_configured_share(capsy
     world = W.make_world(0)
     assert W.corpus(world, 400, seed=1, arithmetic=0.0) == W.corpus(world, 400, seed=1)  # default: as before
     docs = W.corpus(world, 400, seed=1, arithmetic=0.3).split("\n\n")
-    tables = [d for d in docs if re.match(r"\d+ (plus|minus) ", d)]
-    assert 0.22 < len(tables) / len(docs) < 0.38
-    for table in tables:
-        statements = re.findall(r"(\d+) (plus|minus) (\d+) is (-?\d+)\.", table)
-        assert len(statements) == table.count(".") and len({(a, op) for a, op, _, _ in statements}) == 1
+    drills = [d for d in docs if re.match(r"\d+ (plus|minus) ", d)]
+    assert 0.22 < len(drills) / len(docs) < 0.38
+    for drill in drills:
+        statements = re.findall(r"(\d+) (plus|minus) (\d+) is (\d+)\.", drill)
+        assert len(statements) == drill.count(".") == 10 and len({s[:3] for s in statements}) > 5  # not a table
         assert all(int(r) == (int(a) + int(b) if op == "plus" else int(a) - int(b)) for a, op, b, r in statements)
     cfg = C.Config(data=C.DataConfig(source="world", world_documents=100, world_arithmetic=1.0))
     assert all(re.match(r"\d+ (plus|minus) ", d) for d in source_text(cfg).strip().split("\n\n"))
