@@ -280,6 +280,9 @@ class DataConfig:
     synonyms: str = ""  # JSON {"word": ["synonym", ...]} or lines "word<TAB>syn1,syn2"
     world_seed: int = 0  # embedded world: which world
     world_documents: int = 6000  # embedded world: corpus size in documents (pretraining)
+    # share of those documents that are arithmetic tables ("7 plus 0 is 7. 7 plus 1 is 8. ..."):
+    # without them each of the world's sums appears only a few times and the model cannot add
+    world_arithmetic: float = 0.0
     world_conversations: int = 3000  # embedded world: SFT demonstrations
     # share of demonstrations that are wrong or sloppy, as human demonstrations are: what
     # the reward model and RLHF can later improve on
@@ -615,6 +618,7 @@ RANGES: dict[str, str] = {
     "data.augment_rate": "[0, 1]",
     "data.world_seed": ">= 0",
     "data.world_documents": ">= 1",
+    "data.world_arithmetic": "[0, 1]",
     "data.world_conversations": ">= 1",
     "data.world_noise": "[0, 1]",
     "data.world_rankings": ">= 1",

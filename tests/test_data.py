@@ -1,6 +1,7 @@
 """Tokenizers, the windowed text source, and the embedded world's oracle."""
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -111,6 +112,27 @@ def test_world_corpus_states_only_true_facts():
             assert W.check_answer(world, q[len(W.QUESTION) :], a[len(W.ANSWER) :])
             checked += 1
     assert checked > 200
+
+
+def test_world_corpus_holds_true_arithmetic_drills_at_the_configured_share(capsys):
+    from flaxgpt import cli
+    from flaxgpt.data.text import source_text
+    from flaxgpt.train import main
+
+    world = W.make_world(0)
+    assert W.corpus(world, 400, seed=1, arithmetic=0.0) == W.corpus(world, 400, seed=1)  # default: as before
+    docs = W.corpus(world, 400, seed=1, arithmetic=0.3).split("\n\n")
+    drills = [d for d in docs if re.match(r"\d+ (plus|minus) ", d)]
+    assert 0.22 < len(drills) / len(docs) < 0.38
+    for drill in drills:
+        statements = re.findall(r"(\d+) (plus|minus) (\d+) is (\d+)\.", drill)
+        assert len(statements) == drill.count(".") == 10 and len({s[:3] for s in statements}) > 5  # not a table
+        assert all(int(r) == (int(a) + int(b) if op == "plus" else int(a) - int(b)) for a, op, b, r in statements)
+    cfg = C.Config(data=C.DataConfig(source="world", world_documents=100, world_arithmetic=1.0))
+    assert all(re.match(r"\d+ (plus|minus) ", d) for d in source_text(cfg).strip().split("\n\n"))
+    assert cli.run(main, ["-e", "world", "--set", "data.world_arithmetic=1.5", "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "data.world_arithmetic=1.5: expected a number in [0, 1]" in err and "\n" not in err
 
 
 def test_tokenizer_cli_trains_from_text_and_jsonl(tmp_path, capsys):

@@ -95,7 +95,7 @@ def source_text(cfg: Config) -> str:
     data = cfg.data
     if data.source == "world":
         world = world_lib.make_world(data.world_seed)
-        return world_lib.corpus(world, data.world_documents, seed=data.world_seed)
+        return world_lib.corpus(world, data.world_documents, seed=data.world_seed, arithmetic=data.world_arithmetic)
     text, report = read_text(data.path, data.on_error)
     if report.skipped:
         _log(f"{data.path}: {report.skipped} lines that are not UTF-8 skipped (first: {report.problems[0]})")

@@ -122,16 +122,19 @@ def is_arithmetic(question: str) -> bool:
     return arithmetic_answer(question) is not None
 
 
+def _operands(world: World, rng: random.Random, kind: str) -> dict[str, int]:
+    """Random operands of a sum or a difference; differences are never negative."""
+    a, b = rng.randint(0, world.max_operand), rng.randint(0, world.max_operand)
+    return {"a": b, "b": a} if kind == "sub" and b > a else {"a": a, "b": b}
+
+
 def random_question(world: World, rng: random.Random) -> tuple[str, str]:
     kind = rng.choice(list(_TEMPLATES))
     template = _TEMPLATES[kind][0]
     if kind == "capital":
         question = template.format(x=rng.choice(list(world.capitals)))
     elif kind in ARITHMETIC:
-        a, b = rng.randint(0, world.max_operand), rng.randint(0, world.max_operand)
-        if kind == "sub" and b > a:
-            a, b = b, a
-        question = template.format(a=a, b=b)
+        question = template.format(**_operands(world, rng, kind))
     else:
         question = template.format(x=rng.choice(world.people).name)
     return question, answer(world, question)
@@ -164,11 +167,32 @@ def _qa_session(world: World, rng: random.Random) -> str:
     return "\n".join(f"{QUESTION}{q}\n{ANSWER}{a}" for q, a in pairs)
 
 
-def corpus(world: World, n_documents: int, seed: int = 0) -> str:
-    """Pretraining text: fact paragraphs and Q/A sessions, documents separated by blank lines."""
+def arithmetic_drill(world: World, rng: random.Random, n: int = 10) -> str:
+    """n random sums and differences stated with their results ("7 plus 13 is 20. 9 minus 4 is 5."):
+    they show each of the world's sums many times, where Q/A sessions alone show each a few times.
+    In random order, not as tables: in a table ("7 plus 0 is 7. 7 plus 1 is 8.") each result
+    follows from the one before, so a model learns to count along and still cannot add."""
+    statements = []
+    for _ in range(n):
+        kind = rng.choice(ARITHMETIC)
+        x = _operands(world, rng, kind)
+        result = x["a"] + x["b"] if kind == "add" else x["a"] - x["b"]
+        statements.append(f"{x['a']} {'plus' if kind == 'add' else 'minus'} {x['b']} is {result}.")
+    return " ".join(statements)
+
+
+def corpus(world: World, n_documents: int, seed: int = 0, arithmetic: float = 0.0) -> str:
+    """Pretraining text, documents separated by blank lines: a share `arithmetic` of them arithmetic
+    drills, the rest half fact paragraphs, half Q/A sessions."""
     rng = random.Random(seed)
-    docs = [_fact_paragraph(world, rng) if rng.random() < 0.5 else _qa_session(world, rng) for _ in range(n_documents)]
-    return "\n\n".join(docs) + "\n"
+
+    def document() -> str:
+        draw = rng.random()
+        if draw < arithmetic:
+            return arithmetic_drill(world, rng)
+        return _fact_paragraph(world, rng) if draw < arithmetic + (1 - arithmetic) / 2 else _qa_session(world, rng)
+
+    return "\n\n".join(document() for _ in range(n_documents)) + "\n"
 
 
 # ----------------------------------------------------------------------------- chat data
@@ -263,8 +287,8 @@ class WorldTask:
     def rng(self, stream: str, offset: int = 0) -> random.Random:
         return random.Random(self.seed * 1000 + self.STREAMS[stream] + offset)
 
-    def corpus(self, n_documents: int) -> str:
-        return corpus(self.world, n_documents, seed=self.seed)
+    def corpus(self, n_documents: int, arithmetic: float = 0.0) -> str:
+        return corpus(self.world, n_documents, seed=self.seed, arithmetic=arithmetic)
 
     def demonstrations(self, stream: str, n: int, noise: float) -> list[list[dict]]:
         """n conversations (messages lists) with `noise` of their answers wrong or sloppy."""
