@@ -1,7 +1,6 @@
 """The chat demo on the embedded world, stage by stage as InstructGPT trained its models:
 
-  1. pretrain  next-token prediction on the generated world corpus,     (experiments/world.py)
-               with arithmetic drills so that the models can add
+  1. pretrain  next-token prediction on the generated world corpus      (experiments/world.py)
   2. sft       fine-tune on imperfect chat demonstrations                (experiments/sft_world.py)
   3. rm        rank K sampled answers with the labeler, who writes the     (experiments/rm_world.py)
                correct answer where none is right; train the RM

@@ -7,12 +7,13 @@ rloo_world with the reward model of ppo.reward_from in place of the labeler: 4 a
 cancels what the small RM gets wrong about a question as a whole (an RM trained only on the SFT
 model's samples shared its beliefs and scored its confident wrong sums above its right ones;
 rm_world's labeler-written answers correct most of that), leaving its ranking of answers within
-a question, which is mostly right for the fact questions; PPO's value model does not. The
-pretrained model now learns to add (experiments/world.py's drills), yet the RM, though it starts
-from it, still misorders sums, and RL raises sampled accuracy but lowers greedy accuracy, whose
-held-out errors are all sums: the policy unlearns sums it answered right. --set
-ppo.reward_function=calculator ppo.reward_function_weight=3 adds a verifier for sums (not the
-default: the demo is about RLHF from a learned reward; see benchmarks/RESULTS.md).
+a question, which is mostly right for the fact questions; PPO's value model does not. On sums
+it is at chance (the RM is the SFT model with a scalar head, and that model cannot add), so RL
+raises sampled accuracy (facts) but not greedy accuracy, whose held-out errors are all sums. A
+model taught to add (experiments/world.py's data.world_arithmetic) does not fix that: its RM still
+misorders sums, and RL then unlearns them. --set ppo.reward_function=calculator
+ppo.reward_function_weight=3 adds a verifier for sums (it lifts greedy accuracy on some seeds, not
+all: not the default; see benchmarks/RESULTS.md).
 30 steps: by 60 the policy over-optimises the RM (held-out KL past kl_target, greedy accuracy
 falls). The held-out KL to the SFT model is reported beside ppo.kl_target.
 """

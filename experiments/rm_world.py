@@ -7,8 +7,8 @@ the world's programmatic labeler, standing in for human labelers, ranks them (ex
 answer > correct but sloppy > wrong; ties allowed) into WORKDIR/comparisons.jsonl. Where none
 of the K answers is exactly correct, the labeler writes the correct answer in place of the
 worst one (data.world_ranking_write_correct=1; InstructGPT's labelers also wrote answers):
-the SFT model gets a share of the sums wrong, and an RM ranking only its samples never learns
-their right answers (it shared the SFT model's wrong beliefs). The sums are a finite space (672
+the SFT model gets most sums wrong, and an RM ranking only its samples never learns their
+right answers (it shared the SFT model's wrong beliefs). The sums are a finite space (672
 questions), and 3000 prompts cover two thirds of them. The RM (the SFT model with a scalar head)
 learns all pairs of each ranking; afterwards its bias is set so the SFT demonstrations score
 mean 0. Reports validation pairwise accuracy.

@@ -5,12 +5,11 @@ invented countries and people, plus arithmetic) is generated in code by
 flaxgpt.data.world, whose oracle can check any answer. This is the first stage of
 the chat demo; SFT, the reward model and RL start from its checkpoint.
 
-data.world_arithmetic: 30 % of the documents are arithmetic drills ("7 plus 13 is 20. ..."). In
-Q/A sessions alone each of the world's 672 sums appears a few times, against tens for each fact,
-and the model never learns to add; then the reward model, which starts from it, cannot tell a
-right sum from a wrong one, and RL against it cannot fix the sums a chat user gets wrong
-(InstructGPT's RM, too, starts from a model that has the competence it judges). The model
-learns the drills late: sums are nearly all wrong until about 60 % of the steps, hence 2000 steps.
+Here each of the world's 672 sums appears only a few times (against tens for each fact), so the
+model cannot add. --set data.world_arithmetic=0.3 train.max_steps=2000 (drills, learnt late in the
+run) teaches it to (the SFT model then answers two thirds of the held-out sums), but the RM that
+starts from it still orders right and wrong sums at chance, and RL on that RM then unlearns sums:
+not the default (benchmarks/RESULTS.md).
 Runs in a few minutes on 2 CPU cores.
 """
 
@@ -22,11 +21,11 @@ def config() -> C.Config:
         model=C.ModelConfig(
             recipe="llama", n_layer=4, n_head=4, n_kv_heads=2, d_model=128, block_size=128, dropout=0.0
         ),
-        data=C.DataConfig(source="world", world_seed=0, world_documents=6000, world_arithmetic=0.3, tokenizer="char"),
+        data=C.DataConfig(source="world", world_seed=0, world_documents=6000, tokenizer="char"),
         optimizer=C.OptimizerConfig(
             lr=2e-3, min_lr=2e-4, warmup_steps=100, decay="cosine", b2=0.99, weight_decay=0.1, grad_clip=1.0
         ),
-        train=C.TrainConfig(batch_size=16, max_steps=2000, log_interval=50),
+        train=C.TrainConfig(batch_size=16, max_steps=1200, log_interval=50),
         eval=C.EvalConfig(
             interval=400,
             iters=10,

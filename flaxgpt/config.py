@@ -280,7 +280,7 @@ class DataConfig:
     synonyms: str = ""  # JSON {"word": ["synonym", ...]} or lines "word<TAB>syn1,syn2"
     world_seed: int = 0  # embedded world: which world
     world_documents: int = 6000  # embedded world: corpus size in documents (pretraining)
-    # share of those documents that are arithmetic tables ("7 plus 0 is 7. 7 plus 1 is 8. ..."):
+    # share of those documents that are arithmetic drills ("18 plus 2 is 20. 15 minus 3 is 12. ..."):
     # without them each of the world's sums appears only a few times and the model cannot add
     world_arithmetic: float = 0.0
     world_conversations: int = 3000  # embedded world: SFT demonstrations
