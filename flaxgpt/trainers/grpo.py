@@ -126,6 +126,11 @@ def update(m: Models, cfg: Config, optimizer, state: PPOState, batch: dict) -> t
 PACKED = ("tokens", "positions", "segments", "branches")  # pack_groups' [rows, width] arrays
 
 
+def packed_width(longest: int, min_width: int = 160) -> int:
+    """`pack_groups`' row width for a longest group of `longest` tokens."""
+    return max(min_width, -(-longest // 64) * 64)
+
+
 def pack_groups(host: dict, query_width: int, group: int, rows_multiple: int = 2, min_width: int = 160) -> dict:
     """A rollout batch (`host`: left-padded prompts in tokens[:, :query_width], the answers
     after them, `resp_mask` their weights) packed for `rlhf.packed_response_logprobs`. Each
@@ -138,7 +143,7 @@ def pack_groups(host: dict, query_width: int, group: int, rows_multiple: int = 2
     lengths = weight.sum(1)
     groups = [(r, real[r, :query_width].sum()) for r in range(0, len(tokens), group) if lengths[r : r + group].any()]
     sizes = [int(prompt + lengths[r : r + group].sum()) for r, prompt in groups]
-    width = max(min_width, -(-max(sizes, default=1) // 64) * 64)
+    width = packed_width(max(sizes, default=1), min_width)
     used: list[int] = []  # each row's filled columns
     place = []  # (row, column) of each group
     for i in np.argsort(sizes, kind="stable")[::-1]:
