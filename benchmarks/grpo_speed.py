@@ -226,15 +226,10 @@ def flax_profile(args, run_dir: str) -> dict:
     with tempfile.TemporaryDirectory() as workdir, contextlib.ExitStack() as patches:
         for name, key in (("rollout", "generation"), ("sequences", "host"), ("scores", "scoring")):
             patches.enter_context(timed(grpo, name, spent, key))
-        split = grpo.answer_split
-        splits: list = []  # each step's answer split, so the update is timed apart as the step ran it
-        patches.enter_context(
-            mock.patch.object(grpo, "answer_split", lambda *a: splits.append(split(*a)) or splits[-1])
-        )
         run, state, step_fn = flax_trainer(args, run_dir, workdir)
-        placed: list = [None]
+        batch: dict = {}  # the last step's update batch, so the update is timed apart on it
         place = run.rt.place
-        run.rt.place = lambda host, n: placed.__setitem__(0, place(host, n)) or placed[0]
+        run.rt.place = lambda host, n: batch.update(place(host, n)) or {k: batch[k] for k in host}
         total = 0.0
         with run.rt.context():
             for step in range(args.warmup + args.steps):
@@ -245,37 +240,32 @@ def flax_profile(args, run_dir: str) -> dict:
                 jax.block_until_ready(state)
                 total += (time.perf_counter() - start) * (step >= args.warmup)
             update, reference = update_pieces(run)
-            batch, last = placed[0], splits[-1]
-            spent["update"] = mean_time(lambda: update(state, batch, split=last), args.steps) * args.steps
+            spent["update"] = mean_time(lambda: update(state, batch), args.steps) * args.steps
             if run.cfg.grpo.beta:
-                spent["reference log-probs"] = mean_time(lambda: reference(state, batch, last), args.steps) * args.steps
+                spent["reference log-probs"] = mean_time(lambda: reference(state, batch), args.steps) * args.steps
     spent = {k: v / args.steps for k, v in spent.items()}
     spent["update"] -= spent.get("reference log-probs", 0.0)
     spent["total"] = total / args.steps
     # what is left: the accuracy figure's decoding, batch placement, and the update's in-step timing
     # differing from its separate one (load on a shared machine shows here)
     spent["remainder"] = spent["total"] - sum(v for k, v in spent.items() if k != "total")
-    width = tuple(batch["tokens"].shape[1:]) + tuple(batch["resp_mask"].shape[1:])
-    return {"side": "profile", "seconds": spent, "update_width": width, "split": last}
+    return {"side": "profile", "seconds": spent, "update_shape": tuple(batch["tokens"].shape)}
 
 
 def update_pieces(run):
     """(the trainer's jitted update, without donation; the reference log-probabilities it starts
-    with, jitted alone), for timing on a captured batch with the step's answer split."""
+    with, jitted alone), for timing on a captured batch."""
     import jax
 
     from flaxgpt import rlhf
     from flaxgpt.trainers import grpo
 
-    m, g, temperature = run.models, run.cfg.grpo, run.cfg.ppo.temperature
+    m, temperature = run.models, run.cfg.ppo.temperature
 
-    def reference(state, batch, split):
-        start = batch["tokens"].shape[1] - batch["resp_mask"].shape[1]
-        inputs = (batch["tokens"], batch["segments"], start, g.group_size, temperature, split)
-        return rlhf.grouped_response_logprobs(m.policy, rlhf.reference_params(m, state), *inputs)
+    def reference(state, batch):
+        return rlhf.packed_response_logprobs(m.policy, rlhf.reference_params(m, state), batch, temperature)
 
-    update = functools.partial(grpo.update, m, run.cfg, run.optimizer)
-    return jax.jit(update, static_argnames=("split",)), jax.jit(reference, static_argnums=2)
+    return jax.jit(functools.partial(grpo.update, m, run.cfg, run.optimizer)), jax.jit(reference)
 
 
 def mean_time(fn, repeats: int) -> float:
@@ -389,10 +379,8 @@ def table(args, rounds: dict, profile: dict | None, load: str, origin: str) -> s
     if profile:
         seconds, total = profile["seconds"], profile["seconds"]["total"]
         lines += ["", f"Where a flaxgpt step goes ({args.threads[0]} thread(s), a separate profiling process; "]
-        lines[-1] += f"the update's batch was cut to {profile['update_width'][0]} columns, "
-        lines[-1] += f"{profile['update_width'][1]} of them answer"
-        split = profile.get("split")
-        lines[-1] += f", split after {split[0]} for the {split[1]} longest rows):" if split else ", not split):"
+        rows, width = profile["update_shape"]
+        lines[-1] += f"the update's batch was packed into {rows} rows of {width} columns):"
         lines += ["", "| piece | ms/step | share |", "|---|---|---|"]
         lines += [f"| {k} | {1e3 * v:.1f} | {100 * v / total:.0f}% |" for k, v in seconds.items() if k != "total"]
         lines.append(f"| total | {1e3 * total:.1f} | 100% |")

@@ -444,8 +444,9 @@ def grpo_programs(cfg: Config, mesh: Mesh, rules: tuple) -> list[Program]:
     run = rlhf.PPO(dataclasses.replace(cfg, model=mc), rt, None, models, {}, optimizer, None, None, None, [])
     state, shardings = grpo.abstract_state(run)
     n, t, rows = tc.batch_size * g.group_size, q + p.max_new_tokens, rt.rows_sharding
-    ints = jax.ShapeDtypeStruct((n, t), jnp.int32, sharding=rows)
-    batch = {"tokens": ints, "positions": ints, "segments": ints}
+    width = grpo.packed_width(q + g.group_size * p.max_new_tokens)  # the longest group, one per row at most
+    batch = {k: jax.ShapeDtypeStruct((tc.batch_size, width), jnp.int32, sharding=rows) for k in grpo.PACKED}
+    batch.update({k: jax.ShapeDtypeStruct((n, t - q), jnp.int32, sharding=rows) for k in ("source", "targets")})
     batch["resp_mask"] = jax.ShapeDtypeStruct((n, t - q), jnp.float32, sharding=rows)
     batch["advantages"] = jax.ShapeDtypeStruct((n, 1), jnp.float32, sharding=rows)
     per_token, recompute = _train_flops_per_token(mc, state.params["policy"])

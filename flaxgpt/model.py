@@ -147,11 +147,17 @@ def rotary(x: Array, positions: Array, inv_freq: np.ndarray, scale: float = 1.0)
     return rotated.astype(x.dtype)
 
 
-def attention_mask(segment_ids: Array) -> Array:
-    """[batch, q, k] boolean: causal by index, and only within one segment."""
+def attention_mask(segment_ids: Array, branches: Array | None = None) -> Array:
+    """[batch, q, k] boolean: causal by index, and only within one segment.
+
+    branches [batch, length] (optional) share a prefix: within a segment, a token of branch
+    b > 0 sees the branch-0 tokens (the shared prefix) and its own branch's only. GRPO packs a
+    prompt and its group's answers this way, so the prompt is computed once for all of them."""
     length = segment_ids.shape[-1]
     causal = jnp.tril(jnp.ones((length, length), dtype=bool))
     same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    if branches is not None:
+        same_segment &= (branches[:, None, :] == 0) | (branches[:, :, None] == branches[:, None, :])
     return causal[None] & same_segment
 
 
@@ -208,12 +214,13 @@ def layer_windows(cfg: ModelConfig) -> np.ndarray:
 
 
 def within_window(cfg: ModelConfig, mask: Array, query_index: Array, key_index: Array, window: Array) -> Array:
-    """`mask` [b, q, k] where a query also sees only the last `window` keys (0: all). Index
-    distance is position distance: documents are contiguous, rows only left-padded."""
+    """`mask` [b, q, k] where a query also sees only the keys less than `window` positions
+    back (0: all). The indices are [q] and [k] cache slots (decoding: rows only left-padded,
+    so slot distance is position distance) or [b, q] and [b, k] positions."""
     if not cfg.sliding_window:
         return mask
-    distance = query_index[:, None] - key_index[None, :]
-    return mask & ((window == 0) | (distance < window))[None]
+    near = (window == 0) | (query_index[..., :, None] - key_index[..., None, :] < window)
+    return mask & (near if near.ndim == 3 else near[None])
 
 
 def einsum_attention(
@@ -378,8 +385,7 @@ class Attention(nn.Module):
         if self.decode:
             k, v, mask = self._update_cache(k, v, mask, window)
         else:
-            index = jnp.arange(q.shape[1])
-            mask = within_window(cfg, mask, index, index, window)
+            mask = within_window(cfg, mask, positions, positions, window)
 
         scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else None
         if use_fused_attention(cfg, self.train, self.decode):
@@ -502,7 +508,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, positions: Array, mask: Array, window: Array, segment_ids: Array
+        self, x: Array, positions: Array, mask: Array, window: Array, segment_ids: Array | None
     ) -> tuple[Array, None]:
         cfg = self.cfg
         drop = nn.Dropout(cfg.dropout, deterministic=not self.train)
@@ -529,9 +535,11 @@ class Transformer(nn.Module):
         *,
         train: bool = False,
         decode: bool = False,
+        branches: Array | None = None,
     ) -> Array:
         """decode=True reads and extends the KV cache (see `Attention`); `segment_ids` then
-        marks real (1) versus left-padding (0) tokens of the new chunk."""
+        marks real (1) versus left-padding (0) tokens of the new chunk. `branches` [batch,
+        length] let a segment's branches share its branch-0 prefix (`attention_mask`)."""
         cfg = self.cfg
         dtype, pdtype = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
         if positions is None:
@@ -561,7 +569,8 @@ class Transformer(nn.Module):
             )(positions)
         x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
         x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
-        mask = (segment_ids != 0) if decode else attention_mask(segment_ids)
+        mask = (segment_ids != 0) if decode else attention_mask(segment_ids, branches)
+        kernel_ids = segment_ids if branches is None else None  # the TPU kernel knows segments only
         windows = jnp.asarray(layer_windows(cfg))
 
         block = Block
@@ -576,10 +585,10 @@ class Transformer(nn.Module):
                 length=cfg.n_layer,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, train, decode, name="layers")
-            x, _ = layers(x, positions, mask, windows, segment_ids)
+            x, _ = layers(x, positions, mask, windows, kernel_ids)
         else:
             for i in range(cfg.n_layer):
-                x, _ = block(cfg, train, decode, name=f"layers_{i}")(x, positions, mask, windows[i], segment_ids)
+                x, _ = block(cfg, train, decode, name=f"layers_{i}")(x, positions, mask, windows[i], kernel_ids)
 
         x = Norm(cfg, name="final_norm")(x)
         if cfg.output == "scalar":  # reward / value model: one number per position

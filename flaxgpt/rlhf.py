@@ -97,46 +97,17 @@ def response_logprobs(
     return picked, entropy
 
 
-def grouped_response_logprobs(
-    model: Transformer,
-    params: Any,
-    tokens: Array,
-    segments: Array,
-    start: int,
-    group: int,
-    temperature: float,
-    split: tuple[int, int] | None = None,
-) -> Array:
-    """Log-probabilities of tokens[:, start:] as `response_logprobs` gives them, for rows in runs
-    of `group` sharing one left-padded prompt tokens[:, :start] (GRPO's layout; segments is the
-    0/1 mask). Each prompt is computed once: its KV cache is prefilled, repeated for its group,
-    and the responses run as one chunk against it, so the prompt columns cost 1/group of a
-    full forward and backward. split = (S, K): every row runs its first S response tokens, and
-    only the K longest rows (K at least the rows longer than S + 1) the rest; the other rows'
-    log-probabilities past S are 0. Most answers are short: the padding after them costs nothing."""
-    resp, prompts, mask = tokens[:, start:], (tokens[:, :start], segments[:, :start]), segments[:, start:]
-    last, cache, position = generate.group_prefill(model, params, *prompts, tokens.shape[1], group)
-    positions = position[:, None] + jnp.arange(resp.shape[1])
-    width, rows = split or (resp.shape[1], 0)
-
-    def run(cache, picked, cols):
-        inputs = (resp[picked, cols], positions[picked, cols], mask[picked, cols])
-        return model.apply({"params": params, "cache": cache}, *inputs, decode=True, mutable=["cache"])
-
-    def logprobs(logits, targets):
-        logp = jax.nn.log_softmax((logits / temperature).astype(jnp.float32), axis=-1)
-        return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-
-    logits, variables = run(cache, slice(None), slice(0, width))
-    ahead = min(width + 1, resp.shape[1])  # the columns these logits predict
-    logp = logprobs(jnp.concatenate([last[:, None], logits], axis=1)[:, :ahead], resp[:, :ahead])
-    if ahead == resp.shape[1] or rows == 0:
-        return jnp.pad(logp, ((0, 0), (0, resp.shape[1] - ahead)))
-    longest = jax.lax.top_k(jnp.sum(mask, axis=1), rows)[1]
-    tail, _ = run(generate.take_cache_rows(model, variables["cache"], longest), longest, slice(width, None))
-    tail = logprobs(tail[:, :-1], resp[longest, ahead:])
-    logp = jnp.pad(logp, ((0, 0), (0, resp.shape[1] - ahead)))
-    return logp.at[longest[:, None], jnp.arange(ahead, resp.shape[1])[None]].set(tail)
+def packed_response_logprobs(model: Transformer, params: Any, packed: dict, temperature: float) -> Array:
+    """Log-probabilities [B, R] of each row's response tokens `packed["targets"]`, as
+    `response_logprobs` gives them, from one forward over the packed layout of
+    `grpo.pack_groups`: each prompt once, its group's answers after it as branches that share
+    it (`model.attention_mask`), several groups per row. `packed["source"]` [B, R] is the flat
+    index of the packed position whose logits predict each response token (padding: 0)."""
+    inputs = (packed["tokens"], packed["positions"], packed["segments"])
+    logits = model.apply({"params": params}, *inputs, branches=packed["branches"])
+    picked = logits.reshape(-1, logits.shape[-1])[packed["source"]] / temperature
+    logp = jax.nn.log_softmax(picked.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, packed["targets"][..., None], axis=-1)[..., 0]
 
 
 def adapters_off(params: Any) -> Any:

@@ -212,8 +212,8 @@ def test_preference_and_grpo_runs_have_their_own_programs_and_batches():
             step = progs["grpo_update" if trainer == "grpo" else "train_step"]
             batch = step.args[1]
             jax.eval_shape(step.jitted, *step.args)  # the trainer's own loss runs on these rows
-        if trainer == "grpo":  # 8 prompts x 2 answers of 48 prompt + 16 response tokens
-            assert batch["tokens"].shape == (16, 64) and batch["resp_mask"].shape == (16, 16)
+        if trainer == "grpo":  # 8 prompts x 2 answers of 48 prompt + 16 response tokens, packed a group a row
+            assert batch["tokens"].shape == (8, 160) and batch["resp_mask"].shape == (16, 16)
             assert set(step.args[0].frozen) == {"reference", "reward"}
             continue
         rows = {"dpo": "chosen_", "kto": "kl_", "orpo": "rejected_"}[trainer] + "inputs"

@@ -169,6 +169,36 @@ def test_rows_stop_independently_at_stop_tokens():
     assert completions(out, [stop])[0] == free[0][:2]
 
 
+def test_the_last_rows_running_continue_alone_as_in_the_whole_batch():
+    """Once a quarter of a batch of 12 is left running, only those rows continue: greedy rows
+    give what each gives alone, and the longest sampled row's tokens carry the model's
+    log-probabilities."""
+    cfg = tiny_model_config("llama", vocab_size=40, block_size=24)
+    model, params = init_params(cfg)
+    prompts = [[5 + i, 6 + i % 4, 7] for i in range(12)]
+    greedy = DecodeConfig(max_new_tokens=10, temperature=0.0)
+    free = completions(generate(model, params, prompts, greedy, jax.random.PRNGKey(0), pad_id=PAD))
+    runners = sorted(range(len(free)), key=lambda r: len(set(free[r])))[:3]  # never stopped
+    banned = {t for r in runners for t in free[r]}
+    stops = sorted({next(t for t in free[r][1:] if t not in banned) for r in range(len(free)) if r not in runners})
+    run = lambda rows, decode: generate(
+        model, params, rows, decode, jax.random.PRNGKey(1), pad_id=PAD, stop_tokens=stops
+    )
+    out = run(prompts, greedy)
+    lengths = np.sort(np.asarray(out.lengths))[::-1]
+    assert lengths[3] < lengths[0]  # the longest row ran on after 3 rows were left
+    for row, prompt in enumerate(prompts):
+        alone = run([prompt], greedy)
+        np.testing.assert_array_equal(np.asarray(alone.tokens)[0], np.asarray(out.tokens)[row])
+        np.testing.assert_allclose(np.asarray(alone.logprobs)[0], np.asarray(out.logprobs)[row], atol=1e-5)
+    sampled = run(prompts, DecodeConfig(max_new_tokens=10, temperature=1.0))
+    row = int(np.argmax(np.asarray(sampled.lengths)))
+    new = completions(sampled)[row]
+    full = jax.nn.log_softmax(_full_logits(model, params, prompts[row] + new))
+    want = [float(full[len(prompts[row]) - 1 + t, token]) for t, token in enumerate(new)]
+    np.testing.assert_allclose(np.asarray(sampled.raw_logprobs)[row, : len(new)], want, atol=1e-4)
+
+
 def test_batched_generation_pads_prompts_to_the_width_asked_for_with_the_same_answers(monkeypatch):
     cfg = tiny_model_config("llama", vocab_size=40, block_size=24)
     model, params = init_params(cfg)

@@ -56,20 +56,16 @@ def test_flax_side_runs_the_trainer_step(bench, tiny_run):
 
 
 def test_profile_splits_the_step(bench, tiny_run):
-    from flaxgpt.trainers import grpo
-
-    with mock.patch.object(grpo, "answer_split", lambda lengths, width: (4, 4)):  # what the step runs
-        profile = bench.flax_profile(ARGS, tiny_run)
+    profile = bench.flax_profile(ARGS, tiny_run)
     seconds = profile["seconds"]
     # timed directly (the update proper is the whole update less the reference log-probs, each
     # timed apart: on a tiny model under load their difference is noise)
     pieces = ("generation", "host", "scoring", "reference log-probs")
     assert all(seconds[k] > 0 for k in pieces)
     assert seconds["update"] + seconds["reference log-probs"] > 0
-    # the update ran on the used columns: prompts under 64 tokens, answers of at most 8
-    assert profile["update_width"] == (64 + ARGS.new_tokens, ARGS.new_tokens)
-    # the update is timed apart with the step's own answer split
-    assert profile["split"] == (4, 4)
+    # the update ran on the packed batch: 4 groups of prompts under 64 tokens and 2 answers of at
+    # most 8 fit one row of the narrowest width, the rows rounded up to 2
+    assert profile["update_shape"] == (2, 160)
     # the pieces timed inside the step (not its compiling warm-up) fit in the step's time
     assert seconds["generation"] + seconds["host"] + seconds["scoring"] < seconds["total"]
 

@@ -1,6 +1,6 @@
-"""GRPO's update computes what the straightforward one does: each prompt once per group (KV cache),
-the old log-probabilities from the first epoch, the columns cut to the used ones, no reference
-pass at beta 0 — against full-width forwards with separate old and reference passes."""
+"""GRPO's update computes what the straightforward one does: each prompt once per group, its answers
+packed after it as branches sharing it, the old log-probabilities from the first epoch, no
+reference pass at beta 0 — against full-width forwards with separate old and reference passes."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from conftest import REPO
 
 from flaxgpt import generate, rlhf
 from flaxgpt.losses import grpo_loss
+from flaxgpt.model import Transformer
 from flaxgpt.trainers import grpo
 
 ARGS = argparse.Namespace(batch=4, group=2, new_tokens=8, epochs=2)
@@ -79,33 +80,58 @@ def straightforward_update(m, cfg, optimizer, state, b):
     return params, jax.tree.map(jnp.mean, stats)
 
 
-def test_used_columns_cut_only_padding_to_bucketed_widths(setup):
+def test_pack_groups_writes_each_real_token_once(setup):
     run, _, host = setup
-    q = run.models.query_width
-    for buckets, answer_width in (((32, 16), ARGS.new_tokens), ((32, 2), 4)):
-        cut = grpo.used_columns(host, q, buckets)
-        assert cut["tokens"].shape[1] - cut["resp_mask"].shape[1] == 64  # longest prompt 40 -> 64
-        assert cut["resp_mask"].shape[1] == answer_width  # longest answer 3 -> 4 (at most new_tokens)
-        assert cut["segments"].sum() == host["segments"].sum()  # every real token kept
-        np.testing.assert_array_equal(cut["tokens"][:, -answer_width:], host["tokens"][:, q : q + answer_width])
+    q, r = run.models.query_width, ARGS.new_tokens
+    weight = host["resp_mask"].copy()
+    weight[2:4] = 0  # a group left out (dynamic sampling): none of its tokens is packed
+    packed = grpo.pack_groups({**host, "resp_mask": weight}, q, ARGS.group, rows_multiple=2)
+    assert packed["tokens"].shape == (2, 160)  # 4 groups of 6-46 tokens fit one row; rows rounded to 2
+    prompts = host["segments"][::2, :q].sum(1)
+    assert (packed["segments"] > 0).sum() == prompts.sum() - prompts[1] + weight.sum()
+    flat = packed["tokens"].reshape(-1)
+    for row in np.flatnonzero(weight.any(1)):
+        n = int(weight[row].sum())
+        before = np.concatenate([host["tokens"][row, q - 1 : q], host["tokens"][row, q : q + n - 1]])
+        np.testing.assert_array_equal(flat[packed["source"][row, :n]], before)  # what predicts each token
+        np.testing.assert_array_equal(packed["targets"][row, :n], host["tokens"][row, q : q + n])
+    assert packed["targets"].shape == packed["source"].shape == (len(weight), r)
 
 
-# beta 0 and Dr. GRPO's constant normalisation on the batch cut to 4 answer columns (the constant
-# stays new_tokens): no reference pass, so no kl figure; beta > 0 on the full width
-# and the answers' tail (past 1 token) for the 4 longest rows only: those longer than 2 are fewer
-@pytest.mark.parametrize(
-    "beta, normalization, cut, split", [(0.04, "sequence", False, None), (0.0, "constant", True, (1, 4))]
-)
-def test_update_matches_the_straightforward_one(setup, beta, normalization, cut, split):
+def test_packed_logprobs_and_gradients_match_per_row_ones(setup):
+    """On a 2-layer model with a sliding window on every other layer (positions, not columns,
+    measure its distance in the packed rows), random weights, left padding."""
+    run, _, host = setup
+    cfg = dataclasses.replace(run.models.policy.cfg, n_layer=2, sliding_window=6, global_every=2)
+    model, q = Transformer(cfg), run.models.query_width
+    params = model.init(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))["params"]
+    positions = (np.cumsum(host["segments"], 1) - 1).clip(0)
+    packed = grpo.pack_groups(host, q, ARGS.group)
+    mask = host["resp_mask"]
+
+    def per_row(p):
+        return rlhf.response_logprobs(model, p, host["tokens"], positions, host["segments"], q, 0.7)[0] * mask
+
+    packed_logp = lambda p: rlhf.packed_response_logprobs(model, p, packed, 0.7) * mask
+    for_loss = lambda logprobs: jax.jit(jax.value_and_grad(lambda p: jnp.sum(logprobs(p) ** 2)))
+    (got, got_grads), (want, want_grads) = for_loss(packed_logp)(params), for_loss(per_row)(params)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    close = jax.tree.map(lambda x, y: np.allclose(x, y, rtol=1e-4, atol=1e-6), got_grads, want_grads)
+    assert all(jax.tree.leaves(close)) and np.sum(mask) > 0
+
+
+# beta 0 and Dr. GRPO's constant normalisation with one group left out (dynamic sampling: weight
+# 0), beta > 0 with the sequence normalisation on every group
+@pytest.mark.parametrize("beta, normalization, dropped", [(0.04, "sequence", False), (0.0, "constant", True)])
+def test_update_matches_the_straightforward_one(setup, beta, normalization, dropped):
     run, shardings, host = setup
     cfg = dataclasses.replace(run.cfg, grpo=dataclasses.replace(run.cfg.grpo, beta=beta, normalization=normalization))
+    if dropped:
+        host = {**host, "resp_mask": host["resp_mask"] * (np.arange(len(host["tokens"])) // ARGS.group != 1)[:, None]}
     state = grpo.initial_state(run, shardings)
     want_params, want = jax.jit(functools.partial(straightforward_update, run.models, cfg, run.optimizer))(state, host)
-    b = grpo.used_columns(host, run.models.query_width, (32, 2)) if cut else host
-    if split:
-        lengths = host["resp_mask"].sum(1)
-        assert 0 < np.sum(lengths > 2) <= 4 < len(lengths) and grpo.answer_split(lengths, 4, 1, 4) == split
-    new_state, got = jax.jit(functools.partial(grpo.update, run.models, cfg, run.optimizer, split=split))(state, b)
+    b = grpo.pack_groups(host, run.models.query_width, ARGS.group)
+    new_state, got = jax.jit(functools.partial(grpo.update, run.models, cfg, run.optimizer))(state, b)
     assert set(got) == set(want) - ({"kl"} if beta == 0 else set())
     for key in got:
         np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=2e-4, atol=1e-6, err_msg=key)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -25,7 +26,7 @@ from flaxgpt.data.world import WorldTask
 from flaxgpt.losses import group_advantages, grpo_loss
 from flaxgpt.model import Transformer
 from flaxgpt.optim import build_optimizer
-from flaxgpt.rewards import padded_width, reward_function
+from flaxgpt.rewards import reward_function
 from flaxgpt.rlhf import PPO, Models, PPOState, evaluate, load_prompts, rollout, scores, sequences
 from flaxgpt.runs import inherit_model, params_from_run, read_run
 from flaxgpt.sharding import host_value
@@ -80,20 +81,15 @@ def initial_state(run: PPO, shardings: Any) -> PPOState:
     return rlhf.initial_state(run, {"policy": policy}, frozen, run.cfg.grpo.beta, shardings)
 
 
-def update(
-    m: Models, cfg: Config, optimizer, state: PPOState, batch: dict, split: tuple[int, int] | None = None
-) -> tuple[PPOState, dict]:
+def update(m: Models, cfg: Config, optimizer, state: PPOState, batch: dict) -> tuple[PPOState, dict]:
     """grpo.epochs full-batch updates of the clipped objective; the ratio is to the rollout policy.
 
-    The batch may be cut to fewer columns than block_size (`used_columns`): its prompt width is
-    tokens' less resp_mask's; `split` (`answer_split`) runs the tail of the answers for the
-    longest rows only (`rlhf.grouped_response_logprobs`). The rollout policy is the state's, so
-    the first epoch's own forward gives the old log-probabilities (no separate pass), and beta = 0
-    needs no reference pass (nor reports a kl figure)."""
+    The batch is `pack_groups`' layout: each prompt runs once for its group, and only real tokens
+    (and the packing's padding) are computed. The rollout policy is the state's, so the first
+    epoch's own forward gives the old log-probabilities (no separate pass), and beta = 0 needs
+    no reference pass (nor reports a kl figure)."""
     g, temperature = cfg.grpo, cfg.ppo.temperature
-    start = batch["tokens"].shape[1] - batch["resp_mask"].shape[1]
-    inputs = (batch["tokens"], batch["segments"], start, g.group_size, temperature, split)
-    logprobs = lambda params: rlhf.grouped_response_logprobs(m.policy, params, *inputs)
+    logprobs = lambda params: rlhf.packed_response_logprobs(m.policy, params, batch, temperature)
     ref = jax.lax.stop_gradient(logprobs(rlhf.reference_params(m, state))) if g.beta else None
     adapters_only = bool(m.policy.cfg.lora_rank)
 
@@ -126,33 +122,60 @@ def update(
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), stats
 
 
-def used_columns(host: dict, query_width: int, buckets: tuple[int, int] = (32, 16)) -> dict:
-    """The batch cut to the columns some row uses, the prompt and answer widths rounded up to
-    multiples of `buckets` (so few widths compile): left padding before the longest prompt and
-    right padding after the longest answer cost the update as much as real tokens."""
-    used = host["segments"].any(axis=0)
-    prompt = query_width - int(np.argmax(used))
-    answer = len(used) - query_width - int(np.argmax(used[::-1]))
-    lo = query_width - padded_width(prompt, query_width, buckets[0])
-    hi = query_width + padded_width(max(answer, 1), len(used) - query_width, buckets[1])
-    cut = {k: host[k][:, lo:hi] for k in ("tokens", "segments")}
-    return {**cut, "resp_mask": host["resp_mask"][:, : hi - query_width], "advantages": host["advantages"]}
+PACKED = ("tokens", "positions", "segments", "branches")  # pack_groups' [rows, width] arrays
 
 
-def answer_split(lengths: np.ndarray, width: int, first: int = 8, rows: int = 16) -> tuple[int, int] | None:
-    """(S, K) for `update`: every answer's first `first` tokens, the rest for the rows longer
-    than first + 1 only, their count rounded up to a multiple of `rows` (few compiles); None
-    when that would be every row."""
-    longer = int(np.sum(lengths > first + 1))
-    k = -(-longer // rows) * rows
-    return None if width <= first + 1 or k >= len(lengths) else (first, k)
+def packed_width(longest: int, min_width: int = 160) -> int:
+    """`pack_groups`' row width for a longest group of `longest` tokens."""
+    return max(min_width, -(-longest // 64) * 64)
+
+
+def pack_groups(host: dict, query_width: int, group: int, rows_multiple: int = 2, min_width: int = 160) -> dict:
+    """A rollout batch (`host`: left-padded prompts in tokens[:, :query_width], the answers
+    after them, `resp_mask` their weights) packed for `rlhf.packed_response_logprobs`. Each
+    group's prompt is written once, its answers after it as branches 1..group; whole groups
+    are packed first-fit (longest first) into rows of the longest group's width rounded up to
+    64, at least `min_width` (the attention's cost grows with the width, the packing's waste
+    shrinks), the rows' count rounded up to `rows_multiple` (few compiled shapes). Left
+    padding, answer padding and answers of weight 0 are not computed."""
+    tokens, real, weight = host["tokens"], host["segments"].astype(bool), host["resp_mask"] > 0
+    lengths = weight.sum(1)
+    groups = [(r, real[r, :query_width].sum()) for r in range(0, len(tokens), group) if lengths[r : r + group].any()]
+    sizes = [int(prompt + lengths[r : r + group].sum()) for r, prompt in groups]
+    width = packed_width(max(sizes, default=1), min_width)
+    used: list[int] = []  # each row's filled columns
+    place = []  # (row, column) of each group
+    for i in np.argsort(sizes, kind="stable")[::-1]:
+        row = next((j for j, u in enumerate(used) if u + sizes[i] <= width), len(used))
+        used += [0] * (row == len(used))
+        place.append((i, row, used[row]))
+        used[row] += sizes[i]
+    rows = max(1, -(-len(used) // rows_multiple)) * rows_multiple
+    out = {k: np.zeros((rows, width), np.int32) for k in PACKED}
+    source = np.zeros(weight.shape, np.int32)
+    for i, row, col in place:
+        first, prompt = groups[i]
+        spans = [(query_width - prompt, prompt, first, 0)]  # (start, length, rollout row, branch)
+        spans += [(query_width, int(lengths[first + b]), first + b, b + 1) for b in range(group)]
+        end = row * width + col + prompt - 1  # the prompt's last position predicts each answer's first token
+        for start, n, r, branch in spans:
+            cols = slice(col, col + n)
+            out["tokens"][row, cols] = tokens[r, start : start + n]
+            out["positions"][row, cols] = (prompt if branch else 0) + np.arange(n)
+            out["segments"][row, cols], out["branches"][row, cols] = first + 1, branch
+            if branch:
+                source[r, :n] = np.concatenate([[end], row * width + col + np.arange(n - 1)])[:n]
+            col += n
+    rollout = {"targets": tokens[:, query_width:].astype(np.int32), "source": source}
+    return {**out, **rollout, "resp_mask": host["resp_mask"], "advantages": host["advantages"]}
 
 
 def make_step(run: PPO, order: PackedRows, shardings: Any):
     tc, p, g, m = run.cfg.train, run.cfg.ppo, run.cfg.grpo, run.models
     n = tc.batch_size * g.group_size
-    jitted = jax.jit(functools.partial(update, m, run.cfg, run.optimizer), donate_argnums=0, static_argnames=("split",))
+    jitted = jax.jit(functools.partial(update, m, run.cfg, run.optimizer), donate_argnums=0)
     widths: set[tuple] = set()  # the update's compiled shapes (one compile each)
+    shards = n // run.rt.rows_sharding.shard_shape((n,))[0]  # the packed rows split as evenly as the batch
 
     def step_fn(state: PPOState, step: int) -> tuple[PPOState, dict]:
         picked = [run.prompts[0][int(i)] for i in order.batch(step, tc.batch_size)["index"][:, 0]]
@@ -172,10 +195,10 @@ def make_step(run: PPO, order: PackedRows, shardings: Any):
             "resp_mask": resp_mask.astype(np.float32),
             "advantages": np.asarray(advantages, np.float32).reshape(-1, 1),
         }
-        host = used_columns(host, m.query_width)
-        split = answer_split(lengths, host["resp_mask"].shape[1])
-        widths.add((host["tokens"].shape[1], host["resp_mask"].shape[1], split))
-        state, stats = jitted(state, run.rt.place(host, n), split=split)
+        packed = pack_groups(host, m.query_width, g.group_size, math.lcm(2, shards))
+        widths.add(packed["tokens"].shape)
+        rows = {k: packed.pop(k) for k in PACKED}
+        state, stats = jitted(state, {**run.rt.place(packed, n), **run.rt.place(rows, len(rows["tokens"]))})
         stats = {k: float(v) for k, v in host_value(stats).items()}
         if not all(np.isfinite(v) for v in stats.values()):
             raise NonFiniteLoss(f"GRPO step {step + 1}: non-finite {stats}; stopping before this update is saved")
