@@ -573,6 +573,21 @@ class Transformer(nn.Module):
         kernel_ids = segment_ids if branches is None else None  # the TPU kernel knows segments only
         windows = jnp.asarray(layer_windows(cfg))
 
+        x = self._blocks(x, positions, mask, windows, kernel_ids, train, decode)
+        x = Norm(cfg, name="final_norm")(x)
+        if cfg.output == "scalar":  # reward / value model: one number per position
+            score = Linear((1,), ("embed",), ("norm",), cfg, cfg.init_std, use_bias=True, name="score")(x)
+            return score[..., 0].astype(jnp.float32)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = Linear((cfg.vocab_size,), ("embed",), ("vocab",), cfg, cfg.init_std, name="lm_head")(x)
+        logits = _constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        return _final_logits(cfg, logits)
+
+    def _blocks(self, x, positions, mask, windows, kernel_ids, train: bool, decode: bool) -> Array:
+        """The n_layer blocks: one scanned module (compiles once whatever the depth) or unrolled."""
+        cfg = self.cfg
         block = Block
         if cfg.remat != "none":
             block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
@@ -585,26 +600,20 @@ class Transformer(nn.Module):
                 length=cfg.n_layer,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, train, decode, name="layers")
-            x, _ = layers(x, positions, mask, windows, kernel_ids)
-        else:
-            for i in range(cfg.n_layer):
-                x, _ = block(cfg, train, decode, name=f"layers_{i}")(x, positions, mask, windows[i], kernel_ids)
+            return layers(x, positions, mask, windows, kernel_ids)[0]
+        for i in range(cfg.n_layer):
+            x, _ = block(cfg, train, decode, name=f"layers_{i}")(x, positions, mask, windows[i], kernel_ids)
+        return x
 
-        x = Norm(cfg, name="final_norm")(x)
-        if cfg.output == "scalar":  # reward / value model: one number per position
-            score = Linear((1,), ("embed",), ("norm",), cfg, cfg.init_std, use_bias=True, name="score")(x)
-            return score[..., 0].astype(jnp.float32)
-        if cfg.tie_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = Linear((cfg.vocab_size,), ("embed",), ("vocab",), cfg, cfg.init_std, name="lm_head")(x)
-        logits = _constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
-        logits = logits.astype(jnp.float32)
-        if cfg.logit_softcap:  # Gemma 2: logits bounded as softcap * tanh(logits / softcap)
-            logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
-        if 0 < cfg.valid_vocab < cfg.vocab_size:  # padding ids (vocab_multiple) are never produced
-            logits = jnp.where(jnp.arange(cfg.vocab_size) < cfg.valid_vocab, logits, -1e9)
-        return logits
+
+def _final_logits(cfg: ModelConfig, logits: Array) -> Array:
+    """float32 logits, Gemma 2's soft cap applied and padding ids (vocab_multiple) never produced."""
+    logits = logits.astype(jnp.float32)
+    if cfg.logit_softcap:  # logits bounded as softcap * tanh(logits / softcap)
+        logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
+    if 0 < cfg.valid_vocab < cfg.vocab_size:
+        logits = jnp.where(jnp.arange(cfg.vocab_size) < cfg.valid_vocab, logits, -1e9)
+    return logits
 
 
 def stack_layers(params: dict, n_layer: int) -> dict:
