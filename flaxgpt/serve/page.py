@@ -112,14 +112,19 @@ def _messages(store, turn: _Turn) -> list[dict]:
     return _as_chat(path, turn.system)
 
 
+def _read_request(store, body: dict) -> tuple[_Turn, list[dict]]:
+    turn = _read_turn(store, body)
+    return turn, _messages(store, turn)
+
+
 async def _answer(service, store, body: dict):
     """Check the request and submit its answer; only then store the user's turn (a refused
     request leaves no row), and the answer when it is done."""
     from flaxgpt.serve.app import Job, sse
 
     settings = params.settings({**body, "n": 1, "stream": True, "stop": None})
-    turn = await asyncio.to_thread(_read_turn, store, body)
-    prompt = service.chat_prompt(await asyncio.to_thread(_messages, store, turn), settings)
+    turn, messages = await asyncio.to_thread(_read_request, store, body)
+    prompt = service.chat_prompt(messages, settings)
     job = Job(service, prompt, settings, tuple(chat_template.stop_tokens(service.tokenizer)))
     try:
         conversation, user_id = await asyncio.to_thread(_store_turn, store, turn)

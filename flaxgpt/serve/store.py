@@ -168,12 +168,16 @@ def read_only(path: str) -> sqlite3.Connection:
 def check_schema(db: sqlite3.Connection, path: str) -> None:
     """A StoreError unless `db` is a feedback database at SCHEMA_VERSION with its tables."""
     version = db.execute("PRAGMA user_version").fetchone()[0]
-    if version > SCHEMA_VERSION:
-        raise StoreError(f"{path} has feedback schema version {version}; this flaxgpt reads up to {SCHEMA_VERSION}")
+    _not_newer(version, path)
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     missing = sorted({"conversations", "messages", "ratings"} - tables)
     if version < SCHEMA_VERSION or missing:
         raise StoreError(f"{path}: not a feedback database" + (f" (no {', '.join(missing)} table)" if missing else ""))
+
+
+def _not_newer(version: int, path: str) -> None:
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"{path} has feedback schema version {version}; this flaxgpt reads up to {SCHEMA_VERSION}")
 
 
 def wal(db: sqlite3.Connection, wait: float = 30.0) -> None:
@@ -195,8 +199,7 @@ def migrate(db: sqlite3.Connection, path: str) -> None:
     again inside each transaction, so processes opening a new database at once (the server and the
     online learner) apply each migration once."""
     while (version := db.execute("PRAGMA user_version").fetchone()[0]) != SCHEMA_VERSION:
-        if version > SCHEMA_VERSION:
-            raise StoreError(f"{path} has feedback schema version {version}; this flaxgpt reads up to {SCHEMA_VERSION}")
+        _not_newer(version, path)
         db.execute("BEGIN IMMEDIATE")
         try:
             if db.execute("PRAGMA user_version").fetchone()[0] == version:  # no one migrated it meanwhile
