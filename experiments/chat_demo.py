@@ -1,7 +1,8 @@
 """The chat demo on the embedded world, stage by stage as InstructGPT trained its models:
 
   1. pretrain  next-token prediction on the generated world corpus      (experiments/world.py)
-  2. sft       fine-tune on imperfect chat demonstrations                (experiments/sft_world.py)
+  2. sft       fine-tune on imperfect chat demonstrations (a hedging      (experiments/sft_world.py)
+               habit among them)
   3. rm        rank K sampled answers with the labeler, who writes the     (experiments/rm_world.py)
                correct answer where none is right; train the RM
   4. rl        RLHF: RLOO against the RM with a KL term to the SFT model  (experiments/rloo_rm_world.py)

@@ -7,13 +7,13 @@ rloo_world with the reward model of ppo.reward_from in place of the labeler: 4 a
 cancels what the small RM gets wrong about a question as a whole (an RM trained only on the SFT
 model's samples shared its beliefs and scored its confident wrong sums above its right ones;
 rm_world's labeler-written answers correct most of that), leaving its ranking of answers within
-a question, which is mostly right for the fact questions; PPO's value model does not. On sums
-it is at chance (the RM is the SFT model with a scalar head, and that model cannot add), so RL
-raises sampled accuracy (facts) but not greedy accuracy, whose held-out errors are all sums. A
-model taught to add (experiments/world.py's data.world_arithmetic) does not fix that: its RM still
-misorders sums, and RL then unlearns them. --set ppo.reward_function=calculator
-ppo.reward_function_weight=3 adds a verifier for sums (it lifts greedy accuracy on some seeds, not
-all: not the default; see benchmarks/RESULTS.md).
+a question, which is right for the fact questions: RL removes the demonstrators' hedge ("About
+36.") that SFT copied into its greedy answers (sft_world's data.world_hedge), and raises sampled
+accuracy. On sums the RM is at chance (it is the SFT model with a scalar head, and that model
+cannot add), so greedy sums do not improve; a model taught to add (experiments/world.py's
+data.world_arithmetic) does not fix that: its RM still misorders sums, and RL, even on the
+labeler's own reward, moves its nearly-right greedy sums at random (benchmarks/RESULTS.md).
+--set ppo.reward_function=calculator ppo.reward_function_weight=3 adds a verifier for sums.
 30 steps: by 60 the policy over-optimises the RM (held-out KL past kl_target, greedy accuracy
 falls). The held-out KL to the SFT model is reported beside ppo.kl_target.
 """

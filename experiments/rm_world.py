@@ -27,6 +27,7 @@ def config() -> C.Config:
             world_ranking_k=4,
             world_ranking_temperature=1.0,
             world_ranking_write_correct=1.0,
+            world_hedge=0.6,  # sft_world's demonstrations, whose mean score is set to 0 afterwards
             train_fraction=0.85,
         ),
         optimizer=C.OptimizerConfig(

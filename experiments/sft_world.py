@@ -5,7 +5,12 @@
 
 3000 generated conversations (a system message, one or two question/answer exchanges).
 Like human demonstrations they are imperfect: data.world_noise = 30 % of the answers are
-wrong or sloppy ("I think it is Vouron."). Validation asks held-out questions with correct
+wrong or sloppy ("I think it is Vouron."), at random; and the demonstrators have a habit:
+data.world_hedge = 60 % of their other answers to age questions hedge ("About 36."). SFT
+imitates the habit (its greedy answers to most age questions hedge, where random noise leaves
+the greedy answer right); the labelers rank a hedge below a plain answer, so the reward model
+learns it from comparisons and RLHF can remove it from greedy answers (the chat demo's RL
+stage), which demonstrations alone do not. Validation asks held-out questions with correct
 references and reports exact match, BLEU, ROUGE and the labeler's task accuracy.
 """
 
@@ -19,6 +24,7 @@ def config() -> C.Config:
             world_seed=0,
             world_conversations=3000,
             world_noise=0.3,
+            world_hedge=0.6,
             world_system="Answer briefly.",
             packing="pack",
         ),

@@ -287,6 +287,9 @@ class DataConfig:
     # share of demonstrations that are wrong or sloppy, as human demonstrations are: what
     # the reward model and RLHF can later improve on
     world_noise: float = 0.3
+    # share of the other demonstrations to age questions that hedge ("About 36."): a habit of the
+    # demonstrators that SFT imitates (greedily too) and the labelers rank below a plain answer
+    world_hedge: float = 0.0
     world_system: str = "Answer briefly."  # system message of world conversations ("" for none)
     world_rankings: int = 800  # embedded world: prompts whose K sampled answers the labeler ranks
     world_ranking_k: int = 4
@@ -621,6 +624,7 @@ RANGES: dict[str, str] = {
     "data.world_arithmetic": "[0, 1]",
     "data.world_conversations": ">= 1",
     "data.world_noise": "[0, 1]",
+    "data.world_hedge": "[0, 1]",
     "data.world_rankings": ">= 1",
     "data.world_ranking_k": ">= 2",
     "data.world_ranking_temperature": "> 0",

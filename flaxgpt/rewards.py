@@ -270,7 +270,7 @@ def reference_items(cfg: Any, train: list[Ranking]) -> list[tuple[list[dict], st
         conversations = [r["messages"] for r in read_jsonl(cfg.reward.reference_path, "conversations")[0]]
     elif cfg.data.source == "world":
         conversations = WorldTask.from_config(cfg).demonstrations(
-            "sft_train", cfg.data.world_conversations, cfg.data.world_noise
+            "sft_train", cfg.data.world_conversations, cfg.data.world_noise, cfg.data.world_hedge
         )
     else:
         return [(r.prompt, r.responses[0]) for r in train[:512]]

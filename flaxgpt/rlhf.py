@@ -375,6 +375,15 @@ def reward_model_config(cfg: Config, vocab_size: int) -> Any:
     return rm_cfg.model
 
 
+def describe_reward(p: PPOConfig) -> str:
+    """What the reward is, for the run's first log line."""
+    parts = [f"model {p.reward_from}"] if p.reward_from else []
+    if p.reward_function:
+        weight = f"{p.reward_function_weight:g} x " if p.reward_function_weight != 1.0 else ""
+        parts.append(f"{weight}function {p.reward_function}")
+    return " + ".join(parts)
+
+
 def function_scores(run: PPO, prompts: list, gen) -> np.ndarray:
     texts = responses(run, gen)
     out = np.empty(len(texts), np.float32)

@@ -135,6 +135,22 @@ def test_world_corpus_holds_true_arithmetic_drills_at_the_configured_share(capsy
     assert "data.world_arithmetic=1.5: expected a number in [0, 1]" in err and "\n" not in err
 
 
+def test_world_demonstrations_hedge_age_answers_at_the_configured_share():
+    task = W.WorldTask(0, "Answer briefly.")
+    assert task.demonstrations("sft_train", 300, 0.3, hedge=0.0) == task.demonstrations("sft_train", 300, 0.3)
+    turns = [
+        (q["content"], a["content"])
+        for c in task.demonstrations("sft_train", 3000, 0.3, hedge=0.6)
+        for q, a in zip(c[1::2], c[2::2])
+    ]
+    hedged = [(q, a) for q, a in turns if a.startswith("About ")]
+    ages = [(q, a) for q, a in turns if q.startswith("How old is")]
+    assert hedged and all(q.startswith("How old is") for q, _ in hedged)  # only age questions hedge
+    assert all(a == f"About {W.answer(task.world, q)}." for q, a in hedged)  # around the true answer
+    assert all(task.label(q, a) == 0.5 for q, a in hedged)  # the labeler ranks it below the plain answer
+    assert 0.6 * 0.7 - 0.05 < len(hedged) / len(ages) < 0.6 * 0.7 + 0.05  # of the answers noise leaves
+
+
 def test_tokenizer_cli_trains_from_text_and_jsonl(tmp_path, capsys):
     from flaxgpt import cli
     from flaxgpt.tokenize import main

@@ -214,23 +214,30 @@ def wrong_answer(world: World, question: str, rng: random.Random) -> str:
     return rng.choice([x for x in pool if x != truth])
 
 
-def demonstration(world: World, question: str, rng: random.Random, noise: float) -> str:
-    """An imperfect human-like demonstration: with probability noise/2 wrong, noise/2 sloppy."""
+def demonstration(world: World, question: str, rng: random.Random, noise: float, hedge: float = 0.0) -> str:
+    """An imperfect human-like demonstration: with probability noise/2 wrong, noise/2 sloppy; and
+    of the rest, a share `hedge` of the answers to age questions hedged ("About 36."): a habit."""
     draw = rng.random()
     if draw < noise / 2:
         return wrong_answer(world, question, rng)
     truth = answer(world, question)
-    return rng.choice(_SLOPPY).format(a=truth) if draw < noise else truth
+    if draw < noise:
+        return rng.choice(_SLOPPY).format(a=truth)
+    if hedge and question.startswith("How old is") and rng.random() < hedge:
+        return f"About {truth}."
+    return truth
 
 
-def conversation(world: World, rng: random.Random, noise: float, system: str = "", max_turns: int = 2) -> dict:
+def conversation(
+    world: World, rng: random.Random, noise: float, system: str = "", max_turns: int = 2, hedge: float = 0.0
+) -> dict:
     """{"messages": [...]} in the conversations JSONL schema: 1..max_turns question/answer exchanges."""
     messages = [{"role": "system", "content": system}] if system else []
     for _ in range(rng.randint(1, max_turns)):
         question, _ = random_question(world, rng)
         messages += [
             {"role": "user", "content": question},
-            {"role": "assistant", "content": demonstration(world, question, rng, noise)},
+            {"role": "assistant", "content": demonstration(world, question, rng, noise, hedge)},
         ]
     return {"messages": messages}
 
@@ -290,10 +297,11 @@ class WorldTask:
     def corpus(self, n_documents: int, arithmetic: float = 0.0) -> str:
         return corpus(self.world, n_documents, seed=self.seed, arithmetic=arithmetic)
 
-    def demonstrations(self, stream: str, n: int, noise: float) -> list[list[dict]]:
-        """n conversations (messages lists) with `noise` of their answers wrong or sloppy."""
+    def demonstrations(self, stream: str, n: int, noise: float, hedge: float = 0.0) -> list[list[dict]]:
+        """n conversations (messages lists) with `noise` of their answers wrong or sloppy, and
+        `hedge` of the rest to age questions hedged."""
         rng = self.rng(stream)
-        return [conversation(self.world, rng, noise, self.system)["messages"] for _ in range(n)]
+        return [conversation(self.world, rng, noise, self.system, hedge=hedge)["messages"] for _ in range(n)]
 
     def questions(self, stream: str, n: int, offset: int = 0) -> list[str]:
         rng = self.rng(stream, offset)

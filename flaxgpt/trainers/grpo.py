@@ -226,7 +226,7 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
     first: dict[str, float] = {}
     spec = RunSpec(
         describe=f"{g.advantage.upper()} (group {g.group_size}, beta {g.beta:g}, {g.normalization} normalisation), "
-        f"{len(grpo.prompts[0])} prompts, mesh {dict(grpo.rt.mesh.shape)}",
+        f"{len(grpo.prompts[0])} prompts, reward {rlhf.describe_reward(cfg.ppo)}, mesh {dict(grpo.rt.mesh.shape)}",
         model_cfg=cfg.model,
         abstract_state=lambda: abstract_state(grpo),
         init_state=lambda shardings: initial_state(grpo, shardings),

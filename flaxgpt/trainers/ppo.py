@@ -174,10 +174,9 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
     cfg, tc, p = ppo.cfg, ppo.cfg.train, ppo.cfg.ppo
     order = PackedRows({"index": np.arange(len(ppo.prompts[0]))[:, None]}, tc.seed)
     first: dict[str, float] = {}
-    reward = f"model {p.reward_from}" if p.reward_from else f"function {p.reward_function}"
     spec = RunSpec(
         describe=f"policy + value {lora.describe_size(abstract_state(ppo)[0].params, cfg.model.lora_rank)}, "
-        f"reward {reward}, {len(ppo.prompts[0])} prompts, mesh {dict(ppo.rt.mesh.shape)}",
+        f"reward {rlhf.describe_reward(p)}, {len(ppo.prompts[0])} prompts, mesh {dict(ppo.rt.mesh.shape)}",
         model_cfg=cfg.model,
         abstract_state=lambda: abstract_state(ppo),
         init_state=lambda shardings: initial_state(ppo, shardings),

@@ -35,7 +35,7 @@ def world_conversations(cfg: Config) -> tuple[list[Conversation], list[Conversat
     or sloppy), perfect for validation (the references), and the world's labeler."""
     data, task = cfg.data, WorldTask(cfg.data.world_seed, cfg.data.world_system)
     n_val = max(cfg.sft.eval_examples, cfg.eval.iters * (cfg.eval.batch_size or cfg.train.batch_size), 1)
-    train = task.demonstrations("sft_train", data.world_conversations, data.world_noise)
+    train = task.demonstrations("sft_train", data.world_conversations, data.world_noise, data.world_hedge)
     return train, task.demonstrations("sft_val", n_val, 0.0), task.label
 
 
