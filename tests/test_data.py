@@ -149,6 +149,11 @@ def test_world_demonstrations_hedge_age_answers_at_the_configured_share():
     assert all(a == f"About {W.answer(task.world, q)}." for q, a in hedged)  # around the true answer
     assert all(task.label(q, a) == 0.5 for q, a in hedged)  # the labeler ranks it below the plain answer
     assert 0.6 * 0.7 - 0.05 < len(hedged) / len(ages) < 0.6 * 0.7 + 0.05  # of the answers noise leaves
+    from flaxgpt.train import load_experiment
+    from flaxgpt.trainers.sft import world_conversations
+
+    train, _, _ = world_conversations(load_experiment("sft_world"))  # the chat demo's SFT data has the habit
+    assert sum(m["content"].startswith("About ") for c in train for m in c if m["role"] == "assistant") > 200
 
 
 def test_tokenizer_cli_trains_from_text_and_jsonl(tmp_path, capsys):
