@@ -193,3 +193,81 @@ def test_an_experiment_file_with_a_syntax_error_is_named_with_its_line(tmp_path,
     broken.write_text("from flaxgpt.config import Config\n\ndef config(:\n    return Config()\n")
     assert cli.run(train.main, ["--experiment", str(broken), "--print-config"]) == 2
     assert _one_error_line(capsys) == f"error: {broken}:3: invalid syntax"
+
+
+# ----------------------------------------------------------------------------- a damaged run directory
+
+
+def _run_dir(path, vocab_size: int = 40, valid_vocab: int = 0, chars: str = "abcdefghijklmnopqrstuvwxyz0123456") -> str:
+    """A run's config.json and character tokenizer.json (len(chars) + 7 special ids), no checkpoint."""
+    from flaxgpt.config import to_json
+    from flaxgpt.data.tokenizers import CharTokenizer
+    from tests.conftest import tiny_run_config
+
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_run_config(model={"vocab_size": vocab_size, "valid_vocab": valid_vocab})
+    (path / "config.json").write_text(to_json(cfg))
+    CharTokenizer(list(chars)).save(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ({"config.json": '{"name": '}, "config.json: not valid JSON"),
+        ({"config.json": "[1]"}, "config.json: holds a JSON list, expected a JSON object"),
+        ({"config.json": '{"model": {"n_layer": "abc"}}'}, "config.json: model.n_layer must be an integer"),
+        ({"config.json": '{"model": {"n_layer": -3}}'}, "config.json: model.n_layer=-3: expected an integer"),
+        ({"tokenizer.json": '{"type": "char", "chars": ["a"]}'}, "its tokenizer has 8 ids but config.json's model"),
+        (
+            {
+                "tokenizer.json": '{"type": "char", "chars": '
+                + str(list("abcdefghijklmnopqrstuvwxyz0123456789ABC")).replace("'", '"')
+                + "}"
+            },
+            "its tokenizer has 46 ids",
+        ),
+    ],
+)
+def test_a_damaged_run_is_one_line_naming_the_file_in_sample_chat_and_init_from(tmp_path, damage, message, capsys):
+    workdir = _run_dir(tmp_path / "run")
+    for name, text in damage.items():
+        (tmp_path / "run" / name).write_text(text)
+    for main, argv in [
+        (sample.main, ["--workdir", workdir, "--prompt", "x"]),
+        (chat.main, ["--workdir", workdir, "--prompt", "x"]),
+        (train.main, ["-e", "world", "--print-config", "--set", f"train.init_from={workdir}"]),
+    ]:
+        assert cli.run(main, argv) == 2, main.__module__
+        line = _one_error_line(capsys)
+        assert workdir in line and message in line, line
+
+
+def test_a_tokenizer_of_a_padded_vocabulary_fits_and_a_reward_model_does_not_generate(tmp_path, capsys):
+    from flaxgpt import runs
+
+    padded = _run_dir(tmp_path / "padded", vocab_size=64, valid_vocab=40)  # 33 chars + 7 specials
+    assert runs.read_run(padded)[1].vocab_size == 40
+    garbage = tmp_path / "spm"
+    garbage.mkdir()
+    (garbage / "config.json").write_text((tmp_path / "padded" / "config.json").read_text())
+    (garbage / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    assert cli.run(sample.main, ["--workdir", str(garbage), "--prompt", "x"]) == 2
+    assert f"{garbage}/tokenizer.model: not a valid sentencepiece tokenizer" in _one_error_line(capsys)
+    assert cli.run(tokenize.main, ["encode", "--model", str(garbage / "tokenizer.model"), "hi"]) == 2
+    assert "tokenizer.model: not a valid sentencepiece tokenizer" in _one_error_line(capsys)
+
+    import json
+
+    from flaxgpt.config import from_dict, to_json
+
+    reward = _run_dir(tmp_path / "rm")
+    cfg = from_dict(json.loads((tmp_path / "rm" / "config.json").read_text()))
+    cfg.model.output = "scalar"
+    (tmp_path / "rm" / "config.json").write_text(to_json(cfg))
+    for main in (sample.main, chat.main):
+        assert cli.run(main, ["--workdir", reward, "--prompt", "hi"]) == 2
+        assert (
+            _one_error_line(capsys)
+            == f"error: {reward} holds a reward model (model.output='scalar'): generate with a language model"
+        )

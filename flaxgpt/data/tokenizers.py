@@ -211,14 +211,12 @@ class SentencePieceTokenizer(_Common):
     """A SentencePiece model (BPE or unigram) with flaxgpt's special tokens reserved."""
 
     def __init__(self, model_file: str):
-        import sentencepiece as spm
-
         self.model_file = model_file
-        self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        self.sp = _load_base("sentencepiece", model_file)
         self.vocab_size = self.sp.get_piece_size()
         missing = [t for t in (PAD, EOS) if self.sp.piece_to_id(t) == self.sp.unk_id()]
         if missing:
-            raise ValueError(
+            raise HFFormatError(
                 f"SentencePiece model {model_file} has no piece for {missing}; "
                 "train it with flaxgpt.data.tokenizers.train_sentencepiece"
             )
