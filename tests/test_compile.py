@@ -254,7 +254,7 @@ def test_init_from_a_finished_run_takes_its_model_and_a_conflict_names_the_field
     from flaxgpt.data.tokenizers import CharTokenizer
 
     source = tiny_llama()
-    source.model.n_layer, source.model.vocab_size = 3, 72
+    source.model.n_layer, source.model.vocab_size, source.model.valid_vocab = 3, 72, 10  # "abc" + 7 specials
     (tmp_path / "config.json").write_text(C.to_json(source))
     CharTokenizer("abc").save(str(tmp_path))
     cfg = C.Config(name="ft", train=C.TrainConfig(init_from=str(tmp_path), batch_size=8)).validate()
