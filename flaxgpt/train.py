@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -53,16 +54,20 @@ def load_experiment(name: str, overrides: Sequence[str] = ()) -> Config | list:
     (a file defining `stages()`), its list of `flaxgpt.pipeline.Stage`."""
     path = find_experiment(name)
     stem = os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(f"flaxgpt_experiment_{stem}", path)
-    module = importlib.util.module_from_spec(spec)
+    # a source loader of its own: a path named without .py is Python source too
+    loader = importlib.machinery.SourceFileLoader(f"flaxgpt_experiment_{stem}", path)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
     try:
-        spec.loader.exec_module(module)
+        loader.exec_module(module)
     except SyntaxError as e:  # the user's file; other exceptions keep their traceback to debug it
         raise ConfigError(f"{e.filename}:{e.lineno}: {e.msg}") from e
     if hasattr(module, "stages"):
         from flaxgpt import pipeline
 
         stages = module.stages()
+        if not isinstance(stages, list) or not all(isinstance(s, pipeline.Stage) for s in stages):
+            got = type(stages).__name__ if not isinstance(stages, list) else "a list holding other things"
+            raise ConfigError(f"experiment {path}: stages() returned {got}, expected a list of flaxgpt.pipeline.Stage")
         for stage in stages:
             if stage.config.name == "unnamed":
                 stage.config.name = f"{stem}.{stage.name}"

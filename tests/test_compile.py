@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flaxgpt import cli, lora, train
 from flaxgpt import compile as aot
 from flaxgpt import config as C
-from flaxgpt import lora, train
 from flaxgpt.model import Transformer, count_params
 from flaxgpt.sharding import logical_rules, make_mesh
 
@@ -90,7 +90,7 @@ def test_oversize_config_fails_with_one_line(capsys):
 
 
 def test_unknown_topology_is_a_user_error(capsys):
-    assert aot.main(["-e", "world", "--topology", "v5e-2x2"]) == 2
+    assert cli.run(aot.main, ["-e", "world", "--topology", "v5e-2x2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --topology 'v5e-2x2'"), err
 

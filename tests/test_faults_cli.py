@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import runpy
 import subprocess
 import sys
 
@@ -271,3 +272,40 @@ def test_a_tokenizer_of_a_padded_vocabulary_fits_and_a_reward_model_does_not_gen
             _one_error_line(capsys)
             == f"error: {reward} holds a reward model (model.output='scalar'): generate with a language model"
         )
+
+
+# ----------------------------------------------------------------------------- experiment files, compile, simuser
+
+
+def test_an_experiment_path_without_py_loads_and_a_bad_stages_is_one_line(tmp_path, capsys):
+    plain = tmp_path / "exp_plain"  # no .py suffix
+    plain.write_text("from flaxgpt.config import Config\n\ndef config():\n    return Config(name='plain')\n")
+    assert cli.run(train.main, ["-e", str(plain), "--print-config"]) == 0
+    assert '"name": "plain"' in capsys.readouterr().out
+    for returned, got in [("3", "int"), ("[1, 2]", "a list holding other things")]:
+        bad = tmp_path / "bad_stages.py"
+        bad.write_text(f"def stages():\n    return {returned}\n")
+        assert cli.run(train.main, ["-e", str(bad), "--print-config"]) == 2
+        line = _one_error_line(capsys)
+        assert line == f"error: experiment {bad}: stages() returned {got}, expected a list of flaxgpt.pipeline.Stage"
+
+
+def test_compile_and_simuser_report_user_errors_in_one_line(tmp_path, capsys, monkeypatch):
+    from flaxgpt import simuser
+    from tests.conftest import free_port
+
+    no_tokenizer = tmp_path / "notok"
+    _run_dir(no_tokenizer)
+    os.remove(no_tokenizer / "tokenizer.json")
+    monkeypatch.setattr(sys, "argv", ["compile", "-e", "sft_world", "--set", f"train.init_from={no_tokenizer}"])
+    with pytest.raises(SystemExit) as exited:  # what `python -m flaxgpt.compile` runs
+        runpy.run_module("flaxgpt.compile", run_name="__main__")
+    assert exited.value.code == 2
+    assert _one_error_line(capsys) == f"error: {no_tokenizer} has no tokenizer.json or tokenizer.model"
+    port = free_port()  # nothing listens there
+    assert cli.run(simuser.main, ["--url", f"http://127.0.0.1:{port}", "--questions", "1"]) == 2
+    assert _one_error_line(capsys).startswith(f"error: --url http://127.0.0.1:{port}: ConnectError: ")
+    with pytest.raises(SystemExit) as exited:
+        simuser.main(["--url", "notaurl"])
+    assert exited.value.code == 2
+    assert "argument --url: expected an http:// or https:// address, got 'notaurl'" in _one_error_line(capsys)
