@@ -309,3 +309,47 @@ def test_compile_and_simuser_report_user_errors_in_one_line(tmp_path, capsys, mo
         simuser.main(["--url", "notaurl"])
     assert exited.value.code == 2
     assert "argument --url: expected an http:// or https:// address, got 'notaurl'" in _one_error_line(capsys)
+
+
+# ----------------------------------------------------------------------------- flags that must do something
+
+
+def test_process_flags_without_a_coordinator_or_out_of_range_are_one_line(tmp_path, capsys, monkeypatch):
+    from flaxgpt.sharding import initialize_distributed
+
+    argv = ["-e", "world", "-w", str(tmp_path / "run"), "--num-processes", "2", "--process-id", "1"]
+    assert cli.run(train.main, argv) == 2
+    assert "2 processes (this one 1) need the coordinator's HOST:PORT" in _one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(UserError, match="process id 5 is out of range: a run of 2 processes has ids 0 to 1"):
+        initialize_distributed("127.0.0.1:1", 2, 5)
+    monkeypatch.setenv("FLAXGPT_NUM_PROCESSES", "abc")
+    with pytest.raises(UserError, match="FLAXGPT_NUM_PROCESSES='abc': expected an integer >= 1"):
+        initialize_distributed()
+    monkeypatch.setenv("FLAXGPT_NUM_PROCESSES", "1")
+    assert initialize_distributed() is False  # one process, said so: nothing to join
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--val-fraction", "nan"),
+        ("--val-fraction", "-1"),
+        ("--val-fraction", "1"),
+        ("--shard-mb", "nan"),
+        ("--shard-mb", "1e400"),
+        ("--workers", "-1"),
+        ("--chunk-mb", "0"),
+        ("--chunk-mb", "-1"),
+        ("--spm-vocab-size", "10"),
+        ("--block-size", "0"),
+    ],
+)
+def test_prepare_numeric_flags_out_of_range_are_one_argparse_line(flag, value, tmp_path, capsys):
+    from flaxgpt.data import prepare
+
+    with pytest.raises(SystemExit) as exited:
+        prepare.main(["--out", str(tmp_path / "out"), "--text", "x.txt", flag, value])
+    assert exited.value.code == 2
+    assert f"argument {flag}: expected " in _one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
