@@ -353,3 +353,19 @@ def test_prepare_numeric_flags_out_of_range_are_one_argparse_line(flag, value, t
     assert exited.value.code == 2
     assert f"argument {flag}: expected " in _one_error_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_tokenize_train_names_the_input_and_the_cause(tmp_path, capsys):
+    binary, empty, long_line = tmp_path / "bin.txt", tmp_path / "empty.txt", tmp_path / "long.txt"
+    binary.write_bytes(b"\xff\xfe abc\n")
+    empty.write_text("")
+    long_line.write_text("word " * 1000)  # one line of 5000 bytes
+    out = str(tmp_path / "tok")
+    assert cli.run(tokenize.main, ["train", "--input", str(binary), "--vocab-size", "300", "--out", out]) == 2
+    assert _one_error_line(capsys) == f"error: {binary}: not UTF-8 text (invalid start byte: byte b'\\xff')"
+    for path in (empty, long_line):
+        assert cli.run(tokenize.main, ["train", "--input", str(path), "--vocab-size", "300", "--out", out]) == 2
+        line = _one_error_line(capsys)
+        assert line.startswith(f"error: --input {path}: the tokenizer's training text has no line SentencePiece")
+        assert "longer than 4192 bytes" in line and "spm_vocab_size" not in line
+    assert sorted(os.listdir(tmp_path)) == ["bin.txt", "empty.txt", "long.txt"]  # no model, no temporary file

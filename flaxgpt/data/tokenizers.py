@@ -237,6 +237,9 @@ class SentencePieceTokenizer(_Common):
         copy_file(self.model_file, os.path.join(directory, SPM_FILE))
 
 
+SPM_MAX_LINE_BYTES = 4192  # SentencePiece's max_sentence_length: longer training lines are skipped
+
+
 def train_sentencepiece(lines: Iterable[str], model_prefix: str, vocab_size: int, model_type: str = "bpe") -> str:
     """Train a SentencePiece model that round-trips text exactly; returns the .model path.
 
@@ -246,6 +249,7 @@ def train_sentencepiece(lines: Iterable[str], model_prefix: str, vocab_size: int
     import sentencepiece as spm
 
     bad: list[DataError] = []
+    usable = [0]  # lines SentencePiece keeps: it skips empty ones and those over its length limit
 
     def checked() -> Iterable[str]:
         for n, line in enumerate(lines, start=1):
@@ -254,6 +258,7 @@ def train_sentencepiece(lines: Iterable[str], model_prefix: str, vocab_size: int
             except DataError as e:
                 bad.append(e)
                 return
+            usable[0] += 0 < len(line.encode("utf-8", "surrogatepass")) <= SPM_MAX_LINE_BYTES
             yield line
 
     # trained under a temporary prefix and renamed: a failed training leaves no half-written model
@@ -267,6 +272,11 @@ def train_sentencepiece(lines: Iterable[str], model_prefix: str, vocab_size: int
     except RuntimeError as e:
         if bad:
             raise bad[0] from None
+        if not usable[0]:
+            raise DataError(
+                f"the tokenizer's training text has no line SentencePiece can use: it is empty, or every line "
+                f"is longer than {SPM_MAX_LINE_BYTES} bytes (which SentencePiece skips); give it text in lines"
+            ) from None
         raise ValueError(
             f"SentencePiece could not train a {vocab_size}-piece {model_type} model (byte "
             f"fallback alone takes 256 pieces; raise data.spm_vocab_size): {e}"
