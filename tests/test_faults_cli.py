@@ -369,3 +369,19 @@ def test_tokenize_train_names_the_input_and_the_cause(tmp_path, capsys):
         assert line.startswith(f"error: --input {path}: the tokenizer's training text has no line SentencePiece")
         assert "longer than 4192 bytes" in line and "spm_vocab_size" not in line
     assert sorted(os.listdir(tmp_path)) == ["bin.txt", "empty.txt", "long.txt"]  # no model, no temporary file
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["sft.train.max_steps=abc"], "error: sft.train.max_steps must be an integer, got 'abc'"),
+        (["sft.train.zzz=1"], "error: unknown config key 'sft.train.zzz'"),
+        (
+            ["sft.train.max_steps=5", "rm.train.max_steps=-1"],
+            "error: stage 'rm': train.max_steps=-1: expected an integer in [1, 2147483647]",
+        ),
+    ],
+)
+def test_a_bad_stage_override_names_its_stage(overrides, message, capsys):
+    assert cli.run(train.main, ["-e", "chat_demo", "--print-config", "--set", *overrides]) == 2
+    assert _one_error_line(capsys).startswith(message)
