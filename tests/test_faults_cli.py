@@ -219,6 +219,7 @@ def _run_dir(path, vocab_size: int = 40, valid_vocab: int = 0, chars: str = "abc
         ({"config.json": "[1]"}, "config.json: holds a JSON list, expected a JSON object"),
         ({"config.json": '{"model": {"n_layer": "abc"}}'}, "config.json: model.n_layer must be an integer"),
         ({"config.json": '{"model": {"n_layer": -3}}'}, "config.json: model.n_layer=-3: expected an integer"),
+        ({"tokenizer.json": "[" * 100_000}, "tokenizer.json: not a flaxgpt character tokenizer (RecursionError"),
         ({"tokenizer.json": '{"type": "char", "chars": ["a"]}'}, "its tokenizer has 8 ids but config.json's model"),
         (
             {

@@ -615,7 +615,7 @@ def load_tokenizer(directory: str) -> Tokenizer | None:
         with fileio.open_file(_inside_run(directory, CHAR_FILE), encoding="utf-8") as f:
             try:
                 chars = json.load(f)["chars"]
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as e:
                 raise HFFormatError(
                     f"{char_file}: not a flaxgpt character tokenizer ({type(e).__name__}: {e})"
                 ) from None
