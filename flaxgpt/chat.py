@@ -201,7 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs.add_decode_flags(parser, temperature=0.7, top_p=0.9, max_new_tokens=128)
     args = parser.parse_args(argv)
     host_allocator.tune_host_allocator()
-    session = ChatSession(runs.load(args.workdir, args.step), runs.decode_config(args), args.system, args.seed)
+    session = ChatSession(
+        runs.load_language_model(args.workdir, args.step), runs.decode_config(args), args.system, args.seed
+    )
     if args.prompt is not None:
         print(session.reply(args.prompt))
         return 0

@@ -811,7 +811,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--topology", "-t", help="TPU topology, e.g. v5e:2x2, v5p:8x8x8 (default: this process's devices)"
     )
-    parser.add_argument("--slices", type=int, default=0, help="TPU slices (default: the product of mesh.dcn_*)")
+    parser.add_argument(
+        "--slices", type=cli.ranged(int, ">= 0"), default=0, help="TPU slices (default: the product of mesh.dcn_*)"
+    )
     parser.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE")
     parser.add_argument("--programs", help="comma-separated subset, e.g. train_step,decode_step")
     parser.add_argument("--no-calibrate", action="store_true", help="skip the 1- and 2-layer FLOP calibration compiles")
@@ -852,13 +854,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps([r.to_json() for r in runs], indent=1, default=str))
         print(str(e), file=sys.stderr)
         return 1
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     if args.json:
         print(json.dumps([r.to_json() for r in runs], indent=1, default=str))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

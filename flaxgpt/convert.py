@@ -32,6 +32,7 @@ from flaxgpt.config import Config, apply_overrides, to_dict, to_json
 from flaxgpt.data.tokenizers import SPECIAL_TOKENS, ImportedTokenizer, SentencePieceTokenizer, Tokenizer, copy_file
 from flaxgpt.model import Transformer, unstack_layers
 from flaxgpt.sharding import host_value, logical_rules, logical_shardings, make_mesh, unbox_shapes
+from flaxgpt.workdir import LOCK_FILE, WorkdirLock
 
 # The chat format of `flaxgpt.chat_template` as a Jinja template, for transformers' apply_chat_template.
 CHAT_TEMPLATE = (
@@ -58,12 +59,12 @@ HF_FILES = (
 def _refuse_non_empty(directory: str, force: bool, what: str, flag: str, owned: Sequence[str]) -> None:
     """Refuse to write into a directory that already holds something, unless `force`; with it,
     remove what the write would otherwise mix with (the `owned` names, *.safetensors,
-    imported_*)."""
+    imported_*). A workdir lock file alone does not count as content."""
     if not os.path.exists(directory):
         return
     if not os.path.isdir(directory):
         raise hf.HFFormatError(f"{flag} {directory} is not a directory")
-    entries = sorted(os.listdir(directory))
+    entries = sorted(e for e in os.listdir(directory) if not e.startswith(LOCK_FILE))
     if not entries:
         return
     if not force:
@@ -81,14 +82,29 @@ def _refuse_non_empty(directory: str, force: bool, what: str, flag: str, owned: 
                 os.remove(path)
 
 
+def _refuse_overlap(source: str, source_flag: str, target: str, target_flag: str) -> None:
+    """Refuse a target that is the source directory, lies inside it or holds it: writing there
+    (and --force's removal) would replace or mix with the very files being converted."""
+    remote = fileio.is_remote(source) or fileio.is_remote(target)
+    a, b = (p.rstrip("/") if remote else os.path.realpath(p) for p in (source, target))
+    if a == b or b.startswith(a.rstrip("/") + "/") or a.startswith(b.rstrip("/") + "/"):
+        raise hf.HFFormatError(
+            f"{target_flag} {target} is {'the same directory as' if a == b else 'nested with'} {source_flag} "
+            f"{source}: write the conversion to a separate directory"
+        )
+
+
 def import_hf(
     hf_dir: str, workdir: str, overrides: Sequence[str] = (), force: bool = False, peft: str | None = None
 ) -> Config:
     """A Hugging Face model directory -> a flaxgpt run in `workdir` (parameters at step 0); with
     `peft`, a PEFT LoRA adapter directory whose adapters (and LoRA settings) the run carries on
     that base. Everything is checked (the target directory, the config, every tensor header,
-    the tokenizer, the adapter) before anything is written; a non-empty `workdir` is refused
-    unless `force`."""
+    the tokenizer, the adapter) and the weights are read before anything is written or removed;
+    a non-empty `workdir` is refused unless `force`, and one a running process holds always."""
+    for source, flag in ((hf_dir, "--hf"), (peft, "--peft")):
+        if source is not None:
+            _refuse_overlap(source, flag, workdir, "--workdir")
     if not force:
         _refuse_non_empty(workdir, False, "the import", "--workdir", RUN_FILES)
     cfg = apply_overrides(Config(name="imported"), list(overrides))
@@ -97,9 +113,6 @@ def import_hf(
         model_cfg = dataclasses.replace(model_cfg, **hf.adapter_settings(peft, model_cfg)).resolved()
         adapters = hf.adapter_leaf_sources(peft, model_cfg)
     cfg = dataclasses.replace(cfg, model=model_cfg).validate()
-    if jax.process_index() == 0:
-        _refuse_non_empty(workdir, force, "the import", "--workdir", RUN_FILES)
-    os.makedirs(workdir, exist_ok=True)
     mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh.rules)
     boxed = runs.boxed_params(Transformer(model_cfg))
     shardings = unbox_shapes(logical_shardings(boxed, mesh, rules))
@@ -107,14 +120,15 @@ def import_hf(
     if peft is not None:
         placed = hf.place_from_host(adapters, shardings, unbox_shapes(boxed))
         params = jax.tree_util.tree_map_with_path(lambda p, v: placed.get(jax.tree_util.keystr(p), v), params)
-
-    if jax.process_index() == 0:
-        tokenizer.save(workdir)
-        fileio.write_atomic(os.path.join(workdir, "config.json"), to_json(cfg))
-    checkpointer = Checkpointer(workdir, cfg.checkpoint)
-    meta = {"step": 0, "model": to_dict(model_cfg), "imported_from": hf_dir}
-    checkpointer.save(0, {"params": params}, meta | ({"adapter_from": peft} if peft else {}), force=True)
-    checkpointer.close()
+    with WorkdirLock(workdir):  # a training run there is refused before any of its files go
+        if jax.process_index() == 0:
+            _refuse_non_empty(workdir, force, "the import", "--workdir", RUN_FILES)
+            tokenizer.save(workdir)
+            fileio.write_atomic(os.path.join(workdir, "config.json"), to_json(cfg))
+        checkpointer = Checkpointer(workdir, cfg.checkpoint)
+        meta = {"step": 0, "model": to_dict(model_cfg), "imported_from": hf_dir}
+        checkpointer.save(0, {"params": params}, meta | ({"adapter_from": peft} if peft else {}), force=True)
+        checkpointer.close()
     return cfg
 
 
@@ -128,6 +142,7 @@ def export_hf(
 ) -> dict:
     """A flaxgpt run -> a Hugging Face model directory; returns the config.json written. An
     `out_dir` that already holds files is refused unless `force`."""
+    _refuse_overlap(workdir, "--workdir", out_dir, "--hf")
     if not force:
         _refuse_non_empty(out_dir, False, "the export", "--hf", HF_FILES)
     tok, params, model_cfg = _host_model(workdir, step)
@@ -160,6 +175,7 @@ def export_peft_adapter(workdir: str, out_dir: str, step: int | None = None, for
     """A LoRA run's adapters alone, as PEFT's adapter_model.safetensors + adapter_config.json
     (`peft.PeftModel.from_pretrained` loads them onto the export of the run the LoRA run started
     from); returns the adapter config written."""
+    _refuse_overlap(workdir, "--workdir", out_dir, "--peft")
     _, params, model_cfg = _host_model(workdir, step)
     return write_peft_adapter(out_dir, params, model_cfg, force)
 
@@ -279,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     imp.add_argument(
         "--set",
         nargs="*",
+        action="extend",
         default=[],
         metavar="KEY=VALUE",
         help="config overrides, e.g. model.scan_layers=true model.block_size=2048 mesh.fsdp=8",

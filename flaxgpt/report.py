@@ -210,9 +210,13 @@ def _figure_class():
     return Figure
 
 
+# Larger magnitudes are drawn as gaps, as inf is: matplotlib's axis span of +-1e308 overflows.
+PLOT_LIMIT = 1e300
+
+
 def _points(run: Run, key: str, xs: Sequence[float | None]) -> tuple[list[float], list[float]]:
     pairs = [(x, _number(r[key])) for r, x in zip(run.rows, xs) if key in r and x is not None]
-    pairs = [(x, y) for x, y in pairs if y is not None]
+    pairs = [(x, y if abs(y) <= PLOT_LIMIT else math.nan) for x, y in pairs if y is not None and abs(x) <= PLOT_LIMIT]
     return [x for x, _ in pairs], [y for _, y in pairs]
 
 

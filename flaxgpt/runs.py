@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from flaxgpt.errors import UserError
 from flaxgpt.generate import DecodeConfig
 from flaxgpt.lora import BASE_RECORD, LORA_FIELDS, LORA_SETTINGS
 from flaxgpt.model import Transformer
+from flaxgpt.modeldir import HFFormatError, read_json
 from flaxgpt.sharding import logical_rules, make_mesh, mesh_context, sharded_abstract, unbox_shapes
 
 
@@ -39,16 +39,37 @@ class LoadedModel:
 
 
 def read_run(workdir: str) -> tuple[Config, Tokenizer]:
-    """A run's config (model fields resolved) and tokenizer."""
+    """A run's config (model fields resolved) and tokenizer, checked to fit each other: a damaged
+    or foreign file is a one-line error naming it, never a crash later in the model."""
     config_file = os.path.join(workdir, "config.json")
     if not fileio.exists(config_file):
         raise FileNotFoundError(f"{workdir} has no config.json: is it a flaxgpt workdir?")
-    with fileio.open_file(config_file) as f:
-        cfg = from_dict(json.load(f))
+    try:
+        cfg = from_dict(read_json(config_file))
+        cfg = dataclasses.replace(cfg, model=cfg.model.resolved())
+    except ConfigError as e:
+        raise ConfigError(f"{config_file}: {one_line(e)}") from None
     tokenizer = load_tokenizer(workdir)
     if tokenizer is None:
         raise FileNotFoundError(f"{workdir} has no tokenizer.json or tokenizer.model")
-    return dataclasses.replace(cfg, model=cfg.model.resolved()), tokenizer
+    _check_vocab(cfg.model, tokenizer.vocab_size, workdir)
+    return cfg, tokenizer
+
+
+def _check_vocab(model: ModelConfig, ids: int, workdir: str) -> None:
+    """The tokenizer's `ids` must fit the embedding (model.vocab_size) and cover every id the model
+    can predict (all of them, or the first model.valid_vocab when the vocabulary is padded)."""
+    predicted = model.valid_vocab or model.vocab_size
+    if model.vocab_size and not predicted <= ids <= model.vocab_size:
+        padded = f" (of which {model.valid_vocab} valid)" if model.valid_vocab else ""
+        raise HFFormatError(
+            f"{workdir}: its tokenizer has {ids} ids but config.json's model.vocab_size is {model.vocab_size}"
+            f"{padded}: expected a tokenizer of {_ids_range(predicted, model.vocab_size)} (is it this model's?)"
+        )
+
+
+def _ids_range(low: int, high: int) -> str:
+    return f"{low} ids" if low == high else f"between {low} and {high} ids"
 
 
 def restore_params(
@@ -120,6 +141,17 @@ def load(workdir: str, step: int | None = None) -> LoadedModel:
     mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh.rules)
     params, step = restore_params(workdir, cfg, step, cfg.model, mesh, rules)
     return LoadedModel(cfg, Transformer(cfg.model), params, tokenizer, step, rules, mesh)
+
+
+def load_language_model(workdir: str, step: int | None = None) -> LoadedModel:
+    """`load` for generating text (sample, chat): a reward model, whose scalar head gives no
+    next-token logits, is refused in one line before its checkpoint is read."""
+    cfg, _ = read_run(workdir)
+    if cfg.model.output != "logits":
+        raise ConfigError(
+            f"{workdir} holds a reward model (model.output={cfg.model.output!r}): generate with a language model"
+        )
+    return load(workdir, step)
 
 
 # Fields a fine-tuning run takes from the run it starts from (they fix parameter shapes or

@@ -9,15 +9,18 @@ with a correction. Its ratings reach the feedback database exactly as a person's
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from flaxgpt import cli
 from flaxgpt.data import world as world_lib
 from flaxgpt.data.world import WorldTask
+from flaxgpt.errors import UserError
 
 
 @dataclass
@@ -59,7 +62,7 @@ class SimUser:
         text, done = [], None
         with self.http.stream("POST", "/api/chat", json={**settings, **body}) as response:
             if response.status_code != 200:
-                raise RuntimeError(f"/api/chat answered {response.status_code}: {response.read().decode()}")
+                raise UserError(f"/api/chat answered {response.status_code}: {response.read().decode()[:300]}")
             for line in response.iter_lines():
                 if not line.startswith("data: "):
                     continue
@@ -115,11 +118,19 @@ def api_accuracy(http, model: str, conversations: list[list[dict]], task: WorldT
     return correct / max(len(conversations), 1)
 
 
+def _http_url(text: str) -> str:
+    """An argparse type: an http:// or https:// address with a host."""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// address, got {text!r}")
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import httpx
 
     parser = cli.ArgumentParser(prog="python -m flaxgpt.simuser", description=__doc__)
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--url", type=_http_url, default="http://127.0.0.1:8000", help="the chat server's address")
     parser.add_argument("--api-key", help="the server's --api-key, if it has one")
     parser.add_argument("--questions", type=cli.ranged(int, ">= 1"), default=100)
     parser.add_argument("--noise", type=cli.ranged(float, "[0, 1]"), default=0.1, help="share of clicks flipped")
@@ -132,10 +143,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     behaviour = Behaviour(args.noise, args.regenerate, args.follow_up, args.temperature)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    with httpx.Client(base_url=args.url, headers=headers, timeout=120) as http:
-        user = SimUser(http, WorldTask(args.world_seed, args.system), behaviour, args.seed)
-        for _ in range(args.questions):
-            user.ask()
+    try:
+        with httpx.Client(base_url=args.url, headers=headers, timeout=120) as http:
+            user = SimUser(http, WorldTask(args.world_seed, args.system), behaviour, args.seed)
+            for _ in range(args.questions):
+                user.ask()
+    except (httpx.HTTPError, httpx.InvalidURL) as e:  # no server there, a refused request: the user's to fix
+        raise UserError(f"--url {args.url}: {type(e).__name__}: {cli.one_line(e)}") from None
     t = user.tally
     print(
         f"{t.questions} questions, {t.correct} answered correctly first; {t.ratings} ratings "

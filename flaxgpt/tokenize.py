@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 
 from flaxgpt import cli
 from flaxgpt.config import RANGES
-from flaxgpt.data.jsonl import read_jsonl
+from flaxgpt.data.jsonl import DataError, read_jsonl
 from flaxgpt.data.tokenizers import SentencePieceTokenizer, train_sentencepiece
 from flaxgpt.errors import UserError
 
@@ -26,7 +26,12 @@ def _lines(paths: Sequence[str]) -> Iterator[str]:
                 yield from record["text"].splitlines(keepends=True)
         else:
             with open(path, encoding="utf-8") as f:
-                yield from f
+                try:
+                    yield from f
+                except UnicodeDecodeError as e:
+                    raise DataError(
+                        f"{path}: not UTF-8 text ({e.reason}: byte {e.object[e.start : e.end]!r})"
+                    ) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,8 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train":
         try:
             model_file = train_sentencepiece(_lines(args.input), args.out, args.vocab_size, args.model_type)
-        except ValueError as e:  # SentencePiece refused this vocabulary size for this text
-            raise UserError(str(e)) from e
+        except ValueError as e:  # unreadable text, or SentencePiece refused this vocabulary size for it
+            named = any(str(e).startswith(path) for path in args.input)
+            raise UserError(str(e) if named else f"--input {' '.join(args.input)}: {e}") from e
         tok = SentencePieceTokenizer(model_file)
         print(f"wrote {model_file}: {tok.vocab_size} pieces ({args.model_type})")
     else:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.machinery
 import importlib.util
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from flaxgpt import cli
 from flaxgpt.config import Config, ConfigError, ModelConfig, apply_overrides, describe_keys, to_json
@@ -53,22 +55,15 @@ def load_experiment(name: str, overrides: Sequence[str] = ()) -> Config | list:
     (a file defining `stages()`), its list of `flaxgpt.pipeline.Stage`."""
     path = find_experiment(name)
     stem = os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(f"flaxgpt_experiment_{stem}", path)
-    module = importlib.util.module_from_spec(spec)
+    # a source loader of its own: a path named without .py is Python source too
+    loader = importlib.machinery.SourceFileLoader(f"flaxgpt_experiment_{stem}", path)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
     try:
-        spec.loader.exec_module(module)
+        loader.exec_module(module)
     except SyntaxError as e:  # the user's file; other exceptions keep their traceback to debug it
         raise ConfigError(f"{e.filename}:{e.lineno}: {e.msg}") from e
     if hasattr(module, "stages"):
-        from flaxgpt import pipeline
-
-        stages = module.stages()
-        for stage in stages:
-            if stage.config.name == "unnamed":
-                stage.config.name = f"{stem}.{stage.name}"
-        pipeline.apply_stage_overrides(stages, list(overrides))
-        pipeline.validate(stages)
-        return stages
+        return _pipeline_stages(module.stages(), path, stem, overrides)
     if not hasattr(module, "config"):
         raise ConfigError(f"experiment {path} defines neither config() nor stages()")
     cfg = module.config()
@@ -78,6 +73,46 @@ def load_experiment(name: str, overrides: Sequence[str] = ()) -> Config | list:
         cfg.name = stem
     apply_overrides(cfg, list(overrides))
     return cfg.validate()
+
+
+def _pipeline_stages(stages: Any, path: str, stem: str, overrides: Sequence[str]) -> list:
+    """A pipeline's stages with `overrides` applied and validated; a config error names the stage."""
+    from flaxgpt import pipeline
+
+    if not isinstance(stages, list) or not all(isinstance(s, pipeline.Stage) for s in stages):
+        got = type(stages).__name__ if not isinstance(stages, list) else "a list holding other things"
+        raise ConfigError(f"experiment {path}: stages() returned {got}, expected a list of flaxgpt.pipeline.Stage")
+    for stage in stages:
+        if stage.config.name == "unnamed":
+            stage.config.name = f"{stem}.{stage.name}"
+    names = [s.name for s in stages]
+    for assignment in overrides:  # one at a time, so that an error is known to be this one's
+        try:
+            pipeline.apply_stage_overrides(stages, [assignment])
+        except ConfigError as e:
+            stage, _, rest = assignment.partition(".")
+            key = rest.split("=")[0]
+            if stage not in names or not key:
+                raise
+            message = str(e)
+            message = f"{stage}.{message}" if message.startswith(key) else message.replace(key, f"{stage}.{key}", 1)
+            raise ConfigError(message) from None
+    try:
+        pipeline.validate(stages)
+    except ConfigError as e:
+        failing = [s.name for s in stages if not _valid(pipeline.stage_config(s, "WORKDIR"))]
+        if not failing or "stage '" in str(e):
+            raise
+        raise ConfigError(f"stage '{failing[0]}': {e}") from None
+    return stages
+
+
+def _valid(cfg: Config) -> bool:
+    try:
+        cfg.validate()
+    except ConfigError:
+        return False
+    return True
 
 
 def run_trainer(cfg: Config, workdir: str) -> dict:

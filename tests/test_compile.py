@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flaxgpt import cli, lora, train
 from flaxgpt import compile as aot
 from flaxgpt import config as C
-from flaxgpt import lora, train
 from flaxgpt.model import Transformer, count_params
 from flaxgpt.sharding import logical_rules, make_mesh
 
@@ -90,7 +90,7 @@ def test_oversize_config_fails_with_one_line(capsys):
 
 
 def test_unknown_topology_is_a_user_error(capsys):
-    assert aot.main(["-e", "world", "--topology", "v5e-2x2"]) == 2
+    assert cli.run(aot.main, ["-e", "world", "--topology", "v5e-2x2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --topology 'v5e-2x2'"), err
 
@@ -254,7 +254,7 @@ def test_init_from_a_finished_run_takes_its_model_and_a_conflict_names_the_field
     from flaxgpt.data.tokenizers import CharTokenizer
 
     source = tiny_llama()
-    source.model.n_layer, source.model.vocab_size = 3, 72
+    source.model.n_layer, source.model.vocab_size, source.model.valid_vocab = 3, 72, 10  # "abc" + 7 specials
     (tmp_path / "config.json").write_text(C.to_json(source))
     CharTokenizer("abc").save(str(tmp_path))
     cfg = C.Config(name="ft", train=C.TrainConfig(init_from=str(tmp_path), batch_size=8)).validate()

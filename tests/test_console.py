@@ -138,7 +138,9 @@ def test_print_config_shows_the_model_as_the_run_writes_it(tmp_path, capsys):
     assert stages["rm"]["model"]["output"] == "scalar" and stages["sft"]["model"]["d_ff"] == 512
     source = tmp_path / "source"
     source.mkdir()
-    (source / "config.json").write_text(C.to_json(C.Config(model=C.ModelConfig(recipe="gpt2", vocab_size=72))))
+    (source / "config.json").write_text(
+        C.to_json(C.Config(model=C.ModelConfig(recipe="gpt2", vocab_size=72, valid_vocab=10)))
+    )
     CharTokenizer("abc").save(str(source))
     assert main(["-e", "sft_world", "--print-config", "--set", f"train.init_from={source}"]) == 0
     model = json.loads(capsys.readouterr().out)["model"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import runpy
 import subprocess
 import sys
 
@@ -193,3 +194,195 @@ def test_an_experiment_file_with_a_syntax_error_is_named_with_its_line(tmp_path,
     broken.write_text("from flaxgpt.config import Config\n\ndef config(:\n    return Config()\n")
     assert cli.run(train.main, ["--experiment", str(broken), "--print-config"]) == 2
     assert _one_error_line(capsys) == f"error: {broken}:3: invalid syntax"
+
+
+# ----------------------------------------------------------------------------- a damaged run directory
+
+
+def _run_dir(path, vocab_size: int = 40, valid_vocab: int = 0, chars: str = "abcdefghijklmnopqrstuvwxyz0123456") -> str:
+    """A run's config.json and character tokenizer.json (len(chars) + 7 special ids), no checkpoint."""
+    from flaxgpt.config import to_json
+    from flaxgpt.data.tokenizers import CharTokenizer
+    from tests.conftest import tiny_run_config
+
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_run_config(model={"vocab_size": vocab_size, "valid_vocab": valid_vocab})
+    (path / "config.json").write_text(to_json(cfg))
+    CharTokenizer(list(chars)).save(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ({"config.json": '{"name": '}, "config.json: not valid JSON"),
+        ({"config.json": "[1]"}, "config.json: holds a JSON list, expected a JSON object"),
+        ({"config.json": '{"model": {"n_layer": "abc"}}'}, "config.json: model.n_layer must be an integer"),
+        ({"config.json": '{"model": {"n_layer": -3}}'}, "config.json: model.n_layer=-3: expected an integer"),
+        ({"tokenizer.json": "[" * 100_000}, "tokenizer.json: not a flaxgpt character tokenizer (RecursionError"),
+        ({"tokenizer.json": '{"type": "char", "chars": ["a"]}'}, "its tokenizer has 8 ids but config.json's model"),
+        (
+            {
+                "tokenizer.json": '{"type": "char", "chars": '
+                + str(list("abcdefghijklmnopqrstuvwxyz0123456789ABC")).replace("'", '"')
+                + "}"
+            },
+            "its tokenizer has 46 ids",
+        ),
+    ],
+)
+def test_a_damaged_run_is_one_line_naming_the_file_in_sample_chat_and_init_from(tmp_path, damage, message, capsys):
+    workdir = _run_dir(tmp_path / "run")
+    for name, text in damage.items():
+        (tmp_path / "run" / name).write_text(text)
+    for main, argv in [
+        (sample.main, ["--workdir", workdir, "--prompt", "x"]),
+        (chat.main, ["--workdir", workdir, "--prompt", "x"]),
+        (train.main, ["-e", "world", "--print-config", "--set", f"train.init_from={workdir}"]),
+    ]:
+        assert cli.run(main, argv) == 2, main.__module__
+        line = _one_error_line(capsys)
+        assert workdir in line and message in line, line
+
+
+def test_a_tokenizer_of_a_padded_vocabulary_fits_and_a_reward_model_does_not_generate(tmp_path, capsys):
+    from flaxgpt import runs
+
+    padded = _run_dir(tmp_path / "padded", vocab_size=64, valid_vocab=40)  # 33 chars + 7 specials
+    assert runs.read_run(padded)[1].vocab_size == 40
+    garbage = tmp_path / "spm"
+    garbage.mkdir()
+    (garbage / "config.json").write_text((tmp_path / "padded" / "config.json").read_text())
+    (garbage / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    assert cli.run(sample.main, ["--workdir", str(garbage), "--prompt", "x"]) == 2
+    assert f"{garbage}/tokenizer.model: not a valid sentencepiece tokenizer" in _one_error_line(capsys)
+    assert cli.run(tokenize.main, ["encode", "--model", str(garbage / "tokenizer.model"), "hi"]) == 2
+    assert "tokenizer.model: not a valid sentencepiece tokenizer" in _one_error_line(capsys)
+
+    import json
+
+    from flaxgpt.config import from_dict, to_json
+
+    reward = _run_dir(tmp_path / "rm")
+    cfg = from_dict(json.loads((tmp_path / "rm" / "config.json").read_text()))
+    cfg.model.output = "scalar"
+    (tmp_path / "rm" / "config.json").write_text(to_json(cfg))
+    for main in (sample.main, chat.main):
+        assert cli.run(main, ["--workdir", reward, "--prompt", "hi"]) == 2
+        assert (
+            _one_error_line(capsys)
+            == f"error: {reward} holds a reward model (model.output='scalar'): generate with a language model"
+        )
+
+
+# ----------------------------------------------------------------------------- experiment files, compile, simuser
+
+
+def test_an_experiment_path_without_py_loads_and_a_bad_stages_is_one_line(tmp_path, capsys):
+    plain = tmp_path / "exp_plain"  # no .py suffix
+    plain.write_text("from flaxgpt.config import Config\n\ndef config():\n    return Config(name='plain')\n")
+    assert cli.run(train.main, ["-e", str(plain), "--print-config"]) == 0
+    assert '"name": "plain"' in capsys.readouterr().out
+    for returned, got in [("3", "int"), ("[1, 2]", "a list holding other things")]:
+        bad = tmp_path / "bad_stages.py"
+        bad.write_text(f"def stages():\n    return {returned}\n")
+        assert cli.run(train.main, ["-e", str(bad), "--print-config"]) == 2
+        line = _one_error_line(capsys)
+        assert line == f"error: experiment {bad}: stages() returned {got}, expected a list of flaxgpt.pipeline.Stage"
+
+
+def test_compile_and_simuser_report_user_errors_in_one_line(tmp_path, capsys, monkeypatch):
+    from flaxgpt import simuser
+    from tests.conftest import free_port
+
+    no_tokenizer = tmp_path / "notok"
+    _run_dir(no_tokenizer)
+    os.remove(no_tokenizer / "tokenizer.json")
+    monkeypatch.setattr(sys, "argv", ["compile", "-e", "sft_world", "--set", f"train.init_from={no_tokenizer}"])
+    with pytest.raises(SystemExit) as exited:  # what `python -m flaxgpt.compile` runs
+        runpy.run_module("flaxgpt.compile", run_name="__main__")
+    assert exited.value.code == 2
+    assert _one_error_line(capsys) == f"error: {no_tokenizer} has no tokenizer.json or tokenizer.model"
+    port = free_port()  # nothing listens there
+    assert cli.run(simuser.main, ["--url", f"http://127.0.0.1:{port}", "--questions", "1"]) == 2
+    assert _one_error_line(capsys).startswith(f"error: --url http://127.0.0.1:{port}: ConnectError: ")
+    with pytest.raises(SystemExit) as exited:
+        simuser.main(["--url", "notaurl"])
+    assert exited.value.code == 2
+    assert "argument --url: expected an http:// or https:// address, got 'notaurl'" in _one_error_line(capsys)
+
+
+# ----------------------------------------------------------------------------- flags that must do something
+
+
+def test_process_flags_without_a_coordinator_or_out_of_range_are_one_line(tmp_path, capsys, monkeypatch):
+    from flaxgpt.sharding import initialize_distributed
+
+    argv = ["-e", "world", "-w", str(tmp_path / "run"), "--num-processes", "2", "--process-id", "1"]
+    assert cli.run(train.main, argv) == 2
+    assert "2 processes (this one 1) need the coordinator's HOST:PORT" in _one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(UserError, match="process id 5 is out of range: a run of 2 processes has ids 0 to 1"):
+        initialize_distributed("127.0.0.1:1", 2, 5)
+    monkeypatch.setenv("FLAXGPT_NUM_PROCESSES", "abc")
+    with pytest.raises(UserError, match="FLAXGPT_NUM_PROCESSES='abc': expected an integer >= 1"):
+        initialize_distributed()
+    monkeypatch.setenv("FLAXGPT_NUM_PROCESSES", "1")
+    assert initialize_distributed() is False  # one process, said so: nothing to join
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--val-fraction", "nan"),
+        ("--val-fraction", "-1"),
+        ("--val-fraction", "1"),
+        ("--shard-mb", "nan"),
+        ("--shard-mb", "1e400"),
+        ("--workers", "-1"),
+        ("--chunk-mb", "0"),
+        ("--chunk-mb", "-1"),
+        ("--spm-vocab-size", "10"),
+        ("--block-size", "0"),
+    ],
+)
+def test_prepare_numeric_flags_out_of_range_are_one_argparse_line(flag, value, tmp_path, capsys):
+    from flaxgpt.data import prepare
+
+    with pytest.raises(SystemExit) as exited:
+        prepare.main(["--out", str(tmp_path / "out"), "--text", "x.txt", flag, value])
+    assert exited.value.code == 2
+    assert f"argument {flag}: expected " in _one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenize_train_names_the_input_and_the_cause(tmp_path, capsys):
+    binary, empty, long_line = tmp_path / "bin.txt", tmp_path / "empty.txt", tmp_path / "long.txt"
+    binary.write_bytes(b"\xff\xfe abc\n")
+    empty.write_text("")
+    long_line.write_text("word " * 1000)  # one line of 5000 bytes
+    out = str(tmp_path / "tok")
+    assert cli.run(tokenize.main, ["train", "--input", str(binary), "--vocab-size", "300", "--out", out]) == 2
+    assert _one_error_line(capsys) == f"error: {binary}: not UTF-8 text (invalid start byte: byte b'\\xff')"
+    for path in (empty, long_line):
+        assert cli.run(tokenize.main, ["train", "--input", str(path), "--vocab-size", "300", "--out", out]) == 2
+        line = _one_error_line(capsys)
+        assert line.startswith(f"error: --input {path}: the tokenizer's training text has no line SentencePiece")
+        assert "longer than 4192 bytes" in line and "spm_vocab_size" not in line
+    assert sorted(os.listdir(tmp_path)) == ["bin.txt", "empty.txt", "long.txt"]  # no model, no temporary file
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["sft.train.max_steps=abc"], "error: sft.train.max_steps must be an integer, got 'abc'"),
+        (["sft.train.zzz=1"], "error: unknown config key 'sft.train.zzz'"),
+        (
+            ["sft.train.max_steps=5", "rm.train.max_steps=-1"],
+            "error: stage 'rm': train.max_steps=-1: expected an integer in [1, 2147483647]",
+        ),
+    ],
+)
+def test_a_bad_stage_override_names_its_stage(overrides, message, capsys):
+    assert cli.run(train.main, ["-e", "chat_demo", "--print-config", "--set", *overrides]) == 2
+    assert _one_error_line(capsys).startswith(message)

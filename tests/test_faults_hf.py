@@ -477,3 +477,32 @@ def test_a_lone_surrogate_is_one_line_naming_its_source_and_leaves_no_broken_tok
     with pytest.raises(DataError, match="training text, line 2: character 1 is a lone surrogate"):
         train_sentencepiece(["ok", "a\ud800"] + TEXT.split(". "), str(tmp_path / "bad"), 300, "bpe")
     assert not [f for f in os.listdir(tmp_path) if f.startswith("bad")]
+
+
+def test_convert_never_writes_into_its_own_source_nor_a_busy_workdir(tmp_path, monkeypatch):
+    from flaxgpt import convert
+    from flaxgpt.workdir import WorkdirBusy, WorkdirLock
+
+    pytest.importorskip("tokenizers")
+    model = _gpt2_dir(tmp_path / "model")
+    _byte_level_tokenizer(os.path.join(model, "tokenizer.json"))
+    before = sorted(os.listdir(model))
+    for workdir in (model, os.path.join(model, "run"), str(tmp_path)):  # the same, inside, around it
+        with pytest.raises(HFFormatError, match="--workdir .* (same directory as|nested with) --hf"):
+            convert.import_hf(model, workdir, force=True)
+    assert sorted(os.listdir(model)) == before
+    run = tmp_path / "run"
+    convert.import_hf(model, str(run))
+    kept = {name: (run / name).read_bytes() for name in ("config.json", "tokenizer.json") if (run / name).exists()}
+    with pytest.raises(HFFormatError, match="--hf .* same directory as --workdir"):
+        convert.export_hf(str(run), str(run), force=True)
+    assert kept and all((run / name).read_bytes() == data for name, data in kept.items())
+    with WorkdirLock(str(run), process_index=0), pytest.raises(WorkdirBusy, match="is in use by pid"):
+        convert.import_hf(model, str(run), force=True)  # a training run holds it
+    assert all((run / name).read_bytes() == data for name, data in kept.items())
+
+    seen = []
+    monkeypatch.setattr(convert, "import_hf", lambda hf, w, overrides, *a: seen.append(overrides) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        convert.main(["import", "--hf", model, "-w", "x", "--set", "a=1", "--set", "b=2", "c=3"])
+    assert seen == [["a=1", "b=2", "c=3"]]

@@ -191,3 +191,10 @@ def test_the_logger_s_tensorboard_events_load_in_tensorboard(tmp_path):
     assert sorted(events.Tags()["scalars"]) == ["loss", "val_accuracy"]
     loss = [(e.step, e.value) for e in events.Scalars("loss")]
     assert loss == [(1, 9.0), (2, 8.0), (3, 5.0), (4, 4.0)]
+
+
+def test_figures_at_the_edge_of_float_range_are_drawn_as_gaps(tmp_path):
+    rows = _lm_rows(steps=6)
+    rows[1]["loss"], rows[2]["loss"] = 1e308, -1e308  # an axis spanning both overflows in matplotlib
+    written = report.write(_run(tmp_path / "run", rows))
+    assert "loss" in written.plots["loss_step.png"]

@@ -48,6 +48,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from flaxgpt import cli, fileio
+from flaxgpt.config import RANGES
 from flaxgpt.conversations import conversation_example
 from flaxgpt.data.jsonl import DataError, _decode, _parse
 from flaxgpt.data.packing import build_rows
@@ -541,23 +542,36 @@ def parser() -> argparse.ArgumentParser:
     )
     inputs.add_argument("--feedback", nargs="+", help="JSONL thumbs-up/down feedback for KTO (data.source=tokens)")
     p.add_argument("--val", nargs="+", help="validation files (default: the last --val-fraction of the chunks)")
-    p.add_argument("--val-fraction", type=float, default=0.01)
+    p.add_argument("--val-fraction", type=cli.ranged(float, "(0, 1)"), default=0.01)
     p.add_argument("--tfds-data-dir", default="")
     p.add_argument("--tfds-split", default="train")
     p.add_argument("--tfds-val-split", default="validation")
     p.add_argument("--tfds-text-key", default="text")
     p.add_argument("--tokenizer", choices=("char", "sentencepiece"), default="sentencepiece")
     p.add_argument("--spm-model", default="", help="an existing SentencePiece .model (else one is trained)")
-    p.add_argument("--spm-vocab-size", type=int, default=4096)
-    p.add_argument("--spm-sample-mb", type=float, default=20.0, help="text a new SentencePiece model trains on")
+    p.add_argument("--spm-vocab-size", type=cli.ranged(int, RANGES["data.spm_vocab_size"]), default=4096)
+    p.add_argument(
+        "--spm-sample-mb", type=cli.ranged(float, "> 0"), default=20.0, help="text a new SentencePiece model trains on"
+    )
     p.add_argument("--tokenizer-from", default="", help="a run's workdir (or directory) whose tokenizer to use")
-    p.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: CPUs; 0: in-process)")
-    p.add_argument("--shard-mb", type=float, default=256.0, help="shard size in MB of tokens")
-    p.add_argument("--chunk-mb", type=float, default=4.0, help="input MB one worker tokenizes at a time")
+    p.add_argument(
+        "--workers",
+        type=cli.ranged(int, ">= 0"),
+        default=None,
+        help="tokenizing processes (default: CPUs; 0: in-process)",
+    )
+    p.add_argument("--shard-mb", type=cli.ranged(float, "> 0"), default=256.0, help="shard size in MB of tokens")
+    p.add_argument(
+        "--chunk-mb", type=cli.ranged(float, "> 0"), default=4.0, help="input MB one worker tokenizes at a time"
+    )
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise")
     rows = p.add_argument_group("conversations and rankings: rows, as the trainer's config must then say")
-    rows.add_argument("--block-size", type=int, default=1024, help="model.block_size")
-    rows.add_argument("--ranking-k", type=int, default=2, help="responses a ranking row holds (pairs: 2)")
+    rows.add_argument(
+        "--block-size", type=cli.ranged(int, RANGES["model.block_size"]), default=1024, help="model.block_size"
+    )
+    rows.add_argument(
+        "--ranking-k", type=cli.ranged(int, ">= 2"), default=2, help="responses a ranking row holds (pairs: 2)"
+    )
     rows.add_argument("--loss-on", choices=("all", "last"), default="all", help="sft.loss_on")
     rows.add_argument("--packing", choices=("pack", "pad"), default="pack", help="data.packing")
     return p

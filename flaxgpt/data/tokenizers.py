@@ -211,14 +211,12 @@ class SentencePieceTokenizer(_Common):
     """A SentencePiece model (BPE or unigram) with flaxgpt's special tokens reserved."""
 
     def __init__(self, model_file: str):
-        import sentencepiece as spm
-
         self.model_file = model_file
-        self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        self.sp = _load_base("sentencepiece", model_file)
         self.vocab_size = self.sp.get_piece_size()
         missing = [t for t in (PAD, EOS) if self.sp.piece_to_id(t) == self.sp.unk_id()]
         if missing:
-            raise ValueError(
+            raise HFFormatError(
                 f"SentencePiece model {model_file} has no piece for {missing}; "
                 "train it with flaxgpt.data.tokenizers.train_sentencepiece"
             )
@@ -239,6 +237,9 @@ class SentencePieceTokenizer(_Common):
         copy_file(self.model_file, os.path.join(directory, SPM_FILE))
 
 
+SPM_MAX_LINE_BYTES = 4192  # SentencePiece's max_sentence_length: longer training lines are skipped
+
+
 def train_sentencepiece(lines: Iterable[str], model_prefix: str, vocab_size: int, model_type: str = "bpe") -> str:
     """Train a SentencePiece model that round-trips text exactly; returns the .model path.
 
@@ -248,6 +249,7 @@ def train_sentencepiece(lines: Iterable[str], model_prefix: str, vocab_size: int
     import sentencepiece as spm
 
     bad: list[DataError] = []
+    usable = [0]  # lines SentencePiece keeps: it skips empty ones and those over its length limit
 
     def checked() -> Iterable[str]:
         for n, line in enumerate(lines, start=1):
@@ -256,6 +258,7 @@ def train_sentencepiece(lines: Iterable[str], model_prefix: str, vocab_size: int
             except DataError as e:
                 bad.append(e)
                 return
+            usable[0] += 0 < len(line.encode("utf-8", "surrogatepass")) <= SPM_MAX_LINE_BYTES
             yield line
 
     # trained under a temporary prefix and renamed: a failed training leaves no half-written model
@@ -269,6 +272,11 @@ def train_sentencepiece(lines: Iterable[str], model_prefix: str, vocab_size: int
     except RuntimeError as e:
         if bad:
             raise bad[0] from None
+        if not usable[0]:
+            raise DataError(
+                f"the tokenizer's training text has no line SentencePiece can use: it is empty, or every line "
+                f"is longer than {SPM_MAX_LINE_BYTES} bytes (which SentencePiece skips); give it text in lines"
+            ) from None
         raise ValueError(
             f"SentencePiece could not train a {vocab_size}-piece {model_type} model (byte "
             f"fallback alone takes 256 pieces; raise data.spm_vocab_size): {e}"
@@ -607,7 +615,7 @@ def load_tokenizer(directory: str) -> Tokenizer | None:
         with fileio.open_file(_inside_run(directory, CHAR_FILE), encoding="utf-8") as f:
             try:
                 chars = json.load(f)["chars"]
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as e:
                 raise HFFormatError(
                     f"{char_file}: not a flaxgpt character tokenizer ({type(e).__name__}: {e})"
                 ) from None

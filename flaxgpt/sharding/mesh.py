@@ -86,10 +86,15 @@ def initialize_distributed(
     """
     env = os.environ
     coordinator_address = coordinator_address or env.get("FLAXGPT_COORDINATOR_ADDRESS")
-    if num_processes is None and env.get("FLAXGPT_NUM_PROCESSES"):
-        num_processes = int(env["FLAXGPT_NUM_PROCESSES"])
-    if process_id is None and env.get("FLAXGPT_PROCESS_ID"):
-        process_id = int(env["FLAXGPT_PROCESS_ID"])
+    if num_processes is None:
+        num_processes = _env_int("FLAXGPT_NUM_PROCESSES", 1)
+    if process_id is None:
+        process_id = _env_int("FLAXGPT_PROCESS_ID", 0)
+    if num_processes is not None and process_id is not None and process_id >= num_processes:
+        raise ConfigError(
+            f"process id {process_id} is out of range: a run of {num_processes} processes "
+            f"has ids 0 to {num_processes - 1}"
+        )
     if coordinator_address:
         if num_processes is None or process_id is None:
             raise ConfigError(
@@ -98,8 +103,27 @@ def initialize_distributed(
             )
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
         return True
+    if (num_processes or 1) > 1 or (process_id or 0) > 0:  # otherwise the run would go on alone
+        raise ConfigError(
+            f"{num_processes} processes (this one {process_id}) need the coordinator's HOST:PORT "
+            "(--coordinator-address or FLAXGPT_COORDINATOR_ADDRESS)"
+        )
     multi_host_tpu = "," in env.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_COORDINATOR_ADDRESS" in env
     if multi_host_tpu:
         jax.distributed.initialize()
         return True
     return False
+
+
+def _env_int(name: str, minimum: int) -> int | None:
+    """The integer in environment variable `name` (None if unset); ConfigError naming it if not one."""
+    text = os.environ.get(name, "")
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ConfigError(f"{name}={text!r}: expected an integer >= {minimum}")
+    return value
