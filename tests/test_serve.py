@@ -725,6 +725,22 @@ def test_export_reads_only_feedback_databases_and_never_teaches_a_thumbs_down_an
         con.commit()
     with pytest.raises(UserError, match=r"f.sqlite: rating 4 names message 999, which is missing"):
         feedback.export(db, str(out))
+    damaged = {  # each a copy of the database edited by hand, and what export says of it
+        "UPDATE messages SET content = x'ff00' WHERE id = 2": r"messages row 2: content is bytes .*expected text",
+        "UPDATE messages SET parent_id = 2 WHERE id = 1": r"message 2 has parent 1, which descends from it",
+        "UPDATE ratings SET rating = 'up' WHERE id = 1": r"ratings row 1: rating is str 'up', expected 1 or -1",
+    }
+    for n, (sql, message) in enumerate(damaged.items()):
+        copy = str(tmp_path / f"damaged{n}.sqlite")
+        shutil.copy(db, copy)
+        with contextlib.closing(sqlite3.connect(copy)) as con:
+            con.execute("DELETE FROM ratings WHERE id = 4")
+            con.execute("PRAGMA ignore_check_constraints = ON")
+            con.execute(sql)
+            con.commit()
+        with pytest.raises(UserError, match=rf"damaged{n}.sqlite: {message}"):
+            feedback.export(copy, str(tmp_path / f"o{n}"))
+        assert not (tmp_path / f"o{n}").exists()
 
 
 def test_api_key_schema_version_and_cli_errors(server, tmp_path):
