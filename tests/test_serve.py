@@ -531,6 +531,39 @@ def test_chat_page_rows_and_export(server, tmp_path):
     assert len({r["id"] for r in fb + pairs + convs}) == len(fb + pairs + convs)
 
 
+def test_chat_page_refusals_are_400s_naming_the_field_and_store_nothing(server):
+    import httpx
+
+    url, service = server
+    count = lambda: [
+        service.store.query(f"SELECT COUNT(*) AS n FROM {t}")[0]["n"] for t in ("conversations", "messages")
+    ]
+    before = count()
+    answer = _page_chat(url, content="Question: where?", max_tokens=2)[-1]["message_id"]
+    stored = count()
+    big = 10**23
+    post = lambda path, body: httpx.post(url + path, content=json.dumps(body).encode(), timeout=60)
+    refused = [  # (path, body, status, the field named)
+        ("/api/chat", {"content": "hi\ud800"}, 400, "content"),
+        ("/api/chat", {"content": "hi", "system": "\udfff"}, 400, "system"),
+        ("/api/chat", {"content": "hi", "conversation_id": 99999}, 404, "conversation_id"),
+        ("/api/chat", {"content": "hi", "conversation_id": big}, 400, "conversation_id"),
+        ("/api/chat", {"content": "hi", "parent_id": -big}, 400, "parent_id"),
+        ("/api/rate", {"message_id": big, "rating": 1}, 400, "message_id"),
+        ("/api/rate", {"message_id": answer, "rating": 1, "comment": "\ud800"}, 400, "comment"),
+        ("/api/rate", {"message_id": answer, "rating": 1.0}, 400, "rating"),
+    ]
+    for path, body, status, field in refused:
+        r = post(path, {"max_tokens": 2, **body})
+        assert (r.status_code, r.json()["error"]["param"]) == (status, field), (body, r.text)
+    r = httpx.get(f"{url}/api/conversations/{big}", timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "conversation_id"
+    with pytest.raises(UnicodeEncodeError):  # a failed insert leaves no empty conversation behind
+        service.store.add_turn(None, None, "x\ud800")
+    assert count() == stored and stored[0] == before[0] + 1
+    assert not service.store.query("SELECT * FROM ratings WHERE message_id = ?", (answer,))
+
+
 @contextlib.contextmanager
 def _serve_cli(workdir: str, db: str):
     """`python -m flaxgpt.serve` in its own process; yields its URL once /health answers."""
