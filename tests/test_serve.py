@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -824,7 +825,33 @@ def test_api_key_schema_version_and_cli_errors(server, tmp_path):
     shutil.copy(os.path.join(run, "tokenizer.json"), reward)
     assert cli.run(main, ["--workdir", str(reward)]) == 2  # a reward model is not served
     assert cli.run(feedback.main, ["export", "--db", str(tmp_path / "none.sqlite"), "--out", str(tmp_path)]) == 2
-    assert cli.run(main, ["--workdir", os.path.dirname(service.store.file), "--slots", "0"]) == 2
+    run_dir = os.path.dirname(service.store.file)
+    engines = lambda: sum(t.name == "flaxgpt-engine" for t in threading.enumerate())
+    running, notdb = engines(), tmp_path / "notdb.sqlite"
+    notdb.write_text("not a database")
+    for db in (notdb, tmp_path):  # the store is opened before the engine starts: no engine thread left
+        assert cli.run(main, ["--workdir", run_dir, "--db", str(db)]) == 2
+        assert engines() == running
+
+
+def test_serve_flags_and_a_busy_port_are_one_line_before_the_url(server, capsys):
+    from flaxgpt import cli
+    from flaxgpt.serve.__main__ import main
+
+    run_dir = os.path.dirname(server[1].store.file)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli.run(main, ["--workdir", run_dir, "--port", str(port)]) == 2
+    out = capsys.readouterr()
+    assert "http://" not in out.out and out.err.startswith(f"error: --host 127.0.0.1 --port {port}: cannot listen")
+    assert len(out.err.splitlines()) == 1
+    for flag, value in [("--slots", "0"), ("--max-queue", "-1"), ("--reload-every", "nan"), ("--port", "99999")]:
+        with pytest.raises(SystemExit) as e:
+            main(["--workdir", run_dir, flag, value])
+        assert e.value.code == 2
+        assert flag in capsys.readouterr().err
 
 
 def _browser():
