@@ -225,6 +225,23 @@ def read_jsonl(path: str, schema: str, on_error: Literal["raise", "skip"] = "rai
     return records, report
 
 
+def comparison_schema(path: str, default: str) -> str:
+    """'rankings' when the first record of `path` lists "responses", 'pairs' when it has "chosen",
+    else `default`: read_jsonl then names what is wrong (a missing file, a line that is not
+    UTF-8 or JSON, a record that is not an object). A byte-order mark is dropped as read_jsonl does."""
+    if not fileio.exists(path) or (not fileio.is_remote(path) and os.path.isdir(path)):
+        return default
+    with fileio.open_file(path, "rb") as f:
+        first = next((line for line in f if line.strip()), b"{}")
+    try:
+        record = json.loads(first.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return default
+    if not isinstance(record, dict):
+        return default
+    return "rankings" if "responses" in record else "pairs" if "chosen" in record else default
+
+
 def read_text(path: str, on_error: Literal["raise", "skip"] = "raise", what: str = "text") -> tuple[str, ReadReport]:
     """The UTF-8 text of `path` with universal newlines, as `open(path, encoding="utf-8")` reads it,
     but a byte-order mark dropped and a line that is not UTF-8 named (or skipped and counted)."""
