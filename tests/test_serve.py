@@ -449,6 +449,18 @@ def test_errors_have_openais_shape_and_the_server_keeps_serving(server, client):
     assert httpx.get(url + "/v1/chat/completions", timeout=10).status_code == 405
     assert httpx.get(url + "/api/conversations/abc", timeout=10).json()["error"]["type"] == "invalid_request_error"
     assert httpx.get(url + "/health", timeout=10).json()["status"] == "ok"
+    bodies = [  # (endpoint, body, the parameter the 400 names)
+        ("completions", {"prompt": "hi", "echo": True}, "echo"),
+        ("completions", {"prompt": "x" * 100, "max_tokens": 16}, "prompt"),  # 100 + 16 tokens > 64
+        (
+            "chat/completions",
+            {"messages": msgs, "stream": True, "stream_options": {"include_usage": "no"}},
+            "stream_options.include_usage",
+        ),
+    ]
+    for endpoint, body, param in bodies:
+        r = httpx.post(f"{url}/v1/{endpoint}", json={"model": service.name, **body}, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     assert client.chat.completions.create(model=service.name, messages=msgs, max_tokens=3).choices[0].message
 
 

@@ -103,7 +103,9 @@ def settings(body: dict, *, top_logprobs_name: str = "top_logprobs") -> Settings
         logprobs=logprobs,
         top_logprobs=top,
         stream=_flag(body, "stream"),
-        include_usage=bool(options.get("include_usage")),
+        include_usage=_flag(
+            {"stream_options.include_usage": options.get("include_usage")}, "stream_options.include_usage"
+        ),
         min_tokens=_number(body, "min_tokens", 0, 0, 2**31, integer=True),
         ignore_eos=_flag(body, "ignore_eos"),
         skip_special_tokens=_flag(body, "skip_special_tokens", default=True),
