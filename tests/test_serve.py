@@ -451,6 +451,7 @@ def test_errors_have_openais_shape_and_the_server_keeps_serving(server, client):
     assert httpx.get(url + "/health", timeout=10).json()["status"] == "ok"
     bodies = [  # (endpoint, body, the parameter the 400 names)
         ("completions", {"prompt": "hi", "echo": True}, "echo"),
+        ("completions", {"prompt": "hi", "stream_options": []}, "stream_options"),
         ("completions", {"prompt": "x" * 100, "max_tokens": 16}, "prompt"),  # 100 + 16 tokens > 64
         (
             "chat/completions",
