@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.prompt:
         records = [{"system": args.system, "prompt": args.prompt, "responses": args.response}]
     else:  # the 'prompts' schema: objects with a string 'prompt' (and 'system'), in UTF-8
-        records = read_jsonl(args.jsonl, "prompts")[0]
+        records = read_jsonl(args.jsonl, "prompts", skip=None)[0]
     keys, items = _items(records, args.jsonl or "--prompt")
     host_allocator.tune_host_allocator()
     loaded = runs.load(args.workdir, args.step)

@@ -50,11 +50,12 @@ class ReadReport:
     records: int = 0
     skipped: int = 0
     problems: list[str] = field(default_factory=list)  # the first few, for the log
+    skip: str | None = "data.on_error=skip"  # the setting that skips a bad line, named in the error (None: none)
 
     def reject(self, where: str, on_error: str) -> None:
         """Raise DataError for a bad line or record, or count it (keeping the first few for the log)."""
         if on_error == "raise":
-            raise DataError(where + " (data.on_error=skip skips it)")
+            raise DataError(where + (f" ({self.skip} skips it)" if self.skip else ""))
         self.skipped += 1
         if len(self.problems) < 5:
             self.problems.append(where)
@@ -202,11 +203,14 @@ def _parse(line: str, schema: str) -> tuple[Any, str | None]:
     return record, schema_problem(record, schema)
 
 
-def read_jsonl(path: str, schema: str, on_error: Literal["raise", "skip"] = "raise") -> tuple[list[dict], ReadReport]:
-    """Every record of `path` that fits `schema`; raises DataError naming file and line otherwise."""
+def read_jsonl(
+    path: str, schema: str, on_error: Literal["raise", "skip"] = "raise", skip: str | None = "data.on_error=skip"
+) -> tuple[list[dict], ReadReport]:
+    """Every record of `path` that fits `schema`; raises DataError naming file and line otherwise
+    (and `skip`, the setting that would skip the line, if the caller has one)."""
     if schema not in SCHEMAS:
         raise DataError(f"unknown JSONL schema '{schema}'; schemas are {list(SCHEMAS)}")
-    report, records = ReadReport(path), []
+    report, records = ReadReport(path, skip=skip), []
     for number, line, problem in _decoded_lines(path, "JSONL"):
         if line is not None:
             if not line.strip():
