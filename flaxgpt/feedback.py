@@ -32,7 +32,7 @@ from flaxgpt.serve.store import FeedbackStore
 
 def _latest_ratings(store: FeedbackStore) -> dict[int, dict]:
     """Each rated message's latest rating (a later click replaces an earlier one)."""
-    return {r["message_id"]: r for r in store.query("SELECT * FROM ratings ORDER BY id")}
+    return {r["message_id"]: store.checked(r, "ratings") for r in store.query("SELECT * FROM ratings ORDER BY id")}
 
 
 def _context(store: FeedbackStore, user_id: int, referrer: str) -> dict:
@@ -78,7 +78,9 @@ def _preferred(a: dict, b: dict, ratings: dict[int, dict], continued: set[int]) 
 
 
 def pair_records(store: FeedbackStore, ratings: dict[int, dict]) -> list[dict]:
-    answers = store.query("SELECT * FROM messages WHERE role = 'assistant' ORDER BY id")
+    answers = [
+        store.checked(a, "messages") for a in store.query("SELECT * FROM messages WHERE role = 'assistant' ORDER BY id")
+    ]
     continued = {r["parent_id"] for r in store.query("SELECT DISTINCT parent_id FROM messages WHERE role = 'user'")}
     siblings = defaultdict(list)
     for a in answers:

@@ -41,6 +41,7 @@ import sqlite3
 from dataclasses import dataclass, field
 
 from flaxgpt import feedback, fileio
+from flaxgpt.errors import UserError
 from flaxgpt.preference import Feedback, Pair
 from flaxgpt.serve.page import history
 from flaxgpt.serve.store import FeedbackStore, StoreError, read_only
@@ -285,7 +286,11 @@ def log_decision(workdir: str, decision: dict) -> None:
 def sync_marker(workdir: str) -> None:
     """promoted.json = the newest promoted step of the log (written atomically)."""
     promoted = [d for d in decisions(workdir) if d.get("promoted")]
-    if promoted and promoted_step(workdir) != promoted[-1]["step"]:
+    try:
+        marked = promoted_step(workdir)
+    except UserError:  # a marker edited by hand: rewritten from the log
+        marked = None
+    if promoted and marked != promoted[-1]["step"]:
         marker = {"step": promoted[-1]["step"], "score": promoted[-1].get("score")}
         fileio.write_atomic(os.path.join(workdir, PROMOTED), json.dumps(marker) + "\n")
 
@@ -296,8 +301,15 @@ def promoted_step(workdir: str) -> int | None:
     path = os.path.join(workdir, PROMOTED)
     if not fileio.exists(path):
         return None
-    with fileio.open_file(path) as f:
-        return int(json.load(f)["step"])
+    with fileio.open_file(path, "rb") as f:
+        raw = f.read()
+    try:
+        step = json.loads(raw)["step"]
+    except (ValueError, TypeError, KeyError):  # not UTF-8 or not JSON (ValueErrors), not an object, no step
+        step = None
+    if type(step) is not int or step < 0:
+        raise UserError(f'{path}: expected {{"step": N}}, the promoted checkpoint step (an integer >= 0)')
+    return step
 
 
 def prune(manager, workdir: str, keep: int) -> None:

@@ -18,7 +18,6 @@ same start, and memory holds 4 bytes per record and prefix, not the rows.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,11 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flaxgpt import fileio, losses
+from flaxgpt import losses
 from flaxgpt.config import Config
 from flaxgpt.conversations import conversation_example, record_prompt
 from flaxgpt.data import world as world_lib
-from flaxgpt.data.jsonl import DataError, read_jsonl
+from flaxgpt.data.jsonl import DataError, comparison_schema, read_jsonl
 from flaxgpt.data.packing import PackedRows, build_rows
 from flaxgpt.data.rows import StreamedRows, prepared_rows
 from flaxgpt.data.tokenizers import Tokenizer
@@ -200,18 +199,6 @@ def feedback_of(record: dict) -> Feedback:
     return Feedback(record_prompt(record), record["response"], record["label"])
 
 
-def _schema_of(path: str) -> str:
-    """'rankings' when the file's first record lists `responses`, else 'pairs'."""
-    if not fileio.exists(path):
-        return "pairs"  # read_jsonl names the missing file
-    with fileio.open_file(path, "rb") as f:
-        first = next((line for line in f if line.strip()), b"{}")
-    try:
-        return "rankings" if "responses" in json.loads(first.decode("utf-8-sig")) else "pairs"
-    except (UnicodeDecodeError, json.JSONDecodeError, TypeError):
-        return "pairs"  # read_jsonl names the line
-
-
 def _split(items: list, where: str, fraction: float) -> tuple[list, list]:
     cut = int(len(items) * fraction)
     if cut < 1 or cut >= len(items):
@@ -227,7 +214,7 @@ def jsonl_items(cfg: Config, kind: str, log: Callable[[str], None]) -> tuple[lis
     data = cfg.data
 
     def read(path: str) -> list:
-        schema = "feedback" if kind == "feedback" else _schema_of(path)
+        schema = "feedback" if kind == "feedback" else comparison_schema(path, "pairs")
         records, report = read_jsonl(path, schema, data.on_error)
         log(report.summary())
         return list(map(feedback_of, records)) if kind == "feedback" else pairs_from_records(records)

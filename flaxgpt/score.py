@@ -15,14 +15,45 @@ from collections.abc import Sequence
 
 from flaxgpt import cli, host_allocator, runs
 from flaxgpt.config import ConfigError
-from flaxgpt.data.jsonl import DataError
+from flaxgpt.data.jsonl import DataError, read_jsonl
+
+FIELDS = (("response", "reward"), ("chosen", "reward_chosen"), ("rejected", "reward_rejected"))
 
 
-def _prompt(record: dict, where: str) -> list[dict]:
-    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-        raise DataError(f"{where}: expected an object with a string 'prompt'")
+def _prompt(record: dict) -> list[dict]:
     system = record.get("system")
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": record["prompt"]}]
+
+
+def _problem(record: dict) -> str | None:
+    """What keeps a record (with a string 'prompt') from being scored, or None."""
+    for field, _ in FIELDS:
+        if field in record and not isinstance(record[field], str):
+            return f"'{field}' must be a string"
+    responses = record.get("responses", [])
+    if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+        return "'responses' must be a list of strings"
+    if not responses and not any(field in record for field, _ in FIELDS):
+        return "no 'response', 'responses' or 'chosen'/'rejected' to score"
+    return None
+
+
+def _items(records: list[dict], where: str) -> tuple[list, list]:
+    """((record index, output key, index in a list or None) per response, (prompt, response) per response)."""
+    keys, items = [], []
+    for i, record in enumerate(records):
+        problem = _problem(record)
+        if problem:
+            raise DataError(f"{where}: record {i + 1}: {problem}")
+        prompt = _prompt(record)
+        for field, out in FIELDS:
+            if field in record:
+                keys.append((i, out, None))
+                items.append((prompt, record[field]))
+        for j, response in enumerate(record.get("responses", [])):
+            keys.append((i, "rewards", j))
+            items.append((prompt, response))
+    return keys, items
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,41 +72,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--prompt needs at least one --response")
     from flaxgpt.rewards import score
 
+    if args.prompt:
+        records = [{"system": args.system, "prompt": args.prompt, "responses": args.response}]
+    else:  # the 'prompts' schema: objects with a string 'prompt' (and 'system'), in UTF-8
+        records = read_jsonl(args.jsonl, "prompts", skip=None)[0]
+    keys, items = _items(records, args.jsonl or "--prompt")
     host_allocator.tune_host_allocator()
     loaded = runs.load(args.workdir, args.step)
     if loaded.model.cfg.output != "scalar":
         raise ConfigError(
             f"{args.workdir} is a language model (model.output='{loaded.model.cfg.output}'), not a reward model"
         )
-    if args.prompt:
-        records = [{"system": args.system, "prompt": args.prompt, "responses": args.response}]
-    else:
-        with open(args.jsonl, encoding="utf-8") as f:
-            records = []
-            for number, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{args.jsonl}:{number}: not valid JSON ({e.msg})") from e
-    keys = []  # (record index, output key, index in a list or None)
-    items = []
-    for i, record in enumerate(records):
-        where = f"{args.jsonl}: record {i + 1}" if args.jsonl else "--prompt"
-        prompt = _prompt(record, where)
-        fields = [("response", "reward"), ("chosen", "reward_chosen"), ("rejected", "reward_rejected")]
-        found = False
-        for field, out in fields:
-            if isinstance(record.get(field), str):
-                keys.append((i, out, None))
-                items.append((prompt, record[field]))
-                found = True
-        for j, response in enumerate(record.get("responses") or []):
-            keys.append((i, "rewards", j))
-            items.append((prompt, response))
-            found = True
-        if not found:
-            raise DataError(f"{where}: no 'response', 'responses' or 'chosen'/'rejected' to score")
     with runs.logical_context(loaded):
         rewards = score(loaded.model, loaded.params, loaded.tokenizer, items, args.batch_size)
     for (i, out, j), reward in zip(keys, rewards):

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from flaxgpt import online
+from flaxgpt.errors import UserError
 from flaxgpt.trainers import pretrain
 from tests.conftest import REPO, serving, tiny_run_config
 
@@ -344,6 +345,14 @@ def test_pruning_keeps_the_newest_and_every_promoted_checkpoint(tmp_path):
     assert sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints"))) == [0, 2, 4, 5]
     assert online.promoted_step(workdir) == 2 and ck.read_record(2)["step"] == 2
     ck.close()
+    marker = os.path.join(workdir, online.PROMOTED)
+    for damaged in ("{", '{"step": "x"}', "[2]", '{"step": -1}', "\udcff"):  # a marker edited by hand
+        with open(marker, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(damaged)
+        with pytest.raises(UserError, match=r"promoted.json: expected \{\"step\": N\}"):
+            online.promoted_step(workdir)
+    online.sync_marker(workdir)  # the learner rewrites it from its log
+    assert online.promoted_step(workdir) == 2
 
 
 def test_the_sft_term_adds_the_thumbs_up_answers_negative_log_likelihood():

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -448,6 +449,19 @@ def test_errors_have_openais_shape_and_the_server_keeps_serving(server, client):
     assert httpx.get(url + "/v1/chat/completions", timeout=10).status_code == 405
     assert httpx.get(url + "/api/conversations/abc", timeout=10).json()["error"]["type"] == "invalid_request_error"
     assert httpx.get(url + "/health", timeout=10).json()["status"] == "ok"
+    bodies = [  # (endpoint, body, the parameter the 400 names)
+        ("completions", {"prompt": "hi", "echo": True}, "echo"),
+        ("completions", {"prompt": "hi", "stream_options": []}, "stream_options"),
+        ("completions", {"prompt": "x" * 100, "max_tokens": 16}, "prompt"),  # 100 + 16 tokens > 64
+        (
+            "chat/completions",
+            {"messages": msgs, "stream": True, "stream_options": {"include_usage": "no"}},
+            "stream_options.include_usage",
+        ),
+    ]
+    for endpoint, body, param in bodies:
+        r = httpx.post(f"{url}/v1/{endpoint}", json={"model": service.name, **body}, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     assert client.chat.completions.create(model=service.name, messages=msgs, max_tokens=3).choices[0].message
 
 
@@ -529,6 +543,39 @@ def test_chat_page_rows_and_export(server, tmp_path):
     assert [c["id"] for c in convs] == [f"conversation-{a2}"]
     assert convs[0]["messages"][0] == {"role": "system", "content": "be brief"}
     assert len({r["id"] for r in fb + pairs + convs}) == len(fb + pairs + convs)
+
+
+def test_chat_page_refusals_are_400s_naming_the_field_and_store_nothing(server):
+    import httpx
+
+    url, service = server
+    count = lambda: [
+        service.store.query(f"SELECT COUNT(*) AS n FROM {t}")[0]["n"] for t in ("conversations", "messages")
+    ]
+    before = count()
+    answer = _page_chat(url, content="Question: where?", max_tokens=2)[-1]["message_id"]
+    stored = count()
+    big = 10**23
+    post = lambda path, body: httpx.post(url + path, content=json.dumps(body).encode(), timeout=60)
+    refused = [  # (path, body, status, the field named)
+        ("/api/chat", {"content": "hi\ud800"}, 400, "content"),
+        ("/api/chat", {"content": "hi", "system": "\udfff"}, 400, "system"),
+        ("/api/chat", {"content": "hi", "conversation_id": 99999}, 404, "conversation_id"),
+        ("/api/chat", {"content": "hi", "conversation_id": big}, 400, "conversation_id"),
+        ("/api/chat", {"content": "hi", "parent_id": -big}, 400, "parent_id"),
+        ("/api/rate", {"message_id": big, "rating": 1}, 400, "message_id"),
+        ("/api/rate", {"message_id": answer, "rating": 1, "comment": "\ud800"}, 400, "comment"),
+        ("/api/rate", {"message_id": answer, "rating": 1.0}, 400, "rating"),
+    ]
+    for path, body, status, field in refused:
+        r = post(path, {"max_tokens": 2, **body})
+        assert (r.status_code, r.json()["error"]["param"]) == (status, field), (body, r.text)
+    r = httpx.get(f"{url}/api/conversations/{big}", timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "conversation_id"
+    with pytest.raises(UnicodeEncodeError):  # a failed insert leaves no empty conversation behind
+        service.store.add_turn(None, None, "x\ud800")
+    assert count() == stored and stored[0] == before[0] + 1
+    assert not service.store.query("SELECT * FROM ratings WHERE message_id = ?", (answer,))
 
 
 @contextlib.contextmanager
@@ -725,6 +772,22 @@ def test_export_reads_only_feedback_databases_and_never_teaches_a_thumbs_down_an
         con.commit()
     with pytest.raises(UserError, match=r"f.sqlite: rating 4 names message 999, which is missing"):
         feedback.export(db, str(out))
+    damaged = {  # each a copy of the database edited by hand, and what export says of it
+        "UPDATE messages SET content = x'ff00' WHERE id = 2": r"messages row 2: content is bytes .*expected text",
+        "UPDATE messages SET parent_id = 2 WHERE id = 1": r"message 2 has parent 1, which descends from it",
+        "UPDATE ratings SET rating = 'up' WHERE id = 1": r"ratings row 1: rating is str 'up', expected 1 or -1",
+    }
+    for n, (sql, message) in enumerate(damaged.items()):
+        copy = str(tmp_path / f"damaged{n}.sqlite")
+        shutil.copy(db, copy)
+        with contextlib.closing(sqlite3.connect(copy)) as con:
+            con.execute("DELETE FROM ratings WHERE id = 4")
+            con.execute("PRAGMA ignore_check_constraints = ON")
+            con.execute(sql)
+            con.commit()
+        with pytest.raises(UserError, match=rf"damaged{n}.sqlite: {message}"):
+            feedback.export(copy, str(tmp_path / f"o{n}"))
+        assert not (tmp_path / f"o{n}").exists()
 
 
 def test_api_key_schema_version_and_cli_errors(server, tmp_path):
@@ -775,7 +838,33 @@ def test_api_key_schema_version_and_cli_errors(server, tmp_path):
     shutil.copy(os.path.join(run, "tokenizer.json"), reward)
     assert cli.run(main, ["--workdir", str(reward)]) == 2  # a reward model is not served
     assert cli.run(feedback.main, ["export", "--db", str(tmp_path / "none.sqlite"), "--out", str(tmp_path)]) == 2
-    assert cli.run(main, ["--workdir", os.path.dirname(service.store.file), "--slots", "0"]) == 2
+    run_dir = os.path.dirname(service.store.file)
+    engines = lambda: sum(t.name == "flaxgpt-engine" for t in threading.enumerate())
+    running, notdb = engines(), tmp_path / "notdb.sqlite"
+    notdb.write_text("not a database")
+    for db in (notdb, tmp_path):  # the store is opened before the engine starts: no engine thread left
+        assert cli.run(main, ["--workdir", run_dir, "--db", str(db)]) == 2
+        assert engines() == running
+
+
+def test_serve_flags_and_a_busy_port_are_one_line_before_the_url(server, capsys):
+    from flaxgpt import cli
+    from flaxgpt.serve.__main__ import main
+
+    run_dir = os.path.dirname(server[1].store.file)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli.run(main, ["--workdir", run_dir, "--port", str(port)]) == 2
+    out = capsys.readouterr()
+    assert "http://" not in out.out and out.err.startswith(f"error: --host 127.0.0.1 --port {port}: cannot listen")
+    assert len(out.err.splitlines()) == 1
+    for flag, value in [("--slots", "0"), ("--max-queue", "-1"), ("--reload-every", "nan"), ("--port", "99999")]:
+        with pytest.raises(SystemExit) as e:
+            main(["--workdir", run_dir, flag, value])
+        assert e.value.code == 2
+        assert flag in capsys.readouterr().err
 
 
 def _browser():

@@ -359,7 +359,8 @@ def test_score_cli_prints_rewards(reward_run, tmp_path):
     assert [s["response"] for s in scores] == ["aeiou", "bcdfg"] and scores[0]["reward"] > scores[1]["reward"]
     batch = tmp_path / "batch.jsonl"
     batch.write_text(
-        json.dumps({"prompt": "say x", "responses": ["ai", "bd"]})
+        "\ufeff"  # a byte-order mark, as Windows editors write
+        + json.dumps({"prompt": "say x", "responses": ["ai", "bd"]})
         + "\n"
         + json.dumps({"prompt": "say y", "chosen": "oo", "rejected": "gg"})
         + "\n"
@@ -371,3 +372,35 @@ def test_score_cli_prints_rewards(reward_run, tmp_path):
     batch.write_text('{"prompt": "say x"}\n')
     out = run("--jsonl", str(batch))
     assert out.returncode == 2 and "record 1: no 'response'" in out.stderr
+
+
+def test_score_jsonl_records_are_checked_before_the_model_loads(tmp_path, capsys):
+    from flaxgpt import cli, score
+
+    batch = tmp_path / "batch.jsonl"
+    refused = {  # file contents -> the one line that names what is wrong
+        b'{"prompt": "2 plus 3?", "responses": "55"}\n': "batch.jsonl: record 1: 'responses' must be a list of strings",
+        b'{"prompt": "x", "responses": [1, 2]}\n': "record 1: 'responses' must be a list of strings",
+        b'{"prompt": "x", "response": "y"}\n{"prompt": "x", "chosen": 7}\n': "record 2: 'chosen' must be a string",
+        b'{"prompt": "x", "response": "y", "system": 7}\n': "batch.jsonl:1: 'system' (the optional system message)",
+        b'{"prompt": "x", "response": "\xff"}\n': "batch.jsonl:1: not valid UTF-8 (byte 0xff",
+    }
+    for content, message in refused.items():
+        batch.write_bytes(content)
+        assert cli.run(score.main, ["--workdir", str(tmp_path / "no-run"), "--jsonl", str(batch)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1 and "on_error" not in err, (content, err)
+
+
+def test_reward_jsonl_schema_is_sniffed_as_read_jsonl_reads(tmp_path):
+    """A byte-order mark, a byte that is not UTF-8 or a first record that is not an object: the
+    reward trainer's file reads as read_jsonl reads it (pairs stay pairs, faults name the line)."""
+    pair = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}).encode() + b"\n"
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + pair * 2)
+    records, _ = reward._read_rankings(str(path), "raise")
+    assert [r["chosen"] for r in records] == ["a", "a"]
+    for content, message in [(b"\xff" + pair, ":1: not valid UTF-8"), (b"5\n" + pair, ":1: expected a JSON object")]:
+        path.write_bytes(content)
+        with pytest.raises(DataError, match=message):
+            reward._read_rankings(str(path), "raise")

@@ -50,11 +50,12 @@ class ReadReport:
     records: int = 0
     skipped: int = 0
     problems: list[str] = field(default_factory=list)  # the first few, for the log
+    skip: str | None = "data.on_error=skip"  # the setting that skips a bad line, named in the error (None: none)
 
     def reject(self, where: str, on_error: str) -> None:
         """Raise DataError for a bad line or record, or count it (keeping the first few for the log)."""
         if on_error == "raise":
-            raise DataError(where + " (data.on_error=skip skips it)")
+            raise DataError(where + (f" ({self.skip} skips it)" if self.skip else ""))
         self.skipped += 1
         if len(self.problems) < 5:
             self.problems.append(where)
@@ -202,11 +203,14 @@ def _parse(line: str, schema: str) -> tuple[Any, str | None]:
     return record, schema_problem(record, schema)
 
 
-def read_jsonl(path: str, schema: str, on_error: Literal["raise", "skip"] = "raise") -> tuple[list[dict], ReadReport]:
-    """Every record of `path` that fits `schema`; raises DataError naming file and line otherwise."""
+def read_jsonl(
+    path: str, schema: str, on_error: Literal["raise", "skip"] = "raise", skip: str | None = "data.on_error=skip"
+) -> tuple[list[dict], ReadReport]:
+    """Every record of `path` that fits `schema`; raises DataError naming file and line otherwise
+    (and `skip`, the setting that would skip the line, if the caller has one)."""
     if schema not in SCHEMAS:
         raise DataError(f"unknown JSONL schema '{schema}'; schemas are {list(SCHEMAS)}")
-    report, records = ReadReport(path), []
+    report, records = ReadReport(path, skip=skip), []
     for number, line, problem in _decoded_lines(path, "JSONL"):
         if line is not None:
             if not line.strip():
@@ -223,6 +227,23 @@ def read_jsonl(path: str, schema: str, on_error: Literal["raise", "skip"] = "rai
             + (f" ({report.skipped} malformed lines skipped)" if report.skipped else "")
         )
     return records, report
+
+
+def comparison_schema(path: str, default: str) -> str:
+    """'rankings' when the first record of `path` lists "responses", 'pairs' when it has "chosen",
+    else `default`: read_jsonl then names what is wrong (a missing file, a line that is not
+    UTF-8 or JSON, a record that is not an object). A byte-order mark is dropped as read_jsonl does."""
+    if not fileio.exists(path) or (not fileio.is_remote(path) and os.path.isdir(path)):
+        return default
+    with fileio.open_file(path, "rb") as f:
+        first = next((line for line in f if line.strip()), b"{}")
+    try:
+        record = json.loads(first.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return default
+    if not isinstance(record, dict):
+        return default
+    return "rankings" if "responses" in record else "pairs" if "chosen" in record else default
 
 
 def read_text(path: str, on_error: Literal["raise", "skip"] = "raise", what: str = "text") -> tuple[str, ReadReport]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -38,18 +39,39 @@ def build_service(
     if cfg.model.output != "logits":
         raise UserError(f"{workdir} holds a reward model (model.output={cfg.model.output!r}): serve a language model")
     loaded = runs.load(workdir, step if step is not None else online.promoted_step(workdir))
-    engine = SlotEngine(
-        loaded.model,
-        loaded.params,
-        pad_id=loaded.tokenizer.pad_id,
-        step=loaded.step,
-        slots=slots,
-        max_queue=max_queue,
-        context=lambda: runs.logical_context(loaded),
-    ).start()
-    store = FeedbackStore(db or os.path.join(workdir, "feedback.sqlite"))
+    store = FeedbackStore(db or os.path.join(workdir, "feedback.sqlite"))  # before the engine's thread starts
+    try:
+        engine = SlotEngine(
+            loaded.model,
+            loaded.params,
+            pad_id=loaded.tokenizer.pad_id,
+            step=loaded.step,
+            slots=slots,
+            max_queue=max_queue,
+            context=lambda: runs.logical_context(loaded),
+        ).start()
+    except BaseException:
+        store.close()
+        raise
     name = name or os.path.basename(os.path.normpath(workdir))
     return Service(engine, loaded.tokenizer, name, api_key=api_key, store=store, placement=(loaded.mesh, loaded.rules))
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) for the server, or a UserError naming them (a port in use,
+    an address not of this machine) before anything says where the server is."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        raise UserError(f"--host {host}: not an address to listen on ({e.strerror or e})") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses the port at once
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+    return sock
 
 
 def newest_checkpoint(workdir: str) -> int | None:
@@ -89,9 +111,9 @@ def watch(service: Service, workdir: str, every: float, stop: threading.Event) -
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = cli.ArgumentParser(prog="python -m flaxgpt.serve", description=__doc__)
     parser.add_argument("--workdir", "-w", required=True)
-    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument("--step", type=cli.ranged(int, ">= 0"), help="checkpoint step (default: the latest)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=cli.ranged(int, "[0, 65535]"), default=8000, help="0: any free port")
     parser.add_argument("--db", help="feedback database (default: WORKDIR/feedback.sqlite)")
     parser.add_argument("--name", help="the model's name in the API (default: the workdir's name)")
     parser.add_argument(
@@ -99,11 +121,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=os.environ.get("FLAXGPT_API_KEY"),
         help="require 'Authorization: Bearer KEY' (default: $FLAXGPT_API_KEY; none: no key needed)",
     )
-    parser.add_argument("--slots", type=int, default=8, help="requests decoded together")
-    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the slots (more: 503)")
+    parser.add_argument("--slots", type=cli.ranged(int, ">= 1"), default=8, help="requests decoded together")
+    parser.add_argument(
+        "--max-queue", type=cli.ranged(int, ">= 0"), default=64, help="requests waiting beyond the slots (more: 503)"
+    )
     parser.add_argument(
         "--reload-every",
-        type=float,
+        type=cli.ranged(float, ">= 0"),
         default=30.0,
         help="seconds between checks for a newer checkpoint of the run, "
         "served once found (0: never; never with --step)",
@@ -113,31 +137,45 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.slots < 1 or args.max_queue < 0:
-        raise UserError("--slots must be at least 1 and --max-queue at least 0")
     host_allocator.tune_host_allocator()
-    service = build_service(
-        args.workdir,
-        args.step,
-        db=args.db,
-        name=args.name,
-        api_key=args.api_key,
-        slots=args.slots,
-        max_queue=args.max_queue,
-    )
+    sock = listen(args.host, args.port)
+    try:
+        service = build_service(
+            args.workdir,
+            args.step,
+            db=args.db,
+            name=args.name,
+            api_key=args.api_key,
+            slots=args.slots,
+            max_queue=args.max_queue,
+        )
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        serve(service, sock, args)
+    finally:
+        sock.close()
+        service.engine.stop()
+        service.store.close()
+    return 0
+
+
+def serve(service: Service, sock: socket.socket, args: argparse.Namespace) -> None:
+    """Serve on the bound socket until stopped (Ctrl-C, SIGTERM), watching for newer checkpoints."""
     import uvicorn
 
-    print(f"flaxgpt serve: {service.name} (step {service.engine.step}) on http://{args.host}:{args.port}", flush=True)
+    host, port = sock.getsockname()[:2]
+    where = f"[{host}]" if ":" in host else host
+    print(f"flaxgpt serve: {service.name} (step {service.engine.step}) on http://{where}:{port}", flush=True)
     stop = threading.Event()
     if args.reload_every > 0 and args.step is None:
         threading.Thread(target=watch, args=(service, args.workdir, args.reload_every, stop), daemon=True).start()
     try:
-        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+        config = uvicorn.Config(create_app(service), log_level="warning")
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         stop.set()
-        service.engine.stop()
-        service.store.close()
-    return 0
 
 
 if __name__ == "__main__":

@@ -309,6 +309,9 @@ async def completions(service: Service, request: Request):
     body = await read_body(request)
     check_model(service, body)
     settings = params.settings(body, top_logprobs_name="logprobs")
+    for name in ("echo", "suffix"):  # OpenAI options this server does not implement: refused, not ignored
+        if body.get(name) not in (None, False):
+            raise BadParam(name, f"'{name}' is not supported by this server (leave it out)")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
@@ -361,7 +364,8 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestError)
     async def bad_request(request: Request, e: RequestError):
-        return error(400, str(e), "messages", "context_length_exceeded")
+        param = "prompt" if request.url.path == "/v1/completions" else "messages"
+        return error(400, str(e), param, "context_length_exceeded")
 
     @app.exception_handler(Overloaded)
     async def overloaded(request: Request, e: Overloaded):

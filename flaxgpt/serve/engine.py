@@ -143,7 +143,7 @@ class SlotEngine:
         if n + request.max_tokens > self.block_size:
             raise RequestError(
                 f"This model's maximum context length is {self.block_size} tokens. However, you requested "
-                f"{n + request.max_tokens} tokens ({n} in the messages, {request.max_tokens} in the completion)."
+                f"{n + request.max_tokens} tokens ({n} in the prompt, {request.max_tokens} in the completion)."
             )
         with self._wake:
             if len(self._waiting) >= self.max_queue:

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, StreamingResponse
 
 from flaxgpt import chat_template
+from flaxgpt.data.jsonl import lone_surrogate
 from flaxgpt.serve import params
 from flaxgpt.serve.params import BadParam
 
@@ -28,15 +29,15 @@ def _id(body: dict, name: str, required: bool = False) -> int | None:
     value = body.get(name)
     if value is None and not required:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadParam(name, f"'{name}' must be a message or conversation id (an integer)")
+    if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**63:
+        raise BadParam(name, f"'{name}' must be a message or conversation id (an integer below 2**63)")
     return value
 
 
 def _text(body: dict, name: str) -> str:
     value = body.get(name, "")
-    if not isinstance(value, str):
-        raise BadParam(name, f"'{name}' must be a string")
+    if not isinstance(value, str) or lone_surrogate(value):
+        raise BadParam(name, f"'{name}' must be a string of Unicode text (no lone surrogate such as \\ud800)")
     return value
 
 
@@ -70,6 +71,8 @@ def _read_turn(store, body: dict) -> _Turn:
     parent, conversation = _id(body, "parent_id"), _id(body, "conversation_id")
     if parent is not None:
         conversation = _row(store, parent, "assistant")["conversation_id"]
+    elif conversation is not None and not store.query("SELECT id FROM conversations WHERE id = ?", (conversation,)):
+        raise BadParam("conversation_id", f"no conversation {conversation}", status=404)
     return _Turn(conversation, parent, content, system, "message")
 
 
@@ -77,12 +80,10 @@ def _store_turn(store, turn: _Turn) -> tuple[int, int]:
     """(conversation, user turn): the user's message is stored once its answer has been accepted."""
     if turn.content is None:
         return turn.conversation, turn.user
-    conversation = store.new_conversation() if turn.conversation is None else turn.conversation
     kind = "message" if turn.edit_of is None else "edit"
-    user = store.add_message(
-        conversation, turn.parent, "user", turn.content, system=turn.system, kind=kind, revises_id=turn.edit_of
+    return store.add_turn(
+        turn.conversation, turn.parent, turn.content, system=turn.system, kind=kind, revises_id=turn.edit_of
     )
-    return conversation, user
 
 
 def _row(store, message_id: int, role: str) -> dict:
@@ -204,10 +205,10 @@ def add_routes(app: FastAPI, service) -> None:
         body = await read_body(request)
         message = _row(store(), _id(body, "message_id", required=True), "assistant")
         rating = body.get("rating")
-        if rating not in (1, -1) or isinstance(rating, bool):
+        if type(rating) is not int or rating not in (1, -1):  # not True, not 1.0
             raise BadParam("rating", "'rating' must be 1 (thumbs up) or -1 (thumbs down)")
         return {"id": await asyncio.to_thread(store().rate, message["id"], rating, _text(body, "comment"))}
 
     @app.get("/api/conversations/{conversation_id}")
     async def get_conversation(conversation_id: int):
-        return conversation(store(), conversation_id)
+        return conversation(store(), _id({"conversation_id": conversation_id}, "conversation_id"))

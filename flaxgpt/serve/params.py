@@ -87,8 +87,8 @@ def settings(body: dict, *, top_logprobs_name: str = "top_logprobs") -> Settings
     top = _number(body, top_logprobs_name, 0, 0, 20, integer=True)
     if top and not logprobs and top_logprobs_name == "top_logprobs":
         raise BadParam("top_logprobs", "'top_logprobs' needs 'logprobs': true")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
+    options = {} if body.get("stream_options") is None else body["stream_options"]
+    if not isinstance(options, dict):  # [] or "" too
         raise BadParam("stream_options", "'stream_options' must be an object")
     seed = body.get("seed")
     if seed is None:
@@ -103,7 +103,9 @@ def settings(body: dict, *, top_logprobs_name: str = "top_logprobs") -> Settings
         logprobs=logprobs,
         top_logprobs=top,
         stream=_flag(body, "stream"),
-        include_usage=bool(options.get("include_usage")),
+        include_usage=_flag(
+            {"stream_options.include_usage": options.get("include_usage")}, "stream_options.include_usage"
+        ),
         min_tokens=_number(body, "min_tokens", 0, 0, 2**31, integer=True),
         ignore_eos=_flag(body, "ignore_eos"),
         skip_special_tokens=_flag(body, "skip_special_tokens", default=True),

@@ -10,6 +10,7 @@ version v to v + 1, each in its own transaction.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -50,6 +51,43 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+_NEW_CONVERSATION = "INSERT INTO conversations (created) VALUES (?)"
+_TEXT = {"messages": ("role", "content", "system", "kind"), "ratings": ("comment",)}  # checked on reading
+
+
+def _message(
+    conversation_id: int,
+    parent_id: int | None,
+    role: str,
+    content: str,
+    *,
+    system: str = "",
+    kind: str = "message",
+    revises_id: int | None = None,
+    step: int | None = None,
+    settings: dict | None = None,
+    finish_reason: str | None = None,
+) -> tuple[str, tuple]:
+    """The INSERT of one message row."""
+    return (
+        "INSERT INTO messages (conversation_id, parent_id, role, content, system, kind, revises_id, step,"
+        " settings, finish_reason, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            conversation_id,
+            parent_id,
+            role,
+            content,
+            system,
+            kind,
+            revises_id,
+            step,
+            None if settings is None else json.dumps(settings, sort_keys=True),
+            finish_reason,
+            time.time(),
+        ),
+    )
+
+
 class StoreError(UserError):
     """The database cannot be used (a newer schema, or not a feedback database)."""
 
@@ -80,45 +118,33 @@ class FeedbackStore:
         with self._lock:
             self._db.close()
 
-    def _write(self, sql: str, args: tuple) -> int:
-        with self._lock, self._db:  # one transaction
+    @contextlib.contextmanager
+    def _transaction(self):
+        """The connection inside one write transaction: everything in it is stored, or nothing."""
+        with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            return self._db.execute(sql, args).lastrowid
+            yield self._db
+
+    def _write(self, sql: str, args: tuple) -> int:
+        with self._transaction() as db:
+            return db.execute(sql, args).lastrowid
 
     def new_conversation(self) -> int:
-        return self._write("INSERT INTO conversations (created) VALUES (?)", (time.time(),))
+        return self._write(_NEW_CONVERSATION, (time.time(),))
 
-    def add_message(
-        self,
-        conversation_id: int,
-        parent_id: int | None,
-        role: str,
-        content: str,
-        *,
-        system: str = "",
-        kind: str = "message",
-        revises_id: int | None = None,
-        step: int | None = None,
-        settings: dict | None = None,
-        finish_reason: str | None = None,
-    ) -> int:
-        return self._write(
-            "INSERT INTO messages (conversation_id, parent_id, role, content, system, kind, revises_id, step,"
-            " settings, finish_reason, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                conversation_id,
-                parent_id,
-                role,
-                content,
-                system,
-                kind,
-                revises_id,
-                step,
-                None if settings is None else json.dumps(settings, sort_keys=True),
-                finish_reason,
-                time.time(),
-            ),
-        )
+    def add_message(self, conversation_id: int, parent_id: int | None, role: str, content: str, **fields) -> int:
+        """fields: system, kind, revises_id, step, settings (a dict), finish_reason."""
+        return self._write(*_message(conversation_id, parent_id, role, content, **fields))
+
+    def add_turn(self, conversation_id: int | None, parent_id: int | None, content: str, **fields) -> tuple[int, int]:
+        """(conversation, message): a user turn, in a new conversation when `conversation_id` is
+        None, both stored in one transaction (a refused insert leaves no empty conversation)."""
+        with self._transaction() as db:
+            if conversation_id is None:
+                conversation_id = db.execute(_NEW_CONVERSATION, (time.time(),)).lastrowid
+            return conversation_id, db.execute(
+                *_message(conversation_id, parent_id, "user", content, **fields)
+            ).lastrowid
 
     def rate(self, message_id: int, rating: int, comment: str = "") -> int:
         return self._write(
@@ -133,9 +159,23 @@ class FeedbackStore:
             except sqlite3.DatabaseError as e:  # a damaged database (a table dropped, a file overwritten)
                 raise StoreError(f"{self.file}: not a usable feedback database ({e})") from None
 
+    def checked(self, row: dict[str, Any], table: str) -> dict[str, Any]:
+        """`row` of `table` ("messages" or "ratings"), or a StoreError naming it when a value is
+        not of its column's kind (a database edited by hand: SQLite stores any type anywhere)."""
+        bad = [k for k in _TEXT[table] if not isinstance(row[k], str)]
+        if table == "ratings" and (type(row["rating"]) is not int or row["rating"] not in (-1, 1)):
+            bad.append("rating")
+        if bad:
+            value, want = row[bad[0]], "1 or -1" if bad[0] == "rating" else "text"
+            raise StoreError(
+                f"{self.file}: {table} row {row['id']}: {bad[0]} is {type(value).__name__} {str(value)[:40]!r},"
+                f" expected {want} (a damaged database)"
+            )
+        return row
+
     def message(self, message_id: int) -> dict[str, Any] | None:
         rows = self.query("SELECT * FROM messages WHERE id = ?", (message_id,))
-        return rows[0] if rows else None
+        return self.checked(rows[0], "messages") if rows else None
 
     def row(self, message_id: int, referrer: str) -> dict[str, Any]:
         """Message `message_id`, which `referrer` (a row of this database) names; a StoreError
@@ -152,6 +192,11 @@ class FeedbackStore:
         names), oldest first."""
         out: list[dict[str, Any]] = []
         while message_id is not None:
+            if any(m["id"] == message_id for m in out):  # parent_id loops (a database edited by hand)
+                raise StoreError(
+                    f"{self.file}: message {out[-1]['id']} has parent {message_id}, which descends from it"
+                    " (a parent_id cycle: a damaged database)"
+                )
             out.append(self.row(message_id, f"message {out[-1]['id']}" if out else referrer))
             message_id = out[-1]["parent_id"]
         return out[::-1]

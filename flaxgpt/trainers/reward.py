@@ -24,7 +24,7 @@ import numpy as np
 from flaxgpt import fileio
 from flaxgpt.config import Config
 from flaxgpt.conversations import padded_chunks
-from flaxgpt.data.jsonl import DataError, read_jsonl
+from flaxgpt.data.jsonl import DataError, comparison_schema, read_jsonl
 from flaxgpt.data.packing import PackedRows
 from flaxgpt.data.rows import StreamedRows, prepared_rows, prepared_tokenizer
 from flaxgpt.data.tokenizers import Tokenizer
@@ -94,12 +94,7 @@ def comparison_records(cfg: Config, rt: Runtime, tokenizer: Tokenizer, log) -> t
 
 def _read_rankings(path: str, on_error: str):
     """A JSONL file of rankings ({"prompt", "responses", ...}) or pairs ({"prompt", "chosen", "rejected"})."""
-    with open(path, encoding="utf-8") as f:
-        first = next((line for line in f if line.strip()), "{}")
-    try:
-        schema = "pairs" if "chosen" in json.loads(first) else "rankings"
-    except json.JSONDecodeError:
-        schema = "rankings"  # read_jsonl reports the line
+    schema = comparison_schema(path, "rankings")
     return read_jsonl(path, schema, on_error)
 
 
