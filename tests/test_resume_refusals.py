@@ -81,3 +81,26 @@ def test_an_open_ended_run_shows_no_total_and_no_eta(tmp_path, capsys):
     logger.log(2, {"loss": 1.5})
     logger.close()
     assert capsys.readouterr().out.strip() == "step 2 | loss 1.5"
+
+
+def test_a_resume_refuses_a_changed_meaning_field_and_names_a_changed_optimizer_key(sources):
+    from flaxgpt.checkpoint import StateMismatch
+
+    a, _ = sources
+    changed = tiny(4)
+    changed.model.logit_softcap = 30.0
+    with pytest.raises(CheckpointMismatch, match="model.logit_softcap: checkpoint has 0.0, config has 30.0"):
+        pretrain.run(changed, a)
+    no_clip = tiny(4)
+    no_clip.optimizer.grad_clip = 0.0
+    with pytest.raises(StateMismatch, match=r"optimizer.grad_clip=1.0 in config.json, 0.0 here") as refused:
+        pretrain.run(no_clip, a)
+    assert "Move them out" not in str(refused.value) and os.listdir(os.path.join(a, "checkpoints")) == ["2"]
+
+
+@pytest.mark.parametrize("key, value", [("batch_size", 4), ("seed", 1)])
+def test_a_resume_with_another_batch_size_or_seed_is_refused_naming_it(sources, key, value):
+    a, _ = sources
+    with pytest.raises(CheckpointMismatch, match=f"train.{key}=.* there, {value} here"):
+        pretrain.run(tiny(4, **{key: value}), a)
+    assert os.listdir(os.path.join(a, "checkpoints")) == ["2"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import threading
@@ -31,7 +32,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from flaxgpt import fileio, hf, lora, mfu
-from flaxgpt.checkpoint import Checkpointer
+from flaxgpt.checkpoint import OPTIMIZER_STRUCTURE_KEYS, Checkpointer, CheckpointMismatch, StateMismatch
 from flaxgpt.config import Config, ConfigError, to_dict, to_json
 from flaxgpt.data.text import build_tokenizer
 from flaxgpt.data.tokenizers import Tokenizer
@@ -52,6 +53,7 @@ HostBatch = dict[str, np.ndarray]
 # `fit`'s result key naming a stop signal that came during the last step or the final save: the
 # run is complete, and a pipeline records it and starts no further stage
 STOPPED = "stopped_by"
+DATA_ORDER_KEYS = ("batch_size", "seed")  # train.*: with the step, they fix which rows a step reads
 
 
 class NonFiniteLoss(UserError):
@@ -191,11 +193,13 @@ def fit(cfg: Config, rt: Runtime, spec: RunSpec) -> dict[str, Any]:
         try:
             notes: list[str] = []
             abstract, shardings = spec.abstract_state()
-            restored = _restore(checkpointer, spec, rt, abstract, shardings, notes.append)
+            restored = _restore(cfg, checkpointer, spec, rt, abstract, shardings, notes.append)
             state = restored[0] if restored else spec.init_state(shardings)
             spec.lora_base = _pinned_base(spec, state, restored)
             start = int(host_value(state.step))
             finished = bool(restored) and start >= cfg.train.max_steps
+            if restored and not finished:
+                _check_data_order(cfg, restored[1], f"{checkpointer.directory} step {start}")
             if not finished:  # only now: a refused resume, or a finished run asked again, keeps the run's config
                 rt.write_config(cfg)
             logger = MetricsLogger(rt.workdir, cfg.logging, cfg.train.max_steps, start, to_dict(cfg))
@@ -236,10 +240,13 @@ def adapter_base(cfg: Config, init_params: Any) -> dict | None:
     return init_params.source if pinned else None
 
 
-def _restore(checkpointer, spec, rt, abstract, shardings, log) -> tuple[Any, dict, int] | None:
+def _restore(cfg, checkpointer, spec, rt, abstract, shardings, log) -> tuple[Any, dict, int] | None:
     """`restore_latest`, with an adapter-only checkpoint's base rebuilt from its record."""
     held = lambda record: _adapters_only(abstract) if record.get(lora.BASE_RECORD) else abstract
-    restored = checkpointer.restore_latest(held, spec.model_cfg, log)
+    try:
+        restored = checkpointer.restore_latest(held, spec.model_cfg, log)
+    except StateMismatch as e:
+        raise StateMismatch(f"{e}{_changed_since(rt.workdir, cfg, OPTIMIZER_STRUCTURE_KEYS)}") from None
     if not restored or not restored[1].get(lora.BASE_RECORD):
         return restored
     state, record, step = restored
@@ -248,6 +255,39 @@ def _restore(checkpointer, spec, rt, abstract, shardings, log) -> tuple[Any, dic
         state.params, record[lora.BASE_RECORD], spec.model_cfg, shardings.params, rt.mesh, rt.rules, where
     )
     return state.replace(params=params), record, step
+
+
+def _check_data_order(cfg: Config, record: dict, where: str) -> None:
+    """Refuse to continue with another batch size or seed than the checkpoint's: the data a step
+    reads follows from (step, train.batch_size, train.seed), so a change would skip or replay it."""
+    saved = record.get("train", {})  # absent in checkpoints written before it was recorded
+    diffs = [
+        f"train.{k}={saved[k]!r} there, {getattr(cfg.train, k)!r} here"
+        for k in DATA_ORDER_KEYS
+        if k in saved and saved[k] != getattr(cfg.train, k)
+    ]
+    if diffs:
+        raise CheckpointMismatch(
+            f"checkpoint {where} was trained with other data order settings ({'; '.join(diffs)}): resuming "
+            "would skip or replay data. Set them as the checkpoint has them, or choose another --workdir"
+        )
+
+
+def _changed_since(workdir: str, cfg: Config, keys: tuple[str, ...]) -> str:
+    """' (optimizer.grad_clip=1.0 in config.json, 0.0 here)' for those of `keys` that differ
+    from the run's config.json (nothing when it cannot tell)."""
+    path = os.path.join(workdir, "config.json")
+    try:
+        recorded = json.loads(fileio.read_bytes(path)) if fileio.exists(path) else {}
+    except ValueError:
+        return ""
+    now, diffs = to_dict(cfg), []
+    for key in keys:
+        section, name = key.split(".")
+        before, after = recorded.get(section, {}).get(name), now[section][name]
+        if before is not None and json.loads(json.dumps(after)) != before:
+            diffs.append(f"{key}={before!r} in config.json, {after!r} here")
+    return f" ({'; '.join(diffs)})" if diffs else ""
 
 
 def _adapters_only(state: Any) -> Any:
@@ -297,6 +337,7 @@ def _run(cfg, spec, state, start, shardings, checkpointer, logger, stop, saved: 
     record = lambda step, extra={}: {
         "step": step,
         "data": spec.position(step),
+        "train": {k: getattr(tc, k) for k in DATA_ORDER_KEYS},
         "model": to_dict(spec.model_cfg),
         **base,
         **extra,
