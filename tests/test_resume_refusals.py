@@ -104,3 +104,25 @@ def test_a_resume_with_another_batch_size_or_seed_is_refused_naming_it(sources, 
     with pytest.raises(CheckpointMismatch, match=f"train.{key}=.* there, {value} here"):
         pretrain.run(tiny(4, **{key: value}), a)
     assert os.listdir(os.path.join(a, "checkpoints")) == ["2"]
+
+
+def test_a_restarted_online_learner_keeps_its_metrics_up_to_its_newest_checkpoint(sources, tmp_path):
+    import json
+
+    import jax.numpy as jnp
+
+    from flaxgpt.checkpoint import Checkpointer
+    from flaxgpt.trainers.online import Learner
+
+    a, _ = sources
+    cfg = tiny(2, trainer="online", init_from=a)
+    workdir = str(tmp_path / "learner")
+    Learner(cfg, workdir).close()
+    saved = Checkpointer(workdir, cfg.checkpoint)  # stands in for the learner's step-0 and first update
+    saved.save(2, {"x": jnp.zeros(2)}, {"step": 2}, force=True)
+    saved.close()
+    rows = [{"step": 0, "accuracy": 0.5}, {"step": 2, "loss": 1.0}, {"step": 3, "loss": 0.9}]
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    Learner(cfg, workdir).close()
+    assert read_metrics(workdir) == rows[:2]  # what a kill left past step 2 goes, nothing before it
