@@ -27,6 +27,7 @@ import difflib
 import json
 import os
 import resource
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -145,7 +146,12 @@ def run_pipeline(
         summary[stage.name] = _summary_row(stage, result)
         _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
         if result.get(STOPPED):
-            _log(f"stopped: {result[STOPPED]} during stage {stage.name}, which finished; run the same command to go on")
+            if jax.process_index() == 0:  # as a stopped single run says it (flaxgpt.train)
+                print(
+                    f"stopped: {result[STOPPED]} in stage {stage.name}, which finished; run the same command to go on",
+                    file=sys.stderr,
+                    flush=True,
+                )
             raise SystemExit(exit_code(result[STOPPED]))
     _log(f"=== summary ({os.path.join(workdir, SUMMARY_FILE)})\n{json.dumps(summary, indent=2)}")
     _close(stages, workdir)

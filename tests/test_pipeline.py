@@ -128,13 +128,14 @@ def test_a_finished_stage_runs_again_when_its_config_changed_and_later_stages_st
     assert json.load(open(tmp_path / "a" / "result.json"))["config"]["train"]["max_steps"] == 5
 
 
-def test_a_stop_signal_in_a_stages_last_step_records_it_and_stops_the_pipeline(tmp_path):
+def test_a_stop_signal_in_a_stages_last_step_records_it_and_stops_the_pipeline(tmp_path, capsys):
     from flaxgpt.trainers.scaffold import STOPPED
 
     stub = _Stages(extra={"a": {STOPPED: "SIGTERM"}})
     with pytest.raises(SystemExit) as stop:
         run_pipeline(_two(), str(tmp_path), stub)
     assert stop.value.code == 143 and stub.ran == ["a"]
+    assert capsys.readouterr().err == "stopped: SIGTERM in stage a, which finished; run the same command to go on\n"
     result = json.load(open(tmp_path / "a" / "result.json"))
     assert result["loss"] == 1.0 and STOPPED not in result
     assert run_pipeline(_two(), str(tmp_path), _Stages())["b"]  # the same command goes on with b
