@@ -54,6 +54,29 @@ STRUCTURAL_FIELDS = (
     "lora_rank",
     "lora_targets",
 )
+# Model fields that keep the shapes but change what the parameters mean: a restore must agree too.
+MEANING_FIELDS = (
+    "rope_theta",
+    "rope_scaling",
+    "rope_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_original_context",
+    "rope_beta_fast",
+    "rope_beta_slow",
+    "rope_attention_factor",
+    "sliding_window",
+    "global_every",
+    "embed_scale",
+    "attn_softcap",
+    "logit_softcap",
+    "query_pre_attn_scalar",
+    "norm_eps",
+    "lora_alpha",
+)
+# Config keys that change the optimizer state's tree (clipping on or off, which leaves decay)
+OPTIMIZER_STRUCTURE_KEYS = ("optimizer.grad_clip", "optimizer.no_decay")
+_TREE_MISMATCH = "tree structures do not match"  # orbax's words for a state of another structure
 
 
 class CheckpointMismatch(UserError):
@@ -66,6 +89,11 @@ class CheckpointWriteError(UserError):
 
 class CheckpointUnreadable(UserError):
     """Checkpoints exist, but none of them can be restored."""
+
+
+class StateMismatch(CheckpointUnreadable):
+    """The checkpoints are sound, but their train state has another structure than this
+    config's (the model agreeing, the optimizer's settings differ): nothing to move out."""
 
 
 UNREADABLE_DIR = "checkpoints-unreadable"  # WORKDIR/<this>/<step>: what a resume set aside
@@ -231,6 +259,12 @@ class Checkpointer:
             skipped.append((step, self._why_unreadable(step, error)))
         if not skipped:
             return None
+        if all(_TREE_MISMATCH in why for _, why in skipped):
+            steps, keys = ", ".join(str(s) for s, _ in skipped), " and ".join(OPTIMIZER_STRUCTURE_KEYS)
+            raise StateMismatch(
+                f"the checkpoints in {self.directory} (steps {steps}) hold an optimizer state of another "
+                f"structure than this config's: set {keys} as the run had them"
+            )
         raise CheckpointUnreadable(
             f"no checkpoint in {self.directory} can be restored: "
             + "; ".join(f"{s}: {why}" for s, why in skipped)
@@ -364,7 +398,7 @@ def check_model_compatible(saved: dict, model_cfg: ModelConfig, where: str) -> N
     current = to_dict(model_cfg)
     diffs = [
         f"model.{k}: checkpoint has {saved[k]!r}, config has {current[k]!r}"
-        for k in STRUCTURAL_FIELDS
+        for k in STRUCTURAL_FIELDS + MEANING_FIELDS
         if k in saved and saved[k] != current[k]
     ]
     if diffs:

@@ -108,7 +108,7 @@ class MetricsLogger:
         if mode == "bar":
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            self._bar = tqdm(total=total_steps or None, initial=start_step, unit="step", dynamic_ncols=True)
         if dropped:
             self.message(f"{self.path}: dropped {dropped}; kept {len(rows)} rows up to step {start_step}")
 
@@ -149,17 +149,21 @@ class MetricsLogger:
             print(text, flush=True)
 
     def _progress(self, step: int, row: dict) -> None:
+        """The step's line; without a total (0: an open-ended run) no total and no eta."""
         shown = {k: row[k] for k in self.shown if isinstance(row.get(k), (int, float))}
-        line = " | ".join([f"step {step}/{self.total_steps}"] + [f"{k} {v:.4g}" for k, v in shown.items()])
+        total = f"/{self.total_steps}" if self.total_steps > 0 else ""
+        line = " | ".join([f"step {step}{total}"] + [f"{k} {v:.4g}" for k, v in shown.items()])
         if self._bar is not None:
             # the postfix first: the update redraws the bar with this step's figures, not the last ones
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
             self._bar.update(step - self._bar.n)
             self._last_line = line
+        elif self.mode == "plain" and not total:
+            print(line, flush=True)
         elif self.mode == "plain":
             done = step - self.start_step
             elapsed = time.time() - self.start_time
-            eta = elapsed / max(done, 1) * (self.total_steps - step)
+            eta = elapsed / max(done, 1) * max(self.total_steps - step, 0)
             print(line + f" | eta {_duration(eta)}", flush=True)
 
     def end_progress(self) -> None:

@@ -2,11 +2,19 @@
 
 An experiment file defines `stages() -> list[Stage]` instead of `config()`. Each stage is an
 ordinary run with its own workdir (WORKDIR/<stage name>), so it can be inspected, sampled
-from, or rerun alone. A finished stage leaves WORKDIR/<stage>/result.json and is skipped
-when the pipeline is started again; an interrupted one resumes from its checkpoint.
+from, or rerun alone. A finished stage leaves WORKDIR/<stage>/result.json (its figures and its
+config) and is skipped when the pipeline is started again with the same config; an interrupted
+one resumes from its checkpoint. A finished stage whose config changed since (`--set
+sft.train.max_steps=100`; logging settings aside) runs again as a single run would: it trains on
+to a larger train.max_steps, or reports its figures again. When it trained further, the stages
+that start from it are run afresh, their earlier workdirs moved aside to WORKDIR/<stage>.old-N
+(nothing is deleted). A stop signal during a stage's last step or final save lets the stage
+finish and write its result, then stops the pipeline (exit 143 or 130) before the next stage.
 WORKDIR/summary.json collects each stage's key figures as it finishes, with its wall time and
 the CPU seconds its process spent (user + system, all threads: a figure that other work on a
-shared machine inflates far less than the wall time).
+shared machine inflates far less than the wall time), summed over the attempts that ended by
+returning or raising (a SIGKILLed attempt's time is lost). A figure a stage's summary names but
+its run did not report is left out of summary.json, with a note.
 
 Overrides name a stage first (`--set sft.train.max_steps=100`) or apply to every stage
 (`--set train.seed=1`).
@@ -19,6 +27,7 @@ import difflib
 import json
 import os
 import resource
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,8 +37,16 @@ import jax
 
 from flaxgpt import fileio
 from flaxgpt.config import Config, ConfigError, apply_overrides, to_dict
+from flaxgpt.errors import UserError
+from flaxgpt.trainers.scaffold import STOPPED, exit_code
 
 RESULT_FILE, SUMMARY_FILE = "result.json", "summary.json"
+TIME_FILE = "time.json"  # WORKDIR/<stage>/: the wall and CPU seconds of the stage's attempts so far
+UNRECORDED = ("logging",)  # config sections that do not change what a stage produces
+
+
+class StageResultError(UserError):
+    """A finished stage's result.json cannot be read."""
 
 
 @dataclass
@@ -78,6 +95,20 @@ def validate(stages: Sequence[Stage]) -> None:
             if not getattr(getattr(stage.config, section), name):
                 raise ConfigError(f"stage '{stage.name}' needs --set {stage.name}.{key}=...")
         stage_config(stage, "WORKDIR").validate()
+        _check_summary(stage)
+
+
+def _check_summary(stage: Stage) -> None:
+    """Refuse a summary naming held-out RL figures that ppo.eval_prompts=0 turns off."""
+    cfg = stage.config
+    if cfg.train.trainer not in ("ppo", "grpo") or cfg.ppo.eval_prompts:
+        return
+    held = [v for v in stage.summary.values() if v.startswith(("start_", "val_"))]
+    if held:
+        raise ConfigError(
+            f"stage '{stage.name}': ppo.eval_prompts=0 evaluates no held-out prompts, but its summary needs "
+            f"{', '.join(held)}; set {stage.name}.ppo.eval_prompts to at least 1"
+        )
 
 
 def stage_config(stage: Stage, workdir: str) -> Config:
@@ -97,35 +128,121 @@ def stage_config(stage: Stage, workdir: str) -> Config:
 def run_pipeline(
     stages: Sequence[Stage], workdir: str, run_stage: Callable[[Config, str], dict[str, Any]]
 ) -> dict[str, Any]:
-    """Run (or skip, if finished) each stage in order; returns the summary written to WORKDIR/summary.json."""
+    """Run (or skip, if finished with the same config) each stage in order; returns the summary
+    written to WORKDIR/summary.json."""
     validate(stages)
     fileio.makedirs(workdir)
     summary: dict[str, Any] = {}
+    trained: set[str] = set()  # stages that trained further in this call
     for stage in stages:
         stage_dir = os.path.join(workdir, stage.name)
-        cfg = stage_config(stage, workdir)
-        result_file = os.path.join(stage_dir, RESULT_FILE)
-        if fileio.exists(result_file):
-            with fileio.open_file(result_file) as f:
-                result = json.load(f)
-            _log(f"=== stage {stage.name}: finished earlier ({result_file})")
-        else:
-            _log(f"=== stage {stage.name} ({cfg.train.trainer}) -> {stage_dir}")
-            started, cpu = time.time(), cpu_seconds()
-            result = {k: v for k, v in run_stage(cfg, stage_dir).items() if _jsonable(v)}
-            result["wall_seconds"] = round(time.time() - started, 1)
-            result["cpu_seconds"] = round(cpu_seconds() - cpu, 1)
-            _write_json(result_file, result)
-        missing = [k for k in stage.summary.values() if k not in result]
-        if missing:
-            raise KeyError(f"stage '{stage.name}' reported no {missing}; it reported {sorted(result)}")
-        summary[stage.name] = {k: result[v] for k, v in stage.summary.items()} if stage.summary else result
-        for key in ("wall_seconds", "cpu_seconds"):
-            summary[stage.name][key] = result.get(key)
+        if {stage.init_from, stage.reward_from} & trained:
+            _set_aside(stage, stage_dir)
+        result = _finished(stage, stage_dir)
+        if result is None:
+            result, grew = _run_stage(stage, stage_config(stage, workdir), stage_dir, run_stage)
+            if grew:
+                trained.add(stage.name)
+        summary[stage.name] = _summary_row(stage, result)
         _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
+        if result.get(STOPPED):
+            if jax.process_index() == 0:  # as a stopped single run says it (flaxgpt.train)
+                print(
+                    f"stopped: {result[STOPPED]} in stage {stage.name}, which finished; run the same command to go on",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            raise SystemExit(exit_code(result[STOPPED]))
     _log(f"=== summary ({os.path.join(workdir, SUMMARY_FILE)})\n{json.dumps(summary, indent=2)}")
     _close(stages, workdir)
     return summary
+
+
+def _finished(stage: Stage, stage_dir: str) -> dict | None:
+    """The stage's recorded result when it finished with the config it has now, else None."""
+    result_file = os.path.join(stage_dir, RESULT_FILE)
+    if not fileio.exists(result_file):
+        return None
+    result = _read_json(result_file)
+    changed = _changes(result.get("config", _recorded(stage)), _recorded(stage))
+    if changed:
+        _log(f"=== stage {stage.name}: its config changed since it finished ({changed}); running it again")
+        return None
+    _log(f"=== stage {stage.name}: finished earlier ({result_file})")
+    return result
+
+
+def _run_stage(stage: Stage, cfg: Config, stage_dir: str, run_stage: Callable) -> tuple[dict, bool]:
+    """(the stage's result, written to its result.json; whether it trained past its earlier result)."""
+    result_file = os.path.join(stage_dir, RESULT_FILE)
+    before = _read_json(result_file).get("step") if fileio.exists(result_file) else None
+    _log(f"=== stage {stage.name} ({cfg.train.trainer}) -> {stage_dir}")
+    started, cpu = time.time(), cpu_seconds()
+    try:
+        result = {k: v for k, v in run_stage(cfg, stage_dir).items() if _jsonable(v)}
+    finally:
+        spent = _add_time(stage_dir, time.time() - started, cpu_seconds() - cpu)
+    result.update(spent, config=_recorded(stage))
+    _write_json(result_file, {k: v for k, v in result.items() if k != STOPPED})
+    return result, before is None or result.get("step") != before
+
+
+def _add_time(stage_dir: str, wall: float, cpu: float) -> dict[str, float]:
+    """The stage's wall and CPU seconds over its attempts, this one added (kept in TIME_FILE)."""
+    path = os.path.join(stage_dir, TIME_FILE)
+    try:
+        earlier = _read_json(path) if fileio.exists(path) else {}
+    except StageResultError:  # a damaged tally: count from this attempt
+        earlier = {}
+    spent = {
+        "wall_seconds": round(earlier.get("wall_seconds", 0.0) + wall, 1),
+        "cpu_seconds": round(earlier.get("cpu_seconds", 0.0) + cpu, 1),
+    }
+    if fileio.exists(stage_dir):
+        _write_json(path, spent)
+    return spent
+
+
+def _set_aside(stage: Stage, stage_dir: str) -> None:
+    """Move a stage's earlier workdir out of the way: what it started from has trained further."""
+    if not fileio.exists(stage_dir):
+        return
+    n = 1
+    while fileio.exists(f"{stage_dir}.old-{n}"):
+        n += 1
+    if jax.process_index() == 0:
+        fileio.rename(stage_dir, f"{stage_dir}.old-{n}")
+    _log(f"=== stage {stage.name}: what it starts from trained further; its earlier run moved to {stage_dir}.old-{n}")
+
+
+def _recorded(stage: Stage) -> dict:
+    """The part of a stage's config its result depends on, as JSON reads it back."""
+    return json.loads(json.dumps({k: v for k, v in to_dict(stage.config).items() if k not in UNRECORDED}))
+
+
+def _changes(before: dict, now: dict) -> str:
+    """'train.max_steps 3 -> 100' for each key that differs (the first three named)."""
+    old, new = _flat(before), _flat(now)
+    diffs = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return ", ".join(diffs[:3]) + (f" and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def _summary_row(stage: Stage, result: dict) -> dict:
+    """The stage's summary.json entry: its summary's figures (one it did not report is left out,
+    with a note), its wall and CPU seconds."""
+    missing = [v for v in stage.summary.values() if v not in result]
+    if missing:
+        _log(f"note: stage '{stage.name}' reported no {', '.join(missing)}; left out of {SUMMARY_FILE}")
+    figures = {k: v for k, v in result.items() if k not in ("config", STOPPED)}
+    row = {k: result[v] for k, v in stage.summary.items() if v in result} if stage.summary else figures
+    return {**row, "wall_seconds": result.get("wall_seconds"), "cpu_seconds": result.get("cpu_seconds")}
 
 
 def cpu_seconds() -> float:
@@ -156,6 +273,17 @@ def describe(stages: Sequence[Stage]) -> str:
 
 def _jsonable(value: Any) -> bool:
     return isinstance(value, (int, float, str, bool)) or value is None
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with fileio.open_file(path) as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StageResultError(f"{path}: damaged ({e}); remove it to run that stage again") from None
+    if not isinstance(value, dict):
+        raise StageResultError(f"{path}: not a JSON object; remove it to run that stage again")
+    return value
 
 
 def _write_json(path: str, value: Any) -> None:

@@ -454,13 +454,15 @@ def evaluate(run: PPO, state: PPOState) -> dict[str, float]:
 
 
 def begin(run: PPO, first: dict, state: PPOState, start: int, logger: Any) -> None:
-    """The held-out figures before training into `first`, logged as step 0 (read back on a resume)."""
-    if start == 0 and run.cfg.train.max_steps > 0:
+    """The held-out figures before training into `first`, logged as step 0 once: read back on a
+    resume, and on a restart of a run killed before its first checkpoint (which logged them)."""
+    logged = {k: v for r in read_metrics(run.rt.workdir) if r.get("step") == 0 for k, v in r.items()}
+    if start == 0 and run.cfg.train.max_steps > 0:  # every process evaluates (collectives)
         first.update(evaluate(run, state))
-        if first:
+        if first and not logged:
             logger.log(0, first)
     else:
-        first.update({k: v for r in read_metrics(run.rt.workdir) if r.get("step") == 0 for k, v in r.items()})
+        first.update(logged)
         first.pop("step", None)
 
 

@@ -15,7 +15,13 @@ import jax
 import jax.numpy as jnp
 
 from flaxgpt import fileio, hf, lora
-from flaxgpt.checkpoint import STRUCTURAL_FIELDS, Checkpointer, CheckpointMismatch, check_model_compatible
+from flaxgpt.checkpoint import (
+    MEANING_FIELDS,
+    STRUCTURAL_FIELDS,
+    Checkpointer,
+    CheckpointMismatch,
+    check_model_compatible,
+)
 from flaxgpt.cli import one_line, ranged
 from flaxgpt.config import Config, ConfigError, ModelConfig, from_dict, to_dict
 from flaxgpt.data.tokenizers import Tokenizer, load_tokenizer
@@ -156,20 +162,7 @@ def load_language_model(workdir: str, step: int | None = None) -> LoadedModel:
 
 # Fields a fine-tuning run takes from the run it starts from (they fix parameter shapes or
 # their meaning); dropout, dtypes, remat, init_std and `output` stay the experiment's own.
-_INHERITED = tuple(f for f in STRUCTURAL_FIELDS if f not in ("output",) + LORA_FIELDS) + (
-    "rope_theta",
-    "rope_scaling",
-    "rope_factor",
-    "rope_low_freq_factor",
-    "rope_high_freq_factor",
-    "rope_original_context",
-    "sliding_window",
-    "global_every",
-    "embed_scale",
-    "attn_softcap",
-    "logit_softcap",
-    "query_pre_attn_scalar",
-    "norm_eps",
+_INHERITED = tuple(f for f in STRUCTURAL_FIELDS + MEANING_FIELDS if f not in ("output", "lora_alpha") + LORA_FIELDS) + (
     "vocab_multiple",
     "valid_vocab",
 )

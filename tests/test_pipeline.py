@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO, run_cli, tiny_run_config
 
 from flaxgpt.config import ConfigError
-from flaxgpt.pipeline import Stage, run_pipeline
+from flaxgpt.pipeline import Stage, run_pipeline, validate
 from flaxgpt.train import load_experiment
 
 NOTEBOOK = os.path.join(REPO, "launch", "colab", "flaxgpt_demo.ipynb")
@@ -90,3 +90,78 @@ def test_colab_notebook_runs_the_tiny_chat_demo_top_to_bottom(tmp_path):
     assert rows[-1]["round"] == 1 and "ptx_loss" in rows[-1]  # PPO-ptx mixed in
     again = run_cli("-e", "chat_demo_ppo", "--workdir", workdir)
     assert again.returncode == 0 and again.stdout.count("finished earlier") == 4, again.stdout
+
+
+class _Stages:
+    """A stub `run_stage` that records which stages ran, sleeping `nap` seconds and reporting
+    the step it was asked for (plus what `extra` names for a stage)."""
+
+    def __init__(self, nap: float = 0.0, extra: dict | None = None):
+        self.ran: list[str] = []
+        self.nap, self.extra = nap, extra or {}
+
+    def __call__(self, cfg, stage_dir):
+        os.makedirs(stage_dir, exist_ok=True)
+        name = os.path.basename(stage_dir)
+        self.ran.append(name)
+        time.sleep(self.nap)
+        if isinstance(self.extra.get(name), BaseException):
+            raise self.extra.pop(name)
+        return {"step": cfg.train.max_steps, "loss": 1.0, **self.extra.get(name, {})}
+
+
+def _two(steps: int = 2) -> list[Stage]:
+    first = tiny_run_config(train={"max_steps": steps})
+    return [Stage("a", first, summary={"loss": "loss"}), Stage("b", tiny_run_config(), init_from="a")]
+
+
+def test_a_finished_stage_runs_again_when_its_config_changed_and_later_stages_start_afresh(tmp_path, capsys):
+    workdir = str(tmp_path)
+    run_pipeline(_two(), workdir, stub := _Stages())
+    run_pipeline(_two(), workdir, stub)
+    assert stub.ran == ["a", "b"]  # the second call: both finished with the same config
+    capsys.readouterr()
+    summary = run_pipeline(_two(5), workdir, stub)
+    assert stub.ran == ["a", "b", "a", "b"]
+    assert "train.max_steps 2 -> 5" in capsys.readouterr().out
+    assert os.path.isdir(tmp_path / "b.old-1") and summary["a"]["loss"] == 1.0
+    assert json.load(open(tmp_path / "a" / "result.json"))["config"]["train"]["max_steps"] == 5
+
+
+def test_a_stop_signal_in_a_stages_last_step_records_it_and_stops_the_pipeline(tmp_path, capsys):
+    from flaxgpt.trainers.scaffold import STOPPED
+
+    stub = _Stages(extra={"a": {STOPPED: "SIGTERM"}})
+    with pytest.raises(SystemExit) as stop:
+        run_pipeline(_two(), str(tmp_path), stub)
+    assert stop.value.code == 143 and stub.ran == ["a"]
+    assert capsys.readouterr().err == "stopped: SIGTERM in stage a, which finished; run the same command to go on\n"
+    result = json.load(open(tmp_path / "a" / "result.json"))
+    assert result["loss"] == 1.0 and STOPPED not in result
+    assert run_pipeline(_two(), str(tmp_path), _Stages())["b"]  # the same command goes on with b
+
+
+def test_a_missing_summary_figure_is_a_note_and_a_damaged_result_one_line(tmp_path, capsys):
+    from flaxgpt.errors import UserError
+
+    stages = _two()
+    stages[0].summary = {"loss": "loss", "accuracy": "val_accuracy"}
+    summary = run_pipeline(stages, str(tmp_path), _Stages())
+    assert summary["a"]["loss"] == 1.0 and "accuracy" not in summary["a"]
+    assert "stage 'a' reported no val_accuracy" in capsys.readouterr().out
+    (tmp_path / "a" / "result.json").write_text("{")
+    with pytest.raises(UserError, match="a/result.json: damaged"):
+        run_pipeline(stages, str(tmp_path), _Stages())
+
+
+def test_held_out_rl_figures_without_eval_prompts_are_refused_before_training():
+    with pytest.raises(ConfigError, match="stage 'rl': ppo.eval_prompts=0 .* start_eval_reward"):
+        validate(load_experiment("chat_demo", ["rl.ppo.eval_prompts=0"]))
+
+
+def test_a_stages_time_sums_its_attempts(tmp_path):
+    stub = _Stages(nap=0.3, extra={"a": KeyboardInterrupt()})
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(_two(), str(tmp_path), stub)
+    summary = run_pipeline(_two(), str(tmp_path), stub)
+    assert summary["a"]["wall_seconds"] >= 0.6 > summary["b"]["wall_seconds"] >= 0.3

@@ -172,3 +172,21 @@ def test_a_run_holds_its_workdir_lock(tmp_path):
     with WorkdirLock(workdir), pytest.raises(WorkdirBusy, match=f"pid {os.getpid()}"):
         run_trainer(tiny_run_config(train={"max_steps": 1}), workdir)
     assert not os.path.exists(os.path.join(workdir, "config.json"))
+
+
+def test_ppo_killed_before_its_first_checkpoint_logs_its_step_0_row_once(policy_run, tmp_path, monkeypatch):  # noqa: F811
+    workdir = str(tmp_path / "early")
+    original = MetricsLogger.log
+
+    def die_at_step_1(self, at, metrics):
+        original(self, at, metrics)
+        if at == 1:
+            raise KeyboardInterrupt  # as a kill: nothing saved, the step-0 row already logged
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(MetricsLogger, "log", die_at_step_1)
+        ppo.run(ppo_config(policy_run, "test_ppo:reward_letter_x", 2), workdir)
+    assert not os.path.exists(os.path.join(workdir, "checkpoints", "1"))
+    result = ppo.run(ppo_config(policy_run, "test_ppo:reward_letter_x", 2), workdir)
+    assert [r["step"] for r in read_metrics(workdir)] == [0, 1, 2]
+    assert "start_eval_reward" in result

@@ -38,8 +38,7 @@ def setup(cfg: Config, workdir: str) -> PPO:
     rt = Runtime.create(cfg, workdir)
     tc, p = cfg.train, cfg.ppo
     _, tokenizer = read_run(tc.init_from)
-    if jax.process_index() == 0:
-        tokenizer.save(workdir)
+    rt.tokenizer = tokenizer  # saved once the checkpoint agreed
     source = read_run(tc.init_from)[0].model
     policy_cfg = inherit_model(dataclasses.replace(cfg.model, output="logits"), source, tc.init_from)
     cfg = dataclasses.replace(cfg, model=policy_cfg)

@@ -112,7 +112,9 @@ class Learner:
             online_objective(self.model, cfg),
         )
         self.train_step = jax.jit(step, donate_argnums=0)
-        self.logger = MetricsLogger(workdir, cfg.logging, 0, 0, to_dict(self.cfg))
+        # a restart keeps the rows logged up to the newest checkpoint (what a kill left past it goes)
+        resumed = self.checkpointer.latest_step() or 0
+        self.logger = MetricsLogger(workdir, cfg.logging, 0, resumed, to_dict(self.cfg))
         self.logger.shown = ("loss", "events", "pairs", "accuracy", "up_loss", "promoted")
 
     def scores(self, params: Any, held: tuple[list, list], accuracy: bool = True) -> dict[str, float]:

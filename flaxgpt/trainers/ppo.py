@@ -40,8 +40,7 @@ def setup(cfg: Config, workdir: str) -> PPO:
     rt = Runtime.create(cfg, workdir)
     tc, p = cfg.train, cfg.ppo
     sft_cfg, tokenizer = read_run(tc.init_from)
-    if jax.process_index() == 0:
-        tokenizer.save(workdir)
+    rt.tokenizer = tokenizer  # saved once the checkpoint agreed
     policy_cfg = inherit_model(dataclasses.replace(cfg.model, output="logits"), sft_cfg.model, tc.init_from)
     cfg = dataclasses.replace(cfg, model=policy_cfg)
     reward_cfg = rlhf.reward_model_config(cfg, tokenizer.vocab_size)

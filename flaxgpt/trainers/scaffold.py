@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import threading
@@ -31,12 +32,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from flaxgpt import fileio, hf, lora, mfu
-from flaxgpt.checkpoint import Checkpointer
+from flaxgpt.checkpoint import OPTIMIZER_STRUCTURE_KEYS, Checkpointer, CheckpointMismatch, StateMismatch
 from flaxgpt.config import Config, ConfigError, to_dict, to_json
 from flaxgpt.data.text import build_tokenizer
 from flaxgpt.data.tokenizers import Tokenizer
 from flaxgpt.errors import UserError
-from flaxgpt.logging import MetricsLogger
+from flaxgpt.logging import MetricsLogger, read_metrics
 from flaxgpt.runs import BaseParams, inherit_model, params_from_hf, params_from_run, read_run, with_base
 from flaxgpt.sharding import (
     batch_sharding,
@@ -49,6 +50,10 @@ from flaxgpt.sharding import (
 )
 
 HostBatch = dict[str, np.ndarray]
+# `fit`'s result key naming a stop signal that came during the last step or the final save: the
+# run is complete, and a pipeline records it and starts no further stage
+STOPPED = "stopped_by"
+DATA_ORDER_KEYS = ("batch_size", "seed")  # train.*: with the step, they fix which rows a step reads
 
 
 class NonFiniteLoss(UserError):
@@ -63,6 +68,10 @@ class Interrupted(Exception):
         self.code = code
 
 
+def exit_code(signame: str) -> int:
+    return 130 if signame == "SIGINT" else 143
+
+
 @dataclass
 class Runtime:
     """The mesh a run lives on, and how host batches get onto it."""
@@ -71,6 +80,9 @@ class Runtime:
     mesh: Mesh
     rules: tuple
     rows_sharding: NamedSharding  # batches: [batch, ...] split over the data-parallel axes
+    # the tokenizer a fine-tuning run takes from its source: saved with the config, once the
+    # checkpoint agreed (a refused resume keeps the workdir's own, which its checkpoints need)
+    tokenizer: Tokenizer | None = None
 
     @classmethod
     def create(cls, cfg: Config, workdir: str) -> Runtime:
@@ -91,7 +103,10 @@ class Runtime:
         return place_batch(local, self.rows(batch_size), self.rows_sharding, batch_size)
 
     def write_config(self, cfg: Config) -> None:
+        """config.json (and the source's tokenizer, if any): called once a resume is accepted."""
         if jax.process_index() == 0:
+            if self.tokenizer is not None:
+                self.tokenizer.save(self.workdir)
             fileio.write_atomic(os.path.join(self.workdir, "config.json"), to_json(cfg))
 
     def validation(
@@ -169,7 +184,8 @@ class RunSpec:
 def fit(cfg: Config, rt: Runtime, spec: RunSpec) -> dict[str, Any]:
     """Train to `train.max_steps`, resuming from the workdir's newest checkpoint that restores.
 
-    Returns the last logged row plus what `finalize` recorded and `report` adds.
+    Returns the last logged row plus what `finalize` recorded and `report` adds (and `STOPPED`
+    when a stop signal came too late to cut the run short).
     """
     with _StopSignals() as stop:
         checkpointer = Checkpointer(rt.workdir, cfg.checkpoint)
@@ -177,17 +193,20 @@ def fit(cfg: Config, rt: Runtime, spec: RunSpec) -> dict[str, Any]:
         try:
             notes: list[str] = []
             abstract, shardings = spec.abstract_state()
-            restored = _restore(checkpointer, spec, rt, abstract, shardings, notes.append)
-            rt.write_config(cfg)  # only now: a refused resume leaves the run's config as it was
+            restored = _restore(cfg, checkpointer, spec, rt, abstract, shardings, notes.append)
             state = restored[0] if restored else spec.init_state(shardings)
             spec.lora_base = _pinned_base(spec, state, restored)
             start = int(host_value(state.step))
+            finished = bool(restored) and start >= cfg.train.max_steps
+            if restored and not finished:
+                _check_data_order(cfg, restored[1], f"{checkpointer.directory} step {start}")
+            if not finished:  # only now: a refused resume, or a finished run asked again, keeps the run's config
+                rt.write_config(cfg)
             logger = MetricsLogger(rt.workdir, cfg.logging, cfg.train.max_steps, start, to_dict(cfg))
             spec.message = stop.message = logger.message
             logger.shown = (*spec.figures, "lr", "tokens_per_sec")
             for note in spec.notes + notes:
                 logger.message(note)
-            finished = bool(restored) and start >= cfg.train.max_steps
             origin = f"resumed from step {start}" if restored else spec.origin
             origin = f"finished earlier at step {start} (train.max_steps); its figures follow" if finished else origin
             logger.message(f"flaxgpt {cfg.name} ({cfg.train.trainer}): {spec.describe}, {origin}")
@@ -199,6 +218,8 @@ def fit(cfg: Config, rt: Runtime, spec: RunSpec) -> dict[str, Any]:
             report = write_report(rt.workdir, logger.message) if cfg.logging.report and logger.enabled else ""
             for line in closing_block(rt.workdir, result, spec, finished, report):
                 logger.message(line)
+            if stop.agreed():  # during the last step or the final save: finished, but a pipeline stops
+                result[STOPPED] = stop.signame
             return result
         except NonFiniteLoss as e:
             checkpointer.close()
@@ -219,10 +240,13 @@ def adapter_base(cfg: Config, init_params: Any) -> dict | None:
     return init_params.source if pinned else None
 
 
-def _restore(checkpointer, spec, rt, abstract, shardings, log) -> tuple[Any, dict, int] | None:
+def _restore(cfg, checkpointer, spec, rt, abstract, shardings, log) -> tuple[Any, dict, int] | None:
     """`restore_latest`, with an adapter-only checkpoint's base rebuilt from its record."""
     held = lambda record: _adapters_only(abstract) if record.get(lora.BASE_RECORD) else abstract
-    restored = checkpointer.restore_latest(held, spec.model_cfg, log)
+    try:
+        restored = checkpointer.restore_latest(held, spec.model_cfg, log)
+    except StateMismatch as e:
+        raise StateMismatch(f"{e}{_changed_since(rt.workdir, cfg, OPTIMIZER_STRUCTURE_KEYS)}") from None
     if not restored or not restored[1].get(lora.BASE_RECORD):
         return restored
     state, record, step = restored
@@ -231,6 +255,39 @@ def _restore(checkpointer, spec, rt, abstract, shardings, log) -> tuple[Any, dic
         state.params, record[lora.BASE_RECORD], spec.model_cfg, shardings.params, rt.mesh, rt.rules, where
     )
     return state.replace(params=params), record, step
+
+
+def _check_data_order(cfg: Config, record: dict, where: str) -> None:
+    """Refuse to continue with another batch size or seed than the checkpoint's: the data a step
+    reads follows from (step, train.batch_size, train.seed), so a change would skip or replay it."""
+    saved = record.get("train", {})  # absent in checkpoints written before it was recorded
+    diffs = [
+        f"train.{k}={saved[k]!r} there, {getattr(cfg.train, k)!r} here"
+        for k in DATA_ORDER_KEYS
+        if k in saved and saved[k] != getattr(cfg.train, k)
+    ]
+    if diffs:
+        raise CheckpointMismatch(
+            f"checkpoint {where} was trained with other data order settings ({'; '.join(diffs)}): resuming "
+            "would skip or replay data. Set them as the checkpoint has them, or choose another --workdir"
+        )
+
+
+def _changed_since(workdir: str, cfg: Config, keys: tuple[str, ...]) -> str:
+    """' (optimizer.grad_clip=1.0 in config.json, 0.0 here)' for those of `keys` that differ
+    from the run's config.json (nothing when it cannot tell)."""
+    path = os.path.join(workdir, "config.json")
+    try:
+        recorded = json.loads(fileio.read_bytes(path)) if fileio.exists(path) else {}
+    except ValueError:
+        return ""
+    now, diffs = to_dict(cfg), []
+    for key in keys:
+        section, name = key.split(".")
+        before, after = recorded.get(section, {}).get(name), now[section][name]
+        if before is not None and json.loads(json.dumps(after)) != before:
+            diffs.append(f"{key}={before!r} in config.json, {after!r} here")
+    return f" ({'; '.join(diffs)})" if diffs else ""
 
 
 def _adapters_only(state: Any) -> Any:
@@ -280,6 +337,7 @@ def _run(cfg, spec, state, start, shardings, checkpointer, logger, stop, saved: 
     record = lambda step, extra={}: {
         "step": step,
         "data": spec.position(step),
+        "train": {k: getattr(tc, k) for k in DATA_ORDER_KEYS},
         "model": to_dict(spec.model_cfg),
         **base,
         **extra,
@@ -288,9 +346,11 @@ def _run(cfg, spec, state, start, shardings, checkpointer, logger, stop, saved: 
     save = lambda step, state, extra={}, force=False: checkpointer.save(step, held(state), record(step, extra), force)
     if spec.begin is not None:
         spec.begin(state, start, logger)
-    if start >= tc.max_steps:  # a finished run asked again: report its figures
+    if start >= tc.max_steps:  # a finished run asked again: report its figures (its last logged row's too)
         extra = {k: v for k, v in saved.items() if k not in record(0)}
-        last_row = spec.evaluate(state)
+        logged = [r for r in read_metrics(os.path.dirname(checkpointer.directory)) if r["step"] <= start]
+        last_row = {**(logged[-1] if logged else {}), **spec.evaluate(state)}
+        last_row.pop("step", None)
     else:
         state, last_row = _loop(cfg, spec, state, start, shardings, checkpointer, logger, stop, save)
         extra = {}
@@ -298,7 +358,7 @@ def _run(cfg, spec, state, start, shardings, checkpointer, logger, stop, saved: 
             state, extra = spec.finalize(state)
         save(tc.max_steps, state, extra, force=True)
     reported = spec.report(state, logger) if spec.report is not None else {}
-    return {"step": tc.max_steps, **last_row, **extra, **reported}
+    return {"step": max(start, tc.max_steps), **last_row, **extra, **reported}
 
 
 def _loop(cfg, spec, state, start, shardings, checkpointer, logger, stop, save) -> tuple[Any, dict]:
@@ -345,7 +405,7 @@ def _interrupted(signame, done, checkpointer, state, save) -> Interrupted:
         if saved == done
         else "checkpointing is off: nothing saved"
     )
-    return Interrupted(f"{signame} at step {done}: {where}", 130 if signame == "SIGINT" else 143)
+    return Interrupted(f"{signame} at step {done}: {where}", exit_code(signame))
 
 
 class _Meter:
@@ -415,23 +475,21 @@ def starting_point(
     """(config with the model resolved, tokenizer, init_params) of a run.
 
     With `train.init_from` the model's structure and the tokenizer are the source run's
-    (the tokenizer is copied into this workdir) and the parameters start from its
+    (the tokenizer is copied into this workdir by `Runtime.write_config`) and the parameters start from its
     checkpoint; otherwise a tokenizer is built from `tokenizer_text()` and the model is
     initialised at random. `output` is the head this trainer needs.
     """
     tc = cfg.train
     if tc.init_from:
         source_cfg, tokenizer = read_run(tc.init_from)
-        if jax.process_index() == 0:
-            tokenizer.save(rt.workdir)
+        rt.tokenizer = tokenizer
         own = dataclasses.replace(cfg.model, output=output)
         model_cfg = inherit_model(own, source_cfg.model, tc.init_from)
         init = params_from_run(tc.init_from, tc.init_step, model_cfg, rt.mesh, rt.rules, tc.seed)
         return dataclasses.replace(cfg, model=model_cfg), tokenizer, init
     if tc.init_from_hf:
         model_cfg, tokenizer, hf_vocab = hf.import_model(tc.init_from_hf, dataclasses.replace(cfg.model, output=output))
-        if jax.process_index() == 0:
-            tokenizer.save(rt.workdir)
+        rt.tokenizer = tokenizer
         init = params_from_hf(tc.init_from_hf, model_cfg, hf_vocab, rt.mesh, rt.rules, tc.seed)
         return dataclasses.replace(cfg, model=model_cfg), tokenizer, init
     text = tokenizer_text()
