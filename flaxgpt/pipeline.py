@@ -38,6 +38,7 @@ import jax
 from flaxgpt import fileio
 from flaxgpt.config import Config, ConfigError, apply_overrides, to_dict
 from flaxgpt.errors import UserError
+from flaxgpt.modeldir import HFFormatError, read_json
 from flaxgpt.trainers.scaffold import STOPPED, exit_code
 
 RESULT_FILE, SUMMARY_FILE = "result.json", "summary.json"
@@ -277,13 +278,9 @@ def _jsonable(value: Any) -> bool:
 
 def _read_json(path: str) -> dict:
     try:
-        with fileio.open_file(path) as f:
-            value = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StageResultError(f"{path}: damaged ({e}); remove it to run that stage again") from None
-    if not isinstance(value, dict):
-        raise StageResultError(f"{path}: not a JSON object; remove it to run that stage again")
-    return value
+        return read_json(path)
+    except HFFormatError as e:
+        raise StageResultError(f"{e}; remove it to run that stage again") from None
 
 
 def _write_json(path: str, value: Any) -> None:

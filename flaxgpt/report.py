@@ -32,6 +32,7 @@ from typing import Any
 from flaxgpt import cli, fileio
 from flaxgpt.errors import UserError
 from flaxgpt.logging import METRICS_FILE, read_metrics
+from flaxgpt.modeldir import HFFormatError, read_json
 
 CONFIG_FILE, RESULT_FILE, SUMMARY_FILE, PAGE = "config.json", "result.json", "summary.json", "report.html"
 NOT_SERIES = ("step", "time")
@@ -77,13 +78,9 @@ def _read_json(path: str) -> dict:
     if not fileio.exists(path):
         return {}
     try:
-        with fileio.open_file(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ReportError(f"{path}: not valid JSON ({e}); expected the file a flaxgpt run writes") from e
-    if not isinstance(value, dict):
-        raise ReportError(f"{path}: expected a JSON object")
-    return value
+        return read_json(path)
+    except HFFormatError as e:
+        raise ReportError(f"{e}; expected the file a flaxgpt run writes") from None
 
 
 def load_run(path: str, name: str = "") -> Run:

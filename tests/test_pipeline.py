@@ -150,7 +150,7 @@ def test_a_missing_summary_figure_is_a_note_and_a_damaged_result_one_line(tmp_pa
     assert summary["a"]["loss"] == 1.0 and "accuracy" not in summary["a"]
     assert "stage 'a' reported no val_accuracy" in capsys.readouterr().out
     (tmp_path / "a" / "result.json").write_text("{")
-    with pytest.raises(UserError, match="a/result.json: damaged"):
+    with pytest.raises(UserError, match=r"a/result.json: not valid JSON .*remove it to run that stage again"):
         run_pipeline(stages, str(tmp_path), _Stages())
 
 
