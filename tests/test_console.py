@@ -163,7 +163,7 @@ def test_every_cli_parser_shows_its_defaults_and_errs_in_one_line(capsys):
     if importlib.util.find_spec("fastapi"):  # the serve extra
         from flaxgpt.serve.__main__ import parse_args
 
-        cases.append((parse_args, "--port PORT           (default: 8000)"))
+        cases.append((parse_args, "0: any free port (default: 8000)"))
     for main, default in [*cases, (lambda a: feedback.main(["export", *a]), None)]:
         with pytest.raises(SystemExit) as exited:
             main(["--help"])
