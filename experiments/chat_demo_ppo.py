@@ -6,10 +6,10 @@
 
     python -m flaxgpt.train -e chat_demo_ppo [--workdir runs/chat_demo_ppo] [--set ppo.ppo.rounds=1]
 
-The same workdir as chat_demo's reuses its finished pretrain/sft/rm stages. PPO raises held-out
-accuracy on its own sampling distribution but lowers the greedy model's: the small RM shares the
-SFT model's wrong beliefs and rates a confident wrong answer of the right kind above the right one,
-and PPO's value baseline does not cancel that per-question bias the way RLOO's group baseline does.
+The same workdir as chat_demo's reuses its finished pretrain/sft/rm stages. PPO gains less greedy
+accuracy than chat_demo's RLOO from the same RM, and over-optimises it: between its evaluations
+the RM's score climbs while greedy accuracy falls (PPO's value baseline does not cancel the small
+RM's per-question bias the way RLOO's group baseline does).
 """
 
 from flaxgpt.pipeline import Stage

@@ -14,8 +14,9 @@ cannot add), so greedy sums do not improve; a model taught to add (experiments/w
 data.world_arithmetic) does not fix that: its RM still misorders sums, and RL, even on the
 labeler's own reward, moves its nearly-right greedy sums at random (benchmarks/RESULTS.md).
 --set ppo.reward_function=calculator ppo.reward_function_weight=3 adds a verifier for sums.
-30 steps: by 60 the policy over-optimises the RM (held-out KL past kl_target, greedy accuracy
-falls). The held-out KL to the SFT model is reported beside ppo.kl_target.
+30 steps, KL coefficient 0.2: with rloo_world's 0.04 the policy over-optimises the RM past 30
+steps (its score rises, greedy accuracy and the held-out KL go the wrong way). The held-out KL
+to the SFT model is reported beside ppo.kl_target.
 """
 
 from flaxgpt import config as C

@@ -88,8 +88,11 @@ def test_colab_notebook_runs_the_tiny_chat_demo_top_to_bottom(tmp_path):
     assert "round 1:" in out and "reward model retrained" in out  # iterated RLHF happened
     rows = [json.loads(line) for line in open(os.path.join(workdir, "ppo", "metrics.jsonl"))]
     assert rows[-1]["round"] == 1 and "ptx_loss" in rows[-1]  # PPO-ptx mixed in
+    # the full-size demo on the same workdir: the finished stages' configs changed, so pretrain runs again,
+    # and its checkpoint (the miniature model) is refused in one line
     again = run_cli("-e", "chat_demo_ppo", "--workdir", workdir)
-    assert again.returncode == 0 and again.stdout.count("finished earlier") == 4, again.stdout
+    assert again.returncode == 2 and "=== stage pretrain: its config changed since it finished" in again.stdout
+    assert "does not fit this model" in again.stderr and "Traceback" not in again.stderr, again.stderr
 
 
 class _Stages:
