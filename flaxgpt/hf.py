@@ -35,8 +35,10 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from flaxgpt.checkpoint import MEANING_FIELDS, STRUCTURAL_FIELDS
 from flaxgpt.config import LORA_TARGETS, ModelConfig
 from flaxgpt.data.tokenizers import ImportedTokenizer
+from flaxgpt.lora import LORA_SETTINGS
 from flaxgpt.model import layer_windows
 from flaxgpt.modeldir import HFFormatError, inside, read_json, require_directory
 
@@ -941,41 +943,9 @@ def import_model(directory: str, own: ModelConfig) -> tuple[ModelConfig, Importe
     pad = fields.token_id("pad_token_id", base.vocab_size)
     check_tensors(directory, base, base.vocab_size)
     tokenizer = ImportedTokenizer.from_hf(directory, base.vocab_size, eos, pad)
-    structural = (
-        "recipe",
-        "block_size",
-        "n_layer",
-        "n_head",
-        "n_kv_heads",
-        "d_model",
-        "head_dim",
-        "d_ff",
-        "position",
-        "norm",
-        "mlp",
-        "use_bias",
-        "tie_embeddings",
-        "norm_eps",
-        "rope_theta",
-        "rope_scaling",
-        "rope_factor",
-        "rope_low_freq_factor",
-        "rope_high_freq_factor",
-        "rope_original_context",
-        "rope_beta_fast",
-        "rope_beta_slow",
-        "rope_attention_factor",
-        "qkv_bias",
-        "qk_norm",
-        "sliding_window",
-        "global_every",
-        "norm_plus_one",
-        "embed_scale",
-        "post_norms",
-        "attn_softcap",
-        "logit_softcap",
-        "query_pre_attn_scalar",
-    )
+    # the Hugging Face model's structure and meaning; vocabulary, dtypes, scan, output and LoRA stay own's
+    own_fields = ("vocab_size", "scan_layers", "param_dtype", "output") + LORA_SETTINGS
+    structural = [f for f in STRUCTURAL_FIELDS + MEANING_FIELDS if f not in own_fields]
     model_cfg = dataclasses.replace(
         own,
         vocab_size=tokenizer.vocab_size,

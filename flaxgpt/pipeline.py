@@ -2,12 +2,13 @@
 
 An experiment file defines `stages() -> list[Stage]` instead of `config()`. Each stage is an
 ordinary run with its own workdir (WORKDIR/<stage name>), so it can be inspected, sampled
-from, or rerun alone. A finished stage leaves WORKDIR/<stage>/result.json (its figures and its
-config) and is skipped when the pipeline is started again with the same config; an interrupted
-one resumes from its checkpoint. A finished stage whose config changed since (`--set
-sft.train.max_steps=100`; logging settings aside) runs again as a single run would: it trains on
-to a larger train.max_steps, or reports its figures again. When it trained further, the stages
-that start from it are run afresh, their earlier workdirs moved aside to WORKDIR/<stage>.old-N
+from, or rerun alone. A finished stage leaves WORKDIR/<stage>/result.json (its figures, its
+config and the final steps of the stages it started from) and is skipped when the pipeline is
+started again with the same config; an interrupted one resumes from its checkpoint. A finished
+stage whose config changed since (`--set sft.train.max_steps=100`; logging settings aside) runs
+again as a single run would: it trains on to a larger train.max_steps, or reports its figures
+again. A stage whose sources have trained further since (in this call or an interrupted earlier
+one) is run afresh, its earlier workdir moved aside to WORKDIR/<stage>.old-N
 (nothing is deleted). A stop signal during a stage's last step or final save lets the stage
 finish and write its result, then stops the pipeline (exit 143 or 130) before the next stage.
 WORKDIR/summary.json collects each stage's key figures as it finishes, with its wall time and
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 
 from flaxgpt import fileio
 from flaxgpt.config import Config, ConfigError, apply_overrides, to_dict
@@ -134,16 +136,14 @@ def run_pipeline(
     validate(stages)
     fileio.makedirs(workdir)
     summary: dict[str, Any] = {}
-    trained: set[str] = set()  # stages that trained further in this call
+    steps: dict[str, Any] = {}  # each stage's final step, as this call found or made it
     for stage in stages:
         stage_dir = os.path.join(workdir, stage.name)
-        if {stage.init_from, stage.reward_from} & trained:
-            _set_aside(stage, stage_dir)
-        result = _finished(stage, stage_dir)
+        sources = {name: steps[name] for name in (stage.init_from, stage.reward_from) if name}
+        result = _finished(stage, stage_dir, sources)
         if result is None:
-            result, grew = _run_stage(stage, stage_config(stage, workdir), stage_dir, run_stage)
-            if grew:
-                trained.add(stage.name)
+            result = _run_stage(stage, stage_config(stage, workdir), stage_dir, run_stage, sources)
+        steps[stage.name] = result.get("step")
         summary[stage.name] = _summary_row(stage, result)
         _write_json(os.path.join(workdir, SUMMARY_FILE), summary)
         if result.get(STOPPED):
@@ -159,12 +159,17 @@ def run_pipeline(
     return summary
 
 
-def _finished(stage: Stage, stage_dir: str) -> dict | None:
-    """The stage's recorded result when it finished with the config it has now, else None."""
+def _finished(stage: Stage, stage_dir: str, sources: dict[str, Any]) -> dict | None:
+    """The stage's recorded result when it finished with the config it has now, from the steps of
+    the stages it starts from that they have now (`sources`), else None. A stage whose sources
+    trained further since is moved aside, to start afresh."""
     result_file = os.path.join(stage_dir, RESULT_FILE)
     if not fileio.exists(result_file):
         return None
     result = _read_json(result_file)
+    if result.get("sources", sources) != sources:  # results written before sources were recorded: as now
+        _set_aside(stage, stage_dir)
+        return None
     changed = _changes(result.get("config", _recorded(stage)), _recorded(stage))
     if changed:
         _log(f"=== stage {stage.name}: its config changed since it finished ({changed}); running it again")
@@ -173,19 +178,18 @@ def _finished(stage: Stage, stage_dir: str) -> dict | None:
     return result
 
 
-def _run_stage(stage: Stage, cfg: Config, stage_dir: str, run_stage: Callable) -> tuple[dict, bool]:
-    """(the stage's result, written to its result.json; whether it trained past its earlier result)."""
+def _run_stage(stage: Stage, cfg: Config, stage_dir: str, run_stage: Callable, sources: dict[str, Any]) -> dict:
+    """The stage's result, written to its result.json with its config and its sources' steps."""
     result_file = os.path.join(stage_dir, RESULT_FILE)
-    before = _read_json(result_file).get("step") if fileio.exists(result_file) else None
     _log(f"=== stage {stage.name} ({cfg.train.trainer}) -> {stage_dir}")
     started, cpu = time.time(), cpu_seconds()
     try:
         result = {k: v for k, v in run_stage(cfg, stage_dir).items() if _jsonable(v)}
     finally:
         spent = _add_time(stage_dir, time.time() - started, cpu_seconds() - cpu)
-    result.update(spent, config=_recorded(stage))
+    result.update(spent, config=_recorded(stage), sources=sources)
     _write_json(result_file, {k: v for k, v in result.items() if k != STOPPED})
-    return result, before is None or result.get("step") != before
+    return result
 
 
 def _add_time(stage_dir: str, wall: float, cpu: float) -> dict[str, float]:
@@ -213,6 +217,8 @@ def _set_aside(stage: Stage, stage_dir: str) -> None:
         n += 1
     if jax.process_index() == 0:
         fileio.rename(stage_dir, f"{stage_dir}.old-{n}")
+    if jax.process_count() > 1:  # every process then finds the stage unfinished
+        multihost_utils.sync_global_devices(f"flaxgpt pipeline: {stage.name} set aside")
     _log(f"=== stage {stage.name}: what it starts from trained further; its earlier run moved to {stage_dir}.old-{n}")
 
 
@@ -241,7 +247,7 @@ def _summary_row(stage: Stage, result: dict) -> dict:
     missing = [v for v in stage.summary.values() if v not in result]
     if missing:
         _log(f"note: stage '{stage.name}' reported no {', '.join(missing)}; left out of {SUMMARY_FILE}")
-    figures = {k: v for k, v in result.items() if k not in ("config", STOPPED)}
+    figures = {k: v for k, v in result.items() if k not in ("config", "sources", STOPPED)}
     row = {k: result[v] for k, v in stage.summary.items() if v in result} if stage.summary else figures
     return {**row, "wall_seconds": result.get("wall_seconds"), "cpu_seconds": result.get("cpu_seconds")}
 

@@ -131,6 +131,23 @@ def test_a_finished_stage_runs_again_when_its_config_changed_and_later_stages_st
     assert json.load(open(tmp_path / "a" / "result.json"))["config"]["train"]["max_steps"] == 5
 
 
+def test_a_later_stage_is_set_aside_by_its_sources_steps_across_calls_and_only_then(tmp_path):
+    from flaxgpt.trainers.scaffold import STOPPED
+
+    workdir = str(tmp_path)
+    run_pipeline(_two(), workdir, _Stages())
+    with pytest.raises(SystemExit):  # a trains on to 5, and a stop signal ends the call before b
+        run_pipeline(_two(5), workdir, _Stages(extra={"a": {STOPPED: "SIGTERM"}}))
+    again = _Stages()
+    run_pipeline(_two(5), workdir, again)  # b was trained from a's step 2: it starts afresh
+    assert again.ran == ["b"] and os.path.isdir(tmp_path / "b.old-1")
+    os.remove(tmp_path / "a" / "result.json")  # a reruns and reports the same step: b stands
+    last = _Stages()
+    run_pipeline(_two(5), workdir, last)
+    assert last.ran == ["a"] and not os.path.isdir(tmp_path / "b.old-2")
+    assert json.load(open(tmp_path / "b" / "result.json"))["sources"] == {"a": 5}
+
+
 def test_a_stop_signal_in_a_stages_last_step_records_it_and_stops_the_pipeline(tmp_path, capsys):
     from flaxgpt.trainers.scaffold import STOPPED
 

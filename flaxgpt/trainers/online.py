@@ -54,7 +54,7 @@ from flaxgpt.preference import (
 from flaxgpt.runs import boxed_params, restore_params
 from flaxgpt.sharding import host_value, sharded_abstract
 from flaxgpt.state import abstract_train_state, create_train_state
-from flaxgpt.trainers.scaffold import Interrupted, Runtime, _StopSignals, starting_point
+from flaxgpt.trainers.scaffold import Interrupted, Runtime, _StopSignals, exit_code, starting_point
 from flaxgpt.trainers.step import make_train_step
 
 MIN_PAIRS = 32  # held-out pairs the guard's pair accuracy needs to count
@@ -332,7 +332,10 @@ def train(learner: Learner, rows: list[dict], state: Any, seed: int, stop: _Stop
     steps = -(-max(s.n for s in sets) // size)
     for i in range(steps):
         if stop.signame is not None:
-            raise Interrupted(f"{stop.signame} during an update: abandoned; its events are read again on restart", 143)
+            raise Interrupted(
+                f"{stop.signame} during an update: abandoned; its events are read again on restart",
+                exit_code(stop.signame),
+            )
         batch = {k: v for s in sets for k, v in s.batch(i, size, local).items()}
         state, metrics = learner.train_step(state, rt.place(batch, size))
         losses.append(metrics["loss"])
@@ -354,7 +357,9 @@ def run(cfg: Config, workdir: str) -> dict[str, Any]:
                 step = update(learner, latest, stop)
                 latest = step if step is not None else latest
                 if step is None and not wait(cfg.online.poll_seconds, stop):
-                    raise Interrupted(f"{stop.signame} while waiting for feedback: nothing was pending", 143)
+                    raise Interrupted(
+                        f"{stop.signame} while waiting for feedback: nothing was pending", exit_code(stop.signame)
+                    )
             return {"step": latest, "promoted_step": online.promoted_step(workdir)}
         finally:
             learner.close()

@@ -38,6 +38,7 @@ from flaxgpt.data.text import build_tokenizer
 from flaxgpt.data.tokenizers import Tokenizer
 from flaxgpt.errors import UserError
 from flaxgpt.logging import MetricsLogger, read_metrics
+from flaxgpt.modeldir import HFFormatError, read_json
 from flaxgpt.runs import BaseParams, inherit_model, params_from_hf, params_from_run, read_run, with_base
 from flaxgpt.sharding import (
     batch_sharding,
@@ -278,13 +279,14 @@ def _changed_since(workdir: str, cfg: Config, keys: tuple[str, ...]) -> str:
     from the run's config.json (nothing when it cannot tell)."""
     path = os.path.join(workdir, "config.json")
     try:
-        recorded = json.loads(fileio.read_bytes(path)) if fileio.exists(path) else {}
-    except ValueError:
+        recorded = read_json(path) if fileio.exists(path) else {}
+    except HFFormatError:
         return ""
     now, diffs = to_dict(cfg), []
     for key in keys:
         section, name = key.split(".")
-        before, after = recorded.get(section, {}).get(name), now[section][name]
+        before, after = (recorded.get(section) or {}), now[section][name]
+        before = before.get(name) if isinstance(before, dict) else None
         if before is not None and json.loads(json.dumps(after)) != before:
             diffs.append(f"{key}={before!r} in config.json, {after!r} here")
     return f" ({'; '.join(diffs)})" if diffs else ""
