@@ -71,7 +71,13 @@ def apply_stage_overrides(stages: Sequence[Stage], assignments: Sequence[str]) -
     for assignment in assignments:
         head, _, rest = assignment.partition(".")
         if head in names:
-            apply_overrides(next(s for s in stages if s.name == head).config, [rest])
+            try:
+                apply_overrides(next(s for s in stages if s.name == head).config, [rest])
+            except ConfigError as e:  # name the key as the user wrote it, stage first
+                key = rest.split("=")[0]
+                message = str(e)
+                message = f"{head}.{message}" if message.startswith(key) else message.replace(key, f"{head}.{key}", 1)
+                raise ConfigError(message) from None
         elif head.split("=")[0] in sections:
             for stage in stages:
                 apply_overrides(stage.config, [assignment])
@@ -97,7 +103,10 @@ def validate(stages: Sequence[Stage]) -> None:
             section, _, name = key.partition(".")
             if not getattr(getattr(stage.config, section), name):
                 raise ConfigError(f"stage '{stage.name}' needs --set {stage.name}.{key}=...")
-        stage_config(stage, "WORKDIR").validate()
+        try:
+            stage_config(stage, "WORKDIR").validate()
+        except ConfigError as e:
+            raise ConfigError(f"stage '{stage.name}': {e}") from None
         _check_summary(stage)
 
 

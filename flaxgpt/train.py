@@ -85,34 +85,9 @@ def _pipeline_stages(stages: Any, path: str, stem: str, overrides: Sequence[str]
     for stage in stages:
         if stage.config.name == "unnamed":
             stage.config.name = f"{stem}.{stage.name}"
-    names = [s.name for s in stages]
-    for assignment in overrides:  # one at a time, so that an error is known to be this one's
-        try:
-            pipeline.apply_stage_overrides(stages, [assignment])
-        except ConfigError as e:
-            stage, _, rest = assignment.partition(".")
-            key = rest.split("=")[0]
-            if stage not in names or not key:
-                raise
-            message = str(e)
-            message = f"{stage}.{message}" if message.startswith(key) else message.replace(key, f"{stage}.{key}", 1)
-            raise ConfigError(message) from None
-    try:
-        pipeline.validate(stages)
-    except ConfigError as e:
-        failing = [s.name for s in stages if not _valid(pipeline.stage_config(s, "WORKDIR"))]
-        if not failing or "stage '" in str(e):
-            raise
-        raise ConfigError(f"stage '{failing[0]}': {e}") from None
+    pipeline.apply_stage_overrides(stages, list(overrides))
+    pipeline.validate(stages)
     return stages
-
-
-def _valid(cfg: Config) -> bool:
-    try:
-        cfg.validate()
-    except ConfigError:
-        return False
-    return True
 
 
 def run_trainer(cfg: Config, workdir: str) -> dict:
