@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     host_allocator.tune_host_allocator()
     session = ChatSession(
-        runs.load_language_model(args.workdir, args.step), runs.decode_config(args), args.system, args.seed
+        runs.load(args.workdir, args.step, generates=True), runs.decode_config(args), args.system, args.seed
     )
     if args.prompt is not None:
         print(session.reply(args.prompt))

@@ -141,23 +141,18 @@ def with_base(
     return lora.with_trained(full, trained)
 
 
-def load(workdir: str, step: int | None = None) -> LoadedModel:
-    """The latest (or the given) checkpoint of a workdir, placed on this host's devices."""
+def load(workdir: str, step: int | None = None, generates: bool = False) -> LoadedModel:
+    """The latest (or the given) checkpoint of a workdir, placed on this host's devices. With
+    `generates` (sample, chat) a reward model, whose scalar head gives no next-token logits, is
+    refused in one line before its checkpoint is read."""
     cfg, tokenizer = read_run(workdir)
-    mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh.rules)
-    params, step = restore_params(workdir, cfg, step, cfg.model, mesh, rules)
-    return LoadedModel(cfg, Transformer(cfg.model), params, tokenizer, step, rules, mesh)
-
-
-def load_language_model(workdir: str, step: int | None = None) -> LoadedModel:
-    """`load` for generating text (sample, chat): a reward model, whose scalar head gives no
-    next-token logits, is refused in one line before its checkpoint is read."""
-    cfg, _ = read_run(workdir)
-    if cfg.model.output != "logits":
+    if generates and cfg.model.output != "logits":
         raise ConfigError(
             f"{workdir} holds a reward model (model.output={cfg.model.output!r}): generate with a language model"
         )
-    return load(workdir, step)
+    mesh, rules = make_mesh(cfg.mesh), logical_rules(cfg.mesh.rules)
+    params, step = restore_params(workdir, cfg, step, cfg.model, mesh, rules)
+    return LoadedModel(cfg, Transformer(cfg.model), params, tokenizer, step, rules, mesh)
 
 
 # Fields a fine-tuning run takes from the run it starts from (they fix parameter shapes or

@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs.add_decode_flags(parser, temperature=0.8, top_p=1.0, max_new_tokens=100)
     args = parser.parse_args(argv)
     host_allocator.tune_host_allocator()
-    loaded = runs.load_language_model(args.workdir, args.step)
+    loaded = runs.load(args.workdir, args.step, generates=True)
     tok = loaded.tokenizer
     prompts = [tok.encode_prompt(p) or [tok.eos_id] for p in args.prompt]
     decode = fit_context(runs.decode_config(args), max(map(len, prompts)), loaded.model.cfg.block_size, args)

@@ -52,7 +52,7 @@ def test_sample_stops_at_the_end_token_and_does_not_print_it(workdir, loaded, ca
     # the completion must end before it
     at = next((i for i, t in enumerate(free) if i and t not in free[:i]), 0)
     monkeypatch.setitem(tok.specials, END_OF_TURN, free[at])
-    monkeypatch.setattr(runs, "load", lambda *_: loaded)
+    monkeypatch.setattr(runs, "load", lambda *_, **__: loaded)
     status, printed, _ = _sample(workdir, capsys, "--prompt", PROMPT, "--max-new-tokens", "8")
     assert status == 0 and printed == [PROMPT + tok.decode(free[:at])]
     # the same through the sliding window (prompt + new tokens past the context)
